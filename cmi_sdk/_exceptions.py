@@ -1,0 +1,215 @@
+"""The exceptions cmi-sdk raises.
+
+Every one of them derives from :class:`CMIError`, so a caller can catch them all with one
+``except CMIError``. Those about bad input also derive from :class:`ValueError`, and those
+about something that is not there from :class:`LookupError`::
+
+    CMIError
+    ├── ConfigurationError
+    ├── PluginError
+    ├── NotFoundError (LookupError)
+    │   ├── StandardNotFoundError
+    │   └── DocumentTypeNotFoundError
+    └── InvalidInputError (ValueError)
+        ├── ModelValidationError        data that does not fit a canonical model
+        ├── MappingError                a model a document type cannot express
+        ├── RenderError                 text that XML 1.0 cannot carry
+        ├── XMLInputError               XML refused before validation
+        │   ├── DocumentTooLargeError
+        │   ├── MalformedXMLError
+        │   ├── ForbiddenXMLError       DTDs, entities, processing instructions
+        │   └── DocumentTooDeepError
+        └── DocumentValidationError     XML that breaks its schema
+
+The same tree is drawn in ``docs/errors.md``; a test keeps the two in step with the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "CMIError",
+    "ConfigurationError",
+    "DocumentTooDeepError",
+    "DocumentTooLargeError",
+    "DocumentTypeNotFoundError",
+    "DocumentValidationError",
+    "ForbiddenXMLError",
+    "InvalidInputError",
+    "MalformedXMLError",
+    "MappingError",
+    "ModelValidationError",
+    "NotFoundError",
+    "PluginError",
+    "RenderError",
+    "StandardNotFoundError",
+    "ValidationIssue",
+    "XMLInputError",
+]
+
+
+class CMIError(Exception):
+    """The root of every exception cmi-sdk raises."""
+
+
+class ConfigurationError(CMIError):
+    """The adapter's configuration is missing or contradictory."""
+
+
+class PluginError(CMIError):
+    """A plugin could not be loaded, or registered something inconsistent.
+
+    :ivar plugin: the name of the plugin at fault, when it is known.
+    """
+
+    def __init__(self, message: str, *, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+
+
+class NotFoundError(CMIError, LookupError):
+    """Something asked for by name is not installed or not registered."""
+
+
+class StandardNotFoundError(NotFoundError):
+    """No registered standard has the requested name (or claims the document's namespace)."""
+
+
+class DocumentTypeNotFoundError(NotFoundError):
+    """The standard has no document type of that name, or none with that root element."""
+
+
+class InvalidInputError(CMIError, ValueError):
+    """Input was refused; nothing was changed because of it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationIssue:
+    """One located problem in a document or a model.
+
+    :ivar reason: what is wrong, in words.
+    :ivar path: where: an XPath-like path into the XML, or a dotted field path in a model.
+    :ivar line: the 1-based line in the XML source, when known.
+    """
+
+    reason: str
+    path: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.path}: {self.reason}"
+
+
+class _IssuesError(InvalidInputError):
+    """An error that carries a list of located issues."""
+
+    def __init__(self, message: str, issues: Sequence[ValidationIssue]) -> None:
+        self.issues: tuple[ValidationIssue, ...] = tuple(issues)
+        detail = "\n".join(f"  {issue}" for issue in self.issues)
+        super().__init__(f"{message}\n{detail}" if detail else message)
+
+    @property
+    def reason(self) -> str:
+        """The first issue's reason (convenient when there is only one)."""
+        return self.issues[0].reason if self.issues else str(self)
+
+    @property
+    def path(self) -> str:
+        """The first issue's path."""
+        return self.issues[0].path if self.issues else ""
+
+
+class ModelValidationError(_IssuesError):
+    """Data does not fit a canonical model.
+
+    :ivar issues: one :class:`ValidationIssue` per problem; ``path`` is the dotted field path.
+    :ivar model: the name of the model that refused the data.
+    """
+
+    def __init__(self, model: str, issues: Sequence[ValidationIssue]) -> None:
+        self.model = model
+        super().__init__(f"invalid {model}:", issues)
+
+
+class MappingError(InvalidInputError):
+    """A document type cannot express the given model (for example a bank line as a ticket)."""
+
+
+class RenderError(InvalidInputError):
+    """Rendering failed: a value holds a character that XML 1.0 cannot carry.
+
+    :ivar field: the name of the template variable that holds the character, when found.
+    :ivar character: the offending character.
+    """
+
+    def __init__(self, message: str, *, field: str | None, character: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.character = character
+
+
+class XMLInputError(InvalidInputError):
+    """XML refused by the hardened parser, before any validation."""
+
+
+class DocumentTooLargeError(XMLInputError):
+    """The document is larger than the configured byte cap.
+
+    :ivar limit: the cap, in bytes.
+    """
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class MalformedXMLError(XMLInputError):
+    """The bytes are not well-formed XML.
+
+    :ivar line: the 1-based line of the first error, when known.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class ForbiddenXMLError(XMLInputError):
+    """The document uses a construct the hardened parser refuses (a DTD, an entity, ...)."""
+
+
+class DocumentTooDeepError(XMLInputError):
+    """Elements are nested deeper than the configured limit.
+
+    :ivar limit: the deepest nesting allowed.
+    """
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class DocumentValidationError(_IssuesError):
+    """A document breaks its schema.
+
+    :ivar issues: one :class:`ValidationIssue` per problem, with reason, path and line.
+    :ivar document: the document's bytes, as given.
+    :ivar standard: the standard's name.
+    :ivar document_type: the document type's name.
+    """
+
+    def __init__(
+        self,
+        issues: Sequence[ValidationIssue],
+        *,
+        document: bytes,
+        standard: str,
+        document_type: str,
+    ) -> None:
+        self.document = document
+        self.standard = standard
+        self.document_type = document_type
+        super().__init__(f"document is not a valid {standard} {document_type}:", issues)

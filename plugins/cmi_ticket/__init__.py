@@ -1,0 +1,1 @@
+"""The ``cmi-ticket`` standard: the airline ticket of the CMI seed deck."""

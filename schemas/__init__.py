@@ -1,0 +1,1 @@
+"""The XSDs of the CMI core vocabulary, shipped as package data."""
