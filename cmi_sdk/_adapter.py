@@ -52,6 +52,15 @@ class ValidatedDocument:
     tree: etree._ElementTree
     xml: bytes
 
+    def to_model(self) -> BaseModel:
+        """The document's canonical model.
+
+        :raises DocumentValidationError: for rules the XSD cannot express, such as an amount
+            finer than its currency allows.
+        """
+        model: BaseModel = parse_model(self.standard, self.document_type, self.tree, self.xml)
+        return model
+
 
 class Adapter:
     """The firm's side of customer-managed interactions: one per process is typical.
@@ -179,13 +188,12 @@ class Adapter:
         :raises DocumentValidationError: also for rules the XSD cannot express, such as an
             amount finer than its currency allows.
         """
-        doc = self.validate(xml, standard=standard, document_type=document_type)
-        return parse_model(doc.standard, doc.document_type, doc.tree, xml)
+        return self.validate(xml, standard=standard, document_type=document_type).to_model()
 
     def _identify(
         self, tree: etree._ElementTree, standard: str | None, document_type: str | None
     ) -> tuple[Standard, DocumentType[Any]]:
-        root = tree.getroot().tag
+        root = str(tree.getroot().tag)
         if standard is None:
             std, doc_type = self.standards.for_root(root)
             if document_type is not None and document_type != doc_type.name:
@@ -209,9 +217,10 @@ class Adapter:
     def _check(
         std: Standard, doc_type: DocumentType[Any], root: etree._Element, xml: bytes
     ) -> None:
-        if root.tag != doc_type.root:
+        tag = root.tag
+        if tag != doc_type.root:
             issue = ValidationIssue(
-                f"root element is {root.tag}, expected {doc_type.root}", "/", root.sourceline
+                f"root element is {tag!s}, expected {doc_type.root}", "/", root.sourceline
             )
             raise DocumentValidationError(
                 [issue],

@@ -186,7 +186,7 @@ class Money(_Model):
 
 
 class LineItem(_Model):
-    """One line of a transaction or an offer: quantity × unit price = amount, exactly."""
+    """One line of a transaction or an offer: quantity * unit price = amount, exactly."""
 
     description: Text
     quantity: Quantity = Decimal(1)
@@ -202,7 +202,7 @@ class LineItem(_Model):
         expected = self.quantity * self.unit_price.amount
         if expected != self.amount.amount:
             raise ValueError(
-                f"amount {self.amount.amount} is not quantity × unit_price ({expected:f})"
+                f"amount {self.amount.amount} is not quantity * unit_price ({expected:f})"
             )
         return self
 

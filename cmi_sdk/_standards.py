@@ -58,7 +58,7 @@ class DocumentType(Generic[M]):
     model: type[M]
     schema: Traversable
     template: str
-    to_context: Callable[[M], Mapping[str, Any]]
+    to_context: Callable[[M], dict[str, Any]]
     from_xml: Callable[[etree._Element], M]
     description: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
@@ -105,7 +105,7 @@ class DocumentType(Generic[M]):
                 path=err.path or "/",
                 line=err.sourceline if isinstance(err.sourceline, int) else None,
             )
-            for err in self.xmlschema_schema.iter_errors(tree)
+            for err in self.xmlschema_schema.iter_errors(tree)  # type: ignore[arg-type]
         ]
         if not issues:
             # Both libraries read the same XSD; if xmlschema sees no fault, lxml's own log is

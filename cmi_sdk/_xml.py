@@ -87,7 +87,7 @@ class HardenedParser:
             parser = self._local.parser = _new_lxml_parser()
         return parser
 
-    def parse(self, data: bytes) -> etree._ElementTree:
+    def parse(self, data: object) -> etree._ElementTree:
         """Parse ``data`` into a tree, or refuse it.
 
         :raises DocumentTooLargeError: ``data`` is over the byte cap.
@@ -95,7 +95,7 @@ class HardenedParser:
         :raises ForbiddenXMLError: ``data`` has a DOCTYPE (and so may declare entities).
         :raises DocumentTooDeepError: elements nest deeper than the limit.
         """
-        if isinstance(data, str):
+        if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError("parse() takes bytes; encode text first (UTF-8)")
         if len(data) > self.max_bytes:
             raise DocumentTooLargeError(

@@ -76,7 +76,9 @@ class Reader:
         """The text of the required child ``local`` ('' when it is empty)."""
         found = self._element.find(self._ns + local)
         if found is None:
-            raise MappingError(f"<{local}> is missing under <{etree.QName(self._element).localname}>")
+            raise MappingError(
+                f"<{local}> is missing under <{etree.QName(self._element).localname}>"
+            )
         return found.text or ""
 
     def optional(self, local: str) -> str | None:
