@@ -206,7 +206,10 @@ def test_internal_errors_are_reported_without_traceback(
 def test_help_everywhere() -> None:
     for argv in (["--help"], ["render", "--help"], ["validate", "--help"], ["parse", "--help"]):
         result = subprocess.run(
-            [sys.executable, "-m", "cmi_sdk.cli", *argv], capture_output=True, text=True, check=False
+            [sys.executable, "-m", "cmi_sdk.cli", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         assert "usage: cmi" in result.stdout
