@@ -1,0 +1,106 @@
+"""The built wheel carries everything needed at run time.
+
+Builds the wheel, installs it into a fresh virtualenv, and runs ``cmi`` from a directory
+outside the repository, so nothing can come from the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    src = tmp_path_factory.mktemp("src") / "cmi-sdk"
+    # Build from a copy of the tracked layout, so a stray build/ or egg-info cannot leak in.
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "site"
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (found,) = out.glob("cmi_sdk-*.whl")
+    return found
+
+
+def test_wheel_contents(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "cmi_sdk/__init__.py",
+        "cmi_sdk/py.typed",
+        "cmi_core/plugin.py",
+        "cmi_core/schemas/__init__.py",
+        "cmi_ticket/plugin.py",
+        "cmi_ticket/schemas/ticket-1.0.xsd",
+        "cmi_ticket/templates/ticket.xml.j2",
+    ):
+        assert required in names, f"{required} is missing from the wheel"
+    assert any(n.startswith("cmi_core/schemas/") and n.endswith(".xsd") for n in names)
+    assert any(n.startswith("cmi_core/templates/") and n.endswith(".j2") for n in names)
+    assert not any(n.startswith(("tests/", "bench/", "docs/", "plugins/")) for n in names)
+
+
+def test_installed_wheel_renders_and_validates(wheel: Path, tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
+    bindir = env_dir / ("Scripts" if os.name == "nt" else "bin")
+    subprocess.run(
+        [str(bindir / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    shutil.copy(ROOT / "examples" / "ticket.json", work / "ticket.json")
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+
+    def cmi(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(bindir / "cmi"), *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    where = subprocess.run(
+        [str(bindir / "python"), "-c", "import cmi_sdk, cmi_core; print(cmi_sdk.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(env_dir) in where.stdout, "cmi_sdk must come from the installed wheel"
+
+    listing = cmi("standards")
+    assert listing.returncode == 0, listing.stderr
+    assert "cmi-ticket" in listing.stdout
+    assert "cmi " in listing.stdout
+
+    rendered = cmi("render", "--standard", "cmi-ticket", "ticket.json", "-o", "ticket.xml")
+    assert rendered.returncode == 0, rendered.stderr
+    checked = cmi("validate", "ticket.xml")
+    assert checked.returncode == 0, checked.stderr
+    assert "valid cmi-ticket ticket" in checked.stdout
