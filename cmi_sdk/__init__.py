@@ -101,3 +101,11 @@ __all__ = [
     "hookimpl",
     "load_model",
 ]
+
+# Public classes claim the public module, so tracebacks and docs say cmi_sdk.Adapter rather
+# than a private module's path.
+for _name in __all__:
+    _member = globals()[_name]
+    if isinstance(_member, type):
+        _member.__module__ = __name__
+del _name, _member

@@ -97,6 +97,8 @@ class HardenedParser:
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError("parse() takes bytes; encode text first (UTF-8)")
+        if not isinstance(data, bytes):
+            data = bytes(data)
         if len(data) > self.max_bytes:
             raise DocumentTooLargeError(
                 f"document is {len(data)} bytes, over the {self.max_bytes}-byte limit",

@@ -1,0 +1,81 @@
+"""The public surface is deliberate: adding or removing a name is a visible change."""
+
+from __future__ import annotations
+
+import cmi_sdk
+
+EXPECTED = [
+    "DEFAULT_PLUGINS",
+    "Acceptance",
+    "Adapter",
+    "Advice",
+    "BankStatementLineDetails",
+    "CMIError",
+    "Claim",
+    "ConfigurationError",
+    "Constraints",
+    "DocumentTooDeepError",
+    "DocumentTooLargeError",
+    "DocumentType",
+    "DocumentTypeNotFoundError",
+    "DocumentValidationError",
+    "FlightDetails",
+    "FlightProduct",
+    "FlightWanted",
+    "ForbiddenXMLError",
+    "HardenedParser",
+    "Identity",
+    "InvalidInputError",
+    "LineItem",
+    "LoanDetails",
+    "LoanProduct",
+    "LoanWanted",
+    "MalformedXMLError",
+    "MappingError",
+    "ModelValidationError",
+    "Money",
+    "NotFoundError",
+    "Offer",
+    "PluginError",
+    "RenderError",
+    "Request",
+    "Reward",
+    "Standard",
+    "StandardNotFoundError",
+    "StandardRegistry",
+    "Transaction",
+    "ValidatedDocument",
+    "ValidationIssue",
+    "XMLInputError",
+    "__version__",
+    "hookimpl",
+    "load_model",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert cmi_sdk.__all__ == EXPECTED
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    # Constants, then classes, then functions and the rest: the order ruff keeps __all__ in.
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def test_all_is_sorted() -> None:
+    assert cmi_sdk.__all__ == sorted(cmi_sdk.__all__, key=_isort_key)
+
+
+def test_every_name_exists_and_is_documented() -> None:
+    for name in cmi_sdk.__all__:
+        member = getattr(cmi_sdk, name)
+        if callable(member) and not name.startswith("_"):
+            assert (member.__doc__ or "").strip(), f"{name} has no docstring"
+
+
+def test_public_members_claim_the_public_module() -> None:
+    # Users should see cmi_sdk.Adapter in tracebacks and docs, not a private module path.
+    for name in cmi_sdk.__all__:
+        member = getattr(cmi_sdk, name)
+        if isinstance(member, type):
+            assert member.__module__ == "cmi_sdk", f"{name}.__module__ is {member.__module__}"

@@ -1,0 +1,56 @@
+"""The README's commands and example stay true."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_readme_gives_the_two_commands() -> None:
+    shell = "\n".join(_blocks("sh"))
+    assert "cmi render --standard cmi-ticket examples/ticket.json" in shell
+    assert "pytest" in shell
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(r"^pytest$", ci, flags=re.MULTILINE)
+    assert "pip install -q -e '.[dev]'" in ci
+
+
+def test_readme_python_example_runs() -> None:
+    (code,) = _blocks("python")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "<ticketnumber>12524057</ticketnumber>" in result.stdout
+
+
+def test_readme_main_job_runs() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmi_sdk.cli",
+            "render",
+            "--standard",
+            "cmi-ticket",
+            "examples/ticket.json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "<price>451.89</price>" in result.stdout
