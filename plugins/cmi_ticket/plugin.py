@@ -96,7 +96,9 @@ STANDARD = Standard(
     name="cmi-ticket",
     version="1.0",
     title="CMI airline ticket",
-    description="The seed deck's ticket, namespaced and typed (IATA codes, ISO dates, decimal price).",
+    description=(
+        "The seed deck's ticket, namespaced and typed (IATA codes, ISO dates, decimal price)."
+    ),
     templates=_HERE / "templates",
     document_types=(TICKET,),
 )
