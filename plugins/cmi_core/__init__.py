@@ -1,0 +1,1 @@
+"""The ``cmi`` standard: the CMI core vocabulary (transaction, request, offer, acceptance)."""

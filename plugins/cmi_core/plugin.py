@@ -1,8 +1,424 @@
-"""placeholder"""
+"""The ``cmi`` standard plugin: the CMI core vocabulary, namespace ``urn:cmi:core:1.0``.
 
-from cmi_sdk import hookimpl, StandardRegistry
+Four document types, each expressing every field of its canonical model, so that a
+document can always be read back into the model it came from: ``transaction`` (the envelope
+for a transaction of any kind), ``request``, ``offer`` and ``acceptance``. The XSDs live in
+the project's top-level ``schemas/`` folder, shipped as the package ``cmi_core.schemas``.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+from lxml import etree
+
+from cmi_sdk import (
+    Acceptance,
+    BankStatementLineDetails,
+    DocumentType,
+    FlightDetails,
+    FlightProduct,
+    LineItem,
+    LoanDetails,
+    LoanProduct,
+    Money,
+    Offer,
+    Request,
+    Standard,
+    StandardRegistry,
+    Transaction,
+    hookimpl,
+)
+from cmi_sdk.mapping import Reader, xml_date, xml_datetime, xml_decimal
+
+NAMESPACE = "urn:cmi:core:1.0"
+
+# -- model to template variables ---------------------------------------------------------
+# Every value is handed to the template as a ready string, so templates only place them.
+
+
+def _money(money: Money) -> dict[str, str]:
+    return {"currency": money.currency, "amount": xml_decimal(money.amount)}
+
+
+def _item(item: LineItem) -> dict[str, Any]:
+    return {
+        "description": item.description,
+        "quantity": xml_decimal(item.quantity),
+        "unit_price": _money(item.unit_price),
+        "amount": _money(item.amount),
+        "sku": item.sku,
+    }
+
+
+def _flight(product: FlightProduct) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "origin": product.origin,
+        "destination": product.destination,
+        "date": xml_date(product.date),
+        "airline": product.airline,
+        "flight": product.flight,
+        "fare_class": product.fare_class,
+    }
+    if isinstance(product, FlightDetails):
+        out["ticket_number"] = product.ticket_number
+        out["row"] = None if product.row is None else str(product.row)
+        out["seat"] = product.seat
+    return out
+
+
+def _loan(product: LoanProduct) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "principal": _money(product.principal),
+        "term_months": str(product.term_months),
+        "apr": xml_decimal(product.apr),
+    }
+    if isinstance(product, LoanDetails):
+        out["account"] = product.account
+    return out
+
+
+def transaction_context(tx: Transaction) -> dict[str, Any]:
+    """Map a transaction of any kind to the envelope template's variables."""
+    details = tx.details
+    bank = None
+    if isinstance(details, BankStatementLineDetails):
+        bank = {
+            "transaction_type": details.transaction_type,
+            "posted_at": xml_datetime(details.posted_at),
+            "payee": details.payee,
+            "memo": details.memo,
+            "fitid": details.fitid,
+        }
+    return {
+        "id": tx.id,
+        "kind": tx.kind,
+        "occurred_at": xml_datetime(tx.occurred_at),
+        "firm": tx.firm,
+        "customer_ref": tx.customer_ref,
+        "items": [_item(i) for i in tx.items],
+        "total": _money(tx.total),
+        "flight": _flight(details) if isinstance(details, FlightDetails) else None,
+        "bank": bank,
+        "loan": _loan(details) if isinstance(details, LoanDetails) else None,
+    }
+
+
+def request_context(request: Request) -> dict[str, Any]:
+    """Map a request to the request template's variables."""
+    wanted = request.wanted
+    c = request.constraints
+    constraints = None
+    if c.max_price is not None or c.earliest_date is not None or c.latest_date is not None:
+        constraints = {
+            "max_price": None if c.max_price is None else _money(c.max_price),
+            "earliest_date": None if c.earliest_date is None else xml_date(c.earliest_date),
+            "latest_date": None if c.latest_date is None else xml_date(c.latest_date),
+        }
+    flight = loan = None
+    if wanted.kind == "flight":
+        flight = {
+            "origin": wanted.origin,
+            "destination": wanted.destination,
+            "date": xml_date(wanted.date),
+            "cabin": wanted.cabin,
+            "passengers": str(wanted.passengers),
+        }
+    else:
+        loan = {"amount": _money(wanted.amount), "term_months": str(wanted.term_months)}
+    return {
+        "id": request.id,
+        "kind": request.kind,
+        "customer_ref": request.customer_ref,
+        "reply_to": request.reply_to,
+        "created_at": xml_datetime(request.created_at),
+        "respond_by": None if request.respond_by is None else xml_datetime(request.respond_by),
+        "flight": flight,
+        "loan": loan,
+        "constraints": constraints,
+        "claims": [
+            {"type": c.type, "value": c.value, "evidence": c.evidence} for c in request.claims
+        ],
+    }
+
+
+def offer_context(offer: Offer) -> dict[str, Any]:
+    """Map an offer to the offer template's variables."""
+    product = offer.product
+    return {
+        "id": offer.id,
+        "kind": offer.kind,
+        "request_id": offer.request_id,
+        "firm": offer.firm,
+        "customer_ref": offer.customer_ref,
+        "reply_to": offer.reply_to,
+        "created_at": xml_datetime(offer.created_at),
+        "valid_from": xml_datetime(offer.valid_from),
+        "valid_until": xml_datetime(offer.valid_until),
+        "flight": _flight(product) if isinstance(product, FlightProduct) else None,
+        "loan": _loan(product) if isinstance(product, LoanProduct) else None,
+        "items": [_item(i) for i in offer.items],
+        "price": _money(offer.price),
+        "rewards": [
+            {"code": r.code, "description": r.description, "amount": _money(r.amount)}
+            for r in offer.rewards
+        ],
+        "advice": [{"code": a.code, "text": a.text} for a in offer.advice],
+    }
+
+
+def acceptance_context(acceptance: Acceptance) -> dict[str, Any]:
+    """Map an acceptance to the acceptance template's variables."""
+    identity = acceptance.identity
+    return {
+        "id": acceptance.id,
+        "offer_id": acceptance.offer_id,
+        "customer_ref": acceptance.customer_ref,
+        "accepted_at": xml_datetime(acceptance.accepted_at),
+        "identity": None if identity is None else {"name": identity.name, "email": identity.email},
+    }
+
+
+# -- XML back to models -------------------------------------------------------------------
+
+
+def _read_money(r: Reader, local: str) -> dict[str, str]:
+    child = r.child(local)
+    if child is None:
+        raise ValueError(f"<{local}> is missing")
+    return {"amount": child.element.text or "", "currency": child.attr("currency")}
+
+
+def _read_items(r: Reader) -> list[dict[str, Any]]:
+    return [
+        {
+            "description": i.text("description"),
+            "quantity": i.text("quantity"),
+            "unit_price": _read_money(i, "unitPrice"),
+            "amount": _read_money(i, "amount"),
+            "sku": i.optional("sku"),
+        }
+        for i in r.children("item")
+    ]
+
+
+def _read_flight(f: Reader) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "origin": f.text("origin"),
+        "destination": f.text("destination"),
+        "date": f.text("date"),
+        "airline": f.text("airline"),
+        "flight": f.text("flightNumber"),
+        "fare_class": f.text("fareClass"),
+    }
+    ticket = f.optional("ticketNumber")
+    if ticket is not None:
+        out["ticket_number"] = ticket
+        out["row"] = f.optional("row")
+        out["seat"] = f.optional("seat")
+    return out
+
+
+def _read_loan(r: Reader) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "principal": _read_money(r, "principal"),
+        "term_months": r.text("termMonths"),
+        "apr": r.text("apr"),
+    }
+    account = r.optional("account")
+    if account is not None:
+        out["account"] = account
+    return out
+
+
+def transaction_from_xml(root: etree._Element) -> Transaction:
+    """Read a transaction envelope back into a transaction."""
+    r = Reader(root, NAMESPACE)
+    details: dict[str, Any] | None = None
+    if (flight := r.child("flight")) is not None:
+        details = _read_flight(flight)
+    elif (bank := r.child("bankStatementLine")) is not None:
+        details = {
+            "transaction_type": bank.text("transactionType"),
+            "posted_at": bank.text("postedAt"),
+            "payee": bank.text("payee"),
+            "memo": bank.optional("memo"),
+            "fitid": bank.text("fitid"),
+        }
+    elif (loan := r.child("loan")) is not None:
+        details = _read_loan(loan)
+    return Transaction.model_validate(
+        {
+            "id": r.attr("id"),
+            "kind": r.attr("kind"),
+            "occurred_at": r.text("occurredAt"),
+            "firm": r.text("firm"),
+            "customer_ref": r.text("customerRef"),
+            "items": _read_items(r),
+            "total": _read_money(r, "total"),
+            "details": details,
+        }
+    )
+
+
+def request_from_xml(root: etree._Element) -> Request:
+    """Read a request document back into a request."""
+    r = Reader(root, NAMESPACE)
+    wanted_el = r.child("wanted")
+    assert wanted_el is not None  # required by the XSD
+    wanted: dict[str, Any]
+    if (flight := wanted_el.child("flight")) is not None:
+        wanted = {
+            "origin": flight.text("origin"),
+            "destination": flight.text("destination"),
+            "date": flight.text("date"),
+            "cabin": flight.text("cabin"),
+            "passengers": flight.text("passengers"),
+        }
+    else:
+        loan = wanted_el.child("loan")
+        assert loan is not None  # the XSD's choice
+        wanted = {"amount": _read_money(loan, "amount"), "term_months": loan.text("termMonths")}
+    constraints: dict[str, Any] = {}
+    if (c := r.child("constraints")) is not None:
+        if c.child("maxPrice") is not None:
+            constraints["max_price"] = _read_money(c, "maxPrice")
+        constraints["earliest_date"] = c.optional("earliestDate")
+        constraints["latest_date"] = c.optional("latestDate")
+    return Request.model_validate(
+        {
+            "id": r.attr("id"),
+            "kind": r.attr("kind"),
+            "customer_ref": r.text("customerRef"),
+            "reply_to": r.text("replyTo"),
+            "created_at": r.text("createdAt"),
+            "respond_by": r.optional("respondBy"),
+            "wanted": wanted,
+            "constraints": constraints,
+            "claims": [
+                {
+                    "type": cl.text("type"),
+                    "value": cl.text("value"),
+                    "evidence": cl.optional("evidence"),
+                }
+                for cl in r.children("claim")
+            ],
+        }
+    )
+
+
+def offer_from_xml(root: etree._Element) -> Offer:
+    """Read an offer document back into an offer."""
+    r = Reader(root, NAMESPACE)
+    product_el = r.child("product")
+    assert product_el is not None  # required by the XSD
+    if (flight := product_el.child("flight")) is not None:
+        product = _read_flight(flight)
+    else:
+        loan = product_el.child("loan")
+        assert loan is not None  # the XSD's choice
+        product = _read_loan(loan)
+    return Offer.model_validate(
+        {
+            "id": r.attr("id"),
+            "kind": r.attr("kind"),
+            "request_id": r.text("requestId"),
+            "firm": r.text("firm"),
+            "customer_ref": r.text("customerRef"),
+            "reply_to": r.text("replyTo"),
+            "created_at": r.text("createdAt"),
+            "valid_from": r.text("validFrom"),
+            "valid_until": r.text("validUntil"),
+            "product": product,
+            "items": _read_items(r),
+            "price": _read_money(r, "price"),
+            "rewards": [
+                {
+                    "code": w.text("code"),
+                    "description": w.text("description"),
+                    "amount": _read_money(w, "amount"),
+                }
+                for w in r.children("reward")
+            ],
+            "advice": [
+                {"code": a.text("code"), "text": a.text("text")} for a in r.children("advice")
+            ],
+        }
+    )
+
+
+def acceptance_from_xml(root: etree._Element) -> Acceptance:
+    """Read an acceptance document back into an acceptance."""
+    r = Reader(root, NAMESPACE)
+    identity = None
+    if (who := r.child("identity")) is not None:
+        identity = {"name": who.optional("name"), "email": who.optional("email")}
+    return Acceptance.model_validate(
+        {
+            "id": r.attr("id"),
+            "offer_id": r.text("offerId"),
+            "customer_ref": r.text("customerRef"),
+            "accepted_at": r.text("acceptedAt"),
+            "identity": identity,
+        }
+    )
+
+
+_SCHEMAS = files("cmi_core.schemas")
+
+TRANSACTION = DocumentType(
+    name="transaction",
+    root=f"{{{NAMESPACE}}}transaction",
+    model=Transaction,
+    schema=_SCHEMAS / "transaction-1.0.xsd",
+    template="transaction.xml.j2",
+    to_context=transaction_context,
+    from_xml=transaction_from_xml,
+    description="The transaction envelope: any kind of transaction, every field.",
+)
+REQUEST = DocumentType(
+    name="request",
+    root=f"{{{NAMESPACE}}}request",
+    model=Request,
+    schema=_SCHEMAS / "request-1.0.xsd",
+    template="request.xml.j2",
+    to_context=request_context,
+    from_xml=request_from_xml,
+    description="A customer's request for offers, without their identity.",
+)
+OFFER = DocumentType(
+    name="offer",
+    root=f"{{{NAMESPACE}}}offer",
+    model=Offer,
+    schema=_SCHEMAS / "offer-1.0.xsd",
+    template="offer.xml.j2",
+    to_context=offer_context,
+    from_xml=offer_from_xml,
+    description="A firm's priced quote answering a request, valid for a window of time.",
+)
+ACCEPTANCE = DocumentType(
+    name="acceptance",
+    root=f"{{{NAMESPACE}}}acceptance",
+    model=Acceptance,
+    schema=_SCHEMAS / "acceptance-1.0.xsd",
+    template="acceptance.xml.j2",
+    to_context=acceptance_context,
+    from_xml=acceptance_from_xml,
+    description="A customer's acceptance of an offer (the id is the idempotency key).",
+)
+
+STANDARD = Standard(
+    name="cmi",
+    version="1.0",
+    title="CMI core vocabulary",
+    description="Transaction envelope, request, offer and acceptance, namespace " + NAMESPACE,
+    templates=files(__package__) / "templates",
+    document_types=(TRANSACTION, REQUEST, OFFER, ACCEPTANCE),
+)
 
 
 @hookimpl
 def cmi_register_standards(register: StandardRegistry) -> None:
-    pass
+    """Register the ``cmi`` core vocabulary."""
+    register.add(STANDARD)
