@@ -320,8 +320,10 @@ def parse_model(
     root = tree.getroot()
     try:
         return doc_type.from_xml(root)
-    except (ValidationError, ModelValidationError) as exc:
-        if isinstance(exc, ValidationError):
+    except (ValidationError, ModelValidationError, MappingError) as exc:
+        if isinstance(exc, MappingError):
+            issues = [ValidationIssue(str(exc), "/", root.sourceline)]
+        elif isinstance(exc, ValidationError):
             issues = [
                 ValidationIssue(
                     reason=err["msg"].removeprefix("Value error, "),

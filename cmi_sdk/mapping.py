@@ -68,6 +68,20 @@ class Reader:
         found = self._element.find(self._ns + local)
         return None if found is None else Reader(found, self._ns[1:-1])
 
+    def require(self, local: str) -> Reader:
+        """A reader for the first child called ``local``; MappingError when it is absent."""
+        found = self.child(local)
+        if found is None:
+            parent = etree.QName(self._element).localname
+            raise MappingError(f"<{local}> is missing under <{parent}>")
+        return found
+
+    def money(self, local: str) -> dict[str, str]:
+        """The child ``local`` written as ``<local currency="USD">1.00</local>``, as the
+        mapping Money validates from."""
+        child = self.require(local)
+        return {"amount": child.element.text or "", "currency": child.attr("currency")}
+
     def children(self, local: str) -> list[Reader]:
         """Readers for every child called ``local``, in document order."""
         return [Reader(e, self._ns[1:-1]) for e in self._element.iterfind(self._ns + local)]

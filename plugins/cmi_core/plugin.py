@@ -183,20 +183,13 @@ def acceptance_context(acceptance: Acceptance) -> dict[str, Any]:
 # -- XML back to models -------------------------------------------------------------------
 
 
-def _read_money(r: Reader, local: str) -> dict[str, str]:
-    child = r.child(local)
-    if child is None:
-        raise ValueError(f"<{local}> is missing")
-    return {"amount": child.element.text or "", "currency": child.attr("currency")}
-
-
 def _read_items(r: Reader) -> list[dict[str, Any]]:
     return [
         {
             "description": i.text("description"),
             "quantity": i.text("quantity"),
-            "unit_price": _read_money(i, "unitPrice"),
-            "amount": _read_money(i, "amount"),
+            "unit_price": i.money("unitPrice"),
+            "amount": i.money("amount"),
             "sku": i.optional("sku"),
         }
         for i in r.children("item")
@@ -222,7 +215,7 @@ def _read_flight(f: Reader) -> dict[str, Any]:
 
 def _read_loan(r: Reader) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "principal": _read_money(r, "principal"),
+        "principal": r.money("principal"),
         "term_months": r.text("termMonths"),
         "apr": r.text("apr"),
     }
@@ -256,7 +249,7 @@ def transaction_from_xml(root: etree._Element) -> Transaction:
             "firm": r.text("firm"),
             "customer_ref": r.text("customerRef"),
             "items": _read_items(r),
-            "total": _read_money(r, "total"),
+            "total": r.money("total"),
             "details": details,
         }
     )
@@ -265,8 +258,7 @@ def transaction_from_xml(root: etree._Element) -> Transaction:
 def request_from_xml(root: etree._Element) -> Request:
     """Read a request document back into a request."""
     r = Reader(root, NAMESPACE)
-    wanted_el = r.child("wanted")
-    assert wanted_el is not None  # required by the XSD
+    wanted_el = r.require("wanted")
     wanted: dict[str, Any]
     if (flight := wanted_el.child("flight")) is not None:
         wanted = {
@@ -277,13 +269,12 @@ def request_from_xml(root: etree._Element) -> Request:
             "passengers": flight.text("passengers"),
         }
     else:
-        loan = wanted_el.child("loan")
-        assert loan is not None  # the XSD's choice
-        wanted = {"amount": _read_money(loan, "amount"), "term_months": loan.text("termMonths")}
+        loan = wanted_el.require("loan")
+        wanted = {"amount": loan.money("amount"), "term_months": loan.text("termMonths")}
     constraints: dict[str, Any] = {}
     if (c := r.child("constraints")) is not None:
         if c.child("maxPrice") is not None:
-            constraints["max_price"] = _read_money(c, "maxPrice")
+            constraints["max_price"] = c.money("maxPrice")
         constraints["earliest_date"] = c.optional("earliestDate")
         constraints["latest_date"] = c.optional("latestDate")
     return Request.model_validate(
@@ -311,13 +302,11 @@ def request_from_xml(root: etree._Element) -> Request:
 def offer_from_xml(root: etree._Element) -> Offer:
     """Read an offer document back into an offer."""
     r = Reader(root, NAMESPACE)
-    product_el = r.child("product")
-    assert product_el is not None  # required by the XSD
+    product_el = r.require("product")
     if (flight := product_el.child("flight")) is not None:
         product = _read_flight(flight)
     else:
-        loan = product_el.child("loan")
-        assert loan is not None  # the XSD's choice
+        loan = product_el.require("loan")
         product = _read_loan(loan)
     return Offer.model_validate(
         {
@@ -332,12 +321,12 @@ def offer_from_xml(root: etree._Element) -> Offer:
             "valid_until": r.text("validUntil"),
             "product": product,
             "items": _read_items(r),
-            "price": _read_money(r, "price"),
+            "price": r.money("price"),
             "rewards": [
                 {
                     "code": w.text("code"),
                     "description": w.text("description"),
-                    "amount": _read_money(w, "amount"),
+                    "amount": w.money("amount"),
                 }
                 for w in r.children("reward")
             ],
