@@ -41,6 +41,10 @@ DEFAULT_MAX_DEPTH: Final = 64
 _XML_ILLEGAL: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+# An element's start tag: in the prolog only '<?' and '<!' may appear before the root.
+_ELEMENT_START: Final = re.compile(rb"<[^?!]")
+
+
 def find_xml_illegal(text: str) -> re.Match[str] | None:
     """Return the first character of ``text`` that XML 1.0 cannot carry, if there is one."""
     return _XML_ILLEGAL.search(text)
@@ -104,6 +108,10 @@ class HardenedParser:
                 f"document is {len(data)} bytes, over the {self.max_bytes}-byte limit",
                 limit=self.max_bytes,
             )
+        doctype = data.find(b"<!DOCTYPE")
+        if doctype >= 0 and not _ELEMENT_START.search(data, 0, doctype):
+            # Refused before libxml2 sees it, so it never tries to fetch an external DTD.
+            raise ForbiddenXMLError("documents with a DOCTYPE (DTD) are refused")
         try:
             root = etree.fromstring(data, self.lxml_parser())
         except etree.XMLSyntaxError as exc:
