@@ -80,3 +80,22 @@ def test_characters_xml_cannot_carry_are_refused(examples_dir: Any, char: str) -
         ADAPTER.render(bad, standard="cmi-ticket")
     assert info.value.field == "airline"
     assert info.value.character == char
+
+
+@pytest.mark.parametrize("currency", s.CURRENCIES)
+def test_every_currency_at_its_extremes(examples_dir: Any, currency: str) -> None:
+    from decimal import Decimal
+
+    from cmi_sdk import Money
+    from cmi_sdk._currencies import MINOR_UNITS
+
+    tx = load_model(Transaction, (examples_dir / "ticket.json").read_text())
+    digits = MINOR_UNITS[currency]
+    for amount in (
+        Decimal(0),
+        Decimal(1).scaleb(-digits),
+        Decimal(10**18 - 1) + 1 - Decimal(1).scaleb(-digits),
+    ):
+        priced = tx.model_copy(update={"total": Money(amount=amount, currency=currency)})
+        _round_trip(priced, "cmi-ticket", "ticket")
+        _round_trip(priced, "cmi", "transaction")
