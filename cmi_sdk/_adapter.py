@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ class Adapter:
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(str(exc), plugin=_plugin_name(self._pm, exc.plugin)) from exc
+            raise PluginError(str(exc), plugin=self._pm.get_name(exc.plugin)) from exc
         self.parser = HardenedParser(max_bytes=max_document_bytes, max_depth=max_depth)
         """The hardened parser for every incoming document."""
         self.standards = StandardRegistry()
@@ -238,13 +239,7 @@ class Adapter:
 
 
 def _import(name: str, module: str) -> ModuleType:
-    import importlib  # noqa: PLC0415
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise PluginError(f"default plugin {name!r} ({module}) is missing: {exc}") from exc
-
-
-def _plugin_name(pm: pluggy.PluginManager, plugin: object) -> str | None:
-    return pm.get_name(plugin)

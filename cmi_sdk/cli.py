@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cmi_sdk import __version__
 from cmi_sdk._adapter import Adapter
@@ -31,6 +31,7 @@ from cmi_sdk._exceptions import (
     ValidationIssue,
 )
 from cmi_sdk._models import load_model
+from cmi_sdk._standards import DocumentType
 
 __all__ = ["EXIT_INTERNAL", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -89,15 +90,19 @@ def _adapter(args: argparse.Namespace) -> Adapter:
     return Adapter(block=args.block)
 
 
-def _resolve_names(adapter: Adapter, standard: str | None, doc_type: str | None) -> None:
-    """Check names given on the command line, so a typo is a usage error (exit 2)."""
+def _resolve_names(
+    adapter: Adapter, standard: str | None, doc_type: str | None
+) -> DocumentType[Any] | None:
+    """Check names given on the command line, so a typo is a usage error (exit 2); return
+    the named document type, if a standard was named."""
     if doc_type is not None and standard is None:
         raise UsageError("--type needs --standard")
-    if standard is not None:
-        try:
-            adapter.standards.resolve(standard, doc_type)
-        except NotFoundError as exc:
-            raise UsageError(str(exc)) from None
+    if standard is None:
+        return None
+    try:
+        return adapter.standards.resolve(standard, doc_type)[1]
+    except NotFoundError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_standards(args: argparse.Namespace) -> int:
@@ -137,8 +142,9 @@ def cmd_standards(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     """Render a canonical JSON model as a document of a standard."""
     adapter = _adapter(args)
-    _resolve_names(adapter, args.standard, args.type)
-    _, doc_type = adapter.standards.resolve(args.standard, args.type)
+    doc_type = _resolve_names(adapter, args.standard, args.type)
+    if doc_type is None:  # argparse requires --standard; kept for callers of cmd_render
+        raise UsageError("render needs --standard")
     text = _read(args.input)
     try:
         model = load_model(doc_type.model, text)

@@ -117,27 +117,24 @@ def line_items(draw: st.DrawFn, currency: str) -> LineItem:
     )
 
 
+_FLIGHT_PRODUCT = {
+    "origin": airports,
+    "destination": airports,
+    "date": dates,
+    "airline": text(max_size=64),
+    "flight": st.from_regex(r"[0-9]{1,4}[A-Z]?", fullmatch=True),
+    "fare_class": letters,
+}
+
+
 def flight_products() -> st.SearchStrategy[FlightProduct]:
-    return st.builds(
-        FlightProduct,
-        origin=airports,
-        destination=airports,
-        date=dates,
-        airline=text(max_size=64),
-        flight=st.from_regex(r"[0-9]{1,4}[A-Z]?", fullmatch=True),
-        fare_class=letters,
-    )
+    return st.builds(FlightProduct, **_FLIGHT_PRODUCT)
 
 
 def flight_details() -> st.SearchStrategy[FlightDetails]:
     return st.builds(
         FlightDetails,
-        origin=airports,
-        destination=airports,
-        date=dates,
-        airline=text(max_size=64),
-        flight=st.from_regex(r"[0-9]{1,4}[A-Z]?", fullmatch=True),
-        fare_class=letters,
+        **_FLIGHT_PRODUCT,
         ticket_number=st.from_regex(r"[0-9A-Z]{1,20}", fullmatch=True),
         row=st.none() | st.integers(1, 999),
         seat=st.none() | letters,

@@ -356,45 +356,50 @@ def acceptance_from_xml(root: etree._Element) -> Acceptance:
 
 _SCHEMAS = files("cmi_core.schemas")
 
-TRANSACTION = DocumentType(
-    name="transaction",
-    root=f"{{{NAMESPACE}}}transaction",
-    model=Transaction,
-    schema=_SCHEMAS / "transaction-1.0.xsd",
-    template="transaction.xml.j2",
-    to_context=transaction_context,
-    from_xml=transaction_from_xml,
-    description="The transaction envelope: any kind of transaction, every field.",
+
+def _document_type(
+    name: str, model: type[Any], to_context: Any, from_xml: Any, description: str
+) -> DocumentType[Any]:
+    """A core document type: root ``name``, XSD ``name-1.0.xsd``, template ``name.xml.j2``."""
+    return DocumentType(
+        name=name,
+        root=f"{{{NAMESPACE}}}{name}",
+        model=model,
+        schema=_SCHEMAS / f"{name}-1.0.xsd",
+        template=f"{name}.xml.j2",
+        to_context=to_context,
+        from_xml=from_xml,
+        description=description,
+    )
+
+
+TRANSACTION = _document_type(
+    "transaction",
+    Transaction,
+    transaction_context,
+    transaction_from_xml,
+    "The transaction envelope: any kind of transaction, every field.",
 )
-REQUEST = DocumentType(
-    name="request",
-    root=f"{{{NAMESPACE}}}request",
-    model=Request,
-    schema=_SCHEMAS / "request-1.0.xsd",
-    template="request.xml.j2",
-    to_context=request_context,
-    from_xml=request_from_xml,
-    description="A customer's request for offers, without their identity.",
+REQUEST = _document_type(
+    "request",
+    Request,
+    request_context,
+    request_from_xml,
+    "A customer's request for offers, without their identity.",
 )
-OFFER = DocumentType(
-    name="offer",
-    root=f"{{{NAMESPACE}}}offer",
-    model=Offer,
-    schema=_SCHEMAS / "offer-1.0.xsd",
-    template="offer.xml.j2",
-    to_context=offer_context,
-    from_xml=offer_from_xml,
-    description="A firm's priced quote answering a request, valid for a window of time.",
+OFFER = _document_type(
+    "offer",
+    Offer,
+    offer_context,
+    offer_from_xml,
+    "A firm's priced quote answering a request, valid for a window of time.",
 )
-ACCEPTANCE = DocumentType(
-    name="acceptance",
-    root=f"{{{NAMESPACE}}}acceptance",
-    model=Acceptance,
-    schema=_SCHEMAS / "acceptance-1.0.xsd",
-    template="acceptance.xml.j2",
-    to_context=acceptance_context,
-    from_xml=acceptance_from_xml,
-    description="A customer's acceptance of an offer (the id is the idempotency key).",
+ACCEPTANCE = _document_type(
+    "acceptance",
+    Acceptance,
+    acceptance_context,
+    acceptance_from_xml,
+    "A customer's acceptance of an offer (the id is the idempotency key).",
 )
 
 STANDARD = Standard(
