@@ -19,7 +19,8 @@ about something that is not there from :class:`LookupError`::
         │   ├── MalformedXMLError
         │   ├── ForbiddenXMLError       DTDs, entities, processing instructions
         │   └── DocumentTooDeepError
-        └── DocumentValidationError     XML that breaks its schema
+        ├── DocumentValidationError     XML that breaks its schema
+        └── SignatureVerificationError  a signed message that fails its check
 
 The same tree is drawn in ``docs/errors.md``; a test keeps the two in step with the code.
 """
@@ -44,6 +45,7 @@ __all__ = [
     "NotFoundError",
     "PluginError",
     "RenderError",
+    "SignatureVerificationError",
     "StandardNotFoundError",
     "ValidationIssue",
     "XMLInputError",
@@ -213,3 +215,8 @@ class DocumentValidationError(_IssuesError):
         self.standard = standard
         self.document_type = document_type
         super().__init__(f"document is not a valid {standard} {document_type}:", issues)
+
+
+class SignatureVerificationError(InvalidInputError):
+    """A signed message was refused: a missing header, a timestamp outside the window, or no
+    valid signature. The message says which, and nothing about the keys."""

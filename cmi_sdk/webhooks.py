@@ -29,7 +29,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from cmi_sdk._exceptions import ConfigurationError, InvalidInputError
+from cmi_sdk._exceptions import (
+    ConfigurationError,
+    InvalidInputError,
+    SignatureVerificationError,
+)
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -44,11 +48,6 @@ DEFAULT_TOLERANCE = 300
 
 _MIN_SECRET_BYTES = 24  # the scheme asks for 24 to 64 random bytes
 _MAX_SECRET_BYTES = 64
-
-
-class SignatureVerificationError(InvalidInputError):
-    """A signed message was refused: a missing header, a stale timestamp, or no valid
-    signature. The message says which, without revealing anything about the secret."""
 
 
 def generate_secret() -> str:

@@ -40,6 +40,7 @@ EXPECTED = [
     "RenderError",
     "Request",
     "Reward",
+    "SignatureVerificationError",
     "Standard",
     "StandardNotFoundError",
     "StandardRegistry",
