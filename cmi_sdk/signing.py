@@ -1,0 +1,187 @@
+"""XML-DSig for documents: enveloped signatures a customer's store can verify years later.
+
+Signing (:class:`DocumentSigner`) appends one ``<Signature>`` element, in the XML-DSig
+namespace, as the last child of the document's root. The algorithms are pinned:
+
+- canonicalization: exclusive XML canonicalization 1.0, without comments;
+- reference: the whole document (``URI=""``), with the enveloped-signature and exclusive
+  canonicalization transforms, digested with SHA-256;
+- signature: ECDSA P-256 with SHA-256 (RFC 4051; the value is ``r || s``), or RSA PKCS#1
+  v1.5 with SHA-256 for keys of 2048 bits or more;
+- key info: the signer's X.509 certificate, so a receiver can pin it.
+
+The signature is spliced into the document's bytes just before the root's end tag: the
+signed content is never re-serialized, so the stored bytes are the rendered bytes. The
+``SignedInfo`` is written directly in its canonical form, so what is signed is exactly what
+a verifier canonicalizes.
+
+Verification (:func:`verify_document`) uses signxml, an independent implementation, with
+the expected algorithms pinned and the signer's certificate given.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from lxml import etree
+
+from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError
+
+__all__ = ["DSIG_NAMESPACE", "DocumentSigner", "verify_document"]
+
+DSIG_NAMESPACE = "http://www.w3.org/2000/09/xmldsig#"
+_EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
+_ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
+_SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"
+_ECDSA_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256"
+_RSA_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"
+
+# SignedInfo in exclusive canonical form: the one namespace it uses is declared on it,
+# empty elements have end tags, attributes are in order, and there is no whitespace.
+_SIGNED_INFO = (
+    f'<SignedInfo xmlns="{DSIG_NAMESPACE}">'
+    f'<CanonicalizationMethod Algorithm="{_EXC_C14N}"></CanonicalizationMethod>'
+    '<SignatureMethod Algorithm="{method}"></SignatureMethod>'
+    '<Reference URI="">'
+    "<Transforms>"
+    f'<Transform Algorithm="{_ENVELOPED}"></Transform>'
+    f'<Transform Algorithm="{_EXC_C14N}"></Transform>'
+    "</Transforms>"
+    f'<DigestMethod Algorithm="{_SHA256}"></DigestMethod>'
+    "<DigestValue>{digest}</DigestValue>"
+    "</Reference>"
+    "</SignedInfo>"
+)
+
+_PARSER = etree.XMLParser(resolve_entities=False, load_dtd=False, no_network=True)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@dataclass(frozen=True)
+class DocumentSigner:
+    """Signs rendered documents with the firm's key.
+
+    :param key: an ECDSA P-256 or RSA (2048 bits or more) private key.
+    :param certificate: the key's X.509 certificate, embedded in each signature.
+    :raises ConfigurationError: another kind of key, or a certificate for another key.
+    """
+
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    certificate: x509.Certificate
+
+    def __post_init__(self) -> None:
+        key = self.key
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            if not isinstance(key.curve, ec.SECP256R1):
+                raise ConfigurationError("ECDSA signing keys must be on the P-256 curve")
+            method = _ECDSA_SHA256
+        elif isinstance(key, rsa.RSAPrivateKey):
+            if key.key_size < 2048:
+                raise ConfigurationError("RSA signing keys must have at least 2048 bits")
+            method = _RSA_SHA256
+        else:
+            raise ConfigurationError("signing keys must be ECDSA P-256 or RSA")
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        if self.certificate.public_key().public_bytes(der, public) != key.public_key().public_bytes(
+            der, public
+        ):
+            raise ConfigurationError("the certificate is not the signing key's")
+        cert_b64 = _b64(self.certificate.public_bytes(der))
+        object.__setattr__(self, "_method", method)
+        object.__setattr__(
+            self,
+            "_key_info",
+            f"<KeyInfo><X509Data><X509Certificate>{cert_b64}"
+            "</X509Certificate></X509Data></KeyInfo>",
+        )
+
+    @classmethod
+    def from_pem(
+        cls, key_pem: bytes, certificate_pem: bytes, *, password: bytes | None = None
+    ) -> DocumentSigner:
+        """Load the key and certificate from PEM (as ``cmi keys generate`` writes them)."""
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=password)
+            certificate = x509.load_pem_x509_certificate(certificate_pem)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"cannot load the signing key or certificate: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ConfigurationError("signing keys must be ECDSA P-256 or RSA")
+        return cls(key=key, certificate=certificate)
+
+    def sign(self, xml: bytes) -> bytes:
+        """Return ``xml`` with an enveloped signature before its root's end tag.
+
+        ``xml`` is a document the SDK rendered (it is parsed without the hardened checks):
+        UTF-8, one root element with an end tag, no DOCTYPE.
+        """
+        end = xml.rfind(b"</")
+        if end < 0 or xml[end:].rstrip()[-1:] != b">":
+            raise ValueError("the document's root element has no end tag to sign before")
+        tree = etree.ElementTree(etree.fromstring(xml, _PARSER))
+        canonical = etree.tostring(tree, method="c14n", exclusive=True, with_comments=False)
+        digest = _b64(hashlib.sha256(canonical).digest())
+        signed_info = _SIGNED_INFO.format(method=self._method, digest=digest)  # type: ignore[attr-defined]
+        value = _b64(self._signature_value(signed_info.encode()))
+        signature = (
+            f'<Signature xmlns="{DSIG_NAMESPACE}">{signed_info}'
+            f"<SignatureValue>{value}</SignatureValue>{self._key_info}</Signature>"  # type: ignore[attr-defined]
+        ).encode()
+        return xml[:end] + signature + xml[end:]
+
+    def _signature_value(self, data: bytes) -> bytes:
+        key = self.key
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def verify_document(xml: bytes, certificate: x509.Certificate | bytes) -> bytes:
+    """Verify an enveloped signature against the signer's certificate (pinned).
+
+    :param certificate: the expected signer's certificate, as an object or PEM bytes.
+    :returns: the signed document's canonical form, without the signature: what is
+        actually vouched for.
+    :raises SignatureVerificationError: no signature, another signer, other algorithms
+        than the pinned ones, or content changed after signing.
+    """
+    # signxml is imported by verifiers only: the signing path does not need it.
+    from signxml.algorithms import DigestAlgorithm, SignatureMethod  # noqa: PLC0415
+    from signxml.exceptions import InvalidInput, InvalidSignature  # noqa: PLC0415
+    from signxml.verifier import SignatureConfiguration, XMLVerifier  # noqa: PLC0415
+
+    pem = (
+        certificate.public_bytes(serialization.Encoding.PEM)
+        if isinstance(certificate, x509.Certificate)
+        else certificate
+    )
+    config = SignatureConfiguration(
+        require_x509=True,
+        location="./",
+        expect_references=1,
+        signature_methods=frozenset({SignatureMethod.ECDSA_SHA256, SignatureMethod.RSA_SHA256}),
+        digest_algorithms=frozenset({DigestAlgorithm.SHA256}),
+    )
+    try:
+        result = XMLVerifier().verify(
+            xml, x509_cert=pem.decode("ascii"), expect_config=config, parser=_PARSER
+        )
+    except (InvalidSignature, InvalidInput, etree.XMLSyntaxError) as exc:
+        raise SignatureVerificationError(
+            f"the document's signature does not verify: {exc}"
+        ) from None
+    if isinstance(result, list):  # one reference is expected, so one result comes back
+        result = result[0]
+    signed: bytes = result.signed_data
+    return signed
