@@ -32,6 +32,7 @@ from cmi_sdk._exceptions import (
 )
 from cmi_sdk._models import load_model
 from cmi_sdk._standards import DocumentType
+from cmi_sdk._xml import DEFAULT_MAX_BYTES
 
 __all__ = ["EXIT_INTERNAL", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -187,6 +188,37 @@ def cmd_parse(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    """Write a development key pair: DIR/key.pem and a self-signed DIR/cert.pem."""
+    from cmi_sdk.signing import generate_development_keys  # noqa: PLC0415
+
+    try:
+        key, cert = generate_development_keys(args.dir, algorithm=args.algorithm)
+    except FileExistsError as exc:
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"{args.dir}: cannot write: {exc.strerror or exc}") from None
+    _write(f"{key}\n{cert}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a document's XML-DSig signature against a pinned certificate."""
+    from cmi_sdk.signing import verify_document  # noqa: PLC0415
+
+    cert = _read(args.cert, 1 << 20)
+    data = _read(args.file, DEFAULT_MAX_BYTES)
+    try:
+        verify_document(data, cert)
+    except CMIError as exc:
+        raise _located(args.file, exc) from None
+    except ValueError as exc:  # not a certificate
+        raise InputError(f"{args.cert}: not a PEM certificate: {exc}") from None
+    if not args.quiet:
+        _write(f"{args.file}: signature verified\n".encode(), None)
+    return EXIT_OK
+
+
 class _ReportedError(Exception):
     """An error already explained on standard error."""
 
@@ -261,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", "-t", metavar="DOCTYPE", help="the document type")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing for valid files")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("keys", help="manage signing keys")
+    keys = p.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    keys.required = True
+    k = keys.add_parser(
+        "generate", help="write DIR/key.pem and a self-signed DIR/cert.pem (development)"
+    )
+    k.add_argument("dir", metavar="DIR", help="the folder to write into (created if needed)")
+    k.add_argument("--algorithm", choices=["ec", "rsa"], default="ec", help="default: ec")
+    k.set_defaults(func=cmd_keys_generate)
+
+    p = sub.add_parser("verify", help="verify a signed document against a certificate")
+    p.add_argument("file", metavar="FILE.xml", help="the signed document ('-': stdin)")
+    p.add_argument("--cert", required=True, metavar="cert.pem", help="the signer's certificate")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("parse", help="parse an XML document back into canonical JSON")
     p.add_argument("file", metavar="FILE", help="the document ('-': stdin)")

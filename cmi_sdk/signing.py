@@ -22,18 +22,23 @@ the expected algorithms pinned and the signer's certificate given.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError
+from cmi_sdk._xml import DEFAULT_MAX_BYTES, HardenedParser
 
-__all__ = ["DSIG_NAMESPACE", "DocumentSigner", "verify_document"]
+__all__ = ["DSIG_NAMESPACE", "DocumentSigner", "generate_development_keys", "verify_document"]
 
 DSIG_NAMESPACE = "http://www.w3.org/2000/09/xmldsig#"
 _EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
@@ -147,15 +152,71 @@ class DocumentSigner:
         return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
-def verify_document(xml: bytes, certificate: x509.Certificate | bytes) -> bytes:
+def generate_development_keys(
+    directory: str | Path, *, algorithm: str = "ec", common_name: str = "cmi-sdk development"
+) -> tuple[Path, Path]:
+    """Write ``key.pem`` (mode 0600) and a self-signed ``cert.pem`` into ``directory``.
+
+    For development and tests: a production key's certificate comes from the firm's own
+    certificate authority. Existing files are never overwritten.
+
+    :param algorithm: ``ec`` (ECDSA P-256, the default) or ``rsa`` (3072 bits).
+    :raises FileExistsError: ``key.pem`` or ``cert.pem`` is already there.
+    """
+    folder = Path(directory)
+    key_path, cert_path = folder / "key.pem", folder / "cert.pem"
+    for path in (key_path, cert_path):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; not overwriting a key")
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if algorithm == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif algorithm == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    else:
+        raise ConfigurationError(f"unknown key algorithm {algorithm!r}: use ec or rsa")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Created with 0600 from the start, so the key is never readable by others.
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key_bytes)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def verify_document(
+    xml: bytes, certificate: x509.Certificate | bytes, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> bytes:
     """Verify an enveloped signature against the signer's certificate (pinned).
+
+    The document first passes the hardened parser (size cap, no DOCTYPE, depth limit).
 
     :param certificate: the expected signer's certificate, as an object or PEM bytes.
     :returns: the signed document's canonical form, without the signature: what is
         actually vouched for.
     :raises SignatureVerificationError: no signature, another signer, other algorithms
         than the pinned ones, or content changed after signing.
+    :raises XMLInputError: the hardened parser refused the document.
     """
+    HardenedParser(max_bytes=max_bytes).parse(xml)
     # signxml is imported by verifiers only: the signing path does not need it.
     from signxml.algorithms import DigestAlgorithm, SignatureMethod  # noqa: PLC0415
     from signxml.exceptions import InvalidInput, InvalidSignature  # noqa: PLC0415

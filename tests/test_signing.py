@@ -12,7 +12,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from lxml import etree
 
-from cmi_sdk import Adapter, ConfigurationError, SignatureVerificationError, Transaction, load_model
+from cmi_sdk import (
+    Adapter,
+    ConfigurationError,
+    SignatureVerificationError,
+    Transaction,
+    XMLInputError,
+    load_model,
+)
 from cmi_sdk.signing import DSIG_NAMESPACE, DocumentSigner, verify_document
 
 
@@ -106,7 +113,8 @@ def test_any_changed_byte_of_the_signed_content_fails(
     for position in range(start, stop):
         replacement = b"X" if signed[position : position + 1] != b"X" else b"Y"
         tampered = signed[:position] + replacement + signed[position + 1 :]
-        with pytest.raises(SignatureVerificationError):
+        # A signature that fails, or XML the hardened parser refuses: never accepted.
+        with pytest.raises((SignatureVerificationError, XMLInputError)):
             verify_document(tampered, ec_signer.certificate)
 
 
@@ -156,3 +164,44 @@ def test_from_pem(ec_signer: DocumentSigner, ticket_xml: bytes) -> None:
 def test_a_document_without_an_end_tag_is_refused(ec_signer: DocumentSigner) -> None:
     with pytest.raises(ValueError, match="no end tag"):
         ec_signer.sign(b"<ticket/>")
+
+
+def test_verify_refuses_hostile_xml_first(ec_signer: DocumentSigner) -> None:
+    from cmi_sdk import ForbiddenXMLError
+
+    with pytest.raises(ForbiddenXMLError):
+        verify_document(b'<!DOCTYPE t [<!ENTITY x "y">]><t>&x;</t>', ec_signer.certificate)
+
+
+def test_generate_development_keys(tmp_path: Path, ticket_xml: bytes) -> None:
+    from cmi_sdk.signing import generate_development_keys
+
+    key, cert = generate_development_keys(tmp_path / "keys")
+    assert key.stat().st_mode & 0o777 == 0o600
+    signer = DocumentSigner.from_pem(key.read_bytes(), cert.read_bytes())
+    verify_document(signer.sign(ticket_xml), cert.read_bytes())
+    with pytest.raises(FileExistsError):
+        generate_development_keys(tmp_path / "keys")
+
+
+def test_cli_keys_and_verify(
+    tmp_path: Path, ticket_xml: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cmi_sdk.cli import EXIT_INVALID, EXIT_OK, main
+
+    keys = tmp_path / "keys"
+    assert main(["keys", "generate", str(keys)]) == EXIT_OK
+    assert main(["keys", "generate", str(keys)]) == EXIT_INVALID  # never overwrites
+    signer = DocumentSigner.from_pem(
+        (keys / "key.pem").read_bytes(), (keys / "cert.pem").read_bytes()
+    )
+    signed = tmp_path / "signed.xml"
+    signed.write_bytes(signer.sign(ticket_xml))
+    capsys.readouterr()
+    assert main(["verify", str(signed), "--cert", str(keys / "cert.pem")]) == EXIT_OK
+    assert "signature verified" in capsys.readouterr().out
+    signed.write_bytes(signed.read_bytes().replace(b"451.89", b"451.88"))
+    assert main(["verify", str(signed), "--cert", str(keys / "cert.pem")]) == EXIT_INVALID
+    assert "does not verify" in capsys.readouterr().err
+    assert main(["verify", str(signed), "--cert", str(signed)]) == EXIT_INVALID
+    assert "Traceback" not in capsys.readouterr().err
