@@ -38,7 +38,13 @@ from lxml import etree
 from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, HardenedParser
 
-__all__ = ["DSIG_NAMESPACE", "DocumentSigner", "generate_development_keys", "verify_document"]
+__all__ = [
+    "DSIG_NAMESPACE",
+    "DocumentSigner",
+    "generate_development_keys",
+    "self_signed_certificate",
+    "verify_document",
+]
 
 DSIG_NAMESPACE = "http://www.w3.org/2000/09/xmldsig#"
 _EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
@@ -152,6 +158,28 @@ class DocumentSigner:
         return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
+def self_signed_certificate(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    *,
+    common_name: str = "cmi-sdk development",
+    days: int = 365,
+) -> x509.Certificate:
+    """A self-signed certificate for ``key``, valid from five minutes ago for ``days``."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
 def generate_development_keys(
     directory: str | Path, *, algorithm: str = "ec", common_name: str = "cmi-sdk development"
 ) -> tuple[Path, Path]:
@@ -175,19 +203,7 @@ def generate_development_keys(
         key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     else:
         raise ConfigurationError(f"unknown key algorithm {algorithm!r}: use ec or rsa")
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    certificate = self_signed_certificate(key, common_name=common_name)
     folder.mkdir(parents=True, exist_ok=True)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from cmi_sdk import (
@@ -20,22 +18,16 @@ from cmi_sdk import (
     XMLInputError,
     load_model,
 )
-from cmi_sdk.signing import DSIG_NAMESPACE, DocumentSigner, verify_document
+from cmi_sdk.signing import (
+    DSIG_NAMESPACE,
+    DocumentSigner,
+    self_signed_certificate,
+    verify_document,
+)
 
 
 def _certificate(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "delta.com")])
-    now = dt.datetime.now(dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
+    return self_signed_certificate(key, common_name="delta.com")
 
 
 @pytest.fixture(scope="module")
