@@ -1,0 +1,557 @@
+"""A customer's store: the receiving end of the documents a firm sends.
+
+:class:`CustomerStore` is a small ASGI application (Starlette) that accepts Standard Webhooks
+deliveries of XML documents and keeps each one as a file. It is what ``cmi listen`` runs,
+and what the SDK's own tests and demos deliver to; a real store can start from it.
+
+A delivery is ``POST`` to any path (so a destination such as ``http://127.0.0.1:8000/inbox``
+works) and is checked in this order, the cheapest and least trusting checks first:
+
+1. the body is at most ``max_bytes`` (413), judged from ``Content-Length`` before any of it
+   is read and counted again while it streams in;
+2. the ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` headers verify over
+   the exact body with one of the store's secrets, inside the timestamp tolerance (401);
+3. the ``webhook-id`` can name a file: 1 to 128 of ``A-Z a-z 0-9 _ : -`` (400);
+4. the ``Content-Type`` is ``application/xml``, parameters allowed (415);
+5. with the firm's certificate configured, the document's enveloped XML-DSig verifies
+   against it (422).
+
+Then ``DIR/<webhook-id>.json`` (what was received, and when) and ``DIR/<webhook-id>.xml``
+(the body, byte for byte) are written, and the answer is 200. A ``webhook-id`` whose
+``.xml`` is already there is a duplicate: the answer is 200 and nothing is rewritten, so a
+sender that retries after a lost answer does no harm.
+
+Every refusal is an RFC 9457 ``application/problem+json`` object with ``type``, ``title``,
+``status`` and ``detail``; the types are stable URIs:
+
+==========================================  ======  ===================================
+``type``                                    status  meaning
+==========================================  ======  ===================================
+``urn:cmi:problem:bad-request``             400     unreadable ``Content-Length`` or body
+``urn:cmi:problem:invalid-webhook-id``      400     the id cannot be a file name
+``urn:cmi:problem:unauthorized``            401     the webhook signature does not verify
+``urn:cmi:problem:method-not-allowed``      405     not ``POST`` (nor ``GET /health``)
+``urn:cmi:problem:too-large``               413     the body is over ``max_bytes``
+``urn:cmi:problem:unsupported-media-type``  415     not ``application/xml``
+``urn:cmi:problem:document-signature``      422     the XML-DSig does not verify
+``urn:cmi:problem:refused-xml``             422     the hardened parser refuses the XML
+``urn:cmi:problem:storage-unavailable``     503     the files could not be written
+``urn:cmi:problem:internal-error``          500     a bug in the receiver
+==========================================  ======  ===================================
+
+A 4xx answer is permanent: sending the same bytes again gets the same answer, so a sender
+should give up on them rather than retry (a 401 for a stale timestamp is cured by signing
+again with a fresh one; this store never sends 408 or 429). 422 in particular means the
+document itself is bad: signed by someone else, or changed after signing, so no number of
+retries can succeed. 5xx answers are worth retrying later.
+
+One store (one process) per directory: deduplication is guarded by a lock inside the
+process, not by a lock on the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Final
+
+import uvicorn
+from cryptography import x509
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.config import LOGGING_CONFIG
+
+from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError, XMLInputError
+from cmi_sdk._xml import DEFAULT_MAX_BYTES
+from cmi_sdk.signing import verify_document
+from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier
+
+__all__ = [
+    "CustomerStore",
+    "StoredDocument",
+    "format_line",
+    "running",
+    "serve",
+]
+
+_log = logging.getLogger(__name__)
+
+# fullmatch, not ^...$: '$' also matches before a trailing newline.
+_SAFE_ID: Final = re.compile(r"[A-Za-z0-9_:\-]{1,128}")
+
+_WEBHOOK_HEADERS: Final = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+# slug -> (status, title). A problem type's title never varies (RFC 9457, section 3.1.3);
+# the detail says what happened this time.
+_PROBLEMS: Final[dict[str, tuple[int, str]]] = {
+    "bad-request": (400, "Malformed request"),
+    "invalid-webhook-id": (400, "The webhook-id cannot name a stored document"),
+    "unauthorized": (401, "The webhook signature does not verify"),
+    "method-not-allowed": (405, "Method not allowed"),
+    "too-large": (413, "The document is too large"),
+    "unsupported-media-type": (415, "Documents must be sent as application/xml"),
+    "document-signature": (422, "The document's XML signature does not verify"),
+    "refused-xml": (422, "The document is refused by the hardened XML parser"),
+    "internal-error": (500, "The receiver failed"),
+    "storage-unavailable": (503, "The document could not be stored"),
+}
+
+_SHUTDOWN_SECONDS: Final = 5  # in-flight deliveries get this long to finish on shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    """One accepted delivery, as handed to ``on_document``.
+
+    :ivar webhook_id: the delivery's ``webhook-id``, also the stored files' name.
+    :ivar path: the stored ``.xml`` file (for a duplicate: the one stored the first time).
+    :ivar size: the size of this delivery's body, in bytes.
+    :ivar received_at: when this delivery arrived (timezone-aware, UTC).
+    :ivar signature_verified: ``True`` when the document's XML-DSig was verified against the
+        firm's certificate, ``None`` when the store has no certificate to check it with.
+        (Never ``False``: a document whose signature fails is refused, not stored.)
+    :ivar duplicate: ``True`` when a document with this ``webhook-id`` was already stored,
+        so nothing was written this time.
+    """
+
+    webhook_id: str
+    path: Path
+    size: int
+    received_at: datetime.datetime
+    signature_verified: bool | None
+    duplicate: bool
+
+
+def format_line(doc: StoredDocument) -> str:
+    """The one line ``cmi listen`` prints for a delivery.
+
+    For example ``stored msg_abc 812 bytes signature verified``, or
+    ``duplicate msg_abc (already stored)``.
+
+    :param doc: the delivery to describe.
+    """
+    if doc.duplicate:
+        return f"duplicate {doc.webhook_id} (already stored)"
+    if doc.signature_verified is None:
+        check = "signature not checked"
+    elif doc.signature_verified:
+        check = "signature verified"
+    else:
+        check = "signature NOT verified"
+    return f"stored {doc.webhook_id} {doc.size} bytes {check}"
+
+
+def _problem(slug: str, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    status, title = _PROBLEMS[slug]
+    return JSONResponse(
+        {"type": f"urn:cmi:problem:{slug}", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        headers=headers,
+        media_type="application/problem+json",
+    )
+
+
+def _utc_text(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _fsync_directory(directory: Path) -> None:
+    # A rename is durable only once its directory is; Windows cannot open a directory, and
+    # makes renames durable on its own.
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # The temporary name starts with '.' and ends with '.tmp', so documents() never takes a
+    # half-written file (or one left by a crash) for a document.
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+class CustomerStore:
+    """A customer's store: receives signed XML documents over Standard Webhooks, keeps them
+    as files.
+
+    Serve :attr:`app` with any ASGI server, or use :func:`serve` and :func:`running`.
+    Files are created readable by their owner only.
+
+    :param directory: where documents are kept; created if missing.
+    :param secrets: the ``whsec_`` secrets a delivery may be signed with (several during a
+        rotation).
+    :param certificate: the firm's certificate, PEM. When given, every document's enveloped
+        XML-DSig must verify against it (pinned), or the delivery is refused with 422.
+    :param tolerance: the largest accepted distance between ``webhook-timestamp`` and now,
+        in seconds.
+    :param max_bytes: the largest accepted body, in bytes.
+    :param on_document: called once per accepted delivery, duplicates included, after the
+        files are on disk and before the sender gets its answer. It runs in a worker thread,
+        one call at a time. An exception it raises is logged and otherwise ignored: the
+        document is already stored, and failing the delivery would only make the sender
+        send it again.
+    :raises ConfigurationError: a secret or the certificate cannot be loaded, a limit is not
+        positive, or the directory cannot be created.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: str | Path,
+        secrets: Sequence[str],
+        certificate: bytes | None = None,
+        tolerance: int = DEFAULT_TOLERANCE,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        on_document: Callable[[StoredDocument], None] | None = None,
+    ) -> None:
+        # A lone string is a Sequence[str] too; iterating it would give one-letter "secrets"
+        # and a baffling error.
+        if isinstance(secrets, str):
+            raise ConfigurationError("secrets must be a list of whsec_ secrets, not one string")
+        if max_bytes <= 0 or tolerance <= 0:
+            raise ConfigurationError("max_bytes and tolerance must be positive")
+        self._verifier = WebhookVerifier(secrets=tuple(secrets), tolerance=tolerance)
+        self._certificate: x509.Certificate | None = None
+        if certificate is not None:
+            # Loaded now, so a bad file stops the store at startup instead of turning every
+            # delivery into a 422.
+            try:
+                self._certificate = x509.load_pem_x509_certificate(certificate)
+            except ValueError:
+                raise ConfigurationError(
+                    "the firm's certificate is not a PEM certificate"
+                ) from None
+        self._directory = Path(directory)
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create {self._directory}: {exc}") from None
+        self._max_bytes = max_bytes
+        self._on_document = on_document
+        # Held from the existence check to the last rename, so two deliveries of one id
+        # (a retry racing the original) store it once.
+        self._lock = threading.Lock()
+        self._notify_lock = threading.Lock()
+        self._app = Starlette(
+            routes=[
+                Route("/health", self._health, methods=["GET"]),
+                Route("/{path:path}", self._deliver, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        )
+
+    @property
+    def directory(self) -> Path:
+        """Where the documents are kept."""
+        return self._directory
+
+    @property
+    def app(self) -> Starlette:
+        """The ASGI application: ``POST`` any path to deliver, ``GET /health`` to check."""
+        return self._app
+
+    def documents(self) -> list[str]:
+        """The ``webhook-id`` of every stored document, sorted by name (not by arrival)."""
+        return sorted(
+            path.stem
+            for path in self._directory.glob("*.xml")
+            if _SAFE_ID.fullmatch(path.stem) and path.is_file()
+        )
+
+    async def _health(self, _request: Request) -> Response:
+        count = len(await run_in_threadpool(self.documents))
+        return JSONResponse({"status": "ok", "documents": count})
+
+    async def _deliver(self, request: Request) -> Response:
+        received_at = datetime.datetime.now(datetime.UTC)
+        try:
+            body = await self._read_body(request)
+            webhook_id = self._authenticate(request, body)
+            content_type = _check_content_type(request)
+            verified = await self._verify_document(body)
+        except _Refused as refused:
+            return _problem(refused.slug, refused.detail)
+        headers = {name: request.headers[name] for name in _WEBHOOK_HEADERS}
+        headers["content-type"] = content_type
+        try:
+            doc = await run_in_threadpool(
+                self._accept, webhook_id, body, headers, received_at, verified
+            )
+        except OSError as exc:
+            _log.error("cannot store %s: %s", webhook_id, exc)
+            return _problem("storage-unavailable", "the document could not be written; retry later")
+        status = "duplicate" if doc.duplicate else "stored"
+        return JSONResponse({"status": status, "webhook_id": webhook_id, "size": doc.size})
+
+    async def _read_body(self, request: Request) -> bytes:
+        too_large = _Refused("too-large", f"the body is larger than {self._max_bytes} bytes")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                raise _Refused("bad-request", "Content-Length is not a number")
+            if int(declared) > self._max_bytes:
+                raise too_large
+        # Counted as well: a chunked body has no Content-Length to trust.
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with contextlib.aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        raise too_large
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            raise _Refused("bad-request", "the body ended before Content-Length") from None
+        return b"".join(chunks)
+
+    def _authenticate(self, request: Request, body: bytes) -> str:
+        # A header sent twice could be read one way here and another way by whoever reads
+        # the stored metadata; there is no honest reason to send one twice.
+        if any(len(request.headers.getlist(name)) > 1 for name in _WEBHOOK_HEADERS):
+            raise _Refused("unauthorized", "each webhook header must be sent once")
+        try:
+            webhook_id = self._verifier.verify(request.headers, body)
+        except SignatureVerificationError as exc:
+            raise _Refused("unauthorized", str(exc)) from None
+        # Checked before the id comes near the file system: with '/' or '\' in it, the id
+        # would name a file outside the directory.
+        if not _SAFE_ID.fullmatch(webhook_id):
+            raise _Refused(
+                "invalid-webhook-id",
+                "webhook-id must be 1 to 128 letters, digits, '_', ':' or '-'",
+            )
+        return webhook_id
+
+    async def _verify_document(self, body: bytes) -> bool | None:
+        if self._certificate is None:
+            return None
+        try:
+            await run_in_threadpool(
+                verify_document, body, self._certificate, max_bytes=self._max_bytes
+            )
+        except SignatureVerificationError as exc:
+            raise _Refused("document-signature", str(exc)) from None
+        except XMLInputError as exc:
+            raise _Refused("refused-xml", str(exc)) from None
+        return True
+
+    def _accept(
+        self,
+        webhook_id: str,
+        body: bytes,
+        headers: dict[str, str],
+        received_at: datetime.datetime,
+        verified: bool | None,
+    ) -> StoredDocument:
+        xml_path = self._directory / f"{webhook_id}.xml"
+        with self._lock:
+            duplicate = xml_path.exists()
+            if not duplicate:
+                metadata: dict[str, object] = {
+                    **headers,
+                    "received_at": _utc_text(received_at),
+                    "size": len(body),
+                    "signature_verified": verified,
+                }
+                text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+                # The .json first and the .xml last: a crash in between leaves a .json
+                # without its .xml, which the sender's retry overwrites, and never an .xml
+                # without its .json, which the existence check would call a duplicate.
+                _write_atomically(self._directory / f"{webhook_id}.json", text.encode())
+                _write_atomically(xml_path, body)
+        doc = StoredDocument(
+            webhook_id=webhook_id,
+            path=xml_path,
+            size=len(body),
+            received_at=received_at,
+            signature_verified=verified,
+            duplicate=duplicate,
+        )
+        if self._on_document is not None:
+            # One call at a time, so lines a callback prints never interleave; outside the
+            # storage lock, so a slow callback does not hold up storing other documents.
+            with self._notify_lock:
+                try:
+                    self._on_document(doc)
+                except Exception:
+                    _log.exception("on_document failed for %s (the document is stored)", webhook_id)
+        return doc
+
+
+class _Refused(Exception):  # noqa: N818 (never leaves this module)
+    """A delivery refused with the problem type ``slug``."""
+
+    def __init__(self, slug: str, detail: str) -> None:
+        super().__init__(detail)
+        self.slug = slug
+        self.detail = detail
+
+
+def _check_content_type(request: Request) -> str:
+    content_type = request.headers.get("content-type", "")
+    # Media types are case-insensitive; parameters such as charset do not matter here.
+    if content_type.split(";", 1)[0].strip().lower() != "application/xml":
+        raise _Refused(
+            "unsupported-media-type",
+            f"expected application/xml, got {content_type or 'no Content-Type'!r}",
+        )
+    return content_type
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only
+        return await _internal_error(_request, exc)
+    slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
+    if slug not in _PROBLEMS:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return _problem(slug, str(exc.detail), headers=exc.headers)
+
+
+async def _internal_error(_request: Request, _exc: Exception) -> Response:
+    # Starlette re-raises the exception after this answer, so the server logs it; its text
+    # stays out of the answer, as it may hold paths or configuration.
+    return _problem("internal-error", "the receiver failed; retry later")
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that reports the port it bound once it is listening."""
+
+    def __init__(self, config: uvicorn.Config, ready: Callable[[int], None] | None) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._ready is not None:
+            self._ready(int(self.servers[0].sockets[0].getsockname()[1]))
+
+
+def _server(
+    store: CustomerStore,
+    host: str,
+    port: int,
+    ready: Callable[[int], None] | None,
+    *,
+    embedded: bool,
+) -> _Server:
+    config = uvicorn.Config(
+        store.app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # Embedded, the host process keeps its own logging configuration.
+        log_config=None if embedded else LOGGING_CONFIG,
+        lifespan="off",
+        ws="none",
+        timeout_graceful_shutdown=_SHUTDOWN_SECONDS,
+    )
+    return _Server(config, ready)
+
+
+def serve(
+    store: CustomerStore,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve ``store`` with uvicorn in this thread until interrupted.
+
+    On Ctrl-C or SIGTERM the server stops taking connections, lets deliveries in flight
+    finish (for up to 5 seconds), then re-delivers the signal to the handler that was there
+    before: by default, Ctrl-C ends as a :exc:`KeyboardInterrupt` raised from here (the
+    caller decides how to exit), and SIGTERM ends the process.
+
+    :param store: the store to serve.
+    :param host: the address to listen on; the loopback address by default.
+    :param port: the port to listen on; 0 picks a free one.
+    :param ready: called once with the port actually bound, as soon as the server listens.
+        It runs on the server's event loop: it should return quickly, and not raise.
+    :raises ConfigurationError: the server could not listen (the port is taken, the
+        address is not local, ...); the reason is logged.
+    """
+    server = _server(store, host, port, ready, embedded=False)
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits the process when it cannot bind; a library caller gets an error.
+        if server.started:
+            raise
+        raise ConfigurationError(f"cannot listen on {host} port {port}") from None
+
+
+@contextlib.contextmanager
+def running(
+    store: CustomerStore, host: str = "127.0.0.1", *, timeout: float = 10.0
+) -> Iterator[str]:
+    """Serve ``store`` in a background thread, on a free port, for the ``with`` block.
+
+    ::
+
+        with running(store) as url:  # "http://127.0.0.1:54321/"
+            httpx.post(url, content=xml, headers=...)
+
+    On exit the server stops and its thread is joined.
+
+    :param store: the store to serve.
+    :param host: the address to listen on; the loopback address by default.
+    :param timeout: how long to wait for the server to start, and then to stop, in seconds.
+    :returns: the server's base URL, ending in ``/``.
+    :raises ConfigurationError: the server did not start within ``timeout``.
+    """
+    bound = threading.Event()
+    ports: list[int] = []
+
+    def ready(port: int) -> None:
+        ports.append(port)
+        bound.set()
+
+    server = _server(store, host, 0, ready, embedded=True)
+    thread = threading.Thread(target=server.run, name="cmi-customer-store", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not bound.wait(0.05):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigurationError(f"the customer store did not start on {host}")
+        url_host = f"[{host}]" if ":" in host else host
+        yield f"http://{url_host}:{ports[0]}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        if thread.is_alive():
+            # Deliveries still running after the grace period: drop them, not the caller.
+            server.force_exit = True
+            thread.join(timeout)
