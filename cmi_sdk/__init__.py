@@ -8,23 +8,34 @@ connected through pluggy hooks. Start with :class:`Adapter`.
 from __future__ import annotations
 
 from cmi_sdk._adapter import DEFAULT_PLUGINS, Adapter, ValidatedDocument
+from cmi_sdk._delivery import DeliveryStats, DeliveryWorker, RetrySchedule
+from cmi_sdk._emit import Emission, SignedConsent
 from cmi_sdk._exceptions import (
     CMIError,
     ConfigurationError,
+    DestinationNotAllowedError,
     DocumentTooDeepError,
     DocumentTooLargeError,
     DocumentTypeNotFoundError,
     DocumentValidationError,
+    EgressResolutionError,
     ForbiddenXMLError,
     InvalidInputError,
     MalformedXMLError,
     MappingError,
     ModelValidationError,
     NotFoundError,
+    OutboxRowNotFoundError,
     PluginError,
     RenderError,
+    ReplayedMessageError,
     SignatureVerificationError,
+    StaleTimestampError,
     StandardNotFoundError,
+    StoreError,
+    TermsError,
+    TermsNotFoundError,
+    UnknownPartyError,
     ValidationIssue,
     XMLInputError,
 )
@@ -50,10 +61,18 @@ from cmi_sdk._models import (
     load_model,
 )
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
+from cmi_sdk._terms import (
+    ConsentRecord,
+    Purpose,
+    SharingTerms,
+    TermsDecision,
+    TermsPolicy,
+    TermsProposal,
+)
+from cmi_sdk._version import __version__
 from cmi_sdk._xml import HardenedParser
+from cmi_sdk.egress import EgressGuard
 from cmi_sdk.hookspecs import hookimpl
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -64,12 +83,19 @@ __all__ = [
     "CMIError",
     "Claim",
     "ConfigurationError",
+    "ConsentRecord",
     "Constraints",
+    "DeliveryStats",
+    "DeliveryWorker",
+    "DestinationNotAllowedError",
     "DocumentTooDeepError",
     "DocumentTooLargeError",
     "DocumentType",
     "DocumentTypeNotFoundError",
     "DocumentValidationError",
+    "EgressGuard",
+    "EgressResolutionError",
+    "Emission",
     "FlightDetails",
     "FlightProduct",
     "FlightWanted",
@@ -87,15 +113,29 @@ __all__ = [
     "Money",
     "NotFoundError",
     "Offer",
+    "OutboxRowNotFoundError",
     "PluginError",
+    "Purpose",
     "RenderError",
+    "ReplayedMessageError",
     "Request",
+    "RetrySchedule",
     "Reward",
+    "SharingTerms",
     "SignatureVerificationError",
+    "SignedConsent",
+    "StaleTimestampError",
     "Standard",
     "StandardNotFoundError",
     "StandardRegistry",
+    "StoreError",
+    "TermsDecision",
+    "TermsError",
+    "TermsNotFoundError",
+    "TermsPolicy",
+    "TermsProposal",
     "Transaction",
+    "UnknownPartyError",
     "ValidatedDocument",
     "ValidationIssue",
     "XMLInputError",

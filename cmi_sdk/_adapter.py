@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import logging
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from lxml import etree
 from pydantic import BaseModel
 
 from cmi_sdk import hookspecs
+from cmi_sdk._emit import Emission, Emitter, SignedConsent
 from cmi_sdk._exceptions import (
+    ConfigurationError,
     DocumentTypeNotFoundError,
     DocumentValidationError,
     PluginError,
     ValidationIssue,
 )
+from cmi_sdk._models import Transaction
 from cmi_sdk._standards import (
     DocumentType,
     Standard,
@@ -27,13 +33,28 @@ from cmi_sdk._standards import (
     parse_model,
     render_text,
 )
+from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, HardenedParser
+from cmi_sdk.egress import EgressGuard
+from cmi_sdk.outbox import OutboxStore
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from cmi_sdk._delivery import DeliveryWorker
+    from cmi_sdk.signing import DocumentSigner
 
 __all__ = ["DEFAULT_PLUGINS", "Adapter", "ValidatedDocument"]
 
 log = logging.getLogger("cmi_sdk")
 
-DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (("cmi", "cmi_core.plugin"),)
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("cmi", "cmi_core.plugin"),
+    ("cmi-defaults", "cmi_sdk._default_hooks"),
+)
+
+DEFAULT_DATABASE_URL = "sqlite:///./cmi.db"
+"""Where the embedded store lives unless told otherwise: ``cmi.db`` in the working folder."""
 """The plugins every adapter registers first, as (name, module) pairs. They are ordinary
 plugins: a user can block them by name, and any plugin registered later overrides them."""
 
@@ -53,12 +74,31 @@ class ValidatedDocument:
     tree: etree._ElementTree
     xml: bytes
 
+    @property
+    def withheld(self) -> tuple[str, ...]:
+        """The fields the customer's terms withheld from this document (empty: complete)."""
+        return tuple(str(self.tree.getroot().get("withheld", "")).split())
+
     def to_model(self) -> BaseModel:
         """The document's canonical model.
 
         :raises DocumentValidationError: for rules the XSD cannot express, such as an amount
-            finer than its currency allows.
+            finer than its currency allows; and for a minimized document, which has no
+            complete canonical model.
         """
+        if self.withheld:
+            issue = ValidationIssue(
+                "a minimized document has no complete canonical model: fields withheld under"
+                f" the customer's terms: {' '.join(self.withheld)}",
+                "/@withheld",
+                self.tree.getroot().sourceline,
+            )
+            raise DocumentValidationError(
+                [issue],
+                document=self.xml,
+                standard=self.standard.name,
+                document_type=self.document_type.name,
+            )
         model: BaseModel = parse_model(self.standard, self.document_type, self.tree, self.xml)
         return model
 
@@ -73,6 +113,19 @@ class Adapter:
     :param block: names of plugins never to register (default or entry-point ones).
     :param max_document_bytes: the cap on incoming documents.
     :param max_depth: the nesting limit for incoming documents.
+    :param store: where terms, consent records and the outbox live; by default a
+        :class:`~cmi_sdk.outbox.sqlite.SQLiteStore` at ``database_url``, opened on first use
+        (an adapter that only renders never creates a database).
+    :param database_url: the default store's location, ``sqlite:///./cmi.db`` unless given.
+    :param signer: signs every emitted document and consent record (XML-DSig); without
+        one, documents go out unsigned and a warning is logged once.
+    :param firm: the firm's identifier, as consent records name it.
+    :param policy: the terms the firm accepts, published at ``/.well-known/cmi``.
+    :param egress: the egress guard for customers' destinations (public https only, by
+        default).
+    :param webhook_ed25519_key: a ``whsk_`` key: deliveries also carry a ``v1a``
+        signature, whose public key ``/.well-known/cmi`` publishes.
+    :param clock: POSIX seconds; tests inject one.
     :raises PluginError: a plugin failed to load, implements an unknown ``cmi_`` hook, or
         registers a standard that clashes with another.
     """
@@ -85,6 +138,14 @@ class Adapter:
         block: Iterable[str] = (),
         max_document_bytes: int = DEFAULT_MAX_BYTES,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        store: OutboxStore | None = None,
+        database_url: str = DEFAULT_DATABASE_URL,
+        signer: DocumentSigner | None = None,
+        firm: str = "firm.example",
+        policy: TermsPolicy | None = None,
+        egress: EgressGuard | None = None,
+        webhook_ed25519_key: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
@@ -109,6 +170,24 @@ class Adapter:
         self.standards = StandardRegistry()
         """The standards the plugins registered."""
         self._pm.hook.cmi_register_standards(register=self.standards)
+        self._store = store
+        self._store_lock = threading.Lock()
+        self.database_url = database_url
+        """The default store's location (unused when a store was given)."""
+        self.webhook_ed25519_key = webhook_ed25519_key
+        self.clock = clock
+        """The adapter's clock, POSIX seconds."""
+        self._emitter = Emitter(
+            hook=self._pm.hook,
+            standards=self.standards,
+            store=lambda: self.store,
+            signer=signer,
+            egress=egress or EgressGuard(),
+            policy=policy or TermsPolicy(),
+            firm=firm,
+            clock=clock,
+            parser=self.parser.lxml_parser,
+        )
 
     def _register(self, plugin: object, name: str | None) -> None:
         try:
@@ -124,6 +203,131 @@ class Adapter:
     def plugin_names(self) -> list[str]:
         """The names of the registered plugins, in registration order."""
         return [name for name, _ in self._pm.list_name_plugin()]
+
+    @property
+    def store(self) -> OutboxStore:
+        """The store of terms, consent records and the outbox (opened on first use)."""
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    from cmi_sdk.outbox.sqlite import SQLiteStore  # noqa: PLC0415
+
+                    if not self.database_url.startswith("sqlite:"):
+                        raise ConfigurationError(
+                            f"no store for {self.database_url!r}: this version keeps its"
+                            " outbox in SQLite (sqlite:///path.db)"
+                        )
+                    self._store = SQLiteStore.from_url(self.database_url)
+        return self._store
+
+    @property
+    def signer(self) -> DocumentSigner | None:
+        """What signs documents and consent records, if anything."""
+        return self._emitter.signer
+
+    @property
+    def firm(self) -> str:
+        """The firm's identifier."""
+        return self._emitter.firm
+
+    @property
+    def egress(self) -> EgressGuard:
+        """The egress guard for customers' destinations."""
+        return self._emitter.egress
+
+    @property
+    def policy(self) -> TermsPolicy:
+        """The terms the firm accepts, with the standards it offers filled in."""
+        return self._emitter.effective_policy()
+
+    # -- emission -------------------------------------------------------------------------
+
+    def emit(
+        self,
+        transaction: Transaction,
+        *,
+        connection: object | None = None,
+        customer_refs: Sequence[str] | None = None,
+    ) -> list[Emission]:
+        """Emit ``transaction`` to every customer it concerns, under each one's terms.
+
+        For each active set of terms: select the standard (``cmi_select_standard``),
+        render, validate, minimize to the fields the terms allow, sign, and write an outbox
+        row. A customer without terms gets nothing (logged, not raised); revoked or lapsed
+        terms get nothing.
+
+        :param connection: the firm's own database connection, with its transaction open:
+            the rows are written inside it, and commit or roll back with the firm's write.
+            Without one, the rows are committed at once in the adapter's store.
+        :param customer_refs: the customers the transaction concerns (a payer and a
+            traveller, say); by default its ``customer_ref``. Each gets a document of their
+            own, carrying their own reference.
+        :return: one :class:`Emission` per document written (empty when nobody has terms).
+        :raises MappingError: a standard the terms name cannot express this transaction.
+        :raises ConfigurationError: ``connection`` is not to the store's database.
+        """
+        return self._emitter.emit([transaction], connection=connection, customer_refs=customer_refs)
+
+    def emit_many(
+        self, transactions: Iterable[Transaction], *, connection: object | None = None
+    ) -> list[Emission]:
+        """Emit many transactions with one commit (a group commit): all rows or none."""
+        return self._emitter.emit(list(transactions), connection=connection, customer_refs=None)
+
+    def propose_terms(
+        self, proposal: TermsProposal, *, intermediary: str | None = None
+    ) -> TermsDecision:
+        """Answer terms a customer proffers: accepted (registered, with a signed consent
+        record), one alternative, or rejected (see ``cmi_review_terms``).
+
+        :param intermediary: the registered intermediary proffering them for the customer.
+        :raises TermsError: the terms name a standard, document type or field the firm does
+            not have, or lapse in the past.
+        :raises DestinationNotAllowedError: the egress guard refuses the destination.
+        """
+        return self._emitter.propose(proposal, intermediary=intermediary)
+
+    def revoke_terms(self, terms_id: str) -> SignedConsent:
+        """Revoke terms: nothing more goes out under them, including documents still
+        waiting in the outbox. Returns the signed consent record of the revocation.
+
+        :raises TermsNotFoundError: no such terms.
+        :raises TermsError: already revoked.
+        """
+        return self._emitter.revoke(terms_id)[0]
+
+    def get_terms(self, terms_id: str) -> SharingTerms:
+        """The terms with that id (revoked or not).
+
+        :raises TermsNotFoundError: no such terms.
+        """
+        return self.store.get_terms(terms_id)
+
+    def list_terms(
+        self, *, customer_ref: str | None = None, include_revoked: bool = False
+    ) -> list[SharingTerms]:
+        """Registered terms, oldest first."""
+        return self.store.list_terms(customer_ref=customer_ref, include_revoked=include_revoked)
+
+    def delivery_worker(self, **options: Any) -> DeliveryWorker:
+        """A :class:`~cmi_sdk.DeliveryWorker` for this adapter's outbox; ``options`` go to
+        its constructor (concurrency, timeouts, retry schedule, ...)."""
+        from cmi_sdk._delivery import DeliveryWorker  # noqa: PLC0415
+
+        options.setdefault("egress", self.egress)
+        options.setdefault("ed25519_key", self.webhook_ed25519_key)
+        options.setdefault("clock", self.clock)
+        return DeliveryWorker(store=self.store, hook=self._pm.hook, **options)
+
+    def asgi_app(self, **options: Any) -> Starlette:
+        """The firm's endpoint as a Starlette app (see :func:`cmi_sdk.asgi.create_app`)."""
+        from cmi_sdk.asgi import create_app  # noqa: PLC0415
+
+        return create_app(self, **options)
+
+    def now(self) -> dt.datetime:
+        """The adapter's clock as an aware UTC datetime."""
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
 
     # -- documents -----------------------------------------------------------------------
 

@@ -7,9 +7,12 @@ about something that is not there from :class:`LookupError`::
     CMIError
     ├── ConfigurationError
     ├── PluginError
+    ├── StoreError                      the store refused or lost a write
     ├── NotFoundError (LookupError)
     │   ├── StandardNotFoundError
-    │   └── DocumentTypeNotFoundError
+    │   ├── DocumentTypeNotFoundError
+    │   ├── TermsNotFoundError
+    │   └── OutboxRowNotFoundError
     └── InvalidInputError (ValueError)
         ├── ModelValidationError        data that does not fit a canonical model
         ├── MappingError                a model a document type cannot express
@@ -20,7 +23,13 @@ about something that is not there from :class:`LookupError`::
         │   ├── ForbiddenXMLError       DTDs, entities, processing instructions
         │   └── DocumentTooDeepError
         ├── DocumentValidationError     XML that breaks its schema
+        ├── TermsError                  sharing terms the firm cannot take as they are
+        ├── DestinationNotAllowedError  a destination the egress guard refuses
+        │   └── EgressResolutionError   its name did not resolve (retried later)
         └── SignatureVerificationError  a signed message that fails its check
+            ├── StaleTimestampError     a timestamp outside the window
+            ├── UnknownPartyError       signed by nobody the firm knows
+            └── ReplayedMessageError    a message id seen before, inside the window
 
 The same tree is drawn in ``docs/errors.md``; a test keeps the two in step with the code.
 """
@@ -33,20 +42,29 @@ from dataclasses import dataclass
 __all__ = [
     "CMIError",
     "ConfigurationError",
+    "DestinationNotAllowedError",
     "DocumentTooDeepError",
     "DocumentTooLargeError",
     "DocumentTypeNotFoundError",
     "DocumentValidationError",
+    "EgressResolutionError",
     "ForbiddenXMLError",
     "InvalidInputError",
     "MalformedXMLError",
     "MappingError",
     "ModelValidationError",
     "NotFoundError",
+    "OutboxRowNotFoundError",
     "PluginError",
     "RenderError",
+    "ReplayedMessageError",
     "SignatureVerificationError",
+    "StaleTimestampError",
     "StandardNotFoundError",
+    "StoreError",
+    "TermsError",
+    "TermsNotFoundError",
+    "UnknownPartyError",
     "ValidationIssue",
     "XMLInputError",
 ]
@@ -71,6 +89,10 @@ class PluginError(CMIError):
         self.plugin = plugin
 
 
+class StoreError(CMIError):
+    """The store (SQLite or PostgreSQL) failed: nothing of the failed call was written."""
+
+
 class NotFoundError(CMIError, LookupError):
     """Something asked for by name is not installed or not registered."""
 
@@ -81,6 +103,14 @@ class StandardNotFoundError(NotFoundError):
 
 class DocumentTypeNotFoundError(NotFoundError):
     """The standard has no document type of that name, or none with that root element."""
+
+
+class TermsNotFoundError(NotFoundError):
+    """No sharing terms have that id (or none the caller may see)."""
+
+
+class OutboxRowNotFoundError(NotFoundError):
+    """No outbox row has that id."""
 
 
 class InvalidInputError(CMIError, ValueError):
@@ -220,3 +250,41 @@ class DocumentValidationError(_IssuesError):
 class SignatureVerificationError(InvalidInputError):
     """A signed message was refused: a missing header, a timestamp outside the window, or no
     valid signature. The message says which, and nothing about the keys."""
+
+
+class TermsError(InvalidInputError):
+    """Sharing terms that cannot be registered as they are: contradictory, naming a field or
+    standard the firm does not have, or already revoked."""
+
+
+class DestinationNotAllowedError(InvalidInputError):
+    """The egress guard refuses a destination: not https, or an address in a loopback,
+    private, link-local or otherwise non-public range (unless explicitly allowed).
+
+    :ivar url: the refused destination.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class EgressResolutionError(DestinationNotAllowedError):
+    """The destination's host name could not be resolved (or resolved to nothing).
+
+    Unlike its parent, this refusal may go away by itself (a DNS outage, a name being set
+    up), so delivery retries it later instead of giving up.
+    """
+
+
+class StaleTimestampError(SignatureVerificationError):
+    """The message's timestamp is too far from the receiver's clock: late, or a replay of a
+    captured message."""
+
+
+class UnknownPartyError(SignatureVerificationError):
+    """The message names a sender (an intermediary, a terms id) the firm does not know."""
+
+
+class ReplayedMessageError(SignatureVerificationError):
+    """The message's id was already accepted inside the timestamp window: a replay."""

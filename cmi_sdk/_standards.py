@@ -51,6 +51,14 @@ class DocumentType(Generic[M]):
         :class:`~cmi_sdk.MappingError` for a model the document type cannot express.
     :param from_xml: the parser back: a validated root element to the model.
     :param description: one line for ``cmi standards`` and the docs.
+    :param fields: what sharing terms can withhold: a field name (the canonical model's,
+        such as ``seat`` or ``total``) to the XPaths, relative to the root with the prefix
+        ``d`` for the document's namespace, of the elements or attributes that carry it.
+        Every one of them must be optional in the XSD, and the root element must admit an
+        optional ``withheld`` attribute (a list of field names), so that a minimized
+        document stays valid and says what was withheld.
+    :param kept: the fields every document of the type carries, whatever the terms say
+        (its identity: ids, time, parties); terms may name them, but they are never removed.
     """
 
     name: str
@@ -61,6 +69,8 @@ class DocumentType(Generic[M]):
     to_context: Callable[[M], dict[str, Any]]
     from_xml: Callable[[etree._Element], M]
     description: str = ""
+    fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    kept: tuple[str, ...] = ()
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -96,6 +106,51 @@ class DocumentType(Generic[M]):
 
         schema: xmlschema.XMLSchema = self._cached("xmlschema", build)
         return schema
+
+    @property
+    def field_names(self) -> frozenset[str]:
+        """Every field name sharing terms may list for this type: withholdable or kept."""
+        names: frozenset[str] = self._cached(
+            "field_names", lambda: frozenset(self.fields) | frozenset(self.kept)
+        )
+        return names
+
+    def _field_paths(self) -> dict[str, tuple[etree.XPath, ...]]:
+        def build() -> dict[str, tuple[etree.XPath, ...]]:
+            ns = {"d": self.namespace} if self.namespace else None
+            return {
+                name: tuple(etree.XPath(p, namespaces=ns) for p in paths)
+                for name, paths in self.fields.items()
+            }
+
+        paths: dict[str, tuple[etree.XPath, ...]] = self._cached("field_paths", build)
+        return paths
+
+    def withhold(self, root: etree._Element, names: Iterable[str]) -> tuple[str, ...]:
+        """Remove the fields ``names`` from the tree under ``root``, in place, and record
+        them in the root's ``withheld`` attribute; return the names withheld, sorted.
+
+        :raises MappingError: a name is not one of :attr:`fields`.
+        """
+        paths = self._field_paths()
+        withheld = tuple(sorted(set(names)))
+        for name in withheld:
+            if name not in paths:
+                raise MappingError(f"a {self.name} document cannot withhold {name!r}")
+            for xpath in paths[name]:
+                found = xpath(root)
+                for node in found if isinstance(found, list) else ():
+                    if isinstance(node, etree._Element):
+                        parent = node.getparent()
+                        if parent is not None:
+                            parent.remove(node)  # lxml takes the tail along: layout stays
+                    elif isinstance(node, etree._ElementUnicodeResult) and node.is_attribute:
+                        owner = node.getparent()
+                        if owner is not None and node.attrname is not None:
+                            owner.attrib.pop(node.attrname, None)
+        if withheld:
+            root.set("withheld", " ".join(withheld))
+        return withheld
 
     def issues(self, tree: etree._ElementTree) -> list[ValidationIssue]:
         """Explain why ``tree`` fails the schema: reason, path and line for each error."""

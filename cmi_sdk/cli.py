@@ -12,6 +12,7 @@ failure never leaves a partial file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -188,6 +189,254 @@ def cmd_parse(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _settings() -> Any:
+    from cmi_sdk.config import Settings  # noqa: PLC0415
+
+    return Settings.load()
+
+
+def _emitting_adapter(args: argparse.Namespace, *, require_signer: bool = True) -> Adapter:
+    """The adapter of the configured store and keys; refuses to produce unsigned documents."""
+    settings = _settings()
+    adapter: Adapter = settings.adapter(block=args.block)
+    if require_signer and adapter.signer is None:
+        raise UsageError(
+            "no signing key is configured: run `cmi keys generate keys` and set "
+            "CMI_SIGNING_KEY=keys/key.pem and CMI_SIGNING_CERT=keys/cert.pem (or signing_key"
+            " and signing_cert in cmi.toml)"
+        )
+    return adapter
+
+
+def _print_json(data: object) -> None:
+    _write((json.dumps(data, indent=2, default=str) + "\n").encode(), None)
+
+
+def _until(text: str | None) -> str | None:
+    """``--until``: a date (the terms lapse at its start, UTC) or an ISO 8601 time."""
+    if text is None:
+        return None
+    import datetime as dt  # noqa: PLC0415
+
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        return text  # a full time: the model checks it is timezone-aware
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).isoformat()
+
+
+def cmd_terms_add(args: argparse.Namespace) -> int:
+    """Register sharing terms for a customer, as the firm's policy answers them."""
+    from cmi_sdk._terms import TermsProposal  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args)
+    data: dict[str, Any] = {
+        "customer_ref": args.customer,
+        "destination": None if args.destination in (None, "pull") else args.destination,
+        "secret": args.secret,
+        "standard": args.standard,
+        "document_type": args.type,
+        "fields": None if args.fields is None else [f for f in args.fields.split(",") if f],
+        "when": args.when,
+        "purpose": {"code": args.purpose_code, "text": args.purpose},
+        "until": _until(args.until),
+    }
+    try:
+        proposal = load_model(TermsProposal, data)
+    except ModelValidationError as exc:
+        raise _located("terms", exc) from None
+    decision = adapter.propose_terms(proposal)
+    if decision.outcome == "accepted" and decision.terms is not None:
+        if decision.consent is not None:
+            print(f"consent record {decision.consent.id} signed", file=sys.stderr)
+        _write(f"{decision.terms.id}\n".encode(), None)
+        return EXIT_OK
+    if decision.outcome == "alternative" and decision.alternative is not None:
+        alternative = json.dumps(decision.alternative.public_dict(), default=str)
+        raise InputError(
+            f"the firm's policy offers an alternative ({decision.reason}): {alternative}"
+        )
+    raise InputError(f"the firm's policy rejects these terms: {decision.reason}")
+
+
+def cmd_terms_list(args: argparse.Namespace) -> int:
+    """List sharing terms."""
+    adapter = _emitting_adapter(args, require_signer=False)
+    terms = adapter.list_terms(customer_ref=args.customer, include_revoked=args.all)
+    if args.json:
+        _print_json([t.public_dict() | {"id": t.id} for t in terms])
+        return EXIT_OK
+    lines = []
+    for t in terms:
+        state = "revoked" if t.revoked_at is not None else "active"
+        where = t.destination or "(pull)"
+        fields = ",".join(t.fields) if t.fields is not None else "*"
+        lines.append(
+            f"{t.id}  {t.customer_ref}  {state}  {t.standard}  {t.when}  {where}  fields={fields}"
+        )
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+    return EXIT_OK
+
+
+def cmd_terms_revoke(args: argparse.Namespace) -> int:
+    """Revoke sharing terms."""
+    adapter = _emitting_adapter(args)
+    consent = adapter.revoke_terms(args.id)
+    _write(f"{args.id} revoked; consent record {consent.record.id}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    """Emit a canonical transaction to its customer under their terms."""
+    from cmi_sdk._models import Transaction  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args)
+    text = _read(args.file)
+    try:
+        tx = load_model(Transaction, text)
+    except ModelValidationError as exc:
+        raise _located(args.file, exc) from None
+    emissions = adapter.emit(tx, customer_refs=args.customer or None)
+    if not emissions:
+        print(
+            f"cmi: no active sharing terms for {', '.join(args.customer or [tx.customer_ref])}:"
+            " nothing emitted",
+            file=sys.stderr,
+        )
+    lines = [
+        f"{e.msg_id}  {e.terms_id}  {e.standard} {e.document_type}  {e.state}"
+        + (f"  withheld={','.join(e.withheld)}" if e.withheld else "")
+        for e in emissions
+    ]
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+    return EXIT_OK
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """Deliver the outbox: what is due now (--once), or until interrupted."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    settings = _settings()
+    adapter = _emitting_adapter(args, require_signer=False)
+    worker = adapter.delivery_worker(**settings.worker_options())
+    try:
+        if args.once:
+            stats = worker.run_once()
+            _write(
+                f"delivered {stats.delivered}, retry later {stats.retried}, dead {stats.dead}"
+                f"{f', skipped {stats.skipped}' if stats.skipped else ''}\n".encode(),
+                None,
+            )
+            return EXIT_OK
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        print(f"cmi: delivering from {adapter.database_url} (Ctrl-C stops)", file=sys.stderr)
+        try:
+            worker.run(stop=stop, poll_interval=args.poll)
+        except KeyboardInterrupt:
+            stop.set()
+        return EXIT_OK
+    finally:
+        worker.close()
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """Inspect the outbox, or redrive dead rows."""
+    import datetime as dt  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    store = adapter.store
+    now = adapter.clock()
+    if args.outbox_command == "status":
+        status = store.status(now)
+        data = {
+            "counts": status.counts,
+            "oldest_pending_age_seconds": status.oldest_pending_age,
+            "disabled_destinations": list(status.disabled_destinations),
+        }
+        if args.json:
+            _print_json(data)
+        else:
+            lines = [f"{state:<10} {count}" for state, count in status.counts.items()]
+            if status.oldest_pending_age is not None:
+                lines.append(f"oldest pending: {status.oldest_pending_age:.0f} s")
+            lines.extend(f"disabled: {url}" for url in status.disabled_destinations)
+            _write(("\n".join(lines) + "\n").encode(), None)
+        return EXIT_OK
+    if args.outbox_command == "list":
+        rows = store.rows(state=args.state, limit=args.limit)
+        if args.json:
+            _print_json([r.summary() for r in rows])
+        else:
+            lines = [
+                f"{r.msg_id}  {r.state:<9} attempts={r.attempts}  {r.destination or '(pull)'}"
+                + (f"  last_error={r.last_error}" if r.last_error else "")
+                for r in rows
+            ]
+            _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+        return EXIT_OK
+    # redrive
+    if (args.id is None) == (args.since is None):
+        raise UsageError("outbox redrive takes an ID or --since T")
+    if args.id is not None:
+        count = store.redrive(msg_id=args.id, now=now)
+    else:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            raise UsageError(f"--since {args.since!r} is not an ISO 8601 time") from None
+        if since.tzinfo is None:
+            raise UsageError("--since needs a timezone (for example 2026-11-24T00:00:00Z)")
+        count = store.redrive(since=since.timestamp(), now=now)
+    _write(f"redriven {count}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_intermediaries_add(args: argparse.Namespace) -> int:
+    """Register an intermediary and its Standard Webhooks secret."""
+    from cmi_sdk.webhooks import WebhookVerifier  # noqa: PLC0415
+
+    WebhookVerifier(secrets=(args.secret,))  # refuses a malformed secret
+    adapter = _emitting_adapter(args, require_signer=False)
+    adapter.store.add_intermediary(args.name, args.secret, at=adapter.clock())
+    _write(f"{args.name}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Run a customer's store: verify, dedup and save every delivered document."""
+    from cmi_sdk.receiver import CustomerStore, format_line, serve  # noqa: PLC0415
+
+    cert = _read(args.cert, 1 << 20) if args.cert else None
+
+    def show(doc: Any) -> None:
+        print(format_line(doc), flush=True)
+
+    store = CustomerStore(
+        directory=args.store, secrets=args.secret, certificate=cert, on_document=show
+    )
+
+    def ready(port: int) -> None:
+        print(f"listening on http://{args.host}:{port}/ storing in {args.store}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(store, host=args.host, port=args.port, ready=ready)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the firm's CMI endpoint with uvicorn."""
+    import uvicorn  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    print(f"cmi: serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(
+        adapter.asgi_app(), host=args.host, port=args.port, log_level="warning", access_log=False
+    )
+    return EXIT_OK
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     """Write a development key pair: DIR/key.pem and a self-signed DIR/cert.pem."""
     from cmi_sdk.signing import generate_development_keys  # noqa: PLC0415
@@ -256,7 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cmi`` command."""
     parser = _Parser(
         prog="cmi",
-        description="Customer-managed interactions: render, validate and parse standard XML.",
+        description=(
+            "Customer-managed interactions: standard XML documents under the customer's"
+            " terms, signed and delivered reliably."
+        ),
         epilog="Exit codes: 0 ok, 1 invalid input, 2 usage error, 3 internal error.",
     )
     parser.add_argument("--version", action="version", version=f"cmi-sdk {__version__}")
@@ -309,6 +561,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", required=True, metavar="cert.pem", help="the signer's certificate")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("terms", help="register, list and revoke customers' sharing terms")
+    terms = p.add_subparsers(dest="terms_command", metavar="ACTION", parser_class=_Parser)
+    terms.required = True
+    t = terms.add_parser("add", help="register terms (as the firm's policy answers them)")
+    t.add_argument("--customer", required=True, metavar="REF", help="pseudonymous reference")
+    t.add_argument("--destination", metavar="URL", help="where documents go ('pull': nowhere)")
+    t.add_argument("--secret", required=True, metavar="whsec_...", help="the destination's")
+    t.add_argument("--standard", default="cmi", help="default: cmi")
+    t.add_argument("--type", metavar="DOCTYPE", help="the document type, if several")
+    t.add_argument("--fields", metavar="a,b,c", help="the fields that may be shared")
+    t.add_argument("--when", default="now", metavar="now|digest:6h|pull", help="default: now")
+    t.add_argument(
+        "--purpose", default="Keep the customer's records of their transactions", metavar="TEXT"
+    )
+    t.add_argument("--purpose-code", default="records", metavar="CODE", help="default: records")
+    t.add_argument("--until", metavar="DATE", help="when the terms lapse (date or ISO time)")
+    t.set_defaults(func=cmd_terms_add)
+    t = terms.add_parser("list", help="list terms")
+    t.add_argument("--customer", metavar="REF")
+    t.add_argument("--all", action="store_true", help="include revoked terms")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_terms_list)
+    t = terms.add_parser("revoke", help="revoke terms: nothing more goes out under them")
+    t.add_argument("id", metavar="ID")
+    t.set_defaults(func=cmd_terms_revoke)
+
+    p = sub.add_parser("emit", help="emit a canonical transaction under its customer's terms")
+    p.add_argument("file", metavar="FILE.json", help="the transaction ('-': stdin)")
+    p.add_argument(
+        "--customer",
+        action="append",
+        metavar="REF",
+        help="a customer the transaction concerns (repeatable; default: its customer_ref)",
+    )
+    p.set_defaults(func=cmd_emit)
+
+    p = sub.add_parser("deliver", help="deliver the outbox to customers' destinations")
+    p.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    p.add_argument("--poll", type=float, default=1.0, help="idle poll interval, seconds")
+    p.set_defaults(func=cmd_deliver)
+
+    p = sub.add_parser("outbox", help="inspect the outbox and redrive dead letters")
+    outbox = p.add_subparsers(dest="outbox_command", metavar="ACTION", parser_class=_Parser)
+    outbox.required = True
+    o = outbox.add_parser("status", help="counts by state, oldest pending, disabled")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_outbox)
+    o = outbox.add_parser("list", help="rows, newest first")
+    o.add_argument(
+        "--state", choices=["pending", "leased", "retry", "delivered", "dead", "pull", "cancelled"]
+    )
+    o.add_argument("--limit", type=int, default=50)
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_outbox)
+    o = outbox.add_parser("redrive", help="make a dead row (or all dead since T) pending")
+    o.add_argument("id", nargs="?", metavar="ID")
+    o.add_argument("--since", metavar="T", help="an ISO 8601 time with a timezone")
+    o.set_defaults(func=cmd_outbox)
+
+    p = sub.add_parser("intermediaries", help="register intermediaries")
+    inter = p.add_subparsers(dest="intermediaries_command", metavar="ACTION", parser_class=_Parser)
+    inter.required = True
+    i = inter.add_parser("add", help="register NAME with its secret (again: rotate)")
+    i.add_argument("name", metavar="NAME")
+    i.add_argument("--secret", required=True, metavar="whsec_...")
+    i.set_defaults(func=cmd_intermediaries_add)
+
+    p = sub.add_parser("listen", help="run a customer's store (tests and demos)")
+    p.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--store", required=True, metavar="DIR", help="where documents are saved")
+    p.add_argument(
+        "--secret", required=True, action="append", metavar="whsec_...", help="repeatable"
+    )
+    p.add_argument("--cert", metavar="cert.pem", help="also verify the firm's XML-DSig")
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("serve", help="serve the firm's CMI endpoint")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("parse", help="parse an XML document back into canonical JSON")
     p.add_argument("file", metavar="FILE", help="the document ('-': stdin)")

@@ -130,17 +130,23 @@ class DocumentSigner:
             raise ConfigurationError("signing keys must be ECDSA P-256 or RSA")
         return cls(key=key, certificate=certificate)
 
-    def sign(self, xml: bytes) -> bytes:
+    def sign(self, xml: bytes, *, root: etree._Element | None = None) -> bytes:
         """Return ``xml`` with an enveloped signature before its root's end tag.
 
         ``xml`` is a document the SDK rendered (it is parsed without the hardened checks):
         UTF-8, one root element with an end tag, no DOCTYPE.
+
+        :param root: the root element parsed from exactly these bytes, when the caller
+            already has it (the emit pipeline parsed them to validate): saves a parse.
         """
         end = xml.rfind(b"</")
         if end < 0 or xml[end:].rstrip()[-1:] != b">":
             raise ValueError("the document's root element has no end tag to sign before")
-        tree = etree.ElementTree(etree.fromstring(xml, _PARSER))
-        canonical = etree.tostring(tree, method="c14n", exclusive=True, with_comments=False)
+        if root is None:
+            root = etree.fromstring(xml, _PARSER)
+        canonical = etree.tostring(
+            root.getroottree(), method="c14n", exclusive=True, with_comments=False
+        )
         digest = _b64(hashlib.sha256(canonical).digest())
         signed_info = _SIGNED_INFO.format(method=self._method, digest=digest)  # type: ignore[attr-defined]
         value = _b64(self._signature_value(signed_info.encode()))

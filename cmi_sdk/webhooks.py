@@ -33,6 +33,7 @@ from cmi_sdk._exceptions import (
     ConfigurationError,
     InvalidInputError,
     SignatureVerificationError,
+    StaleTimestampError,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "WebhookSigner",
     "WebhookVerifier",
     "generate_secret",
+    "public_key_for",
 ]
 
 DEFAULT_TOLERANCE = 300
@@ -53,6 +55,17 @@ _MAX_SECRET_BYTES = 64
 def generate_secret() -> str:
     """A new random ``whsec_`` secret of 32 bytes."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def public_key_for(ed25519_key: str) -> str:
+    """The ``whpk_`` public key of a ``whsk_`` secret key, for receivers to verify ``v1a``."""
+    raw = _decode_key(ed25519_key, "whsk_", "an ed25519 secret key")
+    try:
+        private = Ed25519PrivateKey.from_private_bytes(raw[:32])
+    except ValueError:
+        raise ConfigurationError("an ed25519 secret key holds 32 (or 64) bytes") from None
+    public = private.public_key().public_bytes_raw()
+    return "whpk_" + base64.b64encode(public).decode()
 
 
 def _decode_key(text: str, prefix: str, what: str) -> bytes:
@@ -183,7 +196,7 @@ class WebhookVerifier:
         timestamp = int(ts_text)
         clock = time.time() if now is None else now
         if abs(clock - timestamp) > self.tolerance:
-            raise SignatureVerificationError(
+            raise StaleTimestampError(
                 f"webhook-timestamp is more than {self.tolerance} s from the receiver's clock"
             )
         content = _content(msg_id, timestamp, body)

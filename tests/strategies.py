@@ -12,6 +12,7 @@ from cmi_sdk import (
     Advice,
     BankStatementLineDetails,
     Claim,
+    ConsentRecord,
     Constraints,
     FlightDetails,
     FlightProduct,
@@ -23,6 +24,7 @@ from cmi_sdk import (
     LoanWanted,
     Money,
     Offer,
+    Purpose,
     Request,
     Reward,
     Transaction,
@@ -308,4 +310,35 @@ def acceptances() -> st.SearchStrategy[Acceptance]:
         accepted_at=utc_datetimes,
         identity=st.none()
         | st.builds(Identity, name=st.none() | text(max_size=256), email=st.none() | emails),
+    )
+
+
+field_names = st.from_regex(r"[a-z][a-z0-9_]{0,12}", fullmatch=True)
+urls = st.from_regex(
+    r"https://[a-z0-9]{1,12}\.example(:[1-9][0-9]{0,3})?/[a-z0-9/_-]{0,20}", fullmatch=True
+)
+sha256_hex = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+whens = st.sampled_from(["now", "pull", "digest:1h", "digest:6h", "digest:168h"])
+
+
+def consents() -> st.SearchStrategy[ConsentRecord]:
+    return st.builds(
+        ConsentRecord,
+        id=identifiers,
+        event=st.sampled_from(["granted", "revoked"]),
+        issued_at=utc_datetimes,
+        firm=identifiers,
+        customer_ref=customer_refs,
+        intermediary=st.none() | identifiers,
+        terms_id=identifiers,
+        terms_digest=sha256_hex,
+        purpose=st.builds(Purpose, code=identifiers, text=text(max_size=256)),
+        standard=identifiers,
+        document_type=identifiers,
+        fields=st.none() | st.lists(field_names, max_size=5).map(tuple),
+        when=whens,
+        destination=st.none() | urls,
+        valid_until=st.none() | utc_datetimes,
+        policy_url=st.none() | urls,
+        jurisdiction=st.none() | text(max_size=64),
     )

@@ -18,6 +18,7 @@ CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi", "request"): s.requests(),
     ("cmi", "offer"): s.offers(),
     ("cmi", "acceptance"): s.acceptances(),
+    ("cmi", "consent"): s.consents(),
 }
 
 ADAPTER = Adapter()

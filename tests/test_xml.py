@@ -134,10 +134,33 @@ def test_schema_errors_are_located(adapter: Adapter, ticket_xml: bytes) -> None:
 
 
 def test_missing_element_is_reported(adapter: Adapter, ticket_xml: bytes) -> None:
-    bad = ticket_xml.replace(b"  <currency>USD</currency>\n", b"")
+    bad = ticket_xml.replace(b"  <ticketnumber>12524057</ticketnumber>\n", b"")
     with pytest.raises(DocumentValidationError) as info:
         adapter.validate(bad)
     assert any(issue.line is not None for issue in info.value.issues)
+
+
+def test_a_field_missing_without_being_withheld_is_reported_on_parse(
+    adapter: Adapter, ticket_xml: bytes
+) -> None:
+    # Withholdable fields are optional in the XSD; absent without a withheld list, the
+    # document cannot be read back, and the error names the element.
+    bad = ticket_xml.replace(b"  <currency>USD</currency>\n", b"")
+    adapter.validate(bad)
+    with pytest.raises(DocumentValidationError, match="currency"):
+        adapter.parse(bad)
+
+
+def test_a_minimized_document_says_what_was_withheld_on_parse(
+    adapter: Adapter, ticket_xml: bytes
+) -> None:
+    minimized = ticket_xml.replace(b"  <seat>E</seat>\n", b"").replace(
+        b'customer="cust-7f3a9c"', b'customer="cust-7f3a9c" withheld="seat"'
+    )
+    doc = adapter.validate(minimized)
+    assert doc.withheld == ("seat",)
+    with pytest.raises(DocumentValidationError, match="withheld under the customer's terms: seat"):
+        doc.to_model()
 
 
 def test_currency_digits_are_checked_on_parse(adapter: Adapter, ticket_xml: bytes) -> None:

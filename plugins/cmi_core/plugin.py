@@ -1,8 +1,9 @@
 """The ``cmi`` standard plugin: the CMI core vocabulary, namespace ``urn:cmi:core:1.0``.
 
-Four document types, each expressing every field of its canonical model, so that a
+Five document types, each expressing every field of its canonical model, so that a
 document can always be read back into the model it came from: ``transaction`` (the envelope
-for a transaction of any kind), ``request``, ``offer`` and ``acceptance``. The XSDs live in
+for a transaction of any kind), ``request``, ``offer``, ``acceptance`` and ``consent`` (the
+consent record of sharing terms). The XSDs live in
 the project's top-level ``schemas/`` folder, shipped as the package ``cmi_core.schemas``.
 """
 
@@ -16,6 +17,7 @@ from lxml import etree
 from cmi_sdk import (
     Acceptance,
     BankStatementLineDetails,
+    ConsentRecord,
     DocumentType,
     FlightDetails,
     FlightProduct,
@@ -357,8 +359,67 @@ def acceptance_from_xml(root: etree._Element) -> Acceptance:
 _SCHEMAS = files("cmi_core.schemas")
 
 
+def consent_context(record: ConsentRecord) -> dict[str, Any]:
+    """Map a consent record to the consent template's variables."""
+    return {
+        "id": record.id,
+        "version": record.version,
+        "event": record.event,
+        "issued_at": xml_datetime(record.issued_at),
+        "firm": record.firm,
+        "customer_ref": record.customer_ref,
+        "intermediary": record.intermediary,
+        "terms_id": record.terms_id,
+        "terms_digest": record.terms_digest,
+        "standard": record.standard,
+        "document_type": record.document_type,
+        "fields": None if record.fields is None else " ".join(record.fields),
+        "when": record.when,
+        "destination": record.destination,
+        "valid_until": None if record.valid_until is None else xml_datetime(record.valid_until),
+        "purpose": {"code": record.purpose.code, "text": record.purpose.text},
+        "policy_url": record.policy_url,
+        "jurisdiction": record.jurisdiction,
+    }
+
+
+def consent_from_xml(root: etree._Element) -> ConsentRecord:
+    """Read a consent record document back into the model."""
+    r = Reader(root, NAMESPACE)
+    terms = r.require("terms")
+    purpose = r.require("purpose")
+    fields = terms.optional("fields")
+    return ConsentRecord.model_validate(
+        {
+            "id": r.attr("id"),
+            "version": r.attr("version"),
+            "event": r.attr("event"),
+            "issued_at": r.text("issuedAt"),
+            "firm": r.text("firm"),
+            "customer_ref": r.text("customerRef"),
+            "intermediary": r.optional("intermediary"),
+            "terms_id": terms.attr("id"),
+            "terms_digest": terms.text("digest"),
+            "standard": terms.text("standard"),
+            "document_type": terms.text("documentType"),
+            "fields": None if fields is None else fields.split(),
+            "when": terms.text("when"),
+            "destination": terms.optional("destination"),
+            "valid_until": terms.optional("validUntil"),
+            "purpose": {"code": purpose.text("code"), "text": purpose.text("text")},
+            "policy_url": r.optional("policyUrl"),
+            "jurisdiction": r.optional("jurisdiction"),
+        }
+    )
+
+
 def _document_type(
-    name: str, model: type[Any], to_context: Any, from_xml: Any, description: str
+    name: str,
+    model: type[Any],
+    to_context: Any,
+    from_xml: Any,
+    description: str,
+    **extra: Any,
 ) -> DocumentType[Any]:
     """A core document type: root ``name``, XSD ``name-1.0.xsd``, template ``name.xml.j2``."""
     return DocumentType(
@@ -370,6 +431,7 @@ def _document_type(
         to_context=to_context,
         from_xml=from_xml,
         description=description,
+        **extra,
     )
 
 
@@ -379,6 +441,17 @@ TRANSACTION = _document_type(
     transaction_context,
     transaction_from_xml,
     "The transaction envelope: any kind of transaction, every field.",
+    fields={
+        "items": ("d:item",),
+        "sku": ("d:item/d:sku",),
+        "total": ("d:total",),
+        "details": ("d:flight", "d:bankStatementLine", "d:loan"),
+        "row": ("d:flight/d:row",),
+        "seat": ("d:flight/d:seat",),
+        "memo": ("d:bankStatementLine/d:memo",),
+        "account": ("d:loan/d:account",),
+    },
+    kept=("id", "kind", "occurred_at", "firm", "customer_ref"),
 )
 REQUEST = _document_type(
     "request",
@@ -401,14 +474,24 @@ ACCEPTANCE = _document_type(
     acceptance_from_xml,
     "A customer's acceptance of an offer (the id is the idempotency key).",
 )
+CONSENT = _document_type(
+    "consent",
+    ConsentRecord,
+    consent_context,
+    consent_from_xml,
+    "A consent record: sharing terms granted or revoked, signed by the firm.",
+)
 
 STANDARD = Standard(
     name="cmi",
     version="1.0",
     title="CMI core vocabulary",
-    description="Transaction envelope, request, offer and acceptance, namespace " + NAMESPACE,
+    description=(
+        "Transaction envelope, request, offer, acceptance and consent record, namespace "
+        + NAMESPACE
+    ),
     templates=files(__package__) / "templates",
-    document_types=(TRANSACTION, REQUEST, OFFER, ACCEPTANCE),
+    document_types=(TRANSACTION, REQUEST, OFFER, ACCEPTANCE, CONSENT),
 )
 
 

@@ -90,6 +90,18 @@ TICKET = DocumentType(
     to_context=ticket_context,
     from_xml=ticket_from_xml,
     description="An airline ticket: a flight transaction, as in the CMI seed deck.",
+    fields={
+        "origin": ("d:origin",),
+        "destination": ("d:destination",),
+        "date": ("d:date",),
+        "airline": ("d:airline",),
+        "flight": ("d:flight",),
+        "row": ("d:row",),
+        "seat": ("d:seat",),
+        "fare_class": ("d:class",),
+        "total": ("d:currency", "d:price"),
+    },
+    kept=("id", "occurred_at", "firm", "customer_ref", "ticket_number"),
 )
 
 STANDARD = Standard(

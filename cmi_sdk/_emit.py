@@ -1,0 +1,377 @@
+"""The emit pipeline and the terms service behind :class:`~cmi_sdk.Adapter`.
+
+For every customer a transaction concerns, and every one of their active terms::
+
+    select the standard (hook) ─▶ render ─▶ validate ─▶ minimize to the allowed fields
+    ─▶ sign (enveloped XML-DSig) ─▶ outbox row (in the caller's transaction when given)
+
+Nothing is emitted for a customer without terms (it is logged, not raised).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import logging
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from lxml import etree
+
+from cmi_sdk._exceptions import (
+    DocumentValidationError,
+    NotFoundError,
+    PluginError,
+    TermsError,
+    ValidationIssue,
+)
+from cmi_sdk._models import Transaction
+from cmi_sdk._standards import DocumentType, Standard, StandardRegistry, render_text
+from cmi_sdk._terms import ConsentRecord, SharingTerms, TermsDecision, TermsPolicy, TermsProposal
+from cmi_sdk.outbox import NewRow, OutboxStore, State
+
+if TYPE_CHECKING:
+    from cmi_sdk.egress import EgressGuard
+    from cmi_sdk.signing import DocumentSigner
+
+__all__ = ["Emission", "Emitter", "SignedConsent"]
+
+log = logging.getLogger("cmi_sdk.emit")
+
+
+@dataclass(frozen=True, slots=True)
+class Emission:
+    """One document the emit pipeline wrote to the outbox.
+
+    :ivar msg_id: its ``webhook-id``, stable across retries.
+    :ivar terms_id: the terms it goes out under.
+    :ivar customer_ref: the customer it is for.
+    :ivar standard: its standard.
+    :ivar document_type: its document type.
+    :ivar state: ``pending`` (to be pushed) or ``pull``.
+    :ivar withheld: the fields the terms withheld from it.
+    :ivar signed: whether it carries the firm's XML-DSig signature.
+    :ivar due: when its first delivery attempt is due (the end of the digest window for
+        digest terms).
+    :ivar document: the bytes that were stored.
+    """
+
+    msg_id: str
+    terms_id: str
+    customer_ref: str
+    standard: str
+    document_type: str
+    state: State
+    withheld: tuple[str, ...]
+    signed: bool
+    due: dt.datetime
+    document: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SignedConsent:
+    """A consent record and its signed ``cmi`` ``consent`` document."""
+
+    record: ConsentRecord
+    xml: bytes
+
+
+def _utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
+def _msg_id(*parts: str) -> str:
+    # A content-derived id: the same document for the same terms is one message, even when
+    # the firm emits it twice, so the outbox and the receiver both store it once.
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return "msg_" + base64.b32encode(digest[:20]).decode().lower().rstrip("=")
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def transaction_document_type(std: Standard, name: str | None) -> DocumentType[Any]:
+    """The standard's document type for transactions: ``name``, or the only one there is."""
+    if name is not None:
+        doc_type = std.document_type(name)
+        if not issubclass(Transaction, doc_type.model):
+            raise TermsError(f"{std.name} {doc_type.name} documents are not made from transactions")
+        return doc_type
+    found = [d for d in std.document_types if d.model is Transaction]
+    if len(found) != 1:
+        names = ", ".join(d.name for d in found) or "none"
+        raise TermsError(
+            f"standard {std.name!r} has {len(found)} document types for transactions"
+            f" ({names}); name one"
+        )
+    return found[0]
+
+
+class Emitter:
+    """The emit pipeline and terms service of one adapter (built by the adapter)."""
+
+    def __init__(
+        self,
+        *,
+        hook: pluggy.HookRelay,
+        standards: StandardRegistry,
+        store: Callable[[], OutboxStore],
+        signer: DocumentSigner | None,
+        egress: EgressGuard,
+        policy: TermsPolicy,
+        firm: str,
+        clock: Callable[[], float],
+        parser: Callable[[], etree.XMLParser],
+    ) -> None:
+        self._hook = hook
+        self._standards = standards
+        self._store = store
+        self.signer = signer
+        self.egress = egress
+        self.policy = policy
+        self.firm = firm
+        self._clock = clock
+        self._parser = parser
+        self._warned_unsigned = False
+
+    # -- emit -----------------------------------------------------------------------------
+
+    def emit(
+        self,
+        transactions: Sequence[Transaction],
+        *,
+        connection: object | None,
+        customer_refs: Sequence[str] | None,
+    ) -> list[Emission]:
+        store = self._store()
+        now = self._clock()
+        rows: list[NewRow] = []
+        emissions: list[Emission] = []
+        for tx in transactions:
+            for ref in customer_refs or (tx.customer_ref,):
+                terms_list = store.active_terms(ref, now, connection=connection)
+                if not terms_list:
+                    log.info(
+                        "no active sharing terms for customer %s: transaction %s not emitted"
+                        " to them",
+                        ref,
+                        tx.id,
+                    )
+                    continue
+                own = tx if ref == tx.customer_ref else _for_customer(tx, ref)
+                for terms in terms_list:
+                    row, emission = self._document(own, terms, now)
+                    rows.append(row)
+                    emissions.append(emission)
+        if rows:
+            store.insert(rows, connection=connection)
+        return emissions
+
+    def _document(
+        self, tx: Transaction, terms: SharingTerms, now: float
+    ) -> tuple[NewRow, Emission]:
+        choice = self._hook.cmi_select_standard(transaction=tx, terms=terms)
+        if choice is None:
+            raise PluginError("no cmi_select_standard implementation chose a standard")
+        std_name, type_name = choice
+        std = self._standards.get(std_name)
+        doc_type = transaction_document_type(std, type_name)
+        text = render_text(std, doc_type, tx).encode()
+        root = etree.fromstring(text, self._parser())
+        _check(std, doc_type, root, text)
+        withheld: tuple[str, ...] = ()
+        if terms.fields is not None:
+            withheld = doc_type.withhold(root, set(doc_type.fields) - set(terms.fields))
+            if withheld:
+                text = etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
+                _check(std, doc_type, root, text)
+        msg_id = _msg_id(terms.id, tx.id, std.name, doc_type.name, hashlib.sha256(text).hexdigest())
+        signed = self._sign(text, None if withheld else root)
+        if terms.when == "pull":
+            state: State = "pull"
+            due = now
+        else:
+            state = "pending"
+            due = _digest_due(terms, now)
+        row = NewRow(
+            msg_id=msg_id,
+            terms_id=terms.id,
+            customer_ref=terms.customer_ref,
+            transaction_id=tx.id,
+            standard=std.name,
+            document_type=doc_type.name,
+            destination=terms.destination,
+            body=signed,
+            created_at=now,
+            state=state,
+            next_attempt_at=due,
+        )
+        emission = Emission(
+            msg_id=msg_id,
+            terms_id=terms.id,
+            customer_ref=terms.customer_ref,
+            standard=std.name,
+            document_type=doc_type.name,
+            state=state,
+            withheld=withheld,
+            signed=self.signer is not None,
+            due=_utc(due),
+            document=signed,
+        )
+        return row, emission
+
+    def _sign(self, xml: bytes, root: etree._Element | None) -> bytes:
+        if self.signer is None:
+            if not self._warned_unsigned:
+                log.warning("no signing key is configured: documents go out unsigned")
+                self._warned_unsigned = True
+            return xml
+        return self.signer.sign(xml, root=root)
+
+    # -- terms ----------------------------------------------------------------------------
+
+    def effective_policy(self) -> TermsPolicy:
+        """The policy as published: with ``standards`` filled in from what is installed."""
+        if self.policy.standards is not None:
+            return self.policy
+        offered = tuple(
+            std.name
+            for std in self._standards
+            if any(d.model is Transaction for d in std.document_types)
+        )
+        return self.policy.model_copy(update={"standards": offered})
+
+    def check_proposal(self, proposal: TermsProposal) -> None:
+        """Refuse terms that cannot be registered whatever the policy says."""
+        policy = self.effective_policy()
+        if policy.standards is not None and proposal.standard not in policy.standards:
+            raise TermsError(
+                f"the firm does not send {proposal.standard!r} documents (it sends: "
+                f"{', '.join(policy.standards) or 'none'})"
+            )
+        try:
+            std = self._standards.get(proposal.standard)
+            doc_type = transaction_document_type(std, proposal.document_type)
+        except NotFoundError as exc:
+            raise TermsError(str(exc)) from None
+        if proposal.fields is not None:
+            unknown = sorted(set(proposal.fields) - doc_type.field_names)
+            if unknown:
+                raise TermsError(
+                    f"{std.name} {doc_type.name} documents have no field "
+                    f"{', '.join(unknown)} (fields: {', '.join(sorted(doc_type.field_names))})"
+                )
+        if proposal.until is not None and proposal.until <= _utc(self._clock()):
+            raise TermsError("the terms' until is in the past")
+        if proposal.destination is not None:
+            self.egress.check_url(proposal.destination)
+
+    def propose(self, proposal: TermsProposal, *, intermediary: str | None) -> TermsDecision:
+        self.check_proposal(proposal)
+        now = _utc(self._clock())
+        policy = self.effective_policy()
+        decision = self._hook.cmi_review_terms(proposal=proposal, policy=policy, now=now)
+        if decision is None:
+            raise PluginError("no cmi_review_terms implementation answered")
+        if not isinstance(decision, TermsDecision):
+            raise PluginError(
+                f"cmi_review_terms must return a TermsDecision, not {type(decision).__name__}"
+            )
+        if decision.outcome == "alternative":
+            if decision.alternative is None:
+                raise PluginError("cmi_review_terms offered an alternative without terms")
+            self.check_proposal(decision.alternative)
+            return decision
+        if decision.outcome == "rejected":
+            return decision
+        terms = SharingTerms.model_validate(
+            {
+                **proposal.model_dump(),
+                "id": _new_id("terms"),
+                "created_at": now,
+                "intermediary": intermediary,
+            }
+        )
+        consent = self.consent(terms, "granted", now)
+        self._store().add_terms(terms, consent.record, consent.xml)
+        log.info("terms %s accepted for customer %s", terms.id, terms.customer_ref)
+        return TermsDecision(
+            outcome="accepted",
+            reason=decision.reason,
+            terms=terms,
+            consent=consent.record,
+            consent_xml=consent.xml,
+        )
+
+    def revoke(self, terms_id: str) -> tuple[SignedConsent, int]:
+        store = self._store()
+        terms = store.get_terms(terms_id)
+        if terms.revoked_at is not None:
+            raise TermsError(f"terms {terms_id} are already revoked")
+        now = _utc(self._clock())
+        consent = self.consent(terms, "revoked", now)
+        cancelled = store.revoke_terms(terms_id, now.timestamp(), consent.record, consent.xml)
+        log.info("terms %s revoked: %d undelivered documents cancelled", terms_id, cancelled)
+        return consent, cancelled
+
+    def consent(self, terms: SharingTerms, event: str, now: dt.datetime) -> SignedConsent:
+        doc_type = transaction_document_type(
+            self._standards.get(terms.standard), terms.document_type
+        )
+        record = ConsentRecord.model_validate(
+            {
+                "id": _new_id("consent"),
+                "event": event,
+                "issued_at": now,
+                "firm": self.firm,
+                "customer_ref": terms.customer_ref,
+                "intermediary": terms.intermediary,
+                "terms_id": terms.id,
+                "terms_digest": terms.digest(),
+                "purpose": terms.purpose,
+                "standard": terms.standard,
+                "document_type": doc_type.name,
+                "fields": terms.fields,
+                "when": terms.when,
+                "destination": terms.destination,
+                "valid_until": terms.until,
+                "policy_url": self.policy.policy_url,
+                "jurisdiction": self.policy.jurisdiction,
+            }
+        )
+        std, consent_type = self._standards.resolve("cmi", "consent")
+        text = render_text(std, consent_type, record).encode()
+        root = etree.fromstring(text, self._parser())
+        _check(std, consent_type, root, text)
+        return SignedConsent(record, self._sign(text, root))
+
+
+def _for_customer(tx: Transaction, ref: str) -> Transaction:
+    # Each customer's document carries their own pseudonymous reference, never another's.
+    return Transaction.model_validate({**tx.model_dump(), "customer_ref": ref})
+
+
+def _digest_due(terms: SharingTerms, now: float) -> float:
+    hours = terms.digest_hours
+    if hours is None:
+        return now
+    # Digest windows are counted from when the terms were accepted: every document of a
+    # window is due at its end, so they go out together.
+    period = hours * 3600.0
+    start = terms.created_at.timestamp()
+    windows = max(0, math.floor((now - start) / period)) + 1
+    return start + windows * period
+
+
+def _check(std: Standard, doc_type: DocumentType[Any], root: etree._Element, xml: bytes) -> None:
+    if not doc_type.lxml_schema.validate(root):
+        issues = doc_type.issues(root.getroottree()) or [ValidationIssue("invalid", "/")]
+        raise DocumentValidationError(
+            issues, document=xml, standard=std.name, document_type=doc_type.name
+        )

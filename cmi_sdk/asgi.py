@@ -1,0 +1,440 @@
+"""The firm's CMI endpoint: a Starlette app to mount in the firm's own app or serve alone.
+
+Routes:
+
+- ``GET /.well-known/cmi``: capabilities, the standards and fields the firm offers, the
+  terms it accepts, and its public keys;
+- ``POST /cmi/terms``: an intermediary proffers terms for a customer; the answer is
+  accepted (with the signed consent record), one alternative, or rejected;
+- ``GET /cmi/terms`` and ``GET /cmi/terms/{id}``: the terms an intermediary registered, or
+  the customer's own;
+- ``DELETE /cmi/terms/{id}``: revoke, by the intermediary or the customer; the answer is
+  the signed consent record of the revocation;
+- ``GET /cmi/documents?since=CURSOR``: the customer pulls what was emitted under their terms.
+
+Every route but the well-known one is authenticated (see :mod:`cmi_sdk.client`): a size cap
+before the body is read in full, a Standard Webhooks signature, a timestamp window and a
+replay cache. Errors are RFC 9457 problem details, JSON by default, XML when the client
+accepts only XML; a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from xml.sax.saxutils import escape
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cmi_sdk._adapter import Adapter
+from cmi_sdk._exceptions import (
+    CMIError,
+    DestinationNotAllowedError,
+    InvalidInputError,
+    ModelValidationError,
+    NotFoundError,
+    ReplayedMessageError,
+    SignatureVerificationError,
+    StaleTimestampError,
+    TermsError,
+    TermsNotFoundError,
+    UnknownPartyError,
+)
+from cmi_sdk._models import load_model
+from cmi_sdk._terms import SharingTerms, TermsDecision, TermsProposal
+from cmi_sdk._version import __version__
+from cmi_sdk.client import signing_payload
+from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier, public_key_for
+
+__all__ = ["PROBLEM_TYPES", "create_app"]
+
+log = logging.getLogger("cmi_sdk.asgi")
+
+PROBLEM_TYPES: dict[str, tuple[int, str]] = {
+    "unauthorized": (401, "The request is not signed by anyone the firm knows"),
+    "bad-signature": (401, "The request's signature does not verify"),
+    "stale-timestamp": (401, "The request's timestamp is outside the window"),
+    "unknown-party": (401, "The request names a signer the firm does not know"),
+    "replayed": (401, "The request's message id was already used"),
+    "forbidden": (403, "The signer may not do this"),
+    "not-found": (404, "No such resource"),
+    "too-large": (413, "The request body is too large"),
+    "unsupported-media-type": (415, "The request body has the wrong content type"),
+    "invalid-input": (422, "The request body is not valid"),
+    "terms-refused": (422, "The terms cannot be registered as they are"),
+    "destination-not-allowed": (422, "The destination is not allowed"),
+    "conflict": (409, "The request conflicts with the resource's state"),
+    "internal": (500, "The firm's endpoint failed"),
+}
+"""Every problem type the endpoint answers with: ``urn:cmi:problem:<slug>`` to the
+status and title. The slugs are stable; clients may rely on them."""
+
+
+class ProblemError(CMIError):
+    """An error answered as RFC 9457 problem details."""
+
+    def __init__(self, slug: str, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.slug = slug
+        self.detail = detail
+        self.extra = extra or {}
+
+
+def _wants_xml(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
+    return bool(kinds) and all(k.endswith(("/xml", "+xml")) for k in kinds)
+
+
+def problem_response(request: Request, problem: ProblemError) -> Response:
+    """The problem as ``application/problem+json``, or ``+xml`` for XML-only clients."""
+    status, title = PROBLEM_TYPES[problem.slug]
+    body: dict[str, Any] = {
+        "type": f"urn:cmi:problem:{problem.slug}",
+        "title": title,
+        "status": status,
+        "detail": problem.detail,
+        **problem.extra,
+    }
+    headers = {"www-authenticate": "Standard-Webhooks"} if status == 401 else None
+    if _wants_xml(request):
+        # RFC 9457 appendix B's XML form, namespace urn:ietf:rfc:7807.
+        parts = "".join(
+            f"<{key}>{escape(str(value))}</{key}>"
+            for key, value in body.items()
+            if isinstance(value, str | int)
+        )
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<problem xmlns="urn:ietf:rfc:7807">{parts}</problem>\n'
+        )
+        return Response(
+            xml, status_code=status, media_type="application/problem+xml", headers=headers
+        )
+    return JSONResponse(
+        body, status_code=status, media_type="application/problem+json", headers=headers
+    )
+
+
+# Most specific first: the first class the exception is an instance of names its problem.
+_PROBLEM_OF: tuple[tuple[type[CMIError], str], ...] = (
+    (StaleTimestampError, "stale-timestamp"),
+    (ReplayedMessageError, "replayed"),
+    (UnknownPartyError, "unknown-party"),
+    (SignatureVerificationError, "bad-signature"),
+    (DestinationNotAllowedError, "destination-not-allowed"),
+    (TermsError, "terms-refused"),
+    (NotFoundError, "not-found"),
+    (InvalidInputError, "invalid-input"),
+)
+
+
+def _problem_for(exc: CMIError) -> ProblemError:
+    if isinstance(exc, ProblemError):
+        return exc
+    if isinstance(exc, ModelValidationError):
+        issues = [{"path": i.path, "reason": i.reason} for i in exc.issues]
+        return ProblemError("invalid-input", str(exc).splitlines()[0], extra={"errors": issues})
+    for kind, slug in _PROBLEM_OF:
+        if isinstance(exc, kind):
+            return ProblemError(slug, str(exc))
+    log.error("unexpected error answered as internal: %s", exc)
+    return ProblemError("internal", "the request could not be completed")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who signed a request: an intermediary, or the customer holding some terms."""
+
+    intermediary: str | None = None
+    terms: SharingTerms | None = None
+
+    def may_see(self, terms: SharingTerms) -> bool:
+        """Whether the principal may read or revoke ``terms``."""
+        if self.intermediary is not None:
+            return terms.intermediary == self.intermediary
+        return self.terms is not None and self.terms.id == terms.id
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(
+    adapter: Adapter,
+    *,
+    max_body_bytes: int = 64 * 1024,
+    tolerance: int = DEFAULT_TOLERANCE,
+    page_size: int = 100,
+) -> Starlette:
+    """Build the endpoint for ``adapter``.
+
+    :param max_body_bytes: the cap on request bodies, applied before they are read in full.
+    :param tolerance: the timestamp window, seconds, either side of the firm's clock.
+    :param page_size: the most documents one pull returns.
+    """
+    endpoint = _Endpoint(adapter, max_body_bytes, tolerance, page_size)
+    routes = [
+        Route("/.well-known/cmi", endpoint.well_known, methods=["GET"]),
+        Route("/cmi/terms", endpoint.guarded(endpoint.post_terms), methods=["POST"]),
+        Route("/cmi/terms", endpoint.guarded(endpoint.list_terms), methods=["GET"]),
+        Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.get_terms), methods=["GET"]),
+        Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.delete_terms), methods=["DELETE"]),
+        Route("/cmi/documents", endpoint.guarded(endpoint.documents), methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _terms_json(terms: SharingTerms) -> dict[str, Any]:
+    return {**terms.public_dict(), "id": terms.id, "href": f"/cmi/terms/{terms.id}"}
+
+
+def _decision_json(decision: TermsDecision) -> dict[str, Any]:
+    out: dict[str, Any] = {"outcome": decision.outcome, "reason": decision.reason}
+    if decision.terms is not None:
+        out["terms"] = _terms_json(decision.terms)
+    if decision.alternative is not None:
+        out["alternative"] = decision.alternative.public_dict()
+    if decision.consent is not None:
+        out["consent"] = decision.consent.model_dump(mode="json")
+    if decision.consent_xml is not None:
+        out["consent_xml"] = decision.consent_xml.decode()
+    return out
+
+
+class _Endpoint:
+    """The routes' logic. Store calls run in Starlette's thread pool, off the event loop."""
+
+    def __init__(
+        self, adapter: Adapter, max_body_bytes: int, tolerance: int, page_size: int
+    ) -> None:
+        self.adapter = adapter
+        self.max_body_bytes = max_body_bytes
+        self.tolerance = tolerance
+        self.page_size = page_size
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise ProblemError("too-large", f"the body is over the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProblemError("too-large", f"the body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def authenticate(self, request: Request, body: bytes) -> Principal:
+        name = request.headers.get("cmi-intermediary")
+        terms_id = request.headers.get("cmi-terms")
+        store = self.adapter.store
+        if name is not None and terms_id is None:
+            secrets = store.intermediary_secrets(name)
+            if not secrets:
+                raise UnknownPartyError(f"no intermediary named {name!r} is registered")
+            principal, party = Principal(intermediary=name), f"intermediary:{name}"
+        elif terms_id is not None and name is None:
+            try:
+                terms = store.get_terms(terms_id)
+            except TermsNotFoundError:
+                raise UnknownPartyError(f"no sharing terms {terms_id!r}") from None
+            secrets = (terms.secret,)
+            principal, party = Principal(terms=terms), f"terms:{terms.id}"
+        else:
+            raise ProblemError(
+                "unauthorized",
+                "sign the request and name the signer: cmi-intermediary or cmi-terms",
+            )
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        target = request.url.path + (f"?{query}" if query else "")
+        now = self.adapter.clock()
+        verifier = WebhookVerifier(secrets=secrets, tolerance=self.tolerance)
+        msg_id = verifier.verify(
+            request.headers, signing_payload(request.method, target, body), now=now
+        )
+        expires = now + 2 * self.tolerance
+        if not store.remember_message(party, msg_id, expires_at=expires, now=now):
+            raise ReplayedMessageError(f"message id {msg_id} was already used")
+        return principal
+
+    def guarded(self, handle: Callable[[Request, Principal, bytes], Response]) -> Handler:
+        """Wrap a handler with the size cap, authentication and problem responses."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                body = await self.read_body(request)
+                principal = await run_in_threadpool(self.authenticate, request, body)
+                return await run_in_threadpool(handle, request, principal, body)
+            except CMIError as exc:
+                return problem_response(request, _problem_for(exc))
+            except Exception:
+                log.exception("the CMI endpoint failed on %s %s", request.method, request.url.path)
+                return problem_response(request, ProblemError("internal", "internal error"))
+
+        return endpoint
+
+    async def well_known(self, _request: Request) -> Response:
+        document = await run_in_threadpool(well_known_document, self.adapter, self.tolerance)
+        return JSONResponse(document)
+
+    def post_terms(self, request: Request, principal: Principal, body: bytes) -> Response:
+        if principal.intermediary is None:
+            raise ProblemError("forbidden", "terms are proffered through a registered intermediary")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ProblemError("unsupported-media-type", "terms are sent as application/json")
+        proposal = load_model(TermsProposal, body)
+        decision = self.adapter.propose_terms(proposal, intermediary=principal.intermediary)
+        if decision.outcome == "accepted" and decision.terms is not None:
+            return JSONResponse(
+                _decision_json(decision),
+                status_code=201,
+                headers={"location": f"/cmi/terms/{decision.terms.id}"},
+            )
+        return JSONResponse(_decision_json(decision), status_code=200)
+
+    def list_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        if principal.terms is not None:
+            return JSONResponse({"terms": [_terms_json(principal.terms)]})
+        found = self.adapter.store.list_terms(
+            customer_ref=request.query_params.get("customer"),
+            intermediary=principal.intermediary,
+            include_revoked=True,
+        )
+        return JSONResponse({"terms": [_terms_json(t) for t in found]})
+
+    def visible_terms(self, terms_id: str, principal: Principal) -> SharingTerms:
+        try:
+            terms = self.adapter.store.get_terms(terms_id)
+        except TermsNotFoundError:
+            raise ProblemError("not-found", f"no sharing terms {terms_id!r}") from None
+        if not principal.may_see(terms):
+            # The same answer as for absent terms: ids are not to be probed.
+            raise ProblemError("not-found", f"no sharing terms {terms_id!r}")
+        return terms
+
+    def get_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        terms = self.visible_terms(request.path_params["terms_id"], principal)
+        records = self.adapter.store.consent_records(terms.id)
+        consent = [{"record": r.model_dump(mode="json"), "xml": x.decode()} for r, x in records]
+        return JSONResponse({"terms": _terms_json(terms), "consent": consent})
+
+    def delete_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        terms = self.visible_terms(request.path_params["terms_id"], principal)
+        if terms.revoked_at is not None:
+            raise ProblemError("conflict", f"terms {terms.id} are already revoked")
+        consent = self.adapter.revoke_terms(terms.id)
+        return JSONResponse(
+            {
+                "outcome": "revoked",
+                "consent": consent.record.model_dump(mode="json"),
+                "consent_xml": consent.xml.decode(),
+            }
+        )
+
+    def documents(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        terms = principal.terms
+        if terms is None:
+            wanted = request.query_params.get("terms")
+            if not wanted:
+                raise ProblemError(
+                    "forbidden", "an intermediary pulls for terms it names: ?terms=ID"
+                )
+            terms = self.visible_terms(wanted, principal)
+        if terms.revoked_at is not None:
+            raise ProblemError("forbidden", f"terms {terms.id} are revoked")
+        since = request.query_params.get("since", "0")
+        limit_text = request.query_params.get("limit", str(self.page_size))
+        if not since.isdigit() or len(since) > 18:
+            raise ProblemError("invalid-input", "since is a cursor from a previous answer's next")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= self.page_size:
+            raise ProblemError("invalid-input", f"limit is 1 to {self.page_size}")
+        limit = int(limit_text)
+        rows = self.adapter.store.documents_since(terms.id, int(since), limit + 1)
+        page = rows[:limit]
+        documents = [
+            {
+                "id": row.msg_id,
+                "cursor": str(row.seq),
+                "transaction_id": row.transaction_id,
+                "standard": row.standard,
+                "document_type": row.document_type,
+                "created_at": row.summary()["created_at"],
+                "xml": row.body.decode(),
+            }
+            for row in page
+        ]
+        return JSONResponse(
+            {
+                "documents": documents,
+                "next": str(page[-1].seq) if page else since,
+                "more": len(rows) > limit,
+            }
+        )
+
+
+def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """What ``GET /.well-known/cmi`` publishes."""
+    keys: dict[str, Any] = {"documents": [], "webhooks_v1a": []}
+    signer = adapter.signer
+    if signer is not None:
+        der = signer.certificate.public_bytes(serialization.Encoding.DER)
+        keys["documents"].append(
+            {
+                "algorithm": "ecdsa-p256-sha256"
+                if isinstance(signer.key, ec.EllipticCurvePrivateKey)
+                else "rsa-sha256",
+                "certificate": signer.certificate.public_bytes(serialization.Encoding.PEM).decode(),
+                "sha256": hashlib.sha256(der).hexdigest(),
+            }
+        )
+    if adapter.webhook_ed25519_key is not None:
+        keys["webhooks_v1a"].append(public_key_for(adapter.webhook_ed25519_key))
+    return {
+        "cmi": "1.0",
+        "firm": adapter.firm,
+        "software": f"cmi-sdk/{__version__}",
+        "capabilities": {
+            "terms": "/cmi/terms",
+            "documents": "/cmi/documents",
+            "timings": list(adapter.policy.timings),
+        },
+        "authentication": {
+            "scheme": "standard-webhooks",
+            "signer_headers": ["cmi-intermediary", "cmi-terms"],
+            "tolerance_seconds": tolerance,
+        },
+        "standards": [
+            {
+                "name": std.name,
+                "version": std.version,
+                "title": std.title,
+                "document_types": [
+                    {
+                        "name": d.name,
+                        "root": d.root,
+                        "model": d.model.__name__,
+                        "fields": sorted(d.fields),
+                        "kept": list(d.kept),
+                    }
+                    for d in std.document_types
+                ],
+            }
+            for std in adapter.standards
+        ],
+        "terms_policy": json.loads(adapter.policy.model_dump_json()),
+        "keys": keys,
+        "problem_types": {f"urn:cmi:problem:{k}": v[0] for k, v in PROBLEM_TYPES.items()},
+    }

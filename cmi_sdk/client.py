@@ -1,0 +1,154 @@
+"""Signing requests to a firm's CMI endpoint, as an intermediary or as a customer.
+
+Requests are authenticated with the Standard Webhooks scheme, the same one the firm uses
+for its deliveries: a ``webhook-id`` (a fresh, single-use message id), a
+``webhook-timestamp`` and a ``webhook-signature`` over ``{id}.{timestamp}.{payload}``. Who
+signs is named by one header:
+
+- ``cmi-intermediary: NAME``: a registered intermediary, with its ``whsec_`` secret;
+- ``cmi-terms: TERMS_ID``: the customer, with the secret of their sharing terms.
+
+The payload is the request body; for a request without a body (GET, DELETE) it is the
+method and the request target, ``GET /cmi/documents?since=...``, so the signature covers
+what is asked for. The firm refuses a timestamp outside its window and a message id it has
+already accepted from the same signer.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+
+from cmi_sdk.webhooks import WebhookSigner
+
+__all__ = ["CMIClient", "signed_headers", "signing_payload"]
+
+
+def signing_payload(method: str, target: str, body: bytes) -> bytes:
+    """What the signature covers: the body, or ``METHOD target`` when there is none."""
+    return body if body else f"{method.upper()} {target}".encode()
+
+
+def signed_headers(
+    *,
+    secret: str,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    intermediary: str | None = None,
+    terms_id: str | None = None,
+    msg_id: str | None = None,
+    timestamp: int | None = None,
+) -> dict[str, str]:
+    """The authentication headers for one request.
+
+    :param target: the request's path and query, as sent (``/cmi/documents?since=0``).
+    :param intermediary: sign as this registered intermediary (with its secret).
+    :param terms_id: or sign as the customer of these terms (with the terms' secret).
+    """
+    if (intermediary is None) == (terms_id is None):
+        raise ValueError("sign as an intermediary or as a terms holder, not both or neither")
+    signer = WebhookSigner(secret=secret)
+    msg = msg_id or f"req_{secrets.token_hex(12)}"
+    headers = signer.headers(msg, signing_payload(method, target, body), timestamp=timestamp)
+    if intermediary is not None:
+        headers["cmi-intermediary"] = intermediary
+    else:
+        headers["cmi-terms"] = str(terms_id)
+    return headers
+
+
+class CMIClient:
+    """A small client of a firm's CMI endpoint (for intermediaries, customers and tests).
+
+    :param base_url: the endpoint's base, such as ``https://firm.example``.
+    :param secret: the secret to sign with.
+    :param intermediary: act as this registered intermediary.
+    :param terms_id: or act as the customer holding these terms.
+    :param transport: an httpx transport (tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        secret: str,
+        intermediary: str | None = None,
+        terms_id: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._secret = secret
+        self._intermediary = intermediary
+        self._terms_id = terms_id
+        self._prefix = urlsplit(base_url).path.rstrip("/")
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, transport=transport, follow_redirects=False
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> CMIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send one signed request; ``path`` is relative to the base URL."""
+        body = b"" if json_body is None else json.dumps(json_body).encode()
+        query = f"?{urlencode(params)}" if params else ""
+        target = f"{self._prefix}{path}{query}"
+        signed = signed_headers(
+            secret=self._secret,
+            method=method,
+            target=target,
+            body=body,
+            intermediary=self._intermediary,
+            terms_id=self._terms_id,
+        )
+        if body:
+            signed["content-type"] = "application/json"
+        signed.update(headers or {})
+        return self._http.request(method, f"{path}{query}", content=body, headers=signed)
+
+    def propose_terms(self, proposal: Mapping[str, Any]) -> httpx.Response:
+        """``POST /cmi/terms``."""
+        return self.request("POST", "/cmi/terms", json_body=dict(proposal))
+
+    def list_terms(self, customer_ref: str | None = None) -> httpx.Response:
+        """``GET /cmi/terms``."""
+        params = {"customer": customer_ref} if customer_ref else None
+        return self.request("GET", "/cmi/terms", params=params)
+
+    def get_terms(self, terms_id: str) -> httpx.Response:
+        """``GET /cmi/terms/{id}``."""
+        return self.request("GET", f"/cmi/terms/{terms_id}")
+
+    def revoke_terms(self, terms_id: str) -> httpx.Response:
+        """``DELETE /cmi/terms/{id}``."""
+        return self.request("DELETE", f"/cmi/terms/{terms_id}")
+
+    def documents(self, since: str | None = None, limit: int | None = None) -> httpx.Response:
+        """``GET /cmi/documents?since=...``."""
+        params: dict[str, str] = {}
+        if since is not None:
+            params["since"] = since
+        if limit is not None:
+            params["limit"] = str(limit)
+        return self.request("GET", "/cmi/documents", params=params or None)

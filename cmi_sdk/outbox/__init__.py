@@ -1,0 +1,263 @@
+"""The outbox: documents waiting to be delivered, and what the firm keeps about terms.
+
+An :class:`OutboxStore` holds the sharing terms, their consent records, the outbox rows and
+the delivery history. The embedded default is :class:`~cmi_sdk.outbox.sqlite.SQLiteStore`
+(WAL, ``synchronous=FULL``); a row is written in the caller's own database transaction when
+the caller passes its connection, so the document exists exactly when the firm's own write
+does.
+
+A row's life::
+
+    pending ──claim──▶ leased (heartbeat) ──▶ delivered
+       ▲                   │ ├──────────────▶ retry at T ──(due)──▶ leased ...
+       │                   │ └──────────────▶ dead (kept; an operator can redrive it)
+       └── redrive ◀───────┘
+    pull       never pushed: the customer fetches it
+    cancelled  its terms were revoked before it went out
+
+A lease that is not renewed (the worker died) expires, and the row is claimed again: the
+same ``webhook-id`` goes out again, and a receiver that keeps the ids stores it once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from cmi_sdk._terms import ConsentRecord, SharingTerms
+
+__all__ = [
+    "STATES",
+    "AttemptResult",
+    "DeliveryReport",
+    "NewRow",
+    "OutboxRow",
+    "OutboxStatus",
+    "OutboxStore",
+    "State",
+]
+
+State = Literal["pending", "leased", "retry", "delivered", "dead", "pull", "cancelled"]
+STATES: tuple[State, ...] = (
+    "pending",
+    "leased",
+    "retry",
+    "delivered",
+    "dead",
+    "pull",
+    "cancelled",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRow:
+    """A document ready for the outbox: rendered, minimized and signed."""
+
+    msg_id: str
+    """The ``webhook-id``: stable across retries, derived from the terms, the transaction
+    and the document's content, so emitting the same document twice stores it once."""
+    terms_id: str
+    customer_ref: str
+    transaction_id: str
+    standard: str
+    document_type: str
+    destination: str | None
+    body: bytes
+    created_at: float
+    state: State
+    """``pending`` (push), or ``pull`` for pull-only terms."""
+    next_attempt_at: float
+    """When the first attempt is due: now, or the end of the digest window."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A row as the store holds it."""
+
+    seq: int
+    msg_id: str
+    terms_id: str
+    customer_ref: str
+    transaction_id: str
+    standard: str
+    document_type: str
+    destination: str | None
+    body: bytes
+    created_at: float
+    state: State
+    attempts: int
+    next_attempt_at: float | None
+    lease_owner: str | None
+    lease_until: float | None
+    last_status: int | None
+    last_error: str | None
+    delivered_at: float | None
+
+    def summary(self) -> dict[str, Any]:
+        """The row without its body, as JSON-ready data (for ``cmi outbox list``)."""
+
+        def when(value: float | None) -> str | None:
+            if value is None:
+                return None
+            return dt.datetime.fromtimestamp(value, dt.UTC).isoformat().replace("+00:00", "Z")
+
+        return {
+            "id": self.msg_id,
+            "state": self.state,
+            "terms_id": self.terms_id,
+            "customer_ref": self.customer_ref,
+            "transaction_id": self.transaction_id,
+            "standard": self.standard,
+            "document_type": self.document_type,
+            "destination": self.destination,
+            "attempts": self.attempts,
+            "created_at": when(self.created_at),
+            "next_attempt_at": when(self.next_attempt_at),
+            "delivered_at": when(self.delivered_at),
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "size": len(self.body),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one delivery attempt came to, to be recorded by :meth:`OutboxStore.complete`."""
+
+    msg_id: str
+    owner: str
+    attempt: int
+    started_at: float
+    finished_at: float
+    outcome: Literal["delivered", "retry", "dead"]
+    status: int | None = None
+    """The receiver's HTTP status, when it answered."""
+    error: str | None = None
+    next_attempt_at: float | None = None
+    """For ``retry``: when the next attempt is due."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """What the delivery hooks are told about a document delivered or dead."""
+
+    msg_id: str
+    terms_id: str
+    customer_ref: str
+    transaction_id: str
+    destination: str | None
+    attempts: int
+    status: int | None
+    error: str | None
+    at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """Counts by state, and the age of the oldest row waiting to go out."""
+
+    counts: dict[str, int]
+    oldest_pending_age: float | None
+    """Seconds since the oldest pending or retrying row was created; None when none."""
+    disabled_destinations: tuple[str, ...]
+
+
+@runtime_checkable
+class OutboxStore(Protocol):
+    """Where terms, consent records and outbox rows live.
+
+    Every method is safe to call from several threads. Times are POSIX seconds (UTC).
+    """
+
+    def migrate(self) -> None:
+        """Create or upgrade the tables; idempotent."""
+
+    # -- terms and consent ----------------------------------------------------------------
+
+    def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
+        """Keep accepted terms and their consent record, in one transaction."""
+
+    def get_terms(self, terms_id: str) -> SharingTerms:
+        """The terms with that id, revoked or not; raises TermsNotFoundError."""
+
+    def list_terms(
+        self,
+        *,
+        customer_ref: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[SharingTerms]:
+        """Terms, oldest first."""
+
+    def active_terms(
+        self, customer_ref: str, now: float, *, connection: object | None = None
+    ) -> list[SharingTerms]:
+        """The terms documents may go out under for ``customer_ref`` at ``now``."""
+
+    def revoke_terms(
+        self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
+    ) -> int:
+        """Revoke terms, keep the consent record, cancel their undelivered rows; return how
+        many rows were cancelled. Raises TermsNotFoundError, or TermsError if revoked."""
+
+    def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
+        """The consent records of the terms, oldest first, with their signed documents."""
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
+        """Write rows (a row whose msg_id is already there is skipped); with ``connection``,
+        inside the caller's open transaction, which the caller commits. Return how many were
+        new."""
+
+    def claim(self, *, owner: str, now: float, lease_seconds: float, limit: int) -> list[OutboxRow]:
+        """Lease up to ``limit`` due rows (and rows whose lease expired) to ``owner``."""
+
+    def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
+        """Extend ``owner``'s leases on ``msg_ids``."""
+
+    def complete(self, results: Sequence[AttemptResult]) -> None:
+        """Record attempts and their outcomes, in one transaction."""
+
+    def next_due(self) -> float | None:
+        """When the next pending or retrying row is due, or None."""
+
+    def status(self, now: float) -> OutboxStatus:
+        """Counts by state and the oldest pending row's age."""
+
+    def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Rows, newest first, optionally in one state."""
+
+    def get_row(self, msg_id: str) -> OutboxRow:
+        """The row with that msg_id; raises OutboxRowNotFoundError."""
+
+    def attempts(self, msg_id: str) -> list[AttemptResult]:
+        """Every recorded attempt of a row, in order."""
+
+    def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
+        """Make dead rows (one, or all that died since ``since``) pending again, due now."""
+
+    def documents_since(self, terms_id: str, after: int, limit: int) -> list[OutboxRow]:
+        """Documents emitted under the terms after the cursor ``after``, in order."""
+
+    # -- destinations, intermediaries, replay ---------------------------------------------
+
+    def disable_destination(self, url: str, *, reason: str, at: float) -> None:
+        """Stop delivering to ``url`` (it answered 410 Gone)."""
+
+    def enable_destination(self, url: str) -> bool:
+        """Deliver to ``url`` again; True if it was disabled."""
+
+    def disabled_destinations(self) -> dict[str, str]:
+        """Disabled destinations and why."""
+
+    def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
+        """Register an intermediary (or add a secret to it, for a rotation)."""
+
+    def intermediary_secrets(self, name: str) -> tuple[str, ...]:
+        """The intermediary's secrets; empty when unknown."""
+
+    def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
+        """Record a message id accepted from ``party``; False when it was already seen."""

@@ -1,0 +1,644 @@
+"""The embedded default store: one SQLite file, WAL, ``synchronous=FULL``.
+
+A firm that keeps its own tables in the same file passes its ``sqlite3`` connection to
+:meth:`~cmi_sdk.Adapter.emit`, and the outbox row is written inside its open transaction:
+the row commits or rolls back with the firm's own write. Otherwise the SDK commits on its
+own connection (one per thread), batching rows into one commit wherever it can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+from cmi_sdk._exceptions import (
+    ConfigurationError,
+    OutboxRowNotFoundError,
+    StoreError,
+    TermsError,
+    TermsNotFoundError,
+)
+from cmi_sdk._terms import ConsentRecord, SharingTerms
+from cmi_sdk.outbox import AttemptResult, NewRow, OutboxRow, OutboxStatus, State
+
+__all__ = ["SQLiteStore"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cmi_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cmi_terms (
+    id TEXT PRIMARY KEY,
+    customer_ref TEXT NOT NULL,
+    intermediary TEXT,
+    terms TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    until REAL,
+    revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS cmi_terms_customer ON cmi_terms (customer_ref);
+CREATE TABLE IF NOT EXISTS cmi_consent (
+    id TEXT PRIMARY KEY,
+    terms_id TEXT NOT NULL REFERENCES cmi_terms (id),
+    event TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    record TEXT NOT NULL,
+    xml BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cmi_consent_terms ON cmi_consent (terms_id, issued_at);
+CREATE TABLE IF NOT EXISTS cmi_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id TEXT NOT NULL UNIQUE,
+    terms_id TEXT NOT NULL,
+    customer_ref TEXT NOT NULL,
+    transaction_id TEXT NOT NULL,
+    standard TEXT NOT NULL,
+    document_type TEXT NOT NULL,
+    destination TEXT,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    lease_owner TEXT,
+    lease_until REAL,
+    last_status INTEGER,
+    last_error TEXT,
+    delivered_at REAL,
+    dead_at REAL
+);
+CREATE INDEX IF NOT EXISTS cmi_outbox_due ON cmi_outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS cmi_outbox_terms ON cmi_outbox (terms_id, seq);
+CREATE TABLE IF NOT EXISTS cmi_attempts (
+    msg_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER,
+    error TEXT,
+    next_attempt_at REAL
+);
+CREATE INDEX IF NOT EXISTS cmi_attempts_msg ON cmi_attempts (msg_id);
+CREATE TABLE IF NOT EXISTS cmi_destinations (
+    url TEXT PRIMARY KEY,
+    disabled_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cmi_intermediaries (
+    name TEXT PRIMARY KEY,
+    secrets TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cmi_seen (
+    party TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (party, msg_id)
+);
+"""
+
+_ROW_COLUMNS = (
+    "seq, msg_id, terms_id, customer_ref, transaction_id, standard, document_type,"
+    " destination, body, created_at, state, attempts, next_attempt_at, lease_owner,"
+    " lease_until, last_status, last_error, delivered_at"
+)
+
+_INSERT = (
+    "INSERT OR IGNORE INTO cmi_outbox (msg_id, terms_id, customer_ref, transaction_id,"
+    " standard, document_type, destination, body, created_at, state, next_attempt_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(values: Sequence[Any]) -> OutboxRow:
+    return OutboxRow(
+        seq=values[0],
+        msg_id=values[1],
+        terms_id=values[2],
+        customer_ref=values[3],
+        transaction_id=values[4],
+        standard=values[5],
+        document_type=values[6],
+        destination=values[7],
+        body=bytes(values[8]),
+        created_at=values[9],
+        state=cast(State, values[10]),
+        attempts=values[11],
+        next_attempt_at=values[12],
+        lease_owner=values[13],
+        lease_until=values[14],
+        last_status=values[15],
+        last_error=values[16],
+        delivered_at=values[17],
+    )
+
+
+def _terms(values: Sequence[Any]) -> SharingTerms:
+    data = json.loads(values[0])
+    data["secret"] = values[1]
+    return SharingTerms.model_validate(data)
+
+
+def path_from_url(url: str) -> Path:
+    """The file of a ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` URL."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ConfigurationError(
+            f"not a SQLite URL: {url!r} (expected sqlite:///./cmi.db or sqlite:////abs/cmi.db)"
+        )
+    return Path(url[len(prefix) :])
+
+
+class SQLiteStore:
+    """The embedded :class:`~cmi_sdk.outbox.OutboxStore`: one SQLite file.
+
+    :param path: the database file (created with its tables when missing).
+    :param synchronous: SQLite's ``synchronous`` setting: ``FULL`` (the default) makes each
+        commit durable against power loss, at the cost of an fsync per commit.
+    :param busy_timeout: how long, in seconds, to wait for another writer.
+    """
+
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "FULL", busy_timeout: float = 30.0
+    ) -> None:
+        if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+            raise ConfigurationError("synchronous must be FULL, EXTRA or NORMAL")
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._real = os.path.realpath(self.path)
+        self.migrate()
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """A store for a ``sqlite:///...`` URL, such as ``CMI_DATABASE_URL``'s default."""
+        return cls(path_from_url(url))
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # -- connections ----------------------------------------------------------------------
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection to the store's file, configured as the store's own are (WAL,
+        the store's ``synchronous``): what a firm uses for its own writes in the file."""
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self.connect()
+            conn.isolation_level = None  # explicit BEGIN IMMEDIATE for every write
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot start a write on {self.path}: {exc}") from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StoreError(f"commit failed on {self.path}: {exc}") from exc
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed on {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _caller(self, connection: object) -> sqlite3.Connection:
+        if not isinstance(connection, sqlite3.Connection):
+            raise ConfigurationError(
+                f"the SQLite store takes a sqlite3 connection, not {type(connection).__name__};"
+                " use the PostgreSQL store for psycopg or SQLAlchemy connections"
+            )
+        # Checked on every call (a few microseconds): connections cannot be weakly
+        # referenced, and an id() could be reused by a connection to another file.
+        rows = connection.execute("PRAGMA database_list").fetchall()
+        main = next((r[2] for r in rows if r[1] == "main"), "")
+        if os.path.realpath(main or ":memory:") != self._real:
+            raise ConfigurationError(
+                f"the connection is to {main or 'an in-memory database'}, not to the "
+                f"store's {self.path}: the outbox row must be written in the same "
+                "database as the firm's own write"
+            )
+        return connection
+
+    def migrate(self) -> None:
+        """Create the tables when missing; idempotent."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT OR IGNORE INTO cmi_meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"cannot create the tables in {self.path}: {exc}") from exc
+
+    # -- terms and consent ----------------------------------------------------------------
+
+    def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
+        """Keep accepted terms and their consent record, in one transaction."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO cmi_terms (id, customer_ref, intermediary, terms, secret,"
+                " created_at, until, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    terms.id,
+                    terms.customer_ref,
+                    terms.intermediary,
+                    json.dumps(terms.public_dict()),
+                    terms.secret,
+                    terms.created_at.timestamp(),
+                    None if terms.until is None else terms.until.timestamp(),
+                ),
+            )
+            self._add_consent(conn, consent, consent_xml)
+
+    @staticmethod
+    def _add_consent(conn: sqlite3.Connection, consent: ConsentRecord, xml: bytes) -> None:
+        conn.execute(
+            "INSERT INTO cmi_consent (id, terms_id, event, issued_at, record, xml)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                consent.id,
+                consent.terms_id,
+                consent.event,
+                consent.issued_at.timestamp(),
+                consent.model_dump_json(),
+                xml,
+            ),
+        )
+
+    def get_terms(self, terms_id: str) -> SharingTerms:
+        """The terms with that id, revoked or not."""
+        rows = self._read("SELECT terms, secret FROM cmi_terms WHERE id = ?", (terms_id,))
+        if not rows:
+            raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
+        return _terms(rows[0])
+
+    def list_terms(
+        self,
+        *,
+        customer_ref: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[SharingTerms]:
+        """Terms, oldest first."""
+        sql = "SELECT terms, secret FROM cmi_terms WHERE 1 = 1"
+        params: list[Any] = []
+        if customer_ref is not None:
+            sql += " AND customer_ref = ?"
+            params.append(customer_ref)
+        if intermediary is not None:
+            sql += " AND intermediary = ?"
+            params.append(intermediary)
+        if not include_revoked:
+            sql += " AND revoked_at IS NULL"
+        return [_terms(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
+
+    def active_terms(
+        self, customer_ref: str, now: float, *, connection: object | None = None
+    ) -> list[SharingTerms]:
+        """The terms documents may go out under for ``customer_ref`` at ``now``."""
+        sql = (
+            "SELECT terms, secret FROM cmi_terms WHERE customer_ref = ? AND revoked_at IS NULL"
+            " AND (until IS NULL OR until > ?) ORDER BY created_at, id"
+        )
+        if connection is not None:
+            rows = self._caller(connection).execute(sql, (customer_ref, now)).fetchall()
+        else:
+            rows = self._read(sql, (customer_ref, now))
+        return [_terms(r) for r in rows]
+
+    def revoke_terms(
+        self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
+    ) -> int:
+        """Revoke terms, keep the consent record, cancel their undelivered rows."""
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT revoked_at, terms FROM cmi_terms WHERE id = ?", (terms_id,)
+            ).fetchone()
+            if found is None:
+                raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
+            if found[0] is not None:
+                raise TermsError(f"terms {terms_id} are already revoked")
+            data = json.loads(found[1])
+            data["revoked_at"] = consent.issued_at.isoformat()
+            conn.execute(
+                "UPDATE cmi_terms SET revoked_at = ?, terms = ? WHERE id = ?",
+                (at, json.dumps(data), terms_id),
+            )
+            self._add_consent(conn, consent, consent_xml)
+            # Rows being sent right now are cancelled too: their result is then not recorded
+            # over the cancellation (see complete()).
+            return conn.execute(
+                "UPDATE cmi_outbox SET state = 'cancelled', last_error = 'terms revoked',"
+                " lease_owner = NULL, lease_until = NULL"
+                " WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased')",
+                (terms_id,),
+            ).rowcount
+
+    def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
+        """The consent records of the terms, oldest first, with their signed documents."""
+        rows = self._read(
+            "SELECT record, xml FROM cmi_consent WHERE terms_id = ? ORDER BY issued_at, rowid",
+            (terms_id,),
+        )
+        return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
+        """Write rows; with ``connection``, inside the caller's transaction (not committed)."""
+        params = [
+            (
+                r.msg_id,
+                r.terms_id,
+                r.customer_ref,
+                r.transaction_id,
+                r.standard,
+                r.document_type,
+                r.destination,
+                r.body,
+                r.created_at,
+                r.state,
+                r.next_attempt_at,
+            )
+            for r in rows
+        ]
+        if connection is not None:
+            conn = self._caller(connection)
+            before = conn.total_changes
+            conn.executemany(_INSERT, params)
+            return conn.total_changes - before
+        with self._write() as own:
+            before = own.total_changes
+            own.executemany(_INSERT, params)
+            return own.total_changes - before
+
+    def claim(self, *, owner: str, now: float, lease_seconds: float, limit: int) -> list[OutboxRow]:
+        """Lease up to ``limit`` due rows, and rows whose lease expired, to ``owner``."""
+        with self._write() as conn:
+            rows = conn.execute(
+                f"UPDATE cmi_outbox SET state = 'leased', lease_owner = ?, lease_until = ?,"
+                f" attempts = attempts + 1 WHERE seq IN (SELECT seq FROM cmi_outbox"
+                f" WHERE (state IN ('pending', 'retry') AND next_attempt_at <= ?)"
+                f" OR (state = 'leased' AND lease_until < ?)"
+                f" ORDER BY next_attempt_at, seq LIMIT ?) RETURNING {_ROW_COLUMNS}",
+                (owner, now + lease_seconds, now, now, limit),
+            ).fetchall()
+        return sorted((_row(r) for r in rows), key=lambda r: r.seq)
+
+    def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
+        """Extend ``owner``'s leases on ``msg_ids``."""
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE cmi_outbox SET lease_until = ? WHERE msg_id = ? AND lease_owner = ?"
+                " AND state = 'leased'",
+                [(lease_until, m, owner) for m in msg_ids],
+            )
+
+    def complete(self, results: Sequence[AttemptResult]) -> None:
+        """Record attempts and outcomes in one transaction (a group commit)."""
+        if not results:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO cmi_attempts (msg_id, attempt, owner, started_at, finished_at,"
+                " outcome, status, error, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.msg_id,
+                        r.attempt,
+                        r.owner,
+                        r.started_at,
+                        r.finished_at,
+                        r.outcome,
+                        r.status,
+                        r.error,
+                        r.next_attempt_at,
+                    )
+                    for r in results
+                ],
+            )
+            for r in results:
+                if r.outcome == "delivered":
+                    # A receiver's 2xx is a fact whoever holds the lease now; only a
+                    # cancelled row keeps its state (its terms were revoked meanwhile).
+                    conn.execute(
+                        "UPDATE cmi_outbox SET state = 'delivered', delivered_at = ?,"
+                        " last_status = ?, last_error = NULL, lease_owner = NULL,"
+                        " lease_until = NULL WHERE msg_id = ? AND state IN"
+                        " ('leased', 'pending', 'retry', 'dead')",
+                        (r.finished_at, r.status, r.msg_id),
+                    )
+                elif r.outcome == "retry":
+                    conn.execute(
+                        "UPDATE cmi_outbox SET state = 'retry', next_attempt_at = ?,"
+                        " last_status = ?, last_error = ?, lease_owner = NULL,"
+                        " lease_until = NULL WHERE msg_id = ? AND lease_owner = ?"
+                        " AND state = 'leased'",
+                        (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE cmi_outbox SET state = 'dead', dead_at = ?, last_status = ?,"
+                        " last_error = ?, lease_owner = NULL, lease_until = NULL,"
+                        " next_attempt_at = NULL WHERE msg_id = ? AND lease_owner = ?"
+                        " AND state = 'leased'",
+                        (r.finished_at, r.status, r.error, r.msg_id, r.owner),
+                    )
+
+    def next_due(self) -> float | None:
+        """When the next pending or retrying row is due, or the next lease expires."""
+        rows = self._read(
+            "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM cmi_outbox"
+            " WHERE state IN ('pending', 'retry') UNION ALL SELECT MIN(lease_until)"
+            " FROM cmi_outbox WHERE state = 'leased')"
+        )
+        value = rows[0][0] if rows else None
+        return None if value is None else float(value)
+
+    def status(self, now: float) -> OutboxStatus:
+        """Counts by state and the oldest pending row's age."""
+        counts = dict.fromkeys(("pending", "leased", "retry", "delivered", "dead"), 0)
+        for state, count in self._read("SELECT state, COUNT(*) FROM cmi_outbox GROUP BY state"):
+            counts[state] = count
+        oldest = self._read(
+            "SELECT MIN(created_at) FROM cmi_outbox WHERE state IN ('pending', 'retry', 'leased')"
+        )[0][0]
+        disabled = tuple(sorted(self.disabled_destinations()))
+        return OutboxStatus(
+            counts=counts,
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            disabled_destinations=disabled,
+        )
+
+    def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Rows, newest first, optionally in one state."""
+        if state is None:
+            found = self._read(
+                f"SELECT {_ROW_COLUMNS} FROM cmi_outbox ORDER BY seq DESC LIMIT ?", (limit,)
+            )
+        else:
+            found = self._read(
+                f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE state = ? ORDER BY seq DESC LIMIT ?",
+                (state, limit),
+            )
+        return [_row(r) for r in found]
+
+    def get_row(self, msg_id: str) -> OutboxRow:
+        """The row with that msg_id."""
+        found = self._read(f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE msg_id = ?", (msg_id,))
+        if not found:
+            raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
+        return _row(found[0])
+
+    def attempts(self, msg_id: str) -> list[AttemptResult]:
+        """Every recorded attempt of a row, in order."""
+        found = self._read(
+            "SELECT msg_id, owner, attempt, started_at, finished_at, outcome, status, error,"
+            " next_attempt_at FROM cmi_attempts WHERE msg_id = ? ORDER BY rowid",
+            (msg_id,),
+        )
+        return [
+            AttemptResult(
+                msg_id=r[0],
+                owner=r[1],
+                attempt=r[2],
+                started_at=r[3],
+                finished_at=r[4],
+                outcome=r[5],
+                status=r[6],
+                error=r[7],
+                next_attempt_at=r[8],
+            )
+            for r in found
+        ]
+
+    def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
+        """Make dead rows pending again, due now; attempts start again from zero."""
+        if (msg_id is None) == (since is None):
+            raise ValueError("redrive takes a msg_id or a since time, not both")
+        param: str | float | None
+        with self._write() as conn:
+            if msg_id is not None:
+                state = conn.execute(
+                    "SELECT state FROM cmi_outbox WHERE msg_id = ?", (msg_id,)
+                ).fetchone()
+                if state is None:
+                    raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
+                where, param = "msg_id = ? AND state = 'dead'", msg_id
+            else:
+                where, param = "state = 'dead' AND dead_at >= ?", since
+            return conn.execute(
+                "UPDATE cmi_outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                f" dead_at = NULL WHERE {where}",
+                (now, param),
+            ).rowcount
+
+    def documents_since(self, terms_id: str, after: int, limit: int) -> list[OutboxRow]:
+        """Documents emitted under the terms after the cursor ``after`` (a row's seq).
+
+        SQLite has one writer at a time, so rows commit in ``seq`` order and a cursor on it
+        never skips a row that commits late.
+        """
+        found = self._read(
+            f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE terms_id = ? AND seq > ?"
+            " AND state != 'cancelled' ORDER BY seq LIMIT ?",
+            (terms_id, after, limit),
+        )
+        return [_row(r) for r in found]
+
+    # -- destinations, intermediaries, replay ---------------------------------------------
+
+    def disable_destination(self, url: str, *, reason: str, at: float) -> None:
+        """Stop delivering to ``url``."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO cmi_destinations (url, disabled_at, reason)"
+                " VALUES (?, ?, ?)",
+                (url, at, reason),
+            )
+
+    def enable_destination(self, url: str) -> bool:
+        """Deliver to ``url`` again; True if it was disabled."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM cmi_destinations WHERE url = ?", (url,)).rowcount > 0
+
+    def disabled_destinations(self) -> dict[str, str]:
+        """Disabled destinations and why."""
+        return dict(self._read("SELECT url, reason FROM cmi_destinations"))
+
+    def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
+        """Register an intermediary, or add a secret to it (for a rotation)."""
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT secrets FROM cmi_intermediaries WHERE name = ?", (name,)
+            ).fetchone()
+            secrets = [] if found is None else json.loads(found[0])
+            if secret not in secrets:
+                secrets.append(secret)
+            conn.execute(
+                "INSERT INTO cmi_intermediaries (name, secrets, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET secrets = excluded.secrets",
+                (name, json.dumps(secrets), at),
+            )
+
+    def intermediary_secrets(self, name: str) -> tuple[str, ...]:
+        """The intermediary's secrets; empty when unknown."""
+        found = self._read("SELECT secrets FROM cmi_intermediaries WHERE name = ?", (name,))
+        return tuple(json.loads(found[0][0])) if found else ()
+
+    def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
+        """Record a message id accepted from ``party``; False when already seen."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM cmi_seen WHERE expires_at < ?", (now,))
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)",
+                (party, msg_id, expires_at),
+            ).rowcount
+        return inserted == 1
