@@ -525,8 +525,11 @@ def load_model(model: type[_M], data: bytes | str | Mapping[str, Any]) -> _M:
         return model.model_validate(json.loads(data))
     except ValidationError as exc:
         raise _model_error(model.__name__, exc) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelValidationError(model.__name__, [ValidationIssue(str(exc), "")]) from None
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError and UnicodeDecodeError, and what json refuses beyond its limits:
+        # an integer of over 4,300 digits (ValueError), nesting too deep (RecursionError).
+        reason = str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply"
+        raise ModelValidationError(model.__name__, [ValidationIssue(reason, "")]) from None
 
 
 def _model_error(model: str, exc: ValidationError) -> ModelValidationError:

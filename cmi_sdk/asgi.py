@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -68,6 +70,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "replayed": (401, "The request's message id was already used"),
     "forbidden": (403, "The signer may not do this"),
     "not-found": (404, "No such resource"),
+    "method-not-allowed": (405, "The resource does not take this method"),
     "too-large": (413, "The request body is too large"),
     "unsupported-media-type": (415, "The request body has the wrong content type"),
     "invalid-input": (422, "The request body is not valid"),
@@ -78,6 +81,9 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
 }
 """Every problem type the endpoint answers with: ``urn:cmi:problem:<slug>`` to the
 status and title. The slugs are stable; clients may rely on them."""
+
+
+_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²' too
 
 
 class ProblemError(CMIError):
@@ -191,17 +197,32 @@ def create_app(
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.delete_terms), methods=["DELETE"]),
         Route("/cmi/documents", endpoint.guarded(endpoint.documents), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_problem})
 
 
-def _terms_json(terms: SharingTerms) -> dict[str, Any]:
-    return {**terms.public_dict(), "id": terms.id, "href": f"/cmi/terms/{terms.id}"}
+async def _http_problem(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 as problem details too."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(status, "internal")
+    detail = f"{request.method} {request.url.path}: " + (
+        "no such route" if status == 404 else "method not allowed here"
+    )
+    return problem_response(request, ProblemError(slug, detail))
 
 
-def _decision_json(decision: TermsDecision) -> dict[str, Any]:
+def _href(request: Request, terms: SharingTerms) -> str:
+    # Mounted inside a firm's app, links carry the mount's prefix.
+    return f"{request.scope.get('root_path', '')}/cmi/terms/{terms.id}"
+
+
+def _terms_json(request: Request, terms: SharingTerms) -> dict[str, Any]:
+    return {**terms.public_dict(), "id": terms.id, "href": _href(request, terms)}
+
+
+def _decision_json(request: Request, decision: TermsDecision) -> dict[str, Any]:
     out: dict[str, Any] = {"outcome": decision.outcome, "reason": decision.reason}
     if decision.terms is not None:
-        out["terms"] = _terms_json(decision.terms)
+        out["terms"] = _terms_json(request, decision.terms)
     if decision.alternative is not None:
         out["alternative"] = decision.alternative.public_dict()
     if decision.consent is not None:
@@ -299,21 +320,21 @@ class _Endpoint:
         decision = self.adapter.propose_terms(proposal, intermediary=principal.intermediary)
         if decision.outcome == "accepted" and decision.terms is not None:
             return JSONResponse(
-                _decision_json(decision),
+                _decision_json(request, decision),
                 status_code=201,
-                headers={"location": f"/cmi/terms/{decision.terms.id}"},
+                headers={"location": _href(request, decision.terms)},
             )
-        return JSONResponse(_decision_json(decision), status_code=200)
+        return JSONResponse(_decision_json(request, decision), status_code=200)
 
     def list_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
         if principal.terms is not None:
-            return JSONResponse({"terms": [_terms_json(principal.terms)]})
+            return JSONResponse({"terms": [_terms_json(request, principal.terms)]})
         found = self.adapter.store.list_terms(
             customer_ref=request.query_params.get("customer"),
             intermediary=principal.intermediary,
             include_revoked=True,
         )
-        return JSONResponse({"terms": [_terms_json(t) for t in found]})
+        return JSONResponse({"terms": [_terms_json(request, t) for t in found]})
 
     def visible_terms(self, terms_id: str, principal: Principal) -> SharingTerms:
         try:
@@ -329,7 +350,7 @@ class _Endpoint:
         terms = self.visible_terms(request.path_params["terms_id"], principal)
         records = self.adapter.store.consent_records(terms.id)
         consent = [{"record": r.model_dump(mode="json"), "xml": x.decode()} for r, x in records]
-        return JSONResponse({"terms": _terms_json(terms), "consent": consent})
+        return JSONResponse({"terms": _terms_json(request, terms), "consent": consent})
 
     def delete_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
         terms = self.visible_terms(request.path_params["terms_id"], principal)
@@ -357,9 +378,9 @@ class _Endpoint:
             raise ProblemError("forbidden", f"terms {terms.id} are revoked")
         since = request.query_params.get("since", "0")
         limit_text = request.query_params.get("limit", str(self.page_size))
-        if not since.isdigit() or len(since) > 18:
+        if not _CURSOR.fullmatch(since):
             raise ProblemError("invalid-input", "since is a cursor from a previous answer's next")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= self.page_size:
+        if not _CURSOR.fullmatch(limit_text) or not 1 <= int(limit_text) <= self.page_size:
             raise ProblemError("invalid-input", f"limit is 1 to {self.page_size}")
         limit = int(limit_text)
         rows = self.adapter.store.documents_since(terms.id, int(since), limit + 1)

@@ -8,9 +8,10 @@ signs is named by one header:
 - ``cmi-intermediary: NAME``: a registered intermediary, with its ``whsec_`` secret;
 - ``cmi-terms: TERMS_ID``: the customer, with the secret of their sharing terms.
 
-The payload is the request body; for a request without a body (GET, DELETE) it is the
-method and the request target, ``GET /cmi/documents?since=...``, so the signature covers
-what is asked for. The firm refuses a timestamp outside its window and a message id it has
+The payload is the method and the request target, a line feed, then the body:
+``POST /cmi/terms\n{...}``, or ``GET /cmi/documents?since=42\n`` for a request without
+one. So a signature covers what is asked of which resource, and cannot be moved to
+another method or path. The firm refuses a timestamp outside its window and a message id it has
 already accepted from the same signer.
 """
 
@@ -30,8 +31,8 @@ __all__ = ["CMIClient", "signed_headers", "signing_payload"]
 
 
 def signing_payload(method: str, target: str, body: bytes) -> bytes:
-    """What the signature covers: the body, or ``METHOD target`` when there is none."""
-    return body if body else f"{method.upper()} {target}".encode()
+    """What the signature covers: ``METHOD target``, a line feed, and the body."""
+    return f"{method.upper()} {target}\n".encode() + body
 
 
 def signed_headers(

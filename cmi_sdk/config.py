@@ -14,7 +14,7 @@ variable                       ``cmi.toml`` key                default
 ``CMI_FIRM``                   ``firm``                        ``firm.example``
 ``CMI_WEBHOOK_ED25519_KEY``    ``webhook_ed25519_key``         none (v1 HMAC only)
 ``CMI_DELIVERY_CONCURRENCY``   ``delivery_concurrency``        4
-``CMI_PER_DESTINATION``        ``per_destination``             2
+``CMI_PER_DESTINATION``        ``per_destination``             1
 ``CMI_LEASE_SECONDS``          ``lease_seconds``               60
 ``CMI_RETRY_SCHEDULE``         ``retry_schedule``              the Standard Webhooks one
 ``CMI_HTTP_TIMEOUT``           ``http_timeout``                10 (seconds)
@@ -27,6 +27,7 @@ terms policy is the ``[policy]`` table of ``cmi.toml``, with the fields of
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -64,7 +65,7 @@ class Settings:
     firm: str = "firm.example"
     webhook_ed25519_key: str | None = None
     delivery_concurrency: int = 4
-    per_destination: int = 2
+    per_destination: int = 1
     lease_seconds: float = 60.0
     retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     http_timeout: float = 10.0
@@ -130,7 +131,8 @@ class Settings:
     def adapter(self, **options: Any) -> Adapter:
         """An :class:`~cmi_sdk.Adapter` with these settings; ``options`` override them."""
         options.setdefault("database_url", self.database_url)
-        options.setdefault("signer", self.signer())
+        if "signer" not in options:  # a signer given overrides the key files, unread
+            options["signer"] = self.signer()
         options.setdefault("firm", self.firm)
         options.setdefault("policy", self.policy)
         options.setdefault("egress", self.egress())
@@ -162,6 +164,8 @@ def _boolean(value: Any) -> bool:
 
 
 def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a whole number")
     number = int(value)
     if number < 1:
         raise ValueError("must be at least 1")
@@ -169,17 +173,19 @@ def _count(value: Any) -> int:
 
 
 def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of seconds")
     seconds = float(value)
-    if not seconds > 0:
-        raise ValueError("must be positive")
+    if not 0 < seconds < math.inf:
+        raise ValueError("must be a positive, finite number of seconds")
     return seconds
 
 
 def _schedule(value: Any) -> tuple[float, ...]:
     items = value.split(",") if isinstance(value, str) else value
     delays = tuple(float(item) for item in items if str(item).strip())
-    if any(d < 0 for d in delays):
-        raise ValueError("delays are seconds >= 0")
+    if not all(0 <= d < math.inf for d in delays):
+        raise ValueError("delays are finite seconds >= 0")
     return delays
 
 

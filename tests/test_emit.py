@@ -4,6 +4,7 @@ and the outbox row lives or dies with the firm's own transaction."""
 from __future__ import annotations
 
 import logging
+import time
 import sqlite3
 from pathlib import Path
 
@@ -298,3 +299,21 @@ def test_the_default_select_standard_answers_last() -> None:
     impls = adapter.plugin_manager.hook.cmi_select_standard.get_hookimpls()
     assert impls[0].plugin_name == "cmi-defaults"
     assert impls[0].trylast
+
+
+def test_the_first_emit_inside_the_callers_write_does_not_wait_for_itself(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "cmi.db"
+    register(make_adapter(tmp_path))  # the tables exist, with terms
+    # A new adapter opens its store lazily, here inside the firm's open write transaction.
+    fresh = Adapter(database_url=f"sqlite:///{db}", signer=signer())
+    conn = sqlite3.connect(db, timeout=0.5)
+    conn.execute("CREATE TABLE sales (id TEXT)")
+    started = time.monotonic()
+    with conn:
+        conn.execute("INSERT INTO sales VALUES ('DL-1')")
+        assert len(fresh.emit(ticket(), connection=conn)) == 1
+    assert time.monotonic() - started < 5
+    assert len(fresh.store.rows()) == 1
+    conn.close()

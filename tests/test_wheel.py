@@ -47,6 +47,8 @@ def test_wheel_contents(wheel: Path) -> None:
     for required in (
         "cmi_sdk/__init__.py",
         "cmi_sdk/py.typed",
+        "cmi_sdk/outbox/sqlite.py",
+        "cmi_core/schemas/consent-1.0.xsd",
         "cmi_core/plugin.py",
         "cmi_core/schemas/__init__.py",
         "cmi_ticket/plugin.py",

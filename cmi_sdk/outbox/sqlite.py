@@ -259,9 +259,23 @@ class SQLiteStore:
         return connection
 
     def migrate(self) -> None:
-        """Create the tables when missing; idempotent."""
+        """Create the tables when missing; idempotent.
+
+        When they are there already, nothing is written: a firm that opens the store with
+        its own write transaction open on the same file (the first ``emit`` inside it) must
+        not wait for itself.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
+        try:
+            found = conn.execute(
+                "SELECT value FROM sqlite_master JOIN cmi_meta ON key = 'schema_version'"
+                " WHERE type = 'table' AND name = 'cmi_outbox'"
+            ).fetchone()
+        except sqlite3.OperationalError:
+            found = None  # no cmi_meta table yet
+        if found is not None and int(found[0]) >= SCHEMA_VERSION:
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
