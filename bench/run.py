@@ -213,9 +213,7 @@ def bench_emit(quick: bool) -> list[Figure]:
         def fresh() -> list[Sequence[Transaction]]:
             # New transaction ids every round: identical documents would be stored once.
             rounds["n"] += 1
-            txs = [
-                tx.model_copy(update={"id": f"R{rounds['n']}-{tx.id}"}) for tx in tickets(count)
-            ]
+            txs = [tx.model_copy(update={"id": f"R{rounds['n']}-{tx.id}"}) for tx in tickets(count)]
             return _chunks(txs, batch)
 
         def sdk(adapter: Adapter) -> Callable[[], int]:
@@ -315,8 +313,7 @@ def bench_delivery(quick: bool) -> list[Figure]:
             def fill() -> None:
                 rounds["n"] += 1
                 emitted = adapter.emit_many(
-                    tx.model_copy(update={"id": f"D{rounds['n']}-{tx.id}"})
-                    for tx in tickets(count)
+                    tx.model_copy(update={"id": f"D{rounds['n']}-{tx.id}"}) for tx in tickets(count)
                 )
                 bodies[:] = [e.document for e in emitted]
 

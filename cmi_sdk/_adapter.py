@@ -52,11 +52,11 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("cmi", "cmi_core.plugin"),
     ("cmi-defaults", "cmi_sdk._default_hooks"),
 )
+"""The plugins every adapter registers first, as (name, module) pairs. They are ordinary
+plugins: a user can block them by name, and any plugin registered later overrides them."""
 
 DEFAULT_DATABASE_URL = "sqlite:///./cmi.db"
 """Where the embedded store lives unless told otherwise: ``cmi.db`` in the working folder."""
-"""The plugins every adapter registers first, as (name, module) pairs. They are ordinary
-plugins: a user can block them by name, and any plugin registered later overrides them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ Nothing is emitted for a customer without terms (it is logged, not raised).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import logging
@@ -87,9 +86,9 @@ def _utc(timestamp: float) -> dt.datetime:
 
 def _msg_id(*parts: str) -> str:
     # A content-derived id: the same document for the same terms is one message, even when
-    # the firm emits it twice, so the outbox and the receiver both store it once.
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return "msg_" + base64.b32encode(digest[:20]).decode().lower().rstrip("=")
+    # the firm emits it twice, so the outbox and the receiver both store it once. 128 bits
+    # of SHA-256, in hex: safe in file names and in the signed webhook content.
+    return "msg_" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 def _new_id(prefix: str) -> str:
@@ -153,9 +152,15 @@ class Emitter:
         now = self._clock()
         rows: list[NewRow] = []
         emissions: list[Emission] = []
+        # One read of a customer's terms per call: a batch is one commit at one moment.
+        terms_of: dict[str, list[SharingTerms]] = {}
         for tx in transactions:
             for ref in customer_refs or (tx.customer_ref,):
-                terms_list = store.active_terms(ref, now, connection=connection)
+                terms_list = terms_of.get(ref)
+                if terms_list is None:
+                    terms_list = terms_of[ref] = store.active_terms(
+                        ref, now, connection=connection
+                    )
                 if not terms_list:
                     log.info(
                         "no active sharing terms for customer %s: transaction %s not emitted"

@@ -166,13 +166,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data = _read(path, adapter.parser.max_bytes)
         try:
             doc = adapter.validate(data, standard=args.standard, document_type=args.type)
-            doc.to_model()  # the rules an XSD cannot express (a currency's decimal places)
+            # The rules an XSD cannot express (a currency's decimal places) are checked by
+            # reading the model back; a minimized document has no complete model to read.
+            if not doc.withheld:
+                doc.to_model()
         except CMIError as exc:
             _report(path, exc)
             status = EXIT_INVALID
             continue
         if not args.quiet:
-            _write(f"{path}: valid {doc.standard.name} {doc.document_type.name}\n".encode(), None)
+            note = f" (withheld: {', '.join(doc.withheld)})" if doc.withheld else ""
+            line = f"{path}: valid {doc.standard.name} {doc.document_type.name}{note}\n"
+            _write(line.encode(), None)
     return status
 
 
@@ -198,13 +203,19 @@ def _settings() -> Any:
 def _emitting_adapter(args: argparse.Namespace, *, require_signer: bool = True) -> Adapter:
     """The adapter of the configured store and keys; refuses to produce unsigned documents."""
     settings = _settings()
-    adapter: Adapter = settings.adapter(block=args.block)
-    if require_signer and adapter.signer is None:
-        raise UsageError(
-            "no signing key is configured: run `cmi keys generate keys` and set "
-            "CMI_SIGNING_KEY=keys/key.pem and CMI_SIGNING_CERT=keys/cert.pem (or signing_key"
-            " and signing_cert in cmi.toml)"
-        )
+    how = (
+        "run `cmi keys generate keys` and set CMI_SIGNING_KEY=keys/key.pem and"
+        " CMI_SIGNING_CERT=keys/cert.pem (or signing_key and signing_cert in cmi.toml)"
+    )
+    try:
+        signer = settings.signer()
+    except CMIError as exc:
+        if require_signer:
+            raise UsageError(f"{exc}; for a development pair, {how}") from None
+        signer = None  # commands that sign nothing work without a usable key
+    if require_signer and signer is None:
+        raise UsageError(f"no signing key is configured: {how}")
+    adapter: Adapter = settings.adapter(block=args.block, signer=signer)
     return adapter
 
 
@@ -230,6 +241,12 @@ def cmd_terms_add(args: argparse.Namespace) -> int:
     from cmi_sdk._terms import TermsProposal  # noqa: PLC0415
 
     adapter = _emitting_adapter(args)
+    try:  # a standard or document type the firm does not have is a usage error (exit 2)
+        std = adapter.standards.get(args.standard)
+        if args.type is not None:
+            std.document_type(args.type)
+    except NotFoundError as exc:
+        raise UsageError(str(exc)) from None
     data: dict[str, Any] = {
         "customer_ref": args.customer,
         "destination": None if args.destination in (None, "pull") else args.destination,
@@ -478,7 +495,8 @@ class _ReportedError(Exception):
 
 def _issue_line(source: str, issue: ValidationIssue) -> str:
     line = f"{issue.line}:" if issue.line is not None else ""
-    return f"{source}:{line} {issue.path}: {issue.reason}"
+    where = f" {issue.path}:" if issue.path else ""
+    return f"{source}:{line}{where} {issue.reason}"
 
 
 def _located(source: str, exc: CMIError) -> _ReportedError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,15 @@ def test_mkdocs_builds_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     hooks_page = (tmp_path / "hooks" / "index.html").read_text()
     assert "cmi_register_standards" in hooks_page
+
+
+@pytest.mark.timeout(120)
+def test_the_emit_guide_example_runs() -> None:
+    page = (DOCS / "emit.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "delivered=1" in result.stdout
+    assert 'withheld="airline fare_class flight row seat"' in result.stdout

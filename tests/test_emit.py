@@ -4,8 +4,8 @@ and the outbox row lives or dies with the firm's own transaction."""
 from __future__ import annotations
 
 import logging
-import time
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest

@@ -103,9 +103,7 @@ def firm(tmp_path: Path) -> Firm:
         }
     )
     signer = DocumentSigner.from_pem(key.read_bytes(), cert.read_bytes())
-    adapter = Adapter(
-        store=SQLiteStore(db), signer=signer, egress=EgressGuard(allow_loopback=True)
-    )
+    adapter = Adapter(store=SQLiteStore(db), signer=signer, egress=EgressGuard(allow_loopback=True))
     secret = generate_secret()
     inbox = CustomerStore(
         directory=tmp_path / "inbox", secrets=[secret], certificate=cert.read_bytes()

@@ -210,8 +210,17 @@ class SQLiteStore:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction. ``durable=False`` commits without waiting for the disk
+        (``synchronous=NORMAL``; WAL keeps the file consistent): only for state changes
+        whose loss in a power cut costs a resend, never a document: leases, heartbeats,
+        delivery outcomes. A lost "delivered" mark sends the document again, with the same
+        webhook-id, which the receiver stores once."""
         conn = self._conn()
+        level = self._synchronous if durable else "NORMAL"
+        if getattr(self._local, "level", None) != level:
+            conn.execute(f"PRAGMA synchronous={level}")
+            self._local.level = level
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -435,7 +444,7 @@ class SQLiteStore:
 
     def claim(self, *, owner: str, now: float, lease_seconds: float, limit: int) -> list[OutboxRow]:
         """Lease up to ``limit`` due rows, and rows whose lease expired, to ``owner``."""
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             rows = conn.execute(
                 f"UPDATE cmi_outbox SET state = 'leased', lease_owner = ?, lease_until = ?,"
                 f" attempts = attempts + 1 WHERE seq IN (SELECT seq FROM cmi_outbox"
@@ -448,7 +457,7 @@ class SQLiteStore:
 
     def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
         """Extend ``owner``'s leases on ``msg_ids``."""
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.executemany(
                 "UPDATE cmi_outbox SET lease_until = ? WHERE msg_id = ? AND lease_owner = ?"
                 " AND state = 'leased'",
@@ -459,7 +468,7 @@ class SQLiteStore:
         """Record attempts and outcomes in one transaction (a group commit)."""
         if not results:
             return
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.executemany(
                 "INSERT INTO cmi_attempts (msg_id, attempt, owner, started_at, finished_at,"
                 " outcome, status, error, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -478,33 +487,43 @@ class SQLiteStore:
                     for r in results
                 ],
             )
-            for r in results:
-                if r.outcome == "delivered":
-                    # A receiver's 2xx is a fact whoever holds the lease now; only a
-                    # cancelled row keeps its state (its terms were revoked meanwhile).
-                    conn.execute(
-                        "UPDATE cmi_outbox SET state = 'delivered', delivered_at = ?,"
-                        " last_status = ?, last_error = NULL, lease_owner = NULL,"
-                        " lease_until = NULL WHERE msg_id = ? AND state IN"
-                        " ('leased', 'pending', 'retry', 'dead')",
-                        (r.finished_at, r.status, r.msg_id),
-                    )
-                elif r.outcome == "retry":
-                    conn.execute(
-                        "UPDATE cmi_outbox SET state = 'retry', next_attempt_at = ?,"
-                        " last_status = ?, last_error = ?, lease_owner = NULL,"
-                        " lease_until = NULL WHERE msg_id = ? AND lease_owner = ?"
-                        " AND state = 'leased'",
-                        (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner),
-                    )
-                else:
-                    conn.execute(
-                        "UPDATE cmi_outbox SET state = 'dead', dead_at = ?, last_status = ?,"
-                        " last_error = ?, lease_owner = NULL, lease_until = NULL,"
-                        " next_attempt_at = NULL WHERE msg_id = ? AND lease_owner = ?"
-                        " AND state = 'leased'",
-                        (r.finished_at, r.status, r.error, r.msg_id, r.owner),
-                    )
+            delivered = [
+                (r.finished_at, r.status, r.msg_id) for r in results if r.outcome == "delivered"
+            ]
+            retry = [
+                (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner)
+                for r in results
+                if r.outcome == "retry"
+            ]
+            dead = [
+                (r.finished_at, r.status, r.error, r.msg_id, r.owner)
+                for r in results
+                if r.outcome == "dead"
+            ]
+            # A receiver's 2xx is a fact whoever holds the lease now; only a cancelled row
+            # keeps its state (its terms were revoked meanwhile).
+            conn.executemany(
+                "UPDATE cmi_outbox SET state = 'delivered', delivered_at = ?,"
+                " last_status = ?, last_error = NULL, lease_owner = NULL,"
+                " lease_until = NULL WHERE msg_id = ? AND state IN"
+                " ('leased', 'pending', 'retry', 'dead')",
+                delivered,
+            )
+            # A failure is recorded only by the worker that still holds the lease.
+            conn.executemany(
+                "UPDATE cmi_outbox SET state = 'retry', next_attempt_at = ?,"
+                " last_status = ?, last_error = ?, lease_owner = NULL,"
+                " lease_until = NULL WHERE msg_id = ? AND lease_owner = ?"
+                " AND state = 'leased'",
+                retry,
+            )
+            conn.executemany(
+                "UPDATE cmi_outbox SET state = 'dead', dead_at = ?, last_status = ?,"
+                " last_error = ?, lease_owner = NULL, lease_until = NULL,"
+                " next_attempt_at = NULL WHERE msg_id = ? AND lease_owner = ?"
+                " AND state = 'leased'",
+                dead,
+            )
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or the next lease expires."""
