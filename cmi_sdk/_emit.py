@@ -158,9 +158,7 @@ class Emitter:
             for ref in customer_refs or (tx.customer_ref,):
                 terms_list = terms_of.get(ref)
                 if terms_list is None:
-                    terms_list = terms_of[ref] = store.active_terms(
-                        ref, now, connection=connection
-                    )
+                    terms_list = terms_of[ref] = store.active_terms(ref, now, connection=connection)
                 if not terms_list:
                     log.info(
                         "no active sharing terms for customer %s: transaction %s not emitted"

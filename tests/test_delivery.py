@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
+import os
 import random
 import threading
 import time
@@ -29,7 +31,7 @@ from cmi_sdk import (
 from cmi_sdk._delivery import DEFAULT_SCHEDULE, parse_retry_after
 from cmi_sdk.outbox import DeliveryReport
 from cmi_sdk.receiver import CustomerStore
-from cmi_sdk.webhooks import WebhookVerifier, generate_secret
+from cmi_sdk.webhooks import WebhookVerifier, generate_secret, public_key_for
 from tests.support import Faulty, make_adapter, register, serve_app, signer, ticket
 
 FAST = RetrySchedule(delays=(0, 0, 0, 0, 0), jitter=0)
@@ -376,3 +378,22 @@ def test_delivery_stats_add_up() -> None:
     total.add(DeliveryStats(retried=2, dead=1, skipped=4))
     assert (total.attempts, total.skipped) == (4, 4)
     assert ("cmi-defaults", "cmi_sdk._default_hooks") in DEFAULT_PLUGINS
+
+
+def test_an_ed25519_key_adds_a_v1a_signature(setup: Setup) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200)
+
+    key = "whsk_" + base64.b64encode(os.urandom(32)).decode()
+    _terms(setup)
+    setup.adapter.emit(ticket())
+    with setup.worker(ed25519_key=key, transport=httpx.MockTransport(handler)) as worker:
+        assert worker.run_once().delivered == 1
+    (request,) = seen
+    versions = [part.split(",")[0] for part in request.headers["webhook-signature"].split()]
+    assert versions == ["v1", "v1a"]
+    only_v1a = WebhookVerifier(public_keys=(public_key_for(key),))
+    assert only_v1a.verify(request.headers, request.content) == request.headers["webhook-id"]
