@@ -21,8 +21,10 @@ import pluggy
 
 if TYPE_CHECKING:
     import datetime
+    import datetime as dt
 
-    from cmi_sdk._models import Transaction
+    from cmi_sdk._models import Acceptance, Advice, Offer, Request, Reward, Transaction
+    from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
     from cmi_sdk._standards import StandardRegistry
     from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
     from cmi_sdk.outbox import DeliveryReport
@@ -115,4 +117,160 @@ def cmi_on_dead_letter(report: DeliveryReport) -> None:
 
     :param report: the document's id, terms, customer, destination, attempts, the last
         status and the error.
+    """
+
+
+# -- customer-initiated requests: the pipeline, in the order it runs -----------------------
+
+
+@hookspec
+def cmi_validate_request(request: Request) -> list[str] | None:
+    """Stage 1: say what is wrong with a request the firm cannot serve as it is.
+
+    Called for every request that passed authentication and its XSD, before anything
+    else. Every implementation is called; their problems are put together, and any problem
+    refuses the request (``urn:cmi:problem:invalid-request``), with no offer made.
+
+    :param request: the customer's request, as a canonical model.
+    :return: problems, in words (an empty list or None when there are none).
+    """
+
+
+@hookspec
+def cmi_verify_claims(request: Request) -> list[ClaimCheck] | None:
+    """Stage 2: check the claims the customer makes (a loyalty tier, a credit band).
+
+    Every implementation is called; each returns a verdict for the claims it knows how to
+    check. Claims nobody checked count as unverified. The verdicts reach the rewards stage.
+
+    :param request: the request, whose ``claims`` to check.
+    :return: one :class:`~cmi_sdk.ClaimCheck` per claim checked.
+    """
+
+
+@hookspec(firstresult=True)
+def cmi_check_capacity(request: Request) -> Availability | None:
+    """Stage 3: is there something to sell? Stops at the first non-None result.
+
+    Answers without reserving anything: an offer is a quote. Runs within its share of the
+    request's deadline; a capacity system that does not answer in time means no offer
+    (``urn:cmi:problem:capacity-timeout``).
+
+    :param request: the request.
+    :return: an :class:`~cmi_sdk.Availability`, or None when the product is not the
+        plugin's (the next plugin is asked). ``available`` 0 means sold out.
+    """
+
+
+@hookspec(firstresult=True)
+def cmi_revenue_decision(request: Request, availability: Availability) -> RevenueDecision | None:
+    """Stage 4: should the firm sell this now, and at no less than what?
+
+    Stops at the first non-None result. Runs within its budget; no answer in time, or no
+    answer at all, means no offer (fail closed).
+
+    :param request: the request.
+    :param availability: what capacity found.
+    :return: a :class:`~cmi_sdk.RevenueDecision`: ``accept`` and the price ``floor``
+        (a bid price), which the SDK enforces on the price and the rewards.
+    """
+
+
+@hookspec(firstresult=True)
+def cmi_price(
+    request: Request, availability: Availability, decision: RevenueDecision
+) -> Quote | None:
+    """Stage 5: the price for this request. Stops at the first non-None result.
+
+    The SDK refuses a quote below ``decision.floor`` (no offer is made, and the logs name
+    the plugin). Runs within its budget; late means no offer.
+
+    :param request: the request.
+    :param availability: what capacity found.
+    :param decision: revenue management's decision, with the floor.
+    :return: a :class:`~cmi_sdk.Quote`: the line items, and the product as priced.
+    """
+
+
+@hookspec
+def cmi_rewards(request: Request, quote: Quote, claims: list[ClaimCheck]) -> list[Reward] | None:
+    """Stage 6: rewards for this customer (a loyalty discount). Every implementation is
+    called.
+
+    The SDK applies them in a fixed order, largest first, then by code, each as a negative
+    line item, and stops before the price would go below the floor: a reward that does not
+    fit whole is cut to fit.
+
+    :param request: the request.
+    :param quote: the price before rewards.
+    :param claims: the verdicts on the request's claims (verified or not).
+    :return: rewards, each with the amount it takes off.
+    """
+
+
+@hookspec
+def cmi_advise(request: Request) -> list[Advice] | None:
+    """Stage 7: recommendations to attach to the offer (another date, a better product).
+    Every implementation is called; all advice is attached.
+
+    :param request: the request.
+    :return: pieces of advice.
+    """
+
+
+@hookspec
+def cmi_offer_validity(request: Request, offer: Offer) -> dt.timedelta | None:
+    """Stage 8: how long the offer may be accepted. Every implementation is called, and
+    the shortest window wins (the SDK's default is 15 minutes).
+
+    :param request: the request.
+    :param offer: the offer as built, with the default window.
+    :return: how long from now the offer holds.
+    """
+
+
+@hookspec(firstresult=True)
+def cmi_hold(offer: Offer, acceptance: Acceptance) -> Hold | None:
+    """On acceptance: hold the inventory of the offer while it is booked.
+
+    Stops at the first non-None result. Capacity and the revenue decision are checked
+    again first; a hold that fails (raises, or None when the offer needs one) means the
+    acceptance is refused and nothing is booked.
+
+    :param offer: the offer accepted.
+    :param acceptance: the customer's acceptance.
+    :return: the :class:`~cmi_sdk.Hold`, or None when nothing needs holding.
+    """
+
+
+@hookspec(firstresult=True)
+def cmi_book(offer: Offer, acceptance: Acceptance, hold: Hold | None) -> Transaction | None:
+    """On acceptance: book the offer and return the transaction. Stops at the first
+    non-None result.
+
+    Called once per acceptance id: a retried acceptance returns the first one's result.
+    The transaction is then emitted under the customer's terms.
+
+    :param offer: the offer accepted.
+    :param acceptance: the acceptance (with the customer's identity, if they gave it).
+    :param hold: the hold taken for it, if any.
+    :return: the :class:`~cmi_sdk.Transaction` booked.
+    """
+
+
+@hookspec
+def cmi_release(offer: Offer, hold: Hold) -> None:
+    """Release a hold: the booking failed. A notification.
+
+    :param offer: the offer whose acceptance failed.
+    :param hold: the hold to let go.
+    """
+
+
+@hookspec
+def cmi_on_offer_expired(offer: Offer) -> None:
+    """An offer's validity ran out without an acceptance; a notification, called when an
+    acceptance of it is refused as expired.
+
+    :param offer: the offer that expired.
     """

@@ -98,7 +98,7 @@ class Project:
         """Emit a transaction; the msg ids printed, one per document."""
         out = self.ok("emit", path.name)
         ids = [line.split()[0] for line in out.splitlines()]
-        assert all(re.fullmatch(r"msg_[a-z2-7]+", i) for i in ids), out
+        assert all(re.fullmatch(r"msg_[0-9a-f]{32}", i) for i in ids), out
         return ids
 
 
