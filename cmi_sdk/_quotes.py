@@ -9,6 +9,7 @@ caught where it is made, with the plugin's name.
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from typing import Annotated, Self
 
 from pydantic import Field, model_validator
