@@ -73,16 +73,14 @@ class Quote(_Model):
 
     @model_validator(mode="after")
     def _one_currency(self) -> Self:
-        currency = self.items[0].amount.currency
-        total = Money(amount=sum((i.amount.amount for i in self.items), start=0), currency=currency)
-        _check_items_total(self.items, total)
+        _check_items_total(self.items, self.total)
         return self
 
     @property
     def total(self) -> Money:
         """The sum of the items."""
-        currency = self.items[0].amount.currency
-        return Money(amount=sum((i.amount.amount for i in self.items), start=0), currency=currency)
+        amount = sum((i.amount.amount for i in self.items), start=Decimal(0))
+        return Money(amount=amount, currency=self.items[0].amount.currency)
 
 
 class Hold(_Model):
