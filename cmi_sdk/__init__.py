@@ -11,6 +11,8 @@ from cmi_sdk._adapter import DEFAULT_PLUGINS, Adapter, ValidatedDocument
 from cmi_sdk._delivery import DeliveryStats, DeliveryWorker, RetrySchedule
 from cmi_sdk._emit import Emission, SignedConsent
 from cmi_sdk._exceptions import (
+    AcceptanceConflictError,
+    AcceptanceError,
     CMIError,
     ConfigurationError,
     DestinationNotAllowedError,
@@ -25,10 +27,13 @@ from cmi_sdk._exceptions import (
     MappingError,
     ModelValidationError,
     NotFoundError,
+    OfferExpiredError,
+    OfferNotFoundError,
     OutboxRowNotFoundError,
     PluginError,
     RenderError,
     ReplayedMessageError,
+    RequestRefusedError,
     SignatureVerificationError,
     StaleTimestampError,
     StandardNotFoundError,
@@ -55,11 +60,14 @@ from cmi_sdk._models import (
     LoanWanted,
     Money,
     Offer,
+    OfferSet,
     Request,
     Reward,
     Transaction,
     load_model,
 )
+from cmi_sdk._offers import AcceptanceResult, Answer
+from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
 from cmi_sdk._terms import (
     ConsentRecord,
@@ -73,15 +81,22 @@ from cmi_sdk._version import __version__
 from cmi_sdk._xml import HardenedParser
 from cmi_sdk.egress import EgressGuard
 from cmi_sdk.hookspecs import hookimpl
+from cmi_sdk.outbox import StoredOffer
 
 __all__ = [
     "DEFAULT_PLUGINS",
     "Acceptance",
+    "AcceptanceConflictError",
+    "AcceptanceError",
+    "AcceptanceResult",
     "Adapter",
     "Advice",
+    "Answer",
+    "Availability",
     "BankStatementLineDetails",
     "CMIError",
     "Claim",
+    "ClaimCheck",
     "ConfigurationError",
     "ConsentRecord",
     "Constraints",
@@ -101,6 +116,7 @@ __all__ = [
     "FlightWanted",
     "ForbiddenXMLError",
     "HardenedParser",
+    "Hold",
     "Identity",
     "InvalidInputError",
     "LineItem",
@@ -113,13 +129,19 @@ __all__ = [
     "Money",
     "NotFoundError",
     "Offer",
+    "OfferExpiredError",
+    "OfferNotFoundError",
+    "OfferSet",
     "OutboxRowNotFoundError",
     "PluginError",
     "Purpose",
+    "Quote",
     "RenderError",
     "ReplayedMessageError",
     "Request",
+    "RequestRefusedError",
     "RetrySchedule",
+    "RevenueDecision",
     "Reward",
     "SharingTerms",
     "SignatureVerificationError",
@@ -129,6 +151,7 @@ __all__ = [
     "StandardNotFoundError",
     "StandardRegistry",
     "StoreError",
+    "StoredOffer",
     "TermsDecision",
     "TermsError",
     "TermsNotFoundError",

@@ -25,7 +25,8 @@ from cmi_sdk._exceptions import (
     PluginError,
     ValidationIssue,
 )
-from cmi_sdk._models import Transaction
+from cmi_sdk._models import Acceptance, Request, Transaction
+from cmi_sdk._offers import AcceptanceResult, Answer, OfferPipeline
 from cmi_sdk._standards import (
     DocumentType,
     Standard,
@@ -36,7 +37,7 @@ from cmi_sdk._standards import (
 from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, HardenedParser
 from cmi_sdk.egress import EgressGuard
-from cmi_sdk.outbox import OutboxStore
+from cmi_sdk.outbox import OutboxStore, StoredOffer
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -126,6 +127,10 @@ class Adapter:
     :param webhook_ed25519_key: a ``whsk_`` key: deliveries also carry a ``v1a``
         signature, whose public key ``/.well-known/cmi`` publishes.
     :param clock: POSIX seconds; tests inject one.
+    :param request_budget: seconds the firm's systems have to answer a request without a
+        ``respond_by`` (shared among the pipeline's stages).
+    :param offer_validity: the longest an offer holds (``cmi_offer_validity`` may shorten
+        it).
     :raises PluginError: a plugin failed to load, implements an unknown ``cmi_`` hook, or
         registers a standard that clashes with another.
     """
@@ -146,6 +151,8 @@ class Adapter:
         egress: EgressGuard | None = None,
         webhook_ed25519_key: str | None = None,
         clock: Callable[[], float] = time.time,
+        request_budget: float = 2.0,
+        offer_validity: dt.timedelta = dt.timedelta(minutes=15),
     ) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
@@ -187,6 +194,16 @@ class Adapter:
             firm=firm,
             clock=clock,
             parser=self.parser.lxml_parser,
+        )
+        self._offers = OfferPipeline(
+            hook=self._pm.hook,
+            store=lambda: self.store,
+            render_signed=self._render_signed,
+            emit=lambda tx, ref: self.emit(tx, customer_refs=[ref]),
+            firm=firm,
+            clock=clock,
+            default_budget=request_budget,
+            default_validity=offer_validity,
         )
 
     def _register(self, plugin: object, name: str | None) -> None:
@@ -309,6 +326,51 @@ class Adapter:
         """Registered terms, oldest first."""
         return self.store.list_terms(customer_ref=customer_ref, include_revoked=include_revoked)
 
+    # -- requests, offers, acceptances ---------------------------------------------------
+
+    def answer_request(self, request: Request, *, intermediary: str | None = None) -> Answer:
+        """Run the firm's systems on a customer's request and answer with signed offers.
+
+        The pipeline (see :mod:`cmi_sdk.hookspecs`): validate, verify claims, capacity,
+        revenue decision, price (never below the floor), rewards, advice, validity; then
+        the offer is built, signed and stored. Nothing is reserved: an offer is a quote.
+
+        :return: the :class:`~cmi_sdk.OfferSet` and its signed ``offers`` document; an
+            answer without offers says why (``declined``).
+        :raises RequestRefusedError: a plugin found the request invalid, a stage missed its
+            share of the deadline, or a plugin failed: no offer is made (fail closed).
+        """
+        return self._offers.answer(request, intermediary=intermediary)
+
+    def accept_offer(
+        self, offer_id: str, acceptance: Acceptance, *, intermediary: str | None = None
+    ) -> AcceptanceResult:
+        """Accept an offer: capacity and price are checked again, inventory is held
+        (``cmi_hold``), the booking made (``cmi_book``) and its transaction emitted under
+        the customer's terms. Idempotent on the acceptance id: a retry returns the first
+        result and books nothing more.
+
+        :raises OfferNotFoundError: no such offer.
+        :raises OfferExpiredError: the offer's window is over.
+        :raises AcceptanceError: no longer available, the hold or the booking failed.
+        """
+        return self._offers.accept(offer_id, acceptance, intermediary=intermediary)
+
+    def get_offer(self, offer_id: str) -> StoredOffer:
+        """An offer made, with its request and signed document.
+
+        :raises OfferNotFoundError: no such offer.
+        """
+        return self.store.get_offer(offer_id)
+
+    def _render_signed(self, model: BaseModel, document_type: str) -> bytes:
+        std, doc_type = self.standards.resolve("cmi", document_type)
+        text = render_text(std, doc_type, model).encode()
+        root = etree.fromstring(text, self.parser.lxml_parser())
+        self._check(std, doc_type, root, text)
+        signer = self.signer
+        return text if signer is None else signer.sign(text, root=root)
+
     def delivery_worker(self, **options: Any) -> DeliveryWorker:
         """A :class:`~cmi_sdk.DeliveryWorker` for this adapter's outbox; ``options`` go to
         its constructor (concurrency, timeouts, retry schedule, ...)."""
@@ -324,6 +386,10 @@ class Adapter:
         from cmi_sdk.asgi import create_app  # noqa: PLC0415
 
         return create_app(self, **options)
+
+    def close(self) -> None:
+        """Stop the adapter's worker threads (the request pipeline's)."""
+        self._offers.close()
 
     def now(self) -> dt.datetime:
         """The adapter's clock as an aware UTC datetime."""

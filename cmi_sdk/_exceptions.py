@@ -12,6 +12,7 @@ about something that is not there from :class:`LookupError`::
     │   ├── StandardNotFoundError
     │   ├── DocumentTypeNotFoundError
     │   ├── TermsNotFoundError
+    │   ├── OfferNotFoundError
     │   └── OutboxRowNotFoundError
     └── InvalidInputError (ValueError)
         ├── ModelValidationError        data that does not fit a canonical model
@@ -24,6 +25,10 @@ about something that is not there from :class:`LookupError`::
         │   └── DocumentTooDeepError
         ├── DocumentValidationError     XML that breaks its schema
         ├── TermsError                  sharing terms the firm cannot take as they are
+        ├── RequestRefusedError         a request the firm's systems will not answer
+        ├── AcceptanceError             an acceptance that cannot be booked
+        │   ├── OfferExpiredError
+        │   └── AcceptanceConflictError an acceptance id reused for another offer
         ├── DestinationNotAllowedError  a destination the egress guard refuses
         │   └── EgressResolutionError   its name did not resolve (retried later)
         └── SignatureVerificationError  a signed message that fails its check
@@ -40,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "AcceptanceConflictError",
+    "AcceptanceError",
     "CMIError",
     "ConfigurationError",
     "DestinationNotAllowedError",
@@ -54,10 +61,13 @@ __all__ = [
     "MappingError",
     "ModelValidationError",
     "NotFoundError",
+    "OfferExpiredError",
+    "OfferNotFoundError",
     "OutboxRowNotFoundError",
     "PluginError",
     "RenderError",
     "ReplayedMessageError",
+    "RequestRefusedError",
     "SignatureVerificationError",
     "StaleTimestampError",
     "StandardNotFoundError",
@@ -107,6 +117,10 @@ class DocumentTypeNotFoundError(NotFoundError):
 
 class TermsNotFoundError(NotFoundError):
     """No sharing terms have that id (or none the caller may see)."""
+
+
+class OfferNotFoundError(NotFoundError):
+    """No offer has that id."""
 
 
 class OutboxRowNotFoundError(NotFoundError):
@@ -288,3 +302,43 @@ class UnknownPartyError(SignatureVerificationError):
 
 class ReplayedMessageError(SignatureVerificationError):
     """The message's id was already accepted inside the timestamp window: a replay."""
+
+
+class RequestRefusedError(InvalidInputError):
+    """The pipeline made no offer: a plugin found the request invalid, a stage missed its
+    budget, or a plugin failed (fail closed).
+
+    :ivar problem: the stable problem slug (``invalid-request``, ``capacity-timeout``, ...).
+    :ivar plugin: the plugin at fault, when one is.
+    """
+
+    def __init__(self, message: str, *, problem: str, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.plugin = plugin
+
+
+class AcceptanceError(InvalidInputError):
+    """An acceptance was refused: the offer is no longer available, the hold or the booking
+    failed. Nothing was booked.
+
+    :ivar problem: the stable problem slug.
+    """
+
+    def __init__(self, message: str, *, problem: str = "acceptance-refused") -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+class OfferExpiredError(AcceptanceError):
+    """The offer's validity window is over."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, problem="offer-expired")
+
+
+class AcceptanceConflictError(AcceptanceError):
+    """The acceptance id was already used for another offer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, problem="acceptance-conflict")

@@ -45,6 +45,7 @@ __all__ = [
     "LoanWanted",
     "Money",
     "Offer",
+    "OfferSet",
     "Request",
     "Reward",
     "Transaction",
@@ -489,6 +490,27 @@ class Offer(_Model):
         if self.valid_until <= self.valid_from:
             raise ValueError("valid_until must be after valid_from")
         _check_items_total(self.items, self.price)
+        return self
+
+
+class OfferSet(_Model):
+    """A firm's answer to a request: the offers it makes, or none and why."""
+
+    request_id: Identifier
+    firm: Identifier
+    reply_to: Identifier
+    answered_at: UtcDatetime
+    offers: tuple[Offer, ...] = ()
+    declined: Text | None = None
+    """Why no offer is made, when none is."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        for offer in self.offers:
+            if offer.request_id != self.request_id:
+                raise ValueError(f"offer {offer.id} answers another request")
+        if self.offers and self.declined is not None:
+            raise ValueError("an answer with offers is not declined")
         return self
 
 

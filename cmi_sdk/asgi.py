@@ -25,7 +25,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -40,12 +40,19 @@ from starlette.routing import Route
 
 from cmi_sdk._adapter import Adapter
 from cmi_sdk._exceptions import (
+    AcceptanceError,
     CMIError,
     DestinationNotAllowedError,
+    DocumentTooDeepError,
+    DocumentTooLargeError,
+    DocumentValidationError,
+    ForbiddenXMLError,
     InvalidInputError,
+    MalformedXMLError,
     ModelValidationError,
     NotFoundError,
     ReplayedMessageError,
+    RequestRefusedError,
     SignatureVerificationError,
     StaleTimestampError,
     TermsError,
@@ -77,6 +84,33 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "terms-refused": (422, "The terms cannot be registered as they are"),
     "destination-not-allowed": (422, "The destination is not allowed"),
     "conflict": (409, "The request conflicts with the resource's state"),
+    "malformed-xml": (400, "The body is not well-formed XML"),
+    "forbidden-xml": (400, "The XML uses a construct the firm refuses (a DTD, entities)"),
+    "too-deep": (400, "The XML nests too deeply"),
+    "invalid-document": (422, "The document breaks its schema"),
+    "invalid-request": (422, "The firm's systems cannot serve the request as it is"),
+    "deadline-passed": (422, "The request's respond_by has passed"),
+    "validation-timeout": (503, "Request validation did not answer in time; no offer"),
+    "claims-timeout": (503, "Claim verification did not answer in time; no offer"),
+    "capacity-timeout": (503, "Capacity did not answer in time; no offer"),
+    "revenue-timeout": (503, "Revenue management did not answer in time; no offer"),
+    "pricing-timeout": (503, "Pricing did not answer in time; no offer"),
+    "rewards-timeout": (503, "Rewards did not answer in time; no offer"),
+    "advice-timeout": (503, "Advice did not answer in time; no offer"),
+    "validity-timeout": (503, "Offer validity did not answer in time; no offer"),
+    "offer-timeout": (503, "The offer could not be built in time"),
+    "no-revenue-decision": (503, "No revenue-management system answered; no offer"),
+    "no-price": (503, "No pricing system answered; no offer"),
+    "price-below-floor": (502, "The price came out below the floor; no offer"),
+    "plugin-failed": (502, "One of the firm's systems failed; no offer"),
+    "offer-expired": (410, "The offer's validity window is over"),
+    "no-longer-available": (409, "The offer is no longer available"),
+    "price-changed": (409, "The offer's price is no longer available"),
+    "not-booked": (409, "The booking failed; nothing was booked"),
+    "acceptance-refused": (409, "The acceptance was refused; nothing was booked"),
+    "acceptance-in-progress": (409, "The acceptance is being booked; retry shortly"),
+    "acceptance-conflict": (409, "The acceptance id was used for another offer"),
+    "acceptance-failed": (500, "The booking failed unexpectedly; nothing was booked"),
     "internal": (500, "The firm's endpoint failed"),
 }
 """Every problem type the endpoint answers with: ``urn:cmi:problem:<slug>`` to the
@@ -134,6 +168,11 @@ def problem_response(request: Request, problem: ProblemError) -> Response:
 
 # Most specific first: the first class the exception is an instance of names its problem.
 _PROBLEM_OF: tuple[tuple[type[CMIError], str], ...] = (
+    (DocumentTooLargeError, "too-large"),
+    (MalformedXMLError, "malformed-xml"),
+    (ForbiddenXMLError, "forbidden-xml"),
+    (DocumentTooDeepError, "too-deep"),
+    (DocumentValidationError, "invalid-document"),
     (StaleTimestampError, "stale-timestamp"),
     (ReplayedMessageError, "replayed"),
     (UnknownPartyError, "unknown-party"),
@@ -148,6 +187,8 @@ _PROBLEM_OF: tuple[tuple[type[CMIError], str], ...] = (
 def _problem_for(exc: CMIError) -> ProblemError:
     if isinstance(exc, ProblemError):
         return exc
+    if isinstance(exc, RequestRefusedError | AcceptanceError) and exc.problem in PROBLEM_TYPES:
+        return ProblemError(exc.problem, str(exc))
     if isinstance(exc, ModelValidationError):
         issues = [{"path": i.path, "reason": i.reason} for i in exc.issues]
         return ProblemError("invalid-input", str(exc).splitlines()[0], extra={"errors": issues})
@@ -164,6 +205,8 @@ class Principal:
 
     intermediary: str | None = None
     terms: SharingTerms | None = None
+    party: str = ""
+    msg_id: str = ""
 
     def may_see(self, terms: SharingTerms) -> bool:
         """Whether the principal may read or revoke ``terms``."""
@@ -196,6 +239,13 @@ def create_app(
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.get_terms), methods=["GET"]),
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.delete_terms), methods=["DELETE"]),
         Route("/cmi/documents", endpoint.guarded(endpoint.documents), methods=["GET"]),
+        Route("/cmi/requests", endpoint.guarded(endpoint.post_request), methods=["POST"]),
+        Route("/cmi/offers/{offer_id}", endpoint.guarded(endpoint.get_offer), methods=["GET"]),
+        Route(
+            "/cmi/offers/{offer_id}/acceptance",
+            endpoint.guarded(endpoint.post_acceptance),
+            methods=["POST"],
+        ),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_problem})
 
@@ -288,21 +338,28 @@ class _Endpoint:
         expires = now + 2 * self.tolerance
         if not store.remember_message(party, msg_id, expires_at=expires, now=now):
             raise ReplayedMessageError(f"message id {msg_id} was already used")
-        return principal
+        return replace(principal, party=party, msg_id=msg_id)
 
     def guarded(self, handle: Callable[[Request, Principal, bytes], Response]) -> Handler:
         """Wrap a handler with the size cap, authentication and problem responses."""
 
         async def endpoint(request: Request) -> Response:
+            principal: Principal | None = None
             try:
                 body = await self.read_body(request)
                 principal = await run_in_threadpool(self.authenticate, request, body)
                 return await run_in_threadpool(handle, request, principal, body)
             except CMIError as exc:
-                return problem_response(request, _problem_for(exc))
+                problem = _problem_for(exc)
             except Exception:
                 log.exception("the CMI endpoint failed on %s %s", request.method, request.url.path)
-                return problem_response(request, ProblemError("internal", "internal error"))
+                problem = ProblemError("internal", "internal error")
+            if principal is not None:
+                # A refused request leaves nothing behind, not even its message id.
+                await run_in_threadpool(
+                    self.adapter.store.forget_message, principal.party, principal.msg_id
+                )
+            return problem_response(request, problem)
 
         return endpoint
 
@@ -364,6 +421,49 @@ class _Endpoint:
                 "consent_xml": consent.xml.decode(),
             }
         )
+
+    def _xml_document(self, request: Request, body: bytes, document_type: str) -> Any:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in {"application/xml", "text/xml"}:
+            raise ProblemError("unsupported-media-type", "send the document as application/xml")
+        doc = self.adapter.validate(body)  # the hardened parser, then the XSD
+        if (doc.standard.name, doc.document_type.name) != ("cmi", document_type):
+            raise ProblemError(
+                "invalid-document",
+                f"expected a cmi {document_type} document, not a {doc.standard.name}"
+                f" {doc.document_type.name}",
+            )
+        return doc.to_model()
+
+    def _intermediary(self, principal: Principal) -> str:
+        if principal.intermediary is None:
+            raise ProblemError("forbidden", "requests and acceptances come through intermediaries")
+        return principal.intermediary
+
+    def post_request(self, request: Request, principal: Principal, body: bytes) -> Response:
+        name = self._intermediary(principal)
+        customer_request = self._xml_document(request, body, "request")
+        answer = self.adapter.answer_request(customer_request, intermediary=name)
+        return Response(answer.xml, media_type="application/xml")
+
+    def get_offer(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        name = self._intermediary(principal)
+        offer_id = request.path_params["offer_id"]
+        stored = self.adapter.get_offer(offer_id)
+        if stored.intermediary not in (None, name):
+            raise ProblemError("not-found", f"no offer {offer_id!r}")
+        return Response(stored.xml, media_type="application/xml")
+
+    def post_acceptance(self, request: Request, principal: Principal, body: bytes) -> Response:
+        name = self._intermediary(principal)
+        acceptance = self._xml_document(request, body, "acceptance")
+        result = self.adapter.accept_offer(
+            request.path_params["offer_id"], acceptance, intermediary=name
+        )
+        if result.outcome != "booked":  # a retry of a refused acceptance: the same refusal
+            slug = result.problem if result.problem in PROBLEM_TYPES else "acceptance-refused"
+            raise ProblemError(slug, result.detail or "the acceptance was refused")
+        return JSONResponse(result.to_json(), status_code=201)
 
     def documents(self, request: Request, principal: Principal, _body: bytes) -> Response:
         terms = principal.terms
@@ -430,6 +530,9 @@ def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) ->
         "capabilities": {
             "terms": "/cmi/terms",
             "documents": "/cmi/documents",
+            "requests": "/cmi/requests",
+            "offers": "/cmi/offers/{id}",
+            "acceptance": "/cmi/offers/{id}/acceptance",
             "timings": list(adapter.policy.timings),
         },
         "authentication": {

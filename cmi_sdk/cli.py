@@ -454,6 +454,113 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from cmi_sdk.client import CMIClient  # noqa: PLC0415
+
+    return CMIClient(args.to, secret=args.secret, intermediary=args.intermediary)
+
+
+def _answer_problem(response: Any) -> InputError:
+    try:
+        data = response.json()
+        detail = f"{data.get('type', '')}: {data.get('detail', '')}"
+    except ValueError:
+        detail = response.text[:500]
+    return InputError(f"the firm answered {response.status_code}: {detail}")
+
+
+def format_offers(answer: Any) -> list[str]:
+    """Lines describing a firm's answer (an OfferSet) for people."""
+    lines = [f"answer to {answer.request_id} from {answer.firm}:"]
+    if answer.declined:
+        lines.append(f"  no offer: {answer.declined}")
+    for offer in answer.offers:
+        product = offer.product
+        if product.kind == "flight":
+            what = (
+                f"{product.airline} {product.flight} {product.origin}-{product.destination}"
+                f" {product.date} class {product.fare_class}"
+            )
+        else:
+            what = (
+                f"loan of {product.principal} over {product.term_months} months"
+                f" at {product.apr} % APR"
+            )
+        lines.append(f"  offer {offer.id}: {what}")
+        lines.append(
+            f"    price {offer.price}, valid until {offer.valid_until:%Y-%m-%d %H:%M:%S} UTC"
+        )
+        lines.extend(f"    reward {r.code}: -{r.amount}" for r in offer.rewards)
+        lines.extend(f"    advice: {a.text}" for a in offer.advice)
+    return lines
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Act as an intermediary: sign and post a request, print the offers."""
+    from cmi_sdk._models import Request  # noqa: PLC0415
+
+    adapter = _adapter(args)
+    data = _read(args.file, adapter.parser.max_bytes)
+    if data.lstrip()[:1] == b"<":
+        xml = data
+        adapter.validate(xml, standard="cmi", document_type="request")
+    else:
+        try:
+            model = load_model(Request, data)
+        except ModelValidationError as exc:
+            raise _located(args.file, exc) from None
+        xml = adapter.render(model, standard="cmi", document_type="request")
+    with _client(args) as client:
+        response = client.post_request(xml)
+    if response.status_code != 200:
+        raise _answer_problem(response)
+    answer = adapter.parse(response.content, standard="cmi", document_type="offers")
+    if args.xml:
+        _write(response.content, args.output)
+    else:
+        _write(("\n".join(format_offers(answer)) + "\n").encode(), None)
+    return EXIT_OK
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    """Act as an intermediary: accept an offer for a customer; print the booking."""
+    import datetime as dt  # noqa: PLC0415
+    import secrets  # noqa: PLC0415
+
+    from cmi_sdk._models import Acceptance  # noqa: PLC0415
+
+    adapter = _adapter(args)
+    identity = None
+    if args.name or args.email:
+        identity = {"name": args.name, "email": args.email}
+    try:
+        acceptance = load_model(
+            Acceptance,
+            {
+                "id": args.id or f"acc_{secrets.token_hex(8)}",
+                "offer_id": args.offer_id,
+                "customer_ref": args.customer,
+                "accepted_at": dt.datetime.now(dt.UTC).isoformat(),
+                "identity": identity,
+            },
+        )
+    except ModelValidationError as exc:
+        raise _located("acceptance", exc) from None
+    xml = adapter.render(acceptance, standard="cmi", document_type="acceptance")
+    with _client(args) as client:
+        response = client.accept(args.offer_id, xml)
+    if response.status_code != 201:
+        raise _answer_problem(response)
+    result = response.json()
+    _write(
+        f"{result['outcome']}: offer {result['offer_id']} as {result['transaction_id']}"
+        f" (acceptance {result['acceptance_id']}; documents: "
+        f"{', '.join(result.get('documents', [])) or 'none'})\n".encode(),
+        None,
+    )
+    return EXIT_OK
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     """Write a development key pair: DIR/key.pem and a self-signed DIR/cert.pem."""
     from cmi_sdk.signing import generate_development_keys  # noqa: PLC0415
@@ -656,6 +763,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cert", metavar="cert.pem", help="also verify the firm's XML-DSig")
     p.set_defaults(func=cmd_listen)
+
+    def intermediary_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--to", required=True, metavar="URL", help="the firm's endpoint base")
+        p.add_argument("--intermediary", required=True, metavar="NAME")
+        p.add_argument("--secret", required=True, metavar="whsec_...")
+
+    p = sub.add_parser("request", help="as an intermediary: post a request, print the offers")
+    p.add_argument("file", metavar="FILE", help="a canonical request (JSON) or request XML")
+    intermediary_options(p)
+    p.add_argument("--xml", action="store_true", help="print the signed offers XML")
+    p.add_argument("--output", "-o", metavar="FILE", help="with --xml: write it here")
+    p.set_defaults(func=cmd_request)
+
+    p = sub.add_parser("accept", help="as an intermediary: accept an offer for a customer")
+    p.add_argument("offer_id", metavar="OFFER_ID")
+    intermediary_options(p)
+    p.add_argument("--customer", required=True, metavar="REF", help="the offer's customer")
+    p.add_argument("--id", metavar="ID", help="the acceptance id (idempotency key)")
+    p.add_argument("--name", help="the customer's name, if they choose to give it")
+    p.add_argument("--email", help="the customer's e-mail, if they choose to give it")
+    p.set_defaults(func=cmd_accept)
 
     p = sub.add_parser("serve", help="serve the firm's CMI endpoint")
     p.add_argument("--port", type=int, default=8000)

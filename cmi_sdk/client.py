@@ -108,11 +108,16 @@ class CMIClient:
         path: str,
         *,
         json_body: Any = None,
+        content: bytes | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        """Send one signed request; ``path`` is relative to the base URL."""
-        body = b"" if json_body is None else json.dumps(json_body).encode()
+        """Send one signed request; ``path`` is relative to the base URL. The body is
+        ``json_body`` as JSON, or ``content`` as given (set its content-type in
+        ``headers``)."""
+        body = content if content is not None else b""
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
         query = f"?{urlencode(params)}" if params else ""
         target = f"{self._prefix}{path}{query}"
         signed = signed_headers(
@@ -123,10 +128,29 @@ class CMIClient:
             intermediary=self._intermediary,
             terms_id=self._terms_id,
         )
-        if body:
+        if json_body is not None:
             signed["content-type"] = "application/json"
         signed.update(headers or {})
         return self._http.request(method, f"{path}{query}", content=body, headers=signed)
+
+    def post_request(self, xml: bytes) -> httpx.Response:
+        """``POST /cmi/requests``: a ``cmi`` request document; the answer is offers XML."""
+        return self.request(
+            "POST", "/cmi/requests", content=xml, headers={"content-type": "application/xml"}
+        )
+
+    def get_offer(self, offer_id: str) -> httpx.Response:
+        """``GET /cmi/offers/{id}``: the offer, signed."""
+        return self.request("GET", f"/cmi/offers/{offer_id}")
+
+    def accept(self, offer_id: str, xml: bytes) -> httpx.Response:
+        """``POST /cmi/offers/{id}/acceptance``: a ``cmi`` acceptance document."""
+        return self.request(
+            "POST",
+            f"/cmi/offers/{offer_id}/acceptance",
+            content=xml,
+            headers={"content-type": "application/xml"},
+        )
 
     def propose_terms(self, proposal: Mapping[str, Any]) -> httpx.Response:
         """``POST /cmi/terms``."""

@@ -24,6 +24,7 @@ from cmi_sdk import (
     LoanWanted,
     Money,
     Offer,
+    OfferSet,
     Purpose,
     Request,
     Reward,
@@ -341,4 +342,19 @@ def consents() -> st.SearchStrategy[ConsentRecord]:
         valid_until=st.none() | utc_datetimes,
         policy_url=st.none() | urls,
         jurisdiction=st.none() | text(max_size=64),
+    )
+
+
+@st.composite
+def offer_sets(draw: st.DrawFn) -> OfferSet:
+    drawn = draw(st.lists(offers(), max_size=2))
+    request_id = draw(identifiers)
+    answered = [o.model_copy(update={"request_id": request_id}) for o in drawn]
+    return OfferSet(
+        request_id=request_id,
+        firm=draw(identifiers),
+        reply_to=draw(identifiers),
+        answered_at=draw(utc_datetimes),
+        offers=tuple(answered),
+        declined=None if answered else draw(st.none() | text(max_size=256)),
     )

@@ -19,6 +19,7 @@ CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi", "offer"): s.offers(),
     ("cmi", "acceptance"): s.acceptances(),
     ("cmi", "consent"): s.consents(),
+    ("cmi", "offers"): s.offer_sets(),
 }
 
 ADAPTER = Adapter()

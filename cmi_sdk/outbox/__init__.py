@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "OutboxStatus",
     "OutboxStore",
     "State",
+    "StoredOffer",
 ]
 
 State = Literal["pending", "leased", "retry", "delivered", "dead", "pull", "cancelled"]
@@ -164,6 +166,17 @@ class OutboxStatus:
     disabled_destinations: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class StoredOffer:
+    """An offer as kept: with the request it answers (acceptance checks capacity and price
+    again against it), its signed document, and the intermediary that asked."""
+
+    offer: Offer
+    request: Request
+    xml: bytes
+    intermediary: str | None
+
+
 @runtime_checkable
 class OutboxStore(Protocol):
     """Where terms, consent records and outbox rows live.
@@ -261,3 +274,22 @@ class OutboxStore(Protocol):
 
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when it was already seen."""
+
+    def forget_message(self, party: str, msg_id: str) -> None:
+        """Drop a message id whose request was refused (a refused request stores nothing)."""
+
+    # -- offers and acceptances -----------------------------------------------------------
+
+    def add_offers(self, offers: Sequence[StoredOffer]) -> None:
+        """Keep offers with their requests and signed documents."""
+
+    def get_offer(self, offer_id: str) -> StoredOffer:
+        """The offer with that id; raises OfferNotFoundError."""
+
+    def begin_acceptance(
+        self, acceptance_id: str, offer_id: str, now: float
+    ) -> tuple[str, str | None] | None:
+        """Claim an acceptance id: None when new, else its recorded (state, result)."""
+
+    def finish_acceptance(self, acceptance_id: str, state: str, result: str, now: float) -> None:
+        """Record an acceptance's outcome and answer."""

@@ -18,18 +18,29 @@ from pathlib import Path
 from typing import Any, cast
 
 from cmi_sdk._exceptions import (
+    AcceptanceConflictError,
     ConfigurationError,
+    OfferNotFoundError,
     OutboxRowNotFoundError,
     StoreError,
     TermsError,
     TermsNotFoundError,
 )
+from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
-from cmi_sdk.outbox import AttemptResult, NewRow, OutboxRow, OutboxStatus, State
+from cmi_sdk.outbox import (
+    STATES,
+    AttemptResult,
+    NewRow,
+    OutboxRow,
+    OutboxStatus,
+    State,
+    StoredOffer,
+)
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cmi_meta (
@@ -100,6 +111,26 @@ CREATE TABLE IF NOT EXISTS cmi_intermediaries (
     name TEXT PRIMARY KEY,
     secrets TEXT NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cmi_offers (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    customer_ref TEXT NOT NULL,
+    intermediary TEXT,
+    offer TEXT NOT NULL,
+    request TEXT NOT NULL,
+    xml BLOB NOT NULL,
+    valid_until REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cmi_offers_request ON cmi_offers (request_id);
+CREATE TABLE IF NOT EXISTS cmi_acceptances (
+    id TEXT PRIMARY KEY,
+    offer_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    result TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cmi_seen (
     party TEXT NOT NULL,
@@ -291,7 +322,7 @@ class SQLiteStore:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(
-                "INSERT OR IGNORE INTO cmi_meta (key, value) VALUES ('schema_version', ?)",
+                "INSERT OR REPLACE INTO cmi_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
             conn.execute("COMMIT")
@@ -537,9 +568,8 @@ class SQLiteStore:
 
     def status(self, now: float) -> OutboxStatus:
         """Counts by state and the oldest pending row's age."""
-        counts = dict.fromkeys(("pending", "leased", "retry", "delivered", "dead"), 0)
-        for state, count in self._read("SELECT state, COUNT(*) FROM cmi_outbox GROUP BY state"):
-            counts[state] = count
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        counts.update(self._read("SELECT state, COUNT(*) FROM cmi_outbox GROUP BY state"))
         oldest = self._read(
             "SELECT MIN(created_at) FROM cmi_outbox WHERE state IN ('pending', 'retry', 'leased')"
         )[0][0]
@@ -675,3 +705,78 @@ class SQLiteStore:
                 (party, msg_id, expires_at),
             ).rowcount
         return inserted == 1
+
+    def forget_message(self, party: str, msg_id: str) -> None:
+        """Drop a message id: the request it came with was refused, and stores nothing."""
+        with self._write(durable=False) as conn:
+            conn.execute("DELETE FROM cmi_seen WHERE party = ? AND msg_id = ?", (party, msg_id))
+
+    # -- offers and acceptances -----------------------------------------------------------
+
+    def add_offers(self, offers: Sequence[StoredOffer]) -> None:
+        """Keep offers, with the requests they answer and their signed documents."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO cmi_offers (id, request_id, customer_ref, intermediary, offer,"
+                " request, xml, valid_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        o.offer.id,
+                        o.offer.request_id,
+                        o.offer.customer_ref,
+                        o.intermediary,
+                        o.offer.model_dump_json(),
+                        o.request.model_dump_json(),
+                        o.xml,
+                        o.offer.valid_until.timestamp(),
+                        o.offer.created_at.timestamp(),
+                    )
+                    for o in offers
+                ],
+            )
+
+    def get_offer(self, offer_id: str) -> StoredOffer:
+        """The offer with that id; raises OfferNotFoundError."""
+        found = self._read(
+            "SELECT offer, request, xml, intermediary FROM cmi_offers WHERE id = ?", (offer_id,)
+        )
+        if not found:
+            raise OfferNotFoundError(f"no offer {offer_id!r}")
+        offer, request, xml, intermediary = found[0]
+        return StoredOffer(
+            offer=Offer.model_validate_json(offer),
+            request=Request.model_validate_json(request),
+            xml=bytes(xml),
+            intermediary=intermediary,
+        )
+
+    def begin_acceptance(
+        self, acceptance_id: str, offer_id: str, now: float
+    ) -> tuple[str, str | None] | None:
+        """Claim an acceptance id; None when it is new (now ``processing``), else its
+        ``(state, result)``: a retry gets the first one's answer."""
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT state, result, offer_id FROM cmi_acceptances WHERE id = ?",
+                (acceptance_id,),
+            ).fetchone()
+            if found is not None:
+                if found[2] != offer_id:
+                    raise AcceptanceConflictError(
+                        f"acceptance {acceptance_id} was given for offer {found[2]}"
+                    )
+                return found[0], found[1]
+            conn.execute(
+                "INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at,"
+                " updated_at) VALUES (?, ?, 'processing', NULL, ?, ?)",
+                (acceptance_id, offer_id, now, now),
+            )
+        return None
+
+    def finish_acceptance(self, acceptance_id: str, state: str, result: str, now: float) -> None:
+        """Record an acceptance's outcome (``booked`` or ``refused``) and its answer."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE cmi_acceptances SET state = ?, result = ?, updated_at = ? WHERE id = ?",
+                (state, result, now, acceptance_id),
+            )

@@ -1,9 +1,9 @@
 """The ``cmi`` standard plugin: the CMI core vocabulary, namespace ``urn:cmi:core:1.0``.
 
-Five document types, each expressing every field of its canonical model, so that a
+Six document types, each expressing every field of its canonical model, so that a
 document can always be read back into the model it came from: ``transaction`` (the envelope
-for a transaction of any kind), ``request``, ``offer``, ``acceptance`` and ``consent`` (the
-consent record of sharing terms). The XSDs live in
+for a transaction of any kind), ``request``, ``offer``, ``offers`` (the answer to a
+request), ``acceptance`` and ``consent`` (the consent record of sharing terms). The XSDs live in
 the project's top-level ``schemas/`` folder, shipped as the package ``cmi_core.schemas``.
 """
 
@@ -26,6 +26,7 @@ from cmi_sdk import (
     LoanProduct,
     Money,
     Offer,
+    OfferSet,
     Request,
     Standard,
     StandardRegistry,
@@ -147,6 +148,10 @@ def request_context(request: Request) -> dict[str, Any]:
 
 def offer_context(offer: Offer) -> dict[str, Any]:
     """Map an offer to the offer template's variables."""
+    return {"offer": _offer(offer)}
+
+
+def _offer(offer: Offer) -> dict[str, Any]:
     product = offer.product
     return {
         "id": offer.id,
@@ -167,6 +172,18 @@ def offer_context(offer: Offer) -> dict[str, Any]:
             for r in offer.rewards
         ],
         "advice": [{"code": a.code, "text": a.text} for a in offer.advice],
+    }
+
+
+def offers_context(answer: OfferSet) -> dict[str, Any]:
+    """Map a firm's answer to a request to the offers template's variables."""
+    return {
+        "request_id": answer.request_id,
+        "firm": answer.firm,
+        "reply_to": answer.reply_to,
+        "answered_at": xml_datetime(answer.answered_at),
+        "offers": [_offer(o) for o in answer.offers],
+        "declined": answer.declined,
     }
 
 
@@ -339,6 +356,21 @@ def offer_from_xml(root: etree._Element) -> Offer:
     )
 
 
+def offers_from_xml(root: etree._Element) -> OfferSet:
+    """Read a firm's answer back: its offers, or why it declined."""
+    r = Reader(root, NAMESPACE)
+    return OfferSet.model_validate(
+        {
+            "request_id": r.attr("requestId"),
+            "firm": r.text("firm"),
+            "reply_to": r.text("replyTo"),
+            "answered_at": r.text("answeredAt"),
+            "offers": [offer_from_xml(o.element) for o in r.children("offer")],
+            "declined": r.optional("declined"),
+        }
+    )
+
+
 def acceptance_from_xml(root: etree._Element) -> Acceptance:
     """Read an acceptance document back into an acceptance."""
     r = Reader(root, NAMESPACE)
@@ -474,6 +506,13 @@ ACCEPTANCE = _document_type(
     acceptance_from_xml,
     "A customer's acceptance of an offer (the id is the idempotency key).",
 )
+OFFERS = _document_type(
+    "offers",
+    OfferSet,
+    offers_context,
+    offers_from_xml,
+    "A firm's answer to a request: its offers, or none and why; signed as a whole.",
+)
 CONSENT = _document_type(
     "consent",
     ConsentRecord,
@@ -491,7 +530,7 @@ STANDARD = Standard(
         + NAMESPACE
     ),
     templates=files(__package__) / "templates",
-    document_types=(TRANSACTION, REQUEST, OFFER, ACCEPTANCE, CONSENT),
+    document_types=(TRANSACTION, REQUEST, OFFER, OFFERS, ACCEPTANCE, CONSENT),
 )
 
 

@@ -1,0 +1,644 @@
+"""From a customer's request to signed offers, and from an acceptance to a booking.
+
+The pipeline runs the firm's systems through hooks, in a fixed order::
+
+    validate ▸ verify claims ▸ capacity ▸ revenue decision ▸ price ▸ rewards ▸ advice
+    ▸ validity ▸ build, sign and store the offer
+
+Each stage has a budget carved out of the request's deadline (``respond_by``, or the
+adapter's default): stage *n* must be done by the start plus the sum of the shares of
+stages 1..*n*, so a fast stage leaves its time to the next. pluggy has no timeouts, so the
+pipeline runs on a worker thread and the caller waits stage by stage: a stage still running
+at its deadline means no offer (fail closed), and the caller is answered at once; the late
+plugin finishes in the background and its answer is dropped. A plugin that raises means no
+offer either, and the log names the plugin.
+
+Hook implementations may be ``async def``: the pipeline awaits what they return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import inspect
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, Decimal
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from cmi_sdk._exceptions import (
+    AcceptanceError,
+    CMIError,
+    OfferExpiredError,
+    OfferNotFoundError,
+    RequestRefusedError,
+)
+from cmi_sdk._models import (
+    Acceptance,
+    Advice,
+    FlightWanted,
+    LineItem,
+    Money,
+    Offer,
+    OfferSet,
+    Request,
+    Reward,
+    Transaction,
+)
+from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
+from cmi_sdk.outbox import OutboxStore, StoredOffer
+
+if TYPE_CHECKING:
+    from cmi_sdk._emit import Emission
+
+__all__ = [
+    "DEFAULT_STAGE_SHARES",
+    "AcceptanceResult",
+    "Answer",
+    "OfferPipeline",
+]
+
+log = logging.getLogger("cmi_sdk.offers")
+
+DEFAULT_STAGE_SHARES: dict[str, float] = {
+    "validation": 0.05,
+    "claims": 0.10,
+    "capacity": 0.25,
+    "revenue": 0.20,
+    "pricing": 0.20,
+    "rewards": 0.05,
+    "advice": 0.05,
+    "validity": 0.05,
+    "offer": 0.05,
+}
+"""Each stage's share of the request's time budget, in pipeline order (they sum to 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The firm's answer to a request: the model and its signed ``offers`` document."""
+
+    offers: OfferSet
+    xml: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptanceResult:
+    """What an acceptance came to: booked (with the transaction) or refused.
+
+    A retried acceptance (same id) gets the first one's result, read back from the store:
+    then ``transaction`` is None and ``replayed`` is True.
+    """
+
+    outcome: str
+    acceptance_id: str
+    offer_id: str
+    transaction_id: str | None = None
+    documents: tuple[str, ...] = ()
+    """The message ids of the documents emitted for the booking."""
+    problem: str | None = None
+    detail: str | None = None
+    transaction: Transaction | None = None
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as JSON-ready data (what the endpoint answers)."""
+        out: dict[str, Any] = {
+            "outcome": self.outcome,
+            "acceptance_id": self.acceptance_id,
+            "offer_id": self.offer_id,
+        }
+        if self.transaction_id is not None:
+            out["transaction_id"] = self.transaction_id
+            out["documents"] = list(self.documents)
+        if self.problem is not None:
+            out["problem"] = self.problem
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass
+class _Run:
+    """A request's progress, shared between the pipeline thread and the waiting caller."""
+
+    start: float
+    budget: float
+    stage: str = "validation"
+    deadline: float = 0.0
+    abandoned: bool = False
+
+
+@dataclass
+class _Stages:
+    shares: dict[str, float]
+    ends: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        total = 0.0
+        self.ends = {}
+        for stage, share in self.shares.items():
+            total += share
+            self.ends[stage] = total
+
+
+def _plugin_of(caller: pluggy.HookCaller, exc: BaseException) -> str | None:
+    """The plugin whose hook implementation raised ``exc``: found by the code objects in
+    the traceback (pluggy re-raises the implementation's own exception)."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            found = name
+        tb = tb.tb_next
+    return found
+
+
+def _only_plugin(caller: pluggy.HookCaller) -> str:
+    names = [impl.plugin_name for impl in caller.get_hookimpls()]
+    return ", ".join(names) or "none"
+
+
+class OfferPipeline:
+    """The request-to-offer pipeline and acceptance of one adapter (built by it)."""
+
+    def __init__(
+        self,
+        *,
+        hook: pluggy.HookRelay,
+        store: Callable[[], OutboxStore],
+        render_signed: Callable[[Any, str], bytes],
+        emit: Callable[[Transaction, str], list[Emission]],
+        firm: str,
+        clock: Callable[[], float],
+        default_budget: float = 2.0,
+        max_budget: float = 30.0,
+        default_validity: dt.timedelta = dt.timedelta(minutes=15),
+        stage_shares: dict[str, float] | None = None,
+        workers: int = 8,
+    ) -> None:
+        self._hook = hook
+        self._store = store
+        self._render_signed = render_signed
+        self._emit = emit
+        self.firm = firm
+        self._clock = clock
+        self.default_budget = default_budget
+        self.max_budget = max_budget
+        self.default_validity = default_validity
+        shares = dict(stage_shares or DEFAULT_STAGE_SHARES)
+        if list(shares) != list(DEFAULT_STAGE_SHARES) or not math.isclose(
+            sum(shares.values()), 1.0
+        ):
+            raise ValueError(f"stage shares name the stages {list(DEFAULT_STAGE_SHARES)}, sum 1")
+        self._stages = _Stages(shares)
+        self._workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- answering requests ---------------------------------------------------------------
+
+    def answer(self, request: Request, *, intermediary: str | None = None) -> Answer:
+        """Run the pipeline for ``request``; see the module's description.
+
+        :raises RequestRefusedError: invalid for the firm's systems, a stage late or
+            failing: no offer is made.
+        """
+        budget = self._budget(request)
+        run = _Run(start=time.monotonic(), budget=budget)
+        run.deadline = run.start + budget * self._stages.ends["validation"]
+        future = self._executor().submit(self._pipeline, request, run, intermediary)
+        while True:
+            try:
+                return future.result(timeout=max(0.0, run.deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                stage, deadline = run.stage, run.deadline
+                if time.monotonic() < deadline:
+                    continue  # the pipeline moved on to the next stage meanwhile
+                run.abandoned = True
+                share = self._stages.shares[stage]
+                log.warning(
+                    "request %s: %s missed its budget (%.0f ms of %.0f ms); no offer",
+                    request.id,
+                    stage,
+                    share * budget * 1000,
+                    budget * 1000,
+                )
+                raise RequestRefusedError(
+                    f"the firm's {stage} stage did not answer within the request's time budget;"
+                    " no offer is made",
+                    problem=f"{stage}-timeout",
+                ) from None
+
+    def _budget(self, request: Request) -> float:
+        budget = self.default_budget
+        if request.respond_by is not None:
+            left = request.respond_by.timestamp() - self._clock()
+            if left <= 0:
+                raise RequestRefusedError(
+                    "the request's respond_by has passed", problem="deadline-passed"
+                )
+            budget = min(left, self.max_budget)
+        return budget
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        self._workers, thread_name_prefix="cmi-offers"
+                    )
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker threads (after the pipelines in flight)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _enter(self, run: _Run, stage: str) -> None:
+        if run.abandoned:
+            raise RequestRefusedError("abandoned", problem=f"{run.stage}-timeout")
+        run.deadline = run.start + run.budget * self._stages.ends[stage]
+        run.stage = stage
+
+    def _call(self, name: str, *, first: bool, **kwargs: Any) -> Any:
+        caller: pluggy.HookCaller = getattr(self._hook, name)
+        try:
+            result = caller(**kwargs)
+            if first:
+                return self._await(result)
+            return [self._await(r) for r in result]
+        except CMIError:
+            raise
+        except Exception as exc:
+            plugin = _plugin_of(caller, exc)
+            log.exception("%s failed in plugin %s", name, plugin or "(unknown)")
+            raise RequestRefusedError(
+                f"{name} failed in plugin {plugin or '(unknown)'}; no offer is made",
+                problem="plugin-failed",
+                plugin=plugin,
+            ) from None
+
+    def _await(self, value: Any) -> Any:
+        if not inspect.isawaitable(value):
+            return value
+        # The pipeline's threads run no event loop: each coroutine gets one of its own,
+        # closed when it is done (the cost, ~0.1 ms, is paid only by async plugins).
+        return asyncio.run(_resolve(value))
+
+    def _pipeline(self, request: Request, run: _Run, intermediary: str | None) -> Answer:
+        self._enter(run, "validation")
+        problems = [
+            p
+            for ps in self._call("cmi_validate_request", first=False, request=request)
+            for p in (ps or [])
+        ]
+        if problems:
+            raise RequestRefusedError(
+                "the firm cannot serve this request: " + "; ".join(map(str, problems)),
+                problem="invalid-request",
+            )
+
+        self._enter(run, "claims")
+        checks = self._claims(request)
+
+        self._enter(run, "capacity")
+        availability: Availability | None = self._call(
+            "cmi_check_capacity", first=True, request=request
+        )
+        units = request.wanted.passengers if isinstance(request.wanted, FlightWanted) else 1
+        if availability is None:
+            return self._declined(request, run, "the firm has nothing to offer for this request")
+        _expect(availability, Availability, "cmi_check_capacity", self._hook)
+        if availability.available < units:
+            return self._declined(request, run, "sold out")
+
+        self._enter(run, "revenue")
+        decision: RevenueDecision | None = self._call(
+            "cmi_revenue_decision", first=True, request=request, availability=availability
+        )
+        if decision is None:
+            raise RequestRefusedError(
+                "no revenue-management system answered (cmi_revenue_decision); no offer is made",
+                problem="no-revenue-decision",
+            )
+        _expect(decision, RevenueDecision, "cmi_revenue_decision", self._hook)
+        if not decision.accept:
+            return self._declined(request, run, decision.reason or "the firm does not sell now")
+
+        self._enter(run, "pricing")
+        quote: Quote | None = self._call(
+            "cmi_price", first=True, request=request, availability=availability, decision=decision
+        )
+        if quote is None:
+            raise RequestRefusedError(
+                "no pricing system answered (cmi_price); no offer is made", problem="no-price"
+            )
+        _expect(quote, Quote, "cmi_price", self._hook)
+        floor = decision.floor
+        if floor is not None:
+            if floor.currency != quote.total.currency:
+                raise RequestRefusedError(
+                    f"the price is in {quote.total.currency}, the floor in {floor.currency}",
+                    problem="price-below-floor",
+                )
+            if quote.total.amount < floor.amount:
+                plugins = _only_plugin(self._hook.cmi_price)
+                log.error(
+                    "request %s: cmi_price (%s) priced %s below the floor %s",
+                    request.id,
+                    plugins,
+                    quote.total,
+                    floor,
+                )
+                raise RequestRefusedError(
+                    f"the price {quote.total} is below the floor {floor} (cmi_price: {plugins});"
+                    " no offer is made",
+                    problem="price-below-floor",
+                )
+
+        self._enter(run, "rewards")
+        offered = self._call(
+            "cmi_rewards", first=False, request=request, quote=quote, claims=checks
+        )
+        items, applied = _apply_rewards(quote, [r for rs in offered for r in (rs or [])], floor)
+
+        self._enter(run, "advice")
+        advice: list[Advice] = [
+            a
+            for batch in self._call("cmi_advise", first=False, request=request)
+            for a in (batch or [])
+        ]
+
+        self._enter(run, "validity")
+        now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+        offer = Offer(
+            id=f"off_{secrets.token_hex(10)}",
+            request_id=request.id,
+            kind=request.kind,
+            firm=self.firm,
+            customer_ref=request.customer_ref,
+            reply_to=request.reply_to,
+            created_at=now,
+            valid_from=now,
+            valid_until=now + self.default_validity,
+            product=quote.product or availability.product,
+            items=tuple(items),
+            price=_sum(items),
+            rewards=tuple(applied),
+            advice=tuple(advice),
+        )
+        windows = [
+            w
+            for w in self._call("cmi_offer_validity", first=False, request=request, offer=offer)
+            if w is not None
+        ]
+        window = min([self.default_validity, *windows])
+        if window <= dt.timedelta(0):
+            return self._declined(request, run, "the offer would expire at once")
+        offer = offer.model_copy(update={"valid_until": now + window})
+
+        if request.constraints.max_price is not None:
+            most = request.constraints.max_price
+            if most.currency == offer.price.currency and offer.price.amount > most.amount:
+                return self._declined(
+                    request, run, f"the best price, {offer.price}, is above {most}"
+                )
+
+        self._enter(run, "offer")
+        answer = OfferSet(
+            request_id=request.id,
+            firm=self.firm,
+            reply_to=request.reply_to,
+            answered_at=now,
+            offers=(offer,),
+        )
+        single = self._render_signed(offer, "offer")
+        self._store().add_offers(
+            [StoredOffer(offer=offer, request=request, xml=single, intermediary=intermediary)]
+        )
+        return Answer(answer, self._render_signed(answer, "offers"))
+
+    def _claims(self, request: Request) -> list[ClaimCheck]:
+        found = [
+            c
+            for batch in self._call("cmi_verify_claims", first=False, request=request)
+            for c in (batch or [])
+        ]
+        checked = {(c.claim.type, c.claim.value) for c in found}
+        found.extend(
+            ClaimCheck(claim=claim, verified=False, reason="nobody checked it")
+            for claim in request.claims
+            if (claim.type, claim.value) not in checked
+        )
+        return found
+
+    def _declined(self, request: Request, run: _Run, reason: str) -> Answer:
+        self._enter(run, "offer")
+        answer = OfferSet(
+            request_id=request.id,
+            firm=self.firm,
+            reply_to=request.reply_to,
+            answered_at=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
+            declined=reason[:256],
+        )
+        return Answer(answer, self._render_signed(answer, "offers"))
+
+    # -- acceptance -----------------------------------------------------------------------
+
+    def accept(
+        self, offer_id: str, acceptance: Acceptance, *, intermediary: str | None = None
+    ) -> AcceptanceResult:
+        """Book ``acceptance`` of the offer; once per acceptance id.
+
+        :raises OfferNotFoundError: no such offer (or not the intermediary's).
+        :raises AcceptanceError: refused; nothing was booked.
+        """
+        store = self._store()
+        stored = store.get_offer(offer_id)
+        offer = stored.offer
+        if stored.intermediary is not None and intermediary not in (None, stored.intermediary):
+            raise OfferNotFoundError(f"no offer {offer_id!r}")  # not to be probed
+        if acceptance.offer_id != offer.id:
+            raise AcceptanceError(f"the acceptance is for offer {acceptance.offer_id}")
+        if acceptance.customer_ref != offer.customer_ref:
+            raise AcceptanceError("the acceptance is not from the customer the offer was for")
+        prior = store.begin_acceptance(acceptance.id, offer.id, self._clock())
+        if prior is not None:
+            state, result = prior
+            if state == "processing" or result is None:
+                raise AcceptanceError(
+                    f"acceptance {acceptance.id} is being booked; retry shortly",
+                    problem="acceptance-in-progress",
+                )
+            data = json.loads(result)
+            return AcceptanceResult(
+                outcome=data["outcome"],
+                acceptance_id=data["acceptance_id"],
+                offer_id=data["offer_id"],
+                transaction_id=data.get("transaction_id"),
+                documents=tuple(data.get("documents", ())),
+                problem=data.get("problem"),
+                detail=data.get("detail"),
+                replayed=True,
+            )
+        try:
+            result_obj = self._book(stored, acceptance)
+        except AcceptanceError as exc:
+            refused = AcceptanceResult(
+                outcome="refused",
+                acceptance_id=acceptance.id,
+                offer_id=offer.id,
+                problem=exc.problem,
+                detail=str(exc),
+            )
+            store.finish_acceptance(
+                acceptance.id, "refused", json.dumps(refused.to_json()), self._clock()
+            )
+            raise
+        except BaseException:
+            # An unexpected failure: the booking did not happen; let a retry try again.
+            store.finish_acceptance(
+                acceptance.id,
+                "refused",
+                json.dumps(
+                    AcceptanceResult(
+                        outcome="refused",
+                        acceptance_id=acceptance.id,
+                        offer_id=offer.id,
+                        problem="acceptance-failed",
+                        detail="the booking failed",
+                    ).to_json()
+                ),
+                self._clock(),
+            )
+            raise
+        store.finish_acceptance(
+            acceptance.id, "booked", json.dumps(result_obj.to_json()), self._clock()
+        )
+        return result_obj
+
+    def _book(self, stored: StoredOffer, acceptance: Acceptance) -> AcceptanceResult:
+        offer, request = stored.offer, stored.request
+        now = self._clock()
+        if now >= offer.valid_until.timestamp():
+            self._notify("cmi_on_offer_expired", offer=offer)
+            raise OfferExpiredError(
+                f"offer {offer.id} expired at {offer.valid_until:%Y-%m-%dT%H:%M:%SZ}"
+            )
+        try:
+            availability = self._call("cmi_check_capacity", first=True, request=request)
+            units = request.wanted.passengers if isinstance(request.wanted, FlightWanted) else 1
+            if availability is None or availability.available < units:
+                raise AcceptanceError("no longer available", problem="no-longer-available")
+            decision = self._call(
+                "cmi_revenue_decision", first=True, request=request, availability=availability
+            )
+            if decision is None or not decision.accept:
+                raise AcceptanceError(
+                    "the firm no longer sells this offer", problem="no-longer-available"
+                )
+            if decision.floor is not None and (
+                decision.floor.currency != offer.price.currency
+                or decision.floor.amount > offer.price.amount
+            ):
+                raise AcceptanceError(
+                    f"the offer's price is now below the firm's floor {decision.floor}",
+                    problem="price-changed",
+                )
+            hold: Hold | None = self._call(
+                "cmi_hold", first=True, offer=offer, acceptance=acceptance
+            )
+        except RequestRefusedError as exc:
+            raise AcceptanceError(str(exc), problem="no-longer-available") from None
+        try:
+            tx: Transaction | None = self._call(
+                "cmi_book", first=True, offer=offer, acceptance=acceptance, hold=hold
+            )
+            if tx is None:
+                raise AcceptanceError("no booking system answered (cmi_book)", problem="not-booked")
+            _expect(tx, Transaction, "cmi_book", self._hook)
+        except Exception as exc:
+            if hold is not None:
+                self._notify("cmi_release", offer=offer, hold=hold)
+            if isinstance(exc, AcceptanceError):
+                raise
+            raise AcceptanceError(f"the booking failed: {exc}", problem="not-booked") from None
+        emissions = self._emit(tx, acceptance.customer_ref)
+        log.info("offer %s booked as %s (%d documents)", offer.id, tx.id, len(emissions))
+        return AcceptanceResult(
+            outcome="booked",
+            acceptance_id=acceptance.id,
+            offer_id=offer.id,
+            transaction_id=tx.id,
+            documents=tuple(e.msg_id for e in emissions),
+            transaction=tx,
+        )
+
+    def _notify(self, name: str, **kwargs: Any) -> None:
+        try:
+            self._call(name, first=False, **kwargs)
+        except CMIError:
+            log.exception("%s failed", name)
+
+
+async def _resolve(value: Any) -> Any:
+    return await value
+
+
+def _expect(value: object, kind: type, hook: str, relay: pluggy.HookRelay) -> None:
+    if not isinstance(value, kind):
+        plugins = _only_plugin(getattr(relay, hook))
+        raise RequestRefusedError(
+            f"{hook} ({plugins}) returned {type(value).__name__}, not {kind.__name__}",
+            problem="plugin-failed",
+        )
+
+
+def _sum(items: Sequence[LineItem]) -> Money:
+    currency = items[0].amount.currency
+    return Money(amount=sum((i.amount.amount for i in items), start=Decimal(0)), currency=currency)
+
+
+def _apply_rewards(
+    quote: Quote, rewards: Iterable[Reward], floor: Money | None
+) -> tuple[list[LineItem], list[Reward]]:
+    """Apply rewards largest first (then by code), each as a negative line, never taking
+    the total below the floor: a reward that does not fit whole is cut to what fits."""
+    items = list(quote.items)
+    total = quote.total
+    applied: list[Reward] = []
+    lowest = floor.amount if floor is not None else Decimal(0)
+    for reward in sorted(rewards, key=lambda r: (-r.amount.amount, r.code)):
+        if reward.amount.currency != total.currency or reward.amount.amount <= 0:
+            log.warning("reward %s skipped: not a positive %s amount", reward.code, total.currency)
+            continue
+        room = total.amount - lowest
+        take = min(reward.amount.amount, room)
+        exponent = Decimal(1).scaleb(-total.minor_units)
+        take = take.quantize(exponent, rounding=ROUND_DOWN)
+        if take <= 0:
+            continue
+        cut = Money(amount=take, currency=total.currency)
+        minus = Money(amount=-take, currency=total.currency)
+        items.append(
+            LineItem(
+                description=f"Reward: {reward.description}"[:256], unit_price=minus, amount=minus
+            )
+        )
+        applied.append(
+            reward if take == reward.amount.amount else reward.model_copy(update={"amount": cut})
+        )
+        total = Money(amount=total.amount - take, currency=total.currency)
+    return items, applied

@@ -1,0 +1,493 @@
+"""The request-to-offer pipeline and acceptance, with a small firm written as plugins:
+every hook, the floor, rewards, budgets that fail closed, failing and async plugins,
+idempotent acceptance."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Generator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cmi_sdk import (
+    Acceptance,
+    AcceptanceError,
+    Adapter,
+    Advice,
+    Availability,
+    ClaimCheck,
+    FlightProduct,
+    FlightWanted,
+    Hold,
+    LineItem,
+    Money,
+    Offer,
+    OfferExpiredError,
+    OfferNotFoundError,
+    Quote,
+    Request,
+    RequestRefusedError,
+    RevenueDecision,
+    Reward,
+    Transaction,
+    hookimpl,
+    load_model,
+)
+from cmi_sdk.signing import verify_document
+from tests.support import make_adapter, register, signer
+
+NOW = time.time()
+
+
+def usd(amount: str) -> Money:
+    return Money(amount=amount, currency="USD")
+
+
+def flight_request(**changes: Any) -> Request:
+    created = dt.datetime.now(dt.UTC)
+    data: dict[str, Any] = {
+        "id": "req-1",
+        "kind": "flight",
+        "customer_ref": "cust-7f3a9c",
+        "reply_to": "relay-1",
+        "created_at": created.isoformat(),
+        "wanted": {"origin": "ATL", "destination": "CDG", "date": "2026-12-01", "passengers": 1},
+        "claims": [{"type": "loyalty-tier", "value": "gold"}],
+    }
+    data.update(changes)
+    return load_model(Request, data)
+
+
+class Shop:
+    """A tiny airline: a few seats of one flight, a fixed fare and floor."""
+
+    def __init__(self, seats: int = 3, fare: str = "451.89", floor: str = "400.00") -> None:
+        self.seats = seats
+        self.fare = fare
+        self.floor = floor
+        self.lock = threading.Lock()
+        self.held: dict[str, int] = {}
+        self.booked: list[str] = []
+        self.released: list[str] = []
+        self.expired: list[str] = []
+        self.calls: list[str] = []
+
+    @hookimpl
+    def cmi_validate_request(self, request: Request) -> list[str]:
+        self.calls.append("validate")
+        wanted = request.wanted
+        if isinstance(wanted, FlightWanted) and wanted.origin != "ATL":
+            return ["we only fly from ATL"]
+        return []
+
+    @hookimpl
+    def cmi_verify_claims(self, request: Request) -> list[ClaimCheck]:
+        self.calls.append("claims")
+        return [ClaimCheck(claim=c, verified=c.value == "gold") for c in request.claims]
+
+    @hookimpl
+    def cmi_check_capacity(self, request: Request) -> Availability | None:
+        self.calls.append("capacity")
+        if request.kind != "flight":
+            return None
+        wanted = request.wanted
+        product = FlightProduct(
+            origin=wanted.origin,  # type: ignore[union-attr]
+            destination=wanted.destination,  # type: ignore[union-attr]
+            date=wanted.date,  # type: ignore[union-attr]
+            airline="Delta",
+            flight="2231",
+            fare_class="B",
+        )
+        free = self.seats - len(self.booked) - sum(self.held.values())
+        return Availability(product=product, available=max(free, 0))
+
+    @hookimpl
+    def cmi_revenue_decision(self, availability: Availability) -> RevenueDecision:
+        self.calls.append("revenue")
+        return RevenueDecision(accept=availability.available > 0, floor=usd(self.floor))
+
+    @hookimpl
+    def cmi_price(self) -> Quote:
+        self.calls.append("price")
+        fare = usd(self.fare)
+        return Quote(items=(LineItem(description="Seat ATL-CDG", unit_price=fare, amount=fare),))
+
+    @hookimpl
+    def cmi_rewards(self, claims: list[ClaimCheck]) -> list[Reward]:
+        self.calls.append("rewards")
+        if any(c.verified for c in claims):
+            return [
+                Reward(code="gold", description="Gold member", amount=usd("20.00")),
+                Reward(code="anniversary", description="Our 100th year", amount=usd("50.00")),
+            ]
+        return []
+
+    @hookimpl
+    def cmi_advise(self) -> list[Advice]:
+        self.calls.append("advice")
+        return [Advice(code="alt-date", text="2026-12-02 is cheaper")]
+
+    @hookimpl
+    def cmi_offer_validity(self) -> dt.timedelta:
+        self.calls.append("validity")
+        return dt.timedelta(minutes=10)
+
+    @hookimpl
+    def cmi_hold(self, acceptance: Acceptance) -> Hold:
+        with self.lock:
+            if self.seats - len(self.booked) - sum(self.held.values()) < 1:
+                raise RuntimeError("sold out")
+            self.held[acceptance.id] = 1
+        return Hold(id=f"hold-{acceptance.id}", expires_at=dt.datetime.now(dt.UTC))
+
+    @hookimpl
+    def cmi_book(self, offer: Offer, acceptance: Acceptance) -> Transaction:
+        with self.lock:
+            self.held.pop(acceptance.id, None)
+            self.booked.append(acceptance.id)
+            number = str(1000 + len(self.booked))
+        product = offer.product
+        return Transaction.model_validate(
+            {
+                "id": f"DL-{number}",
+                "kind": "flight",
+                "occurred_at": dt.datetime.now(dt.UTC),
+                "firm": "delta.com",
+                "customer_ref": acceptance.customer_ref,
+                "total": offer.price,
+                "details": {**product.model_dump(), "ticket_number": number},
+            }
+        )
+
+    @hookimpl
+    def cmi_release(self, hold: Hold) -> None:
+        self.released.append(hold.id)
+
+    @hookimpl
+    def cmi_on_offer_expired(self, offer: Offer) -> None:
+        self.expired.append(offer.id)
+
+
+@pytest.fixture
+def shop() -> Shop:
+    return Shop()
+
+
+@pytest.fixture
+def adapter(tmp_path: Path, shop: Shop) -> Generator[Adapter, None, None]:
+    adapter = make_adapter(tmp_path, plugins=[shop], request_budget=2.0)
+    yield adapter
+    adapter.close()
+
+
+def _accept(offer: Offer, acceptance_id: str = "acc-1") -> Acceptance:
+    return Acceptance(
+        id=acceptance_id,
+        offer_id=offer.id,
+        customer_ref=offer.customer_ref,
+        accepted_at=dt.datetime.now(dt.UTC),
+    )
+
+
+def test_the_pipeline_runs_every_stage_in_order(adapter: Adapter, shop: Shop) -> None:
+    answer = adapter.answer_request(flight_request())
+    (offer,) = answer.offers.offers
+    assert shop.calls == [
+        "validate", "claims", "capacity", "revenue", "price", "rewards", "advice", "validity",
+    ]  # fmt: skip
+    # Rewards largest first, cut to stop at the floor: 451.89 - 50.00 - 1.89 = 400.00.
+    assert [(r.code, r.amount.amount) for r in offer.rewards] == [
+        ("anniversary", Decimal("50.00")),
+        ("gold", Decimal("1.89")),
+    ]
+    assert offer.price == usd("400.00")
+    assert [i.amount.amount for i in offer.items] == [
+        Decimal("451.89"),
+        Decimal("-50.00"),
+        Decimal("-1.89"),
+    ]
+    assert offer.advice[0].code == "alt-date"
+    assert offer.valid_until - offer.valid_from == dt.timedelta(minutes=10)  # shortest wins
+    # The answer and the offer are signed, and the offer is kept with its request.
+    verify_document(answer.xml, signer().certificate)
+    assert adapter.parse(answer.xml) == answer.offers
+    stored = adapter.get_offer(offer.id)
+    assert stored.offer == offer
+    assert stored.request.id == "req-1"
+    verify_document(stored.xml, signer().certificate)
+
+
+def test_an_offer_reserves_nothing(adapter: Adapter, shop: Shop) -> None:
+    for i in range(5):  # more offers than seats
+        assert adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers
+    assert shop.booked == []
+    assert shop.held == {}
+
+
+def test_validation_problems_refuse_the_request(adapter: Adapter, shop: Shop) -> None:
+    request = flight_request(wanted={"origin": "JFK", "destination": "CDG", "date": "2026-12-01"})
+    with pytest.raises(RequestRefusedError, match="we only fly from ATL") as info:
+        adapter.answer_request(request)
+    assert info.value.problem == "invalid-request"
+    assert "capacity" not in shop.calls
+
+
+def test_sold_out_and_refused_by_revenue_management_decline(adapter: Adapter, shop: Shop) -> None:
+    shop.seats = 0
+    answer = adapter.answer_request(flight_request())
+    assert answer.offers.offers == ()
+    assert answer.offers.declined == "sold out"
+    verify_document(answer.xml, signer().certificate)
+
+
+def test_not_the_firms_product_declines(adapter: Adapter) -> None:
+    loan = flight_request(
+        kind="loan", wanted={"amount": {"amount": "1000.00", "currency": "USD"}, "term_months": 12}
+    )
+    answer = adapter.answer_request(loan)
+    assert answer.offers.declined == "the firm has nothing to offer for this request"
+
+
+def test_the_customers_maximum_price_is_honoured(adapter: Adapter) -> None:
+    request = flight_request(
+        claims=[], constraints={"max_price": {"amount": "300.00", "currency": "USD"}}
+    )
+    answer = adapter.answer_request(request)
+    assert answer.offers.declined == "the best price, 451.89 USD, is above 300.00 USD"
+
+
+def test_a_price_below_the_floor_makes_no_offer(
+    adapter: Adapter, shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    shop.fare = "350.00"
+    with pytest.raises(RequestRefusedError, match="below the floor") as info:
+        adapter.answer_request(flight_request())
+    assert info.value.problem == "price-below-floor"
+    assert "priced 350.00 USD below the floor" in caplog.text
+
+
+class SlowPricing:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.finished = threading.Event()
+
+    @hookimpl(tryfirst=True)
+    def cmi_price(self) -> Quote:
+        time.sleep(self.seconds)
+        self.finished.set()
+        fare = usd("451.89")
+        return Quote(items=(LineItem(description="late", unit_price=fare, amount=fare),))
+
+
+def test_a_slow_pricing_plugin_fails_closed_within_its_budget(tmp_path: Path, shop: Shop) -> None:
+    slow = SlowPricing(3.0)
+    adapter = make_adapter(tmp_path, plugins=[shop, slow], request_budget=0.5)
+    started = time.monotonic()
+    with pytest.raises(RequestRefusedError) as info:
+        adapter.answer_request(flight_request())
+    elapsed = time.monotonic() - started
+    assert info.value.problem == "pricing-timeout"
+    # Pricing must be done by 80 % of the budget (the shares up to pricing): 0.4 s.
+    assert elapsed < 0.5
+    assert not slow.finished.is_set()
+    adapter.close()
+
+
+def test_the_deadline_comes_from_respond_by(tmp_path: Path, shop: Shop) -> None:
+    slow = SlowPricing(0.5)
+    adapter = make_adapter(tmp_path, plugins=[shop, slow], request_budget=10.0)
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=300)
+    with pytest.raises(RequestRefusedError) as info:
+        adapter.answer_request(flight_request(respond_by=soon.isoformat()))
+    assert info.value.problem == "pricing-timeout"
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    with pytest.raises(RequestRefusedError) as info:
+        adapter.answer_request(
+            flight_request(
+                created_at=(past - dt.timedelta(seconds=5)).isoformat(), respond_by=past.isoformat()
+            )
+        )
+    assert info.value.problem == "deadline-passed"
+    adapter.close()
+
+
+class SlowCapacity:
+    @hookimpl(tryfirst=True)
+    def cmi_check_capacity(self) -> None:
+        time.sleep(2)
+
+
+def test_a_slow_capacity_system_fails_closed(tmp_path: Path, shop: Shop) -> None:
+    adapter = make_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
+    with pytest.raises(RequestRefusedError) as info:
+        adapter.answer_request(flight_request())
+    assert info.value.problem == "capacity-timeout"
+    adapter.close()
+
+
+class Broken:
+    @hookimpl(tryfirst=True)
+    def cmi_revenue_decision(self) -> RevenueDecision:
+        raise ZeroDivisionError("the revenue system divided by zero")
+
+
+def test_a_failing_plugin_is_named_and_nothing_crashes(
+    tmp_path: Path, shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = make_adapter(tmp_path, plugins=[shop, Broken()])
+    name = adapter.plugin_manager.get_name(
+        next(p for p in adapter.plugin_manager.get_plugins() if isinstance(p, Broken))
+    )
+    with pytest.raises(RequestRefusedError) as info:
+        adapter.answer_request(flight_request())
+    assert info.value.problem == "plugin-failed"
+    assert info.value.plugin == name
+    assert f"cmi_revenue_decision failed in plugin {name}" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+    # The adapter still answers the next request once the plugin is gone.
+    adapter.plugin_manager.unregister(name=name)
+    assert adapter.answer_request(flight_request(id="req-2")).offers.offers
+    adapter.close()
+
+
+class AsyncFirm:
+    """Hook implementations written as coroutines."""
+
+    @hookimpl(tryfirst=True)
+    async def cmi_price(self) -> Quote:
+        fare = usd("480.00")
+        return Quote(items=(LineItem(description="async fare", unit_price=fare, amount=fare),))
+
+    @hookimpl
+    async def cmi_advise(self) -> list[Advice]:
+        return [Advice(code="async", text="from a coroutine")]
+
+
+def test_async_hook_implementations_work(tmp_path: Path, shop: Shop) -> None:
+    adapter = make_adapter(tmp_path, plugins=[shop, AsyncFirm()])
+    (offer,) = adapter.answer_request(flight_request(claims=[])).offers.offers
+    assert offer.price == usd("480.00")
+    assert {a.code for a in offer.advice} == {"alt-date", "async"}
+    adapter.close()
+
+
+class Timing:
+    """A ``wrapper=True`` hook implementation: timing and audit around pricing."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    @hookimpl(wrapper=True)
+    def cmi_price(self, request: Request) -> Generator[None, Quote, Quote]:
+        started = time.perf_counter()
+        quote = yield
+        self.seen.append((request.id, time.perf_counter() - started))
+        return quote
+
+
+def test_wrappers_see_every_pricing_call(tmp_path: Path, shop: Shop) -> None:
+    timing = Timing()
+    adapter = make_adapter(tmp_path, plugins=[shop, timing])
+    adapter.answer_request(flight_request())
+    assert [request_id for request_id, _ in timing.seen] == ["req-1"]
+    adapter.close()
+
+
+def test_acceptance_books_once_and_emits(adapter: Adapter, shop: Shop) -> None:
+    register(adapter, destination="http://127.0.0.1:9/inbox")
+    (offer,) = adapter.answer_request(flight_request()).offers.offers
+    result = adapter.accept_offer(offer.id, _accept(offer))
+    assert result.outcome == "booked"
+    assert result.transaction is not None
+    assert result.transaction.total == offer.price
+    assert len(result.documents) == 1  # the ticket, under the customer's terms
+    assert adapter.store.get_row(result.documents[0]).transaction_id == result.transaction_id
+    again = adapter.accept_offer(offer.id, _accept(offer))
+    assert again.replayed
+    assert again.transaction_id == result.transaction_id
+    assert shop.booked == ["acc-1"]
+
+
+def test_an_expired_offer_is_refused(tmp_path: Path, shop: Shop) -> None:
+    clock = [time.time()]
+    adapter = make_adapter(tmp_path, plugins=[shop], clock=lambda: clock[0])
+    (offer,) = adapter.answer_request(flight_request()).offers.offers
+    clock[0] += 11 * 60
+    with pytest.raises(OfferExpiredError):
+        adapter.accept_offer(offer.id, _accept(offer))
+    assert shop.expired == [offer.id]
+    assert shop.booked == []
+    # The refusal is the answer to a retry too; nothing is booked then either.
+    retry = adapter.accept_offer(offer.id, _accept(offer))
+    assert (retry.outcome, retry.problem) == ("refused", "offer-expired")
+    adapter.close()
+
+
+def test_a_failed_hold_books_nothing(adapter: Adapter, shop: Shop) -> None:
+    first, second = (
+        adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers[0] for i in range(2)
+    )
+    shop.seats = 1
+    adapter.accept_offer(first.id, _accept(first, "acc-a"))
+    with pytest.raises(AcceptanceError) as info:
+        adapter.accept_offer(second.id, _accept(second, "acc-b"))
+    assert info.value.problem == "no-longer-available"
+    assert shop.booked == ["acc-a"]
+
+
+class FailingBooking:
+    @hookimpl(tryfirst=True)
+    def cmi_book(self) -> Transaction:
+        raise ConnectionError("the reservation system is down")
+
+
+def test_a_failed_booking_releases_its_hold(tmp_path: Path, shop: Shop) -> None:
+    adapter = make_adapter(tmp_path, plugins=[shop, FailingBooking()])
+    (offer,) = adapter.answer_request(flight_request()).offers.offers
+    with pytest.raises(AcceptanceError) as info:
+        adapter.accept_offer(offer.id, _accept(offer))
+    assert info.value.problem == "not-booked"
+    assert shop.released == ["hold-acc-1"]
+    adapter.close()
+
+
+def test_acceptances_are_checked_against_the_offer(adapter: Adapter) -> None:
+    (offer,) = adapter.answer_request(flight_request()).offers.offers
+    with pytest.raises(OfferNotFoundError):
+        adapter.accept_offer("off_nope", _accept(offer))
+    stranger = _accept(offer).model_copy(update={"customer_ref": "someone-else"})
+    with pytest.raises(AcceptanceError, match="not from the customer"):
+        adapter.accept_offer(offer.id, stranger)
+    adapter.accept_offer(offer.id, _accept(offer, "acc-x"))
+    (other,) = adapter.answer_request(flight_request(id="req-2")).offers.offers
+    with pytest.raises(AcceptanceError, match="was given for offer") as info:
+        adapter.accept_offer(other.id, _accept(other, "acc-x"))  # the same id, another offer
+    assert info.value.problem == "acceptance-conflict"
+
+
+def test_concurrent_acceptances_of_the_last_seat_book_once(adapter: Adapter, shop: Shop) -> None:
+    offers = [
+        adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers[0] for i in range(6)
+    ]
+    shop.seats = 1
+    outcomes: list[str] = []
+
+    def accept(offer: Offer, n: int) -> None:
+        try:
+            outcomes.append(adapter.accept_offer(offer.id, _accept(offer, f"acc-{n}")).outcome)
+        except AcceptanceError as exc:
+            outcomes.append(exc.problem)
+
+    threads = [threading.Thread(target=accept, args=(o, n)) for n, o in enumerate(offers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes.count("booked") == 1
+    assert len(shop.booked) == 1
