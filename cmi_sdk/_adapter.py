@@ -129,8 +129,8 @@ class Adapter:
     :param clock: POSIX seconds; tests inject one.
     :param request_budget: seconds the firm's systems have to answer a request without a
         ``respond_by`` (shared among the pipeline's stages).
-    :param offer_validity: the longest an offer holds (``cmi_offer_validity`` may shorten
-        it).
+    :param offer_validity: how long an offer holds when no ``cmi_offer_validity``
+        implementation says.
     :raises PluginError: a plugin failed to load, implements an unknown ``cmi_`` hook, or
         registers a standard that clashes with another.
     """

@@ -404,7 +404,7 @@ class OfferPipeline:
             for w in self._call("cmi_offer_validity", first=False, request=request, offer=offer)
             if w is not None
         ]
-        window = min([self.default_validity, *windows])
+        window = min(windows) if windows else self.default_validity
         if window <= dt.timedelta(0):
             return self._declined(request, run, "the offer would expire at once")
         offer = offer.model_copy(update={"valid_until": now + window})

@@ -221,7 +221,8 @@ def cmi_advise(request: Request) -> list[Advice] | None:
 @hookspec
 def cmi_offer_validity(request: Request, offer: Offer) -> dt.timedelta | None:
     """Stage 8: how long the offer may be accepted. Every implementation is called, and
-    the shortest window wins (the SDK's default is 15 minutes).
+    the shortest window wins; when none answers, the adapter's ``offer_validity`` (15
+    minutes by default).
 
     :param request: the request.
     :param offer: the offer as built, with the default window.
@@ -234,8 +235,10 @@ def cmi_hold(offer: Offer, acceptance: Acceptance) -> Hold | None:
     """On acceptance: hold the inventory of the offer while it is booked.
 
     Stops at the first non-None result. Capacity and the revenue decision are checked
-    again first; a hold that fails (raises, or None when the offer needs one) means the
-    acceptance is refused and nothing is booked.
+    again first. To refuse (sold out meanwhile, a limit reached), raise
+    :class:`~cmi_sdk.AcceptanceError` or a subclass: the acceptance is refused with its
+    ``problem`` and nothing is booked. Any other exception is a plugin failure, logged with
+    the plugin's name, and refuses the acceptance too.
 
     :param offer: the offer accepted.
     :param acceptance: the customer's acceptance.
