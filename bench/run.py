@@ -25,7 +25,7 @@ from xml.sax.saxutils import escape, quoteattr
 from cryptography.hazmat.primitives.asymmetric import ec
 from lxml import etree
 
-from cmi_sdk import Adapter, FlightDetails, Money, Transaction
+from cmi_sdk import Adapter, FlightDetails, Money, Request, Transaction
 from cmi_sdk.mapping import xml_datetime
 
 
@@ -355,10 +355,200 @@ def bench_delivery(quick: bool) -> list[Figure]:
     ]
 
 
+def _airline_adapter(folder: Path) -> tuple[Adapter, Callable[[int], Request]]:
+    """A signing adapter with the reference airline, and a maker of fresh requests."""
+    import datetime as dt
+    from decimal import Decimal
+
+    from cmi_airline import ReferenceAirline
+    from cmi_sdk.outbox.sqlite import SQLiteStore
+    from cmi_sdk.signing import DocumentSigner, self_signed_certificate
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer = DocumentSigner(key=key, certificate=self_signed_certificate(key))
+    airline = ReferenceAirline(database=folder / "airline.db")
+    day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
+    airline.add_flight(
+        origin="ATL",
+        destination="CDG",
+        date=day,
+        flight="2231",
+        capacity=100,
+        fares=(
+            ("Y", Decimal("1050.00"), 17.3, 5.8),
+            ("B", Decimal("567.00"), 45.1, 15.0),
+            ("M", Decimal("534.00"), 39.6, 13.2),
+            ("Q", Decimal("520.00"), 34.0, 11.3),
+        ),
+    )
+    adapter = Adapter(
+        store=SQLiteStore(folder / "firm.db"), signer=signer, plugins=[airline], firm="delta.com"
+    )
+
+    def request(n: int) -> Request:
+        now = dt.datetime.now(dt.UTC)
+        return Request.model_validate(
+            {
+                "id": f"req-{n}",
+                "kind": "flight",
+                "customer_ref": "cust-7f3a9c",
+                "reply_to": "relay-1",
+                "created_at": now,
+                "wanted": {"origin": "ATL", "destination": "CDG", "date": day},
+            }
+        )
+
+    return adapter, request
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def bench_request_offer(quick: bool) -> list[Figure]:
+    """Request to signed offer in-process with the reference airline: p50 and p99."""
+    import tempfile
+
+    count = 300 if quick else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter, make = _airline_adapter(Path(tmp))
+        for n in range(50):  # warm up: schemas, templates, threads
+            adapter.answer_request(make(-n - 1))
+        requests = [make(n) for n in range(count)]
+        latencies = []
+        for req in requests:
+            start = time.perf_counter()
+            answer = adapter.answer_request(req)
+            latencies.append(time.perf_counter() - start)
+            if not answer.offers.offers:
+                raise SystemExit(f"no offer: {answer.offers.declined}")
+        adapter.close()
+    p50, p99 = _percentile(latencies, 0.5) * 1e3, _percentile(latencies, 0.99) * 1e3
+    # Lower is better for latencies: judged as headroom, target / measured >= 1.
+    return [
+        Figure("request_offer_p50", p50, "ms"),
+        Figure("request_offer_p99", p99, "ms"),
+        Figure("request_offer_p50_headroom", 0.5 / p50, "x (0.5 ms / p50)", target=1.0),
+        Figure("request_offer_p99_headroom", 2.0 / p99, "x (2 ms / p99)", target=1.0),
+    ]
+
+
+_HTTP_SERVER = """
+import sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from run import _airline_adapter
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+
+tmp = tempfile.mkdtemp()
+adapter, _ = _airline_adapter(Path(tmp))
+adapter.store.add_intermediary("relay", sys.argv[3], at=time.time())
+
+async def minimal(request):
+    await request.body()
+    return Response(b"<ok/>", media_type="application/xml")
+
+routes = [Route("/minimal", minimal, methods=["POST"]), Mount("/", adapter.asgi_app())]
+app = Starlette(routes=routes)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
+"""
+
+
+def bench_request_http(quick: bool) -> list[Figure]:  # noqa: PLR0915  (one scenario)
+    """POST /cmi/requests over HTTP (signed, the reference airline) against a minimal
+    Starlette handler on the same server, with 4 concurrent keep-alive clients each."""
+    import subprocess
+    import tempfile
+    import threading
+
+    import httpx
+
+    from cmi_sdk.client import signed_headers
+    from cmi_sdk.webhooks import generate_secret
+
+    per_client = 60 if quick else 300
+    clients = 4
+    port = _free_port()
+    secret = generate_secret()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-c", _HTTP_SERVER, str(port), str(Path(__file__).parent), secret]
+    )
+    try:
+        with httpx.Client() as probe:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    probe.post(base + "/minimal", content=b"x")
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the benchmark server did not start") from None
+                    time.sleep(0.1)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter, make = _airline_adapter(Path(tmp))
+            bodies = [
+                adapter.render(make(n), standard="cmi", document_type="request")
+                for n in range(clients * per_client)
+            ]
+            adapter.close()
+
+        def load(path: str, signed: bool) -> float:
+            errors: list[str] = []
+
+            def worker(chunk: list[bytes]) -> None:
+                with httpx.Client(timeout=30) as client:
+                    for body in chunk:
+                        headers = {"content-type": "application/xml"}
+                        if signed:
+                            headers |= signed_headers(
+                                secret=secret,
+                                method="POST",
+                                target=path,
+                                body=body,
+                                intermediary="relay",
+                            )
+                        response = client.post(base + path, content=body, headers=headers)
+                        if response.status_code != 200:
+                            errors.append(response.text[:200])
+
+            chunks = [bodies[i::clients] for i in range(clients)]
+            threads = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - start
+            if errors:
+                raise SystemExit(f"{len(errors)} failed requests: {errors[0]}")
+            return len(bodies) / elapsed
+
+        best_sdk = best_min = 0.0
+        for _ in range(2 if quick else 3):
+            best_min = max(best_min, load("/minimal", signed=False))
+            best_sdk = max(best_sdk, load("/cmi/requests", signed=True))
+            # fresh ids each round: the firm refuses replayed message ids, not request ids
+    finally:
+        server.terminate()
+        server.wait(10)
+    return [
+        Figure("http_minimal_handler", best_min, "req/s"),
+        Figure("http_request_to_offer", best_sdk, "req/s"),
+        Figure("http_request_ratio", best_sdk / best_min, "x minimal", target=0.5),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "render_validate": bench_render_validate,
     "emit": bench_emit,
     "delivery": bench_delivery,
+    "request_offer": bench_request_offer,
+    "request_http": bench_request_http,
 }
 
 

@@ -363,6 +363,13 @@ class Adapter:
         """
         return self.store.get_offer(offer_id)
 
+    def offer_document(self, offer_id: str) -> bytes:
+        """The offer alone as a signed ``cmi`` ``offer`` document.
+
+        :raises OfferNotFoundError: no such offer.
+        """
+        return self._render_signed(self.store.get_offer(offer_id).offer, "offer")
+
     def _render_signed(self, model: BaseModel, document_type: str) -> bytes:
         std, doc_type = self.standards.resolve("cmi", document_type)
         text = render_text(std, doc_type, model).encode()

@@ -424,11 +424,13 @@ class OfferPipeline:
             answered_at=now,
             offers=(offer,),
         )
-        single = self._render_signed(offer, "offer")
+        xml = self._render_signed(answer, "offers")
+        # Kept with the signed answer it went out in; GET /cmi/offers/{id} signs the offer
+        # alone when asked, so answering costs one signature.
         self._store().add_offers(
-            [StoredOffer(offer=offer, request=request, xml=single, intermediary=intermediary)]
+            [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
         )
-        return Answer(answer, self._render_signed(answer, "offers"))
+        return Answer(answer, xml)
 
     def _claims(self, request: Request) -> list[ClaimCheck]:
         found = [

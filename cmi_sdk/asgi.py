@@ -452,7 +452,7 @@ class _Endpoint:
         stored = self.adapter.get_offer(offer_id)
         if stored.intermediary not in (None, name):
             raise ProblemError("not-found", f"no offer {offer_id!r}")
-        return Response(stored.xml, media_type="application/xml")
+        return Response(self.adapter.offer_document(offer_id), media_type="application/xml")
 
     def post_acceptance(self, request: Request, principal: Principal, body: bytes) -> Response:
         name = self._intermediary(principal)

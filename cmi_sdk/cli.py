@@ -561,6 +561,16 @@ def cmd_accept(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
+    """Run the whole loop on loopback: terms, requests, offers, acceptance, the ticket."""
+    from cmi_sdk.demo import run_demo  # noqa: PLC0415
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    return run_demo(say)
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     """Write a development key pair: DIR/key.pem and a self-signed DIR/cert.pem."""
     from cmi_sdk.signing import generate_development_keys  # noqa: PLC0415
@@ -784,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the customer's name, if they choose to give it")
     p.add_argument("--email", help="the customer's e-mail, if they choose to give it")
     p.set_defaults(func=cmd_accept)
+
+    p = sub.add_parser("demo", help="run the whole loop on loopback, with nothing to set up")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="serve the firm's CMI endpoint")
     p.add_argument("--port", type=int, default=8000)

@@ -228,6 +228,9 @@ def test_well_known_publishes_firm_standards_policy_and_certificate(
     assert document["capabilities"] == {
         "terms": "/cmi/terms",
         "documents": "/cmi/documents",
+        "requests": "/cmi/requests",
+        "offers": "/cmi/offers/{id}",
+        "acceptance": "/cmi/offers/{id}/acceptance",
         "timings": ["now", "digest", "pull"],
     }
     ticket_standard = next(s for s in document["standards"] if s["name"] == "cmi-ticket")

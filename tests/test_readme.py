@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -17,7 +19,7 @@ def _blocks(lang: str) -> list[str]:
 
 def test_readme_gives_the_two_commands() -> None:
     shell = "\n".join(_blocks("sh"))
-    assert "cmi render --standard cmi-ticket examples/ticket.json" in shell
+    assert "pip install -e . && cmi demo" in shell
     assert "pytest" in shell
 
 
@@ -54,3 +56,24 @@ def test_readme_main_job_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "<price>451.89</price>" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_readme_main_command_closes_the_loop(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cmi_sdk.cli", "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "1. the intermediary registers the customer's terms" in out
+    assert out.count("(the answer is signed by the firm: verified)") == 2
+    assert "at 9.45 % APR" in out  # the lender's tier B offer
+    assert "booked as DL-" in out
+    assert "XML-DSig signature verifies against" in out
+    assert "<ticketnumber>" in out
+    assert list(tmp_path.iterdir()) == []  # nothing left behind

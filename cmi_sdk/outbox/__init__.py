@@ -169,7 +169,8 @@ class OutboxStatus:
 @dataclass(frozen=True, slots=True)
 class StoredOffer:
     """An offer as kept: with the request it answers (acceptance checks capacity and price
-    again against it), its signed document, and the intermediary that asked."""
+    again against it), the signed answer (``offers`` document) it went out in, and the
+    intermediary that asked."""
 
     offer: Offer
     request: Request

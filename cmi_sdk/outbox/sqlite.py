@@ -210,6 +210,7 @@ class SQLiteStore:
         self._synchronous = synchronous.upper()
         self._busy_timeout = busy_timeout
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         self._real = os.path.realpath(self.path)
         self.migrate()
 
@@ -252,6 +253,12 @@ class SQLiteStore:
         if getattr(self._local, "level", None) != level:
             conn.execute(f"PRAGMA synchronous={level}")
             self._local.level = level
+        # Threads of this process queue here, not in SQLite's busy handler, which sleeps
+        # in growing steps (1, 2, 5, 10 ms ...) while another connection writes.
+        with self._write_lock:
+            yield from self._transaction(conn)
+
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -697,8 +704,11 @@ class SQLiteStore:
         return tuple(json.loads(found[0][0])) if found else ()
 
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
-        """Record a message id accepted from ``party``; False when already seen."""
-        with self._write() as conn:
+        """Record a message id accepted from ``party``; False when already seen.
+
+        Committed without waiting for the disk (the ids live minutes; a power cut's loss
+        reopens at most the last few, inside their timestamp window)."""
+        with self._write(durable=False) as conn:
             conn.execute("DELETE FROM cmi_seen WHERE expires_at < ?", (now,))
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)",
@@ -714,8 +724,11 @@ class SQLiteStore:
     # -- offers and acceptances -----------------------------------------------------------
 
     def add_offers(self, offers: Sequence[StoredOffer]) -> None:
-        """Keep offers, with the requests they answer and their signed documents."""
-        with self._write() as conn:
+        """Keep offers, with the requests they answer and their signed documents.
+
+        Committed without waiting for the disk: an offer lost in a power cut is a quote the
+        customer asks for again, never a booking or a document."""
+        with self._write(durable=False) as conn:
             conn.executemany(
                 "INSERT INTO cmi_offers (id, request_id, customer_ref, intermediary, offer,"
                 " request, xml, valid_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
