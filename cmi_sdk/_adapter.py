@@ -342,6 +342,14 @@ class Adapter:
         """
         return self._offers.answer(request, intermediary=intermediary)
 
+    async def answer_request_async(
+        self, prepare: Callable[[], tuple[Request, str | None]]
+    ) -> Answer:
+        """:meth:`answer_request` for an event loop (the endpoint's): ``prepare``, which
+        returns the request and the intermediary, runs on the pipeline's worker thread
+        before it, so a request costs the loop one hand-off."""
+        return await self._offers.answer_async(prepare)
+
     def accept_offer(
         self, offer_id: str, acceptance: Acceptance, *, intermediary: str | None = None
     ) -> AcceptanceResult:

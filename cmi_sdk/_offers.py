@@ -135,6 +135,7 @@ class _Run:
     stage: str = "validation"
     deadline: float = 0.0
     abandoned: bool = False
+    request_id: str = "(not yet read)"
 
 
 @dataclass
@@ -214,31 +215,64 @@ class OfferPipeline:
         :raises RequestRefusedError: invalid for the firm's systems, a stage late or
             failing: no offer is made.
         """
-        budget = self._budget(request)
-        run = _Run(start=time.monotonic(), budget=budget)
-        run.deadline = run.start + budget * self._stages.ends["validation"]
+        run = self._start(request)
         future = self._executor().submit(self._pipeline, request, run, intermediary)
         while True:
             try:
                 return future.result(timeout=max(0.0, run.deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
-                stage, deadline = run.stage, run.deadline
-                if time.monotonic() < deadline:
-                    continue  # the pipeline moved on to the next stage meanwhile
-                run.abandoned = True
-                share = self._stages.shares[stage]
-                log.warning(
-                    "request %s: %s missed its budget (%.0f ms of %.0f ms); no offer",
-                    request.id,
-                    stage,
-                    share * budget * 1000,
-                    budget * 1000,
-                )
-                raise RequestRefusedError(
-                    f"the firm's {stage} stage did not answer within the request's time budget;"
-                    " no offer is made",
-                    problem=f"{stage}-timeout",
-                ) from None
+                self._check_deadline(run, request.id)
+
+    async def answer_async(self, prepare: Callable[[], tuple[Request, str | None]]) -> Answer:
+        """:meth:`answer` for an event loop, with the request's preparation (the endpoint's
+        authentication and parsing) on the same worker thread: one hand-off a request.
+
+        :param prepare: returns the request and the intermediary; runs on the worker.
+        """
+        run = _Run(start=time.monotonic(), budget=self.max_budget)
+        run.deadline = run.start + self.max_budget  # until the request is known
+
+        def job() -> Answer:
+            request, intermediary = prepare()
+            run.budget = self._budget(request)
+            run.start = time.monotonic()
+            run.request_id = request.id
+            return self._pipeline(request, run, intermediary)
+
+        future = asyncio.wrap_future(self._executor().submit(job))
+        while True:
+            try:
+                timeout = max(0.0, run.deadline - time.monotonic())
+                return await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                self._check_deadline(run, run.request_id)
+
+    def _start(self, request: Request) -> _Run:
+        budget = self._budget(request)
+        run = _Run(start=time.monotonic(), budget=budget, request_id=request.id)
+        run.deadline = run.start + budget * self._stages.ends["validation"]
+        return run
+
+    def _check_deadline(self, run: _Run, request_id: str) -> None:
+        """Called when the waiter's timeout ran out: return if the pipeline has moved on to
+        a later stage meanwhile, else give up on it (fail closed)."""
+        stage, deadline = run.stage, run.deadline
+        if time.monotonic() < deadline:
+            return
+        run.abandoned = True
+        share = self._stages.shares[stage]
+        log.warning(
+            "request %s: %s missed its budget (%.0f ms of %.0f ms); no offer",
+            request_id,
+            stage,
+            share * run.budget * 1000,
+            run.budget * 1000,
+        )
+        raise RequestRefusedError(
+            f"the firm's {stage} stage did not answer within the request's time budget;"
+            " no offer is made",
+            problem=f"{stage}-timeout",
+        )
 
     def _budget(self, request: Request) -> float:
         budget = self.default_budget

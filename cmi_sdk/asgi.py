@@ -239,7 +239,7 @@ def create_app(
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.get_terms), methods=["GET"]),
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.delete_terms), methods=["DELETE"]),
         Route("/cmi/documents", endpoint.guarded(endpoint.documents), methods=["GET"]),
-        Route("/cmi/requests", endpoint.guarded(endpoint.post_request), methods=["POST"]),
+        Route("/cmi/requests", endpoint.post_request, methods=["POST"]),
         Route("/cmi/offers/{offer_id}", endpoint.guarded(endpoint.get_offer), methods=["GET"]),
         Route(
             "/cmi/offers/{offer_id}/acceptance",
@@ -440,11 +440,30 @@ class _Endpoint:
             raise ProblemError("forbidden", "requests and acceptances come through intermediaries")
         return principal.intermediary
 
-    def post_request(self, request: Request, principal: Principal, body: bytes) -> Response:
-        name = self._intermediary(principal)
-        customer_request = self._xml_document(request, body, "request")
-        answer = self.adapter.answer_request(customer_request, intermediary=name)
-        return Response(answer.xml, media_type="application/xml")
+    async def post_request(self, request: Request) -> Response:
+        """Authenticate, parse and answer on the pipeline's worker thread: one hand-off."""
+        principal: Principal | None = None
+        try:
+            body = await self.read_body(request)
+
+            def prepare() -> tuple[Any, str | None]:
+                nonlocal principal
+                principal = self.authenticate(request, body)
+                name = self._intermediary(principal)
+                return self._xml_document(request, body, "request"), name
+
+            answer = await self.adapter.answer_request_async(prepare)
+            return Response(answer.xml, media_type="application/xml")
+        except CMIError as exc:
+            problem = _problem_for(exc)
+        except Exception:
+            log.exception("the CMI endpoint failed on POST %s", request.url.path)
+            problem = ProblemError("internal", "internal error")
+        if principal is not None:
+            await run_in_threadpool(
+                self.adapter.store.forget_message, principal.party, principal.msg_id
+            )
+        return problem_response(request, problem)
 
     def get_offer(self, request: Request, principal: Principal, _body: bytes) -> Response:
         name = self._intermediary(principal)

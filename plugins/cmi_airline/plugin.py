@@ -290,6 +290,7 @@ class ReferenceAirline:
         self._ticket_prefix = ticket_prefix
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._ladders: dict[str, tuple[tuple[_FareClass, ...], list[float]]] = {}
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         conn = self._connection()
@@ -525,27 +526,38 @@ class ReferenceAirline:
         ).fetchone()
         return None if row is None else self._flight_from_row(row)
 
-    def _state(self, conn: sqlite3.Connection, flight: _Flight, now: float) -> _State:
-        ladder = tuple(
-            _FareClass(row["letter"], Decimal(row["fare"]), row["currency"], row["mean"], row["sd"])
-            for row in conn.execute(
-                "SELECT * FROM fare_classes WHERE flight_id = ? ORDER BY rank", (flight.id,)
+    def _ladder(
+        self, conn: sqlite3.Connection, flight: _Flight
+    ) -> tuple[tuple[_FareClass, ...], list[float]]:
+        # A flight's fare ladder and forecasts never change once added (add_flight refuses
+        # a flight that exists), so they and their protection levels are read once.
+        cached = self._ladders.get(flight.id)
+        if cached is None:
+            ladder = tuple(
+                _FareClass(
+                    row["letter"], Decimal(row["fare"]), row["currency"], row["mean"], row["sd"]
+                )
+                for row in conn.execute(
+                    "SELECT * FROM fare_classes WHERE flight_id = ? ORDER BY rank", (flight.id,)
+                )
             )
-        )
-        sold = conn.execute(
-            "SELECT COUNT(*) FROM sold_seats WHERE flight_id = ?", (flight.id,)
-        ).fetchone()[0]
-        # An expired hold never counts, whether or not its row is gone yet.
-        held = conn.execute(
-            "SELECT COALESCE(SUM(seats), 0) FROM holds WHERE flight_id = ? AND expires_at > ?",
-            (flight.id, now),
-        ).fetchone()[0]
+            levels = protection_levels(
+                [c.fare for c in ladder], [c.mean for c in ladder], [c.sd for c in ladder]
+            )
+            cached = self._ladders[flight.id] = (ladder, levels)
+        return cached
+
+    def _state(self, conn: sqlite3.Connection, flight: _Flight, now: float) -> _State:
+        ladder, levels = self._ladder(conn, flight)
+        # One query for both counts; an expired hold never counts, gone or not.
+        sold, held = conn.execute(
+            "SELECT (SELECT COUNT(*) FROM sold_seats WHERE flight_id = ?),"
+            " (SELECT COALESCE(SUM(seats), 0) FROM holds WHERE flight_id = ? AND expires_at > ?)",
+            (flight.id, flight.id, now),
+        ).fetchone()
         remaining = max(0, flight.capacity - sold - held)
         # The forecasts are for the flight's whole selling period and are not drawn down as
         # seats sell: a reference model, re-optimized on the seats left at every request.
-        levels = protection_levels(
-            [c.fare for c in ladder], [c.mean for c in ladder], [c.sd for c in ladder]
-        )
         limits = tuple(booking_limits(remaining, levels))
         return _State(flight, ladder, remaining, limits)
 
@@ -576,7 +588,22 @@ class ReferenceAirline:
     def _alternatives(
         self, conn: sqlite3.Connection, request: Request, now: float
     ) -> list[tuple[FlightProduct, _FareClass, int]]:
-        """Products of the same route on the days around the wanted date, nearest first."""
+        """Products of the same route on the days around the wanted date, nearest first.
+
+        Capacity and advice both ask for them for one request, one stage after the other:
+        the second asking, in the same thread within a second, reuses the first answer.
+        """
+        memo = getattr(self._local, "alternatives", None)
+        if memo is not None and memo[0] is request and now - memo[1] < 1.0:
+            found: list[tuple[FlightProduct, _FareClass, int]] = memo[2]
+            return found
+        found = self._find_alternatives(conn, request, now)
+        self._local.alternatives = (request, now, found)
+        return found
+
+    def _find_alternatives(
+        self, conn: sqlite3.Connection, request: Request, now: float
+    ) -> list[tuple[FlightProduct, _FareClass, int]]:
         wanted = request.wanted
         assert isinstance(wanted, FlightWanted)  # noqa: S101 (callers check the kind)
         constraints = request.constraints
@@ -611,7 +638,22 @@ class ReferenceAirline:
     def _state_of(
         self, conn: sqlite3.Connection, availability: Availability, now: float
     ) -> tuple[_State, int] | None:
-        """The flight and class an availability of ours is about, as they are now."""
+        """The flight and class an availability of ours is about, as they are now.
+
+        Revenue management and pricing ask one after the other about the availability
+        capacity just returned: within a second, in the same thread, the state read for
+        the first answers the second (an acceptance re-checks with fresh ones)."""
+        memo = getattr(self._local, "state_of", None)
+        if memo is not None and memo[0] is availability and now - memo[1] < 1.0:
+            found: tuple[_State, int] | None = memo[2]
+            return found
+        found = self._read_state_of(conn, availability, now)
+        self._local.state_of = (availability, now, found)
+        return found
+
+    def _read_state_of(
+        self, conn: sqlite3.Connection, availability: Availability, now: float
+    ) -> tuple[_State, int] | None:
         product = self._ours(availability.product)
         if product is None or availability.reference is None:
             return None
