@@ -447,6 +447,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415
 
     adapter = _emitting_adapter(args, require_signer=False)
+    if args.reference_firms:
+        adapter = _with_reference_firms(args, adapter)
     print(f"cmi: serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(
         adapter.asgi_app(), host=args.host, port=args.port, log_level="warning", access_log=False
@@ -569,6 +571,39 @@ def cmd_demo(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
         print(line, flush=True)
 
     return run_demo(say)
+
+
+def _with_reference_firms(args: argparse.Namespace, adapter: Adapter) -> Adapter:
+    """The same adapter's settings, with the reference airline and lender plugged in:
+    their SQLite files in the working directory, flights 30 days out seeded once."""
+    import datetime as dt  # noqa: PLC0415
+    from decimal import Decimal  # noqa: PLC0415
+
+    from cmi_airline import ReferenceAirline  # noqa: PLC0415
+    from cmi_lender import ReferenceLender  # noqa: PLC0415
+    from cmi_sdk._models import Money  # noqa: PLC0415
+    from cmi_sdk.demo import LADDER  # noqa: PLC0415
+
+    airline = ReferenceAirline(database="airline.db", firm=adapter.firm)
+    day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
+    for offset in (-1, 0, 1):
+        with contextlib.suppress(ValueError):  # already there from an earlier run
+            airline.add_flight(
+                origin="ATL",
+                destination="CDG",
+                date=day + dt.timedelta(days=offset),
+                flight="2231",
+                capacity=100,
+                fares=LADDER,
+            )
+    lender = ReferenceLender(
+        database="lender.db",
+        firm=adapter.firm,
+        daily_limit=Money(amount=Decimal("1000000.00"), currency="USD"),
+        default_band="B",
+    )
+    settings = _settings()
+    return settings.adapter(block=args.block, signer=adapter.signer, plugins=[airline, lender])
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -799,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="serve the firm's CMI endpoint")
+    p.add_argument(
+        "--reference-firms",
+        action="store_true",
+        help="plug in the reference airline and lender (their data in the working folder)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=cmd_serve)

@@ -41,8 +41,8 @@ __all__ = ["run_demo"]
 CUSTOMER = "cust-7f3a9c"
 FIRM = "cmi-demo.example"
 
-# Talluri & van Ryzin's four-class example: fares and demand forecasts (mean, sd).
-_LADDER = (
+#: Talluri & van Ryzin's four-class example: fares and demand forecasts (mean, sd).
+LADDER = (
     ("Y", Decimal("1050.00"), 17.3, 5.8),
     ("B", Decimal("567.00"), 45.1, 15.0),
     ("M", Decimal("534.00"), 39.6, 13.2),
@@ -97,7 +97,7 @@ def run_demo(say: Callable[[str], None] = print) -> int:
                 date=travel_day + dt.timedelta(days=offset),
                 flight="2231",
                 capacity=100,
-                fares=_LADDER,
+                fares=LADDER,
             )
         lender = ReferenceLender(
             database=work / "lender.db",

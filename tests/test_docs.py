@@ -88,3 +88,14 @@ def test_the_emit_guide_example_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "delivered=1" in result.stdout
     assert 'withheld="airline fare_class flight row seat"' in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_connect_guide_example_runs(tmp_path: Path) -> None:
+    page = (DOCS / "connect.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("451.89 USD\n<?xml")
