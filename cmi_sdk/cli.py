@@ -602,8 +602,10 @@ def _with_reference_firms(args: argparse.Namespace, adapter: Adapter) -> Adapter
         daily_limit=Money(amount=Decimal("1000000.00"), currency="USD"),
         default_band="B",
     )
-    settings = _settings()
-    return settings.adapter(block=args.block, signer=adapter.signer, plugins=[airline, lender])
+    firm: Adapter = _settings().adapter(
+        block=args.block, signer=adapter.signer, plugins=[airline, lender]
+    )
+    return firm
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
