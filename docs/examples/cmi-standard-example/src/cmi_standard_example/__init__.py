@@ -1,0 +1,1 @@
+"""An example cmi-sdk standard plugin: a purchase receipt."""
