@@ -723,12 +723,16 @@ class ReferenceAirline:
                 state, i = best
                 available = state.limits[i]
             alternatives = self._alternatives(conn, request, now)
-        return Availability(
+        availability = Availability(
             product=self._product(state.flight, state.ladder[i]),
             available=available,
             reference=state.flight.id,
             alternatives=tuple(product for product, _, _ in alternatives),
         )
+        # Revenue management and pricing come next with this very availability: they
+        # start from the state just read (see _state_of).
+        self._local.state_of = (availability, now, (state, i))
+        return availability
 
     @hookimpl
     def cmi_revenue_decision(
