@@ -283,6 +283,30 @@ class StandardRegistry:
         for doc_type in standard.document_types:
             self._by_root[doc_type.root] = (standard, doc_type)
 
+    def describe(self) -> list[dict[str, Any]]:
+        """The standards and their document types as JSON-ready data (for ``cmi standards
+        --json`` and ``/.well-known/cmi``): names, versions, roots, models, and the fields
+        sharing terms can withhold or that are always kept."""
+        return [
+            {
+                "name": std.name,
+                "version": std.version,
+                "title": std.title,
+                "document_types": [
+                    {
+                        "name": d.name,
+                        "root": d.root,
+                        "model": d.model.__name__,
+                        "description": d.description,
+                        "fields": sorted(d.fields),
+                        "kept": list(d.kept),
+                    }
+                    for d in std.document_types
+                ],
+            }
+            for std in self
+        ]
+
     def __iter__(self) -> Iterator[Standard]:
         return iter(sorted(self._by_name.values(), key=lambda s: s.name))
 

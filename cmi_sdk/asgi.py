@@ -559,24 +559,7 @@ def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) ->
             "signer_headers": ["cmi-intermediary", "cmi-terms"],
             "tolerance_seconds": tolerance,
         },
-        "standards": [
-            {
-                "name": std.name,
-                "version": std.version,
-                "title": std.title,
-                "document_types": [
-                    {
-                        "name": d.name,
-                        "root": d.root,
-                        "model": d.model.__name__,
-                        "fields": sorted(d.fields),
-                        "kept": list(d.kept),
-                    }
-                    for d in std.document_types
-                ],
-            }
-            for std in adapter.standards
-        ],
+        "standards": adapter.standards.describe(),
         "terms_policy": json.loads(adapter.policy.model_dump_json()),
         "keys": keys,
         "problem_types": {f"urn:cmi:problem:{k}": v[0] for k, v in PROBLEM_TYPES.items()},

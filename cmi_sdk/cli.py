@@ -111,23 +111,7 @@ def cmd_standards(args: argparse.Namespace) -> int:
     """List installed standards and their document types."""
     adapter = _adapter(args)
     if args.json:
-        listing = [
-            {
-                "name": std.name,
-                "version": std.version,
-                "title": std.title,
-                "document_types": [
-                    {
-                        "name": d.name,
-                        "root": d.root,
-                        "model": d.model.__name__,
-                        "description": d.description,
-                    }
-                    for d in std.document_types
-                ],
-            }
-            for std in adapter.standards
-        ]
+        listing = adapter.standards.describe()
         _write((json.dumps(listing, indent=2) + "\n").encode(), None)
         return EXIT_OK
     lines = []
@@ -576,26 +560,15 @@ def cmd_demo(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
 def _with_reference_firms(args: argparse.Namespace, adapter: Adapter) -> Adapter:
     """The same adapter's settings, with the reference airline and lender plugged in:
     their SQLite files in the working directory, flights 30 days out seeded once."""
-    import datetime as dt  # noqa: PLC0415
     from decimal import Decimal  # noqa: PLC0415
 
     from cmi_airline import ReferenceAirline  # noqa: PLC0415
     from cmi_lender import ReferenceLender  # noqa: PLC0415
     from cmi_sdk._models import Money  # noqa: PLC0415
-    from cmi_sdk.demo import LADDER  # noqa: PLC0415
+    from cmi_sdk.demo import seed_flights  # noqa: PLC0415
 
     airline = ReferenceAirline(database="airline.db", firm=adapter.firm)
-    day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
-    for offset in (-1, 0, 1):
-        with contextlib.suppress(ValueError):  # already there from an earlier run
-            airline.add_flight(
-                origin="ATL",
-                destination="CDG",
-                date=day + dt.timedelta(days=offset),
-                flight="2231",
-                capacity=100,
-                fares=LADDER,
-            )
+    seed_flights(airline, skip_existing=True)
     lender = ReferenceLender(
         database="lender.db",
         firm=adapter.firm,

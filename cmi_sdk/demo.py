@@ -12,23 +12,19 @@ intermediary run in this process, on loopback ports, in a temporary folder::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import secrets
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from cmi_sdk._adapter import Adapter
-from cmi_sdk._exceptions import CMIError
 from cmi_sdk._models import Acceptance, Money, Offer, OfferSet, Request
+from cmi_sdk._serving import serving
 from cmi_sdk.cli import format_offers
 from cmi_sdk.client import CMIClient
 from cmi_sdk.egress import EgressGuard
@@ -50,32 +46,24 @@ LADDER = (
 )
 
 
-@contextlib.contextmanager
-def _serve(app: Any) -> Iterator[str]:
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        access_log=False,
-        log_config=None,
-        lifespan="off",
-        ws="none",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="cmi-demo-firm", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise CMIError("the demo's endpoint did not start")
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+def seed_flights(airline: Any, *, skip_existing: bool = False) -> dt.date:
+    """Add DL2231 ATL-CDG, 100 seats at the T&vR fares, 29 to 31 days from today; return
+    the middle day. ``skip_existing`` leaves flights an earlier run added."""
+    travel_day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
+    for offset in (-1, 0, 1):
+        try:
+            airline.add_flight(
+                origin="ATL",
+                destination="CDG",
+                date=travel_day + dt.timedelta(days=offset),
+                flight="2231",
+                capacity=100,
+                fares=LADDER,
+            )
+        except ValueError:
+            if not skip_existing:
+                raise
+    return travel_day
 
 
 def run_demo(say: Callable[[str], None] = print) -> int:
@@ -89,16 +77,7 @@ def run_demo(say: Callable[[str], None] = print) -> int:
         signer = DocumentSigner.from_pem(key_path.read_bytes(), cert_path.read_bytes())
         certificate = cert_path.read_bytes()
         airline = ReferenceAirline(database=work / "airline.db", firm=FIRM)
-        travel_day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
-        for offset in (-1, 0, 1):
-            airline.add_flight(
-                origin="ATL",
-                destination="CDG",
-                date=travel_day + dt.timedelta(days=offset),
-                flight="2231",
-                capacity=100,
-                fares=LADDER,
-            )
+        travel_day = seed_flights(airline)
         lender = ReferenceLender(
             database=work / "lender.db",
             firm=FIRM,
@@ -125,7 +104,7 @@ def run_demo(say: Callable[[str], None] = print) -> int:
         try:
             with (
                 running(store) as store_url,
-                _serve(adapter.asgi_app()) as firm_url,
+                serving(adapter.asgi_app()) as firm_url,
                 CMIClient(firm_url, secret=relay_secret, intermediary="relay") as client,
             ):
                 say(f"firm endpoint      {firm_url}  (reference airline and lender)")

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cmi_sdk import Adapter, EgressGuard, SharingTerms, TermsProposal, Transaction, load_model
+from cmi_sdk._serving import serving
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import DocumentSigner, self_signed_certificate
 from cmi_sdk.webhooks import generate_secret
@@ -64,31 +62,9 @@ def register(adapter: Adapter, **fields: Any) -> SharingTerms:
 
 @contextlib.contextmanager
 def serve_app(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
-    """Serve any ASGI app with uvicorn on a free loopback port; yield its base URL."""
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        access_log=False,
-        log_config=None,
-        lifespan="off",
-        ws="none",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
+    """Serve any ASGI app on a free loopback port; yield its base URL, ending in ``/``."""
+    with serving(app, timeout=timeout) as url:
+        yield url + "/"
 
 
 Plan = Callable[[int], "int | tuple[int, dict[str, str]] | None"]
