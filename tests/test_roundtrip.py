@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from cmi_sdk import Adapter, RenderError, Transaction, load_model
 from tests import strategies as s
+from tests.test_ofx import ofx_transactions
 
 CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi-ticket", "ticket"): s.tickets(),
@@ -20,6 +21,7 @@ CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi", "acceptance"): s.acceptances(),
     ("cmi", "consent"): s.consents(),
     ("cmi", "offers"): s.offer_sets(),
+    ("ofx", "statement"): ofx_transactions(),
 }
 
 ADAPTER = Adapter()
@@ -52,6 +54,8 @@ def test_round_trip_is_identity(standard: str, doc_type: str) -> None:
     [
         ("cmi-ticket", "ticket", "ticket.json", Transaction),
         ("cmi", "transaction", "ticket.json", Transaction),
+        ("ofx", "statement", "bank-transaction.json", Transaction),
+        ("cmi", "transaction", "bank-transaction.json", Transaction),
     ],
 )
 def test_examples_round_trip(

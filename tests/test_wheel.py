@@ -49,6 +49,15 @@ def test_wheel_contents(wheel: Path) -> None:
         "cmi_sdk/py.typed",
         "cmi_sdk/outbox/sqlite.py",
         "cmi_core/schemas/consent-1.0.xsd",
+        "cmi_ofx/plugin.py",
+        "cmi_ofx/sgml.py",
+        "cmi_ofx/reader.py",
+        "cmi_ofx/values.py",
+        "cmi_ofx/py.typed",
+        "cmi_ofx/schemas/ofx-statement-1.0.xsd",
+        "cmi_ofx/templates/statement.ofx.j2",
+        "cmi_airline/emsr.py",
+        "cmi_lender/plugin.py",
         "cmi_core/plugin.py",
         "cmi_core/schemas/__init__.py",
         "cmi_ticket/plugin.py",
@@ -73,6 +82,7 @@ def test_installed_wheel_renders_and_validates(wheel: Path, tmp_path: Path) -> N
     work = tmp_path / "elsewhere"
     work.mkdir()
     shutil.copy(ROOT / "examples" / "ticket.json", work / "ticket.json")
+    shutil.copy(ROOT / "examples" / "bank-transaction.json", work / "bank-transaction.json")
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
 
@@ -106,3 +116,14 @@ def test_installed_wheel_renders_and_validates(wheel: Path, tmp_path: Path) -> N
     checked = cmi("validate", "ticket.xml")
     assert checked.returncode == 0, checked.stderr
     assert "valid cmi-ticket ticket" in checked.stdout
+
+    assert "ofx 2.2" in listing.stdout
+    rendered = cmi("render", "--standard", "ofx", "bank-transaction.json", "-o", "statement.ofx")
+    assert rendered.returncode == 0, rendered.stderr
+    checked = cmi("validate", "statement.ofx")
+    assert checked.returncode == 0, checked.stderr
+    assert "valid ofx statement" in checked.stdout
+
+    demo = cmi("demo")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "landed in the customer's store and verified" in demo.stdout.replace("\n", " ")

@@ -219,6 +219,9 @@ class _State:
         return None
 
 
+_FLOAT_NOISE = Decimal("0.000001")  # a millionth of a currency unit: beyond any minor unit
+
+
 def _quantum(currency: str) -> Decimal:
     return Decimal(1).scaleb(-Money(amount=Decimal(0), currency=currency).minor_units)
 
@@ -773,9 +776,13 @@ class ReferenceAirline:
         sds = [c.sd for c in state.ladder]
         # The seats go one by one, each with fewer left; the top class, having no class
         # above it, is weighed against its own later demand.
+        # Each seat's value is a float; its last bits are noise (3971.0000000000005 for
+        # 3971), which rounding up to the cent would turn into a floor above the fare.
         value = sum(
             (
-                Decimal(marginal_seat_revenue(fares, means, sds, seats, nest=max(i, 1)))
+                Decimal(marginal_seat_revenue(fares, means, sds, seats, nest=max(i, 1))).quantize(
+                    _FLOAT_NOISE
+                )
                 for seats in range(state.remaining, state.remaining - passengers, -1)
             ),
             start=Decimal(0),

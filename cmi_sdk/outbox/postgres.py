@@ -1,0 +1,1433 @@
+"""The PostgreSQL store: for firms whose own data lives in PostgreSQL, and for several
+delivery workers in several processes.
+
+Its semantics are :class:`~cmi_sdk.outbox.sqlite.SQLiteStore`'s, method by method. What
+PostgreSQL adds:
+
+- **The caller's transaction.** ``insert`` and ``active_terms`` take the firm's open
+  psycopg ``Connection``, or a SQLAlchemy ``Connection`` or ``Session`` on the
+  ``postgresql+psycopg`` dialect, and run inside its transaction without committing: the
+  outbox row commits or rolls back with the firm's own write.
+- **Many workers.** ``claim`` leases a batch with ``FOR UPDATE SKIP LOCKED``: workers
+  never wait for each other and never claim the same row. ``per_destination`` caps the
+  rows leased to one destination across all workers; rows with an ordering key go out one
+  at a time, in order (see :class:`PostgresStore`).
+- **Wake-ups.** ``insert`` and ``redrive`` send ``NOTIFY <schema>_outbox`` in their
+  transaction (it fires on commit); :meth:`PostgresStore.wait_for_work` waits for it.
+- **A pull cursor that never skips a late commit.** Rows do not commit in ``seq`` order
+  here, so :meth:`PostgresStore.documents_since` orders by the inserting transaction's id
+  and only returns rows of transactions older than every transaction still running.
+
+Times are POSIX seconds in ``double precision`` columns, bodies ``bytea``, JSON ``jsonb``.
+The store keeps at most ``pool_size`` connections of its own (opened on demand, reused),
+plus one for ``LISTEN`` once :meth:`~PostgresStore.wait_for_work` is called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow, tuple_row
+
+from cmi_sdk._exceptions import (
+    AcceptanceConflictError,
+    ConfigurationError,
+    OfferNotFoundError,
+    OutboxRowNotFoundError,
+    StoreError,
+    TermsError,
+    TermsNotFoundError,
+)
+from cmi_sdk._models import Offer, Request
+from cmi_sdk._terms import ConsentRecord, SharingTerms
+from cmi_sdk.outbox import (
+    STATES,
+    AttemptResult,
+    NewRow,
+    OutboxRow,
+    OutboxStatus,
+    State,
+    StoredOffer,
+)
+
+__all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "encode_cursor"]
+
+log = logging.getLogger("cmi_sdk.outbox.postgres")
+
+SCHEMA_VERSION = 1
+"""The version of the tables this module creates, recorded in ``<schema>.meta``."""
+
+_T = TypeVar("_T")
+_Conn = psycopg.Connection[TupleRow]
+_Cursor = psycopg.Cursor[TupleRow]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")  # + "_outbox" fits a 63-byte channel name
+_SEQ_BITS = 63
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_XID_LIMIT = 1 << 64
+
+# Statements name their tables "{s}.table"; the store replaces "{s}" with its schema, a
+# checked identifier (see _SCHEMA_NAME), once per statement text. Values are always bound.
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.terms (
+    id text PRIMARY KEY,
+    customer_ref text NOT NULL,
+    intermediary text,
+    terms jsonb NOT NULL,
+    secret text NOT NULL,
+    created_at double precision NOT NULL,
+    until double precision,
+    revoked_at double precision
+);
+CREATE INDEX IF NOT EXISTS terms_customer ON {s}.terms (customer_ref);
+CREATE TABLE IF NOT EXISTS {s}.consent (
+    pos bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+    id text PRIMARY KEY,
+    terms_id text NOT NULL REFERENCES {s}.terms (id),
+    event text NOT NULL,
+    issued_at double precision NOT NULL,
+    record jsonb NOT NULL,
+    xml bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consent_terms ON {s}.consent (terms_id, issued_at, pos);
+CREATE TABLE IF NOT EXISTS {s}.outbox (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    msg_id text NOT NULL UNIQUE,
+    terms_id text NOT NULL,
+    customer_ref text NOT NULL,
+    transaction_id text NOT NULL,
+    standard text NOT NULL,
+    document_type text NOT NULL,
+    destination text,
+    body bytea NOT NULL,
+    created_at double precision NOT NULL,
+    state text NOT NULL CHECK (state IN
+        ('pending', 'leased', 'retry', 'delivered', 'dead', 'pull', 'cancelled')),
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision,
+    lease_owner text,
+    lease_until double precision,
+    last_status integer,
+    last_error text,
+    delivered_at double precision,
+    dead_at double precision,
+    ordering_key text,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX IF NOT EXISTS outbox_queue ON {s}.outbox (next_attempt_at, seq)
+    WHERE state IN ('pending', 'retry');
+CREATE INDEX IF NOT EXISTS outbox_queue_destination
+    ON {s}.outbox (destination, next_attempt_at, seq) WHERE state IN ('pending', 'retry');
+CREATE INDEX IF NOT EXISTS outbox_leased ON {s}.outbox (destination, lease_until)
+    WHERE state = 'leased';
+CREATE INDEX IF NOT EXISTS outbox_state ON {s}.outbox (state, seq);
+CREATE INDEX IF NOT EXISTS outbox_terms ON {s}.outbox (terms_id, xid, seq);
+CREATE INDEX IF NOT EXISTS outbox_ordering ON {s}.outbox (ordering_key, seq)
+    WHERE ordering_key IS NOT NULL AND state IN ('pending', 'leased', 'retry');
+CREATE TABLE IF NOT EXISTS {s}.attempts (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    msg_id text NOT NULL,
+    attempt integer NOT NULL,
+    owner text NOT NULL,
+    started_at double precision NOT NULL,
+    finished_at double precision NOT NULL,
+    outcome text NOT NULL,
+    status integer,
+    error text,
+    next_attempt_at double precision
+);
+CREATE INDEX IF NOT EXISTS attempts_msg ON {s}.attempts (msg_id, id);
+CREATE TABLE IF NOT EXISTS {s}.destinations (
+    url text PRIMARY KEY,
+    disabled_at double precision NOT NULL,
+    reason text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.intermediaries (
+    name text PRIMARY KEY,
+    secrets jsonb NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.offers (
+    id text PRIMARY KEY,
+    request_id text NOT NULL,
+    customer_ref text NOT NULL,
+    intermediary text,
+    offer jsonb NOT NULL,
+    request jsonb NOT NULL,
+    xml bytea NOT NULL,
+    valid_until double precision NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS offers_request ON {s}.offers (request_id);
+CREATE TABLE IF NOT EXISTS {s}.acceptances (
+    id text PRIMARY KEY,
+    offer_id text NOT NULL,
+    state text NOT NULL,
+    result text,
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.seen (
+    party text NOT NULL,
+    msg_id text NOT NULL,
+    expires_at double precision NOT NULL,
+    PRIMARY KEY (party, msg_id)
+);
+CREATE INDEX IF NOT EXISTS seen_expiry ON {s}.seen (expires_at);
+"""
+
+_COLUMNS = (
+    "seq",
+    "msg_id",
+    "terms_id",
+    "customer_ref",
+    "transaction_id",
+    "standard",
+    "document_type",
+    "destination",
+    "body",
+    "created_at",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_until",
+    "last_status",
+    "last_error",
+    "delivered_at",
+)
+_ROW = ", ".join(_COLUMNS)
+_ROW_O = ", ".join("o." + c for c in _COLUMNS)
+_ROW_T = ", ".join("t." + c for c in _COLUMNS)
+
+_INSERT = (
+    "INSERT INTO {s}.outbox (msg_id, terms_id, customer_ref, transaction_id, standard,"
+    " document_type, destination, body, created_at, state, next_attempt_at, ordering_key)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (msg_id) DO NOTHING"
+)
+
+# A claim first turns expired leases (their worker died) back into rows due for a retry,
+# due when they were first due: then every claim reads one ordered index of due rows.
+_RELEASE = (
+    "UPDATE {s}.outbox SET state = 'retry', lease_owner = NULL, lease_until = NULL"
+    " WHERE seq IN (SELECT o.seq FROM {s}.outbox o WHERE o.state = 'leased'"
+    " AND o.lease_until < %(now)s FOR UPDATE SKIP LOCKED)"
+)
+
+# A row is due when it is pending or retrying and its time has come. A row with an
+# ordering key also waits while an older row with the same key has not gone out: pending
+# (even if not yet due), leased or retrying.
+_DUE = (
+    "o.state IN ('pending', 'retry') AND o.next_attempt_at <= %(now)s"
+    " AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM {s}.outbox p"
+    " WHERE p.ordering_key = o.ordering_key AND p.seq < o.seq"
+    " AND p.state IN ('pending', 'leased', 'retry')))"
+)
+
+_LEASE = (
+    "UPDATE {s}.outbox t SET state = 'leased', lease_owner = %(owner)s,"
+    " lease_until = %(until)s, attempts = t.attempts + 1"
+    " FROM picked WHERE t.seq = picked.seq RETURNING {cols}"
+)
+
+_CLAIM = (
+    "WITH picked AS MATERIALIZED (SELECT o.seq FROM {s}.outbox o WHERE {due}"
+    " ORDER BY o.next_attempt_at, o.seq LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED) {lease}"
+)
+
+# Live leases to one destination.
+_LEASED_TO = (
+    "(SELECT count(*) FROM {s}.outbox l WHERE l.destination = {d}"
+    " AND l.state = 'leased' AND l.lease_until >= %(now)s)"
+)
+
+# Second statement of a claim with a per-destination limit: the destinations with due rows
+# and room, earliest first, each locked for this transaction (or skipped when another
+# worker is claiming for it right now). The lock makes the count and the claim one step
+# across workers; the count is read again, under the lock, by the third statement. The
+# destinations are found by a skip scan of the index of waiting rows (one probe per
+# destination), not by reading every due row.
+_LOCK_DESTINATIONS = (
+    "WITH RECURSIVE walk (destination) AS ((SELECT o.destination FROM {s}.outbox o"
+    " WHERE o.state IN ('pending', 'retry') AND o.destination IS NOT NULL"
+    " ORDER BY o.destination LIMIT 1) UNION ALL SELECT (SELECT o.destination"
+    " FROM {s}.outbox o WHERE o.state IN ('pending', 'retry')"
+    " AND o.destination > w.destination ORDER BY o.destination LIMIT 1)"
+    " FROM walk w WHERE w.destination IS NOT NULL),"
+    " waiting AS (SELECT w.destination, (SELECT min(o.next_attempt_at) FROM {s}.outbox o"
+    " WHERE o.destination = w.destination AND o.state IN ('pending', 'retry')) AS first"
+    " FROM walk w WHERE w.destination IS NOT NULL)"
+    " SELECT d.destination FROM (SELECT destination FROM waiting"
+    " WHERE first <= %(now)s AND {leased_to_waiting} < %(per)s"
+    " ORDER BY first, destination LIMIT %(limit)s) d"
+    " WHERE pg_try_advisory_xact_lock(%(lock_space)s::int4, hashtext(d.destination))"
+)
+
+_CLAIM_PER_DESTINATION = (
+    "WITH room AS (SELECT d.destination, %(per)s - {leased_to_d} AS room"
+    " FROM unnest(%(destinations)s::text[]) AS d (destination)),"
+    " to_destinations AS MATERIALIZED (SELECT c.seq, c.next_attempt_at FROM room r"
+    " CROSS JOIN LATERAL (SELECT o.seq, o.next_attempt_at FROM {s}.outbox o"
+    " WHERE o.destination = r.destination AND {due} ORDER BY o.next_attempt_at, o.seq"
+    " LIMIT greatest(r.room, 0) FOR UPDATE OF o SKIP LOCKED) c),"
+    " to_nowhere AS MATERIALIZED (SELECT o.seq, o.next_attempt_at FROM {s}.outbox o"
+    " WHERE o.destination IS NULL AND {due} ORDER BY o.next_attempt_at, o.seq"
+    " LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED),"
+    " picked AS (SELECT seq FROM (SELECT * FROM to_destinations UNION ALL"
+    " SELECT * FROM to_nowhere) x ORDER BY next_attempt_at, seq LIMIT %(limit)s) {lease}"
+)
+
+
+# Rows of transactions older than every transaction still running are all there is below
+# that line: a row committing later belongs to a younger transaction, so it sorts after
+# any cursor handed out. (Aborted transactions' rows are never visible.)
+_DOCUMENTS = (
+    "SELECT {cols}, o.xid::text FROM {s}.outbox o WHERE o.terms_id = %(terms)s"
+    " AND o.state <> 'cancelled' AND (o.xid, o.seq) > (%(xid)s::xid8, %(seq)s)"
+    " AND o.xid < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY o.xid, o.seq LIMIT %(limit)s"
+)
+
+_REDRIVE = (
+    "UPDATE {s}.outbox SET state = 'pending', attempts = 0, next_attempt_at = %s,"
+    " dead_at = NULL WHERE state = 'dead' AND {which}"
+)
+
+
+def _compose(template: str, **parts: str) -> str:
+    """``template`` with its ``{name}`` parts replaced: constant SQL only, never values."""
+    for name, part in parts.items():
+        template = template.replace("{" + name + "}", part)
+    return template
+
+
+_CLAIM_SQL = _compose(_CLAIM, due=_DUE, lease=_compose(_LEASE, cols=_ROW_T))
+_LOCK_DESTINATIONS_SQL = _compose(
+    _LOCK_DESTINATIONS, leased_to_waiting=_compose(_LEASED_TO, d="waiting.destination")
+)
+_CLAIM_PER_DESTINATION_SQL = _compose(
+    _CLAIM_PER_DESTINATION,
+    leased_to_d=_compose(_LEASED_TO, d="d.destination"),
+    due=_DUE,
+    lease=_compose(_LEASE, cols=_ROW_T),
+)
+_REDRIVE_ONE = _compose(_REDRIVE, which="msg_id = %s")
+_REDRIVE_SINCE = _compose(_REDRIVE, which="dead_at >= %s")
+_DOCUMENTS_SQL = _compose(_DOCUMENTS, cols=_ROW_O)
+_ROWS_SQL = _compose("SELECT {cols} FROM {s}.outbox ORDER BY seq DESC LIMIT %s", cols=_ROW)
+_ROWS_IN_STATE_SQL = _compose(
+    "SELECT {cols} FROM {s}.outbox WHERE state = %s ORDER BY seq DESC LIMIT %s", cols=_ROW
+)
+_ROW_SQL = _compose("SELECT {cols} FROM {s}.outbox WHERE msg_id = %s", cols=_ROW)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRow(OutboxRow):
+    """A row as :meth:`PostgresStore.documents_since` returns it: with its cursor."""
+
+    cursor: int
+    """Pass it back as ``after`` to get the documents that follow this one."""
+
+
+def encode_cursor(xid: int, seq: int) -> int:
+    """The opaque cursor after the row ``seq`` of the transaction ``xid``: one integer of
+    at most 39 decimal digits (``xid`` is a 64-bit ``xid8``, ``seq`` a positive bigint)."""
+    return (xid << _SEQ_BITS) | (seq & _SEQ_MASK)
+
+
+def decode_cursor(cursor: int) -> tuple[int, int]:
+    """``(xid, seq)`` from a cursor; any integer below ``2**63`` (``0`` and the SQLite
+    store's cursors included) is the start."""
+    cursor = max(cursor, 0)
+    return cursor >> _SEQ_BITS, cursor & _SEQ_MASK
+
+
+def _row(values: Sequence[Any], cursor: int | None = None) -> OutboxRow:
+    fields: dict[str, Any] = {
+        "seq": values[0],
+        "msg_id": values[1],
+        "terms_id": values[2],
+        "customer_ref": values[3],
+        "transaction_id": values[4],
+        "standard": values[5],
+        "document_type": values[6],
+        "destination": values[7],
+        "body": bytes(values[8]),
+        "created_at": values[9],
+        "state": cast(State, values[10]),
+        "attempts": values[11],
+        "next_attempt_at": values[12],
+        "lease_owner": values[13],
+        "lease_until": values[14],
+        "last_status": values[15],
+        "last_error": values[16],
+        "delivered_at": values[17],
+    }
+    return OutboxRow(**fields) if cursor is None else DocumentRow(**fields, cursor=cursor)
+
+
+def _terms(values: Sequence[Any]) -> SharingTerms:
+    data = json.loads(values[0])
+    data["secret"] = values[1]
+    return SharingTerms.model_validate(data)
+
+
+def _lost(conn: _Conn) -> bool:
+    return conn.closed or conn.broken
+
+
+def _reason(exc: psycopg.Error) -> str:
+    primary = exc.diag.message_primary if exc.diag is not None else None
+    text = primary or str(exc).strip() or type(exc).__name__
+    return f"{exc.sqlstate}: {text}" if exc.sqlstate else text
+
+
+class _Pool:
+    """At most ``size`` autocommit connections, opened on demand and reused, newest first.
+
+    psycopg_pool would do this and more; the store needs this much and no dependency."""
+
+    def __init__(self, conninfo: str, size: int, timeout: float, where: str) -> None:
+        self.conninfo = conninfo
+        self.where = where
+        self._size = size
+        self._timeout = timeout
+        self._idle: list[_Conn] = []
+        self._open = 0
+        self._cond = threading.Condition()
+        self._pid = os.getpid()
+        self._orphans: list[_Conn] = []
+
+    def connect(self) -> _Conn:
+        try:
+            conn = psycopg.connect(self.conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {self.where}: {exc}") from exc
+        try:
+            # The store's statements are short, indexed ones: compiling them (JIT, when the
+            # planner's estimates are high on a large table) costs more than it saves.
+            conn.execute("SET jit = off")
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot set up a connection to {self.where}: {exc}") from exc
+        return conn
+
+    def check_fork(self) -> None:
+        """In a child process that inherited the pool, leave the parent's connections
+        alone: neither used nor closed (that would end the parent's sessions), and kept
+        referenced so that they are never finalized here either."""
+        if self._pid == os.getpid():
+            return
+        with self._cond:
+            if self._pid != os.getpid():
+                self._orphans.extend(self._idle)
+                self._idle, self._open, self._pid = [], 0, os.getpid()
+
+    def orphan(self, conn: _Conn) -> None:
+        """Keep a connection inherited from the parent process from being finalized."""
+        self._orphans.append(conn)
+
+    @contextmanager
+    def connection(self) -> Iterator[_Conn]:
+        conn = self._get()
+        try:
+            yield conn
+        finally:
+            self._put(conn)
+
+    def _get(self) -> _Conn:
+        self.check_fork()
+        deadline = time.monotonic() + self._timeout
+        with self._cond:
+            while not self._idle and self._open >= self._size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreError(
+                        f"all {self._size} connections to PostgreSQL at {self.where} were"
+                        f" busy for {self._timeout:g} s: raise pool_size"
+                    )
+                self._cond.wait(remaining)
+            if self._idle:
+                return self._idle.pop()
+            self._open += 1
+        try:
+            return self.connect()
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+
+    def _put(self, conn: _Conn) -> None:
+        keep = not _lost(conn) and conn.info.transaction_status == TransactionStatus.IDLE
+        with self._cond:
+            if keep:
+                self._idle.append(conn)
+            else:
+                self._open -= 1
+            self._cond.notify()
+        if not keep:
+            conn.close()
+
+    def discard_idle(self) -> None:
+        """Close the idle connections: after one was found dead, the others likely are
+        too (a server restart, a failover)."""
+        self.check_fork()
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+
+class PostgresStore:
+    """An :class:`~cmi_sdk.outbox.OutboxStore` in a PostgreSQL schema, for many processes.
+
+    :param dsn: a libpq connection string or ``postgresql://`` URL.
+    :param schema: the schema of the store's tables (created by :meth:`migrate`); lower
+        case letters, digits and ``_``. ``NOTIFY`` goes out on ``<schema>_outbox``.
+    :param pool_size: the most connections the store opens for its own work at once;
+        threads beyond it wait (up to ``pool_timeout`` seconds, then StoreError).
+    :param pool_timeout: how long to wait for a free connection.
+    :param ordered_by_customer: rows get an ordering key, the customer ref and the
+        destination: a customer's documents reach each destination one at a time, in the
+        order they were emitted. A row is not claimed while an older row with its key is
+        pending (due or not), leased or retrying; a dead row no longer holds the others up.
+        Keys are per destination so that a destination that is down does not hold up the
+        customer's other destinations. A row whose ``NewRow`` carries an ``ordering_key``
+        attribute is ordered by it whatever this option says.
+    :param notify: send ``NOTIFY`` when pending rows are written (turn off where commits of
+        the firm's own transactions must not take PostgreSQL's global notify lock).
+    :param auto_migrate: run :meth:`migrate` now (one read when the tables are there); turn
+        off where the application's role may not create tables and ``cmi db migrate`` runs
+        with another.
+
+    All workers of one store must claim with the same ``per_destination``: the limit is
+    kept by the workers that ask for it.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "cmi",
+        pool_size: int = 4,
+        pool_timeout: float = 30.0,
+        ordered_by_customer: bool = False,
+        notify: bool = True,
+        auto_migrate: bool = True,
+    ) -> None:
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigurationError(
+                f"schema must be 1 to 56 lower-case letters, digits or _ (not starting with"
+                f" a digit), not {schema!r}"
+            )
+        if pool_size < 1:
+            raise ConfigurationError("pool_size must be at least 1")
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"not a PostgreSQL connection string: {exc}") from None
+        params.setdefault("application_name", "cmi-sdk")
+        params.setdefault("connect_timeout", 10)
+        where = (
+            f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+            f"/{params.get('dbname') or params.get('user') or ''}"
+        )
+        self.schema = schema
+        self.channel = f"{schema}_outbox"
+        self.ordered_by_customer = ordered_by_customer
+        self._notify = notify
+        self._quoted = f'"{schema}"'
+        self._statements: dict[str, str] = {}
+        self._pool = _Pool(make_conninfo("", **params), pool_size, pool_timeout, where)
+        # Advisory lock keys: one for migrations, one space for destinations' claims.
+        self._migrate_key = f"cmi-sdk:{schema}:migrate"
+        self._lock_space = zlib.crc32(f"cmi-sdk:{schema}:destinations".encode()) - (1 << 31)
+        self._listener: _Conn | None = None
+        self._listener_pid = 0
+        self._listen_lock = threading.Lock()
+        self._purged = 0.0
+        if auto_migrate:
+            self.migrate()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        """A store for a ``postgresql://`` (or ``postgres://``, ``postgresql+psycopg://``)
+        URL, such as ``CMI_DATABASE_URL``; ``options`` are the constructor's."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
+            shown = url.rsplit("@", maxsplit=1)[-1]  # never a password
+            raise ConfigurationError(
+                f"not a PostgreSQL URL: {shown!r} (expected postgresql://user@host/db)"
+            )
+        return cls(f"postgresql://{rest}", **options)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._pool.where!r}, schema={self.schema!r})"
+
+    def close(self) -> None:
+        """Close the idle connections and the ``LISTEN`` one; the store opens new ones
+        when used again. Connections in use close when their call ends."""
+        self._pool.discard_idle()
+        with self._listen_lock:
+            if self._listener is not None:
+                if self._listener_pid == os.getpid():
+                    self._listener.close()
+                else:
+                    self._pool.orphan(self._listener)
+                self._listener = None
+
+    # -- running statements ---------------------------------------------------------------
+
+    def _sql(self, template: str) -> str:
+        statement = self._statements.get(template)
+        if statement is None:
+            statement = self._statements[template] = template.replace("{s}", self._quoted)
+        return statement
+
+    def _run(
+        self,
+        what: str,
+        body: Callable[[_Cursor], _T],
+        *,
+        write: bool = False,
+        durable: bool = True,
+    ) -> _T:
+        """Run ``body`` on one of the store's connections: in a transaction when ``write``.
+
+        A connection found dead (a server restart, ``pg_terminate_backend``) is replaced
+        and the call run once more, unless it died while committing: then nobody knows
+        whether the write happened, and the caller is told so."""
+        for attempt in (1, 2):
+            committing = False
+            with self._pool.connection() as conn:
+                try:
+                    with conn.cursor() as cur:
+                        if not write:
+                            return body(cur)
+                        with conn.transaction():
+                            if not durable:
+                                # Leases, heartbeats and outcomes: a power cut's loss
+                                # costs a resend with the same webhook-id, never a document.
+                                cur.execute("SET LOCAL synchronous_commit TO off")
+                            result = body(cur)
+                            committing = True
+                        return result
+                except psycopg.Error as exc:
+                    lost = _lost(conn)
+                    if lost:
+                        self._pool.discard_idle()
+                        if attempt == 1 and not committing:
+                            log.warning(
+                                "lost the connection to PostgreSQL while %s; trying again", what
+                            )
+                            continue
+                    raise self._error(exc, what, lost=lost, committing=committing) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, what: str, template: str, params: Any = ()) -> list[TupleRow]:
+        statement = self._sql(template)
+        return self._run(what, lambda cur: cur.execute(statement, params).fetchall())
+
+    def _error(self, exc: psycopg.Error, what: str, *, lost: bool, committing: bool) -> StoreError:
+        if lost and committing:
+            return StoreError(
+                f"the connection to PostgreSQL at {self._pool.where} was lost while"
+                f" committing ({what}): the write may or may not have been made"
+            )
+        if lost:
+            return StoreError(
+                f"the connection to PostgreSQL at {self._pool.where} was lost while {what}"
+                f" (nothing was written): {_reason(exc)}"
+            )
+        if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+            return StoreError(
+                f"{what}: the store's tables are missing from schema {self.schema!r} in"
+                f" {self._pool.where}: run PostgresStore.migrate() (cmi db migrate)"
+            )
+        return StoreError(f"PostgreSQL failed while {what}: {_reason(exc)}")
+
+    def _caller(self, connection: object) -> psycopg.Connection[Any]:
+        """The psycopg connection behind the caller's object, checked to be inside a
+        transaction the caller will commit."""
+        conn = connection
+        if type(connection).__module__.startswith("sqlalchemy"):
+            conn = _sqlalchemy_driver(connection)
+        if not isinstance(conn, psycopg.Connection):
+            raise ConfigurationError(
+                "the PostgreSQL store takes a psycopg Connection, or a SQLAlchemy Connection"
+                f" or Session on the postgresql+psycopg dialect, not {type(conn).__name__};"
+                " use the SQLite store for sqlite3 connections"
+            )
+        if conn.closed:
+            raise ConfigurationError("the caller's psycopg connection is closed")
+        status = conn.info.transaction_status
+        if status == TransactionStatus.INERROR:
+            raise StoreError(
+                "the caller's transaction has already failed: roll it back before writing"
+            )
+        if conn.autocommit and status == TransactionStatus.IDLE:
+            raise ConfigurationError(
+                "the caller's connection is in autocommit mode outside a transaction: the"
+                " outbox row would commit on its own; open one (with conn.transaction(): ...)"
+            )
+        return conn
+
+    def _in_caller(self, connection: object, what: str, body: Callable[[_Cursor], _T]) -> _T:
+        """Run ``body`` in the caller's transaction: never committed, never retried."""
+        conn = self._caller(connection)
+        try:
+            with conn.cursor(row_factory=tuple_row) as cur:
+                return body(cur)
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+                detail = (
+                    f"the store's tables are missing from schema {self.schema!r} in the"
+                    " caller's database (is it the store's database? run migrate() there)"
+                )
+            else:
+                detail = _reason(exc)
+            raise StoreError(
+                f"{what} in the caller's transaction failed: {detail}; that transaction"
+                " must be rolled back"
+            ) from exc
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _version(self, cur: _Cursor) -> int:
+        found = cur.execute("SELECT to_regclass(%s)", (f"{self._quoted}.meta",)).fetchone()
+        if found is None or found[0] is None:
+            return 0
+        value = cur.execute(
+            self._sql("SELECT value FROM {s}.meta WHERE key = 'schema_version'")
+        ).fetchone()
+        return 0 if value is None else int(value[0])
+
+    def migrate(self) -> None:
+        """Create the schema and its tables when missing, and record the version; idempotent.
+
+        When the tables are there already, nothing is written (one read). Otherwise the
+        work runs in one transaction under an advisory lock, so processes that start
+        together create the tables once, and wait for each other instead of failing."""
+        if self._run("reading the schema version", self._version) >= SCHEMA_VERSION:
+            return
+
+        def create(cur: _Cursor) -> None:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (self._migrate_key,)
+            )
+            if self._version(cur) >= SCHEMA_VERSION:
+                return  # another process did it while this one waited for the lock
+            cur.execute(self._sql(_DDL))
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                ),
+                (str(SCHEMA_VERSION),),
+            )
+
+        self._run(f"creating the tables in schema {self.schema!r}", create, write=True)
+
+    # -- terms and consent ----------------------------------------------------------------
+
+    def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
+        """Keep accepted terms and their consent record, in one transaction."""
+
+        def body(cur: _Cursor) -> None:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.terms (id, customer_ref, intermediary, terms, secret,"
+                    " created_at, until, revoked_at) VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s,"
+                    " NULL)"
+                ),
+                (
+                    terms.id,
+                    terms.customer_ref,
+                    terms.intermediary,
+                    json.dumps(terms.public_dict()),
+                    terms.secret,
+                    terms.created_at.timestamp(),
+                    None if terms.until is None else terms.until.timestamp(),
+                ),
+            )
+            self._add_consent(cur, consent, consent_xml)
+
+        self._run("writing terms", body, write=True)
+
+    def _add_consent(self, cur: _Cursor, consent: ConsentRecord, xml: bytes) -> None:
+        cur.execute(
+            self._sql(
+                "INSERT INTO {s}.consent (id, terms_id, event, issued_at, record, xml)"
+                " VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
+            ),
+            (
+                consent.id,
+                consent.terms_id,
+                consent.event,
+                consent.issued_at.timestamp(),
+                consent.model_dump_json(),
+                xml,
+            ),
+        )
+
+    def get_terms(self, terms_id: str) -> SharingTerms:
+        """The terms with that id, revoked or not; raises TermsNotFoundError."""
+        rows = self._read(
+            "reading terms", "SELECT terms::text, secret FROM {s}.terms WHERE id = %s", (terms_id,)
+        )
+        if not rows:
+            raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
+        return _terms(rows[0])
+
+    def list_terms(
+        self,
+        *,
+        customer_ref: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[SharingTerms]:
+        """Terms, oldest first."""
+        template = "SELECT terms::text, secret FROM {s}.terms WHERE true"
+        params: list[Any] = []
+        if customer_ref is not None:
+            template += " AND customer_ref = %s"
+            params.append(customer_ref)
+        if intermediary is not None:
+            template += " AND intermediary = %s"
+            params.append(intermediary)
+        if not include_revoked:
+            template += " AND revoked_at IS NULL"
+        template += " ORDER BY created_at, id"
+        return [_terms(r) for r in self._read("listing terms", template, params)]
+
+    def active_terms(
+        self, customer_ref: str, now: float, *, connection: object | None = None
+    ) -> list[SharingTerms]:
+        """The terms documents may go out under for ``customer_ref`` at ``now``; with
+        ``connection``, read in the caller's transaction (it sees the caller's own writes)."""
+        statement = self._sql(
+            "SELECT terms::text, secret FROM {s}.terms WHERE customer_ref = %s"
+            " AND revoked_at IS NULL AND (until IS NULL OR until > %s) ORDER BY created_at, id"
+        )
+
+        def body(cur: _Cursor) -> list[TupleRow]:
+            return cur.execute(statement, (customer_ref, now)).fetchall()
+
+        if connection is not None:
+            rows = self._in_caller(connection, "reading the active terms", body)
+        else:
+            rows = self._run("reading the active terms", body)
+        return [_terms(r) for r in rows]
+
+    def revoke_terms(
+        self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
+    ) -> int:
+        """Revoke terms, keep the consent record, cancel their undelivered rows; return how
+        many rows were cancelled. Raises TermsNotFoundError, or TermsError if revoked."""
+
+        def body(cur: _Cursor) -> int:
+            found = cur.execute(
+                self._sql("SELECT revoked_at, terms::text FROM {s}.terms WHERE id = %s FOR UPDATE"),
+                (terms_id,),
+            ).fetchone()
+            if found is None:
+                raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
+            if found[0] is not None:
+                raise TermsError(f"terms {terms_id} are already revoked")
+            data = json.loads(found[1])
+            data["revoked_at"] = consent.issued_at.isoformat()
+            cur.execute(
+                self._sql("UPDATE {s}.terms SET revoked_at = %s, terms = %s::jsonb WHERE id = %s"),
+                (at, json.dumps(data), terms_id),
+            )
+            self._add_consent(cur, consent, consent_xml)
+            # Rows being sent right now are cancelled too: their result is then not recorded
+            # over the cancellation (see complete()).
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.outbox SET state = 'cancelled', last_error = 'terms revoked',"
+                    " lease_owner = NULL, lease_until = NULL"
+                    " WHERE terms_id = %s AND state IN ('pending', 'retry', 'leased')"
+                ),
+                (terms_id,),
+            )
+            return cur.rowcount
+
+        return self._run("revoking terms", body, write=True)
+
+    def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
+        """The consent records of the terms, oldest first, with their signed documents."""
+        rows = self._read(
+            "reading consent records",
+            "SELECT record::text, xml FROM {s}.consent WHERE terms_id = %s ORDER BY issued_at, pos",
+            (terms_id,),
+        )
+        return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    def _ordering_key(self, row: NewRow) -> str | None:
+        key: str | None = getattr(row, "ordering_key", None)
+        if key is None and self.ordered_by_customer and row.state != "pull":
+            key = f"{row.customer_ref}\x1f{row.destination or ''}"
+        return key
+
+    def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
+        """Write rows (a row whose msg_id is already there is skipped) and wake the workers
+        on commit; with ``connection``, inside the caller's open transaction, which the
+        caller commits. Return how many were new."""
+        params = [
+            (
+                r.msg_id,
+                r.terms_id,
+                r.customer_ref,
+                r.transaction_id,
+                r.standard,
+                r.document_type,
+                r.destination,
+                r.body,
+                r.created_at,
+                r.state,
+                r.next_attempt_at,
+                self._ordering_key(r),
+            )
+            for r in rows
+        ]
+        if not params:
+            return 0
+        wake = self._notify and any(r.state == "pending" for r in rows)
+        statement = self._sql(_INSERT)
+
+        def body(cur: _Cursor) -> int:
+            cur.executemany(statement, params)
+            count = cur.rowcount
+            if wake and count > 0:
+                cur.execute(self._sql(f"NOTIFY {self.channel}"))
+            return count
+
+        if connection is not None:
+            return self._in_caller(connection, "writing outbox rows", body)
+        return self._run("writing outbox rows", body, write=True)
+
+    def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        per_destination: int | None = None,
+    ) -> list[OutboxRow]:
+        """Lease up to ``limit`` due rows, and rows whose lease expired, to ``owner``.
+
+        Expired leases are first released (to ``retry``, due when they were first due),
+        then the earliest due rows are leased, skipping rows other workers are locking.
+
+        :param per_destination: lease no row to a destination that already has this many
+            rows leased (by any worker, lease not expired). Destinations another worker is
+            claiming for at this very moment are skipped this round. The limit holds when
+            every worker of the store passes it.
+        """
+        if limit < 1:
+            return []
+        if per_destination is not None and per_destination < 1:
+            raise ConfigurationError("per_destination must be at least 1")
+        params: dict[str, Any] = {
+            "owner": owner,
+            "now": now,
+            "until": now + lease_seconds,
+            "limit": limit,
+            "per": per_destination,
+            "lock_space": self._lock_space,
+        }
+
+        def body(cur: _Cursor) -> list[TupleRow]:
+            cur.execute(self._sql(_RELEASE), params)
+            if per_destination is None:
+                return cur.execute(self._sql(_CLAIM_SQL), params).fetchall()
+            found = cur.execute(self._sql(_LOCK_DESTINATIONS_SQL), params).fetchall()
+            params["destinations"] = [d for (d,) in found]
+            return cur.execute(self._sql(_CLAIM_PER_DESTINATION_SQL), params).fetchall()
+
+        rows = self._run("claiming rows", body, write=True, durable=False)
+        return sorted((_row(r) for r in rows), key=lambda r: r.seq)
+
+    def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
+        """Extend ``owner``'s leases on ``msg_ids``."""
+        if not msg_ids:
+            return
+        statement = self._sql(
+            "UPDATE {s}.outbox SET lease_until = %s WHERE msg_id = ANY(%s) AND lease_owner = %s"
+            " AND state = 'leased'"
+        )
+        self._run(
+            "extending leases",
+            lambda cur: cur.execute(statement, (lease_until, list(msg_ids), owner)),
+            write=True,
+            durable=False,
+        )
+
+    def complete(self, results: Sequence[AttemptResult]) -> None:
+        """Record attempts and outcomes in one transaction (a group commit)."""
+        if not results:
+            return
+        attempts = [
+            (
+                r.msg_id,
+                r.attempt,
+                r.owner,
+                r.started_at,
+                r.finished_at,
+                r.outcome,
+                r.status,
+                r.error,
+                r.next_attempt_at,
+            )
+            for r in results
+        ]
+        delivered = [
+            (r.finished_at, r.status, r.msg_id) for r in results if r.outcome == "delivered"
+        ]
+        retry = [
+            (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner)
+            for r in results
+            if r.outcome == "retry"
+        ]
+        dead = [
+            (r.finished_at, r.status, r.error, r.msg_id, r.owner)
+            for r in results
+            if r.outcome == "dead"
+        ]
+
+        def body(cur: _Cursor) -> None:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO {s}.attempts (msg_id, attempt, owner, started_at, finished_at,"
+                    " outcome, status, error, next_attempt_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                ),
+                attempts,
+            )
+            # A receiver's 2xx is a fact whoever holds the lease now; only a cancelled row
+            # keeps its state (its terms were revoked meanwhile).
+            if delivered:
+                cur.executemany(
+                    self._sql(
+                        "UPDATE {s}.outbox SET state = 'delivered', delivered_at = %s,"
+                        " last_status = %s, last_error = NULL, lease_owner = NULL,"
+                        " lease_until = NULL WHERE msg_id = %s AND state IN"
+                        " ('leased', 'pending', 'retry', 'dead')"
+                    ),
+                    delivered,
+                )
+            # A failure is recorded only by the worker that still holds the lease.
+            if retry:
+                cur.executemany(
+                    self._sql(
+                        "UPDATE {s}.outbox SET state = 'retry', next_attempt_at = %s,"
+                        " last_status = %s, last_error = %s, lease_owner = NULL,"
+                        " lease_until = NULL WHERE msg_id = %s AND lease_owner = %s"
+                        " AND state = 'leased'"
+                    ),
+                    retry,
+                )
+            if dead:
+                cur.executemany(
+                    self._sql(
+                        "UPDATE {s}.outbox SET state = 'dead', dead_at = %s, last_status = %s,"
+                        " last_error = %s, lease_owner = NULL, lease_until = NULL,"
+                        " next_attempt_at = NULL WHERE msg_id = %s AND lease_owner = %s"
+                        " AND state = 'leased'"
+                    ),
+                    dead,
+                )
+
+        self._run("recording delivery outcomes", body, write=True, durable=False)
+
+    def next_due(self) -> float | None:
+        """When the next pending or retrying row is due, or the next lease expires."""
+        rows = self._read(
+            "reading the next due time",
+            "SELECT least((SELECT min(next_attempt_at) FROM {s}.outbox"
+            " WHERE state IN ('pending', 'retry')),"
+            " (SELECT min(lease_until) FROM {s}.outbox WHERE state = 'leased'))",
+        )
+        value = rows[0][0] if rows else None
+        return None if value is None else float(value)
+
+    def status(self, now: float) -> OutboxStatus:
+        """Counts by state and the oldest pending row's age."""
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        counts.update(
+            (state, int(n))
+            for state, n in self._read(
+                "counting rows", "SELECT state, count(*) FROM {s}.outbox GROUP BY state"
+            )
+        )
+        oldest = self._read(
+            "reading the oldest pending row",
+            "SELECT min(created_at) FROM {s}.outbox WHERE state IN ('pending', 'retry', 'leased')",
+        )[0][0]
+        disabled = tuple(sorted(self.disabled_destinations()))
+        return OutboxStatus(
+            counts=counts,
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            disabled_destinations=disabled,
+        )
+
+    def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Rows, newest first, optionally in one state."""
+        if state is None:
+            found = self._read(
+                "listing rows",
+                _ROWS_SQL,
+                (max(limit, 0),),
+            )
+        else:
+            found = self._read(
+                "listing rows",
+                _ROWS_IN_STATE_SQL,
+                (state, max(limit, 0)),
+            )
+        return [_row(r) for r in found]
+
+    def get_row(self, msg_id: str) -> OutboxRow:
+        """The row with that msg_id; raises OutboxRowNotFoundError."""
+        found = self._read("reading a row", _ROW_SQL, (msg_id,))
+        if not found:
+            raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
+        return _row(found[0])
+
+    def attempts(self, msg_id: str) -> list[AttemptResult]:
+        """Every recorded attempt of a row, in order."""
+        found = self._read(
+            "reading attempts",
+            "SELECT msg_id, owner, attempt, started_at, finished_at, outcome, status, error,"
+            " next_attempt_at FROM {s}.attempts WHERE msg_id = %s ORDER BY id",
+            (msg_id,),
+        )
+        return [
+            AttemptResult(
+                msg_id=r[0],
+                owner=r[1],
+                attempt=r[2],
+                started_at=r[3],
+                finished_at=r[4],
+                outcome=r[5],
+                status=r[6],
+                error=r[7],
+                next_attempt_at=r[8],
+            )
+            for r in found
+        ]
+
+    def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
+        """Make dead rows pending again, due now (attempts start again from zero), and wake
+        the workers on commit."""
+        if (msg_id is None) == (since is None):
+            raise ValueError("redrive takes a msg_id or a since time, not both")
+
+        def body(cur: _Cursor) -> int:
+            if msg_id is not None:
+                found = cur.execute(
+                    self._sql("SELECT state FROM {s}.outbox WHERE msg_id = %s"), (msg_id,)
+                ).fetchone()
+                if found is None:
+                    raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
+                cur.execute(self._sql(_REDRIVE_ONE), (now, msg_id))
+            else:
+                cur.execute(self._sql(_REDRIVE_SINCE), (now, since))
+            count = cur.rowcount
+            if self._notify and count > 0:
+                cur.execute(self._sql(f"NOTIFY {self.channel}"))
+            return count
+
+        return self._run("redriving dead rows", body, write=True)
+
+    def documents_since(self, terms_id: str, after: int, limit: int) -> list[OutboxRow]:
+        """Documents emitted under the terms after the cursor ``after``, in order; each is a
+        :class:`DocumentRow` whose ``cursor`` continues after it (``0`` is the start).
+
+        Rows do not commit in ``seq`` order, so the order is the inserting transaction's id,
+        then ``seq``; only rows of transactions older than every transaction still running
+        are returned, so a row that commits late is never behind a cursor already handed
+        out. The cost: a transaction that stays open holds back every document newer than
+        it (until it ends), here and for every terms.
+        """
+        xid, seq = decode_cursor(after)
+        if xid >= _XID_LIMIT or limit < 1:
+            return []
+        found = self._read(
+            "reading documents",
+            _DOCUMENTS_SQL,
+            {"terms": terms_id, "xid": str(xid), "seq": seq, "limit": limit},
+        )
+        return [_row(r, encode_cursor(int(r[-1]), r[0])) for r in found]
+
+    # -- waking workers -------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a ``NOTIFY`` from ``insert`` or ``redrive``:
+        True when one came (or may have been missed: the listening connection was lost and
+        opened again), False at the timeout.
+
+        Notifications that arrive between two calls are kept by the listening connection
+        and wake the next call at once. A worker still polls: notifications are not sent
+        for rows that become due later (retries, digests, expired leases). One thread per
+        store waits at a time (others queue behind it): one waiter per worker process."""
+        with self._listen_lock:
+            conn = self._listener
+            if conn is not None and self._listener_pid != os.getpid():
+                self._pool.orphan(conn)  # the parent's: this process listens on its own
+                conn = self._listener = None
+            missed = conn is not None and _lost(conn)
+            if conn is None or missed:
+                if conn is not None:
+                    conn.close()
+                self._listener = None
+                conn = self._pool.connect()
+                try:
+                    conn.execute(self._sql(f"LISTEN {self.channel}"))
+                except psycopg.Error as exc:
+                    conn.close()
+                    raise self._error(exc, "listening", lost=False, committing=False) from exc
+                self._listener, self._listener_pid = conn, os.getpid()
+                if missed:
+                    return True
+            try:
+                woken = any(True for _ in conn.notifies(timeout=max(timeout, 0.0), stop_after=1))
+                if woken:
+                    for _ in conn.notifies(timeout=0):
+                        pass  # one wake-up for every notification already here
+            except psycopg.Error:
+                log.warning("lost the LISTEN connection to PostgreSQL; opening another")
+                conn.close()
+                self._listener = None
+                return True
+            return woken
+
+    # -- destinations, intermediaries, replay ---------------------------------------------
+
+    def disable_destination(self, url: str, *, reason: str, at: float) -> None:
+        """Stop delivering to ``url`` (it answered 410 Gone)."""
+        statement = self._sql(
+            "INSERT INTO {s}.destinations (url, disabled_at, reason) VALUES (%s, %s, %s)"
+            " ON CONFLICT (url) DO NOTHING"
+        )
+        self._run(
+            "disabling a destination",
+            lambda cur: cur.execute(statement, (url, at, reason)),
+            write=True,
+        )
+
+    def enable_destination(self, url: str) -> bool:
+        """Deliver to ``url`` again; True if it was disabled."""
+        statement = self._sql("DELETE FROM {s}.destinations WHERE url = %s")
+        return self._run(
+            "enabling a destination",
+            lambda cur: cur.execute(statement, (url,)).rowcount > 0,
+            write=True,
+        )
+
+    def disabled_destinations(self) -> dict[str, str]:
+        """Disabled destinations and why."""
+        rows = self._read("reading destinations", "SELECT url, reason FROM {s}.destinations")
+        return dict(rows)
+
+    def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
+        """Register an intermediary, or add a secret to it (for a rotation); one statement,
+        so two processes rotating at once both keep their secret."""
+        statement = self._sql(
+            "INSERT INTO {s}.intermediaries AS i (name, secrets, created_at)"
+            " VALUES (%(name)s, jsonb_build_array(%(secret)s::text), %(at)s)"
+            " ON CONFLICT (name) DO UPDATE SET secrets = CASE"
+            " WHEN i.secrets @> jsonb_build_array(%(secret)s::text) THEN i.secrets"
+            " ELSE i.secrets || jsonb_build_array(%(secret)s::text) END"
+        )
+        self._run(
+            "registering an intermediary",
+            lambda cur: cur.execute(statement, {"name": name, "secret": secret, "at": at}),
+            write=True,
+        )
+
+    def intermediary_secrets(self, name: str) -> tuple[str, ...]:
+        """The intermediary's secrets; empty when unknown."""
+        found = self._read(
+            "reading an intermediary",
+            "SELECT secrets::text FROM {s}.intermediaries WHERE name = %s",
+            (name,),
+        )
+        return tuple(json.loads(found[0][0])) if found else ()
+
+    def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
+        """Record a message id accepted from ``party``; False when already seen (and not
+        yet expired). Committed without waiting for the disk, like the SQLite store's."""
+        purge = now - self._purged >= 1.0
+        if purge:
+            self._purged = now
+        statement = self._sql(
+            "INSERT INTO {s}.seen AS s (party, msg_id, expires_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (party, msg_id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
+            " WHERE s.expires_at < %s"
+        )
+
+        def body(cur: _Cursor) -> bool:
+            # Expired ids are purged at most once a second (per process), through their
+            # index: a purge per request would cost more as traffic grows.
+            if purge:
+                cur.execute(self._sql("DELETE FROM {s}.seen WHERE expires_at < %s"), (now,))
+            return cur.execute(statement, (party, msg_id, expires_at, now)).rowcount == 1
+
+        return self._run("remembering a message id", body, write=True, durable=False)
+
+    def forget_message(self, party: str, msg_id: str) -> None:
+        """Drop a message id: the request it came with was refused, and stores nothing."""
+        statement = self._sql("DELETE FROM {s}.seen WHERE party = %s AND msg_id = %s")
+        self._run(
+            "forgetting a message id",
+            lambda cur: cur.execute(statement, (party, msg_id)),
+            write=True,
+            durable=False,
+        )
+
+    # -- offers and acceptances -----------------------------------------------------------
+
+    def add_offers(self, offers: Sequence[StoredOffer]) -> None:
+        """Keep offers, with the requests they answer and their signed documents (committed
+        without waiting for the disk: a lost offer is a quote asked for again)."""
+        if not offers:
+            return
+        params = [
+            (
+                o.offer.id,
+                o.offer.request_id,
+                o.offer.customer_ref,
+                o.intermediary,
+                o.offer.model_dump_json(),
+                o.request.model_dump_json(),
+                o.xml,
+                o.offer.valid_until.timestamp(),
+                o.offer.created_at.timestamp(),
+            )
+            for o in offers
+        ]
+        statement = self._sql(
+            "INSERT INTO {s}.offers (id, request_id, customer_ref, intermediary, offer,"
+            " request, xml, valid_until, created_at)"
+            " VALUES (%s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s)"
+        )
+        self._run(
+            "writing offers",
+            lambda cur: cur.executemany(statement, params),
+            write=True,
+            durable=False,
+        )
+
+    def get_offer(self, offer_id: str) -> StoredOffer:
+        """The offer with that id; raises OfferNotFoundError."""
+        found = self._read(
+            "reading an offer",
+            "SELECT offer::text, request::text, xml, intermediary FROM {s}.offers WHERE id = %s",
+            (offer_id,),
+        )
+        if not found:
+            raise OfferNotFoundError(f"no offer {offer_id!r}")
+        offer, request, xml, intermediary = found[0]
+        return StoredOffer(
+            offer=Offer.model_validate_json(offer),
+            request=Request.model_validate_json(request),
+            xml=bytes(xml),
+            intermediary=intermediary,
+        )
+
+    def begin_acceptance(
+        self, acceptance_id: str, offer_id: str, now: float
+    ) -> tuple[str, str | None] | None:
+        """Claim an acceptance id; None when it is new (now ``processing``), else its
+        ``(state, result)``: a retry gets the first one's answer. Safe across processes:
+        of two concurrent claims, the second waits for the first to commit, then reads it."""
+
+        def body(cur: _Cursor) -> tuple[str, str | None] | None:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.acceptances (id, offer_id, state, result, created_at,"
+                    " updated_at) VALUES (%s, %s, 'processing', NULL, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING"
+                ),
+                (acceptance_id, offer_id, now, now),
+            )
+            if cur.rowcount == 1:
+                return None
+            found = cur.execute(
+                self._sql("SELECT state, result, offer_id FROM {s}.acceptances WHERE id = %s"),
+                (acceptance_id,),
+            ).fetchone()
+            if found is None:  # pragma: no cover - acceptances are never deleted
+                raise StoreError(f"acceptance {acceptance_id} vanished while being read")
+            if found[2] != offer_id:
+                raise AcceptanceConflictError(
+                    f"acceptance {acceptance_id} was given for offer {found[2]}"
+                )
+            return found[0], found[1]
+
+        return self._run("claiming an acceptance id", body, write=True)
+
+    def finish_acceptance(self, acceptance_id: str, state: str, result: str, now: float) -> None:
+        """Record an acceptance's outcome (``booked`` or ``refused``) and its answer."""
+        statement = self._sql(
+            "UPDATE {s}.acceptances SET state = %s, result = %s, updated_at = %s WHERE id = %s"
+        )
+        self._run(
+            "recording an acceptance",
+            lambda cur: cur.execute(statement, (state, result, now, acceptance_id)),
+            write=True,
+        )
+
+
+def _sqlalchemy_driver(connection: object) -> object:
+    """The psycopg connection under a SQLAlchemy ``Session`` or ``Connection``, inside the
+    SQLAlchemy transaction the caller will commit."""
+    from sqlalchemy.engine import Connection  # noqa: PLC0415  (an optional dependency)
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+    from sqlalchemy.orm import Session, scoped_session  # noqa: PLC0415
+
+    try:
+        if isinstance(connection, Session | scoped_session):
+            # Begins the session's transaction when none is open, as a flush would.
+            connection = connection.connection()
+        if not isinstance(connection, Connection):
+            return connection
+        if not connection.in_transaction():
+            # SQLAlchemy commits only a transaction it knows of: begin it, as the caller's
+            # first statement would have, so that the caller's commit() commits the row.
+            connection.begin()
+        driver = connection.connection.driver_connection
+    except SQLAlchemyError as exc:
+        raise ConfigurationError(f"cannot use the caller's SQLAlchemy connection: {exc}") from exc
+    if not isinstance(driver, psycopg.Connection):
+        raise ConfigurationError(
+            f"the SQLAlchemy engine's driver is {type(driver).__module__}, not psycopg 3:"
+            " create it with a postgresql+psycopg:// URL"
+        )
+    return driver
