@@ -227,14 +227,7 @@ class Adapter:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    from cmi_sdk.outbox.sqlite import SQLiteStore  # noqa: PLC0415
-
-                    if not self.database_url.startswith("sqlite:"):
-                        raise ConfigurationError(
-                            f"no store for {self.database_url!r}: this version keeps its"
-                            " outbox in SQLite (sqlite:///path.db)"
-                        )
-                    self._store = SQLiteStore.from_url(self.database_url)
+                    self._store = open_store(self.database_url)
         return self._store
 
     @property
@@ -521,6 +514,29 @@ class Adapter:
                 standard=std.name,
                 document_type=doc_type.name,
             )
+
+
+def open_store(url: str) -> OutboxStore:
+    """The store a database URL names: ``sqlite:///path.db`` (the embedded default) or
+    ``postgresql://...`` (the scale-out store; ``pip install 'cmi-sdk[postgres]'``).
+
+    :raises ConfigurationError: another scheme, or the PostgreSQL driver is missing.
+    """
+    if url.startswith("sqlite:"):
+        from cmi_sdk.outbox.sqlite import SQLiteStore  # noqa: PLC0415
+
+        return SQLiteStore.from_url(url)
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        try:
+            from cmi_sdk.outbox.postgres import PostgresStore  # noqa: PLC0415
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the PostgreSQL store needs psycopg: pip install 'cmi-sdk[postgres]' ({exc})"
+            ) from None
+        return PostgresStore.from_url(url)
+    raise ConfigurationError(
+        f"no store for {url!r}: use sqlite:///path.db or postgresql://user@host/db"
+    )
 
 
 def _import(name: str, module: str) -> ModuleType:

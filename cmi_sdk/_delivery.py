@@ -258,7 +258,13 @@ class DeliveryWorker:
                 continue
             due = self.store.next_due()
             wait = poll_interval if due is None else min(poll_interval, due - self._clock())
-            stopper.wait(max(0.01, wait))
+            waiter = getattr(self.store, "wait_for_work", None)
+            if waiter is not None and wait > 0.01:
+                # LISTEN/NOTIFY (PostgreSQL) wakes the worker as soon as a row commits;
+                # polling stays the fallback, in slices short enough to notice a stop.
+                waiter(min(wait, 1.0))
+            else:
+                stopper.wait(max(0.01, wait))
 
     def start(self, *, poll_interval: float = 1.0) -> DeliveryWorker:
         """Run in a background thread (daemon) until :meth:`stop`; returns self."""

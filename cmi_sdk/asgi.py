@@ -118,6 +118,7 @@ status and title. The slugs are stable; clients may rely on them."""
 
 
 _CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²' too
+_SINCE = re.compile(r"[0-9]{1,40}")  # the PostgreSQL store's cursors are wider
 
 
 class ProblemError(CMIError):
@@ -497,7 +498,7 @@ class _Endpoint:
             raise ProblemError("forbidden", f"terms {terms.id} are revoked")
         since = request.query_params.get("since", "0")
         limit_text = request.query_params.get("limit", str(self.page_size))
-        if not _CURSOR.fullmatch(since):
+        if not _SINCE.fullmatch(since):
             raise ProblemError("invalid-input", "since is a cursor from a previous answer's next")
         if not _CURSOR.fullmatch(limit_text) or not 1 <= int(limit_text) <= self.page_size:
             raise ProblemError("invalid-input", f"limit is 1 to {self.page_size}")
@@ -507,7 +508,7 @@ class _Endpoint:
         documents = [
             {
                 "id": row.msg_id,
-                "cursor": str(row.seq),
+                "cursor": str(getattr(row, "cursor", row.seq)),
                 "transaction_id": row.transaction_id,
                 "standard": row.standard,
                 "document_type": row.document_type,
@@ -519,7 +520,7 @@ class _Endpoint:
         return JSONResponse(
             {
                 "documents": documents,
-                "next": str(page[-1].seq) if page else since,
+                "next": str(getattr(page[-1], "cursor", page[-1].seq)) if page else since,
                 "more": len(rows) > limit,
             }
         )

@@ -394,6 +394,18 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_migrate(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
+    """Create or upgrade the store's tables (SQLite or PostgreSQL); idempotent."""
+    from cmi_sdk._adapter import open_store  # noqa: PLC0415
+
+    url = _settings().database_url
+    store = open_store(url)
+    store.migrate()
+    shown = url.rsplit("@", maxsplit=1)[-1]  # never a password
+    _write(f"migrated {shown}\n".encode(), None)
+    return EXIT_OK
+
+
 def cmd_intermediaries_add(args: argparse.Namespace) -> int:
     """Register an intermediary and its Standard Webhooks secret."""
     from cmi_sdk.webhooks import WebhookVerifier  # noqa: PLC0415
@@ -765,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("id", nargs="?", metavar="ID")
     o.add_argument("--since", metavar="T", help="an ISO 8601 time with a timezone")
     o.set_defaults(func=cmd_outbox)
+
+    p = sub.add_parser("db", help="the store's database")
+    db = p.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
+    db.required = True
+    d = db.add_parser("migrate", help="create or upgrade the tables (CMI_DATABASE_URL)")
+    d.set_defaults(func=cmd_db_migrate)
 
     p = sub.add_parser("intermediaries", help="register intermediaries")
     inter = p.add_subparsers(dest="intermediaries_command", metavar="ACTION", parser_class=_Parser)

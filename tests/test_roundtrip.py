@@ -22,6 +22,10 @@ CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi", "consent"): s.consents(),
     ("cmi", "offers"): s.offer_sets(),
     ("ofx", "statement"): ofx_transactions(),
+    ("ubl", "RequestForQuotation"): s.requests(),
+    ("ubl", "Quotation"): s.offers(),
+    ("ubl", "Order"): s.acceptances(),
+    ("ubl", "Invoice"): s.transactions(),
 }
 
 ADAPTER = Adapter()

@@ -57,6 +57,14 @@ def test_wheel_contents(wheel: Path) -> None:
         "cmi_ofx/schemas/ofx-statement-1.0.xsd",
         "cmi_ofx/templates/statement.ofx.j2",
         "cmi_airline/emsr.py",
+        "cmi_ubl/plugin.py",
+        "cmi_ubl/py.typed",
+        "cmi_ubl/schemas/cmi-ubl-1.0-Invoice.xsd",
+        "cmi_ubl/schemas/cmi-ubl-1.0-cac.xsd",
+        "cmi_ubl/schemas/cmi-ubl-1.0-cbc.xsd",
+        "cmi_ubl/templates/Invoice.xml.j2",
+        "cmi_ubl/templates/_macros.xml.j2",
+        "cmi_sdk/outbox/postgres.py",
         "cmi_lender/plugin.py",
         "cmi_core/plugin.py",
         "cmi_core/schemas/__init__.py",
@@ -123,6 +131,15 @@ def test_installed_wheel_renders_and_validates(wheel: Path, tmp_path: Path) -> N
     checked = cmi("validate", "statement.ofx")
     assert checked.returncode == 0, checked.stderr
     assert "valid ofx statement" in checked.stdout
+
+    assert "ubl 2.4" in listing.stdout
+    rendered = cmi(
+        "render", "--standard", "ubl", "--type", "Invoice", "ticket.json", "-o", "inv.xml"
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    checked = cmi("validate", "inv.xml")
+    assert checked.returncode == 0, checked.stderr
+    assert "valid ubl Invoice" in checked.stdout
 
     demo = cmi("demo")
     assert demo.returncode == 0, demo.stdout + demo.stderr

@@ -1,0 +1,92 @@
+"""The whole emission path on PostgreSQL: an adapter on the PostgreSQL store, the outbox row
+in the firm's own psycopg transaction, delivery to a real store on loopback, the pull
+cursor, and the endpoint with its terms and offers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cmi_sdk import Adapter, RetrySchedule
+from cmi_sdk.client import CMIClient
+from cmi_sdk.receiver import CustomerStore
+from cmi_sdk.webhooks import generate_secret
+from tests.support import make_adapter, register, serve_app, ticket
+
+DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
+if not DSN:
+    pytest.skip(
+        "CMI_TEST_POSTGRES_DSN is not set: these tests need a PostgreSQL server"
+        " (e.g. CMI_TEST_POSTGRES_DSN=postgresql://postgres@127.0.0.1:5432/test)",
+        allow_module_level=True,
+    )
+
+import psycopg  # noqa: E402  (only with a server to talk to)
+
+from cmi_sdk.outbox.postgres import PostgresStore  # noqa: E402
+
+
+@pytest.fixture
+def store() -> Iterator[PostgresStore]:
+    schema = f"cmi_adapter_{secrets.token_hex(4)}"
+    store = PostgresStore(DSN, schema=schema)
+    try:
+        yield store
+    finally:
+        store.close()
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def adapter(tmp_path: Path, store: PostgresStore) -> Iterator[Adapter]:
+    adapter = make_adapter(tmp_path, store=store)
+    yield adapter
+    adapter.close()
+
+
+def test_emit_in_the_firms_psycopg_transaction_and_deliver(
+    tmp_path: Path, adapter: Adapter, store: PostgresStore
+) -> None:
+    secret = generate_secret()
+    inbox = CustomerStore(directory=tmp_path / "inbox", secrets=[secret])
+    with serve_app(inbox.app) as url:
+        register(adapter, destination=url + "inbox", secret=secret)
+        with psycopg.connect(DSN) as conn:
+            conn.execute(f'SET search_path TO "{store.schema}", public')
+            conn.execute("CREATE TEMP TABLE sales (id text primary key)")
+            conn.execute("INSERT INTO sales VALUES ('DL-1')")
+            (emission,) = adapter.emit(ticket(), connection=conn)
+            assert adapter.store.rows() == []  # not committed yet
+            conn.rollback()
+        assert adapter.store.rows() == []  # rolled back with the firm's write
+        with psycopg.connect(DSN) as conn:
+            (emission,) = adapter.emit(ticket(), connection=conn)
+            conn.commit()
+        with adapter.delivery_worker(schedule=RetrySchedule(delays=(0,), jitter=0)) as worker:
+            assert worker.run_once().delivered == 1
+    assert inbox.documents() == [emission.msg_id]
+    assert store.get_row(emission.msg_id).state == "delivered"
+
+
+def test_the_endpoint_on_postgresql(adapter: Adapter) -> None:
+    secret = generate_secret()
+    adapter.store.add_intermediary("relay", secret, at=time.time())
+    terms = register(adapter, when="pull", destination=None)
+    adapter.emit_many([ticket(id=f"DL-{i}") for i in range(3)])
+    with serve_app(adapter.asgi_app()) as url:
+        with CMIClient(url, secret=terms.secret, terms_id=terms.id) as client:
+            first = client.documents(limit=2).json()
+            assert len(first["documents"]) == 2
+            assert first["more"] is True
+            rest = client.documents(since=first["next"]).json()
+            assert len(rest["documents"]) == 1
+            assert rest["more"] is False
+        with CMIClient(url, secret=secret, intermediary="relay") as client:
+            answer = client.list_terms()
+            assert answer.status_code == 200
