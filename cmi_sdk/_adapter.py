@@ -371,8 +371,17 @@ class Adapter:
         """
         return self._render_signed(self.store.get_offer(offer_id).offer, "offer")
 
-    def _render_signed(self, model: BaseModel, document_type: str) -> bytes:
-        std, doc_type = self.standards.resolve("cmi", document_type)
+    def render_signed(
+        self, model: BaseModel, *, standard: str, document_type: str | None = None
+    ) -> bytes:
+        """Render ``model`` (validated against the XSD) and sign it with the adapter's
+        signer; unsigned when there is none."""
+        return self._render_signed(model, document_type, standard)
+
+    def _render_signed(
+        self, model: BaseModel, document_type: str | None, standard: str = "cmi"
+    ) -> bytes:
+        std, doc_type = self.standards.resolve(standard, document_type)
         text = render_text(std, doc_type, model).encode()
         root = etree.fromstring(text, self.parser.lxml_parser())
         self._check(std, doc_type, root, text)

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cmi_sdk._adapter import Adapter
+from cmi_sdk._adapter import Adapter, ValidatedDocument
 from cmi_sdk._exceptions import (
     AcceptanceError,
     CMIError,
@@ -59,7 +59,9 @@ from cmi_sdk._exceptions import (
     TermsNotFoundError,
     UnknownPartyError,
 )
-from cmi_sdk._models import load_model
+from cmi_sdk._models import Acceptance, Offer, load_model
+from cmi_sdk._models import Request as CustomerRequest
+from cmi_sdk._offers import Answer
 from cmi_sdk._terms import SharingTerms, TermsDecision, TermsProposal
 from cmi_sdk._version import __version__
 from cmi_sdk.client import signing_payload
@@ -89,6 +91,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "too-deep": (400, "The XML nests too deeply"),
     "invalid-document": (422, "The document breaks its schema"),
     "invalid-request": (422, "The firm's systems cannot serve the request as it is"),
+    "declined": (422, "The firm makes no offer for this request"),
     "deadline-passed": (422, "The request's respond_by has passed"),
     "validation-timeout": (503, "Request validation did not answer in time; no offer"),
     "claims-timeout": (503, "Claim verification did not answer in time; no offer"),
@@ -423,18 +426,46 @@ class _Endpoint:
             }
         )
 
-    def _xml_document(self, request: Request, body: bytes, document_type: str) -> Any:
+    def _xml_document(self, request: Request, body: bytes, model: type) -> ValidatedDocument:
+        """The body as a valid document of any installed standard whose model is
+        ``model``: a ``cmi`` request or a UBL RequestForQuotation alike."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in {"application/xml", "text/xml"}:
             raise ProblemError("unsupported-media-type", "send the document as application/xml")
         doc = self.adapter.validate(body)  # the hardened parser, then the XSD
-        if (doc.standard.name, doc.document_type.name) != ("cmi", document_type):
+        if doc.document_type.model is not model:
             raise ProblemError(
                 "invalid-document",
-                f"expected a cmi {document_type} document, not a {doc.standard.name}"
+                f"expected a {model.__name__} document, not a {doc.standard.name}"
                 f" {doc.document_type.name}",
             )
-        return doc.to_model()
+        return doc
+
+    def _answer_standard(self, request: Request, asked_in: str) -> str:
+        """The standard the answer is written in: ``?answer=`` when the intermediary names
+        one, else the request's own (a UBL RequestForQuotation gets a UBL Quotation)."""
+        wanted = request.query_params.get("answer", asked_in)
+        if wanted == "cmi":
+            return wanted
+        if wanted not in self.adapter.standards or not any(
+            d.model is Offer for d in self.adapter.standards.get(wanted).document_types
+        ):
+            raise ProblemError("invalid-input", f"the firm cannot answer in {wanted!r}")
+        return wanted
+
+    def _answer_as(self, answer: Answer, standard: str) -> Response:
+        """The answer in another standard: its offer document (one offer), signed."""
+        if not answer.offers.offers:
+            raise ProblemError(
+                "declined", answer.offers.declined or "the firm makes no offer for this request"
+            )
+        doc_type = next(
+            d.name for d in self.adapter.standards.get(standard).document_types if d.model is Offer
+        )
+        xml = self.adapter.render_signed(
+            answer.offers.offers[0], standard=standard, document_type=doc_type
+        )
+        return Response(xml, media_type="application/xml")
 
     def _intermediary(self, principal: Principal) -> str:
         if principal.intermediary is None:
@@ -447,14 +478,20 @@ class _Endpoint:
         try:
             body = await self.read_body(request)
 
+            answer_in: list[str] = []
+
             def prepare() -> tuple[Any, str | None]:
                 nonlocal principal
                 principal = self.authenticate(request, body)
                 name = self._intermediary(principal)
-                return self._xml_document(request, body, "request"), name
+                doc = self._xml_document(request, body, CustomerRequest)
+                answer_in.append(self._answer_standard(request, doc.standard.name))
+                return doc.to_model(), name
 
             answer = await self.adapter.answer_request_async(prepare)
-            return Response(answer.xml, media_type="application/xml")
+            if answer_in[0] == "cmi":
+                return Response(answer.xml, media_type="application/xml")
+            return await run_in_threadpool(self._answer_as, answer, answer_in[0])
         except CMIError as exc:
             problem = _problem_for(exc)
         except Exception:
@@ -476,7 +513,8 @@ class _Endpoint:
 
     def post_acceptance(self, request: Request, principal: Principal, body: bytes) -> Response:
         name = self._intermediary(principal)
-        acceptance = self._xml_document(request, body, "acceptance")
+        acceptance = self._xml_document(request, body, Acceptance).to_model()
+        assert isinstance(acceptance, Acceptance)  # noqa: S101  (its document type's model)
         result = self.adapter.accept_offer(
             request.path_params["offer_id"], acceptance, intermediary=name
         )

@@ -778,7 +778,7 @@ def test_a_customer_pulls_only_documents_of_its_own_terms(adapter: Adapter, acme
         "since=abc",
         "since=-1",
         "since=1.5",
-        "since=" + "9" * 19,
+        "since=" + "9" * 41,
         "limit=0",
         "limit=101",
         "limit=-2",

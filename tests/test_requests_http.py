@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cmi_sdk import Acceptance, Adapter, OfferSet, Request, load_model
+from cmi_sdk import Acceptance, Adapter, Offer, OfferSet, Request, hookimpl, load_model
 from cmi_sdk.client import CMIClient, signed_headers
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import generate_secret
@@ -220,3 +220,57 @@ def test_offers_are_the_asking_intermediarys(firm: Firm) -> None:
 def test_unknown_routes_are_problems_too(firm: Firm) -> None:
     _problem(httpx.get(firm.url + "/cmi/nothing-here", timeout=10), 404, "not-found")
     _problem(httpx.delete(firm.url + "/.well-known/cmi", timeout=10), 405, "method-not-allowed")
+
+
+def _send_to(firm: Firm, body: bytes, target: str) -> httpx.Response:
+    headers = signed_headers(
+        secret=firm.secret, method="POST", target=target, body=body, intermediary="relay"
+    )
+    headers["content-type"] = "application/xml"
+    return httpx.post(firm.url + target, content=body, headers=headers, timeout=10)
+
+
+class Seen:
+    """Records the canonical request the firm's hooks are given."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    @hookimpl
+    def cmi_validate_request(self, request: Request) -> list[str]:
+        self.requests.append(request)
+        return []
+
+
+def test_a_ubl_request_for_quotation_gets_a_ubl_quotation(firm: Firm) -> None:
+    seen = Seen()
+    firm.adapter.plugin_manager.register(seen)
+    request = load_model(Request, {
+        "id": "req-ubl-1", "kind": "flight", "customer_ref": "cust-7f3a9c",
+        "reply_to": "relay-1", "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "wanted": {"origin": "ATL", "destination": "CDG", "date": "2026-12-01"},
+    })  # fmt: skip
+    as_cmi = firm.adapter.render(request, standard="cmi", document_type="request")
+    as_ubl = firm.adapter.render(request, standard="ubl", document_type="RequestForQuotation")
+    ubl = _send_to(firm, as_ubl, "/cmi/requests")
+    assert ubl.status_code == 200, ubl.text
+    verify_document(ubl.content, signer().certificate)
+    quotation = firm.adapter.validate(ubl.content)
+    assert (quotation.standard.name, quotation.document_type.name) == ("ubl", "Quotation")
+    offer = quotation.to_model()
+    assert isinstance(offer, Offer)
+    assert offer.request_id == "req-ubl-1"
+    # The same request in the cmi vocabulary, answered in it; the hooks saw one request.
+    assert _send_to(firm, as_cmi, "/cmi/requests").status_code == 200
+    assert seen.requests[0] == seen.requests[1] == request
+    # The intermediary may ask for the other vocabulary.
+    crossed = _send_to(firm, as_ubl, "/cmi/requests?answer=cmi")
+    assert firm.adapter.validate(crossed.content).document_type.name == "offers"
+    _problem(_send_to(firm, as_cmi, "/cmi/requests?answer=nope"), 422, "invalid-input")
+
+
+def test_a_declined_ubl_request_is_a_problem(firm: Firm) -> None:
+    firm.shop.seats = 0
+    request = firm.adapter.parse(_request_xml(firm.adapter))
+    as_ubl = firm.adapter.render(request, standard="ubl", document_type="RequestForQuotation")
+    _problem(_send_to(firm, as_ubl, "/cmi/requests"), 422, "declined")

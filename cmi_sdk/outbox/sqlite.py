@@ -42,6 +42,8 @@ __all__ = ["SQLiteStore"]
 
 SCHEMA_VERSION = 3
 
+_MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cmi_meta (
     key TEXT PRIMARY KEY,
@@ -661,7 +663,7 @@ class SQLiteStore:
         found = self._read(
             f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE terms_id = ? AND seq > ?"
             " AND state != 'cancelled' ORDER BY seq LIMIT ?",
-            (terms_id, after, limit),
+            (terms_id, min(after, _MAX_INTEGER), limit),
         )
         return [_row(r) for r in found]
 
