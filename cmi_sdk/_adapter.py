@@ -396,6 +396,7 @@ class Adapter:
         options.setdefault("egress", self.egress)
         options.setdefault("ed25519_key", self.webhook_ed25519_key)
         options.setdefault("clock", self.clock)
+        options.setdefault("digests", self._emitter.merge_due_digests)
         return DeliveryWorker(store=self.store, hook=self._pm.hook, **options)
 
     def asgi_app(self, **options: Any) -> Starlette:

@@ -160,6 +160,8 @@ class DeliveryWorker:
         days. The ``webhook-timestamp`` header always uses the real time, so receivers can
         judge it.
     :param seed: seeds the jitter (tests).
+    :param digests: called before each round to turn ended digest windows into
+        documents (the adapter's; see :meth:`~cmi_sdk.Adapter.delivery_worker`).
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class DeliveryWorker:
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
+        digests: Callable[[], int] | None = None,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1:
             raise ConfigurationError("concurrency, per_destination and batch must be >= 1")
@@ -196,6 +199,7 @@ class DeliveryWorker:
         self._transport = transport
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311  (jitter, not a secret)
+        self._digests = digests
         self.owner = f"worker-{uuid.uuid4().hex[:12]}"
         self._local = threading.local()
         self._clients: list[httpx.Client] = []
@@ -228,7 +232,12 @@ class DeliveryWorker:
         return total
 
     def run_round(self) -> DeliveryStats:
-        """Claim one batch of due rows and deliver it."""
+        """Claim one batch of due rows and deliver it (after merging ended digests)."""
+        if self._digests is not None:
+            try:
+                self._digests()
+            except CMIError:
+                log.exception("merging digests failed; their documents wait for the next round")
         rows = self.store.claim(
             owner=self.owner, now=self._clock(), lease_seconds=self.lease_seconds, limit=self.batch
         )

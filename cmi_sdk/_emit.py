@@ -23,6 +23,7 @@ import pluggy
 from lxml import etree
 
 from cmi_sdk._exceptions import (
+    CMIError,
     DocumentValidationError,
     NotFoundError,
     PluginError,
@@ -30,9 +31,15 @@ from cmi_sdk._exceptions import (
     ValidationIssue,
 )
 from cmi_sdk._models import Transaction
-from cmi_sdk._standards import DocumentType, Standard, StandardRegistry, render_text
+from cmi_sdk._standards import (
+    DocumentType,
+    Standard,
+    StandardRegistry,
+    render_digest,
+    render_text,
+)
 from cmi_sdk._terms import ConsentRecord, SharingTerms, TermsDecision, TermsPolicy, TermsProposal
-from cmi_sdk.outbox import NewRow, OutboxStore, State
+from cmi_sdk.outbox import DigestGroup, NewRow, OutboxStore, State
 
 if TYPE_CHECKING:
     from cmi_sdk.egress import EgressGuard
@@ -52,7 +59,8 @@ class Emission:
     :ivar customer_ref: the customer it is for.
     :ivar standard: its standard.
     :ivar document_type: its document type.
-    :ivar state: ``pending`` (to be pushed) or ``pull``.
+    :ivar state: ``pending`` (to be pushed), ``digest`` (held for its window's digest
+        document, for standards that have one) or ``pull``.
     :ivar withheld: the fields the terms withheld from it.
     :ivar signed: whether it carries the firm's XML-DSig signature.
     :ivar due: when its first delivery attempt is due (the end of the digest window for
@@ -196,12 +204,17 @@ class Emitter:
                 _check(std, doc_type, root, text)
         msg_id = _msg_id(terms.id, tx.id, std.name, doc_type.name, hashlib.sha256(text).hexdigest())
         signed = self._sign(text, None if withheld else root)
+        model = None
         if terms.when == "pull":
             state: State = "pull"
             due = now
         else:
             state = "pending"
             due = _digest_due(terms, now)
+            if terms.digest_hours is not None and doc_type.digest is not None:
+                # Held for the window's one digest document (see merge_due_digests).
+                state = "digest"
+                model = tx.model_dump_json()
         row = NewRow(
             msg_id=msg_id,
             terms_id=terms.id,
@@ -214,6 +227,7 @@ class Emitter:
             created_at=now,
             state=state,
             next_attempt_at=due,
+            model=model,
         )
         emission = Emission(
             msg_id=msg_id,
@@ -228,6 +242,63 @@ class Emitter:
             document=signed,
         )
         return row, emission
+
+    def merge_due_digests(self) -> int:
+        """Turn every ended digest window into one document of the terms' standard (an
+        OFX statement of all the window's lines), ready to go out; return how many.
+
+        A window whose documents cannot be put together (transactions of different
+        accounts, say) goes out one document at a time instead, and the log says why.
+        """
+        store = self._store()
+        now = self._clock()
+        written = 0
+        for group in store.due_digests(now):
+            try:
+                row = self._digest_row(store.get_terms(group.terms_id), group, now)
+            except CMIError as exc:
+                log.warning(
+                    "digest of terms %s (%d documents) cannot be merged, sending them one by"
+                    " one: %s",
+                    group.terms_id,
+                    len(group.msg_ids),
+                    exc,
+                )
+                row = None
+            if store.merge_digest(group.msg_ids, row) and row is not None:
+                written += 1
+        return written
+
+    def _digest_row(self, terms: SharingTerms, group: DigestGroup, now: float) -> NewRow:
+        choice = self._hook.cmi_select_standard(
+            transaction=Transaction.model_validate_json(group.models[0]), terms=terms
+        )
+        std = self._standards.get(choice[0] if choice else terms.standard)
+        doc_type = transaction_document_type(std, choice[1] if choice else terms.document_type)
+        models = [doc_type.model.model_validate_json(m) for m in group.models]
+        text = render_digest(std, doc_type, models).encode()
+        root = etree.fromstring(text, self._parser())
+        _check(std, doc_type, root, text)
+        withheld: tuple[str, ...] = ()
+        if terms.fields is not None:
+            withheld = doc_type.withhold(root, set(doc_type.fields) - set(terms.fields))
+            if withheld:
+                text = etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
+                _check(std, doc_type, root, text)
+        ids = [m.id for m in models]
+        return NewRow(
+            msg_id=_msg_id(terms.id, "digest", *ids, hashlib.sha256(text).hexdigest()),
+            terms_id=terms.id,
+            customer_ref=terms.customer_ref,
+            transaction_id=ids[0] if len(ids) == 1 else f"{ids[0]}+{len(ids) - 1}"[:64],
+            standard=std.name,
+            document_type=doc_type.name,
+            destination=terms.destination,
+            body=self._sign(text, None if withheld else root),
+            created_at=now,
+            state="pending",
+            next_attempt_at=now,
+        )
 
     def _sign(self, xml: bytes, root: etree._Element | None) -> bytes:
         if self.signer is None:

@@ -8,7 +8,7 @@ model to the template's variables, and a parser from the XML back to the model.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import as_file
 from importlib.resources.abc import Traversable
@@ -59,6 +59,9 @@ class DocumentType(Generic[M]):
         document stays valid and says what was withheld.
     :param kept: the fields every document of the type carries, whatever the terms say
         (its identity: ids, time, parties); terms may name them, but they are never removed.
+    :param digest: the mapping for many models at once, when the type has a digest form (an
+        OFX statement of many lines): rendered with the same template, validated by the
+        same XSD. Digest terms then get one document a window instead of one a model.
     """
 
     name: str
@@ -71,6 +74,7 @@ class DocumentType(Generic[M]):
     description: str = ""
     fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     kept: tuple[str, ...] = ()
+    digest: Callable[[Sequence[M]], dict[str, Any]] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -356,7 +360,21 @@ def render_text(standard: Standard, doc_type: DocumentType[M], model: M) -> str:
             f"{standard.name} {doc_type.name} documents are made from a "
             f"{doc_type.model.__name__}, not a {type(model).__name__}"
         )
-    context = doc_type.to_context(model)
+    return render_context(standard, doc_type, doc_type.to_context(model))
+
+
+def render_digest(standard: Standard, doc_type: DocumentType[M], models: Sequence[M]) -> str:
+    """Render many models as one digest document of ``doc_type`` (see its ``digest``).
+
+    :raises MappingError: the type has no digest form, or cannot put these together.
+    """
+    if doc_type.digest is None:
+        raise MappingError(f"{standard.name} {doc_type.name} documents have no digest form")
+    return render_context(standard, doc_type, doc_type.digest(models))
+
+
+def render_context(standard: Standard, doc_type: DocumentType[Any], context: dict[str, Any]) -> str:
+    """Render a template context of ``doc_type``; refuse text XML cannot carry."""
     template = standard.template(doc_type)
     # A shared context uses the mapping as it is instead of copying it under the globals:
     # a third of jinja2's cost for a document this size.

@@ -4,8 +4,8 @@ Signing (:class:`DocumentSigner`) appends one ``<Signature>`` element, in the XM
 namespace, as the last child of the document's root. The algorithms are pinned:
 
 - canonicalization: exclusive XML canonicalization 1.0, without comments;
-- reference: the whole document (``URI=""``), with the enveloped-signature and exclusive
-  canonicalization transforms, digested with SHA-256;
+- reference: ``URI=""``, the document's root element, with the enveloped-signature and
+  exclusive canonicalization transforms, digested with SHA-256;
 - signature: ECDSA P-256 with SHA-256 (RFC 4051; the value is ``r || s``), or RSA PKCS#1
   v1.5 with SHA-256 for keys of 2048 bits or more;
 - key info: the signer's X.509 certificate, so a receiver can pin it.
@@ -144,9 +144,10 @@ class DocumentSigner:
             raise ValueError("the document's root element has no end tag to sign before")
         if root is None:
             root = etree.fromstring(xml, _PARSER)
-        canonical = etree.tostring(
-            root.getroottree(), method="c14n", exclusive=True, with_comments=False
-        )
+        # The root element, not the document: processing instructions before it (OFX's
+        # <?OFX ...?> header) are outside what is signed, as signxml, the verifier the SDK
+        # and its receivers use, reads URI="" for an enveloped signature.
+        canonical = etree.tostring(root, method="c14n", exclusive=True, with_comments=False)
         digest = _b64(hashlib.sha256(canonical).digest())
         signed_info = _SIGNED_INFO.format(method=self._method, digest=digest)  # type: ignore[attr-defined]
         value = _b64(self._signature_value(signed_info.encode()))

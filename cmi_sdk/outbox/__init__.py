@@ -13,6 +13,8 @@ A row's life::
        │                   │ └──────────────▶ dead (kept; an operator can redrive it)
        └── redrive ◀───────┘
     pull       never pushed: the customer fetches it
+    digest     held for its terms' digest window, to go out merged into one document
+    merged     went out inside a digest document (a row of its own, pending as above)
     cancelled  its terms were revoked before it went out
 
 A lease that is not renewed (the worker died) expires, and the row is claimed again: the
@@ -33,6 +35,7 @@ __all__ = [
     "STATES",
     "AttemptResult",
     "DeliveryReport",
+    "DigestGroup",
     "NewRow",
     "OutboxRow",
     "OutboxStatus",
@@ -41,7 +44,9 @@ __all__ = [
     "StoredOffer",
 ]
 
-State = Literal["pending", "leased", "retry", "delivered", "dead", "pull", "cancelled"]
+State = Literal[
+    "pending", "leased", "retry", "delivered", "dead", "pull", "digest", "merged", "cancelled"
+]
 STATES: tuple[State, ...] = (
     "pending",
     "leased",
@@ -49,6 +54,8 @@ STATES: tuple[State, ...] = (
     "delivered",
     "dead",
     "pull",
+    "digest",
+    "merged",
     "cancelled",
 )
 
@@ -72,6 +79,8 @@ class NewRow:
     """``pending`` (push), or ``pull`` for pull-only terms."""
     next_attempt_at: float
     """When the first attempt is due: now, or the end of the digest window."""
+    model: str | None = None
+    """For ``digest`` rows: the model as JSON, to render the window's digest from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +176,17 @@ class OutboxStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class DigestGroup:
+    """The ``digest`` rows of one set of terms whose window has ended."""
+
+    terms_id: str
+    due: float
+    msg_ids: tuple[str, ...]
+    models: tuple[str, ...]
+    """The rows' models as JSON, in the order they were emitted."""
+
+
+@dataclass(frozen=True, slots=True)
 class StoredOffer:
     """An offer as kept: with the request it answers (acceptance checks capacity and price
     again against it), the signed answer (``offers`` document) it went out in, and the
@@ -234,6 +254,14 @@ class OutboxStore(Protocol):
 
     def complete(self, results: Sequence[AttemptResult]) -> None:
         """Record attempts and their outcomes, in one transaction."""
+
+    def due_digests(self, now: float) -> list[DigestGroup]:
+        """The ``digest`` rows whose window ended by ``now``, grouped by terms and window."""
+
+    def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
+        """In one transaction: write ``row`` (the window's digest document) and mark the
+        ``digest`` rows ``msg_ids`` merged; with ``row`` None, make them ``pending`` to go
+        out one by one. Return how many rows changed."""
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or None."""

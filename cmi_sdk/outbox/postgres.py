@@ -56,6 +56,7 @@ from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
     AttemptResult,
+    DigestGroup,
     NewRow,
     OutboxRow,
     OutboxStatus,
@@ -67,7 +68,7 @@ __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "e
 
 log = logging.getLogger("cmi_sdk.outbox.postgres")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The version of the tables this module creates, recorded in ``<schema>.meta``."""
 
 _T = TypeVar("_T")
@@ -119,8 +120,7 @@ CREATE TABLE IF NOT EXISTS {s}.outbox (
     destination text,
     body bytea NOT NULL,
     created_at double precision NOT NULL,
-    state text NOT NULL CHECK (state IN
-        ('pending', 'leased', 'retry', 'delivered', 'dead', 'pull', 'cancelled')),
+    state text NOT NULL,
     attempts integer NOT NULL DEFAULT 0,
     next_attempt_at double precision,
     lease_owner text,
@@ -132,6 +132,12 @@ CREATE TABLE IF NOT EXISTS {s}.outbox (
     ordering_key text,
     xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
+-- Version 2: rows held for a digest carry their model; the states that come with it.
+ALTER TABLE {s}.outbox ADD COLUMN IF NOT EXISTS model text;
+ALTER TABLE {s}.outbox DROP CONSTRAINT IF EXISTS outbox_state_check;
+ALTER TABLE {s}.outbox ADD CONSTRAINT outbox_state_check CHECK (state IN
+    ('pending', 'leased', 'retry', 'delivered', 'dead', 'pull', 'digest', 'merged',
+     'cancelled'));
 CREATE INDEX IF NOT EXISTS outbox_queue ON {s}.outbox (next_attempt_at, seq)
     WHERE state IN ('pending', 'retry');
 CREATE INDEX IF NOT EXISTS outbox_queue_destination
@@ -220,8 +226,9 @@ _ROW_T = ", ".join("t." + c for c in _COLUMNS)
 
 _INSERT = (
     "INSERT INTO {s}.outbox (msg_id, terms_id, customer_ref, transaction_id, standard,"
-    " document_type, destination, body, created_at, state, next_attempt_at, ordering_key)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (msg_id) DO NOTHING"
+    " document_type, destination, body, created_at, state, next_attempt_at, ordering_key,"
+    " model) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (msg_id) DO NOTHING"
 )
 
 # A claim first turns expired leases (their worker died) back into rows due for a retry,
@@ -301,7 +308,8 @@ _CLAIM_PER_DESTINATION = (
 # any cursor handed out. (Aborted transactions' rows are never visible.)
 _DOCUMENTS = (
     "SELECT {cols}, o.xid::text FROM {s}.outbox o WHERE o.terms_id = %(terms)s"
-    " AND o.state <> 'cancelled' AND (o.xid, o.seq) > (%(xid)s::xid8, %(seq)s)"
+    " AND o.state NOT IN ('cancelled', 'digest', 'merged')"
+    " AND (o.xid, o.seq) > (%(xid)s::xid8, %(seq)s)"
     " AND o.xid < pg_snapshot_xmin(pg_current_snapshot())"
     " ORDER BY o.xid, o.seq LIMIT %(limit)s"
 )
@@ -868,7 +876,7 @@ class PostgresStore:
                 self._sql(
                     "UPDATE {s}.outbox SET state = 'cancelled', last_error = 'terms revoked',"
                     " lease_owner = NULL, lease_until = NULL"
-                    " WHERE terms_id = %s AND state IN ('pending', 'retry', 'leased')"
+                    " WHERE terms_id = %s AND state IN ('pending', 'retry', 'leased', 'digest')"
                 ),
                 (terms_id,),
             )
@@ -911,6 +919,7 @@ class PostgresStore:
                 r.state,
                 r.next_attempt_at,
                 self._ordering_key(r),
+                r.model,
             )
             for r in rows
         ]
@@ -1064,6 +1073,83 @@ class PostgresStore:
                 )
 
         self._run("recording delivery outcomes", body, write=True, durable=False)
+
+    def due_digests(self, now: float) -> list[DigestGroup]:
+        """The ``digest`` rows whose window ended by ``now``, by terms and window."""
+        found = self._read(
+            "reading due digests",
+            "SELECT terms_id, next_attempt_at, msg_id, model FROM {s}.outbox"
+            " WHERE state = 'digest' AND next_attempt_at <= %s"
+            " ORDER BY terms_id, next_attempt_at, seq",
+            (now,),
+        )
+        groups: dict[tuple[str, float], list[tuple[str, str]]] = {}
+        for terms_id, due, msg_id, model in found:
+            groups.setdefault((terms_id, float(due)), []).append((msg_id, model))
+        return [
+            DigestGroup(
+                terms_id=terms_id,
+                due=due,
+                msg_ids=tuple(m for m, _ in rows),
+                models=tuple(d for _, d in rows),
+            )
+            for (terms_id, due), rows in groups.items()
+        ]
+
+    def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
+        """Write the window's digest row and mark its sources merged (or release them);
+        workers racing for one window write it once (the sources are locked first)."""
+        ids = list(msg_ids)
+
+        def body(cur: _Cursor) -> int:
+            locked = cur.execute(
+                self._sql(
+                    "SELECT msg_id FROM {s}.outbox WHERE msg_id = ANY(%s) AND state = 'digest'"
+                    " FOR UPDATE"
+                ),
+                (ids,),
+            ).fetchall()
+            if not locked:
+                return 0  # another worker merged this window
+            if row is None:
+                cur.execute(
+                    self._sql(
+                        "UPDATE {s}.outbox SET state = 'pending' WHERE msg_id = ANY(%s)"
+                        " AND state = 'digest'"
+                    ),
+                    (ids,),
+                )
+                return cur.rowcount
+            cur.execute(
+                self._sql(_INSERT),
+                (
+                    row.msg_id,
+                    row.terms_id,
+                    row.customer_ref,
+                    row.transaction_id,
+                    row.standard,
+                    row.document_type,
+                    row.destination,
+                    row.body,
+                    row.created_at,
+                    row.state,
+                    row.next_attempt_at,
+                    self._ordering_key(row),
+                    row.model,
+                ),
+            )
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.outbox SET state = 'merged' WHERE msg_id = ANY(%s)"
+                    " AND state = 'digest'"
+                ),
+                (ids,),
+            )
+            if self._notify:
+                cur.execute(self._sql(f"NOTIFY {self.channel}"))
+            return cur.rowcount + 1
+
+        return self._run("merging a digest", body, write=True)
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or the next lease expires."""

@@ -31,6 +31,7 @@ from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
     AttemptResult,
+    DigestGroup,
     NewRow,
     OutboxRow,
     OutboxStatus,
@@ -40,7 +41,7 @@ from cmi_sdk.outbox import (
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
 
@@ -88,7 +89,8 @@ CREATE TABLE IF NOT EXISTS cmi_outbox (
     last_status INTEGER,
     last_error TEXT,
     delivered_at REAL,
-    dead_at REAL
+    dead_at REAL,
+    model TEXT
 );
 CREATE INDEX IF NOT EXISTS cmi_outbox_due ON cmi_outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS cmi_outbox_terms ON cmi_outbox (terms_id, seq);
@@ -151,8 +153,8 @@ _ROW_COLUMNS = (
 
 _INSERT = (
     "INSERT OR IGNORE INTO cmi_outbox (msg_id, terms_id, customer_ref, transaction_id,"
-    " standard, document_type, destination, body, created_at, state, next_attempt_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " standard, document_type, destination, body, created_at, state, next_attempt_at, model)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -176,6 +178,23 @@ def _row(values: Sequence[Any]) -> OutboxRow:
         last_status=values[15],
         last_error=values[16],
         delivered_at=values[17],
+    )
+
+
+def _params(r: NewRow) -> tuple[Any, ...]:
+    return (
+        r.msg_id,
+        r.terms_id,
+        r.customer_ref,
+        r.transaction_id,
+        r.standard,
+        r.document_type,
+        r.destination,
+        r.body,
+        r.created_at,
+        r.state,
+        r.next_attempt_at,
+        r.model,
     )
 
 
@@ -332,6 +351,9 @@ class SQLiteStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(cmi_outbox)")}
+            if "model" not in columns:  # a store made by an earlier version
+                conn.execute("ALTER TABLE cmi_outbox ADD COLUMN model TEXT")
             conn.execute(
                 "INSERT OR REPLACE INTO cmi_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -442,7 +464,7 @@ class SQLiteStore:
             return conn.execute(
                 "UPDATE cmi_outbox SET state = 'cancelled', last_error = 'terms revoked',"
                 " lease_owner = NULL, lease_until = NULL"
-                " WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased')",
+                " WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased', 'digest')",
                 (terms_id,),
             ).rowcount
 
@@ -458,22 +480,7 @@ class SQLiteStore:
 
     def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
         """Write rows; with ``connection``, inside the caller's transaction (not committed)."""
-        params = [
-            (
-                r.msg_id,
-                r.terms_id,
-                r.customer_ref,
-                r.transaction_id,
-                r.standard,
-                r.document_type,
-                r.destination,
-                r.body,
-                r.created_at,
-                r.state,
-                r.next_attempt_at,
-            )
-            for r in rows
-        ]
+        params = [_params(r) for r in rows]
         if connection is not None:
             conn = self._caller(connection)
             before = conn.total_changes
@@ -566,6 +573,45 @@ class SQLiteStore:
                 " AND state = 'leased'",
                 dead,
             )
+
+    def due_digests(self, now: float) -> list[DigestGroup]:
+        """The ``digest`` rows whose window ended by ``now``, by terms and window."""
+        found = self._read(
+            "SELECT terms_id, next_attempt_at, msg_id, model FROM cmi_outbox"
+            " WHERE state = 'digest' AND next_attempt_at <= ? ORDER BY terms_id,"
+            " next_attempt_at, seq",
+            (now,),
+        )
+        groups: dict[tuple[str, float], list[tuple[str, str]]] = {}
+        for terms_id, due, msg_id, model in found:
+            groups.setdefault((terms_id, due), []).append((msg_id, model))
+        return [
+            DigestGroup(
+                terms_id=terms_id,
+                due=due,
+                msg_ids=tuple(m for m, _ in rows),
+                models=tuple(d for _, d in rows),
+            )
+            for (terms_id, due), rows in groups.items()
+        ]
+
+    def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
+        """Write the window's digest row and mark its sources merged (or release them)."""
+        marks = [(m,) for m in msg_ids]
+        with self._write() as conn:
+            if row is None:
+                conn.executemany(
+                    "UPDATE cmi_outbox SET state = 'pending' WHERE msg_id = ? AND state = 'digest'",
+                    marks,
+                )
+                return len(marks)
+            before = conn.total_changes
+            conn.execute(_INSERT, _params(row))
+            conn.executemany(
+                "UPDATE cmi_outbox SET state = 'merged' WHERE msg_id = ? AND state = 'digest'",
+                marks,
+            )
+            return conn.total_changes - before
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or the next lease expires."""
@@ -662,7 +708,7 @@ class SQLiteStore:
         """
         found = self._read(
             f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE terms_id = ? AND seq > ?"
-            " AND state != 'cancelled' ORDER BY seq LIMIT ?",
+            " AND state NOT IN ('cancelled', 'digest', 'merged') ORDER BY seq LIMIT ?",
             (terms_id, min(after, _MAX_INTEGER), limit),
         )
         return [_row(r) for r in found]

@@ -400,13 +400,14 @@ def statement_from_xml(root: etree._Element) -> Transaction:
 
 def make_standard(settings: OFXSettings) -> Standard:
     """The ``ofx`` standard, filling what transactions do not say from ``settings``."""
+    mapping = StatementMapping(settings)
     statement_type: DocumentType[Transaction] = DocumentType(
         name="statement",
         root="OFX",
         model=Transaction,
         schema=_HERE / "schemas" / "ofx-statement-1.0.xsd",
         template="statement.ofx.j2",
-        to_context=StatementMapping(settings),
+        to_context=mapping,
         from_xml=statement_from_xml,
         description=(
             "A bank statement line as a complete OFX 2.2 statement response (STMTTRN);"
@@ -415,6 +416,8 @@ def make_standard(settings: OFXSettings) -> Standard:
         # OFX has no way to say a field was withheld: nothing can be, see the module doc.
         fields={},
         kept=(),
+        # Digest terms get one statement of all the window's lines (see render_digest).
+        digest=mapping.context,
     )
     return Standard(
         name=STANDARD_NAME,
