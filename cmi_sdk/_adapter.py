@@ -528,7 +528,8 @@ class Adapter:
 
 def open_store(url: str) -> OutboxStore:
     """The store a database URL names: ``sqlite:///path.db`` (the embedded default) or
-    ``postgresql://...`` (the scale-out store; ``pip install 'cmi-sdk[postgres]'``).
+    ``postgresql://...`` (the scale-out store; ``pip install 'cmi-sdk[postgres]'``), whose
+    tables live in the schema ``cmi`` unless the URL ends in ``?schema=NAME``.
 
     :raises ConfigurationError: another scheme, or the PostgreSQL driver is missing.
     """
@@ -543,7 +544,13 @@ def open_store(url: str) -> OutboxStore:
             raise ConfigurationError(
                 f"the PostgreSQL store needs psycopg: pip install 'cmi-sdk[postgres]' ({exc})"
             ) from None
-        return PostgresStore.from_url(url)
+        base, _, query = url.partition("?")
+        options = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+        schema = options.pop("schema", None)
+        rest = "&".join(f"{k}={v}" for k, v in options.items())
+        target = f"{base}?{rest}" if rest else base
+        # ?schema=NAME picks the store's schema (several stores in one database, tests).
+        return PostgresStore.from_url(target, **({"schema": schema} if schema else {}))
     raise ConfigurationError(
         f"no store for {url!r}: use sqlite:///path.db or postgresql://user@host/db"
     )
