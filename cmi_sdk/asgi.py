@@ -228,12 +228,15 @@ def create_app(
     max_body_bytes: int = 64 * 1024,
     tolerance: int = DEFAULT_TOLERANCE,
     page_size: int = 100,
+    metrics: bool = False,
 ) -> Starlette:
     """Build the endpoint for ``adapter``.
 
     :param max_body_bytes: the cap on request bodies, applied before they are read in full.
     :param tolerance: the timestamp window, seconds, either side of the firm's clock.
     :param page_size: the most documents one pull returns.
+    :param metrics: serve ``GET /metrics`` in the Prometheus text format (off by default:
+        it tells volumes to whoever can reach it; expose it to the firm's monitoring only).
     """
     endpoint = _Endpoint(adapter, max_body_bytes, tolerance, page_size)
     routes = [
@@ -251,6 +254,8 @@ def create_app(
             methods=["POST"],
         ),
     ]
+    if metrics:
+        routes.append(Route("/metrics", endpoint.metrics, methods=["GET"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_problem})
 
 
@@ -366,6 +371,10 @@ class _Endpoint:
             return problem_response(request, problem)
 
         return endpoint
+
+    async def metrics(self, _request: Request) -> Response:
+        text = await run_in_threadpool(prometheus_text, self.adapter)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def well_known(self, _request: Request) -> Response:
         document = await run_in_threadpool(well_known_document, self.adapter, self.tolerance)
@@ -562,6 +571,33 @@ class _Endpoint:
                 "more": len(rows) > limit,
             }
         )
+
+
+def prometheus_text(adapter: Adapter) -> str:
+    """The outbox's health in the Prometheus text exposition format: rows by state, the
+    age of the oldest row waiting to go out, delivery attempts by outcome, dead letters
+    and disabled destinations."""
+    store = adapter.store
+    status = store.status(adapter.clock())
+    attempts = store.attempt_counts()
+    lines = [
+        "# HELP cmi_outbox_rows Outbox rows by state.",
+        "# TYPE cmi_outbox_rows gauge",
+        *(f'cmi_outbox_rows{{state="{k}"}} {v}' for k, v in sorted(status.counts.items())),
+        "# HELP cmi_outbox_oldest_pending_age_seconds Age of the oldest row waiting to go out.",
+        "# TYPE cmi_outbox_oldest_pending_age_seconds gauge",
+        f"cmi_outbox_oldest_pending_age_seconds {status.oldest_pending_age or 0:.3f}",
+        "# HELP cmi_delivery_attempts_total Delivery attempts by outcome.",
+        "# TYPE cmi_delivery_attempts_total counter",
+        *(f'cmi_delivery_attempts_total{{outcome="{k}"}} {v}' for k, v in sorted(attempts.items())),
+        "# HELP cmi_outbox_dead_letters Dead letters waiting for an operator.",
+        "# TYPE cmi_outbox_dead_letters gauge",
+        f"cmi_outbox_dead_letters {status.counts.get('dead', 0)}",
+        "# HELP cmi_destinations_disabled Destinations disabled by a 410 Gone.",
+        "# TYPE cmi_destinations_disabled gauge",
+        f"cmi_destinations_disabled {len(status.disabled_destinations)}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) -> dict[str, Any]:

@@ -447,7 +447,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter = _with_reference_firms(args, adapter)
     print(f"cmi: serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(
-        adapter.asgi_app(), host=args.host, port=args.port, log_level="warning", access_log=False
+        adapter.asgi_app(metrics=args.metrics),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
     )
     return EXIT_OK
 
@@ -827,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="serve the firm's CMI endpoint")
+    p.add_argument(
+        "--metrics", action="store_true", help="serve GET /metrics (Prometheus text format)"
+    )
     p.add_argument(
         "--reference-firms",
         action="store_true",

@@ -397,3 +397,28 @@ def test_an_ed25519_key_adds_a_v1a_signature(setup: Setup) -> None:
     assert versions == ["v1", "v1a"]
     only_v1a = WebhookVerifier(public_keys=(public_key_for(key),))
     assert only_v1a.verify(request.headers, request.content) == request.headers["webhook-id"]
+
+
+def test_metrics_in_the_prometheus_text_format(setup: Setup) -> None:
+    from cmi_sdk.asgi import prometheus_text
+
+    setup.faulty.plan = lambda n: 500 if n == 1 else None
+    _terms(setup)
+    setup.adapter.emit_many(ticket(id=f"DL-{i}") for i in range(2))
+    setup.clock[0] += 10
+    with setup.worker() as worker:
+        worker.run_round()
+    text = prometheus_text(setup.adapter)
+    assert 'cmi_outbox_rows{state="delivered"} 1' in text
+    assert 'cmi_outbox_rows{state="retry"} 1' in text
+    assert 'cmi_delivery_attempts_total{outcome="retry"} 1' in text
+    assert 'cmi_delivery_attempts_total{outcome="delivered"} 1' in text
+    assert "cmi_outbox_dead_letters 0" in text
+    age = next(line for line in text.splitlines() if line.startswith("cmi_outbox_oldest"))
+    assert float(age.split()[1]) == pytest.approx(10, abs=0.5)
+    with serve_app(setup.adapter.asgi_app(metrics=True)) as url:
+        response = httpx.get(url + "metrics", timeout=10)
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert "cmi_delivery_attempts_total" in response.text
+    with serve_app(setup.adapter.asgi_app()) as url:
+        assert httpx.get(url + "metrics", timeout=10).status_code == 404  # off by default

@@ -278,6 +278,9 @@ class OutboxStore(Protocol):
     def attempts(self, msg_id: str) -> list[AttemptResult]:
         """Every recorded attempt of a row, in order."""
 
+    def attempt_counts(self) -> dict[str, int]:
+        """Delivery attempts ever recorded, by outcome (delivered, retry, dead)."""
+
     def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
         """Make dead rows (one, or all that died since ``since``) pending again, due now."""
 

@@ -1205,6 +1205,15 @@ class PostgresStore:
             raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
         return _row(found[0])
 
+    def attempt_counts(self) -> dict[str, int]:
+        """Delivery attempts ever recorded, by outcome."""
+        counts = dict.fromkeys(("delivered", "retry", "dead"), 0)
+        rows = self._read(
+            "counting attempts", "SELECT outcome, count(*) FROM {s}.attempts GROUP BY outcome"
+        )
+        counts.update((outcome, int(n)) for outcome, n in rows)
+        return counts
+
     def attempts(self, msg_id: str) -> list[AttemptResult]:
         """Every recorded attempt of a row, in order."""
         found = self._read(

@@ -657,6 +657,12 @@ class SQLiteStore:
             raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
         return _row(found[0])
 
+    def attempt_counts(self) -> dict[str, int]:
+        """Delivery attempts ever recorded, by outcome."""
+        counts = dict.fromkeys(("delivered", "retry", "dead"), 0)
+        counts.update(self._read("SELECT outcome, COUNT(*) FROM cmi_attempts GROUP BY outcome"))
+        return counts
+
     def attempts(self, msg_id: str) -> list[AttemptResult]:
         """Every recorded attempt of a row, in order."""
         found = self._read(
