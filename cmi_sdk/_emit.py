@@ -196,12 +196,7 @@ class Emitter:
         text = render_text(std, doc_type, tx).encode()
         root = etree.fromstring(text, self._parser())
         _check(std, doc_type, root, text)
-        withheld: tuple[str, ...] = ()
-        if terms.fields is not None:
-            withheld = doc_type.withhold(root, set(doc_type.fields) - set(terms.fields))
-            if withheld:
-                text = etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
-                _check(std, doc_type, root, text)
+        text, withheld = _minimize(std, doc_type, root, text, terms)
         msg_id = _msg_id(terms.id, tx.id, std.name, doc_type.name, hashlib.sha256(text).hexdigest())
         signed = self._sign(text, None if withheld else root)
         model = None
@@ -279,12 +274,7 @@ class Emitter:
         text = render_digest(std, doc_type, models).encode()
         root = etree.fromstring(text, self._parser())
         _check(std, doc_type, root, text)
-        withheld: tuple[str, ...] = ()
-        if terms.fields is not None:
-            withheld = doc_type.withhold(root, set(doc_type.fields) - set(terms.fields))
-            if withheld:
-                text = etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
-                _check(std, doc_type, root, text)
+        text, withheld = _minimize(std, doc_type, root, text, terms)
         ids = [m.id for m in models]
         return NewRow(
             msg_id=_msg_id(terms.id, "digest", *ids, hashlib.sha256(text).hexdigest()),
@@ -424,6 +414,24 @@ class Emitter:
         root = etree.fromstring(text, self._parser())
         _check(std, consent_type, root, text)
         return SignedConsent(record, self._sign(text, root))
+
+
+def _minimize(
+    std: Standard,
+    doc_type: DocumentType[Any],
+    root: etree._Element,
+    text: bytes,
+    terms: SharingTerms,
+) -> tuple[bytes, tuple[str, ...]]:
+    """Withhold what the terms do not allow, in place; the document's bytes again (and
+    validated again) when anything was withheld, with the names withheld."""
+    if terms.fields is None:
+        return text, ()
+    withheld = doc_type.withhold(root, set(doc_type.fields) - set(terms.fields))
+    if withheld:
+        text = etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
+        _check(std, doc_type, root, text)
+    return text, withheld
 
 
 def _for_customer(tx: Transaction, ref: str) -> Transaction:

@@ -67,6 +67,16 @@ def serve_app(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
         yield url + "/"
 
 
+class Clock:
+    """A settable clock in POSIX seconds, for adapters, stores and plugins."""
+
+    def __init__(self, now: float = 1_900_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 Plan = Callable[[int], "int | tuple[int, dict[str, str]] | None"]
 
 

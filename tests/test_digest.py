@@ -14,7 +14,7 @@ import pytest
 
 from cmi_sdk import Adapter, RetrySchedule, Transaction, load_model
 from cmi_sdk.signing import verify_document
-from tests.support import CUSTOMER, ROOT, make_adapter, register, signer, ticket
+from tests.support import CUSTOMER, ROOT, Clock, make_adapter, register, signer, ticket
 
 BANK_LINE = load_model(Transaction, (ROOT / "examples" / "bank-transaction.json").read_text())
 START = 1_900_000_000.0
@@ -28,17 +28,9 @@ def bank_line(n: int, amount: str = "-5.72", currency: str = "USD") -> Transacti
     return Transaction.model_validate(data)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture

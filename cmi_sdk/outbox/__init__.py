@@ -34,6 +34,7 @@ from cmi_sdk._terms import ConsentRecord, SharingTerms
 __all__ = [
     "STATES",
     "AttemptResult",
+    "CompletionParams",
     "DeliveryReport",
     "DigestGroup",
     "NewRow",
@@ -196,6 +197,50 @@ class StoredOffer:
     request: Request
     xml: bytes
     intermediary: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionParams:
+    """A batch of attempt results as the parameter rows both stores' SQL takes: the
+    attempt history, and the delivered, retry and dead updates."""
+
+    attempts: list[tuple[Any, ...]]
+    delivered: list[tuple[Any, ...]]
+    retry: list[tuple[Any, ...]]
+    dead: list[tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, results: Sequence[AttemptResult]) -> CompletionParams:
+        """Split ``results`` into the four parameter lists."""
+        return cls(
+            attempts=[
+                (
+                    r.msg_id,
+                    r.attempt,
+                    r.owner,
+                    r.started_at,
+                    r.finished_at,
+                    r.outcome,
+                    r.status,
+                    r.error,
+                    r.next_attempt_at,
+                )
+                for r in results
+            ],
+            delivered=[
+                (r.finished_at, r.status, r.msg_id) for r in results if r.outcome == "delivered"
+            ],
+            retry=[
+                (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner)
+                for r in results
+                if r.outcome == "retry"
+            ],
+            dead=[
+                (r.finished_at, r.status, r.error, r.msg_id, r.owner)
+                for r in results
+                if r.outcome == "dead"
+            ],
+        )
 
 
 @runtime_checkable

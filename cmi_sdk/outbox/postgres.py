@@ -56,6 +56,7 @@ from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
     AttemptResult,
+    CompletionParams,
     DigestGroup,
     NewRow,
     OutboxRow,
@@ -1001,33 +1002,13 @@ class PostgresStore:
         """Record attempts and outcomes in one transaction (a group commit)."""
         if not results:
             return
-        attempts = [
-            (
-                r.msg_id,
-                r.attempt,
-                r.owner,
-                r.started_at,
-                r.finished_at,
-                r.outcome,
-                r.status,
-                r.error,
-                r.next_attempt_at,
-            )
-            for r in results
-        ]
-        delivered = [
-            (r.finished_at, r.status, r.msg_id) for r in results if r.outcome == "delivered"
-        ]
-        retry = [
-            (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner)
-            for r in results
-            if r.outcome == "retry"
-        ]
-        dead = [
-            (r.finished_at, r.status, r.error, r.msg_id, r.owner)
-            for r in results
-            if r.outcome == "dead"
-        ]
+        params = CompletionParams.of(results)
+        attempts, delivered, retry, dead = (
+            params.attempts,
+            params.delivered,
+            params.retry,
+            params.dead,
+        )
 
         def body(cur: _Cursor) -> None:
             cur.executemany(

@@ -31,6 +31,7 @@ from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
     AttemptResult,
+    CompletionParams,
     DigestGroup,
     NewRow,
     OutboxRow,
@@ -517,38 +518,14 @@ class SQLiteStore:
         """Record attempts and outcomes in one transaction (a group commit)."""
         if not results:
             return
+        params = CompletionParams.of(results)
+        delivered, retry, dead = params.delivered, params.retry, params.dead
         with self._write(durable=False) as conn:
             conn.executemany(
                 "INSERT INTO cmi_attempts (msg_id, attempt, owner, started_at, finished_at,"
                 " outcome, status, error, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.msg_id,
-                        r.attempt,
-                        r.owner,
-                        r.started_at,
-                        r.finished_at,
-                        r.outcome,
-                        r.status,
-                        r.error,
-                        r.next_attempt_at,
-                    )
-                    for r in results
-                ],
+                params.attempts,
             )
-            delivered = [
-                (r.finished_at, r.status, r.msg_id) for r in results if r.outcome == "delivered"
-            ]
-            retry = [
-                (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner)
-                for r in results
-                if r.outcome == "retry"
-            ]
-            dead = [
-                (r.finished_at, r.status, r.error, r.msg_id, r.owner)
-                for r in results
-                if r.outcome == "dead"
-            ]
             # A receiver's 2xx is a fact whoever holds the lease now; only a cancelled row
             # keeps its state (its terms were revoked meanwhile).
             conn.executemany(
