@@ -265,15 +265,24 @@ class DeliveryWorker:
                 stats = DeliveryStats()
             if stats.attempts:
                 continue
-            due = self.store.next_due()
-            wait = poll_interval if due is None else min(poll_interval, due - self._clock())
-            waiter = getattr(self.store, "wait_for_work", None)
-            if waiter is not None and wait > 0.01:
-                # LISTEN/NOTIFY (PostgreSQL) wakes the worker as soon as a row commits;
-                # polling stays the fallback, in slices short enough to notice a stop.
-                waiter(min(wait, 1.0))
-            else:
-                stopper.wait(max(0.01, wait))
+            try:
+                self._idle(stopper, poll_interval)
+            except CMIError:
+                # The store is away (a database restart): wait a poll, then try again; a
+                # worker never ends because its store blinked.
+                log.exception("waiting for work failed; trying again")
+                stopper.wait(poll_interval)
+
+    def _idle(self, stopper: threading.Event, poll_interval: float) -> None:
+        due = self.store.next_due()
+        wait = poll_interval if due is None else min(poll_interval, due - self._clock())
+        waiter = getattr(self.store, "wait_for_work", None)
+        if waiter is not None and wait > 0.01:
+            # LISTEN/NOTIFY (PostgreSQL) wakes the worker as soon as a row commits;
+            # polling stays the fallback, in slices short enough to notice a stop.
+            waiter(min(wait, 1.0))
+        else:
+            stopper.wait(max(0.01, wait))
 
     def start(self, *, poll_interval: float = 1.0) -> DeliveryWorker:
         """Run in a background thread (daemon) until :meth:`stop`; returns self."""
@@ -436,7 +445,7 @@ class DeliveryWorker:
             return AttemptResult(
                 msg_id=row.msg_id,
                 owner=self.owner,
-                attempt=row.attempts,
+                attempt=row.attempts + 1,
                 started_at=started,
                 finished_at=self._clock(),
                 outcome="delivered",
@@ -463,16 +472,15 @@ class DeliveryWorker:
         error: str,
         retry_after: float | None = None,
     ) -> AttemptResult:
-        delay = self.schedule.next_delay(row.attempts, self._rng, retry_after)
+        attempt = row.attempts + 1  # this one
+        delay = self.schedule.next_delay(attempt, self._rng, retry_after)
         finished = self._clock()
         if delay is None:
-            return self._dead(
-                row, started, status, f"{error} (after {row.attempts} attempts)", finished
-            )
+            return self._dead(row, started, status, f"{error} (after {attempt} attempts)", finished)
         return AttemptResult(
             msg_id=row.msg_id,
             owner=self.owner,
-            attempt=row.attempts,
+            attempt=attempt,
             started_at=started,
             finished_at=finished,
             outcome="retry",
@@ -492,7 +500,7 @@ class DeliveryWorker:
         return AttemptResult(
             msg_id=row.msg_id,
             owner=self.owner,
-            attempt=row.attempts,
+            attempt=row.attempts + 1,
             started_at=started,
             finished_at=self._clock() if finished is None else finished,
             outcome="dead",

@@ -442,15 +442,15 @@ def test_claim_heartbeat_complete_and_a_stalled_lease(store: PostgresStore) -> N
     store.insert([new_row(1), new_row(2), new_row(3, next_attempt_at=NOW + 100)])
     first = store.claim(owner="a", now=NOW, lease_seconds=30, limit=10)
     assert [(r.msg_id, r.state, r.attempts, r.lease_owner) for r in first] == [
-        ("msg_0001", "leased", 1, "a"),
-        ("msg_0002", "leased", 1, "a"),
+        ("msg_0001", "leased", 0, "a"),  # a claim is not an attempt
+        ("msg_0002", "leased", 0, "a"),
     ]
     assert store.claim(owner="b", now=NOW + 10, lease_seconds=30, limit=10) == []
     store.heartbeat(owner="a", msg_ids=["msg_0001"], lease_until=NOW + 60)
     store.heartbeat(owner="b", msg_ids=["msg_0002"], lease_until=NOW + 600)  # not b's lease
     # msg_0002's lease expired (a died?): b takes it; msg_0001's was renewed.
     (taken,) = store.claim(owner="b", now=NOW + 31, lease_seconds=30, limit=10)
-    assert (taken.msg_id, taken.attempts, taken.lease_owner) == ("msg_0002", 2, "b")
+    assert (taken.msg_id, taken.attempts, taken.lease_owner) == ("msg_0002", 0, "b")
     # a's late failure is not recorded over b's lease; a delivery is, whoever holds it.
     store.complete([outcome("msg_0002", "a", "retry")])
     assert store.get_row("msg_0002").state == "leased"
@@ -566,7 +566,7 @@ def test_concurrent_claims_never_lease_a_row_twice(
     every = [m for ids in claimed for m in ids]
     assert len(every) == len(set(every)) == 400
     assert sum(1 for ids in claimed if ids) >= 2  # they did work side by side
-    assert {r.attempts for r in store.rows(limit=400)} == {1}
+    assert {r.attempts for r in store.rows(limit=400)} == {0}  # claimed, none recorded
 
 
 def test_the_per_destination_limit_holds_across_workers(

@@ -100,6 +100,7 @@ class OutboxRow:
     created_at: float
     state: State
     attempts: int
+    """Attempts recorded: a claim that never got to post (its worker died) is not one."""
     next_attempt_at: float | None
     lease_owner: str | None
     lease_until: float | None
@@ -228,15 +229,17 @@ class CompletionParams:
                 for r in results
             ],
             delivered=[
-                (r.finished_at, r.status, r.msg_id) for r in results if r.outcome == "delivered"
+                (r.finished_at, r.attempt, r.status, r.msg_id)
+                for r in results
+                if r.outcome == "delivered"
             ],
             retry=[
-                (r.next_attempt_at, r.status, r.error, r.msg_id, r.owner)
+                (r.next_attempt_at, r.attempt, r.status, r.error, r.msg_id, r.owner)
                 for r in results
                 if r.outcome == "retry"
             ],
             dead=[
-                (r.finished_at, r.status, r.error, r.msg_id, r.owner)
+                (r.finished_at, r.attempt, r.status, r.error, r.msg_id, r.owner)
                 for r in results
                 if r.outcome == "dead"
             ],
@@ -292,7 +295,8 @@ class OutboxStore(Protocol):
         new."""
 
     def claim(self, *, owner: str, now: float, lease_seconds: float, limit: int) -> list[OutboxRow]:
-        """Lease up to ``limit`` due rows (and rows whose lease expired) to ``owner``."""
+        """Lease up to ``limit`` due rows (and rows whose lease expired) to ``owner``. A
+        claim is not an attempt: attempts are counted as their outcomes are recorded."""
 
     def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
         """Extend ``owner``'s leases on ``msg_ids``."""

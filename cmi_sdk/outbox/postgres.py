@@ -252,7 +252,7 @@ _DUE = (
 
 _LEASE = (
     "UPDATE {s}.outbox t SET state = 'leased', lease_owner = %(owner)s,"
-    " lease_until = %(until)s, attempts = t.attempts + 1"
+    " lease_until = %(until)s"
     " FROM picked WHERE t.seq = picked.seq RETURNING {cols}"
 )
 
@@ -1025,7 +1025,7 @@ class PostgresStore:
                 cur.executemany(
                     self._sql(
                         "UPDATE {s}.outbox SET state = 'delivered', delivered_at = %s,"
-                        " last_status = %s, last_error = NULL, lease_owner = NULL,"
+                        " attempts = %s, last_status = %s, last_error = NULL, lease_owner = NULL,"
                         " lease_until = NULL WHERE msg_id = %s AND state IN"
                         " ('leased', 'pending', 'retry', 'dead')"
                     ),
@@ -1036,7 +1036,7 @@ class PostgresStore:
                 cur.executemany(
                     self._sql(
                         "UPDATE {s}.outbox SET state = 'retry', next_attempt_at = %s,"
-                        " last_status = %s, last_error = %s, lease_owner = NULL,"
+                        " attempts = %s, last_status = %s, last_error = %s, lease_owner = NULL,"
                         " lease_until = NULL WHERE msg_id = %s AND lease_owner = %s"
                         " AND state = 'leased'"
                     ),
@@ -1045,9 +1045,10 @@ class PostgresStore:
             if dead:
                 cur.executemany(
                     self._sql(
-                        "UPDATE {s}.outbox SET state = 'dead', dead_at = %s, last_status = %s,"
-                        " last_error = %s, lease_owner = NULL, lease_until = NULL,"
-                        " next_attempt_at = NULL WHERE msg_id = %s AND lease_owner = %s"
+                        "UPDATE {s}.outbox SET state = 'dead', dead_at = %s, attempts = %s,"
+                        " last_status = %s, last_error = %s, lease_owner = NULL,"
+                        " lease_until = NULL, next_attempt_at = NULL WHERE msg_id = %s"
+                        " AND lease_owner = %s"
                         " AND state = 'leased'"
                     ),
                     dead,

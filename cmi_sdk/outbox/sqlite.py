@@ -496,8 +496,8 @@ class SQLiteStore:
         """Lease up to ``limit`` due rows, and rows whose lease expired, to ``owner``."""
         with self._write(durable=False) as conn:
             rows = conn.execute(
-                f"UPDATE cmi_outbox SET state = 'leased', lease_owner = ?, lease_until = ?,"
-                f" attempts = attempts + 1 WHERE seq IN (SELECT seq FROM cmi_outbox"
+                f"UPDATE cmi_outbox SET state = 'leased', lease_owner = ?, lease_until = ?"
+                f" WHERE seq IN (SELECT seq FROM cmi_outbox"
                 f" WHERE (state IN ('pending', 'retry') AND next_attempt_at <= ?)"
                 f" OR (state = 'leased' AND lease_until < ?)"
                 f" ORDER BY next_attempt_at, seq LIMIT ?) RETURNING {_ROW_COLUMNS}",
@@ -529,7 +529,7 @@ class SQLiteStore:
             # A receiver's 2xx is a fact whoever holds the lease now; only a cancelled row
             # keeps its state (its terms were revoked meanwhile).
             conn.executemany(
-                "UPDATE cmi_outbox SET state = 'delivered', delivered_at = ?,"
+                "UPDATE cmi_outbox SET state = 'delivered', delivered_at = ?, attempts = ?,"
                 " last_status = ?, last_error = NULL, lease_owner = NULL,"
                 " lease_until = NULL WHERE msg_id = ? AND state IN"
                 " ('leased', 'pending', 'retry', 'dead')",
@@ -537,14 +537,14 @@ class SQLiteStore:
             )
             # A failure is recorded only by the worker that still holds the lease.
             conn.executemany(
-                "UPDATE cmi_outbox SET state = 'retry', next_attempt_at = ?,"
+                "UPDATE cmi_outbox SET state = 'retry', next_attempt_at = ?, attempts = ?,"
                 " last_status = ?, last_error = ?, lease_owner = NULL,"
                 " lease_until = NULL WHERE msg_id = ? AND lease_owner = ?"
                 " AND state = 'leased'",
                 retry,
             )
             conn.executemany(
-                "UPDATE cmi_outbox SET state = 'dead', dead_at = ?, last_status = ?,"
+                "UPDATE cmi_outbox SET state = 'dead', dead_at = ?, attempts = ?, last_status = ?,"
                 " last_error = ?, lease_owner = NULL, lease_until = NULL,"
                 " next_attempt_at = NULL WHERE msg_id = ? AND lease_owner = ?"
                 " AND state = 'leased'",
