@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,21 +56,9 @@ DSN = (
     or "postgresql://postgres@127.0.0.1:5432/test"
 )
 
-_RECEIVER = """
-import sys, uvicorn
-
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    while (await receive()).get("more_body"):
-        pass
-    await send({"type": "http.response.start", "status": 204, "headers": []})
-    await send({"type": "http.response.body", "body": b""})
-
-config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error",
-                        access_log=False, lifespan="off")
-uvicorn.Server(config).run()
-"""
+# The same bare receiver and free-port helper as bench/run.py (this folder is on sys.path
+# when a script here runs).
+from run import _RECEIVER, _free_port  # noqa: E402
 
 
 def line(name: str, value: float, unit: str) -> None:
@@ -208,10 +195,8 @@ def postgres_schema() -> Iterator[tuple[Any, str]]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free loopback port."""
+    return _free_port()
 
 
 @contextlib.contextmanager
