@@ -529,7 +529,9 @@ class Adapter:
 def open_store(url: str) -> OutboxStore:
     """The store a database URL names: ``sqlite:///path.db`` (the embedded default) or
     ``postgresql://...`` (the scale-out store; ``pip install 'cmi-sdk[postgres]'``), whose
-    tables live in the schema ``cmi`` unless the URL ends in ``?schema=NAME``.
+    tables live in the schema ``cmi`` unless the URL says ``?schema=NAME``;
+    ``?ordered_by_customer=1`` delivers each customer's documents to a destination in
+    order. Other query parameters go to libpq.
 
     :raises ConfigurationError: another scheme, or the PostgreSQL driver is missing.
     """
@@ -546,11 +548,18 @@ def open_store(url: str) -> OutboxStore:
             ) from None
         base, _, query = url.partition("?")
         options = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
-        schema = options.pop("schema", None)
+        store_options: dict[str, Any] = {}
+        if "schema" in options:  # several stores in one database (tests, tenants)
+            store_options["schema"] = options.pop("schema")
+        if "ordered_by_customer" in options:  # each customer's documents in order
+            store_options["ordered_by_customer"] = options.pop("ordered_by_customer") in {
+                "1",
+                "true",
+                "yes",
+            }
         rest = "&".join(f"{k}={v}" for k, v in options.items())
         target = f"{base}?{rest}" if rest else base
-        # ?schema=NAME picks the store's schema (several stores in one database, tests).
-        return PostgresStore.from_url(target, **({"schema": schema} if schema else {}))
+        return PostgresStore.from_url(target, **store_options)
     raise ConfigurationError(
         f"no store for {url!r}: use sqlite:///path.db or postgresql://user@host/db"
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import inspect
 import logging
 import math
 import random
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -162,6 +163,10 @@ class DeliveryWorker:
     :param seed: seeds the jitter (tests).
     :param digests: called before each round to turn ended digest windows into
         documents (the adapter's; see :meth:`~cmi_sdk.Adapter.delivery_worker`).
+    :param destination_lease_limit: with a store that can enforce it (PostgreSQL), the
+        most rows leased to one destination at once across *all* workers; None: no limit
+        beyond each worker's own lanes. Rows are leased in batches and sent one after the
+        other, so this bounds a destination's backlog in flight, not its parallel posts.
     """
 
     def __init__(
@@ -181,6 +186,7 @@ class DeliveryWorker:
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         digests: Callable[[], int] | None = None,
+        destination_lease_limit: int | None = None,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1:
             raise ConfigurationError("concurrency, per_destination and batch must be >= 1")
@@ -200,6 +206,16 @@ class DeliveryWorker:
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311  (jitter, not a secret)
         self._digests = digests
+        self._claim_options: dict[str, Any] = {}
+        if destination_lease_limit is not None:
+            if destination_lease_limit < 1:
+                raise ConfigurationError("destination_lease_limit must be at least 1")
+            if "per_destination" not in inspect.signature(store.claim).parameters:
+                raise ConfigurationError(
+                    f"{type(store).__name__} cannot limit leases per destination across"
+                    " workers: use the PostgreSQL store"
+                )
+            self._claim_options["per_destination"] = destination_lease_limit
         self.owner = f"worker-{uuid.uuid4().hex[:12]}"
         self._local = threading.local()
         self._clients: list[httpx.Client] = []
@@ -239,7 +255,11 @@ class DeliveryWorker:
             except CMIError:
                 log.exception("merging digests failed; their documents wait for the next round")
         rows = self.store.claim(
-            owner=self.owner, now=self._clock(), lease_seconds=self.lease_seconds, limit=self.batch
+            owner=self.owner,
+            now=self._clock(),
+            lease_seconds=self.lease_seconds,
+            limit=self.batch,
+            **self._claim_options,
         )
         if not rows:
             return DeliveryStats()

@@ -15,6 +15,7 @@ variable                       ``cmi.toml`` key                default
 ``CMI_WEBHOOK_ED25519_KEY``    ``webhook_ed25519_key``         none (v1 HMAC only)
 ``CMI_DELIVERY_CONCURRENCY``   ``delivery_concurrency``        4
 ``CMI_PER_DESTINATION``        ``per_destination``             1
+``CMI_DESTINATION_LEASES``     ``destination_leases``          none (PostgreSQL only)
 ``CMI_LEASE_SECONDS``          ``lease_seconds``               60
 ``CMI_RETRY_SCHEDULE``         ``retry_schedule``              the Standard Webhooks one
 ``CMI_HTTP_TIMEOUT``           ``http_timeout``                10 (seconds)
@@ -66,6 +67,8 @@ class Settings:
     webhook_ed25519_key: str | None = None
     delivery_concurrency: int = 4
     per_destination: int = 1
+    destination_leases: int | None = None
+    """With PostgreSQL: the most rows leased to one destination across all workers."""
     lease_seconds: float = 60.0
     retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     http_timeout: float = 10.0
@@ -146,6 +149,7 @@ class Settings:
         return {
             "concurrency": self.delivery_concurrency,
             "per_destination": self.per_destination,
+            "destination_lease_limit": self.destination_leases,
             "lease_seconds": self.lease_seconds,
             "schedule": RetrySchedule(delays=self.retry_schedule),
             "timeout": httpx.Timeout(self.http_timeout, connect=min(5.0, self.http_timeout)),
@@ -214,6 +218,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "webhook_ed25519_key": _optional_text,
     "delivery_concurrency": _count,
     "per_destination": _count,
+    "destination_leases": lambda v: None if v in ("", None) else _count(v),
     "lease_seconds": _seconds,
     "retry_schedule": _schedule,
     "http_timeout": _seconds,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cmi_sdk import Adapter, RetrySchedule
@@ -90,3 +91,46 @@ def test_the_endpoint_on_postgresql(adapter: Adapter) -> None:
         with CMIClient(url, secret=secret, intermediary="relay") as client:
             answer = client.list_terms()
             assert answer.status_code == 200
+
+
+def test_a_destination_lease_limit_holds_across_workers(adapter: Adapter) -> None:
+    register(adapter, destination="http://127.0.0.1:9/inbox")
+    adapter.emit_many([ticket(id=f"DL-{i}") for i in range(10)])
+    first = adapter.delivery_worker(destination_lease_limit=2)
+    second = adapter.delivery_worker(destination_lease_limit=2)
+    now = adapter.clock()
+    taken = first.store.claim(owner="a", now=now, lease_seconds=30, limit=64, per_destination=2)
+    assert len(taken) == 2
+    assert (
+        second.store.claim(owner="b", now=now, lease_seconds=30, limit=64, per_destination=2) == []
+    )
+    first.close()
+    second.close()
+    # Through the worker: each round leases at most the limit for the destination.
+    for_worker = httpx.MockTransport(lambda _request: httpx.Response(200))
+    with adapter.delivery_worker(destination_lease_limit=3, transport=for_worker) as worker:
+        adapter.clock = lambda: now + 60  # past the leases taken above
+        worker._clock = adapter.clock
+        assert worker.run_round().delivered == 3
+
+
+def test_a_destination_lease_limit_needs_postgresql(tmp_path: Path) -> None:
+    from cmi_sdk import ConfigurationError
+
+    sqlite_adapter = make_adapter(tmp_path)
+    with pytest.raises(ConfigurationError, match="use the PostgreSQL store"):
+        sqlite_adapter.delivery_worker(destination_lease_limit=2)
+
+
+def test_the_url_selects_schema_and_ordering() -> None:
+    from cmi_sdk._adapter import open_store
+
+    schema = f"cmi_url_{secrets.token_hex(4)}"
+    store = open_store(f"{DSN}?schema={schema}&ordered_by_customer=1")
+    try:
+        assert isinstance(store, PostgresStore)
+        assert (store.schema, store.ordered_by_customer) == (schema, True)
+    finally:
+        store.close()  # type: ignore[attr-defined]
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
