@@ -654,6 +654,18 @@ class ReferenceAirline:
         self._local.state_of = (availability, now, found)
         return found
 
+    def _offered(
+        self, request: Request, availability: Availability
+    ) -> tuple[FlightWanted, _State, int] | None:
+        """What revenue management and pricing work from: the seats wanted, and the
+        flight's state and class of an availability of ours (None when not ours)."""
+        wanted = self._wanted(request)
+        if wanted is None:
+            return None
+        with self._transaction(write=False) as conn:
+            found = self._state_of(conn, availability, self.clock())
+        return None if found is None else (wanted, *found)
+
     def _read_state_of(
         self, conn: sqlite3.Connection, availability: Availability, now: float
     ) -> tuple[_State, int] | None:
@@ -750,15 +762,10 @@ class ReferenceAirline:
         currency's minor units. It never exceeds the fare of a class the booking limits
         leave open; if rounding were ever to push it there, the airline does not sell.
         """
-        wanted = self._wanted(request)
-        if wanted is None:
+        offered = self._offered(request, availability)
+        if offered is None:
             return None
-        now = self.clock()
-        with self._transaction(write=False) as conn:
-            found = self._state_of(conn, availability, now)
-        if found is None:
-            return None
-        state, i = found
+        wanted, state, i = offered
         fare_class = state.ladder[i]
         passengers = wanted.passengers
         if availability.available < passengers or state.remaining < passengers:
@@ -803,15 +810,10 @@ class ReferenceAirline:
 
         Prices only: the customer's ``max_price`` is not applied here.
         """
-        wanted = self._wanted(request)
-        if wanted is None or not decision.accept:
+        offered = self._offered(request, availability) if decision.accept else None
+        if offered is None:
             return None
-        now = self.clock()
-        with self._transaction(write=False) as conn:
-            found = self._state_of(conn, availability, now)
-        if found is None:
-            return None
-        state, i = found
+        wanted, state, i = offered
         fare_class = state.ladder[i]
         flight = state.flight
         passengers = Decimal(wanted.passengers)
