@@ -13,11 +13,13 @@ counts, so a busy machine slows both rather than one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -282,71 +284,87 @@ def _free_port() -> int:
         return port
 
 
+def wait_until_up(url: str, what: str) -> None:
+    """POST to ``url`` until something answers (at most 15 s)."""
+    import httpx
+
+    with httpx.Client() as probe:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                probe.post(url, content=b"<x/>")
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the benchmark {what} did not start") from None
+                time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def receiver_process() -> Iterator[tuple[str, int]]:
+    """The bare 204 receiver in its own process, until the block ends: (URL, pid)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/inbox"
+    process = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)])
+    try:
+        wait_until_up(url, "receiver")
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 def bench_delivery(quick: bool) -> list[Figure]:
     """Deliver outbox rows to a local receiver (its own process), against a raw keep-alive
     httpx.Client POST loop of the same bodies to the same receiver."""
-    import subprocess
     import tempfile
 
     import httpx
 
     count = 200 if quick else 1000
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/inbox"
-    receiver = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)])
-    try:
-        with httpx.Client() as probe:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    probe.post(url, content=b"<x/>")
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the benchmark receiver did not start") from None
-                    time.sleep(0.05)
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter = _emit_adapter(Path(tmp), signed=True, destination=url)
-            bodies: list[bytes] = []
-            rounds = {"n": 0}
+    with receiver_process() as (url, _pid), tempfile.TemporaryDirectory() as tmp:
+        adapter = _emit_adapter(Path(tmp), signed=True, destination=url)
+        bodies: list[bytes] = []
+        rounds = {"n": 0}
 
-            def fill() -> None:
-                rounds["n"] += 1
-                emitted = adapter.emit_many(
-                    tx.model_copy(update={"id": f"D{rounds['n']}-{tx.id}"}) for tx in tickets(count)
-                )
-                bodies[:] = [e.document for e in emitted]
+        def fill() -> None:
+            rounds["n"] += 1
+            emitted = adapter.emit_many(
+                tx.model_copy(update={"id": f"D{rounds['n']}-{tx.id}"}) for tx in tickets(count)
+            )
+            bodies[:] = [e.document for e in emitted]
 
-            worker = adapter.delivery_worker(batch=100)
+        worker = adapter.delivery_worker(batch=100)
 
-            def sdk() -> int:
-                stats = worker.run_once()
-                if stats.delivered != count:
-                    raise SystemExit(f"delivered {stats.delivered} of {count}")
-                return count
+        def sdk() -> int:
+            stats = worker.run_once()
+            if stats.delivered != count:
+                raise SystemExit(f"delivered {stats.delivered} of {count}")
+            return count
 
-            client = httpx.Client(timeout=10)
+        client = httpx.Client(timeout=10)
 
-            def baseline() -> int:
-                headers = {"content-type": "application/xml"}
-                for body in bodies:
-                    client.post(url, content=body, headers=headers).raise_for_status()
-                return count
+        def baseline() -> int:
+            headers = {"content-type": "application/xml"}
+            for body in bodies:
+                client.post(url, content=body, headers=headers).raise_for_status()
+            return count
 
-            best = [0.0, 0.0]
-            for _ in range(3 if quick else 5):
-                for i, func in enumerate((sdk, baseline)):
-                    if func is sdk:
-                        fill()  # untimed: the rows, whose bodies the baseline posts after
-                    gc.collect()
-                    start = time.perf_counter()
-                    done = func()
-                    best[i] = max(best[i], done / (time.perf_counter() - start))
-            worker.close()
-            client.close()
-    finally:
-        receiver.terminate()
-        receiver.wait(10)
+        best = [0.0, 0.0]
+        for _ in range(3 if quick else 5):
+            for i, func in enumerate((sdk, baseline)):
+                if func is sdk:
+                    fill()  # untimed: the rows, whose bodies the baseline posts after
+                gc.collect()
+                start = time.perf_counter()
+                done = func()
+                best[i] = max(best[i], done / (time.perf_counter() - start))
+        worker.close()
+        client.close()
     sdk_rate, base_rate = best
     return [
         Figure("baseline_httpx_keepalive_post", base_rate, "docs/s"),
@@ -458,7 +476,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", acc
 """
 
 
-def bench_request_http(quick: bool) -> list[Figure]:  # noqa: PLR0915  (one scenario)
+def bench_request_http(quick: bool) -> list[Figure]:
     """POST /cmi/requests over HTTP (signed, the reference airline) against a minimal
     Starlette handler on the same server, with 4 concurrent keep-alive clients each."""
     import subprocess
@@ -479,16 +497,7 @@ def bench_request_http(quick: bool) -> list[Figure]:  # noqa: PLR0915  (one scen
         [sys.executable, "-c", _HTTP_SERVER, str(port), str(Path(__file__).parent), secret]
     )
     try:
-        with httpx.Client() as probe:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    probe.post(base + "/minimal", content=b"x")
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the benchmark server did not start") from None
-                    time.sleep(0.1)
+        wait_until_up(base + "/minimal", "server")
         with tempfile.TemporaryDirectory() as tmp:
             adapter, make = _airline_adapter(Path(tmp))
             bodies = [

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cmi_sdk import Adapter, EgressGuard, TermsProposal, Transaction, load_model
@@ -58,7 +57,7 @@ DSN = (
 
 # The same bare receiver and free-port helper as bench/run.py (this folder is on sys.path
 # when a script here runs).
-from run import _RECEIVER, _free_port  # noqa: E402
+from run import receiver_process  # noqa: E402
 
 
 def line(name: str, value: float, unit: str) -> None:
@@ -192,38 +191,6 @@ def postgres_schema() -> Iterator[tuple[Any, str]]:
 
 
 # -- the receiver and the workers -----------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free loopback port."""
-    return _free_port()
-
-
-@contextlib.contextmanager
-def receiver_process() -> Iterator[tuple[str, int]]:
-    """The 204 receiver in its own process: (its URL, its pid)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/inbox"
-    process = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)])
-    try:
-        with httpx.Client() as probe:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    probe.post(url, content=b"<x/>")
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the benchmark receiver did not start") from None
-                    time.sleep(0.05)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 @contextlib.contextmanager
