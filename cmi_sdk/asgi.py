@@ -291,6 +291,14 @@ def _decision_json(request: Request, decision: TermsDecision) -> dict[str, Any]:
     return out
 
 
+def _target(scope: dict[str, Any]) -> str:
+    """The request target as the signer wrote it: the path as Starlette's URL spells it
+    (the three characters a path cannot carry raw, escaped) and the query, if any."""
+    path = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    query = scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
 class _Endpoint:
     """The routes' logic. Store calls run in Starlette's thread pool, off the event loop."""
 
@@ -301,6 +309,10 @@ class _Endpoint:
         self.max_body_bytes = max_body_bytes
         self.tolerance = tolerance
         self.page_size = page_size
+        # Each intermediary's verifier, kept between requests: an intermediary's secrets
+        # are only ever added to (a rotation), and a signature that the kept verifier
+        # refuses is checked again against the secrets in the store.
+        self._verifiers: dict[str, WebhookVerifier] = {}
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
@@ -317,37 +329,53 @@ class _Endpoint:
         return b"".join(chunks)
 
     def authenticate(self, request: Request, body: bytes) -> Principal:
-        name = request.headers.get("cmi-intermediary")
-        terms_id = request.headers.get("cmi-terms")
+        headers = request.headers
+        name = headers.get("cmi-intermediary")
+        terms_id = headers.get("cmi-terms")
         store = self.adapter.store
         if name is not None and terms_id is None:
-            secrets = store.intermediary_secrets(name)
-            if not secrets:
-                raise UnknownPartyError(f"no intermediary named {name!r} is registered")
+            verifier = self._verifiers.get(name) or self._intermediary_verifier(name)
             principal, party = Principal(intermediary=name), f"intermediary:{name}"
         elif terms_id is not None and name is None:
             try:
                 terms = store.get_terms(terms_id)
             except TermsNotFoundError:
                 raise UnknownPartyError(f"no sharing terms {terms_id!r}") from None
-            secrets = (terms.secret,)
+            verifier = WebhookVerifier(secrets=(terms.secret,), tolerance=self.tolerance)
             principal, party = Principal(terms=terms), f"terms:{terms.id}"
         else:
             raise ProblemError(
                 "unauthorized",
                 "sign the request and name the signer: cmi-intermediary or cmi-terms",
             )
-        query = request.scope.get("query_string", b"").decode("latin-1")
-        target = request.url.path + (f"?{query}" if query else "")
+        payload = signing_payload(request.method, _target(request.scope), body)
         now = self.adapter.clock()
-        verifier = WebhookVerifier(secrets=secrets, tolerance=self.tolerance)
-        msg_id = verifier.verify(
-            request.headers, signing_payload(request.method, target, body), now=now
-        )
+        try:
+            msg_id = verifier.verify(headers, payload, now=now)
+        except StaleTimestampError:
+            raise
+        except SignatureVerificationError:
+            if name is None:
+                raise
+            # Perhaps signed with a secret added since the verifier was kept.
+            fresh = self._intermediary_verifier(name)
+            if fresh.secrets == verifier.secrets:
+                raise
+            msg_id = fresh.verify(headers, payload, now=now)
         expires = now + 2 * self.tolerance
         if not store.remember_message(party, msg_id, expires_at=expires, now=now):
             raise ReplayedMessageError(f"message id {msg_id} was already used")
         return replace(principal, party=party, msg_id=msg_id)
+
+    def _intermediary_verifier(self, name: str) -> WebhookVerifier:
+        """The verifier of the intermediary's secrets as the store has them now."""
+        secrets = self.adapter.store.intermediary_secrets(name)
+        if not secrets:
+            raise UnknownPartyError(f"no intermediary named {name!r} is registered")
+        verifier = self._verifiers[name] = WebhookVerifier(
+            secrets=secrets, tolerance=self.tolerance
+        )
+        return verifier
 
     def guarded(self, handle: Callable[[Request, Principal, bytes], Response]) -> Handler:
         """Wrap a handler with the size cap, authentication and problem responses."""
@@ -453,7 +481,8 @@ class _Endpoint:
     def _answer_standard(self, request: Request, asked_in: str) -> str:
         """The standard the answer is written in: ``?answer=`` when the intermediary names
         one, else the request's own (a UBL RequestForQuotation gets a UBL Quotation)."""
-        wanted = request.query_params.get("answer", asked_in)
+        query = request.scope.get("query_string")
+        wanted = request.query_params.get("answer", asked_in) if query else asked_in
         if wanted == "cmi":
             return wanted
         if wanted not in self.adapter.standards or not any(

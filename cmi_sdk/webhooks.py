@@ -179,10 +179,16 @@ class WebhookVerifier:
         :raises SignatureVerificationError: a header is missing or malformed, the timestamp
             is outside the tolerance, or no signature matches.
         """
-        lower = {k.lower(): v for k, v in headers.items()}
-        msg_id = lower.get("webhook-id")
-        ts_text = lower.get("webhook-timestamp")
-        sig_header = lower.get("webhook-signature")
+        msg_id = headers.get("webhook-id")
+        ts_text = headers.get("webhook-timestamp")
+        sig_header = headers.get("webhook-signature")
+        if msg_id is None or ts_text is None or sig_header is None:
+            # A plain mapping with other capitalizations (a case-insensitive one, such as
+            # Starlette's or httpx's headers, has answered already).
+            lower = {k.lower(): v for k, v in headers.items()}
+            msg_id = lower.get("webhook-id")
+            ts_text = lower.get("webhook-timestamp")
+            sig_header = lower.get("webhook-signature")
         if not msg_id or not ts_text or not sig_header:
             raise SignatureVerificationError(
                 "missing webhook-id, webhook-timestamp or webhook-signature header"

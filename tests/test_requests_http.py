@@ -174,6 +174,44 @@ def test_a_refused_request_forgets_its_message_id(firm: Firm) -> None:
     assert _send(firm, _request_xml(firm.adapter), msg_id="req_fix").status_code == 200
 
 
+def test_a_secret_added_while_serving_is_accepted_at_once(firm: Firm) -> None:
+    """The endpoint keeps each intermediary's verifier between requests; a rotation (a
+    secret added to the store) must not wait for it to be refreshed."""
+    assert _send(firm, _request_xml(firm.adapter)).status_code == 200  # kept now
+    rotated = generate_secret()
+    firm.adapter.store.add_intermediary("relay", rotated, at=time.time())
+    assert _send(firm, _request_xml(firm.adapter), secret=rotated).status_code == 200
+    assert _send(firm, _request_xml(firm.adapter)).status_code == 200  # the old one too
+    _problem(
+        _send(firm, _request_xml(firm.adapter), secret=generate_secret()), 401, "bad-signature"
+    )
+
+
+def test_the_signed_target_includes_the_query(firm: Firm) -> None:
+    body = _request_xml(firm.adapter)
+    headers = signed_headers(
+        secret=firm.secret,
+        method="POST",
+        target="/cmi/requests?answer=cmi",
+        body=body,
+        intermediary="relay",
+    )
+    headers["content-type"] = "application/xml"
+    url = firm.url + "/cmi/requests"
+    ok = httpx.post(url + "?answer=cmi", content=body, headers=headers, timeout=10)
+    assert ok.status_code == 200, ok.text
+    # The same signature does not cover the target without its query.
+    headers = signed_headers(
+        secret=firm.secret,
+        method="POST",
+        target="/cmi/requests?answer=cmi",
+        body=body,
+        intermediary="relay",
+    )
+    headers["content-type"] = "application/xml"
+    _problem(httpx.post(url, content=body, headers=headers, timeout=10), 401, "bad-signature")
+
+
 def test_the_wrong_content_type_and_document(firm: Firm) -> None:
     body = _request_xml(firm.adapter)
     _problem(

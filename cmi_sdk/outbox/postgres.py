@@ -69,7 +69,7 @@ __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "e
 
 log = logging.getLogger("cmi_sdk.outbox.postgres")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version of the tables this module creates, recorded in ``<schema>.meta``."""
 
 _T = TypeVar("_T")
@@ -183,7 +183,8 @@ CREATE TABLE IF NOT EXISTS {s}.offers (
     valid_until double precision NOT NULL,
     created_at double precision NOT NULL
 );
-CREATE INDEX IF NOT EXISTS offers_request ON {s}.offers (request_id);
+-- No reader looks offers up by request: an index would only slow every insert.
+DROP INDEX IF EXISTS {s}.offers_request;
 CREATE TABLE IF NOT EXISTS {s}.acceptances (
     id text PRIMARY KEY,
     offer_id text NOT NULL,
