@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 from xml.sax.saxutils import escape
@@ -291,7 +291,7 @@ def _decision_json(request: Request, decision: TermsDecision) -> dict[str, Any]:
     return out
 
 
-def _target(scope: dict[str, Any]) -> str:
+def _target(scope: Mapping[str, Any]) -> str:
     """The request target as the signer wrote it: the path as Starlette's URL spells it
     (the three characters a path cannot carry raw, escaped) and the query, if any."""
     path = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
