@@ -28,7 +28,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Any
@@ -381,32 +381,17 @@ class OfferPipeline:
             )
         _expect(quote, Quote, "cmi_price", self._hook)
         floor = decision.floor
+        total = quote.total
         if floor is not None:
-            if floor.currency != quote.total.currency:
-                raise RequestRefusedError(
-                    f"the price is in {quote.total.currency}, the floor in {floor.currency}",
-                    problem="price-below-floor",
-                )
-            if quote.total.amount < floor.amount:
-                plugins = _only_plugin(self._hook.cmi_price)
-                log.error(
-                    "request %s: cmi_price (%s) priced %s below the floor %s",
-                    request.id,
-                    plugins,
-                    quote.total,
-                    floor,
-                )
-                raise RequestRefusedError(
-                    f"the price {quote.total} is below the floor {floor} (cmi_price: {plugins});"
-                    " no offer is made",
-                    problem="price-below-floor",
-                )
+            self._check_floor(request, total, floor)
 
         self._enter(run, "rewards")
         offered = self._call(
             "cmi_rewards", first=False, request=request, quote=quote, claims=checks
         )
-        items, applied = _apply_rewards(quote, [r for rs in offered for r in (rs or [])], floor)
+        items, applied, price = _apply_rewards(
+            quote.items, total, [r for rs in offered for r in (rs or [])], floor
+        )
 
         self._enter(run, "advice")
         advice: list[Advice] = [
@@ -428,9 +413,9 @@ class OfferPipeline:
             valid_from=now,
             valid_until=now + self.default_validity,
             product=quote.product or availability.product,
-            items=tuple(items),
-            price=_sum(items),
-            rewards=tuple(applied),
+            items=items,
+            price=price,
+            rewards=applied,
             advice=tuple(advice),
         )
         windows = [
@@ -465,6 +450,28 @@ class OfferPipeline:
             [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
         )
         return Answer(answer, xml)
+
+    def _check_floor(self, request: Request, total: Money, floor: Money) -> None:
+        """Refuse a price below the revenue decision's floor (or in another currency)."""
+        if floor.currency != total.currency:
+            raise RequestRefusedError(
+                f"the price is in {total.currency}, the floor in {floor.currency}",
+                problem="price-below-floor",
+            )
+        if total.amount < floor.amount:
+            plugins = _only_plugin(self._hook.cmi_price)
+            log.error(
+                "request %s: cmi_price (%s) priced %s below the floor %s",
+                request.id,
+                plugins,
+                total,
+                floor,
+            )
+            raise RequestRefusedError(
+                f"the price {total} is below the floor {floor} (cmi_price: {plugins});"
+                " no offer is made",
+                problem="price-below-floor",
+            )
 
     def _claims(self, request: Request) -> list[ClaimCheck]:
         found = [
@@ -642,18 +649,14 @@ def _expect(value: object, kind: type, hook: str, relay: pluggy.HookRelay) -> No
         )
 
 
-def _sum(items: Sequence[LineItem]) -> Money:
-    currency = items[0].amount.currency
-    return Money(amount=sum((i.amount.amount for i in items), start=Decimal(0)), currency=currency)
-
-
 def _apply_rewards(
-    quote: Quote, rewards: Iterable[Reward], floor: Money | None
-) -> tuple[list[LineItem], list[Reward]]:
-    """Apply rewards largest first (then by code), each as a negative line, never taking
-    the total below the floor: a reward that does not fit whole is cut to what fits."""
-    items = list(quote.items)
-    total = quote.total
+    items: tuple[LineItem, ...], total: Money, rewards: Iterable[Reward], floor: Money | None
+) -> tuple[tuple[LineItem, ...], tuple[Reward, ...], Money]:
+    """Apply rewards to a quote's ``items`` (which sum to ``total``) largest first (then by
+    code), each as a negative line, never taking the total below the floor: a reward that
+    does not fit whole is cut to what fits. Return the items, the rewards as applied and
+    the new total."""
+    added: list[LineItem] = []
     applied: list[Reward] = []
     lowest = floor.amount if floor is not None else Decimal(0)
     for reward in sorted(rewards, key=lambda r: (-r.amount.amount, r.code)):
@@ -668,7 +671,7 @@ def _apply_rewards(
             continue
         cut = Money(amount=take, currency=total.currency)
         minus = Money(amount=-take, currency=total.currency)
-        items.append(
+        added.append(
             LineItem(
                 description=f"Reward: {reward.description}"[:256], unit_price=minus, amount=minus
             )
@@ -677,4 +680,4 @@ def _apply_rewards(
             reward if take == reward.amount.amount else reward.model_copy(update={"amount": cut})
         )
         total = Money(amount=total.amount - take, currency=total.currency)
-    return items, applied
+    return items + tuple(added), tuple(applied), total
