@@ -921,3 +921,291 @@ def test_a_closed_airline_says_so(tmp_path: Path) -> None:
     thread.start()
     thread.join()
     assert [str(e) for e in errors] == ["the airline's database is closed"]
+
+
+# -- the inventory snapshot -----------------------------------------------------------------
+# Capacity, revenue management, pricing and advice answer from each thread's snapshot of
+# the inventory; these tests fail if the snapshot outlives a change.
+
+
+@pytest.fixture
+def other(airline: ReferenceAirline, clock: Clock) -> Iterator[ReferenceAirline]:
+    """A second airline on the same file: another connection, as another process has."""
+    with ReferenceAirline(database=airline.database, loyalty_key=KEY, clock=clock) as a:
+        yield a
+
+
+Answers = tuple[Availability | None, RevenueDecision | None, Quote | None, list[Any] | None]
+
+
+def answers(airline: ReferenceAirline, request: Request) -> Answers:
+    """What the airline's capacity, revenue management, pricing and advice say."""
+    availability = airline.cmi_check_capacity(request=request)
+    if availability is None:
+        return None, None, None, airline.cmi_advise(request=request)
+    decision = airline.cmi_revenue_decision(request=request, availability=availability)
+    assert decision is not None
+    quote = airline.cmi_price(request=request, availability=availability, decision=decision)
+    return availability, decision, quote, airline.cmi_advise(request=request)
+
+
+def fresh_answers(airline: ReferenceAirline, request: Request) -> Answers:
+    """The same answers from an airline that has read nothing yet."""
+    with ReferenceAirline(database=airline.database, loyalty_key=KEY, clock=airline.clock) as fresh:
+        return answers(fresh, request)
+
+
+def take(
+    airline: ReferenceAirline, n: int, *, book: bool = True, passengers: int = 1, **request: Any
+) -> Hold:
+    """Hold (and book) seats through ``airline``'s own hooks; the hold."""
+    req = make_request(passengers=passengers, **request)
+    _, _, quote, _ = answers(airline, req)
+    assert quote is not None
+    offer = make_offer(req, quote, offer_id=f"off-{n}")
+    acceptance = accept(offer, f"acc-{n}")
+    hold = airline.cmi_hold(offer=offer, acceptance=acceptance)
+    assert hold is not None
+    if book:
+        airline.cmi_book(offer=offer, acceptance=acceptance, hold=hold)
+    return hold
+
+
+def q_seats(airline: ReferenceAirline, request: Request | None = None) -> int:
+    availability = airline.cmi_check_capacity(request=request or make_request())
+    assert availability is not None
+    return availability.available
+
+
+def test_a_booking_by_another_connection_is_seen_at_the_next_check(
+    airline: ReferenceAirline, other: ReferenceAirline
+) -> None:
+    request = make_request()
+    assert q_seats(airline, request) == 16
+    take(other, 1, passengers=2)
+    # The very same request object asks again: capacity always checks for changes.
+    assert q_seats(airline, request) == 14
+    availability, decision, quote, _ = answers(airline, make_request())
+    assert availability is not None
+    assert decision is not None
+    assert (availability, decision, quote) == fresh_answers(airline, make_request())[:3]
+    assert airline.sold(FLIGHT) == 2
+
+
+def test_a_hold_and_a_release_by_another_connection_are_seen(
+    airline: ReferenceAirline, other: ReferenceAirline
+) -> None:
+    assert q_seats(airline) == 16
+    req = make_request(passengers=3)
+    _, _, quote, _ = answers(other, req)
+    assert quote is not None
+    offer = make_offer(req, quote)
+    hold = other.cmi_hold(offer=offer, acceptance=accept(offer))
+    assert hold is not None
+    assert q_seats(airline) == 13
+    other.cmi_release(offer=offer, hold=hold)
+    assert q_seats(airline) == 16
+
+
+def test_a_booking_in_another_thread_is_seen(airline: ReferenceAirline) -> None:
+    assert q_seats(airline) == 16
+    thread = threading.Thread(target=take, args=(airline, 1), kwargs={"passengers": 4})
+    thread.start()
+    thread.join()
+    assert airline.sold(FLIGHT) == 4
+    assert q_seats(airline) == 12
+
+
+def test_the_airlines_own_writes_are_seen_at_once(
+    airline: ReferenceAirline, other: ReferenceAirline
+) -> None:
+    request = make_request(passengers=2)
+    availability = airline.cmi_check_capacity(request=request)
+    assert availability is not None
+    take(airline, 1, passengers=3, book=False)
+    # Even the rest of a request whose capacity check came before the hold sees it.
+    decision = airline.cmi_revenue_decision(request=request, availability=availability)
+    expected = sum(
+        Decimal(marginal_seat_revenue(FARES, MEANS, SDS, seats, nest=3)) for seats in (97, 96)
+    )
+    assert decision is not None
+    assert decision.floor is not None
+    assert decision.floor.amount == expected.quantize(Decimal("0.01"), rounding=ROUND_CEILING)
+    assert q_seats(airline) == 13
+    take(airline, 2, passengers=2)
+    assert q_seats(airline) == 11
+    assert q_seats(other) == 11
+
+
+def test_a_request_is_answered_from_one_reading_for_a_second_at_most(
+    airline: ReferenceAirline, other: ReferenceAirline, clock: Clock
+) -> None:
+    def floor(request: Request, availability: Availability) -> Decimal:
+        decision = airline.cmi_revenue_decision(request=request, availability=availability)
+        assert decision is not None
+        assert decision.floor is not None
+        return decision.floor.amount
+
+    def expected(remaining: int) -> Decimal:
+        exact = sum(
+            Decimal(marginal_seat_revenue(FARES, MEANS, SDS, seats, nest=3))
+            for seats in (remaining, remaining - 1)
+        )
+        return exact.quantize(Decimal("0.01"), rounding=ROUND_CEILING)
+
+    request = make_request(passengers=2)
+    availability = airline.cmi_check_capacity(request=request)
+    assert availability is not None
+    take(other, 1, passengers=3)
+    # Revenue management goes on from the reading its capacity check confirmed...
+    assert floor(request, availability) == expected(100)
+    clock.now += 1
+    # ...for a second; then it asks again, and sees the other connection's booking.
+    assert floor(request, availability) == expected(97)
+
+
+def test_an_expiring_hold_frees_its_seats_without_a_write(
+    airline: ReferenceAirline, other: ReferenceAirline, clock: Clock
+) -> None:
+    take(other, 1, passengers=2, book=False)  # expires at START + 600
+    assert q_seats(airline) == 14
+    clock.now += 599
+    assert q_seats(airline) == 14
+    probe = sqlite3.connect(airline.database)
+    (version,) = probe.execute("PRAGMA data_version").fetchone()
+    clock.now += 1  # the hold's last moment has passed
+    assert q_seats(airline) == 16
+    # Nobody wrote: the snapshot knew when the hold would stop counting.
+    assert probe.execute("PRAGMA data_version").fetchone() == (version,)
+    probe.close()
+    request = make_request()
+    assert answers(airline, request) == fresh_answers(airline, request)
+
+
+def test_the_earliest_of_several_holds_ends_the_reading(
+    airline: ReferenceAirline, clock: Clock
+) -> None:
+    take(airline, 1, book=False)  # expires at START + 600
+    clock.now += 100
+    take(airline, 2, passengers=2, book=False)  # expires at START + 700
+    assert q_seats(airline) == 13
+    clock.now = START + 600
+    assert q_seats(airline) == 14
+    clock.now = START + 700
+    assert q_seats(airline) == 16
+
+
+def test_a_clock_that_goes_back_sees_holds_again(airline: ReferenceAirline, clock: Clock) -> None:
+    take(airline, 1, passengers=2, book=False)
+    clock.now += 600
+    assert q_seats(airline) == 16
+    clock.now -= 1  # the hold has one more second: it counts again
+    assert q_seats(airline) == 14
+
+
+def test_flights_added_later_are_found(airline: ReferenceAirline, other: ReferenceAirline) -> None:
+    miami = make_request(destination="MIA")
+    assert airline.cmi_check_capacity(request=miami) is None
+    assert airline.cmi_advise(request=miami) is None
+    other.add_flight(**GOOD_FLIGHT)  # another connection
+    found = airline.cmi_check_capacity(request=miami)
+    assert found is not None
+    assert found.reference == "DL5-2026-07-01"
+    airline.add_flight(**{**GOOD_FLIGHT, "date": dt.date(2026, 7, 2)})  # its own
+    (advice,) = airline.cmi_advise(request=miami) or []
+    assert advice.text.startswith("DL5 on 2026-07-02 has 10 seats in class Y")
+    found = airline.cmi_check_capacity(request=miami)
+    assert found is not None
+    assert [p.date for p in found.alternatives] == [dt.date(2026, 7, 2)]
+
+
+def test_the_cached_answers_are_the_uncached_ones(
+    airline: ReferenceAirline, other: ReferenceAirline, clock: Clock
+) -> None:
+    # A small flight whose classes close as it sells, among the demo flights.
+    airline.add_flight(
+        origin="ATL",
+        destination="CDG",
+        date=dt.date(2026, 7, 2),
+        flight="77",
+        capacity=12,
+        fares=[("Y", Decimal("900.00"), 4.0, 2.0), ("K", Decimal("400.00"), 8.0, 3.0)],
+    )
+    shapes = [
+        {"passengers": passengers, "date": date}
+        for passengers in (1, 2, 5)
+        for date in ("2026-07-01", "2026-07-02", "2026-07-03")
+    ]
+    shapes.append({"date": "2026-07-02", "constraints": {"latest_date": "2026-07-02"}})
+    for n in range(16):
+        for shape in shapes:
+            request = make_request(**shape)
+            assert answers(airline, request) == fresh_answers(airline, request), (n, shape)
+        who = airline if n % 2 else other
+        take(who, n, passengers=1 + n % 3, date="2026-07-02", book=n % 4 != 3)
+        clock.now += 150  # holds (600 s) expire along the way
+    assert airline.cmi_check_capacity(request=make_request(date="2026-07-02")) is not None
+
+
+def test_a_repeated_check_runs_one_statement(airline: ReferenceAirline) -> None:
+    statements: list[str] = []
+    airline._connection().set_trace_callback(statements.append)
+    request = make_request()
+    answers(airline, request)  # reads the window of seven days: one query
+    assert [s for s in statements if "FROM flights" in s] != []
+    assert sum("FROM flights" in s for s in statements) == 1
+    statements.clear()
+    answers(airline, make_request())
+    # Capacity asks whether anything changed; the rest of the request goes on from it.
+    assert statements == ["PRAGMA data_version"]
+
+
+def test_the_snapshot_is_bounded(
+    airline: ReferenceAirline, other: ReferenceAirline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cmi_airline.plugin, "_SNAPSHOT_LIMIT", 5)
+    for day in range(1, 31):
+        request = make_request(date=f"2026-06-{day:02d}")
+        assert answers(airline, request) == fresh_answers(airline, request)
+    snapshot = airline._local.snapshot
+    # Started afresh once past the limit: what is left is one request's reading.
+    assert len(snapshot.days) + len(snapshot.answers) <= 5 + 7 + 1
+
+
+def test_concurrent_requests_and_bookings_never_oversell(
+    airline: ReferenceAirline, clock: Clock
+) -> None:
+    airline.add_flight(**{**GOOD_FLIGHT, "capacity": 12})
+    errors: list[BaseException] = []
+    booked: list[int] = []
+    lock = threading.Lock()
+
+    def shop(worker: int) -> None:
+        try:
+            for n in range(8):
+                request = make_request(passengers=1 + n % 2, destination="MIA")
+                _, _, quote, _ = answers(airline, request)
+                if quote is None:
+                    continue  # sold out: no offer
+                offer = make_offer(request, quote, offer_id=f"off-{worker}-{n}")
+                acceptance = accept(offer, f"acc-{worker}-{n}")
+                try:
+                    hold = airline.cmi_hold(offer=offer, acceptance=acceptance)
+                except SoldOutError:
+                    continue  # another thread took the seats since the offer
+                airline.cmi_book(offer=offer, acceptance=acceptance, hold=hold)
+                with lock:
+                    booked.append(request.wanted.passengers)
+        except BaseException as exc:  # collected and checked below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=shop, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sum(booked) == airline.sold("DL5-2026-07-01") == 12
+    sold_out = airline.cmi_check_capacity(request=make_request(destination="MIA"))
+    assert sold_out is not None
+    assert sold_out.available == 0

@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Self
@@ -198,13 +198,47 @@ class _Flight:
 
 
 @dataclass(frozen=True, slots=True)
-class _State:
-    """A flight's inventory at one moment: seats left and each class's booking limit."""
+class _Fixed:
+    """What never changes about a flight once added: the flight, its fare ladder, the
+    ladder's EMSR-b protection levels, each class's product and index by letter, and
+    the quotes of its classes by class index and passengers (built when first asked)."""
 
     flight: _Flight
     ladder: tuple[_FareClass, ...]
+    levels: tuple[float, ...]
+    products: tuple[FlightProduct, ...]
+    classes: dict[str, int]
+    quotes: dict[tuple[int, int], Quote] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """A flight's inventory at one moment: seats left and each class's booking limit.
+
+    It holds from ``since`` until ``until``, when the first live hold on the flight
+    expires (infinity when there is none), unless the database changes meanwhile. The
+    revenue decisions worked out from it, by class index and passengers, are kept with
+    it: a bid-price table for the seats left.
+    """
+
+    fixed: _Fixed
     remaining: int
     limits: tuple[int, ...]
+    since: float
+    until: float
+    decisions: dict[tuple[int, int], RevenueDecision] = field(default_factory=dict)
+
+    @property
+    def flight(self) -> _Flight:
+        return self.fixed.flight
+
+    @property
+    def ladder(self) -> tuple[_FareClass, ...]:
+        return self.fixed.ladder
+
+    def holds_at(self, now: float) -> bool:
+        """Whether the state is still the flight's at ``now`` (as far as time goes)."""
+        return self.since <= now < self.until
 
     def lowest_open(self, seats: int) -> int | None:
         """The index of the cheapest class that can still sell ``seats``, if any."""
@@ -212,11 +246,73 @@ class _State:
         open_ = [i for i, limit in enumerate(self.limits) if limit >= seats]
         return open_[-1] if open_ else None
 
-    def index(self, letter: str) -> int | None:
-        for i, fare_class in enumerate(self.ladder):
-            if fare_class.letter == letter:
-                return i
-        return None
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """Capacity's and advice's answer to one kind of request, and when it holds."""
+
+    availability: Availability | None
+    advice: tuple[Advice, ...]
+    since: float
+    until: float
+
+
+#: (origin, destination, date, passengers, earliest date, latest date): all an answer
+#: depends on besides the inventory.
+_AnswerKey = tuple[str, str, dt.date, int, dt.date | None, dt.date | None]
+
+
+#: How long after its capacity check a request's later stages may go on from the
+#: reading that check confirmed, in seconds.
+_ONE_READING = 1.0
+
+#: A snapshot holding more answers and days than this starts afresh: requests for ever
+#: new dates or constraints must not grow it without bound while nothing is booked.
+_SNAPSHOT_LIMIT = 10_000
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """One thread's copy of the inventory it has read, for its connection's
+    ``PRAGMA data_version`` ``version``: any other connection's commit changes that
+    number, and the snapshot is then dropped whole."""
+
+    version: int
+    states: dict[str, _State] = field(default_factory=dict)
+    """Each flight's state, by flight id."""
+    days: dict[tuple[str, str, dt.date], tuple[str, ...]] = field(default_factory=dict)
+    """The ids of the airline's flights on a route and date, by flight number."""
+    answers: dict[_AnswerKey, _Answer] = field(default_factory=dict)
+    request: Request | None = None
+    """The request whose capacity check last asked for the version (see _snapshot)."""
+    asked_at: float = -math.inf
+
+    def full(self) -> bool:
+        return len(self.answers) + len(self.days) > _SNAPSHOT_LIMIT
+
+
+# Every flight the WHERE clause picks, with what its state is worked out from: the seats
+# sold, the seats of live holds, and when the first live hold expires.
+_STATES = """
+SELECT f.id, f.origin, f.destination, f.date, f.airline, f.flight, f.capacity,
+    (SELECT COUNT(*) FROM sold_seats WHERE flight_id = f.id) AS sold,
+    (SELECT COALESCE(SUM(seats), 0) FROM holds WHERE flight_id = f.id AND expires_at > :now)
+        AS held,
+    (SELECT MIN(expires_at) FROM holds WHERE flight_id = f.id AND expires_at > :now)
+        AS next_expiry
+FROM flights AS f
+WHERE {where}
+ORDER BY f.date, f.flight
+"""
+_STATES_ON_ROUTE = _STATES.format(
+    where="f.origin = :origin AND f.destination = :destination AND f.airline = :airline"
+    " AND f.date BETWEEN :first AND :last"
+)
+_STATE_BY_ID = _STATES.format(where="f.id = :id")
+_STATE_OF_PRODUCT = _STATES.format(
+    where="f.airline = :airline AND f.flight = :flight AND f.date = :date"
+    " AND f.origin = :origin AND f.destination = :destination"
+)
 
 
 _FLOAT_NOISE = Decimal("0.000001")  # a millionth of a currency unit: beyond any minor unit
@@ -226,6 +322,59 @@ def _quantum(currency: str) -> Decimal:
     return Decimal(1).scaleb(-Money(amount=Decimal(0), currency=currency).minor_units)
 
 
+def _around(date: dt.date) -> list[dt.date]:
+    """``date``, then the days within ``ALTERNATIVE_DAYS`` of it, nearest first and the
+    earlier of two equally near first (days beyond the calendar's ends left out)."""
+    days = [date]
+    for distance in range(1, ALTERNATIVE_DAYS + 1):
+        for sign in (-1, 1):
+            try:
+                days.append(date + dt.timedelta(days=sign * distance))
+            except OverflowError:
+                continue
+    return days
+
+
+def _best(states: Sequence[_State], passengers: int) -> tuple[_State, int] | None:
+    """The flight of ``states`` with the cheapest class open for the passengers, and
+    the class's index (the first such flight when fares tie)."""
+    best: tuple[_State, int] | None = None
+    for state in states:
+        i = state.lowest_open(passengers)
+        if i is not None and (best is None or state.ladder[i].fare < best[0].ladder[best[1]].fare):
+            best = (state, i)
+    return best
+
+
+def _decide(state: _State, i: int, passengers: int) -> RevenueDecision:
+    """Whether to sell class ``i`` of ``state`` to ``passengers`` who fit in it, and the
+    floor: their seats' displacement cost (see ``cmi_revenue_decision``)."""
+    fare_class = state.ladder[i]
+    fares = [c.fare for c in state.ladder]
+    means = [c.mean for c in state.ladder]
+    sds = [c.sd for c in state.ladder]
+    # The seats go one by one, each with fewer left; the top class, having no class
+    # above it, is weighed against its own later demand.
+    # Each seat's value is a float; its last bits are noise (3971.0000000000005 for
+    # 3971), which rounding up to the cent would turn into a floor above the fare.
+    value = sum(
+        (
+            Decimal(marginal_seat_revenue(fares, means, sds, seats, nest=max(i, 1))).quantize(
+                _FLOAT_NOISE
+            )
+            for seats in range(state.remaining, state.remaining - passengers, -1)
+        ),
+        start=Decimal(0),
+    )
+    floor = value.quantize(_quantum(fare_class.currency), rounding=ROUND_CEILING)
+    if floor > fare_class.fare * passengers:
+        return RevenueDecision(
+            accept=False,
+            reason=f"class {fare_class.letter} seats are worth more kept for dearer fares",
+        )
+    return RevenueDecision(accept=True, floor=Money(amount=floor, currency=fare_class.currency))
+
+
 class ReferenceAirline:
     """A reference airline firm: register an instance as an adapter plugin.
 
@@ -233,6 +382,14 @@ class ReferenceAirline:
     ladder with the demand forecast of every class, holds and sold seats. Every thread
     gets its own connection; holds and bookings each run in one ``BEGIN IMMEDIATE``
     transaction, so two acceptances can never take the same last seat.
+
+    Requests are answered from a snapshot of the inventory each thread keeps (flights,
+    seats sold and held, booking limits, and the answers worked out from them), as
+    real availability systems answer most requests from a cache: a request costs one
+    ``PRAGMA data_version`` while nothing changes. Any other connection's commit
+    (another thread's, another instance's, another process's) changes that number and
+    the snapshot starts afresh; the airline's own writes drop it; a flight's state
+    lasts only until its first live hold expires. Holds and bookings never use it.
 
     :param database: the SQLite file (created if missing; not ``:memory:``, which every
         connection would see empty).
@@ -293,7 +450,9 @@ class ReferenceAirline:
         self._ticket_prefix = ticket_prefix
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._ladders: dict[str, tuple[tuple[_FareClass, ...], list[float]]] = {}
+        # Flights and ladders never change once added: shared by every thread. What does
+        # change (seats sold and held) is in each thread's snapshot (see _snapshot).
+        self._fixed: dict[str, _Fixed] = {}
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         conn = self._connection()
@@ -336,7 +495,13 @@ class ReferenceAirline:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        else:
+            conn.execute("COMMIT")
+        finally:
+            if write:
+                # data_version moves for other connections' commits, never for this
+                # connection's own: this thread's snapshot must go by hand.
+                self._local.snapshot = None
 
     def close(self) -> None:
         """Close every thread's connection; the airline cannot be used afterwards."""
@@ -505,16 +670,6 @@ class ReferenceAirline:
         row = conn.execute("SELECT * FROM flights WHERE id = ?", (flight_id,)).fetchone()
         return None if row is None else self._flight_from_row(row)
 
-    def _flights_on(
-        self, conn: sqlite3.Connection, origin: str, destination: str, date: dt.date
-    ) -> list[_Flight]:
-        rows = conn.execute(
-            "SELECT * FROM flights WHERE origin = ? AND destination = ? AND date = ?"
-            " AND airline = ? ORDER BY flight",
-            (origin, destination, date.isoformat(), self.airline),
-        ).fetchall()
-        return [self._flight_from_row(row) for row in rows]
-
     def _flight_of(self, conn: sqlite3.Connection, product: FlightProduct) -> _Flight | None:
         row = conn.execute(
             "SELECT * FROM flights WHERE airline = ? AND flight = ? AND date = ?"
@@ -529,103 +684,193 @@ class ReferenceAirline:
         ).fetchone()
         return None if row is None else self._flight_from_row(row)
 
-    def _ladder(
-        self, conn: sqlite3.Connection, flight: _Flight
-    ) -> tuple[tuple[_FareClass, ...], list[float]]:
-        # A flight's fare ladder and forecasts never change once added (add_flight refuses
-        # a flight that exists), so they and their protection levels are read once.
-        cached = self._ladders.get(flight.id)
-        if cached is None:
+    def _fixed_of(self, conn: sqlite3.Connection, row: sqlite3.Row) -> _Fixed:
+        # add_flight refuses a flight that exists, so a flight read once is read for good.
+        fixed = self._fixed.get(row["id"])
+        if fixed is None:
+            flight = self._flight_from_row(row)
             ladder = tuple(
-                _FareClass(
-                    row["letter"], Decimal(row["fare"]), row["currency"], row["mean"], row["sd"]
-                )
-                for row in conn.execute(
+                _FareClass(r["letter"], Decimal(r["fare"]), r["currency"], r["mean"], r["sd"])
+                for r in conn.execute(
                     "SELECT * FROM fare_classes WHERE flight_id = ? ORDER BY rank", (flight.id,)
                 )
             )
             levels = protection_levels(
                 [c.fare for c in ladder], [c.mean for c in ladder], [c.sd for c in ladder]
             )
-            cached = self._ladders[flight.id] = (ladder, levels)
-        return cached
+            products = tuple(
+                FlightProduct(
+                    origin=flight.origin,
+                    destination=flight.destination,
+                    date=flight.date,
+                    airline=flight.airline,
+                    flight=flight.flight,
+                    fare_class=c.letter,
+                )
+                for c in ladder
+            )
+            classes = {c.letter: i for i, c in enumerate(ladder)}
+            # Threads racing here build equal values; whichever lands last is kept.
+            fixed = self._fixed[flight.id] = _Fixed(
+                flight, ladder, tuple(levels), products, classes
+            )
+        return fixed
 
-    def _state(self, conn: sqlite3.Connection, flight: _Flight, now: float) -> _State:
-        ladder, levels = self._ladder(conn, flight)
-        # One query for both counts; an expired hold never counts, gone or not.
-        sold, held = conn.execute(
-            "SELECT (SELECT COUNT(*) FROM sold_seats WHERE flight_id = ?),"
-            " (SELECT COALESCE(SUM(seats), 0) FROM holds WHERE flight_id = ? AND expires_at > ?)",
-            (flight.id, flight.id, now),
-        ).fetchone()
-        remaining = max(0, flight.capacity - sold - held)
-        # The forecasts are for the flight's whole selling period and are not drawn down as
-        # seats sell: a reference model, re-optimized on the seats left at every request.
-        limits = tuple(booking_limits(remaining, levels))
-        return _State(flight, ladder, remaining, limits)
+    def _read_states(
+        self, conn: sqlite3.Connection, query: str, params: dict[str, object], now: float
+    ) -> list[_State]:
+        """The states of the flights ``query`` (one of the ``_STATE*`` queries) picks, as
+        they are at ``now``, in one statement: one consistent reading of all of them."""
+        rows = conn.execute(query, {**params, "now": now}).fetchall()
+        states = []
+        for row in rows:
+            fixed = self._fixed_of(conn, row)
+            # An expired hold never counts, gone or not.
+            remaining = max(0, fixed.flight.capacity - row["sold"] - row["held"])
+            # The forecasts are for the flight's whole selling period and are not drawn
+            # down as seats sell: a reference model, re-optimized on the seats left.
+            limits = tuple(booking_limits(remaining, fixed.levels))
+            expiry = row["next_expiry"]
+            states.append(
+                _State(fixed, remaining, limits, now, math.inf if expiry is None else expiry)
+            )
+        return states
 
-    def _product(self, flight: _Flight, fare_class: _FareClass) -> FlightProduct:
-        return FlightProduct(
-            origin=flight.origin,
-            destination=flight.destination,
-            date=flight.date,
-            airline=flight.airline,
-            flight=flight.flight,
-            fare_class=fare_class.letter,
-        )
+    def _snapshot(self, request: Request, now: float, *, first: bool) -> _Snapshot:
+        """This thread's snapshot of the inventory, started afresh when another
+        connection (another thread's, another airline instance's, another process's)
+        has committed since it was taken; the airline's own writes drop it (see
+        :meth:`_transaction`).
 
-    def _best(
-        self, conn: sqlite3.Connection, wanted: FlightWanted, date: dt.date, now: float
-    ) -> tuple[_State, int] | None:
-        """The flight on ``date`` with the cheapest class open for the passengers."""
-        best: tuple[_State, int] | None = None
-        for flight in self._flights_on(conn, wanted.origin, wanted.destination, date):
-            state = self._state(conn, flight, now)
-            i = state.lowest_open(wanted.passengers)
-            if i is not None and (
-                best is None or state.ladder[i].fare < best[0].ladder[best[1]].fare
-            ):
-                best = (state, i)
-        return best
-
-    def _alternatives(
-        self, conn: sqlite3.Connection, request: Request, now: float
-    ) -> list[tuple[FlightProduct, _FareClass, int]]:
-        """Products of the same route on the days around the wanted date, nearest first.
-
-        Capacity and advice both ask for them for one request, one stage after the other:
-        the second asking, in the same thread within a second, reuses the first answer.
+        A request is answered from one reading of the inventory: capacity (``first``)
+        always asks whether anything changed; revenue management, pricing and advice for
+        the same request, within a second, go on from what capacity saw (holds expiring
+        meanwhile still count as expired).
         """
-        memo = getattr(self._local, "alternatives", None)
-        if memo is not None and memo[0] is request and now - memo[1] < 1.0:
-            found: list[tuple[FlightProduct, _FareClass, int]] = memo[2]
-            return found
-        found = self._find_alternatives(conn, request, now)
-        self._local.alternatives = (request, now, found)
-        return found
+        snapshot: _Snapshot | None = getattr(self._local, "snapshot", None)
+        if (
+            not first
+            and not self._closed
+            and snapshot is not None
+            and snapshot.request is request
+            and 0 <= now - snapshot.asked_at < _ONE_READING
+        ):
+            return snapshot
+        # Asked before anything is read: a commit landing after this question but before
+        # a read only makes the next question start afresh again.
+        version: int = self._connection().execute("PRAGMA data_version").fetchone()[0]
+        if snapshot is None or snapshot.version != version or snapshot.full():
+            snapshot = self._local.snapshot = _Snapshot(version)
+        snapshot.request, snapshot.asked_at = request, now
+        return snapshot
 
-    def _find_alternatives(
-        self, conn: sqlite3.Connection, request: Request, now: float
-    ) -> list[tuple[FlightProduct, _FareClass, int]]:
-        wanted = request.wanted
-        assert isinstance(wanted, FlightWanted)  # noqa: S101 (callers check the kind)
+    def _window(
+        self, snapshot: _Snapshot, wanted: FlightWanted, now: float
+    ) -> list[tuple[dt.date, tuple[_State, ...]]]:
+        """The states of the flights on the wanted date and on the days around it, the
+        wanted date first and then the others nearest first (earlier before later).
+
+        When the snapshot lacks any of them, or one has outlived a hold, the whole window
+        is read again in one query."""
+        dates = _around(wanted.date)
+        route = (wanted.origin, wanted.destination)
+        window = []
+        for date in dates:
+            ids = snapshot.days.get((*route, date))
+            if ids is None:
+                break
+            states = tuple(snapshot.states[flight_id] for flight_id in ids)
+            if not all(state.holds_at(now) for state in states):
+                break
+            window.append((date, states))
+        else:
+            return window
+        read = self._read_states(
+            self._connection(),
+            _STATES_ON_ROUTE,
+            {
+                "origin": wanted.origin,
+                "destination": wanted.destination,
+                "airline": self.airline,
+                "first": min(dates).isoformat(),
+                "last": max(dates).isoformat(),
+            },
+            now,
+        )
+        on: dict[dt.date, list[_State]] = {date: [] for date in dates}
+        for state in read:
+            on[state.flight.date].append(state)
+            snapshot.states[state.flight.id] = state
+        for date, states_on in on.items():
+            snapshot.days[(*route, date)] = tuple(state.flight.id for state in states_on)
+        return [(date, tuple(on[date])) for date in dates]
+
+    def _answer(self, request: Request, wanted: FlightWanted, *, first: bool) -> _Answer:
+        """What capacity (``first``) and advice answer ``request`` with, from the
+        snapshot."""
+        now = self.clock()
+        snapshot = self._snapshot(request, now, first=first)
         constraints = request.constraints
-        found = []
-        for distance in range(1, ALTERNATIVE_DAYS + 1):
-            for sign in (-1, 1):
-                date = wanted.date + dt.timedelta(days=sign * distance)
-                if constraints.earliest_date is not None and date < constraints.earliest_date:
-                    continue
-                if constraints.latest_date is not None and date > constraints.latest_date:
-                    continue
-                best = self._best(conn, wanted, date, now)
-                if best is not None:
-                    state, i = best
-                    fare_class = state.ladder[i]
-                    found.append(
-                        (self._product(state.flight, fare_class), fare_class, state.limits[i])
-                    )
-        return found
+        key = (
+            wanted.origin,
+            wanted.destination,
+            wanted.date,
+            wanted.passengers,
+            constraints.earliest_date,
+            constraints.latest_date,
+        )
+        answer = snapshot.answers.get(key)
+        if answer is None or not answer.since <= now < answer.until:
+            answer = snapshot.answers[key] = self._work_out(snapshot, request, wanted, now)
+        return answer
+
+    def _work_out(
+        self, snapshot: _Snapshot, request: Request, wanted: FlightWanted, now: float
+    ) -> _Answer:
+        (_, flights), *around = self._window(snapshot, wanted, now)
+        constraints = request.constraints
+        alternatives: list[tuple[FlightProduct, _FareClass, int]] = []
+        for date, states in around:
+            if constraints.earliest_date is not None and date < constraints.earliest_date:
+                continue
+            if constraints.latest_date is not None and date > constraints.latest_date:
+                continue
+            best = _best(states, wanted.passengers)
+            if best is not None:
+                state, i = best
+                alternatives.append((state.fixed.products[i], state.ladder[i], state.limits[i]))
+        availability = None
+        if flights:
+            best = _best(flights, wanted.passengers)
+            if best is None:
+                state, i = flights[0], 0
+            else:
+                state, i = best
+            availability = Availability(
+                product=state.fixed.products[i],
+                available=state.limits[i],
+                reference=state.flight.id,
+                alternatives=tuple(product for product, _, _ in alternatives),
+            )
+        advice = tuple(
+            Advice(
+                code="alternative-date",
+                text=(
+                    f"{self.airline_code}{product.flight} on {product.date.isoformat()} has"
+                    f" {seats} seat{'' if seats == 1 else 's'} in class {product.fare_class}"
+                    f" at {fare_class.fare} {fare_class.currency} a passenger."
+                ),
+            )
+            for product, fare_class, seats in alternatives[:MAX_ADVICE]
+        )
+        # The answer holds as long as every state it was worked out from.
+        everything = [state for _, states in ((None, flights), *around) for state in states]
+        return _Answer(
+            availability,
+            advice,
+            since=max((state.since for state in everything), default=now),
+            until=min((state.until for state in everything), default=math.inf),
+        )
 
     def _wanted(self, request: Request) -> FlightWanted | None:
         wanted = request.wanted
@@ -638,46 +883,33 @@ class ReferenceAirline:
             return product
         return None
 
-    def _state_of(
-        self, conn: sqlite3.Connection, availability: Availability, now: float
-    ) -> tuple[_State, int] | None:
-        """The flight and class an availability of ours is about, as they are now.
-
-        Revenue management and pricing ask one after the other about the availability
-        capacity just returned: within a second, in the same thread, the state read for
-        the first answers the second (an acceptance re-checks with fresh ones)."""
-        memo = getattr(self._local, "state_of", None)
-        if memo is not None and memo[0] is availability and now - memo[1] < 1.0:
-            found: tuple[_State, int] | None = memo[2]
-            return found
-        found = self._read_state_of(conn, availability, now)
-        self._local.state_of = (availability, now, found)
-        return found
-
     def _offered(
         self, request: Request, availability: Availability
     ) -> tuple[FlightWanted, _State, int] | None:
         """What revenue management and pricing work from: the seats wanted, and the
-        flight's state and class of an availability of ours (None when not ours)."""
+        flight's state as it is now and the class of an availability of ours (None when
+        not ours)."""
         wanted = self._wanted(request)
         if wanted is None:
             return None
-        with self._transaction(write=False) as conn:
-            found = self._state_of(conn, availability, self.clock())
-        return None if found is None else (wanted, *found)
-
-    def _read_state_of(
-        self, conn: sqlite3.Connection, availability: Availability, now: float
-    ) -> tuple[_State, int] | None:
         product = self._ours(availability.product)
-        if product is None or availability.reference is None:
+        reference = availability.reference
+        if product is None or reference is None:
             return None
-        flight = self._flight(conn, availability.reference)
-        if flight is None or self._flight_of(conn, product) != flight:
+        now = self.clock()
+        snapshot = self._snapshot(request, now, first=False)
+        state = snapshot.states.get(reference)
+        if state is None or not state.holds_at(now):
+            read = self._read_states(self._connection(), _STATE_BY_ID, {"id": reference}, now)
+            if not read:
+                return None
+            state = snapshot.states[reference] = read[0]
+        flight = state.flight
+        named = (product.airline, product.flight, product.date, product.origin, product.destination)
+        if named != (flight.airline, flight.flight, flight.date, flight.origin, flight.destination):
             return None
-        state = self._state(conn, flight, now)
-        i = state.index(product.fare_class)
-        return None if i is None else (state, i)
+        i = state.fixed.classes.get(product.fare_class)
+        return None if i is None else (wanted, state, i)
 
     # -- the pipeline ----------------------------------------------------------------------
 
@@ -725,29 +957,7 @@ class ReferenceAirline:
         wanted = self._wanted(request)
         if wanted is None:
             return None
-        now = self.clock()
-        with self._transaction(write=False) as conn:
-            flights = self._flights_on(conn, wanted.origin, wanted.destination, wanted.date)
-            if not flights:
-                return None
-            best = self._best(conn, wanted, wanted.date, now)
-            if best is None:
-                state = self._state(conn, flights[0], now)
-                i, available = 0, state.limits[0]
-            else:
-                state, i = best
-                available = state.limits[i]
-            alternatives = self._alternatives(conn, request, now)
-        availability = Availability(
-            product=self._product(state.flight, state.ladder[i]),
-            available=available,
-            reference=state.flight.id,
-            alternatives=tuple(product for product, _, _ in alternatives),
-        )
-        # Revenue management and pricing come next with this very availability: they
-        # start from the state just read (see _state_of).
-        self._local.state_of = (availability, now, (state, i))
-        return availability
+        return self._answer(request, wanted, first=True).availability
 
     @hookimpl
     def cmi_revenue_decision(
@@ -778,29 +988,12 @@ class ReferenceAirline:
                     f" {fare_class.letter}, not {passengers}"
                 ),
             )
-        fares = [c.fare for c in state.ladder]
-        means = [c.mean for c in state.ladder]
-        sds = [c.sd for c in state.ladder]
-        # The seats go one by one, each with fewer left; the top class, having no class
-        # above it, is weighed against its own later demand.
-        # Each seat's value is a float; its last bits are noise (3971.0000000000005 for
-        # 3971), which rounding up to the cent would turn into a floor above the fare.
-        value = sum(
-            (
-                Decimal(marginal_seat_revenue(fares, means, sds, seats, nest=max(i, 1))).quantize(
-                    _FLOAT_NOISE
-                )
-                for seats in range(state.remaining, state.remaining - passengers, -1)
-            ),
-            start=Decimal(0),
-        )
-        floor = value.quantize(_quantum(fare_class.currency), rounding=ROUND_CEILING)
-        if floor > fare_class.fare * passengers:
-            return RevenueDecision(
-                accept=False,
-                reason=f"class {fare_class.letter} seats are worth more kept for dearer fares",
-            )
-        return RevenueDecision(accept=True, floor=Money(amount=floor, currency=fare_class.currency))
+        # The decision depends on nothing but the state, the class and the passengers, so
+        # it is worked out once a state (per thread, as the state is).
+        decision = state.decisions.get((i, passengers))
+        if decision is None:
+            decision = state.decisions[i, passengers] = _decide(state, i, passengers)
+        return decision
 
     @hookimpl
     def cmi_price(
@@ -814,21 +1007,30 @@ class ReferenceAirline:
         if offered is None:
             return None
         wanted, state, i = offered
-        fare_class = state.ladder[i]
-        flight = state.flight
-        passengers = Decimal(wanted.passengers)
-        unit = Money(amount=fare_class.fare, currency=fare_class.currency)
+        # A quote depends on nothing but the flight, the class and the passengers, none of
+        # which ever changes: built once, shared by every thread (and immutable).
+        quote = state.fixed.quotes.get((i, wanted.passengers))
+        if quote is None:
+            quote = state.fixed.quotes[i, wanted.passengers] = self._quote(
+                state.fixed, i, wanted.passengers
+            )
+        return quote
+
+    def _quote(self, fixed: _Fixed, i: int, passengers: int) -> Quote:
+        fare_class = fixed.ladder[i]
+        flight = fixed.flight
+        quantity = Decimal(passengers)
         item = LineItem(
             description=(
                 f"{flight.origin}-{flight.destination} {self.airline_code}{flight.flight}"
                 f" class {fare_class.letter}"
             ),
-            quantity=passengers,
-            unit_price=unit,
-            amount=Money(amount=fare_class.fare * passengers, currency=fare_class.currency),
+            quantity=quantity,
+            unit_price=Money(amount=fare_class.fare, currency=fare_class.currency),
+            amount=Money(amount=fare_class.fare * quantity, currency=fare_class.currency),
             sku=f"{flight.id}.{fare_class.letter}",
         )
-        return Quote(items=(item,), product=self._product(flight, fare_class))
+        return Quote(items=(item,), product=fixed.products[i])
 
     @hookimpl
     def cmi_rewards(self, quote: Quote, claims: list[ClaimCheck]) -> list[Reward] | None:
@@ -865,21 +1067,7 @@ class ReferenceAirline:
         wanted = self._wanted(request)
         if wanted is None:
             return None
-        now = self.clock()
-        with self._transaction(write=False) as conn:
-            alternatives = self._alternatives(conn, request, now)
-        advice = [
-            Advice(
-                code="alternative-date",
-                text=(
-                    f"{self.airline_code}{product.flight} on {product.date.isoformat()} has"
-                    f" {seats} seat{'' if seats == 1 else 's'} in class {product.fare_class}"
-                    f" at {fare_class.fare} {fare_class.currency} a passenger."
-                ),
-            )
-            for product, fare_class, seats in alternatives[:MAX_ADVICE]
-        ]
-        return advice or None
+        return list(self._answer(request, wanted, first=False).advice) or None
 
     @hookimpl
     def cmi_offer_validity(self, offer: Offer) -> dt.timedelta | None:
@@ -914,13 +1102,27 @@ class ReferenceAirline:
                 return Hold(
                     id=row["id"], expires_at=dt.datetime.fromtimestamp(row["expires_at"], dt.UTC)
                 )
-            flight = self._flight_of(conn, product)
-            if flight is None:
+            # Read afresh inside the write transaction, never from a snapshot: this is
+            # what keeps the last seat from being held twice.
+            read = self._read_states(
+                conn,
+                _STATE_OF_PRODUCT,
+                {
+                    "airline": product.airline,
+                    "flight": product.flight,
+                    "date": product.date.isoformat(),
+                    "origin": product.origin,
+                    "destination": product.destination,
+                },
+                now,
+            )
+            if not read:
                 raise AirlineError(
                     f"{product.airline} has no flight {product.flight} on {product.date}"
                 )
-            state = self._state(conn, flight, now)
-            i = state.index(product.fare_class)
+            state = read[0]
+            flight = state.flight
+            i = state.fixed.classes.get(product.fare_class)
             if i is None:
                 raise AirlineError(f"flight {flight.id} has no class {product.fare_class}")
             if state.limits[i] < seats:
