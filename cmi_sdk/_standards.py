@@ -62,6 +62,15 @@ class DocumentType(Generic[M]):
     :param digest: the mapping for many models at once, when the type has a digest form (an
         OFX statement of many lines): rendered with the same template, validated by the
         same XSD. Digest terms then get one document a window instead of one a model.
+    :param render: a hand-written renderer, for a document type rendered on a latency path
+        (an answer to a request is rendered once per request, and a jinja2 template costs
+        several times what the rest of the answer does). When it is set, :func:`render_text`
+        calls it instead of the template; what follows rendering still applies (characters
+        XML cannot carry are refused, naming the field; a bare CR is kept as ``&#13;``).
+        It must return exactly the text the template renders from ``to_context(model)``,
+        byte for byte, for every valid model: the template stays the reference that
+        documents the output (digests and ``render_context`` still use it), and the
+        plugin's tests must prove the two identical.
     """
 
     name: str
@@ -75,6 +84,7 @@ class DocumentType(Generic[M]):
     fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     kept: tuple[str, ...] = ()
     digest: Callable[[Sequence[M]], dict[str, Any]] | None = None
+    render: Callable[[M], str] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -354,12 +364,16 @@ class StandardRegistry:
 
 
 def render_text(standard: Standard, doc_type: DocumentType[M], model: M) -> str:
-    """Render ``model`` with ``doc_type``'s template; refuse text XML cannot carry."""
+    """Render ``model`` with ``doc_type``'s renderer, or its template when it has none;
+    refuse text XML cannot carry."""
     if not isinstance(model, doc_type.model):
         raise MappingError(
             f"{standard.name} {doc_type.name} documents are made from a "
             f"{doc_type.model.__name__}, not a {type(model).__name__}"
         )
+    if doc_type.render is not None:
+        # The mapping is only needed to name the field of a character XML cannot carry.
+        return _checked(doc_type.render(model), lambda: doc_type.to_context(model))
     return render_context(standard, doc_type, doc_type.to_context(model))
 
 
@@ -374,16 +388,28 @@ def render_digest(standard: Standard, doc_type: DocumentType[M], models: Sequenc
 
 
 def render_context(standard: Standard, doc_type: DocumentType[Any], context: dict[str, Any]) -> str:
-    """Render a template context of ``doc_type``; refuse text XML cannot carry."""
+    """Render a template context of ``doc_type`` with its template (never its ``render``);
+    refuse text XML cannot carry."""
+    return _checked(_render_template(standard, doc_type, context), lambda: context)
+
+
+def _render_template(
+    standard: Standard, doc_type: DocumentType[Any], context: dict[str, Any]
+) -> str:
     template = standard.template(doc_type)
     # A shared context uses the mapping as it is instead of copying it under the globals:
     # a third of jinja2's cost for a document this size.
-    text = "".join(template.root_render_func(template.new_context(context, shared=True)))
+    return "".join(template.root_render_func(template.new_context(context, shared=True)))
+
+
+def _checked(text: str, context: Callable[[], Mapping[str, Any]]) -> str:
+    """``text`` as a document may carry it: refuse characters XML 1.0 cannot carry, naming
+    the field of ``context`` (built only then) that holds one; keep a bare CR."""
     bad = find_xml_illegal(text)
     if bad is not None:
         char = bad.group()
         holder = next(
-            (key for key, value in _flatten(context) if isinstance(value, str) and char in value),
+            (key for key, value in _flatten(context()) if isinstance(value, str) and char in value),
             None,
         )
         where = f" in {holder}" if holder else ""

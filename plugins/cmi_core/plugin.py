@@ -5,6 +5,8 @@ document can always be read back into the model it came from: ``transaction`` (t
 for a transaction of any kind), ``request``, ``offer``, ``offers`` (the answer to a
 request), ``acceptance`` and ``consent`` (the consent record of sharing terms). The XSDs live in
 the project's top-level ``schemas/`` folder, shipped as the package ``cmi_core.schemas``.
+``offer`` and ``offers``, rendered on the request-to-offer path, also have hand-written
+renderers (``cmi_core._render``) that write exactly what their templates do.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from lxml import etree
 
+from cmi_core._render import render_offer, render_offers
 from cmi_sdk import (
     Acceptance,
     BankStatementLineDetails,
@@ -498,6 +501,7 @@ OFFER = _document_type(
     offer_context,
     offer_from_xml,
     "A firm's priced quote answering a request, valid for a window of time.",
+    render=render_offer,
 )
 ACCEPTANCE = _document_type(
     "acceptance",
@@ -512,6 +516,8 @@ OFFERS = _document_type(
     offers_context,
     offers_from_xml,
     "A firm's answer to a request: its offers, or none and why; signed as a whole.",
+    # rendered once per request on the request-to-offer path: see _render
+    render=render_offers,
 )
 CONSENT = _document_type(
     "consent",
