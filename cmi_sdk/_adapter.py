@@ -26,7 +26,7 @@ from cmi_sdk._exceptions import (
     ValidationIssue,
 )
 from cmi_sdk._models import Acceptance, Request, Transaction
-from cmi_sdk._offers import AcceptanceResult, Answer, OfferPipeline
+from cmi_sdk._offers import AcceptanceResult, Answer, OfferPipeline, Prepared
 from cmi_sdk._standards import (
     DocumentType,
     Standard,
@@ -335,12 +335,11 @@ class Adapter:
         """
         return self._offers.answer(request, intermediary=intermediary)
 
-    async def answer_request_async(
-        self, prepare: Callable[[], tuple[Request, str | None]]
-    ) -> Answer:
+    async def answer_request_async(self, prepare: Callable[[], Prepared]) -> Answer:
         """:meth:`answer_request` for an event loop (the endpoint's): ``prepare``, which
-        returns the request and the intermediary, runs on the pipeline's worker thread
-        before it, so a request costs the loop one hand-off."""
+        returns the request, the intermediary and the signed message it came in, runs on
+        the pipeline's worker thread before it, so a request costs the loop one hand-off;
+        the message id is remembered (replay cache) in the commit that stores the offers."""
         return await self._offers.answer_async(prepare)
 
     def accept_offer(

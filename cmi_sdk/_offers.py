@@ -40,6 +40,7 @@ from cmi_sdk._exceptions import (
     CMIError,
     OfferExpiredError,
     OfferNotFoundError,
+    ReplayedMessageError,
     RequestRefusedError,
 )
 from cmi_sdk._models import (
@@ -55,7 +56,7 @@ from cmi_sdk._models import (
     Transaction,
 )
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
-from cmi_sdk.outbox import OutboxStore, StoredOffer
+from cmi_sdk.outbox import OutboxStore, SeenMessage, StoredOffer
 
 if TYPE_CHECKING:
     from cmi_sdk._emit import Emission
@@ -65,6 +66,7 @@ __all__ = [
     "AcceptanceResult",
     "Answer",
     "OfferPipeline",
+    "Prepared",
 ]
 
 log = logging.getLogger("cmi_sdk.offers")
@@ -81,6 +83,11 @@ DEFAULT_STAGE_SHARES: dict[str, float] = {
     "offer": 0.05,
 }
 """Each stage's share of the request's time budget, in pipeline order (they sum to 1)."""
+
+
+Prepared = tuple[Request, str | None, SeenMessage | None]
+"""A request as the endpoint read it: the request, the intermediary that passed it on, and
+the signed message it came in (for the replay cache)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +143,8 @@ class _Run:
     deadline: float = 0.0
     abandoned: bool = False
     request_id: str = "(not yet read)"
+    message: SeenMessage | None = None
+    """The signed message the request came in, remembered with what answering stores."""
 
 
 @dataclass
@@ -223,17 +232,21 @@ class OfferPipeline:
             except concurrent.futures.TimeoutError:
                 self._check_deadline(run, request.id)
 
-    async def answer_async(self, prepare: Callable[[], tuple[Request, str | None]]) -> Answer:
+    async def answer_async(self, prepare: Callable[[], Prepared]) -> Answer:
         """:meth:`answer` for an event loop, with the request's preparation (the endpoint's
         authentication and parsing) on the same worker thread: one hand-off a request.
 
-        :param prepare: returns the request and the intermediary; runs on the worker.
+        :param prepare: returns the request, the intermediary and the signed message it
+            came in (remembered for the replay cache in the transaction that stores the
+            offers: one commit a request); runs on the worker.
+        :raises ReplayedMessageError: the message was remembered meanwhile (a replay
+            racing the original); nothing is stored.
         """
         run = _Run(start=time.monotonic(), budget=self.max_budget)
         run.deadline = run.start + self.max_budget  # until the request is known
 
         def job() -> Answer:
-            request, intermediary = prepare()
+            request, intermediary, run.message = prepare()
             run.budget = self._budget(request)
             run.start = time.monotonic()
             run.request_id = request.id
@@ -447,7 +460,8 @@ class OfferPipeline:
         # Kept with the signed answer it went out in; GET /cmi/offers/{id} signs the offer
         # alone when asked, so answering costs one signature.
         self._store().add_offers(
-            [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
+            [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)],
+            message=run.message,
         )
         return Answer(answer, xml)
 
@@ -496,7 +510,13 @@ class OfferPipeline:
             answered_at=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
             declined=reason[:256],
         )
-        return Answer(answer, self._render_signed(answer, "offers"))
+        xml = self._render_signed(answer, "offers")
+        message = run.message
+        if message is not None and not self._store().remember_message(
+            message.party, message.msg_id, expires_at=message.expires_at, now=message.now
+        ):
+            raise ReplayedMessageError(f"message id {message.msg_id} was already used")
+        return Answer(answer, xml)
 
     # -- acceptance -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 from xml.sax.saxutils import escape
 
 from cryptography.hazmat.primitives import serialization
@@ -61,10 +61,11 @@ from cmi_sdk._exceptions import (
 )
 from cmi_sdk._models import Acceptance, Offer, load_model
 from cmi_sdk._models import Request as CustomerRequest
-from cmi_sdk._offers import Answer
+from cmi_sdk._offers import Answer, Prepared
 from cmi_sdk._terms import SharingTerms, TermsDecision, TermsProposal
 from cmi_sdk._version import __version__
 from cmi_sdk.client import signing_payload
+from cmi_sdk.outbox import SeenMessage
 from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier, public_key_for
 
 __all__ = ["PROBLEM_TYPES", "create_app"]
@@ -211,6 +212,8 @@ class Principal:
     terms: SharingTerms | None = None
     party: str = ""
     msg_id: str = ""
+    message: SeenMessage | None = None
+    """The message for the replay cache, when it is to be remembered later (requests)."""
 
     def may_see(self, terms: SharingTerms) -> bool:
         """Whether the principal may read or revoke ``terms``."""
@@ -328,7 +331,10 @@ class _Endpoint:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def authenticate(self, request: Request, body: bytes) -> Principal:
+    def authenticate(self, request: Request, body: bytes, *, remember: bool = True) -> Principal:
+        """Who signed the request; its message id is remembered at once (replay cache) or,
+        with ``remember=False``, only checked, and left for the caller to remember with
+        what the request stores (see ``Principal.message``)."""
         headers = request.headers
         name = headers.get("cmi-intermediary")
         terms_id = headers.get("cmi-terms")
@@ -363,6 +369,11 @@ class _Endpoint:
                 raise
             msg_id = fresh.verify(headers, payload, now=now)
         expires = now + 2 * self.tolerance
+        message = SeenMessage(party, msg_id, expires, now)
+        if not remember:
+            if store.message_seen(party, msg_id):
+                raise ReplayedMessageError(f"message id {msg_id} was already used")
+            return replace(principal, party=party, msg_id=msg_id, message=message)
         if not store.remember_message(party, msg_id, expires_at=expires, now=now):
             raise ReplayedMessageError(f"message id {msg_id} was already used")
         return replace(principal, party=party, msg_id=msg_id)
@@ -511,22 +522,29 @@ class _Endpoint:
         return principal.intermediary
 
     async def post_request(self, request: Request) -> Response:
-        """Authenticate, parse and answer on the pipeline's worker thread: one hand-off."""
+        """Authenticate, parse and answer on the pipeline's worker thread: one hand-off.
+
+        The message id is remembered (replay cache) in the commit that stores the answer's
+        offers, so a request is answered with one write; a request refused before that
+        leaves nothing behind, and one refused after it forgets its id."""
         principal: Principal | None = None
+        answered = False
         try:
             body = await self.read_body(request)
 
             answer_in: list[str] = []
 
-            def prepare() -> tuple[Any, str | None]:
+            def prepare() -> Prepared:
                 nonlocal principal
-                principal = self.authenticate(request, body)
+                principal = self.authenticate(request, body, remember=False)
                 name = self._intermediary(principal)
                 doc = self._xml_document(request, body, CustomerRequest)
                 answer_in.append(self._answer_standard(request, doc.standard.name))
-                return doc.to_model(), name
+                # _xml_document checked that the document's model is a request.
+                return cast("CustomerRequest", doc.to_model()), name, principal.message
 
             answer = await self.adapter.answer_request_async(prepare)
+            answered = True
             if answer_in[0] == "cmi":
                 return Response(answer.xml, media_type="application/xml")
             return await run_in_threadpool(self._answer_as, answer, answer_in[0])
@@ -535,7 +553,9 @@ class _Endpoint:
         except Exception:
             log.exception("the CMI endpoint failed on POST %s", request.url.path)
             problem = ProblemError("internal", "internal error")
-        if principal is not None:
+        if answered and principal is not None:
+            # Only an id this request remembered: a replay refused at the commit must not
+            # forget the original's.
             await run_in_threadpool(
                 self.adapter.store.forget_message, principal.party, principal.msg_id
             )

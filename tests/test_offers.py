@@ -4,10 +4,12 @@ idempotent acceptance."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import sqlite3
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from cmi_sdk import (
     OfferExpiredError,
     OfferNotFoundError,
     Quote,
+    ReplayedMessageError,
     Request,
     RequestRefusedError,
     RevenueDecision,
@@ -38,6 +41,8 @@ from cmi_sdk import (
     hookimpl,
     load_model,
 )
+from cmi_sdk._offers import Prepared
+from cmi_sdk.outbox import SeenMessage
 from cmi_sdk.signing import verify_document
 from tests.support import make_adapter, register, signer
 
@@ -491,3 +496,45 @@ def test_concurrent_acceptances_of_the_last_seat_book_once(adapter: Adapter, sho
         thread.join(30)
     assert outcomes.count("booked") == 1
     assert len(shop.booked) == 1
+
+
+def _asked(request: Request, message: SeenMessage) -> Callable[[], Prepared]:
+    return lambda: (request, "relay", message)
+
+
+def test_a_requests_message_id_is_kept_in_the_commit_of_its_offers(
+    adapter: Adapter, tmp_path: Path
+) -> None:
+    now = time.time()
+    seen = SeenMessage("intermediary:relay", "msg_1", now + 600, now)
+    answer = asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+    (offer,) = answer.offers.offers
+    assert adapter.store.message_seen("intermediary:relay", "msg_1")
+    assert adapter.get_offer(offer.id).intermediary == "relay"
+    # A replay that raced past the endpoint's check: refused at the commit, nothing kept.
+    with sqlite3.connect(tmp_path / "cmi.db") as conn:
+        before = conn.execute("SELECT COUNT(*) FROM cmi_offers").fetchone()[0]
+    with pytest.raises(ReplayedMessageError):
+        asyncio.run(adapter.answer_request_async(_asked(flight_request(id="req-2"), seen)))
+    with sqlite3.connect(tmp_path / "cmi.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cmi_offers").fetchone()[0] == before
+
+
+def test_a_declined_answer_remembers_its_message_id_too(adapter: Adapter, shop: Shop) -> None:
+    shop.seats = 0  # sold out: an answer without offers
+    now = time.time()
+    seen = SeenMessage("intermediary:relay", "msg_declined", now + 600, now)
+    answer = asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+    assert answer.offers.declined == "sold out"
+    assert adapter.store.message_seen("intermediary:relay", "msg_declined")
+    with pytest.raises(ReplayedMessageError):
+        asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+
+
+def test_a_refused_request_remembers_nothing(adapter: Adapter) -> None:
+    now = time.time()
+    seen = SeenMessage("intermediary:relay", "msg_refused", now + 600, now)
+    request = flight_request(wanted={"origin": "JFK", "destination": "CDG", "date": "2026-12-01"})
+    with pytest.raises(RequestRefusedError):
+        asyncio.run(adapter.answer_request_async(_asked(request, seen)))
+    assert not adapter.store.message_seen("intermediary:relay", "msg_refused")

@@ -35,6 +35,7 @@ from cmi_sdk import (
     Offer,
     OfferNotFoundError,
     OutboxRowNotFoundError,
+    ReplayedMessageError,
     Request,
     RetrySchedule,
     StoreError,
@@ -42,7 +43,7 @@ from cmi_sdk import (
     TermsNotFoundError,
     load_model,
 )
-from cmi_sdk.outbox import AttemptResult, NewRow, OutboxStore, StoredOffer
+from cmi_sdk.outbox import AttemptResult, NewRow, OutboxStore, SeenMessage, StoredOffer
 from cmi_sdk.outbox.postgres import (
     SCHEMA_VERSION,
     DocumentRow,
@@ -907,6 +908,29 @@ def test_offers_round_trip(store: PostgresStore) -> None:
         store.get_offer("off-nope")
     with pytest.raises(StoreError, match="23505"):
         store.add_offers([stored])
+
+
+def test_offers_are_kept_with_the_message_that_asked_for_them(store: PostgresStore) -> None:
+    stored = _stored_offer()
+    seen = SeenMessage("intermediary:acme", "msg-1", NOW + 600, NOW)
+    assert store.message_seen("intermediary:acme", "msg-1") is False
+    store.add_offers([stored], message=seen)
+    assert store.message_seen("intermediary:acme", "msg-1") is True
+    assert store.get_offer(stored.offer.id) == stored
+    # The same message again (a replay racing the original): nothing is kept.
+    again = StoredOffer(
+        offer=stored.offer.model_copy(update={"id": "off-again"}),
+        request=stored.request,
+        xml=stored.xml,
+        intermediary="acme",
+    )
+    with pytest.raises(ReplayedMessageError):
+        store.add_offers([again], message=seen)
+    with pytest.raises(OfferNotFoundError):
+        store.get_offer("off-again")
+    # An answer without offers remembers its message all the same.
+    store.add_offers([], message=SeenMessage("intermediary:acme", "msg-2", NOW + 600, NOW))
+    assert store.message_seen("intermediary:acme", "msg-2") is True
 
 
 def test_an_acceptance_id_is_claimed_once_across_processes(

@@ -41,6 +41,7 @@ __all__ = [
     "OutboxRow",
     "OutboxStatus",
     "OutboxStore",
+    "SeenMessage",
     "State",
     "StoredOffer",
 ]
@@ -201,6 +202,21 @@ class StoredOffer:
 
 
 @dataclass(frozen=True, slots=True)
+class SeenMessage:
+    """A signed message's id for the replay cache, remembered in the transaction that
+    stores what the message asked for (see :meth:`OutboxStore.add_offers`)."""
+
+    party: str
+    """Who signed it (``intermediary:NAME`` or ``terms:ID``)."""
+    msg_id: str
+    """Its ``webhook-id``."""
+    expires_at: float
+    """When the id may be forgotten (POSIX seconds): beyond the timestamp window."""
+    now: float
+    """The time it was received."""
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionParams:
     """A batch of attempt results as the parameter rows both stores' SQL takes: the
     attempt history, and the delivered, retry and dead updates."""
@@ -356,13 +372,23 @@ class OutboxStore(Protocol):
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when it was already seen."""
 
+    def message_seen(self, party: str, msg_id: str) -> bool:
+        """Whether a message id from ``party`` is remembered (a read: nothing changes)."""
+
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id whose request was refused (a refused request stores nothing)."""
 
     # -- offers and acceptances -----------------------------------------------------------
 
-    def add_offers(self, offers: Sequence[StoredOffer]) -> None:
-        """Keep offers with their requests and signed documents."""
+    def add_offers(
+        self, offers: Sequence[StoredOffer], *, message: SeenMessage | None = None
+    ) -> None:
+        """Keep offers with their requests and signed documents; with ``message``, also
+        remember the id of the message that asked for them (as :meth:`remember_message`
+        does), in the same transaction.
+
+        :raises ReplayedMessageError: ``message`` was already seen; nothing is stored.
+        """
 
     def get_offer(self, offer_id: str) -> StoredOffer:
         """The offer with that id; raises OfferNotFoundError."""

@@ -47,6 +47,7 @@ from cmi_sdk._exceptions import (
     ConfigurationError,
     OfferNotFoundError,
     OutboxRowNotFoundError,
+    ReplayedMessageError,
     StoreError,
     TermsError,
     TermsNotFoundError,
@@ -61,6 +62,7 @@ from cmi_sdk.outbox import (
     NewRow,
     OutboxRow,
     OutboxStatus,
+    SeenMessage,
     State,
     StoredOffer,
 )
@@ -1361,23 +1363,35 @@ class PostgresStore:
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when already seen (and not
         yet expired). Committed without waiting for the disk, like the SQLite store's."""
-        purge = now - self._purged >= 1.0
-        if purge:
-            self._purged = now
+        message = SeenMessage(party, msg_id, expires_at, now)
+        return self._run(
+            "remembering a message id",
+            lambda cur: self._remember(cur, message),
+            write=True,
+            durable=False,
+        )
+
+    def _remember(self, cur: _Cursor, message: SeenMessage) -> bool:
+        # Expired ids are purged at most once a second (per process), through their index:
+        # a purge per request would cost more as traffic grows.
+        if message.now - self._purged >= 1.0:
+            self._purged = message.now
+            cur.execute(self._sql("DELETE FROM {s}.seen WHERE expires_at < %s"), (message.now,))
         statement = self._sql(
             "INSERT INTO {s}.seen AS s (party, msg_id, expires_at) VALUES (%s, %s, %s)"
             " ON CONFLICT (party, msg_id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
             " WHERE s.expires_at < %s"
         )
+        params = (message.party, message.msg_id, message.expires_at, message.now)
+        return cur.execute(statement, params).rowcount == 1
 
-        def body(cur: _Cursor) -> bool:
-            # Expired ids are purged at most once a second (per process), through their
-            # index: a purge per request would cost more as traffic grows.
-            if purge:
-                cur.execute(self._sql("DELETE FROM {s}.seen WHERE expires_at < %s"), (now,))
-            return cur.execute(statement, (party, msg_id, expires_at, now)).rowcount == 1
-
-        return self._run("remembering a message id", body, write=True, durable=False)
+    def message_seen(self, party: str, msg_id: str) -> bool:
+        """Whether a message id from ``party`` is remembered."""
+        statement = self._sql("SELECT 1 FROM {s}.seen WHERE party = %s AND msg_id = %s")
+        return self._run(
+            "reading a message id",
+            lambda cur: cur.execute(statement, (party, msg_id)).fetchone() is not None,
+        )
 
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id: the request it came with was refused, and stores nothing."""
@@ -1391,11 +1405,14 @@ class PostgresStore:
 
     # -- offers and acceptances -----------------------------------------------------------
 
-    def add_offers(self, offers: Sequence[StoredOffer]) -> None:
+    def add_offers(
+        self, offers: Sequence[StoredOffer], *, message: SeenMessage | None = None
+    ) -> None:
         """Keep offers, with the requests they answer and their signed documents (committed
-        without waiting for the disk: a lost offer is a quote asked for again)."""
-        if not offers:
-            return
+        without waiting for the disk: a lost offer is a quote asked for again); with
+        ``message``, remember it in the same transaction.
+
+        :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
         params = [
             (
                 o.offer.id,
@@ -1415,12 +1432,15 @@ class PostgresStore:
             " request, xml, valid_until, created_at)"
             " VALUES (%s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s)"
         )
-        self._run(
-            "writing offers",
-            lambda cur: cur.executemany(statement, params),
-            write=True,
-            durable=False,
-        )
+
+        def body(cur: _Cursor) -> None:
+            if message is not None and not self._remember(cur, message):
+                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
+            if params:
+                cur.executemany(statement, params)
+
+        if params or message is not None:
+            self._run("writing offers", body, write=True, durable=False)
 
     def get_offer(self, offer_id: str) -> StoredOffer:
         """The offer with that id; raises OfferNotFoundError."""

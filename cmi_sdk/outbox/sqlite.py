@@ -22,6 +22,7 @@ from cmi_sdk._exceptions import (
     ConfigurationError,
     OfferNotFoundError,
     OutboxRowNotFoundError,
+    ReplayedMessageError,
     StoreError,
     TermsError,
     TermsNotFoundError,
@@ -36,6 +37,7 @@ from cmi_sdk.outbox import (
     NewRow,
     OutboxRow,
     OutboxStatus,
+    SeenMessage,
     State,
     StoredOffer,
 )
@@ -743,16 +745,25 @@ class SQLiteStore:
         Committed without waiting for the disk (the ids live minutes; a power cut's loss
         reopens at most the last few, inside their timestamp window)."""
         with self._write(durable=False) as conn:
-            # Expired ids are purged at most once a second, through their index: a purge
-            # per request would cost more as traffic grows.
-            if now - self._purged >= 1.0:
-                conn.execute("DELETE FROM cmi_seen WHERE expires_at < ?", (now,))
-                self._purged = now
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)",
-                (party, msg_id, expires_at),
-            ).rowcount
+            return self._remember(conn, SeenMessage(party, msg_id, expires_at, now))
+
+    def _remember(self, conn: sqlite3.Connection, message: SeenMessage) -> bool:
+        # Expired ids are purged at most once a second, through their index: a purge per
+        # request would cost more as traffic grows.
+        if message.now - self._purged >= 1.0:
+            conn.execute("DELETE FROM cmi_seen WHERE expires_at < ?", (message.now,))
+            self._purged = message.now
+        inserted: int = conn.execute(
+            "INSERT OR IGNORE INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)",
+            (message.party, message.msg_id, message.expires_at),
+        ).rowcount
         return inserted == 1
+
+    def message_seen(self, party: str, msg_id: str) -> bool:
+        """Whether a message id from ``party`` is remembered."""
+        return bool(
+            self._read("SELECT 1 FROM cmi_seen WHERE party = ? AND msg_id = ?", (party, msg_id))
+        )
 
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id: the request it came with was refused, and stores nothing."""
@@ -761,29 +772,37 @@ class SQLiteStore:
 
     # -- offers and acceptances -----------------------------------------------------------
 
-    def add_offers(self, offers: Sequence[StoredOffer]) -> None:
-        """Keep offers, with the requests they answer and their signed documents.
+    def add_offers(
+        self, offers: Sequence[StoredOffer], *, message: SeenMessage | None = None
+    ) -> None:
+        """Keep offers, with the requests they answer and their signed documents; with
+        ``message``, remember it in the same transaction (one commit a request).
 
         Committed without waiting for the disk: an offer lost in a power cut is a quote the
-        customer asks for again, never a booking or a document."""
+        customer asks for again, never a booking or a document.
+
+        :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
+        rows = [
+            (
+                o.offer.id,
+                o.offer.request_id,
+                o.offer.customer_ref,
+                o.intermediary,
+                o.offer.model_dump_json(),
+                o.request.model_dump_json(),
+                o.xml,
+                o.offer.valid_until.timestamp(),
+                o.offer.created_at.timestamp(),
+            )
+            for o in offers
+        ]
         with self._write(durable=False) as conn:
+            if message is not None and not self._remember(conn, message):
+                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
             conn.executemany(
                 "INSERT INTO cmi_offers (id, request_id, customer_ref, intermediary, offer,"
                 " request, xml, valid_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        o.offer.id,
-                        o.offer.request_id,
-                        o.offer.customer_ref,
-                        o.intermediary,
-                        o.offer.model_dump_json(),
-                        o.request.model_dump_json(),
-                        o.xml,
-                        o.offer.valid_until.timestamp(),
-                        o.offer.created_at.timestamp(),
-                    )
-                    for o in offers
-                ],
+                rows,
             )
 
     def get_offer(self, offer_id: str) -> StoredOffer:
