@@ -242,14 +242,15 @@ def create_app(
         it tells volumes to whoever can reach it; expose it to the firm's monitoring only).
     """
     endpoint = _Endpoint(adapter, max_body_bytes, tolerance, page_size)
+    # Starlette tries routes in order: the busiest goes first (no two paths overlap).
     routes = [
+        Route("/cmi/requests", endpoint.post_request, methods=["POST"]),
         Route("/.well-known/cmi", endpoint.well_known, methods=["GET"]),
         Route("/cmi/terms", endpoint.guarded(endpoint.post_terms), methods=["POST"]),
         Route("/cmi/terms", endpoint.guarded(endpoint.list_terms), methods=["GET"]),
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.get_terms), methods=["GET"]),
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.delete_terms), methods=["DELETE"]),
         Route("/cmi/documents", endpoint.guarded(endpoint.documents), methods=["GET"]),
-        Route("/cmi/requests", endpoint.post_request, methods=["POST"]),
         Route("/cmi/offers/{offer_id}", endpoint.guarded(endpoint.get_offer), methods=["GET"]),
         Route(
             "/cmi/offers/{offer_id}/acceptance",

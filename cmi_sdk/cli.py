@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cmi_sdk import __version__
 from cmi_sdk._adapter import Adapter
@@ -35,7 +35,10 @@ from cmi_sdk._models import load_model
 from cmi_sdk._standards import DocumentType
 from cmi_sdk._xml import DEFAULT_MAX_BYTES
 
-__all__ = ["EXIT_INTERNAL", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "main"]
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+__all__ = ["EXIT_INTERNAL", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "main", "serve_app"]
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -186,6 +189,10 @@ def _settings() -> Any:
 
 def _emitting_adapter(args: argparse.Namespace, *, require_signer: bool = True) -> Adapter:
     """The adapter of the configured store and keys; refuses to produce unsigned documents."""
+    return _configured_adapter(args.block, require_signer=require_signer)
+
+
+def _configured_adapter(block: list[str], *, require_signer: bool) -> Adapter:
     settings = _settings()
     how = (
         "run `cmi keys generate keys` and set CMI_SIGNING_KEY=keys/key.pem and"
@@ -199,7 +206,7 @@ def _emitting_adapter(args: argparse.Namespace, *, require_signer: bool = True) 
         signer = None  # commands that sign nothing work without a usable key
     if require_signer and signer is None:
         raise UsageError(f"no signing key is configured: {how}")
-    adapter: Adapter = settings.adapter(block=args.block, signer=signer)
+    adapter: Adapter = settings.adapter(block=block, signer=signer)
     return adapter
 
 
@@ -438,22 +445,59 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: How ``cmi serve --workers N`` hands its options to the worker processes it starts.
+_SERVE_OPTIONS = "CMI_SERVE_OPTIONS"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the firm's CMI endpoint with uvicorn."""
+    """Serve the firm's CMI endpoint with uvicorn, in one process or ``--workers`` N."""
     import uvicorn  # noqa: PLC0415
 
-    adapter = _emitting_adapter(args, require_signer=False)
-    if args.reference_firms:
-        adapter = _with_reference_firms(args, adapter)
-    print(f"cmi: serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(
-        adapter.asgi_app(metrics=args.metrics),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        access_log=False,
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    # Built here whatever the number of workers: a missing key or a bad setting is told
+    # before anything listens, and the reference firms' data is seeded once.
+    adapter = _serving_adapter(block=args.block, reference_firms=args.reference_firms)
+    workers = "" if args.workers == 1 else f" with {args.workers} worker processes"
+    print(
+        f"cmi: serving on http://{args.host}:{args.port}/{workers} (Ctrl-C stops)",
+        file=sys.stderr,
     )
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": "warning",
+        "access_log": False,
+    }
+    if args.workers == 1:
+        uvicorn.run(adapter.asgi_app(metrics=args.metrics), **options)
+        return EXIT_OK
+    # One Python process runs one request's code at a time (the GIL): N processes use N
+    # cores. Each builds its own adapter from the same settings; the store (replay cache,
+    # offers, acceptances) is what they share.
+    adapter.close()
+    os.environ[_SERVE_OPTIONS] = json.dumps(
+        {"block": args.block, "reference_firms": args.reference_firms, "metrics": args.metrics}
+    )
+    uvicorn.run("cmi_sdk.cli:serve_app", factory=True, workers=args.workers, **options)
     return EXIT_OK
+
+
+def serve_app() -> Starlette:
+    """The endpoint of one worker process of ``cmi serve --workers N``: an adapter built
+    from the settings, with the options the command passed in ``CMI_SERVE_OPTIONS``."""
+    options = json.loads(os.environ.get(_SERVE_OPTIONS, "{}"))
+    adapter = _serving_adapter(
+        block=options.get("block", []), reference_firms=options.get("reference_firms", False)
+    )
+    return adapter.asgi_app(metrics=options.get("metrics", False))
+
+
+def _serving_adapter(*, block: list[str], reference_firms: bool) -> Adapter:
+    adapter = _configured_adapter(block, require_signer=False)
+    if reference_firms:
+        adapter = _with_reference_firms(block, adapter)
+    return adapter
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -573,7 +617,7 @@ def cmd_demo(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
     return run_demo(say)
 
 
-def _with_reference_firms(args: argparse.Namespace, adapter: Adapter) -> Adapter:
+def _with_reference_firms(block: list[str], adapter: Adapter) -> Adapter:
     """The same adapter's settings, with the reference airline and lender plugged in:
     their SQLite files in the working directory, flights 30 days out seeded once."""
     from decimal import Decimal  # noqa: PLC0415
@@ -592,7 +636,7 @@ def _with_reference_firms(args: argparse.Namespace, adapter: Adapter) -> Adapter
         default_band="B",
     )
     firm: Adapter = _settings().adapter(
-        block=args.block, signer=adapter.signer, plugins=[airline, lender]
+        block=block, signer=adapter.signer, plugins=[airline, lender]
     )
     return firm
 
@@ -841,6 +885,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve from N processes (one a core: a process runs one request's code at a time)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("parse", help="parse an XML document back into canonical JSON")

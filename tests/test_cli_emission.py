@@ -8,6 +8,7 @@ working folder, configured through ``CMI_*`` variables (or a ``cmi.toml``), with
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,9 @@ import httpx
 import pytest
 from lxml import etree
 
-from cmi_sdk import Adapter, Transaction, load_model
+from cmi_sdk import Adapter, Request, Transaction, load_model
 from cmi_sdk.cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE
+from cmi_sdk.client import CMIClient, signed_headers
 from cmi_sdk.signing import DocumentSigner, generate_development_keys
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
 
@@ -578,3 +581,92 @@ def test_intermediaries_add(project: Project) -> None:
         assert result.code == EXIT_INVALID, (secret, result)
         assert result.out == ""
         assert "secret" in result.err
+
+
+# -- serving --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_answers_requests_from_one_or_several_processes(
+    project: Project, workers: int
+) -> None:
+    project.ok("intermediaries", "add", "relay", "--secret", project.secret)
+    port = free_port()
+    argv = ["serve", "--reference-firms", "--port", str(port), "--workers", str(workers)]
+    errors = project.root / "serve.err"
+    with (
+        errors.open("wb") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-m", "cmi_sdk.cli", *argv],
+            cwd=project.root,
+            env=project.env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        ) as server,
+    ):
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(base + "/.well-known/cmi", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, errors.read_text()
+                assert time.monotonic() < deadline, errors.read_text()
+                time.sleep(0.1)
+            if workers > 1 and Path("/proc").is_dir():
+                assert _worker_processes(server.pid) == workers
+            day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
+            request = load_model(
+                Request,
+                {
+                    "id": "req-serve-1",
+                    "kind": "flight",
+                    "customer_ref": CUSTOMER,
+                    "reply_to": "relay-1",
+                    "created_at": dt.datetime.now(dt.UTC),
+                    "wanted": {"origin": "ATL", "destination": "CDG", "date": day},
+                },
+            )
+            xml = Adapter().render(request, standard="cmi", document_type="request")
+            # Several requests, so that with two workers both are likely to answer some.
+            with CMIClient(base, secret=project.secret, intermediary="relay") as client:
+                for _ in range(6):
+                    response = client.post_request(xml)
+                    assert response.status_code == 200, response.text
+                    assert b"<offer " in response.content
+            # A message replayed on new connections (so possibly to another worker): the
+            # replay cache is the store's, shared by the workers.
+            headers = signed_headers(
+                secret=project.secret,
+                method="POST",
+                target="/cmi/requests",
+                body=xml,
+                intermediary="relay",
+                msg_id="msg_once",
+            )
+            headers["content-type"] = "application/xml"
+            answers = [
+                httpx.post(base + "/cmi/requests", content=xml, headers=headers, timeout=10)
+                for _ in range(4)
+            ]
+            assert [a.status_code for a in answers] == [200, 401, 401, 401]
+            assert answers[1].json()["type"] == "urn:cmi:problem:replayed"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    assert "serving on" in errors.read_text()
+
+
+def _worker_processes(pid: int) -> int:
+    """How many of ``pid``'s children are multiprocessing workers (not its helpers, such as
+    the resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = 0
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                found += 1
+    return found
