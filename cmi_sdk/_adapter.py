@@ -335,11 +335,14 @@ class Adapter:
         """
         return self._offers.answer(request, intermediary=intermediary)
 
-    async def answer_request_async(self, prepare: Callable[[], Prepared]) -> Answer:
+    async def answer_request_async(
+        self, prepare: Callable[[], Prepared | tuple[Request, str | None]]
+    ) -> Answer:
         """:meth:`answer_request` for an event loop (the endpoint's): ``prepare``, which
-        returns the request, the intermediary and the signed message it came in, runs on
-        the pipeline's worker thread before it, so a request costs the loop one hand-off;
-        the message id is remembered (replay cache) in the commit that stores the offers."""
+        returns the request, the intermediary and (optionally) the signed message it came
+        in, runs on the pipeline's worker thread before it, so a request costs the loop one
+        hand-off; the message id is remembered (replay cache) in the commit that stores
+        the offers."""
         return await self._offers.answer_async(prepare)
 
     def accept_offer(

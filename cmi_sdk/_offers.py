@@ -232,13 +232,16 @@ class OfferPipeline:
             except concurrent.futures.TimeoutError:
                 self._check_deadline(run, request.id)
 
-    async def answer_async(self, prepare: Callable[[], Prepared]) -> Answer:
+    async def answer_async(
+        self, prepare: Callable[[], Prepared | tuple[Request, str | None]]
+    ) -> Answer:
         """:meth:`answer` for an event loop, with the request's preparation (the endpoint's
         authentication and parsing) on the same worker thread: one hand-off a request.
 
         :param prepare: returns the request, the intermediary and the signed message it
             came in (remembered for the replay cache in the transaction that stores the
-            offers: one commit a request); runs on the worker.
+            offers: one commit a request), or just the request and the intermediary;
+            runs on the worker.
         :raises ReplayedMessageError: the message was remembered meanwhile (a replay
             racing the original); nothing is stored.
         """
@@ -246,7 +249,8 @@ class OfferPipeline:
         run.deadline = run.start + self.max_budget  # until the request is known
 
         def job() -> Answer:
-            request, intermediary, run.message = prepare()
+            request, intermediary, *message = prepare()  # (request, intermediary) too
+            run.message = message[0] if message else None
             run.budget = self._budget(request)
             run.start = time.monotonic()
             run.request_id = request.id
@@ -449,21 +453,39 @@ class OfferPipeline:
                 )
 
         self._enter(run, "offer")
+        return self._offered(request, run, offer, intermediary)
+
+    def _offered(
+        self, request: Request, run: _Run, offer: Offer, intermediary: str | None
+    ) -> Answer:
+        """The last stage: the answer with its offer, signed and stored."""
         answer = OfferSet(
             request_id=request.id,
             firm=self.firm,
             reply_to=request.reply_to,
-            answered_at=now,
+            answered_at=offer.created_at,
             offers=(offer,),
         )
         xml = self._render_signed(answer, "offers")
         # Kept with the signed answer it went out in; GET /cmi/offers/{id} signs the offer
         # alone when asked, so answering costs one signature.
-        self._store().add_offers(
-            [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)],
-            message=run.message,
-        )
+        stored = [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
+        store = self._store()
+        if run.message is None:
+            store.add_offers(stored)
+        else:
+            store.add_offers(stored, message=run.message)
+            self._unless_abandoned(run, store)
         return Answer(answer, xml)
+
+    @staticmethod
+    def _unless_abandoned(run: _Run, store: OutboxStore) -> None:
+        """Forget the request's message id again when its caller was answered with a
+        timeout while the last stage committed: the request was refused, and a refused
+        request leaves its id free (its offer stays, unknown to anyone, until it expires)."""
+        message = run.message
+        if run.abandoned and message is not None:
+            store.forget_message(message.party, message.msg_id)
 
     def _check_floor(self, request: Request, total: Money, floor: Money) -> None:
         """Refuse a price below the revenue decision's floor (or in another currency)."""
@@ -512,10 +534,13 @@ class OfferPipeline:
         )
         xml = self._render_signed(answer, "offers")
         message = run.message
-        if message is not None and not self._store().remember_message(
-            message.party, message.msg_id, expires_at=message.expires_at, now=message.now
-        ):
-            raise ReplayedMessageError(f"message id {message.msg_id} was already used")
+        if message is not None:
+            store = self._store()
+            if not store.remember_message(
+                message.party, message.msg_id, expires_at=message.expires_at, now=message.now
+            ):
+                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
+            self._unless_abandoned(run, store)
         return Answer(answer, xml)
 
     # -- acceptance -----------------------------------------------------------------------

@@ -24,6 +24,8 @@ import hashlib
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -224,6 +226,9 @@ class Principal:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+#: How long the endpoint keeps an intermediary's verifier before reading its secrets again.
+_VERIFIER_SECONDS = 60.0
+
 
 def create_app(
     adapter: Adapter,
@@ -296,8 +301,9 @@ def _decision_json(request: Request, decision: TermsDecision) -> dict[str, Any]:
 
 
 def _target(scope: Mapping[str, Any]) -> str:
-    """The request target as the signer wrote it: the path as Starlette's URL spells it
-    (the three characters a path cannot carry raw, escaped) and the query, if any."""
+    """The request target the signature covers: the scope's (decoded) path, with the three
+    characters a path cannot carry raw (``?``, ``#``, ``\\``) escaped, and the query, if
+    any. Clients sign the target as they send it (see :mod:`cmi_sdk.client`)."""
     path = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
     query = scope.get("query_string", b"")
     return f"{path}?{query.decode('latin-1')}" if query else path
@@ -313,10 +319,15 @@ class _Endpoint:
         self.max_body_bytes = max_body_bytes
         self.tolerance = tolerance
         self.page_size = page_size
-        # Each intermediary's verifier, kept between requests: an intermediary's secrets
-        # are only ever added to (a rotation), and a signature that the kept verifier
-        # refuses is checked again against the secrets in the store.
-        self._verifiers: dict[str, WebhookVerifier] = {}
+        # Each intermediary's verifier, kept between requests for at most _VERIFIER_SECONDS
+        # (the API only adds secrets, but a secret struck from the store by hand must stop
+        # working soon); a signature the kept verifier refuses is checked again against
+        # the secrets in the store, so a rotation works at once.
+        self._verifiers: dict[str, tuple[WebhookVerifier, float]] = {}
+        # Requests being answered, by (party, message id): a copy arriving meanwhile is
+        # refused at once instead of running the firm's systems to be refused at the commit.
+        self._in_flight: set[tuple[str, str]] = set()
+        self._in_flight_lock = threading.Lock()
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
@@ -341,7 +352,7 @@ class _Endpoint:
         terms_id = headers.get("cmi-terms")
         store = self.adapter.store
         if name is not None and terms_id is None:
-            verifier = self._verifiers.get(name) or self._intermediary_verifier(name)
+            verifier = self._kept_verifier(name)
             principal, party = Principal(intermediary=name), f"intermediary:{name}"
         elif terms_id is not None and name is None:
             try:
@@ -369,24 +380,47 @@ class _Endpoint:
             if fresh.secrets == verifier.secrets:
                 raise
             msg_id = fresh.verify(headers, payload, now=now)
-        expires = now + 2 * self.tolerance
-        message = SeenMessage(party, msg_id, expires, now)
-        if not remember:
-            if store.message_seen(party, msg_id):
+        message = SeenMessage(party, msg_id, now + 2 * self.tolerance, now)
+        if remember:
+            if not store.remember_message(party, msg_id, expires_at=message.expires_at, now=now):
                 raise ReplayedMessageError(f"message id {msg_id} was already used")
-            return replace(principal, party=party, msg_id=msg_id, message=message)
-        if not store.remember_message(party, msg_id, expires_at=expires, now=now):
-            raise ReplayedMessageError(f"message id {msg_id} was already used")
-        return replace(principal, party=party, msg_id=msg_id)
+            return replace(principal, party=party, msg_id=msg_id)
+        self._check_unseen(message)
+        return replace(principal, party=party, msg_id=msg_id, message=message)
+
+    def _check_unseen(self, message: SeenMessage) -> None:
+        """Refuse a message id remembered already or being answered now; else mark it as
+        being answered (until :meth:`done`)."""
+        key = (message.party, message.msg_id)
+        with self._in_flight_lock:
+            if key in self._in_flight:
+                raise ReplayedMessageError(f"message id {message.msg_id} is being answered")
+            self._in_flight.add(key)
+        try:
+            if self.adapter.store.message_seen(message.party, message.msg_id, now=message.now):
+                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
+        except BaseException:
+            self.done(message.party, message.msg_id)
+            raise
+
+    def done(self, party: str, msg_id: str) -> None:
+        """The request of ``msg_id`` (authenticated with ``remember=False``) is over."""
+        with self._in_flight_lock:
+            self._in_flight.discard((party, msg_id))
+
+    def _kept_verifier(self, name: str) -> WebhookVerifier:
+        kept = self._verifiers.get(name)
+        if kept is not None and time.monotonic() - kept[1] < _VERIFIER_SECONDS:
+            return kept[0]
+        return self._intermediary_verifier(name)
 
     def _intermediary_verifier(self, name: str) -> WebhookVerifier:
         """The verifier of the intermediary's secrets as the store has them now."""
         secrets = self.adapter.store.intermediary_secrets(name)
         if not secrets:
             raise UnknownPartyError(f"no intermediary named {name!r} is registered")
-        verifier = self._verifiers[name] = WebhookVerifier(
-            secrets=secrets, tolerance=self.tolerance
-        )
+        verifier = WebhookVerifier(secrets=secrets, tolerance=self.tolerance)
+        self._verifiers[name] = (verifier, time.monotonic())
         return verifier
 
     def guarded(self, handle: Callable[[Request, Principal, bytes], Response]) -> Handler:
@@ -530,6 +564,8 @@ class _Endpoint:
         leaves nothing behind, and one refused after it forgets its id."""
         principal: Principal | None = None
         answered = False
+        # A store written before add_offers took the message remembers it at once.
+        deferred = hasattr(self.adapter.store, "message_seen")
         try:
             body = await self.read_body(request)
 
@@ -537,7 +573,7 @@ class _Endpoint:
 
             def prepare() -> Prepared:
                 nonlocal principal
-                principal = self.authenticate(request, body, remember=False)
+                principal = self.authenticate(request, body, remember=not deferred)
                 name = self._intermediary(principal)
                 doc = self._xml_document(request, body, CustomerRequest)
                 answer_in.append(self._answer_standard(request, doc.standard.name))
@@ -554,7 +590,10 @@ class _Endpoint:
         except Exception:
             log.exception("the CMI endpoint failed on POST %s", request.url.path)
             problem = ProblemError("internal", "internal error")
-        if answered and principal is not None:
+        finally:
+            if principal is not None and principal.message is not None:
+                self.done(principal.party, principal.msg_id)
+        if principal is not None and (answered or principal.message is None):
             # Only an id this request remembered: a replay refused at the commit must not
             # forget the original's.
             await run_in_threadpool(

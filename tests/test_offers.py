@@ -509,7 +509,7 @@ def test_a_requests_message_id_is_kept_in_the_commit_of_its_offers(
     seen = SeenMessage("intermediary:relay", "msg_1", now + 600, now)
     answer = asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
     (offer,) = answer.offers.offers
-    assert adapter.store.message_seen("intermediary:relay", "msg_1")
+    assert adapter.store.message_seen("intermediary:relay", "msg_1", now=now)
     assert adapter.get_offer(offer.id).intermediary == "relay"
     # A replay that raced past the endpoint's check: refused at the commit, nothing kept.
     with sqlite3.connect(tmp_path / "cmi.db") as conn:
@@ -526,7 +526,7 @@ def test_a_declined_answer_remembers_its_message_id_too(adapter: Adapter, shop: 
     seen = SeenMessage("intermediary:relay", "msg_declined", now + 600, now)
     answer = asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
     assert answer.offers.declined == "sold out"
-    assert adapter.store.message_seen("intermediary:relay", "msg_declined")
+    assert adapter.store.message_seen("intermediary:relay", "msg_declined", now=now)
     with pytest.raises(ReplayedMessageError):
         asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
 
@@ -537,4 +537,44 @@ def test_a_refused_request_remembers_nothing(adapter: Adapter) -> None:
     request = flight_request(wanted={"origin": "JFK", "destination": "CDG", "date": "2026-12-01"})
     with pytest.raises(RequestRefusedError):
         asyncio.run(adapter.answer_request_async(_asked(request, seen)))
-    assert not adapter.store.message_seen("intermediary:relay", "msg_refused")
+    assert not adapter.store.message_seen("intermediary:relay", "msg_refused", now=now)
+
+
+def test_an_expired_message_id_counts_as_new(adapter: Adapter) -> None:
+    store = adapter.store
+    store.add_offers([], message=SeenMessage("intermediary:relay", "msg_old", NOW + 10, NOW))
+    assert store.message_seen("intermediary:relay", "msg_old", now=NOW + 5)
+    assert not store.message_seen("intermediary:relay", "msg_old", now=NOW + 11)
+    # Not purged yet (purges run at most once a second), and still taken again.
+    again = SeenMessage("intermediary:relay", "msg_old", NOW + 600, NOW + 11)
+    store.add_offers([], message=again)
+    assert store.message_seen("intermediary:relay", "msg_old", now=NOW + 12)
+    with pytest.raises(ReplayedMessageError):
+        store.add_offers([], message=again)
+
+
+def test_a_request_refused_in_its_last_stage_leaves_its_message_id_free(
+    tmp_path: Path, shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter(tmp_path, plugins=[shop], request_budget=0.4)
+    pipeline = adapter._offers
+    render = pipeline._render_signed
+
+    def slow(model: Any, document_type: str) -> bytes:
+        time.sleep(0.5)  # past the offer stage's end: the caller is told offer-timeout
+        return render(model, document_type)
+
+    monkeypatch.setattr(pipeline, "_render_signed", slow)
+    now = time.time()
+    seen = SeenMessage("intermediary:relay", "msg_late", now + 600, now)
+    with pytest.raises(RequestRefusedError) as refused:
+        asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+    assert refused.value.problem == "offer-timeout"
+    with sqlite3.connect(tmp_path / "cmi.db") as conn:
+        deadline = time.monotonic() + 5
+        while not conn.execute("SELECT COUNT(*) FROM cmi_offers").fetchone()[0]:
+            assert time.monotonic() < deadline, "the late stage never committed"
+            time.sleep(0.02)
+    time.sleep(0.1)  # the forget follows the commit
+    assert not adapter.store.message_seen("intermediary:relay", "msg_late", now=time.time())
+    adapter.close()

@@ -913,9 +913,9 @@ def test_offers_round_trip(store: PostgresStore) -> None:
 def test_offers_are_kept_with_the_message_that_asked_for_them(store: PostgresStore) -> None:
     stored = _stored_offer()
     seen = SeenMessage("intermediary:acme", "msg-1", NOW + 600, NOW)
-    assert store.message_seen("intermediary:acme", "msg-1") is False
+    assert store.message_seen("intermediary:acme", "msg-1", now=NOW) is False
     store.add_offers([stored], message=seen)
-    assert store.message_seen("intermediary:acme", "msg-1") is True
+    assert store.message_seen("intermediary:acme", "msg-1", now=NOW) is True
     assert store.get_offer(stored.offer.id) == stored
     # The same message again (a replay racing the original): nothing is kept.
     again = StoredOffer(
@@ -930,7 +930,7 @@ def test_offers_are_kept_with_the_message_that_asked_for_them(store: PostgresSto
         store.get_offer("off-again")
     # An answer without offers remembers its message all the same.
     store.add_offers([], message=SeenMessage("intermediary:acme", "msg-2", NOW + 600, NOW))
-    assert store.message_seen("intermediary:acme", "msg-2") is True
+    assert store.message_seen("intermediary:acme", "msg-2", now=NOW) is True
 
 
 def test_an_acceptance_id_is_claimed_once_across_processes(

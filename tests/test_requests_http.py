@@ -4,7 +4,9 @@ problem type, and a refused request leaves nothing behind."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import pytest
 
 from cmi_sdk import Acceptance, Adapter, Offer, OfferSet, Request, hookimpl, load_model
 from cmi_sdk.client import CMIClient, signed_headers
+from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import generate_secret
 from tests.support import make_adapter, register, serve_app, signer
@@ -312,3 +315,100 @@ def test_a_declined_ubl_request_is_a_problem(firm: Firm) -> None:
     request = firm.adapter.parse(_request_xml(firm.adapter))
     as_ubl = firm.adapter.render(request, standard="ubl", document_type="RequestForQuotation")
     _problem(_send_to(firm, as_ubl, "/cmi/requests"), 422, "declined")
+
+
+class Gate:
+    """Holds every request in validation until opened; counts how many got there."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    @hookimpl
+    def cmi_validate_request(self) -> list[str]:
+        self.calls += 1
+        self.entered.set()
+        self.opened.wait(10)
+        return []
+
+
+def test_a_copy_sent_while_the_original_is_answered_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    gate = Gate()
+    adapter = make_adapter(tmp_path, plugins=[Shop(), gate])
+    secret = generate_secret()
+    adapter.store.add_intermediary("relay", secret, at=time.time())
+    body = _request_xml(adapter)
+    headers = signed_headers(
+        secret=secret, method="POST", target="/cmi/requests", body=body,
+        intermediary="relay", msg_id="msg_twice",
+    )  # fmt: skip
+    headers["content-type"] = "application/xml"
+    with serve_app(adapter.asgi_app()) as url:
+        first: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda: first.append(
+                httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
+            )
+        )
+        sender.start()
+        assert gate.entered.wait(10)
+        copy = httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
+        gate.opened.set()
+        sender.join(10)
+        _problem(copy, 401, "replayed")
+        assert first[0].status_code == 200, first[0].text
+        again = httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
+        _problem(again, 401, "replayed")
+    assert gate.calls == 1  # the firm's systems ran for the original only
+    adapter.close()
+
+
+def test_a_secret_struck_from_the_store_stops_working(
+    firm: Firm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _send(firm, _request_xml(firm.adapter)).status_code == 200  # its verifier kept
+    with sqlite3.connect(firm.db) as conn:  # by hand: the API only adds secrets
+        conn.execute(
+            "UPDATE cmi_intermediaries SET secrets = ? WHERE name = 'relay'",
+            (json.dumps([generate_secret()]),),
+        )
+    monkeypatch.setattr("cmi_sdk.asgi._VERIFIER_SECONDS", 0.0)  # as if a minute went by
+    _problem(_send(firm, _request_xml(firm.adapter)), 401, "bad-signature")
+
+
+class OlderStore:
+    """A store written to the protocol before add_offers took a message: no message_seen,
+    add_offers(offers) only."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self._inner = inner
+
+    def add_offers(self, offers: Any) -> None:
+        self._inner.add_offers(offers)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "message_seen":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_a_store_without_message_seen_still_refuses_replays(tmp_path: Path) -> None:
+    store = OlderStore(SQLiteStore(tmp_path / "cmi.db"))
+    adapter = make_adapter(tmp_path, plugins=[Shop()], store=store)
+    secret = generate_secret()
+    adapter.store.add_intermediary("relay", secret, at=time.time())
+    body = _request_xml(adapter)
+    with serve_app(adapter.asgi_app()) as url:
+        headers = signed_headers(
+            secret=secret, method="POST", target="/cmi/requests", body=body,
+            intermediary="relay", msg_id="msg_old",
+        )  # fmt: skip
+        headers["content-type"] = "application/xml"
+        ok = httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
+        assert ok.status_code == 200, ok.text
+        again = httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
+        _problem(again, 401, "replayed")
+    adapter.close()

@@ -372,8 +372,9 @@ class OutboxStore(Protocol):
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when it was already seen."""
 
-    def message_seen(self, party: str, msg_id: str) -> bool:
-        """Whether a message id from ``party`` is remembered (a read: nothing changes)."""
+    def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
+        """Whether a message id from ``party`` is remembered and not yet expired at ``now``
+        (a read: nothing changes)."""
 
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id whose request was refused (a refused request stores nothing)."""

@@ -1385,12 +1385,14 @@ class PostgresStore:
         params = (message.party, message.msg_id, message.expires_at, message.now)
         return cur.execute(statement, params).rowcount == 1
 
-    def message_seen(self, party: str, msg_id: str) -> bool:
-        """Whether a message id from ``party`` is remembered."""
-        statement = self._sql("SELECT 1 FROM {s}.seen WHERE party = %s AND msg_id = %s")
+    def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
+        """Whether a message id from ``party`` is remembered and not expired at ``now``."""
+        statement = self._sql(
+            "SELECT 1 FROM {s}.seen WHERE party = %s AND msg_id = %s AND expires_at >= %s"
+        )
         return self._run(
             "reading a message id",
-            lambda cur: cur.execute(statement, (party, msg_id)).fetchone() is not None,
+            lambda cur: cur.execute(statement, (party, msg_id, now)).fetchone() is not None,
         )
 
     def forget_message(self, party: str, msg_id: str) -> None:

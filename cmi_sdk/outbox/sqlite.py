@@ -753,16 +753,22 @@ class SQLiteStore:
         if message.now - self._purged >= 1.0:
             conn.execute("DELETE FROM cmi_seen WHERE expires_at < ?", (message.now,))
             self._purged = message.now
+        # An id whose time is up counts as new, purged or not (as message_seen reads it).
         inserted: int = conn.execute(
-            "INSERT OR IGNORE INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)",
-            (message.party, message.msg_id, message.expires_at),
+            "INSERT INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (party, msg_id) DO UPDATE SET expires_at = excluded.expires_at"
+            " WHERE cmi_seen.expires_at < ?",
+            (message.party, message.msg_id, message.expires_at, message.now),
         ).rowcount
         return inserted == 1
 
-    def message_seen(self, party: str, msg_id: str) -> bool:
-        """Whether a message id from ``party`` is remembered."""
+    def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
+        """Whether a message id from ``party`` is remembered and not expired at ``now``."""
         return bool(
-            self._read("SELECT 1 FROM cmi_seen WHERE party = ? AND msg_id = ?", (party, msg_id))
+            self._read(
+                "SELECT 1 FROM cmi_seen WHERE party = ? AND msg_id = ? AND expires_at >= ?",
+                (party, msg_id, now),
+            )
         )
 
     def forget_message(self, party: str, msg_id: str) -> None:
