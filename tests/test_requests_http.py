@@ -120,6 +120,17 @@ def _send(firm: Firm, body: bytes, **header_changes: Any) -> httpx.Response:
     return httpx.post(firm.url + "/cmi/requests", content=body, headers=headers, timeout=10)
 
 
+def _signed(
+    secret: str, body: bytes, *, target: str = "/cmi/requests", **more: Any
+) -> dict[str, str]:
+    """Headers for ``POST target`` signed as the intermediary ``relay``."""
+    headers = signed_headers(
+        secret=secret, method="POST", target=target, body=body, intermediary="relay", **more
+    )
+    headers["content-type"] = "application/xml"
+    return headers
+
+
 XXE = b"""<?xml version="1.0"?>
 <!DOCTYPE request [<!ENTITY x SYSTEM "file:///etc/passwd">]>
 <request xmlns="urn:cmi:core:1.0" id="r" kind="flight"><customerRef>&x;</customerRef></request>"""
@@ -192,26 +203,12 @@ def test_a_secret_added_while_serving_is_accepted_at_once(firm: Firm) -> None:
 
 def test_the_signed_target_includes_the_query(firm: Firm) -> None:
     body = _request_xml(firm.adapter)
-    headers = signed_headers(
-        secret=firm.secret,
-        method="POST",
-        target="/cmi/requests?answer=cmi",
-        body=body,
-        intermediary="relay",
-    )
-    headers["content-type"] = "application/xml"
     url = firm.url + "/cmi/requests"
+    headers = _signed(firm.secret, body, target="/cmi/requests?answer=cmi")
     ok = httpx.post(url + "?answer=cmi", content=body, headers=headers, timeout=10)
     assert ok.status_code == 200, ok.text
     # The same signature does not cover the target without its query.
-    headers = signed_headers(
-        secret=firm.secret,
-        method="POST",
-        target="/cmi/requests?answer=cmi",
-        body=body,
-        intermediary="relay",
-    )
-    headers["content-type"] = "application/xml"
+    headers = _signed(firm.secret, body, target="/cmi/requests?answer=cmi")
     _problem(httpx.post(url, content=body, headers=headers, timeout=10), 401, "bad-signature")
 
 
@@ -341,11 +338,7 @@ def test_a_copy_sent_while_the_original_is_answered_is_refused_at_once(
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     body = _request_xml(adapter)
-    headers = signed_headers(
-        secret=secret, method="POST", target="/cmi/requests", body=body,
-        intermediary="relay", msg_id="msg_twice",
-    )  # fmt: skip
-    headers["content-type"] = "application/xml"
+    headers = _signed(secret, body, msg_id="msg_twice")
     with serve_app(adapter.asgi_app()) as url:
         first: list[httpx.Response] = []
         sender = threading.Thread(
@@ -402,11 +395,7 @@ def test_a_store_without_message_seen_still_refuses_replays(tmp_path: Path) -> N
     adapter.store.add_intermediary("relay", secret, at=time.time())
     body = _request_xml(adapter)
     with serve_app(adapter.asgi_app()) as url:
-        headers = signed_headers(
-            secret=secret, method="POST", target="/cmi/requests", body=body,
-            intermediary="relay", msg_id="msg_old",
-        )  # fmt: skip
-        headers["content-type"] = "application/xml"
+        headers = _signed(secret, body, msg_id="msg_old")
         ok = httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
         assert ok.status_code == 200, ok.text
         again = httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)

@@ -44,6 +44,7 @@ __all__ = [
     "SeenMessage",
     "State",
     "StoredOffer",
+    "offer_row",
 ]
 
 State = Literal[
@@ -199,6 +200,23 @@ class StoredOffer:
     request: Request
     xml: bytes
     intermediary: str | None
+
+
+def offer_row(stored: StoredOffer) -> tuple[Any, ...]:
+    """An offer as both stores' SQL takes it: id, request id, customer, intermediary, the
+    offer and the request as JSON, the signed answer, valid until, created (POSIX seconds)."""
+    offer = stored.offer
+    return (
+        offer.id,
+        offer.request_id,
+        offer.customer_ref,
+        stored.intermediary,
+        offer.model_dump_json(),
+        stored.request.model_dump_json(),
+        stored.xml,
+        offer.valid_until.timestamp(),
+        offer.created_at.timestamp(),
+    )
 
 
 @dataclass(frozen=True, slots=True)

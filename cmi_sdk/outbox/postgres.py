@@ -65,6 +65,7 @@ from cmi_sdk.outbox import (
     SeenMessage,
     State,
     StoredOffer,
+    offer_row,
 )
 
 __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "encode_cursor"]
@@ -1415,20 +1416,7 @@ class PostgresStore:
         ``message``, remember it in the same transaction.
 
         :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
-        params = [
-            (
-                o.offer.id,
-                o.offer.request_id,
-                o.offer.customer_ref,
-                o.intermediary,
-                o.offer.model_dump_json(),
-                o.request.model_dump_json(),
-                o.xml,
-                o.offer.valid_until.timestamp(),
-                o.offer.created_at.timestamp(),
-            )
-            for o in offers
-        ]
+        params = [offer_row(o) for o in offers]
         statement = self._sql(
             "INSERT INTO {s}.offers (id, request_id, customer_ref, intermediary, offer,"
             " request, xml, valid_until, created_at)"

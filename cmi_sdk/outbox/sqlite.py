@@ -40,6 +40,7 @@ from cmi_sdk.outbox import (
     SeenMessage,
     State,
     StoredOffer,
+    offer_row,
 )
 
 __all__ = ["SQLiteStore"]
@@ -788,20 +789,7 @@ class SQLiteStore:
         customer asks for again, never a booking or a document.
 
         :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
-        rows = [
-            (
-                o.offer.id,
-                o.offer.request_id,
-                o.offer.customer_ref,
-                o.intermediary,
-                o.offer.model_dump_json(),
-                o.request.model_dump_json(),
-                o.xml,
-                o.offer.valid_until.timestamp(),
-                o.offer.created_at.timestamp(),
-            )
-            for o in offers
-        ]
+        rows = [offer_row(o) for o in offers]
         with self._write(durable=False) as conn:
             if message is not None and not self._remember(conn, message):
                 raise ReplayedMessageError(f"message id {message.msg_id} was already used")
