@@ -67,6 +67,15 @@ START = dt.datetime(2026, 6, 1, 9, 0, tzinfo=dt.UTC).timestamp()
 FLIGHT = "DL2231-2026-07-01"
 SINGLE = (("Y", Decimal("300.00"), 5.0, 2.0),)
 
+GOOD_FLIGHT: dict[str, Any] = {
+    "origin": "ATL",
+    "destination": "MIA",
+    "date": dt.date(2026, 7, 1),
+    "flight": "5",
+    "capacity": 10,
+    "fares": SINGLE,
+}
+
 
 # -- EMSR-b ---------------------------------------------------------------------------------
 
@@ -397,14 +406,7 @@ def test_capacity_ignores_other_cabins_and_kinds(airline: ReferenceAirline) -> N
 
 
 def test_sold_out_is_still_the_airlines_product(airline: ReferenceAirline, hook: Any) -> None:
-    airline.add_flight(
-        origin="ATL",
-        destination="MIA",
-        date=dt.date(2026, 7, 1),
-        flight="5",
-        capacity=1,
-        fares=SINGLE,
-    )
+    airline.add_flight(**{**GOOD_FLIGHT, "capacity": 1})
     offer = offer_for(hook, destination="MIA")
     hold = hook.cmi_hold(offer=offer, acceptance=accept(offer))
     hook.cmi_book(offer=offer, acceptance=accept(offer), hold=hold)
@@ -436,14 +438,7 @@ def test_revenue_floor_is_the_displacement_cost_rounded_up(hook: Any) -> None:
 
 
 def test_the_top_class_floor_is_its_own_later_demand(airline: ReferenceAirline, hook: Any) -> None:
-    airline.add_flight(
-        origin="ATL",
-        destination="MIA",
-        date=dt.date(2026, 7, 1),
-        flight="5",
-        capacity=4,
-        fares=SINGLE,
-    )
+    airline.add_flight(**{**GOOD_FLIGHT, "capacity": 4})
     request = make_request(destination="MIA")
     _, decision, quote = priced(hook, request)
     exact = Decimal(marginal_seat_revenue([300], [5.0], [2.0], 4, nest=1))
@@ -590,14 +585,7 @@ def test_rewards_for_verified_tiers(
 
 
 def test_rewards_round_down(airline: ReferenceAirline, hook: Any) -> None:
-    airline.add_flight(
-        origin="ATL",
-        destination="MIA",
-        date=dt.date(2026, 7, 1),
-        flight="5",
-        capacity=10,
-        fares=[("Y", Decimal("519.99"), 5.0, 2.0)],
-    )
+    airline.add_flight(**{**GOOD_FLIGHT, "fares": [("Y", Decimal("519.99"), 5.0, 2.0)]})
     request = make_request(destination="MIA", claims=gold(airline))
     _, _, quote = priced(hook, request)
     checks = [ClaimCheck(claim=Claim(**gold(airline)[0]), verified=True)]
@@ -748,14 +736,7 @@ def test_hold_refuses_an_unknown_flight_or_class(airline: ReferenceAirline, hook
 
 
 def test_expired_holds_free_the_seat(airline: ReferenceAirline, hook: Any, clock: Clock) -> None:
-    airline.add_flight(
-        origin="ATL",
-        destination="MIA",
-        date=dt.date(2026, 7, 1),
-        flight="5",
-        capacity=1,
-        fares=SINGLE,
-    )
+    airline.add_flight(**{**GOOD_FLIGHT, "capacity": 1})
     first = offer_for(hook, destination="MIA")
     second = offer_for(hook, destination="MIA")  # two offers for one seat: quotes reserve nothing
     hold = hook.cmi_hold(offer=first, acceptance=accept(first, "acc-first"))
@@ -775,14 +756,7 @@ def test_expired_holds_free_the_seat(airline: ReferenceAirline, hook: Any, clock
 def test_only_one_of_eight_concurrent_holds_gets_the_last_seat(
     airline: ReferenceAirline, hook: Any, clock: Clock, separate: bool
 ) -> None:
-    airline.add_flight(
-        origin="ATL",
-        destination="MIA",
-        date=dt.date(2026, 7, 1),
-        flight="5",
-        capacity=1,
-        fares=SINGLE,
-    )
+    airline.add_flight(**{**GOOD_FLIGHT, "capacity": 1})
     offer = offer_for(hook, destination="MIA")
     barrier = threading.Barrier(8)
     results: list[Hold | Exception | None] = []
@@ -837,16 +811,6 @@ def test_seed_demo_is_idempotent(airline: ReferenceAirline) -> None:
 def test_sold_needs_a_flight(airline: ReferenceAirline) -> None:
     with pytest.raises(KeyError):
         airline.sold("DL1-2026-01-01")
-
-
-GOOD_FLIGHT: dict[str, Any] = {
-    "origin": "ATL",
-    "destination": "MIA",
-    "date": dt.date(2026, 7, 1),
-    "flight": "5",
-    "capacity": 10,
-    "fares": SINGLE,
-}
 
 
 @pytest.mark.parametrize(
