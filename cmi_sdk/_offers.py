@@ -40,7 +40,6 @@ from cmi_sdk._exceptions import (
     CMIError,
     OfferExpiredError,
     OfferNotFoundError,
-    ReplayedMessageError,
     RequestRefusedError,
 )
 from cmi_sdk._models import (
@@ -469,22 +468,28 @@ class OfferPipeline:
         xml = self._render_signed(answer, "offers")
         # Kept with the signed answer it went out in; GET /cmi/offers/{id} signs the offer
         # alone when asked, so answering costs one signature.
-        stored = [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
-        store = self._store()
-        if run.message is None:
-            store.add_offers(stored)
-        else:
-            store.add_offers(stored, message=run.message)
-            self._unless_abandoned(run, store)
+        self._keep(
+            run, [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
+        )
         return Answer(answer, xml)
 
-    @staticmethod
-    def _unless_abandoned(run: _Run, store: OutboxStore) -> None:
-        """Forget the request's message id again when its caller was answered with a
-        timeout while the last stage committed: the request was refused, and a refused
-        request leaves its id free (its offer stays, unknown to anyone, until it expires)."""
+    def _keep(self, run: _Run, stored: list[StoredOffer]) -> None:
+        """Store an answer's offers (none for a declined answer) and, in the same commit,
+        the message id the request came in.
+
+        :raises ReplayedMessageError: the id was remembered meanwhile; nothing is stored.
+        """
+        store = self._store()
         message = run.message
-        if run.abandoned and message is not None:
+        if message is None:
+            if stored:
+                store.add_offers(stored)
+            return
+        store.add_offers(stored, message=message)
+        if run.abandoned:
+            # The caller was answered with a timeout while this stage committed: the
+            # request was refused, and a refused request leaves its id free (its offer
+            # stays, unknown to anyone, until it expires).
             store.forget_message(message.party, message.msg_id)
 
     def _check_floor(self, request: Request, total: Money, floor: Money) -> None:
@@ -533,14 +538,7 @@ class OfferPipeline:
             declined=reason[:256],
         )
         xml = self._render_signed(answer, "offers")
-        message = run.message
-        if message is not None:
-            store = self._store()
-            if not store.remember_message(
-                message.party, message.msg_id, expires_at=message.expires_at, now=message.now
-            ):
-                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
-            self._unless_abandoned(run, store)
+        self._keep(run, [])
         return Answer(answer, xml)
 
     # -- acceptance -----------------------------------------------------------------------

@@ -864,7 +864,7 @@ class ReferenceAirline:
             for product, fare_class, seats in alternatives[:MAX_ADVICE]
         )
         # The answer holds as long as every state it was worked out from.
-        everything = [state for _, states in ((None, flights), *around) for state in states]
+        everything = [*flights, *(state for _, states in around for state in states)]
         return _Answer(
             availability,
             advice,
