@@ -80,7 +80,7 @@ from cmi_sdk._terms import (
 from cmi_sdk._version import __version__
 from cmi_sdk._xml import HardenedParser
 from cmi_sdk.egress import EgressGuard
-from cmi_sdk.hookspecs import hookimpl
+from cmi_sdk.hookspecs import hookimpl, nonblocking
 from cmi_sdk.outbox import StoredOffer
 
 __all__ = [
@@ -165,6 +165,7 @@ __all__ = [
     "__version__",
     "hookimpl",
     "load_model",
+    "nonblocking",
 ]
 
 # Public classes claim the public module, so tracebacks and docs say cmi_sdk.Adapter rather

@@ -341,9 +341,24 @@ class Adapter:
         """:meth:`answer_request` for an event loop (the endpoint's): ``prepare``, which
         returns the request, the intermediary and (optionally) the signed message it came
         in, runs on the pipeline's worker thread before it, so a request costs the loop one
-        hand-off; the message id is remembered (replay cache) in the commit that stores
-        the offers."""
+        hand-off (none when :attr:`answers_inline`: then both run on the loop); the
+        message id is remembered (replay cache) in the commit that stores the offers."""
         return await self._offers.answer_async(prepare)
+
+    @property
+    def answers_inline(self) -> bool:
+        """Whether requests are answered on the caller's thread (the endpoint's event
+        loop included) rather than handed to a worker thread: every implementation of the
+        pipeline's hooks is marked :func:`~cmi_sdk.nonblocking` and the store's offer
+        calls never wait on a network. :attr:`threaded_by` says what stands in the way."""
+        return self._offers.runs_inline()
+
+    @property
+    def threaded_by(self) -> list[str]:
+        """What sends requests to worker threads: each unmarked implementation of a
+        pipeline hook, as ``plugin.hook``, and ``store`` when the store may wait on a
+        network. Empty when :attr:`answers_inline`."""
+        return self._offers.threaded_by()
 
     def accept_offer(
         self, offer_id: str, acceptance: Acceptance, *, intermediary: str | None = None

@@ -13,6 +13,12 @@ at its deadline means no offer (fail closed), and the caller is answered at once
 plugin finishes in the background and its answer is dropped. A plugin that raises means no
 offer either, and the log names the plugin.
 
+When every implementation of the pipeline's hooks is marked
+:func:`~cmi_sdk.nonblocking` and the store's offer calls never wait on a network, the
+pipeline runs on the caller's thread instead: handing a request to a worker and back costs
+more than the whole pipeline on a busy server. A stage past its deadline still makes no
+offer, found when it returns.
+
 Hook implementations may be ``async def``: the pipeline awaits what they return.
 """
 
@@ -55,6 +61,7 @@ from cmi_sdk._models import (
     Transaction,
 )
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
+from cmi_sdk.hookspecs import NONBLOCKING_ATTRIBUTE
 from cmi_sdk.outbox import OutboxStore, SeenMessage, StoredOffer
 
 if TYPE_CHECKING:
@@ -82,6 +89,18 @@ DEFAULT_STAGE_SHARES: dict[str, float] = {
     "offer": 0.05,
 }
 """Each stage's share of the request's time budget, in pipeline order (they sum to 1)."""
+
+PIPELINE_HOOKS = (
+    "cmi_validate_request",
+    "cmi_verify_claims",
+    "cmi_check_capacity",
+    "cmi_revenue_decision",
+    "cmi_price",
+    "cmi_rewards",
+    "cmi_advise",
+    "cmi_offer_validity",
+)
+"""The hooks a request runs through, in order (stages 1 to 8)."""
 
 
 Prepared = tuple[Request, str | None, SeenMessage | None]
@@ -144,6 +163,8 @@ class _Run:
     request_id: str = "(not yet read)"
     message: SeenMessage | None = None
     """The signed message the request came in, remembered with what answering stores."""
+    inline: bool = False
+    """Runs on the caller's thread: each stage's deadline is checked when it returns."""
 
 
 @dataclass
@@ -171,6 +192,9 @@ def _plugin_of(caller: pluggy.HookCaller, exc: BaseException) -> str | None:
             found = name
         tb = tb.tb_next
     return found
+
+
+_STAGE_OF = dict(zip(PIPELINE_HOOKS, list(DEFAULT_STAGE_SHARES)[:-1], strict=True))
 
 
 def _only_plugin(caller: pluggy.HookCaller) -> str:
@@ -224,6 +248,9 @@ class OfferPipeline:
             failing: no offer is made.
         """
         run = self._start(request)
+        if self.runs_inline():
+            run.inline = True
+            return self._pipeline(request, run, intermediary)
         future = self._executor().submit(self._pipeline, request, run, intermediary)
         while True:
             try:
@@ -244,7 +271,7 @@ class OfferPipeline:
         :raises ReplayedMessageError: the message was remembered meanwhile (a replay
             racing the original); nothing is stored.
         """
-        run = _Run(start=time.monotonic(), budget=self.max_budget)
+        run = _Run(start=time.monotonic(), budget=self.max_budget, inline=self.runs_inline())
         run.deadline = run.start + self.max_budget  # until the request is known
 
         def job() -> Answer:
@@ -255,6 +282,8 @@ class OfferPipeline:
             run.request_id = request.id
             return self._pipeline(request, run, intermediary)
 
+        if run.inline:  # on the loop: no stage can wait on anything
+            return job()
         future = asyncio.wrap_future(self._executor().submit(job))
         while True:
             try:
@@ -272,23 +301,52 @@ class OfferPipeline:
     def _check_deadline(self, run: _Run, request_id: str) -> None:
         """Called when the waiter's timeout ran out: return if the pipeline has moved on to
         a later stage meanwhile, else give up on it (fail closed)."""
-        stage, deadline = run.stage, run.deadline
-        if time.monotonic() < deadline:
+        if time.monotonic() < run.deadline:
             return
         run.abandoned = True
+        raise self._late(run, request_id)
+
+    def _late(self, run: _Run, request_id: str) -> RequestRefusedError:
+        """The refusal of a request whose current stage missed its budget, logged."""
+        stage = run.stage
         share = self._stages.shares[stage]
+        where = ""
+        if run.inline:
+            hooks = [h for h in PIPELINE_HOOKS if _STAGE_OF[h] == stage]
+            plugins = ", ".join(_only_plugin(getattr(self._hook, h)) for h in hooks) or "the SDK"
+            where = f"; it ran on the caller's thread (marked nonblocking: {plugins})"
         log.warning(
-            "request %s: %s missed its budget (%.0f ms of %.0f ms); no offer",
+            "request %s: %s missed its budget (%.0f ms of %.0f ms)%s; no offer",
             request_id,
             stage,
             share * run.budget * 1000,
             run.budget * 1000,
+            where,
         )
-        raise RequestRefusedError(
+        return RequestRefusedError(
             f"the firm's {stage} stage did not answer within the request's time budget;"
             " no offer is made",
             problem=f"{stage}-timeout",
         )
+
+    def runs_inline(self) -> bool:
+        """Whether requests are answered on the caller's thread: every implementation of
+        the pipeline's hooks is marked :func:`~cmi_sdk.nonblocking`, and the store says
+        its offer calls never wait on a network (``nonblocking``). Asked a request, so
+        a plugin registered later counts."""
+        return not self.threaded_by()
+
+    def threaded_by(self) -> list[str]:
+        """What keeps :meth:`runs_inline` false: ``plugin.hook`` of each unmarked
+        implementation, and ``store``."""
+        found = [] if getattr(self._store(), "nonblocking", False) else ["store"]
+        found += [
+            f"{impl.plugin_name}.{name}"
+            for name in PIPELINE_HOOKS
+            for impl in getattr(self._hook, name).get_hookimpls()
+            if not getattr(impl.function, NONBLOCKING_ATTRIBUTE, False)
+        ]
+        return found
 
     def _budget(self, request: Request) -> float:
         budget = self.default_budget
@@ -319,6 +377,8 @@ class OfferPipeline:
     def _enter(self, run: _Run, stage: str) -> None:
         if run.abandoned:
             raise RequestRefusedError("abandoned", problem=f"{run.stage}-timeout")
+        if run.inline and time.monotonic() > run.deadline:
+            raise self._late(run, run.request_id)
         run.deadline = run.start + run.budget * self._stages.ends[stage]
         run.stage = stage
 
@@ -343,6 +403,15 @@ class OfferPipeline:
     def _await(self, value: Any) -> Any:
         if not inspect.isawaitable(value):
             return value
+        if _loop_running():
+            # Only a nonblocking pipeline runs on a loop, and only plain functions can be
+            # marked: this one returned an awaitable, which must not block the loop.
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError(
+                "a hook implementation marked nonblocking returned an awaitable; it must"
+                " return its answer (or be async def, unmarked)"
+            )
         # The pipeline's threads run no event loop: each coroutine gets one of its own,
         # closed when it is done (the cost, ~0.1 ms, is paid only by async plugins).
         return asyncio.run(_resolve(value))
@@ -479,6 +548,8 @@ class OfferPipeline:
 
         :raises ReplayedMessageError: the id was remembered meanwhile; nothing is stored.
         """
+        if run.inline and time.monotonic() > run.deadline:
+            raise self._late(run, run.request_id)
         store = self._store()
         message = run.message
         if message is None:
@@ -677,6 +748,14 @@ class OfferPipeline:
             self._call(name, first=False, **kwargs)
         except CMIError:
             log.exception("%s failed", name)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def _resolve(value: Any) -> Any:

@@ -86,6 +86,7 @@ EXPECTED = [
     "__version__",
     "hookimpl",
     "load_model",
+    "nonblocking",
 ]
 
 

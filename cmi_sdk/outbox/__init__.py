@@ -285,6 +285,12 @@ class OutboxStore(Protocol):
     """Where terms, consent records and outbox rows live.
 
     Every method is safe to call from several threads. Times are POSIX seconds (UTC).
+
+    A store may also say ``nonblocking = True`` when what a request for offers calls
+    (``get_terms``, ``intermediary_secrets``, ``message_seen``, ``add_offers``,
+    ``forget_message``) never waits on a network: then a pipeline whose hooks are all
+    :func:`~cmi_sdk.nonblocking` runs on the caller's thread, the endpoint's event loop
+    included. Without it, requests are answered on worker threads.
     """
 
     def migrate(self) -> None:

@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -537,6 +537,9 @@ class PostgresStore:
     All workers of one store must claim with the same ``per_destination``: the limit is
     kept by the workers that ask for it.
     """
+
+    nonblocking: ClassVar[bool] = False
+    """Every call is a round trip to the server: requests are answered on worker threads."""
 
     def __init__(
         self,

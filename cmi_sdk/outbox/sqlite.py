@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
@@ -227,6 +227,11 @@ class SQLiteStore:
         commit durable against power loss, at the cost of an fsync per commit.
     :param busy_timeout: how long, in seconds, to wait for another writer.
     """
+
+    nonblocking: ClassVar[bool] = True
+    """What a request for offers calls here never waits on a network: reads in WAL mode
+    do not wait for writers, and offers commit without waiting for the disk (they wait
+    only for another writer's commit)."""
 
     def __init__(
         self, path: str | Path, *, synchronous: str = "FULL", busy_timeout: float = 30.0

@@ -3,8 +3,10 @@
 :class:`ReferenceAirline` is what a firm's integration looks like end to end: capacity from
 nested EMSR-b booking limits, a revenue decision whose floor is EMSR-b's displacement
 cost, a fare ladder for the price, loyalty tiers checked with an HMAC, and holds and
-bookings that are safe under concurrency (one SQLite write transaction each). Register an
-instance with the adapter::
+bookings that are safe under concurrency (one SQLite write transaction each). Its pipeline
+hooks read only memory and its own SQLite file (WAL, where reads never wait for a writer),
+so they are marked :func:`~cmi_sdk.nonblocking` and requests are answered on the caller's
+thread. Register an instance with the adapter::
 
     airline = ReferenceAirline(database="airline.db", loyalty_key=b"...")
     airline.seed_demo()
@@ -60,6 +62,7 @@ from cmi_sdk import (
     Reward,
     Transaction,
     hookimpl,
+    nonblocking,
 )
 
 __all__ = ["AirlineError", "HoldExpiredError", "ReferenceAirline", "SoldOutError"]
@@ -914,6 +917,7 @@ class ReferenceAirline:
     # -- the pipeline ----------------------------------------------------------------------
 
     @hookimpl
+    @nonblocking
     def cmi_verify_claims(self, request: Request) -> list[ClaimCheck] | None:
         """Verify ``loyalty-tier`` claims: the evidence must be the HMAC of
         ``customer_ref:tier`` under the loyalty key (see :meth:`loyalty_evidence`)."""
@@ -946,6 +950,7 @@ class ReferenceAirline:
         return checks or None
 
     @hookimpl
+    @nonblocking
     def cmi_check_capacity(self, request: Request) -> Availability | None:
         """The cheapest fare class still open on the wanted flight, by EMSR-b's nested
         booking limits over the seats left (capacity less sold and held).
@@ -960,6 +965,7 @@ class ReferenceAirline:
         return self._answer(request, wanted, first=True).availability
 
     @hookimpl
+    @nonblocking
     def cmi_revenue_decision(
         self, request: Request, availability: Availability
     ) -> RevenueDecision | None:
@@ -996,6 +1002,7 @@ class ReferenceAirline:
         return decision
 
     @hookimpl
+    @nonblocking
     def cmi_price(
         self, request: Request, availability: Availability, decision: RevenueDecision
     ) -> Quote | None:
@@ -1033,6 +1040,7 @@ class ReferenceAirline:
         return Quote(items=(item,), product=fixed.products[i])
 
     @hookimpl
+    @nonblocking
     def cmi_rewards(self, quote: Quote, claims: list[ClaimCheck]) -> list[Reward] | None:
         """A verified loyalty tier takes a share off the price: gold 5 %, silver 2 %
         (rounded down to the currency's minor units; the best tier claimed counts)."""
@@ -1061,6 +1069,7 @@ class ReferenceAirline:
         ]
 
     @hookimpl
+    @nonblocking
     def cmi_advise(self, request: Request) -> list[Advice] | None:
         """Up to three other dates (within three days, and the customer's date range) with
         seats for every passenger, nearest first."""
@@ -1070,6 +1079,7 @@ class ReferenceAirline:
         return list(self._answer(request, wanted, first=False).advice) or None
 
     @hookimpl
+    @nonblocking
     def cmi_offer_validity(self, offer: Offer) -> dt.timedelta | None:
         """The airline's offers may be accepted for ten minutes."""
         if self._ours(offer.product) is None:

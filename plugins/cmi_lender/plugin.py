@@ -17,7 +17,8 @@ Its state lives in one SQLite file (WAL, one connection per thread)::
     holds (id, acceptance_id, amount_minor, expires_at)
 
 Amounts are kept in the currency's minor units (cents), as integers, so SQLite sums them
-exactly.
+exactly. The pipeline's hooks only read that file (WAL: reads never wait for a writer), so
+they are marked :func:`~cmi_sdk.nonblocking`.
 
 The lender is configured, so it is registered as an instance, not as an entry point::
 
@@ -63,6 +64,7 @@ from cmi_sdk import (
     RevenueDecision,
     Transaction,
     hookimpl,
+    nonblocking,
 )
 
 __all__ = [
@@ -456,6 +458,7 @@ class ReferenceLender:
     # -- the request-to-offer pipeline ----------------------------------------------------
 
     @hookimpl
+    @nonblocking
     def cmi_validate_request(self, request: Request) -> list[str] | None:
         """Refuse loans in another currency, of no amount, or over 360 months."""
         wanted = request.wanted
@@ -474,6 +477,7 @@ class ReferenceLender:
         return problems
 
     @hookimpl
+    @nonblocking
     def cmi_verify_claims(self, request: Request) -> list[ClaimCheck] | None:
         """Check every ``credit-band`` claim's evidence (see :func:`credit_evidence`);
         other claims are left to other plugins."""
@@ -486,6 +490,7 @@ class ReferenceLender:
         ]
 
     @hookimpl
+    @nonblocking
     def cmi_check_capacity(self, request: Request) -> Availability | None:
         """Could the lender fund the loan today? One loan is available when the amount
         fits in what is left of the day's limit. The product carries the APR of the
@@ -507,6 +512,7 @@ class ReferenceLender:
         )
 
     @hookimpl
+    @nonblocking
     def cmi_revenue_decision(
         self, request: Request, availability: Availability
     ) -> RevenueDecision | None:
@@ -528,6 +534,7 @@ class ReferenceLender:
         return RevenueDecision(accept=True, floor=None)
 
     @hookimpl
+    @nonblocking
     def cmi_price(self, request: Request, decision: RevenueDecision) -> Quote | None:
         """One line item, the principal, and the product at the band's APR."""
         wanted = self._wanted(request)
@@ -550,6 +557,7 @@ class ReferenceLender:
         )
 
     @hookimpl
+    @nonblocking
     def cmi_offer_validity(self, offer: Offer) -> dt.timedelta | None:
         """A loan offer's rate is locked for :data:`RATE_LOCK` (24 hours)."""
         if self._product(offer) is None:
