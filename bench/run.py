@@ -395,15 +395,20 @@ def _add_bench_flight(airline: Any, day: Any) -> None:
 
 
 def _airline_adapter(
-    folder: Path, *, seed: bool = True
+    folder: Path, *, seed: bool = True, threaded: bool = False
 ) -> tuple[Adapter, Callable[[int], Request]]:
     """A signing adapter with the reference airline (its flight added unless ``seed`` is
-    false: another process did), and a maker of fresh requests."""
+    false: another process did), and a maker of fresh requests. ``threaded``: its store
+    says it may wait on a network, so requests go to worker threads although the
+    airline's hooks are nonblocking (what unmarked hooks cost)."""
     import datetime as dt
 
     from cmi_airline import ReferenceAirline
     from cmi_sdk.outbox.sqlite import SQLiteStore
     from cmi_sdk.signing import DocumentSigner, self_signed_certificate
+
+    class ThreadedStore(SQLiteStore):
+        nonblocking = False
 
     key = ec.generate_private_key(ec.SECP256R1())
     signer = DocumentSigner(key=key, certificate=self_signed_certificate(key))
@@ -411,9 +416,8 @@ def _airline_adapter(
     day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).date()
     if seed:
         _add_bench_flight(airline, day)
-    adapter = Adapter(
-        store=SQLiteStore(folder / "firm.db"), signer=signer, plugins=[airline], firm="delta.com"
-    )
+    store = (ThreadedStore if threaded else SQLiteStore)(folder / "firm.db")
+    adapter = Adapter(store=store, signer=signer, plugins=[airline], firm="delta.com")
 
     def request(n: int) -> Request:
         now = dt.datetime.now(dt.UTC)
@@ -439,35 +443,44 @@ def _percentile(values: list[float], fraction: float) -> float:
 def bench_request_offer(quick: bool) -> list[Figure]:
     """Request to signed offer in-process with the reference airline: p50 and p99; and,
     interleaved with it, the floor: what any signed, validated and stored offer costs on
-    this machine (see _offer_floor), for the SDK's own share."""
+    this machine (see _offer_floor), for the SDK's own share; and the same requests handed
+    to the pipeline's worker threads (as with unmarked hooks)."""
     import tempfile
 
     count = 300 if quick else 2000
     with tempfile.TemporaryDirectory() as tmp:
         adapter, make = _airline_adapter(Path(tmp))
+        threaded, _ = _airline_adapter(Path(tmp), seed=False, threaded=True)
+        if not adapter.answers_inline or threaded.answers_inline:
+            raise SystemExit(f"unexpected pipeline paths: {adapter.threaded_by}")
         for n in range(50):  # warm up: schemas, templates, threads
             adapter.answer_request(make(-n - 1))
+            threaded.answer_request(make(-n - 1))
         floor = _offer_floor(Path(tmp), adapter, make(-100))
         for n in range(50):
             floor(-n - 1)
         requests = [make(n) for n in range(count)]
-        latencies, floors = [], []
+        latencies, floors, on_threads = [], [], []
         for n, req in enumerate(requests):
-            start = time.perf_counter()
-            answer = adapter.answer_request(req)
-            latencies.append(time.perf_counter() - start)
-            if not answer.offers.offers:
-                raise SystemExit(f"no offer: {answer.offers.declined}")
+            for which, times in ((adapter, latencies), (threaded, on_threads)):
+                start = time.perf_counter()
+                answer = which.answer_request(req)
+                times.append(time.perf_counter() - start)
+                if not answer.offers.offers:
+                    raise SystemExit(f"no offer: {answer.offers.declined}")
             start = time.perf_counter()
             floor(n)
             floors.append(time.perf_counter() - start)
         adapter.close()
+        threaded.close()
     p50, p99 = _percentile(latencies, 0.5) * 1e3, _percentile(latencies, 0.99) * 1e3
     floor_p50 = _percentile(floors, 0.5) * 1e3
     # Lower is better for latencies: judged as headroom, target / measured >= 1.
     return [
         Figure("request_offer_p50", p50, "ms"),
         Figure("request_offer_p99", p99, "ms"),
+        Figure("request_offer_threaded_p50", _percentile(on_threads, 0.5) * 1e3, "ms"),
+        Figure("request_offer_threaded_p99", _percentile(on_threads, 0.99) * 1e3, "ms"),
         Figure("request_offer_floor_p50", floor_p50, "ms"),
         Figure("request_offer_p50_over_floor", p50 / floor_p50, "x"),
         Figure("request_offer_p50_headroom", 0.5 / p50, "x (0.5 ms / p50)", target=1.0),
@@ -524,12 +537,17 @@ def http_app() -> Any:
     from starlette.routing import Mount, Route
 
     adapter, _ = _airline_adapter(Path(os.environ["CMI_BENCH_DIR"]), seed=False)
+    threaded, _ = _airline_adapter(Path(os.environ["CMI_BENCH_DIR"]), seed=False, threaded=True)
 
     async def minimal(request: HTTPRequest) -> Response:
         await request.body()
         return Response(b"<ok/>", media_type="application/xml")
 
-    routes = [Route("/minimal", minimal, methods=["POST"]), Mount("/", adapter.asgi_app())]
+    routes = [
+        Route("/minimal", minimal, methods=["POST"]),
+        Mount("/threaded", threaded.asgi_app()),
+        Mount("/", adapter.asgi_app()),
+    ]
     return Starlette(routes=routes)
 
 
@@ -555,33 +573,46 @@ def bench_request_http(quick: bool) -> list[Figure]:
         ]
         adapter.close()
         for workers in sorted({1, cores}):
-            rounds = _http_rounds(Path(tmp), workers, bodies, secret, 2 if quick else 3)
-            (best_min, cpu_min), (best_sdk, cpu_sdk) = rounds
+            # One process also serves the airline on worker threads (as unmarked hooks
+            # would be), for what the hand-off costs.
+            paths = ["/minimal", "/cmi/requests"]
+            paths += ["/threaded/cmi/requests"] if workers == 1 else []
+            rounds = 2 if quick else 3
+            best = _http_rounds(Path(tmp), workers, bodies, secret, rounds=rounds, paths=paths)
+            (best_min, cpu_min), (best_sdk, cpu_sdk) = best["/minimal"], best["/cmi/requests"]
             name = "process" if workers == 1 else f"{workers}_workers"
             figures += [
                 Figure(f"http_minimal_handler_{name}", best_min, "req/s"),
                 Figure(f"http_request_to_offer_{name}", best_sdk, "req/s"),
             ]
+            if workers == 1:
+                best_threads, cpu_threads = best["/threaded/cmi/requests"]
+                figures.append(Figure("http_request_to_offer_threaded", best_threads, "req/s"))
             if workers == 1 and math.isfinite(cpu_min) and cpu_min > 0:
                 # What the server itself spends a request (all its threads), beside
                 # throughput, which the load generator on the same cores bounds too.
                 figures += [
                     Figure("http_server_cpu_minimal", cpu_min * 1e3, "ms/request"),
                     Figure("http_server_cpu_request_to_offer", cpu_sdk * 1e3, "ms/request"),
+                    Figure("http_server_cpu_threaded", cpu_threads * 1e3, "ms/request"),
                 ]
             # Judged as served in production: one worker process a core.
             target = 0.5 if workers == cores else None
             figures.append(
                 Figure(f"http_request_ratio_{name}", best_sdk / best_min, "x minimal", target)
             )
+            if workers == 1:
+                ratio = best_threads / best_min
+                figures.append(Figure("http_request_ratio_threaded", ratio, "x minimal"))
     return figures
 
 
 def _http_rounds(
-    folder: Path, workers: int, bodies: list[bytes], secret: str, rounds: int
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Serve ``folder`` with ``workers`` processes and load both routes in alternating
-    rounds; the best rate of each, with the least server CPU a request seen."""
+    folder: Path, workers: int, bodies: list[bytes], secret: str, *, rounds: int, paths: list[str]
+) -> dict[str, tuple[float, float]]:
+    """Serve ``folder`` with ``workers`` processes and load each of ``paths`` in
+    alternating rounds: the best rate of each, with the least server CPU a request seen.
+    Every path but ``/minimal`` is signed."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = os.environ | {
@@ -595,18 +626,19 @@ def _http_rounds(
         "--workers", str(workers), "--log-level", "error", "--no-access-log",
     ]  # fmt: skip
     server = subprocess.Popen(argv, env=env)
-    best = {"/minimal": (0.0, math.inf), "/cmi/requests": (0.0, math.inf)}
+    best = dict.fromkeys(paths, (0.0, math.inf))
     try:
         wait_until_up(base + "/minimal", "server")
         for _ in range(rounds):
-            for path, key in (("/minimal", None), ("/cmi/requests", secret)):
+            for path in paths:
+                key = None if path == "/minimal" else secret
                 # Fresh message ids each round: the firm refuses replayed ids.
                 rate, cpu = _http_load(base, path, bodies, clients=4, secret=key, pid=server.pid)
                 best[path] = (max(best[path][0], rate), min(best[path][1], cpu))
     finally:
         server.terminate()
         server.wait(10)
-    return best["/minimal"], best["/cmi/requests"]
+    return best
 
 
 def _http_load(

@@ -310,7 +310,9 @@ def _target(scope: Mapping[str, Any]) -> str:
 
 
 class _Endpoint:
-    """The routes' logic. Store calls run in Starlette's thread pool, off the event loop."""
+    """The routes' logic. Store calls run in Starlette's thread pool, off the event loop,
+    but for a request for offers: it runs where its pipeline runs (see
+    :attr:`~cmi_sdk.Adapter.answers_inline`)."""
 
     def __init__(
         self, adapter: Adapter, max_body_bytes: int, tolerance: int, page_size: int
@@ -557,7 +559,8 @@ class _Endpoint:
         return principal.intermediary
 
     async def post_request(self, request: Request) -> Response:
-        """Authenticate, parse and answer on the pipeline's worker thread: one hand-off.
+        """Authenticate, parse and answer where the pipeline runs: on its worker thread
+        (one hand-off), or on the loop when every pipeline hook is nonblocking.
 
         The message id is remembered (replay cache) in the commit that stores the answer's
         offers, so a request is answered with one write; a request refused before that

@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Generator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cmi_sdk import (
@@ -33,10 +34,12 @@ from cmi_sdk import (
     load_model,
     nonblocking,
 )
+from cmi_sdk.client import signed_headers
 from cmi_sdk.outbox import SeenMessage
 from cmi_sdk.outbox.postgres import PostgresStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
-from tests.support import make_adapter
+from cmi_sdk.webhooks import generate_secret
+from tests.support import make_adapter, serve_app
 
 FARE = Money(amount="451.89", currency="USD")
 
@@ -61,10 +64,12 @@ class Quick:
 
     def __init__(self, price_seconds: float = 0.0) -> None:
         self.threads: set[int] = set()
+        self.names: set[str] = set()
         self.price_seconds = price_seconds
 
     def _seen(self) -> None:
         self.threads.add(threading.get_ident())
+        self.names.add(threading.current_thread().name)
 
     @hookimpl
     @nonblocking
@@ -204,6 +209,7 @@ def test_one_unmarked_implementation_sends_requests_to_a_worker_thread(
     assert adapter.threaded_by == ["audit.cmi_price"]
     adapter.answer_request(a_request())
     assert threading.get_ident() not in quick.threads
+    assert all(name.startswith("cmi-offers") for name in quick.names)
     # Unregistered, the fast path is back at the next request.
     adapter.plugin_manager.unregister(name="audit")
     quick.threads.clear()
@@ -293,4 +299,45 @@ def test_the_reference_firms_answer_inline(tmp_path: Path) -> None:
     airline = ReferenceAirline(database=tmp_path / "airline.db")
     adapter = make_adapter(tmp_path, plugins=[airline, lender])
     assert adapter.threaded_by == []
+    adapter.close()
+
+
+def test_over_http_a_marked_pipeline_answers_refuses_replays_and_fails_closed(
+    tmp_path: Path,
+) -> None:
+    quick = Quick()
+    adapter = make_adapter(tmp_path, plugins=[quick], request_budget=0.2)
+    secret = generate_secret()
+    adapter.store.add_intermediary("relay", secret, at=time.time())
+    body = adapter.render(a_request(), standard="cmi", document_type="request")
+
+    def post(url: str, msg_id: str) -> httpx.Response:
+        headers = signed_headers(
+            secret=secret,
+            method="POST",
+            target="/cmi/requests",
+            body=body,
+            intermediary="relay",
+            msg_id=msg_id,
+        )
+        headers["content-type"] = "application/xml"
+        return httpx.post(url + "cmi/requests", content=body, headers=headers, timeout=10)
+
+    with serve_app(adapter.asgi_app()) as url:
+        ok = post(url, "msg_ok")
+        assert ok.status_code == 200, ok.text
+        # On the server's event loop, not on the pipeline's worker threads.
+        assert len(quick.threads) == 1
+        assert not any(name.startswith("cmi-offers") for name in quick.names)
+        replay = post(url, "msg_ok")
+        assert replay.status_code == 401
+        assert replay.json()["type"] == "urn:cmi:problem:replayed"
+        quick.price_seconds = 0.3  # past pricing's 40 ms
+        late = post(url, "msg_late")
+        assert late.status_code == 503
+        assert late.json()["type"] == "urn:cmi:problem:pricing-timeout"
+        assert _offer_count(tmp_path / "cmi.db") == 1
+        # Refused, the request left its message id free.
+        quick.price_seconds = 0.0
+        assert post(url, "msg_late").status_code == 200
     adapter.close()
