@@ -22,7 +22,6 @@ from cmi_sdk import (
     Advice,
     Availability,
     ClaimCheck,
-    FlightProduct,
     LineItem,
     Money,
     Quote,
@@ -40,6 +39,7 @@ from cmi_sdk.outbox.postgres import PostgresStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
 from tests.support import make_adapter, serve_app
+from tests.test_offers import seat_on
 
 FARE = Money(amount="451.89", currency="USD")
 
@@ -87,16 +87,7 @@ class Quick:
     @nonblocking
     def cmi_check_capacity(self, request: Request) -> Availability:
         self._seen()
-        wanted = request.wanted
-        product = FlightProduct(
-            origin=wanted.origin,  # type: ignore[union-attr]
-            destination=wanted.destination,  # type: ignore[union-attr]
-            date=wanted.date,  # type: ignore[union-attr]
-            airline="Delta",
-            flight="2231",
-            fare_class="B",
-        )
-        return Availability(product=product, available=3)
+        return Availability(product=seat_on(request), available=3)
 
     @hookimpl
     @nonblocking

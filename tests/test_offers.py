@@ -68,6 +68,20 @@ def flight_request(**changes: Any) -> Request:
     return load_model(Request, data)
 
 
+def seat_on(request: Request) -> FlightProduct:
+    """The shop's product for a flight request: a class B seat on Delta 2231."""
+    wanted = request.wanted
+    assert isinstance(wanted, FlightWanted)
+    return FlightProduct(
+        origin=wanted.origin,
+        destination=wanted.destination,
+        date=wanted.date,
+        airline="Delta",
+        flight="2231",
+        fare_class="B",
+    )
+
+
 class Shop:
     """A tiny airline: a few seats of one flight, a fixed fare and floor."""
 
@@ -100,17 +114,8 @@ class Shop:
         self.calls.append("capacity")
         if request.kind != "flight":
             return None
-        wanted = request.wanted
-        product = FlightProduct(
-            origin=wanted.origin,  # type: ignore[union-attr]
-            destination=wanted.destination,  # type: ignore[union-attr]
-            date=wanted.date,  # type: ignore[union-attr]
-            airline="Delta",
-            flight="2231",
-            fare_class="B",
-        )
         free = self.seats - len(self.booked) - sum(self.held.values())
-        return Availability(product=product, available=max(free, 0))
+        return Availability(product=seat_on(request), available=max(free, 0))
 
     @hookimpl
     def cmi_revenue_decision(self, availability: Availability) -> RevenueDecision:
