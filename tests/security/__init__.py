@@ -1,0 +1,1 @@
+"""Attacks on the SDK, written as tests: each holds one rule of the security model."""
