@@ -199,7 +199,9 @@ class Adapter:
             hook=self._pm.hook,
             store=lambda: self.store,
             render_signed=self._render_signed,
-            emit=lambda tx, ref: self.emit(tx, customer_refs=[ref]),
+            emit=lambda tx, ref, intermediary: self._emitter.emit(
+                [tx], connection=None, customer_refs=[ref], intermediary=intermediary
+            ),
             firm=firm,
             clock=clock,
             default_budget=request_budget,

@@ -155,8 +155,31 @@ class Emitter:
         *,
         connection: object | None,
         customer_refs: Sequence[str] | None,
+        intermediary: str | None = None,
     ) -> list[Emission]:
-        store = self._store()
+        rows, emissions = self.prepare(
+            transactions,
+            connection=connection,
+            customer_refs=customer_refs,
+            intermediary=intermediary,
+        )
+        if rows:
+            self._store().insert(rows, connection=connection)
+        return emissions
+
+    def prepare(
+        self,
+        transactions: Sequence[Transaction],
+        *,
+        connection: object | None,
+        customer_refs: Sequence[str] | None,
+        intermediary: str | None = None,
+    ) -> tuple[list[NewRow], list[Emission]]:
+        """The outbox rows of ``transactions`` for everyone they concern, not yet written.
+
+        :param intermediary: the intermediary the transactions were made through (a
+            booking), whose references ``customer_refs`` are; ``None`` for the firm's own.
+        """
         now = self._clock()
         rows: list[NewRow] = []
         emissions: list[Emission] = []
@@ -166,7 +189,9 @@ class Emitter:
             for ref in customer_refs or (tx.customer_ref,):
                 terms_list = terms_of.get(ref)
                 if terms_list is None:
-                    terms_list = terms_of[ref] = store.active_terms(ref, now, connection=connection)
+                    terms_list = terms_of[ref] = self._recipients(
+                        ref, intermediary=intermediary, now=now, connection=connection
+                    )
                 if not terms_list:
                     log.info(
                         "no active sharing terms for customer %s: transaction %s not emitted"
@@ -180,9 +205,14 @@ class Emitter:
                     row, emission = self._document(own, terms, now)
                     rows.append(row)
                     emissions.append(emission)
-        if rows:
-            store.insert(rows, connection=connection)
-        return emissions
+        return rows, emissions
+
+    def _recipients(
+        self, ref: str, *, intermediary: str | None, now: float, connection: object | None
+    ) -> list[SharingTerms]:
+        """The active terms a document for ``ref`` goes out under."""
+        del intermediary  # every customer's references are the firm's own, for now
+        return self._store().active_terms(ref, now, connection=connection)
 
     def _document(
         self, tx: Transaction, terms: SharingTerms, now: float

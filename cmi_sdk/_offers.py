@@ -211,7 +211,7 @@ class OfferPipeline:
         hook: pluggy.HookRelay,
         store: Callable[[], OutboxStore],
         render_signed: Callable[[Any, str], bytes],
-        emit: Callable[[Transaction, str], list[Emission]],
+        emit: Callable[[Transaction, str, str | None], list[Emission]],
         firm: str,
         clock: Callable[[], float],
         default_budget: float = 2.0,
@@ -732,7 +732,7 @@ class OfferPipeline:
             if isinstance(exc, AcceptanceError):
                 raise
             raise AcceptanceError(f"the booking failed: {exc}", problem="not-booked") from None
-        emissions = self._emit(tx, acceptance.customer_ref)
+        emissions = self._emit(tx, acceptance.customer_ref, stored.intermediary)
         log.info("offer %s booked as %s (%d documents)", offer.id, tx.id, len(emissions))
         return AcceptanceResult(
             outcome="booked",
