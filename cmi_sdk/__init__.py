@@ -23,6 +23,8 @@ from cmi_sdk._exceptions import (
     EgressResolutionError,
     ForbiddenXMLError,
     InvalidInputError,
+    LinkError,
+    LinkNotFoundError,
     MalformedXMLError,
     MappingError,
     ModelValidationError,
@@ -44,6 +46,7 @@ from cmi_sdk._exceptions import (
     ValidationIssue,
     XMLInputError,
 )
+from cmi_sdk._links import Link, LinkCode, LinkRevocation
 from cmi_sdk._models import (
     Acceptance,
     Advice,
@@ -120,6 +123,11 @@ __all__ = [
     "Identity",
     "InvalidInputError",
     "LineItem",
+    "Link",
+    "LinkCode",
+    "LinkError",
+    "LinkNotFoundError",
+    "LinkRevocation",
     "LoanDetails",
     "LoanProduct",
     "LoanWanted",

@@ -25,6 +25,7 @@ from cmi_sdk._exceptions import (
     PluginError,
     ValidationIssue,
 )
+from cmi_sdk._links import DEFAULT_LINK_CODE_TTL, Link, LinkCode, LinkRevocation, LinkService
 from cmi_sdk._models import Acceptance, Request, Transaction
 from cmi_sdk._offers import AcceptanceResult, Answer, OfferPipeline, Prepared
 from cmi_sdk._standards import (
@@ -195,6 +196,7 @@ class Adapter:
             clock=clock,
             parser=self.parser.lxml_parser,
         )
+        self._links = LinkService(store=lambda: self.store, emitter=self._emitter, clock=clock)
         self._offers = OfferPipeline(
             hook=self._pm.hook,
             store=lambda: self.store,
@@ -320,6 +322,60 @@ class Adapter:
     ) -> list[SharingTerms]:
         """Registered terms, oldest first."""
         return self.store.list_terms(customer_ref=customer_ref, include_revoked=include_revoked)
+
+    # -- service links --------------------------------------------------------------------
+
+    def create_link_code(
+        self, account: str, *, ttl: dt.timedelta = DEFAULT_LINK_CODE_TTL
+    ) -> LinkCode:
+        """A code for the signed-in customer of ``account`` to give one intermediary:
+        single-use, redeemable within ``ttl`` (at most a day), kept only as a hash. Call it
+        only for the customer who holds the account: the code lets an intermediary act
+        for them (see the "Customers, links and pseudonyms" guide).
+
+        :param account: the firm's own id for the customer (it never leaves the firm);
+            the ``customer_ref`` of the transactions the firm emits for them.
+        :raises LinkError: ``account`` does not fit a reference, or ``ttl`` is out of range.
+        """
+        return self._links.create_code(account, ttl=ttl)
+
+    def redeem_link_code(self, code: str, *, intermediary: str) -> Link:
+        """Redeem a link code for ``intermediary`` (what ``POST /cmi/links`` does): the
+        customer's new link, whose ``customer_ref`` is the intermediary's reference for
+        them, random and pairwise.
+
+        :raises LinkError: the code is unknown, used or expired (one error for all three).
+        """
+        return self._links.redeem(code, intermediary=intermediary)
+
+    def links(
+        self,
+        *,
+        account: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[Link]:
+        """Service links, oldest first: an account's, an intermediary's, or all."""
+        return self.store.links(
+            account=account, intermediary=intermediary, include_revoked=include_revoked
+        )
+
+    def get_link(self, link_id: str) -> Link:
+        """The link with that id (revoked or not).
+
+        :raises LinkNotFoundError: no such link.
+        """
+        return self.store.get_link(link_id)
+
+    def revoke_link(self, link_id: str) -> LinkRevocation:
+        """Revoke a link: the account's documents stop going to it, and every terms of its
+        reference is revoked (each with a signed consent record) with their undelivered
+        documents cancelled, in one transaction.
+
+        :raises LinkNotFoundError: no such link.
+        :raises LinkError: already revoked.
+        """
+        return self._links.revoke(link_id)
 
     # -- requests, offers, acceptances ---------------------------------------------------
 

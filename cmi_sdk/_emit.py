@@ -200,8 +200,14 @@ class Emitter:
                         tx.id,
                     )
                     continue
-                own = tx if ref == tx.customer_ref else _for_customer(tx, ref)
                 for terms in terms_list:
+                    # Each document carries the reference of the terms it goes under: the
+                    # account for the firm's direct terms, a link's own for the link's.
+                    own = (
+                        tx
+                        if terms.customer_ref == tx.customer_ref
+                        else _for_customer(tx, terms.customer_ref)
+                    )
                     row, emission = self._document(own, terms, now)
                     rows.append(row)
                     emissions.append(emission)
@@ -210,9 +216,16 @@ class Emitter:
     def _recipients(
         self, ref: str, *, intermediary: str | None, now: float, connection: object | None
     ) -> list[SharingTerms]:
-        """The active terms a document for ``ref`` goes out under."""
-        del intermediary  # every customer's references are the firm's own, for now
-        return self._store().active_terms(ref, now, connection=connection)
+        """The active terms a document for ``ref`` goes out under; each document carries
+        its terms' ``customer_ref``.
+
+        With no ``intermediary``, ``ref`` is the firm's account id: its direct terms and the
+        terms of each of its active links. A booking through an intermediary names that
+        intermediary's reference: an active link's account gets it as above; an unlinked
+        reference (the intermediary's own pseudonym) only the intermediary's own terms."""
+        return self._store().active_terms(
+            ref, now, intermediary=intermediary, connection=connection
+        )
 
     def _document(
         self, tx: Transaction, terms: SharingTerms, now: float

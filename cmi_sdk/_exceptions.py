@@ -12,6 +12,7 @@ about something that is not there from :class:`LookupError`::
     │   ├── StandardNotFoundError
     │   ├── DocumentTypeNotFoundError
     │   ├── TermsNotFoundError
+    │   ├── LinkNotFoundError
     │   ├── OfferNotFoundError
     │   └── OutboxRowNotFoundError
     └── InvalidInputError (ValueError)
@@ -25,6 +26,7 @@ about something that is not there from :class:`LookupError`::
         │   └── DocumentTooDeepError
         ├── DocumentValidationError     XML that breaks its schema
         ├── TermsError                  sharing terms the firm cannot take as they are
+        ├── LinkError                   a link code that cannot be redeemed, a link revoked
         ├── RequestRefusedError         a request the firm's systems will not answer
         ├── AcceptanceError             an acceptance that cannot be booked
         │   ├── OfferExpiredError
@@ -57,6 +59,8 @@ __all__ = [
     "EgressResolutionError",
     "ForbiddenXMLError",
     "InvalidInputError",
+    "LinkError",
+    "LinkNotFoundError",
     "MalformedXMLError",
     "MappingError",
     "ModelValidationError",
@@ -117,6 +121,10 @@ class DocumentTypeNotFoundError(NotFoundError):
 
 class TermsNotFoundError(NotFoundError):
     """No sharing terms have that id (or none the caller may see)."""
+
+
+class LinkNotFoundError(NotFoundError):
+    """No service link has that id (or none the caller may see)."""
 
 
 class OfferNotFoundError(NotFoundError):
@@ -269,6 +277,11 @@ class SignatureVerificationError(InvalidInputError):
 class TermsError(InvalidInputError):
     """Sharing terms that cannot be registered as they are: contradictory, naming a field or
     standard the firm does not have, or already revoked."""
+
+
+class LinkError(InvalidInputError):
+    """A link code that cannot be redeemed (unknown, used or expired: one error for all
+    three, so a code cannot be probed), or a link that is already revoked."""
 
 
 class DestinationNotAllowedError(InvalidInputError):

@@ -10,7 +10,10 @@ Routes:
   the customer's own;
 - ``DELETE /cmi/terms/{id}``: revoke, by the intermediary or the customer; the answer is
   the signed consent record of the revocation;
-- ``GET /cmi/documents?since=CURSOR``: the customer pulls what was emitted under their terms.
+- ``GET /cmi/documents?since=CURSOR``: the customer pulls what was emitted under their terms;
+- ``POST /cmi/links``: an intermediary redeems a customer's link code and receives its own
+  pairwise ``customer_ref`` for them; ``GET /cmi/links`` and ``DELETE /cmi/links/{id}``:
+  its own links (see :mod:`cmi_sdk._links`).
 
 Every route but the well-known one is authenticated (see :mod:`cmi_sdk.client`): a size cap
 before the body is read in full, a Standard Webhooks signature, a timestamp window and a
@@ -50,6 +53,8 @@ from cmi_sdk._exceptions import (
     DocumentValidationError,
     ForbiddenXMLError,
     InvalidInputError,
+    LinkError,
+    LinkNotFoundError,
     MalformedXMLError,
     ModelValidationError,
     NotFoundError,
@@ -61,6 +66,7 @@ from cmi_sdk._exceptions import (
     TermsNotFoundError,
     UnknownPartyError,
 )
+from cmi_sdk._links import Link
 from cmi_sdk._models import Acceptance, Offer, load_model
 from cmi_sdk._models import Request as CustomerRequest
 from cmi_sdk._offers import Answer, Prepared
@@ -87,6 +93,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "unsupported-media-type": (415, "The request body has the wrong content type"),
     "invalid-input": (422, "The request body is not valid"),
     "terms-refused": (422, "The terms cannot be registered as they are"),
+    "link-refused": (422, "The link code is unknown, used or expired"),
     "destination-not-allowed": (422, "The destination is not allowed"),
     "conflict": (409, "The request conflicts with the resource's state"),
     "malformed-xml": (400, "The body is not well-formed XML"),
@@ -186,6 +193,7 @@ _PROBLEM_OF: tuple[tuple[type[CMIError], str], ...] = (
     (SignatureVerificationError, "bad-signature"),
     (DestinationNotAllowedError, "destination-not-allowed"),
     (TermsError, "terms-refused"),
+    (LinkError, "link-refused"),
     (NotFoundError, "not-found"),
     (InvalidInputError, "invalid-input"),
 )
@@ -256,6 +264,9 @@ def create_app(
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.get_terms), methods=["GET"]),
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.delete_terms), methods=["DELETE"]),
         Route("/cmi/documents", endpoint.guarded(endpoint.documents), methods=["GET"]),
+        Route("/cmi/links", endpoint.guarded(endpoint.post_link), methods=["POST"]),
+        Route("/cmi/links", endpoint.guarded(endpoint.list_links), methods=["GET"]),
+        Route("/cmi/links/{link_id}", endpoint.guarded(endpoint.delete_link), methods=["DELETE"]),
         Route("/cmi/offers/{offer_id}", endpoint.guarded(endpoint.get_offer), methods=["GET"]),
         Route(
             "/cmi/offers/{offer_id}/acceptance",
@@ -285,6 +296,15 @@ def _href(request: Request, terms: SharingTerms) -> str:
 
 def _terms_json(request: Request, terms: SharingTerms) -> dict[str, Any]:
     return {**terms.public_dict(), "id": terms.id, "href": _href(request, terms)}
+
+
+def _link_href(request: Request, link_id: str) -> str:
+    return f"{request.scope.get('root_path', '')}/cmi/links/{link_id}"
+
+
+def _link_json(request: Request, link: Link) -> dict[str, Any]:
+    # What the intermediary may know of its link: never the firm's account id.
+    return {**link.public_dict(), "href": _link_href(request, link.id)}
 
 
 def _decision_json(request: Request, decision: TermsDecision) -> dict[str, Any]:
@@ -511,6 +531,63 @@ class _Endpoint:
             }
         )
 
+    def post_link(self, request: Request, principal: Principal, body: bytes) -> Response:
+        """Redeem a link code: the customer's reference for this intermediary."""
+        name = self._linking(principal)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ProblemError("unsupported-media-type", "a link code is sent as application/json")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise ProblemError("invalid-input", 'send {"code": "..."}') from None
+        if not isinstance(data, dict) or set(data) != {"code"} or not isinstance(data["code"], str):
+            raise ProblemError("invalid-input", 'send {"code": "..."}')
+        link = self.adapter.redeem_link_code(data["code"], intermediary=name)
+        return JSONResponse(
+            _link_json(request, link),
+            status_code=201,
+            headers={"location": _link_href(request, link.id)},
+        )
+
+    def list_links(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        """The intermediary's own active links: never an account id."""
+        name = self._linking(principal)
+        found = self.adapter.links(intermediary=name)
+        return JSONResponse({"links": [_link_json(request, link) for link in found]})
+
+    def delete_link(self, request: Request, principal: Principal, _body: bytes) -> Response:
+        """Revoke one of the intermediary's own links, and its terms."""
+        name = self._linking(principal)
+        link_id = request.path_params["link_id"]
+        try:
+            link = self.adapter.get_link(link_id)
+        except LinkNotFoundError:
+            raise ProblemError("not-found", f"no link {link_id!r}") from None
+        if link.intermediary != name:
+            # The same answer as for a missing link: ids are not to be probed.
+            raise ProblemError("not-found", f"no link {link_id!r}")
+        if link.revoked_at is not None:
+            raise ProblemError("conflict", f"link {link_id} is already revoked")
+        revocation = self.adapter.revoke_link(link_id)
+        return JSONResponse(
+            {
+                "outcome": "revoked",
+                "link": _link_json(request, revocation.link),
+                "consents": [
+                    {"record": c.record.model_dump(mode="json"), "xml": c.xml.decode()}
+                    for c in revocation.consents
+                ],
+                "cancelled": revocation.cancelled,
+            }
+        )
+
+    @staticmethod
+    def _linking(principal: Principal) -> str:
+        if principal.intermediary is None:
+            raise ProblemError("forbidden", "links are redeemed and kept by intermediaries")
+        return principal.intermediary
+
     def _xml_document(self, request: Request, body: bytes, model: type) -> ValidatedDocument:
         """The body as a valid document of any installed standard whose model is
         ``model``: a ``cmi`` request or a UBL RequestForQuotation alike."""
@@ -608,12 +685,18 @@ class _Endpoint:
         name = self._intermediary(principal)
         offer_id = request.path_params["offer_id"]
         stored = self.adapter.get_offer(offer_id)
-        if stored.intermediary not in (None, name):
+        if stored.intermediary != name:
+            # Only the intermediary that asked: its customer's reference is its own.
             raise ProblemError("not-found", f"no offer {offer_id!r}")
         return Response(self.adapter.offer_document(offer_id), media_type="application/xml")
 
     def post_acceptance(self, request: Request, principal: Principal, body: bytes) -> Response:
         name = self._intermediary(principal)
+        offer_id = request.path_params["offer_id"]
+        if self.adapter.get_offer(offer_id).intermediary != name:
+            # An offer made for another intermediary's customer (or for none) is not this
+            # one's to accept: the same answer as for a missing offer.
+            raise ProblemError("not-found", f"no offer {offer_id!r}")
         acceptance = self._xml_document(request, body, Acceptance).to_model()
         assert isinstance(acceptance, Acceptance)  # noqa: S101  (its document type's model)
         result = self.adapter.accept_offer(
@@ -719,6 +802,7 @@ def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) ->
             "requests": "/cmi/requests",
             "offers": "/cmi/offers/{id}",
             "acceptance": "/cmi/offers/{id}/acceptance",
+            "links": "/cmi/links",
             "timings": list(adapter.policy.timings),
         },
         "authentication": {

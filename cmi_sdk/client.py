@@ -169,6 +169,19 @@ class CMIClient:
         """``DELETE /cmi/terms/{id}``."""
         return self.request("DELETE", f"/cmi/terms/{terms_id}")
 
+    def redeem_link(self, code: str) -> httpx.Response:
+        """``POST /cmi/links``: redeem the link code a customer gave; the answer's
+        ``customer_ref`` is this intermediary's reference for them."""
+        return self.request("POST", "/cmi/links", json_body={"code": code})
+
+    def list_links(self) -> httpx.Response:
+        """``GET /cmi/links``: this intermediary's active links."""
+        return self.request("GET", "/cmi/links")
+
+    def revoke_link(self, link_id: str) -> httpx.Response:
+        """``DELETE /cmi/links/{id}``: revoke a link and every terms of its reference."""
+        return self.request("DELETE", f"/cmi/links/{link_id}")
+
     def documents(self, since: str | None = None, limit: int | None = None) -> httpx.Response:
         """``GET /cmi/documents?since=...``."""
         params: dict[str, str] = {}

@@ -11,7 +11,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cmi_sdk import Adapter, EgressGuard, SharingTerms, TermsProposal, Transaction, load_model
+from cmi_sdk import (
+    Adapter,
+    EgressGuard,
+    Link,
+    SharingTerms,
+    TermsProposal,
+    Transaction,
+    load_model,
+)
 from cmi_sdk._serving import serving
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import DocumentSigner, self_signed_certificate
@@ -44,8 +52,9 @@ def ticket(**changes: Any) -> Transaction:
     return Transaction.model_validate(data)
 
 
-def register(adapter: Adapter, **fields: Any) -> SharingTerms:
-    """Register terms (accepted as proposed, or the test fails) and return them."""
+def register(adapter: Adapter, *, intermediary: str | None = None, **fields: Any) -> SharingTerms:
+    """Register terms (accepted as proposed, or the test fails) and return them; with
+    ``intermediary``, as that intermediary proffers them (for its own reference)."""
     data: dict[str, Any] = {
         "customer_ref": CUSTOMER,
         "destination": "http://127.0.0.1:9/inbox",
@@ -54,10 +63,28 @@ def register(adapter: Adapter, **fields: Any) -> SharingTerms:
         "purpose": {"code": "records", "text": "Keep my travel records"},
     }
     data.update(fields)
-    decision = adapter.propose_terms(TermsProposal.model_validate(data))
+    decision = adapter.propose_terms(TermsProposal.model_validate(data), intermediary=intermediary)
     assert decision.outcome == "accepted", decision.reason
     assert decision.terms is not None
     return decision.terms
+
+
+def link(adapter: Adapter, account: str, intermediary: str) -> Link:
+    """Link ``account`` to ``intermediary`` as a customer does (a code, redeemed); the
+    link's ``customer_ref`` is the intermediary's reference for the account."""
+    return adapter.redeem_link_code(
+        adapter.create_link_code(account).code, intermediary=intermediary
+    )
+
+
+def linked_terms(
+    adapter: Adapter, intermediary: str, *, account: str = CUSTOMER, **fields: Any
+) -> SharingTerms:
+    """Terms an intermediary registers for its linked customer ``account``: the link is
+    made first (or reused), so the firm's documents for the account reach them."""
+    found = adapter.links(account=account, intermediary=intermediary)
+    ref = (found[0] if found else link(adapter, account, intermediary)).customer_ref
+    return register(adapter, intermediary=intermediary, customer_ref=ref, **fields)
 
 
 @contextlib.contextmanager

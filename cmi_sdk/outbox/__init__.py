@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from cmi_sdk._links import Link
 from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 
@@ -314,9 +315,20 @@ class OutboxStore(Protocol):
         """Terms, oldest first."""
 
     def active_terms(
-        self, customer_ref: str, now: float, *, connection: object | None = None
+        self,
+        customer_ref: str,
+        now: float,
+        *,
+        intermediary: str | None = None,
+        connection: object | None = None,
     ) -> list[SharingTerms]:
-        """The terms documents may go out under for ``customer_ref`` at ``now``."""
+        """The terms a document for a customer goes out under at ``now``, oldest first.
+
+        With ``intermediary`` None, ``customer_ref`` is the firm's account id: the firm's
+        direct terms for it (registered with no intermediary) and the terms of each of its
+        active links. With an intermediary, ``customer_ref`` is that intermediary's
+        reference: when it is an active link, what its account gets (as above); otherwise
+        only the intermediary's own terms for that reference. Never anyone else's."""
 
     def revoke_terms(
         self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
@@ -326,6 +338,41 @@ class OutboxStore(Protocol):
 
     def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
         """The consent records of the terms, oldest first, with their signed documents."""
+
+    # -- service links (see cmi_sdk._links) -----------------------------------------------
+
+    def add_link_code(
+        self, code_hash: str, account: str, *, created_at: float, expires_at: float
+    ) -> None:
+        """Keep a link code's hash for ``account`` until ``expires_at``."""
+
+    def redeem_link_code(
+        self, code_hash: str, *, intermediary: str, link_id: str, customer_ref: str, now: float
+    ) -> Link | None:
+        """In one transaction: mark the code used and make the link; None (nothing
+        written) when the code is unknown, used or expired. A code redeems once, however
+        many redeem it at the same time."""
+
+    def get_link(self, link_id: str) -> Link:
+        """The link with that id, revoked or not; raises LinkNotFoundError."""
+
+    def links(
+        self,
+        *,
+        account: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[Link]:
+        """Links, oldest first."""
+
+    def revoke_link(
+        self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
+    ) -> tuple[int, list[str]]:
+        """In one transaction: revoke the link and the terms each consent record names (of
+        the link's reference), keep the records and cancel those terms' undelivered rows.
+        Return how many rows were cancelled, and the ids of the reference's terms still
+        active (registered after the caller read them). Raises LinkNotFoundError, or
+        LinkError if revoked."""
 
     # -- outbox ---------------------------------------------------------------------------
 

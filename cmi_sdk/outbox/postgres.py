@@ -25,6 +25,7 @@ plus one for ``LISTEN`` once :meth:`~PostgresStore.wait_for_work` is called.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ from psycopg.rows import TupleRow, tuple_row
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     ConfigurationError,
+    LinkError,
+    LinkNotFoundError,
     OfferNotFoundError,
     OutboxRowNotFoundError,
     ReplayedMessageError,
@@ -52,6 +55,7 @@ from cmi_sdk._exceptions import (
     TermsError,
     TermsNotFoundError,
 )
+from cmi_sdk._links import Link
 from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
@@ -72,7 +76,7 @@ __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "e
 
 log = logging.getLogger("cmi_sdk.outbox.postgres")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The version of the tables this module creates, recorded in ``<schema>.meta``."""
 
 _T = TypeVar("_T")
@@ -203,7 +207,46 @@ CREATE TABLE IF NOT EXISTS {s}.seen (
     PRIMARY KEY (party, msg_id)
 );
 CREATE INDEX IF NOT EXISTS seen_expiry ON {s}.seen (expires_at);
+-- Version 4: service links. A reference is unique per intermediary, not across them.
+CREATE TABLE IF NOT EXISTS {s}.links (
+    id text PRIMARY KEY,
+    account text NOT NULL,
+    intermediary text NOT NULL,
+    customer_ref text NOT NULL,
+    created_at double precision NOT NULL,
+    revoked_at double precision,
+    UNIQUE (intermediary, customer_ref)
+);
+CREATE INDEX IF NOT EXISTS links_account ON {s}.links (account);
+CREATE TABLE IF NOT EXISTS {s}.link_codes (
+    hash text PRIMARY KEY,
+    account text NOT NULL,
+    created_at double precision NOT NULL,
+    expires_at double precision NOT NULL,
+    used_at double precision,
+    link_id text
+);
+CREATE INDEX IF NOT EXISTS link_codes_expiry ON {s}.link_codes (expires_at);
 """
+
+# What a document for an account goes out under: the firm's direct terms for the account,
+# and the terms of each of its active links; for an intermediary's reference, what its
+# linked account gets, or, unlinked, only that intermediary's own terms for it.
+_RECIPIENTS = (
+    "WITH account (id) AS (SELECT %(ref)s::text WHERE %(intermediary)s::text IS NULL"
+    " UNION ALL SELECT account FROM {s}.links WHERE intermediary = %(intermediary)s"
+    " AND customer_ref = %(ref)s AND revoked_at IS NULL)"
+    " SELECT t.terms::text, t.secret, t.created_at, t.id FROM account a JOIN {s}.terms t"
+    " ON t.customer_ref = a.id AND t.intermediary IS NULL WHERE {active}"
+    " UNION ALL SELECT t.terms::text, t.secret, t.created_at, t.id FROM account a"
+    " JOIN {s}.links l ON l.account = a.id AND l.revoked_at IS NULL JOIN {s}.terms t"
+    " ON t.intermediary = l.intermediary AND t.customer_ref = l.customer_ref WHERE {active}"
+    " UNION ALL SELECT t.terms::text, t.secret, t.created_at, t.id FROM {s}.terms t"
+    " WHERE t.intermediary = %(intermediary)s AND t.customer_ref = %(ref)s AND {active}"
+    " AND NOT EXISTS (SELECT 1 FROM account) ORDER BY 3, 4"
+).replace("{active}", "t.revoked_at IS NULL AND (t.until IS NULL OR t.until > %(now)s)")
+
+_LINKS_SQL = "SELECT id, account, intermediary, customer_ref, created_at, revoked_at FROM {s}.links"
 
 _COLUMNS = (
     "seq",
@@ -401,6 +444,23 @@ def _terms(values: Sequence[Any]) -> SharingTerms:
     data = json.loads(values[0])
     data["secret"] = values[1]
     return SharingTerms.model_validate(data)
+
+
+def _link(values: Sequence[Any]) -> Link:
+    return Link.model_validate(
+        {
+            "id": values[0],
+            "account": values[1],
+            "intermediary": values[2],
+            "customer_ref": values[3],
+            "created_at": _utc(values[4]),
+            "revoked_at": None if values[5] is None else _utc(values[5]),
+        }
+    )
+
+
+def _utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
 def _lost(conn: _Conn) -> bool:
@@ -838,17 +898,22 @@ class PostgresStore:
         return [_terms(r) for r in self._read("listing terms", template, params)]
 
     def active_terms(
-        self, customer_ref: str, now: float, *, connection: object | None = None
+        self,
+        customer_ref: str,
+        now: float,
+        *,
+        intermediary: str | None = None,
+        connection: object | None = None,
     ) -> list[SharingTerms]:
-        """The terms documents may go out under for ``customer_ref`` at ``now``; with
-        ``connection``, read in the caller's transaction (it sees the caller's own writes)."""
-        statement = self._sql(
-            "SELECT terms::text, secret FROM {s}.terms WHERE customer_ref = %s"
-            " AND revoked_at IS NULL AND (until IS NULL OR until > %s) ORDER BY created_at, id"
-        )
+        """The terms a document for the account ``customer_ref`` (or, with
+        ``intermediary``, for that intermediary's reference) goes out under at ``now``;
+        with ``connection``, read in the caller's transaction (it sees the caller's own
+        writes)."""
+        statement = self._sql(_RECIPIENTS)
+        params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
 
         def body(cur: _Cursor) -> list[TupleRow]:
-            return cur.execute(statement, (customer_ref, now)).fetchall()
+            return cur.execute(statement, params).fetchall()
 
         if connection is not None:
             rows = self._in_caller(connection, "reading the active terms", body)
@@ -900,6 +965,150 @@ class PostgresStore:
             (terms_id,),
         )
         return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
+
+    # -- service links --------------------------------------------------------------------
+
+    def add_link_code(
+        self, code_hash: str, account: str, *, created_at: float, expires_at: float
+    ) -> None:
+        """Keep a link code's hash; codes that expired unredeemed are dropped meanwhile."""
+
+        def body(cur: _Cursor) -> None:
+            cur.execute(
+                self._sql("DELETE FROM {s}.link_codes WHERE expires_at < %s AND used_at IS NULL"),
+                (created_at,),
+            )
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.link_codes (hash, account, created_at, expires_at)"
+                    " VALUES (%s, %s, %s, %s)"
+                ),
+                (code_hash, account, created_at, expires_at),
+            )
+
+        self._run("writing a link code", body, write=True)
+
+    def redeem_link_code(
+        self, code_hash: str, *, intermediary: str, link_id: str, customer_ref: str, now: float
+    ) -> Link | None:
+        """Mark the code used and make the link, in one transaction; None when the code
+        is unknown, used or expired."""
+
+        def body(cur: _Cursor) -> Link | None:
+            # The row lock makes a concurrent redemption wait, then find the code used.
+            found = cur.execute(
+                self._sql(
+                    "UPDATE {s}.link_codes SET used_at = %s, link_id = %s WHERE hash = %s"
+                    " AND used_at IS NULL AND expires_at > %s RETURNING account"
+                ),
+                (now, link_id, code_hash, now),
+            ).fetchone()
+            if found is None:
+                return None
+            values = (link_id, found[0], intermediary, customer_ref, now, None)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.links (id, account, intermediary, customer_ref,"
+                    " created_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s)"
+                ),
+                values,
+            )
+            return _link(values)
+
+        return self._run("redeeming a link code", body, write=True)
+
+    def get_link(self, link_id: str) -> Link:
+        """The link with that id, revoked or not; raises LinkNotFoundError."""
+        found = self._read(
+            "reading a link",
+            _LINKS_SQL + " WHERE id = %s",
+            (link_id,),
+        )
+        if not found:
+            raise LinkNotFoundError(f"no link {link_id!r}")
+        return _link(found[0])
+
+    def links(
+        self,
+        *,
+        account: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[Link]:
+        """Links, oldest first."""
+        template = _LINKS_SQL + " WHERE true"
+        params: list[Any] = []
+        if account is not None:
+            template += " AND account = %s"
+            params.append(account)
+        if intermediary is not None:
+            template += " AND intermediary = %s"
+            params.append(intermediary)
+        if not include_revoked:
+            template += " AND revoked_at IS NULL"
+        template += " ORDER BY created_at, id"
+        return [_link(r) for r in self._read("listing links", template, params)]
+
+    def revoke_link(
+        self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
+    ) -> tuple[int, list[str]]:
+        """Revoke the link and its terms named by ``revocations``, in one transaction."""
+
+        def body(cur: _Cursor) -> tuple[int, list[str]]:
+            found = cur.execute(
+                self._sql(
+                    "SELECT revoked_at, intermediary, customer_ref FROM {s}.links"
+                    " WHERE id = %s FOR UPDATE"
+                ),
+                (link_id,),
+            ).fetchone()
+            if found is None:
+                raise LinkNotFoundError(f"no link {link_id!r}")
+            if found[0] is not None:
+                raise LinkError(f"link {link_id} is already revoked")
+            _, intermediary, customer_ref = found
+            cur.execute(
+                self._sql("UPDATE {s}.links SET revoked_at = %s WHERE id = %s"), (at, link_id)
+            )
+            cancelled = 0
+            for consent, xml in revocations:
+                terms = cur.execute(
+                    self._sql(
+                        "SELECT terms::text FROM {s}.terms WHERE id = %s AND intermediary = %s"
+                        " AND customer_ref = %s AND revoked_at IS NULL FOR UPDATE"
+                    ),
+                    (consent.terms_id, intermediary, customer_ref),
+                ).fetchone()
+                if terms is None:
+                    continue  # revoked meanwhile, with its own record
+                data = json.loads(terms[0])
+                data["revoked_at"] = consent.issued_at.isoformat()
+                cur.execute(
+                    self._sql(
+                        "UPDATE {s}.terms SET revoked_at = %s, terms = %s::jsonb WHERE id = %s"
+                    ),
+                    (at, json.dumps(data), consent.terms_id),
+                )
+                self._add_consent(cur, consent, xml)
+                cur.execute(
+                    self._sql(
+                        "UPDATE {s}.outbox SET state = 'cancelled', last_error = 'terms revoked',"
+                        " lease_owner = NULL, lease_until = NULL WHERE terms_id = %s"
+                        " AND state IN ('pending', 'retry', 'leased', 'digest')"
+                    ),
+                    (consent.terms_id,),
+                )
+                cancelled += cur.rowcount
+            late = cur.execute(
+                self._sql(
+                    "SELECT id FROM {s}.terms WHERE intermediary = %s AND customer_ref = %s"
+                    " AND revoked_at IS NULL ORDER BY created_at, id"
+                ),
+                (intermediary, customer_ref),
+            ).fetchall()
+            return cancelled, [r[0] for r in late]
+
+        return self._run("revoking a link", body, write=True)
 
     # -- outbox ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ own connection (one per thread), batching rows into one commit wherever it can.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sqlite3
@@ -20,6 +21,8 @@ from typing import Any, ClassVar, cast
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     ConfigurationError,
+    LinkError,
+    LinkNotFoundError,
     OfferNotFoundError,
     OutboxRowNotFoundError,
     ReplayedMessageError,
@@ -27,6 +30,7 @@ from cmi_sdk._exceptions import (
     TermsError,
     TermsNotFoundError,
 )
+from cmi_sdk._links import Link
 from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
@@ -45,7 +49,7 @@ from cmi_sdk.outbox import (
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
 
@@ -148,7 +152,46 @@ CREATE TABLE IF NOT EXISTS cmi_seen (
     PRIMARY KEY (party, msg_id)
 );
 CREATE INDEX IF NOT EXISTS cmi_seen_expiry ON cmi_seen (expires_at);
+-- Version 5: service links. A reference is unique per intermediary, not across them.
+CREATE TABLE IF NOT EXISTS cmi_links (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    intermediary TEXT NOT NULL,
+    customer_ref TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    UNIQUE (intermediary, customer_ref)
+);
+CREATE INDEX IF NOT EXISTS cmi_links_account ON cmi_links (account);
+CREATE TABLE IF NOT EXISTS cmi_link_codes (
+    hash TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    link_id TEXT
+);
+CREATE INDEX IF NOT EXISTS cmi_link_codes_expiry ON cmi_link_codes (expires_at);
 """
+
+# What a document for an account goes out under: the firm's direct terms for the account,
+# and the terms of each of its active links; for an intermediary's reference, what its
+# linked account gets, or, unlinked, only that intermediary's own terms for it.
+_RECIPIENTS = (
+    "WITH account (id) AS (SELECT :ref WHERE :intermediary IS NULL UNION ALL"
+    " SELECT account FROM cmi_links WHERE intermediary = :intermediary"
+    " AND customer_ref = :ref AND revoked_at IS NULL)"
+    " SELECT t.terms, t.secret, t.created_at, t.id FROM account a JOIN cmi_terms t"
+    " ON t.customer_ref = a.id AND t.intermediary IS NULL WHERE {active}"
+    " UNION ALL SELECT t.terms, t.secret, t.created_at, t.id FROM account a"
+    " JOIN cmi_links l ON l.account = a.id AND l.revoked_at IS NULL JOIN cmi_terms t"
+    " ON t.intermediary = l.intermediary AND t.customer_ref = l.customer_ref WHERE {active}"
+    " UNION ALL SELECT t.terms, t.secret, t.created_at, t.id FROM cmi_terms t"
+    " WHERE t.intermediary = :intermediary AND t.customer_ref = :ref AND {active}"
+    " AND NOT EXISTS (SELECT 1 FROM account) ORDER BY 3, 4"
+).replace("{active}", "t.revoked_at IS NULL AND (t.until IS NULL OR t.until > :now)")
+
+_LINK_COLUMNS = "id, account, intermediary, customer_ref, created_at, revoked_at"
 
 _ROW_COLUMNS = (
     "seq, msg_id, terms_id, customer_ref, transaction_id, standard, document_type,"
@@ -207,6 +250,23 @@ def _terms(values: Sequence[Any]) -> SharingTerms:
     data = json.loads(values[0])
     data["secret"] = values[1]
     return SharingTerms.model_validate(data)
+
+
+def _link(values: Sequence[Any]) -> Link:
+    return Link.model_validate(
+        {
+            "id": values[0],
+            "account": values[1],
+            "intermediary": values[2],
+            "customer_ref": values[3],
+            "created_at": _utc(values[4]),
+            "revoked_at": None if values[5] is None else _utc(values[5]),
+        }
+    )
+
+
+def _utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
 def path_from_url(url: str) -> Path:
@@ -307,7 +367,7 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise StoreError(f"commit failed on {self.path}: {exc}") from exc
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         try:
             return self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -437,17 +497,20 @@ class SQLiteStore:
         return [_terms(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
 
     def active_terms(
-        self, customer_ref: str, now: float, *, connection: object | None = None
+        self,
+        customer_ref: str,
+        now: float,
+        *,
+        intermediary: str | None = None,
+        connection: object | None = None,
     ) -> list[SharingTerms]:
-        """The terms documents may go out under for ``customer_ref`` at ``now``."""
-        sql = (
-            "SELECT terms, secret FROM cmi_terms WHERE customer_ref = ? AND revoked_at IS NULL"
-            " AND (until IS NULL OR until > ?) ORDER BY created_at, id"
-        )
+        """The terms a document for the account ``customer_ref`` (or, with
+        ``intermediary``, for that intermediary's reference) goes out under at ``now``."""
+        params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
         if connection is not None:
-            rows = self._caller(connection).execute(sql, (customer_ref, now)).fetchall()
+            rows = self._caller(connection).execute(_RECIPIENTS, params).fetchall()
         else:
-            rows = self._read(sql, (customer_ref, now))
+            rows = self._read(_RECIPIENTS, params)
         return [_terms(r) for r in rows]
 
     def revoke_terms(
@@ -485,6 +548,115 @@ class SQLiteStore:
             (terms_id,),
         )
         return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
+
+    # -- service links --------------------------------------------------------------------
+
+    def add_link_code(
+        self, code_hash: str, account: str, *, created_at: float, expires_at: float
+    ) -> None:
+        """Keep a link code's hash; codes that expired unredeemed are dropped meanwhile."""
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM cmi_link_codes WHERE expires_at < ? AND used_at IS NULL",
+                (created_at,),
+            )
+            conn.execute(
+                "INSERT INTO cmi_link_codes (hash, account, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (code_hash, account, created_at, expires_at),
+            )
+
+    def redeem_link_code(
+        self, code_hash: str, *, intermediary: str, link_id: str, customer_ref: str, now: float
+    ) -> Link | None:
+        """Mark the code used and make the link, in one transaction; None when the code
+        is unknown, used or expired."""
+        with self._write() as conn:
+            # One writer at a time (BEGIN IMMEDIATE): of two redemptions, the second finds
+            # the code used.
+            found = conn.execute(
+                "UPDATE cmi_link_codes SET used_at = ?, link_id = ? WHERE hash = ?"
+                " AND used_at IS NULL AND expires_at > ? RETURNING account",
+                (now, link_id, code_hash, now),
+            ).fetchone()
+            if found is None:
+                return None
+            conn.execute(
+                f"INSERT INTO cmi_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
+                (link_id, found[0], intermediary, customer_ref, now),
+            )
+        return _link((link_id, found[0], intermediary, customer_ref, now, None))
+
+    def get_link(self, link_id: str) -> Link:
+        """The link with that id, revoked or not."""
+        found = self._read(f"SELECT {_LINK_COLUMNS} FROM cmi_links WHERE id = ?", (link_id,))
+        if not found:
+            raise LinkNotFoundError(f"no link {link_id!r}")
+        return _link(found[0])
+
+    def links(
+        self,
+        *,
+        account: str | None = None,
+        intermediary: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[Link]:
+        """Links, oldest first."""
+        sql = f"SELECT {_LINK_COLUMNS} FROM cmi_links WHERE 1 = 1"
+        params: list[Any] = []
+        if account is not None:
+            sql += " AND account = ?"
+            params.append(account)
+        if intermediary is not None:
+            sql += " AND intermediary = ?"
+            params.append(intermediary)
+        if not include_revoked:
+            sql += " AND revoked_at IS NULL"
+        return [_link(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
+
+    def revoke_link(
+        self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
+    ) -> tuple[int, list[str]]:
+        """Revoke the link and its terms named by ``revocations``, in one transaction."""
+        cancelled = 0
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT revoked_at, intermediary, customer_ref FROM cmi_links WHERE id = ?",
+                (link_id,),
+            ).fetchone()
+            if found is None:
+                raise LinkNotFoundError(f"no link {link_id!r}")
+            if found[0] is not None:
+                raise LinkError(f"link {link_id} is already revoked")
+            _, intermediary, customer_ref = found
+            conn.execute("UPDATE cmi_links SET revoked_at = ? WHERE id = ?", (at, link_id))
+            for consent, xml in revocations:
+                terms = conn.execute(
+                    "SELECT terms FROM cmi_terms WHERE id = ? AND intermediary = ?"
+                    " AND customer_ref = ? AND revoked_at IS NULL",
+                    (consent.terms_id, intermediary, customer_ref),
+                ).fetchone()
+                if terms is None:
+                    continue  # revoked meanwhile, with its own record
+                data = json.loads(terms[0])
+                data["revoked_at"] = consent.issued_at.isoformat()
+                conn.execute(
+                    "UPDATE cmi_terms SET revoked_at = ?, terms = ? WHERE id = ?",
+                    (at, json.dumps(data), consent.terms_id),
+                )
+                self._add_consent(conn, consent, xml)
+                cancelled += conn.execute(
+                    "UPDATE cmi_outbox SET state = 'cancelled', last_error = 'terms revoked',"
+                    " lease_owner = NULL, lease_until = NULL"
+                    " WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased', 'digest')",
+                    (consent.terms_id,),
+                ).rowcount
+            late = conn.execute(
+                "SELECT id FROM cmi_terms WHERE intermediary = ? AND customer_ref = ?"
+                " AND revoked_at IS NULL ORDER BY created_at, id",
+                (intermediary, customer_ref),
+            ).fetchall()
+        return cancelled, [r[0] for r in late]
 
     # -- outbox ---------------------------------------------------------------------------
 
