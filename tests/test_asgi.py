@@ -131,6 +131,17 @@ def register_terms(intermediary: Caller, body: dict[str, Any]) -> Caller:
     return Caller(intermediary.client, body["secret"], terms_id=terms_id)
 
 
+def linked(adapter: Adapter, intermediary: Caller, account: str = CUSTOMER) -> str:
+    """The intermediary's own reference for the firm's customer ``account``, from a link
+    code the firm made and the intermediary redeemed (``POST /cmi/links``): terms
+    registered for it get the documents the firm emits for the account."""
+    code = adapter.create_link_code(account).code
+    response = intermediary.send("POST", "/cmi/links", json_body={"code": code})
+    assert response.status_code == 201, response.text
+    ref: str = response.json()["customer_ref"]
+    return ref
+
+
 def add_intermediary(adapter: Adapter, client: TestClient, name: str) -> Caller:
     """Register intermediary ``name`` with a fresh secret."""
     secret = generate_secret()
@@ -231,6 +242,7 @@ def test_well_known_publishes_firm_standards_policy_and_certificate(
         "requests": "/cmi/requests",
         "offers": "/cmi/offers/{id}",
         "acceptance": "/cmi/offers/{id}/acceptance",
+        "links": "/cmi/links",
         "timings": ["now", "digest", "pull"],
     }
     ticket_standard = next(s for s in document["standards"] if s["name"] == "cmi-ticket")
@@ -671,7 +683,7 @@ def test_the_terms_holder_reads_its_terms_and_consent_records(
 def test_the_customer_revokes_terms_and_queued_documents_are_cancelled(
     adapter: Adapter, acme: Caller, document_signer: DocumentSigner
 ) -> None:
-    holder = register_terms(acme, proposal())
+    holder = register_terms(acme, proposal(customer_ref=linked(adapter, acme)))
     emitted = adapter.emit(ticket())
     assert [e.state for e in emitted] == ["pending"]
     response = holder.send("DELETE", f"/cmi/terms/{holder.terms_id}")
@@ -725,7 +737,7 @@ def test_revoking_unknown_terms_is_not_found(acme: Caller) -> None:
 def test_the_customer_pulls_documents_page_by_page(
     adapter: Adapter, acme: Caller, document_signer: DocumentSigner
 ) -> None:
-    holder = register_terms(acme, pull_proposal())
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
     for number in (1001, 1002, 1003):
         (emission,) = adapter.emit(ticket(number))
         assert emission.state == "pull"
@@ -755,7 +767,7 @@ def test_the_customer_pulls_documents_page_by_page(
 
 
 def test_without_since_the_pull_starts_at_the_beginning(adapter: Adapter, acme: Caller) -> None:
-    holder = register_terms(acme, pull_proposal())
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
     adapter.emit(ticket())
     answer = holder.send("GET", "/cmi/documents").json()
     assert len(answer["documents"]) == 1
@@ -763,7 +775,7 @@ def test_without_since_the_pull_starts_at_the_beginning(adapter: Adapter, acme: 
 
 
 def test_a_customer_pulls_only_documents_of_its_own_terms(adapter: Adapter, acme: Caller) -> None:
-    holder = register_terms(acme, pull_proposal())
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
     neighbour = register_terms(acme, pull_proposal(customer_ref="cust-0b1c2d"))
     adapter.emit(ticket())
     assert len(holder.send("GET", "/cmi/documents").json()["documents"]) == 1
@@ -792,7 +804,7 @@ def test_a_bad_cursor_or_limit_is_invalid_input(acme: Caller, query: str) -> Non
 
 
 def test_an_intermediary_pulls_only_for_terms_it_names(adapter: Adapter, acme: Caller) -> None:
-    holder = register_terms(acme, pull_proposal())
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
     adapter.emit(ticket())
     assert_problem(acme.send("GET", "/cmi/documents"), "forbidden")
     response = acme.send("GET", f"/cmi/documents?terms={holder.terms_id}")

@@ -21,7 +21,7 @@ from cmi_sdk.client import CMIClient, signed_headers
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import generate_secret
-from tests.support import make_adapter, register, serve_app, signer
+from tests.support import CUSTOMER, make_adapter, register, serve_app, signer
 from tests.test_offers import Shop
 
 
@@ -77,9 +77,13 @@ def _problem(response: httpx.Response, status: int, slug: str) -> None:
 
 
 def test_the_loop_over_http(firm: Firm) -> None:
-    register(firm.adapter, destination="http://127.0.0.1:9/inbox")
+    register(firm.adapter, destination="http://127.0.0.1:9/inbox")  # the firm's own terms
     with firm.client() as client:
-        response = client.post_request(_request_xml(firm.adapter))
+        # The customer linked the intermediary: its bookings are the account's.
+        redeemed = client.redeem_link(firm.adapter.create_link_code(CUSTOMER).code)
+        assert redeemed.status_code == 201, redeemed.text
+        ref = redeemed.json()["customer_ref"]
+        response = client.post_request(_request_xml(firm.adapter, customer_ref=ref))
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("application/xml")
         verify_document(response.content, signer().certificate)
