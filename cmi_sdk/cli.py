@@ -294,6 +294,53 @@ def cmd_terms_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_links_create(args: argparse.Namespace) -> int:
+    """Make a link code for a signed-in customer's account, to give their intermediary."""
+    import datetime as dt  # noqa: PLC0415
+
+    if not 1 <= args.ttl <= 24 * 60:
+        raise UsageError("--ttl is 1 to 1440 minutes")
+    adapter = _emitting_adapter(args, require_signer=False)
+    code = adapter.create_link_code(args.account, ttl=dt.timedelta(minutes=args.ttl))
+    expires = code.expires_at.isoformat().replace("+00:00", "Z")
+    if args.json:
+        _print_json({"code": code.code, "account": code.account, "expires_at": expires})
+        return EXIT_OK
+    _write(f"{code.code}\nexpires {expires}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_links_list(args: argparse.Namespace) -> int:
+    """List service links."""
+    adapter = _emitting_adapter(args, require_signer=False)
+    found = adapter.links(
+        account=args.account, intermediary=args.intermediary, include_revoked=args.all
+    )
+    if args.json:
+        _print_json([link.model_dump(mode="json") for link in found])
+        return EXIT_OK
+    lines = [
+        f"{link.id}  {link.account}  {link.intermediary}  {link.customer_ref}  "
+        f"{'active' if link.active else 'revoked'}"
+        for link in found
+    ]
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+    return EXIT_OK
+
+
+def cmd_links_revoke(args: argparse.Namespace) -> int:
+    """Revoke a service link and every terms of its reference."""
+    adapter = _emitting_adapter(args)
+    revocation = adapter.revoke_link(args.id)
+    records = ", ".join(c.record.id for c in revocation.consents) or "none"
+    _write(
+        f"{args.id} revoked; terms revoked: {len(revocation.consents)} (consent records:"
+        f" {records}); undelivered documents cancelled: {revocation.cancelled}\n".encode(),
+        None,
+    )
+    return EXIT_OK
+
+
 def cmd_emit(args: argparse.Namespace) -> int:
     """Emit a canonical transaction to its customer under their terms."""
     from cmi_sdk._models import Transaction  # noqa: PLC0415
@@ -792,6 +839,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = terms.add_parser("revoke", help="revoke terms: nothing more goes out under them")
     t.add_argument("id", metavar="ID")
     t.set_defaults(func=cmd_terms_revoke)
+
+    p = sub.add_parser("links", help="customers' links to their intermediaries")
+    links = p.add_subparsers(dest="links_command", metavar="ACTION", parser_class=_Parser)
+    links.required = True
+    lk = links.add_parser(
+        "create", help="a single-use link code for a signed-in customer's account"
+    )
+    lk.add_argument("--account", required=True, metavar="ACCOUNT", help="the firm's account id")
+    lk.add_argument("--ttl", type=int, default=10, metavar="MINUTES", help="default: 10")
+    lk.add_argument("--json", action="store_true")
+    lk.set_defaults(func=cmd_links_create)
+    lk = links.add_parser("list", help="list links")
+    lk.add_argument("--account", metavar="ACCOUNT")
+    lk.add_argument("--intermediary", metavar="NAME")
+    lk.add_argument("--all", action="store_true", help="include revoked links")
+    lk.add_argument("--json", action="store_true")
+    lk.set_defaults(func=cmd_links_list)
+    lk = links.add_parser("revoke", help="revoke a link and every terms of its reference")
+    lk.add_argument("id", metavar="ID")
+    lk.set_defaults(func=cmd_links_revoke)
 
     p = sub.add_parser("emit", help="emit a canonical transaction under its customer's terms")
     p.add_argument("file", metavar="FILE.json", help="the transaction ('-': stdin)")

@@ -329,6 +329,35 @@ def test_validate_accepts_a_minimized_document(minimized: Minimized) -> None:
     assert result == Result(EXIT_OK, expected, ""), result
 
 
+# -- links ---------------------------------------------------------------------------------
+
+
+def test_links_create_list_and_revoke(project: Project) -> None:
+    from cmi_sdk.outbox.sqlite import SQLiteStore
+
+    made = json.loads(project.ok("links", "create", "--account", CUSTOMER, "--json"))
+    assert set(made) == {"code", "account", "expires_at"}
+    plain = project.ok("links", "create", "--account", CUSTOMER, "--ttl", "5").splitlines()
+    assert plain[0].startswith("lc_")
+    assert plain[1].startswith("expires ")
+    # The intermediary redeems the first code (what POST /cmi/links does).
+    firm = Adapter(store=SQLiteStore(project.root / "cmi.db"))
+    link = firm.redeem_link_code(made["code"], intermediary="relay")
+    firm.store.close()
+    listed = project.ok("links", "list", "--account", CUSTOMER).split()
+    assert listed == [link.id, CUSTOMER, "relay", link.customer_ref, "active"]
+    assert project.ok("links", "list", "--intermediary", "nobody") == ""
+    out = project.ok("links", "revoke", link.id)
+    assert out.startswith(f"{link.id} revoked; terms revoked: 0")
+    assert project.ok("links", "list") == ""
+    (shown,) = json.loads(project.ok("links", "list", "--all", "--json"))
+    assert shown["revoked_at"] is not None
+    assert project.run("links", "revoke", link.id).code == EXIT_INVALID
+    assert project.run("links", "revoke", "link_nope").code != EXIT_OK
+    assert project.run("links", "create", "--account", CUSTOMER, "--ttl", "0").code == EXIT_USAGE
+    assert project.run("links", "create", "--account", "a b").code == EXIT_INVALID
+
+
 # -- nothing emitted, revoked, dead ---------------------------------------------------------
 
 

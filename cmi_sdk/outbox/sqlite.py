@@ -581,10 +581,13 @@ class SQLiteStore:
             ).fetchone()
             if found is None:
                 return None
-            conn.execute(
-                f"INSERT INTO cmi_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
-                (link_id, found[0], intermediary, customer_ref, now),
-            )
+            try:
+                conn.execute(
+                    f"INSERT INTO cmi_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
+                    (link_id, found[0], intermediary, customer_ref, now),
+                )
+            except sqlite3.IntegrityError as exc:  # the code stays unused (rolled back)
+                raise StoreError(f"cannot make link {link_id}: {exc}") from None
         return _link((link_id, found[0], intermediary, customer_ref, now, None))
 
     def get_link(self, link_id: str) -> Link:
