@@ -3,6 +3,8 @@
 A firm's endpoint (the reference airline and lender), a customer's store and an
 intermediary run in this process, on loopback ports, in a temporary folder::
 
+    firm (customer signed in) ──link code──▶ customer ──▶ intermediary
+    intermediary ──redeem the code──▶ firm  (its own pairwise reference for the customer)
     intermediary ──terms──▶ firm           (consent record back, signed)
     intermediary ──request (flight)──▶ firm ──▶ signed offers
     intermediary ──request (loan)──▶ firm   ──▶ signed offers
@@ -34,7 +36,8 @@ from cmi_sdk.webhooks import generate_secret
 
 __all__ = ["run_demo"]
 
-CUSTOMER = "cust-7f3a9c"
+ACCOUNT = "acct-7f3a9c"
+"""The firm's own account id for the customer: it never leaves the firm."""
 FIRM = "cmi-demo.example"
 
 #: Talluri & van Ryzin's four-class example: fares and demand forecasts (mean, sd).
@@ -142,10 +145,13 @@ class _Demo:
     certificate: bytes
     stored: list[str]
     say: Callable[[str], None]
+    customer_ref: str = ""
+    """The intermediary's reference for the customer, issued when the link is made."""
 
     def run(self) -> int:
+        self.link()
         self.terms()
-        offers = [self.request(2, self.flight()), self.request(3, self.loan())]
+        offers = [self.request(3, self.flight()), self.request(4, self.loan())]
         if any(answer is None for answer in offers):
             return 1
         flight = offers[0]
@@ -156,11 +162,22 @@ class _Demo:
             return 1
         return self.deliver()
 
+    def link(self) -> None:
+        self.say("1. the customer, signed in at the firm, links the intermediary")
+        code = self.adapter.create_link_code(ACCOUNT)
+        self.say(f"   the firm shows a single-use code, valid until {code.expires_at:%H:%M:%S} UTC")
+        response = self.client.redeem_link(code.code)
+        response.raise_for_status()
+        self.customer_ref = response.json()["customer_ref"]
+        self.say("   the intermediary redeems it: its reference for the customer is")
+        self.say(f"   {self.customer_ref} (random, its own: the account id stays at the firm)")
+        self.say("")
+
     def terms(self) -> None:
-        self.say("1. the intermediary registers the customer's terms")
+        self.say("2. the intermediary registers the customer's terms")
         response = self.client.propose_terms(
             {
-                "customer_ref": CUSTOMER,
+                "customer_ref": self.customer_ref,
                 "destination": self.store_url + "inbox",
                 "secret": self.customer_secret,
                 "standard": "cmi-ticket",
@@ -179,7 +196,7 @@ class _Demo:
             {
                 "id": f"req-{secrets.token_hex(4)}",
                 "kind": kind,
-                "customer_ref": CUSTOMER,
+                "customer_ref": self.customer_ref,
                 "reply_to": "relay-8841",
                 "created_at": now,
                 "respond_by": now + dt.timedelta(seconds=30),
@@ -222,11 +239,11 @@ class _Demo:
         return answer
 
     def accept(self, offer: Offer) -> bool:
-        self.say(f"4. the customer accepts {offer.id} ({offer.price}); the intermediary relays it")
+        self.say(f"5. the customer accepts {offer.id} ({offer.price}); the intermediary relays it")
         acceptance = Acceptance(
             id=f"acc-{secrets.token_hex(6)}",
             offer_id=offer.id,
-            customer_ref=CUSTOMER,
+            customer_ref=self.customer_ref,
             accepted_at=dt.datetime.now(dt.UTC),
         )
         xml = self.adapter.render(acceptance, standard="cmi", document_type="acceptance")
@@ -241,7 +258,7 @@ class _Demo:
         return True
 
     def deliver(self) -> int:
-        self.say("5. the firm delivers the ticket to the customer's store")
+        self.say("6. the firm delivers the ticket to the customer's store")
         with self.adapter.delivery_worker() as worker:
             stats = worker.run_once()
         self.say(f"   delivered {stats.delivered}, retried {stats.retried}, dead {stats.dead}")

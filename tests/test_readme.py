@@ -70,7 +70,8 @@ def test_readme_main_command_closes_the_loop(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "1. the intermediary registers the customer's terms" in out
+    assert "1. the customer, signed in at the firm, links the intermediary" in out
+    assert "2. the intermediary registers the customer's terms" in out
     assert out.count("(the answer is signed by the firm: verified)") == 2
     assert "at 9.45 % APR" in out  # the lender's tier B offer
     assert "booked as DL-" in out
