@@ -9,6 +9,9 @@ so its fixtures are there in any test suite without an import:
   parses back to the same model;
 - ``cmi_schema_valid``: asserts that bytes are a valid document of a given type.
 
+:func:`link_customer` links an account to an intermediary as a customer would (a link
+code, redeemed), for tests of what an intermediary receives.
+
 The same checks are plain functions (:func:`assert_round_trip`,
 :func:`assert_schema_valid`) for tests that do not use pytest fixtures::
 
@@ -27,6 +30,7 @@ from pydantic import BaseModel
 
 from cmi_sdk._adapter import Adapter, ValidatedDocument
 from cmi_sdk._exceptions import DocumentValidationError
+from cmi_sdk._links import Link
 
 __all__ = [
     "assert_round_trip",
@@ -34,6 +38,7 @@ __all__ = [
     "cmi_adapter",
     "cmi_round_trip",
     "cmi_schema_valid",
+    "link_customer",
     "make_adapter",
 ]
 
@@ -91,6 +96,15 @@ def assert_round_trip(
             + ", ".join(f"{k} ({before.get(k)!r} became {after.get(k)!r})" for k in changed)
         )
     return xml
+
+
+def link_customer(adapter: Adapter, account: str, intermediary: str) -> Link:
+    """Link the firm's ``account`` to ``intermediary`` the way a customer does: the firm
+    makes a link code, the intermediary redeems it. The link's ``customer_ref`` is the
+    intermediary's reference for the account; terms it registers for that reference get
+    the documents the firm emits for the account."""
+    code = adapter.create_link_code(account)
+    return adapter.redeem_link_code(code.code, intermediary=intermediary)
 
 
 @pytest.fixture

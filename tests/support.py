@@ -23,6 +23,7 @@ from cmi_sdk import (
 from cmi_sdk._serving import serving
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import DocumentSigner, self_signed_certificate
+from cmi_sdk.testing import link_customer
 from cmi_sdk.webhooks import generate_secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,21 +71,8 @@ def register(adapter: Adapter, *, intermediary: str | None = None, **fields: Any
 
 
 def link(adapter: Adapter, account: str, intermediary: str) -> Link:
-    """Link ``account`` to ``intermediary`` as a customer does (a code, redeemed); the
-    link's ``customer_ref`` is the intermediary's reference for the account."""
-    return adapter.redeem_link_code(
-        adapter.create_link_code(account).code, intermediary=intermediary
-    )
-
-
-def linked_terms(
-    adapter: Adapter, intermediary: str, *, account: str = CUSTOMER, **fields: Any
-) -> SharingTerms:
-    """Terms an intermediary registers for its linked customer ``account``: the link is
-    made first (or reused), so the firm's documents for the account reach them."""
-    found = adapter.links(account=account, intermediary=intermediary)
-    ref = (found[0] if found else link(adapter, account, intermediary)).customer_ref
-    return register(adapter, intermediary=intermediary, customer_ref=ref, **fields)
+    """Link ``account`` to ``intermediary`` as a customer does (a code, redeemed)."""
+    return link_customer(adapter, account, intermediary)
 
 
 @contextlib.contextmanager
