@@ -200,14 +200,8 @@ class Emitter:
                         tx.id,
                     )
                     continue
+                own = tx if ref == tx.customer_ref else _for_customer(tx, ref)
                 for terms in terms_list:
-                    # Each document carries the reference of the terms it goes under: the
-                    # account for the firm's direct terms, a link's own for the link's.
-                    own = (
-                        tx
-                        if terms.customer_ref == tx.customer_ref
-                        else _for_customer(tx, terms.customer_ref)
-                    )
                     row, emission = self._document(own, terms, now)
                     rows.append(row)
                     emissions.append(emission)
@@ -230,6 +224,10 @@ class Emitter:
     def _document(
         self, tx: Transaction, terms: SharingTerms, now: float
     ) -> tuple[NewRow, Emission]:
+        if tx.customer_ref != terms.customer_ref:
+            # A document carries the reference of the terms it goes under: the account's
+            # for the firm's direct terms, each link's own for that link's, never another's.
+            tx = _for_customer(tx, terms.customer_ref)
         choice = self._hook.cmi_select_standard(transaction=tx, terms=terms)
         if choice is None:
             raise PluginError("no cmi_select_standard implementation chose a standard")

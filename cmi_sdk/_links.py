@@ -57,6 +57,7 @@ _CODE_PREFIX = "lc_"
 # 160 random bits in base32 (lower case, no padding): 32 characters a customer can copy.
 _CODE = re.compile(r"lc_[a-z2-7]{32}")
 _REFUSED = "the link code is unknown, used or expired"
+_INTERMEDIARY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")  # an Identifier
 
 
 class Link(_Model):
@@ -164,6 +165,8 @@ class LinkService:
         """Turn ``code`` into a link of ``intermediary`` with a fresh pairwise reference."""
         if not isinstance(code, str) or not _CODE.fullmatch(code):
             raise LinkError(_REFUSED)  # the same answer as for a well-formed unknown code
+        if not _INTERMEDIARY.fullmatch(intermediary):
+            raise LinkError(f"{intermediary!r} is not an intermediary's name")
         link = self._store().redeem_link_code(
             link_code_hash(code),
             intermediary=intermediary,

@@ -261,7 +261,7 @@ def test_a_link_code_redeems_once_and_every_refusal_is_the_same(tmp_path: Path) 
     clock.now += 600
     unknown = "lc_" + "a" * 32
     messages = set()
-    for code in (used.code, expired.code, unknown, "not a code", ""):
+    for code in (used.code, expired.code, unknown, "not a code", ""):  # all refused alike
         with pytest.raises(LinkError) as refused:
             adapter.redeem_link_code(code, intermediary="beta")
         messages.add(str(refused.value))
@@ -271,6 +271,8 @@ def test_a_link_code_redeems_once_and_every_refusal_is_the_same(tmp_path: Path) 
         adapter.create_link_code(ACCOUNT, ttl=dt.timedelta(days=2))
     with pytest.raises(LinkError):
         adapter.create_link_code("alice@example.com")
+    with pytest.raises(LinkError, match="not an intermediary's name"):
+        adapter.redeem_link_code(adapter.create_link_code(ACCOUNT).code, intermediary="<&>")
 
 
 def test_a_code_is_stored_only_as_a_hash(tmp_path: Path) -> None:
