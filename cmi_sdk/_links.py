@@ -193,6 +193,12 @@ class LinkService:
         cancelled, late = store.revoke_link(
             link_id, now.timestamp(), [(c.record, c.xml) for c in consents]
         )
+        # Terms the customer revoked on their own meanwhile keep their own record.
+        consents = [
+            c
+            for c in consents
+            if any(r.id == c.record.id for r, _ in store.consent_records(c.record.terms_id))
+        ]
         # Terms registered for the reference while this ran: the link is revoked, so they
         # reach nothing of the account's; revoke them too, as the customer asked.
         for terms_id in late:
