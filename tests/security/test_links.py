@@ -297,6 +297,31 @@ def test_the_endpoint_refuses_every_bad_code_with_one_problem(firm: Firm) -> Non
     assert len(adapter.links()) == 1
 
 
+def test_bad_link_requests_get_a_problem_and_change_nothing(firm: Firm) -> None:
+    adapter = firm.adapter
+    code = adapter.create_link_code(ACCOUNT).code
+    with firm.intermediary("acme") as acme:
+        holder_terms = _terms(acme, "pseudo-1", when="pull", secret=(secret := generate_secret()))
+        for body, content_type, slug in [
+            (b'{"code": 1}', "application/json", "invalid-input"),
+            (b'{"code": "x", "account": "acct-alice-0001"}', "application/json", "invalid-input"),
+            (b"[]", "application/json", "invalid-input"),
+            (b"{", "application/json", "invalid-input"),
+            (f'{{"code": "{code}"}}'.encode(), "text/plain", "unsupported-media-type"),
+        ]:
+            answer = acme.request(
+                "POST", "/cmi/links", content=body, headers={"content-type": content_type}
+            )
+            assert answer.json()["type"] == f"urn:cmi:problem:{slug}", answer.text
+    with CMIClient(firm.url, secret=secret, terms_id=holder_terms) as holder:
+        # A customer links through the firm, not by redeeming a code over the API.
+        assert holder.redeem_link(code).json()["type"] == "urn:cmi:problem:forbidden"
+        assert holder.list_links().json()["type"] == "urn:cmi:problem:forbidden"
+    assert adapter.links(include_revoked=True) == []
+    with firm.intermediary("acme") as acme:
+        assert acme.redeem_link(code).status_code == 201  # the code was never spent
+
+
 def test_concurrent_redemptions_of_one_code_make_one_link(tmp_path: Path) -> None:
     adapter = make_adapter(tmp_path)
     code = adapter.create_link_code(ACCOUNT).code
