@@ -26,7 +26,13 @@ from cmi_sdk._exceptions import (
     ValidationIssue,
 )
 from cmi_sdk._links import DEFAULT_LINK_CODE_TTL, Link, LinkCode, LinkRevocation, LinkService
-from cmi_sdk._models import Acceptance, Request, Transaction
+from cmi_sdk._models import (
+    TRANSACTION_KINDS,
+    Acceptance,
+    Request,
+    Transaction,
+    TransactionKind,
+)
 from cmi_sdk._offers import AcceptanceResult, Answer, OfferPipeline, Prepared
 from cmi_sdk._standards import (
     DocumentType,
@@ -132,6 +138,12 @@ class Adapter:
         ``respond_by`` (shared among the pipeline's stages).
     :param offer_validity: how long an offer holds when no ``cmi_offer_validity``
         implementation says.
+    :param transaction_kinds: the kinds of transaction the firm emits (``flight``,
+        ``bank_statement_line``, ``loan``, ``purchase``); every kind by default. Terms
+        whose document type can express none of them are refused when proposed.
+    :param acceptance_lease: seconds an acceptance being booked is held by the process
+        booking it (5 minutes by default): it must outlast ``cmi_hold`` and ``cmi_book``
+        together. An acceptance whose process died is recovered once it runs out.
     :raises PluginError: a plugin failed to load, implements an unknown ``cmi_`` hook, or
         registers a standard that clashes with another.
     """
@@ -154,6 +166,8 @@ class Adapter:
         clock: Callable[[], float] = time.time,
         request_budget: float = 2.0,
         offer_validity: dt.timedelta = dt.timedelta(minutes=15),
+        transaction_kinds: Iterable[TransactionKind] | None = None,
+        acceptance_lease: float = 300.0,
     ) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
@@ -195,19 +209,21 @@ class Adapter:
             firm=firm,
             clock=clock,
             parser=self.parser.lxml_parser,
+            transaction_kinds=_kinds(transaction_kinds),
         )
         self._links = LinkService(store=lambda: self.store, emitter=self._emitter, clock=clock)
         self._offers = OfferPipeline(
             hook=self._pm.hook,
             store=lambda: self.store,
             render_signed=self._render_signed,
-            emit=lambda tx, ref, intermediary: self._emitter.emit(
+            prepare=lambda tx, ref, intermediary: self._emitter.prepare(
                 [tx], connection=None, customer_refs=[ref], intermediary=intermediary
             ),
             firm=firm,
             clock=clock,
             default_budget=request_budget,
             default_validity=offer_validity,
+            acceptance_lease=acceptance_lease,
         )
 
     def _register(self, plugin: object, name: str | None) -> None:
@@ -270,6 +286,14 @@ class Adapter:
         row. A customer without terms gets nothing (logged, not raised); revoked or lapsed
         terms get nothing.
 
+        A customer may hold several terms (OFX for bank lines, a UBL invoice for purchases,
+        the ticket for flights): the transaction goes out under those whose document type
+        expresses its kind, and the others are skipped (logged). A document that cannot be
+        made for one set of terms (a mapping, render or validation error) never fails the
+        call: it is logged and kept as an :class:`~cmi_sdk.outbox.EmissionProblem` for the
+        operator (``cmi outbox problems``; in the same transaction as the rows when
+        ``connection`` is given), and the customer's other terms get their documents.
+
         :param connection: the firm's own database connection, with its transaction open:
             the rows are written inside it, and commit or roll back with the firm's write.
             Without one, the rows are committed at once in the adapter's store.
@@ -277,8 +301,8 @@ class Adapter:
             traveller, say); by default its ``customer_ref``. Each gets a document of their
             own, carrying their own reference.
         :return: one :class:`Emission` per document written (empty when nobody has terms).
-        :raises MappingError: a standard the terms name cannot express this transaction.
         :raises ConfigurationError: ``connection`` is not to the store's database.
+        :raises StoreError: the store failed.
         """
         return self._emitter.emit([transaction], connection=connection, customer_refs=customer_refs)
 
@@ -296,7 +320,8 @@ class Adapter:
 
         :param intermediary: the registered intermediary proffering them for the customer.
         :raises TermsError: the terms name a standard, document type or field the firm does
-            not have, or lapse in the past.
+            not have, a document type that expresses none of the kinds of transaction the
+            firm emits (:attr:`transaction_kinds`), or lapse in the past.
         :raises DestinationNotAllowedError: the egress guard refuses the destination.
         """
         return self._emitter.propose(proposal, intermediary=intermediary)
@@ -422,15 +447,40 @@ class Adapter:
         self, offer_id: str, acceptance: Acceptance, *, intermediary: str | None = None
     ) -> AcceptanceResult:
         """Accept an offer: capacity and price are checked again, inventory is held
-        (``cmi_hold``), the booking made (``cmi_book``) and its transaction emitted under
-        the customer's terms. Idempotent on the acceptance id: a retry returns the first
-        result and books nothing more.
+        (``cmi_hold``), the booking made (``cmi_book``), and the booking recorded with its
+        documents queued under the customer's terms, in one commit.
+
+        An offer is accepted at most once. A retry with the same acceptance id gets the
+        first result and books nothing more; another acceptance of the same offer gets the
+        booking's answer too when it comes through the same intermediary (the offer's
+        customer), else an ``already-accepted`` refusal that names nothing of the other.
+        Once booked, the answer is booked: a document that cannot be made is recorded for
+        the operator (see :meth:`emit`), never answered as a failure.
+
+        While one process books, the acceptance holds a lease (``acceptance_lease``); if
+        the process dies, a retry after the lease, or :meth:`recover_acceptances`, asks
+        the firm's system (``cmi_find_booking``) and completes the booking, or releases
+        the hold so that the retry books.
 
         :raises OfferNotFoundError: no such offer.
         :raises OfferExpiredError: the offer's window is over.
-        :raises AcceptanceError: no longer available, the hold or the booking failed.
+        :raises AcceptanceError: no longer available, the hold or the booking failed
+            (``problem`` says which), ``already-accepted`` or ``acceptance-in-progress``.
         """
         return self._offers.accept(offer_id, acceptance, intermediary=intermediary)
+
+    def recover_acceptances(self, *, limit: int = 100) -> dict[str, int]:
+        """Recover acceptances whose booking process died (their lease ran out): completed
+        as booked when ``cmi_find_booking`` finds the booking (documents queued), else
+        released (the hold let go) for a retry to book. Returns how many went each way,
+        ``{"booked": n, "released": m}``. Run it from a periodic job or
+        ``cmi acceptances recover``; a retried acceptance recovers its own at once."""
+        return self._offers.recover(limit=limit)
+
+    @property
+    def transaction_kinds(self) -> tuple[str, ...]:
+        """The kinds of transaction the firm emits: terms must be able to express one."""
+        return self._emitter.transaction_kinds
 
     def get_offer(self, offer_id: str) -> StoredOffer:
         """An offer made, with its request and signed document.
@@ -638,6 +688,20 @@ def open_store(url: str) -> OutboxStore:
     raise ConfigurationError(
         f"no store for {url!r}: use sqlite:///path.db or postgresql://user@host/db"
     )
+
+
+def _kinds(kinds: Iterable[str] | None) -> tuple[str, ...]:
+    """The transaction kinds a firm emits, checked: every kind when None."""
+    if kinds is None:
+        return TRANSACTION_KINDS
+    chosen = tuple(dict.fromkeys(kinds))
+    unknown = [k for k in chosen if k not in TRANSACTION_KINDS]
+    if unknown or not chosen:
+        raise ConfigurationError(
+            f"transaction_kinds takes one or more of {', '.join(TRANSACTION_KINDS)},"
+            f" not {', '.join(unknown) or 'none'}"
+        )
+    return chosen
 
 
 def _import(name: str, module: str) -> ModuleType:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +24,15 @@ from lxml import etree
 
 from cmi_sdk._exceptions import (
     CMIError,
+    ConfigurationError,
     DocumentValidationError,
     NotFoundError,
     PluginError,
+    StoreError,
     TermsError,
     ValidationIssue,
 )
-from cmi_sdk._models import Transaction
+from cmi_sdk._models import TRANSACTION_KINDS, Transaction
 from cmi_sdk._standards import (
     DocumentType,
     Standard,
@@ -39,7 +41,7 @@ from cmi_sdk._standards import (
     render_text,
 )
 from cmi_sdk._terms import ConsentRecord, SharingTerms, TermsDecision, TermsPolicy, TermsProposal
-from cmi_sdk.outbox import DigestGroup, NewRow, OutboxStore, State
+from cmi_sdk.outbox import DigestGroup, EmissionProblem, NewRow, OutboxStore, State
 
 if TYPE_CHECKING:
     from cmi_sdk.egress import EgressGuard
@@ -135,6 +137,7 @@ class Emitter:
         firm: str,
         clock: Callable[[], float],
         parser: Callable[[], etree.XMLParser],
+        transaction_kinds: Iterable[str] = TRANSACTION_KINDS,
     ) -> None:
         self._hook = hook
         self._standards = standards
@@ -146,6 +149,8 @@ class Emitter:
         self._clock = clock
         self._parser = parser
         self._warned_unsigned = False
+        self.transaction_kinds = tuple(transaction_kinds)
+        """The kinds of transaction the firm emits: terms must be able to carry one."""
 
     # -- emit -----------------------------------------------------------------------------
 
@@ -157,7 +162,7 @@ class Emitter:
         customer_refs: Sequence[str] | None,
         intermediary: str | None = None,
     ) -> list[Emission]:
-        rows, emissions = self.prepare(
+        rows, emissions, problems = self.prepare(
             transactions,
             connection=connection,
             customer_refs=customer_refs,
@@ -165,6 +170,8 @@ class Emitter:
         )
         if rows:
             self._store().insert(rows, connection=connection)
+        if problems:
+            self._store().add_emission_problems(problems, connection=connection)
         return emissions
 
     def prepare(
@@ -174,8 +181,14 @@ class Emitter:
         connection: object | None,
         customer_refs: Sequence[str] | None,
         intermediary: str | None = None,
-    ) -> tuple[list[NewRow], list[Emission]]:
-        """The outbox rows of ``transactions`` for everyone they concern, not yet written.
+    ) -> tuple[list[NewRow], list[Emission], list[EmissionProblem]]:
+        """The outbox rows of ``transactions`` for everyone they concern, not yet written,
+        and the problems of the documents that could not be made (for the operator).
+
+        A customer's terms whose document type cannot express a transaction's kind are
+        skipped (logged); a document that fails to map, render, validate or sign for one
+        set of terms is a problem, not an error: the customer's other terms still get
+        theirs.
 
         :param intermediary: the intermediary the transactions were made through (a
             booking), whose references ``customer_refs`` are; ``None`` for the firm's own.
@@ -183,6 +196,7 @@ class Emitter:
         now = self._clock()
         rows: list[NewRow] = []
         emissions: list[Emission] = []
+        problems: list[EmissionProblem] = []
         # One read of a customer's terms per call: a batch is one commit at one moment.
         terms_of: dict[str, list[SharingTerms]] = {}
         for tx in transactions:
@@ -202,10 +216,17 @@ class Emitter:
                     continue
                 own = tx if ref == tx.customer_ref else _for_customer(tx, ref)
                 for terms in terms_list:
-                    row, emission = self._document(own, terms, now)
-                    rows.append(row)
-                    emissions.append(emission)
-        return rows, emissions
+                    try:
+                        made = self._document(own, terms, now)
+                    except (StoreError, ConfigurationError):
+                        raise  # the emission itself failed, not one document
+                    except Exception as exc:
+                        problems.append(_problem(own, terms, exc, now))
+                        continue
+                    if made is not None:
+                        rows.append(made[0])
+                        emissions.append(made[1])
+        return rows, emissions, problems
 
     def _recipients(
         self, ref: str, *, intermediary: str | None, now: float, connection: object | None
@@ -223,7 +244,12 @@ class Emitter:
 
     def _document(
         self, tx: Transaction, terms: SharingTerms, now: float
-    ) -> tuple[NewRow, Emission]:
+    ) -> tuple[NewRow, Emission] | None:
+        """The row and emission of ``tx`` under ``terms``; None when their document type
+        cannot express its kind (a customer may hold terms for each kind of transaction).
+
+        :raises CMIError: the document cannot be made (see :meth:`prepare`).
+        """
         if tx.customer_ref != terms.customer_ref:
             # A document carries the reference of the terms it goes under: the account's
             # for the firm's direct terms, each link's own for that link's, never another's.
@@ -234,6 +260,16 @@ class Emitter:
         std_name, type_name = choice
         std = self._standards.get(std_name)
         doc_type = transaction_document_type(std, type_name)
+        if not doc_type.expresses(tx.kind):
+            log.info(
+                "transaction %s (%s) skipped for terms %s: %s %s documents do not express it",
+                tx.id,
+                tx.kind,
+                terms.id,
+                std.name,
+                doc_type.name,
+            )
+            return None
         text = render_text(std, doc_type, tx).encode()
         root = etree.fromstring(text, self._parser())
         _check(std, doc_type, root, text)
@@ -377,8 +413,25 @@ class Emitter:
         if proposal.destination is not None:
             self.egress.check_url(proposal.destination)
 
+    def check_kinds(self, proposal: TermsProposal) -> None:
+        """Refuse terms whose document type expresses none of the kinds the firm emits:
+        no document would ever go out under them."""
+        try:
+            doc_type = transaction_document_type(
+                self._standards.get(proposal.standard), proposal.document_type
+            )
+        except NotFoundError as exc:
+            raise TermsError(str(exc)) from None
+        if not any(doc_type.expresses(kind) for kind in self.transaction_kinds):
+            raise TermsError(
+                f"{proposal.standard} {doc_type.name} documents express"
+                f" {', '.join(doc_type.kinds or ())} transactions, and the firm emits none:"
+                f" it emits {', '.join(self.transaction_kinds) or 'none'}"
+            )
+
     def propose(self, proposal: TermsProposal, *, intermediary: str | None) -> TermsDecision:
         self.check_proposal(proposal)
+        self.check_kinds(proposal)
         now = _utc(self._clock())
         policy = self.effective_policy()
         decision = self._hook.cmi_review_terms(proposal=proposal, policy=policy, now=now)
@@ -392,6 +445,7 @@ class Emitter:
             if decision.alternative is None:
                 raise PluginError("cmi_review_terms offered an alternative without terms")
             self.check_proposal(decision.alternative)
+            self.check_kinds(decision.alternative)
             return decision
         if decision.outcome == "rejected":
             return decision
@@ -455,6 +509,29 @@ class Emitter:
         root = etree.fromstring(text, self._parser())
         _check(std, consent_type, root, text)
         return SignedConsent(record, self._sign(text, root))
+
+
+def _problem(tx: Transaction, terms: SharingTerms, exc: Exception, now: float) -> EmissionProblem:
+    """A document that could not be made, logged and kept for the operator."""
+    reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CMIError) else str(exc)
+    log.warning(
+        "transaction %s not emitted under terms %s (%s) for customer %s: %s",
+        tx.id,
+        terms.id,
+        terms.standard,
+        terms.customer_ref,
+        reason,
+        exc_info=not isinstance(exc, CMIError),  # a plugin's bug: its traceback
+    )
+    return EmissionProblem(
+        transaction_id=tx.id,
+        terms_id=terms.id,
+        customer_ref=terms.customer_ref,
+        standard=terms.standard,
+        reason=reason[:2000],
+        created_at=now,
+        transaction=tx.model_dump_json(),
+    )
 
 
 def _minimize(

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -30,6 +30,7 @@ from cmi_sdk._currencies import MINOR_UNITS
 from cmi_sdk._exceptions import ModelValidationError, ValidationIssue
 
 __all__ = [
+    "TRANSACTION_KINDS",
     "Acceptance",
     "Advice",
     "BankStatementLineDetails",
@@ -291,6 +292,10 @@ class LoanDetails(LoanProduct):
 
 TransactionKind = Literal["flight", "bank_statement_line", "loan", "purchase"]
 """What a transaction is about; ``purchase`` is a plain sale of line items."""
+
+TRANSACTION_KINDS: tuple[TransactionKind, ...] = get_args(TransactionKind)
+"""Every kind of transaction, in the order :data:`TransactionKind` names them: what an
+adapter emits unless told otherwise (``Adapter(transaction_kinds=...)``)."""
 
 Details = Annotated[
     FlightDetails | BankStatementLineDetails | LoanDetails, Field(discriminator="kind")

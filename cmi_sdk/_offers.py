@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -62,7 +63,16 @@ from cmi_sdk._models import (
 )
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
 from cmi_sdk.hookspecs import NONBLOCKING_ATTRIBUTE
-from cmi_sdk.outbox import OutboxStore, SeenMessage, StoredOffer
+from cmi_sdk.outbox import (
+    AcceptanceClaim,
+    AcceptanceRecord,
+    AcceptanceState,
+    EmissionProblem,
+    NewRow,
+    OutboxStore,
+    SeenMessage,
+    StoredOffer,
+)
 
 if TYPE_CHECKING:
     from cmi_sdk._emit import Emission
@@ -211,7 +221,10 @@ class OfferPipeline:
         hook: pluggy.HookRelay,
         store: Callable[[], OutboxStore],
         render_signed: Callable[[Any, str], bytes],
-        emit: Callable[[Transaction, str, str | None], list[Emission]],
+        prepare: Callable[
+            [Transaction, str, str | None],
+            tuple[list[NewRow], list[Emission], list[EmissionProblem]],
+        ],
         firm: str,
         clock: Callable[[], float],
         default_budget: float = 2.0,
@@ -219,11 +232,15 @@ class OfferPipeline:
         default_validity: dt.timedelta = dt.timedelta(minutes=15),
         stage_shares: dict[str, float] | None = None,
         workers: int = 8,
+        acceptance_lease: float = 300.0,
     ) -> None:
         self._hook = hook
         self._store = store
         self._render_signed = render_signed
-        self._emit = emit
+        self._prepare = prepare
+        self.acceptance_lease = acceptance_lease
+        """Seconds a booking process holds an acceptance: past it, a crashed booking is
+        recovered. It must outlast ``cmi_hold`` and ``cmi_book`` together."""
         self.firm = firm
         self._clock = clock
         self.default_budget = default_budget
@@ -617,7 +634,7 @@ class OfferPipeline:
     def accept(
         self, offer_id: str, acceptance: Acceptance, *, intermediary: str | None = None
     ) -> AcceptanceResult:
-        """Book ``acceptance`` of the offer; once per acceptance id.
+        """Book ``acceptance`` of the offer; see :meth:`cmi_sdk.Adapter.accept_offer`.
 
         :raises OfferNotFoundError: no such offer (or not the intermediary's).
         :raises AcceptanceError: refused; nothing was booked.
@@ -631,62 +648,150 @@ class OfferPipeline:
             raise AcceptanceError(f"the acceptance is for offer {acceptance.offer_id}")
         if acceptance.customer_ref != offer.customer_ref:
             raise AcceptanceError("the acceptance is not from the customer the offer was for")
-        prior = store.begin_acceptance(acceptance.id, offer.id, self._clock())
-        if prior is not None:
-            state, result = prior
-            if state == "processing" or result is None:
-                raise AcceptanceError(
-                    f"acceptance {acceptance.id} is being booked; retry shortly",
-                    problem="acceptance-in-progress",
-                )
-            data = json.loads(result)
-            return AcceptanceResult(
-                outcome=data["outcome"],
-                acceptance_id=data["acceptance_id"],
-                offer_id=data["offer_id"],
-                transaction_id=data.get("transaction_id"),
-                documents=tuple(data.get("documents", ())),
-                problem=data.get("problem"),
-                detail=data.get("detail"),
-                replayed=True,
-            )
-        try:
-            result_obj = self._book(stored, acceptance)
-        except AcceptanceError as exc:
-            refused = AcceptanceResult(
-                outcome="refused",
+        # Each round claims the acceptance, or recovers the one in its way whose lease ran
+        # out (a crashed booking) and claims again.
+        for _ in range(3):
+            owner = _owner()
+            now = self._clock()
+            claim = AcceptanceClaim(
                 acceptance_id=acceptance.id,
                 offer_id=offer.id,
+                intermediary=intermediary,
+                acceptance=acceptance.model_dump_json(),
+                owner=owner,
+                lease_until=now + self.acceptance_lease,
+            )
+            found = store.begin_acceptance(claim, now)
+            if found is None:
+                return self._booking(stored, acceptance, owner)
+            mine = found.acceptance_id == acceptance.id
+            if not mine and found.intermediary != intermediary:
+                # Another party's acceptance holds the offer: say so, and nothing of it.
+                raise AcceptanceError(
+                    f"offer {offer.id} was already accepted", problem="already-accepted"
+                )
+            if found.state == "processing":
+                if found.lease_until is not None and found.lease_until >= now:
+                    raise AcceptanceError(
+                        f"offer {offer.id} is being booked; retry shortly",
+                        problem="acceptance-in-progress",
+                    )
+                self._recover(found, stored, acceptance if mine else None)
+                continue
+            return _replayed(found)
+        raise AcceptanceError(
+            f"offer {offer.id} is being booked; retry shortly", problem="acceptance-in-progress"
+        )
+
+    def _booking(self, stored: StoredOffer, acceptance: Acceptance, owner: str) -> AcceptanceResult:
+        """Hold and book a claimed acceptance, then complete it."""
+        offer = stored.offer
+        try:
+            tx = self._book(stored, acceptance, owner)
+        except _LeaseLostError:
+            raise AcceptanceError(
+                f"offer {offer.id} is being booked; retry shortly",
+                problem="acceptance-in-progress",
+            ) from None
+        except AcceptanceError as exc:
+            # A refusal by the firm's systems is the answer, and a retry's; a booking that
+            # failed (the firm's system down) leaves the offer to a retry.
+            self._end(
+                acceptance.id,
+                offer.id,
+                owner,
+                state="released" if isinstance(exc, _BookingFailedError) else "refused",
                 problem=exc.problem,
                 detail=str(exc),
-            )
-            store.finish_acceptance(
-                acceptance.id, "refused", json.dumps(refused.to_json()), self._clock()
             )
             raise
         except BaseException:
             # An unexpected failure: the booking did not happen; let a retry try again.
-            store.finish_acceptance(
+            self._end(
                 acceptance.id,
-                "refused",
-                json.dumps(
-                    AcceptanceResult(
-                        outcome="refused",
-                        acceptance_id=acceptance.id,
-                        offer_id=offer.id,
-                        problem="acceptance-failed",
-                        detail="the booking failed",
-                    ).to_json()
-                ),
-                self._clock(),
+                offer.id,
+                owner,
+                state="released",
+                problem="acceptance-failed",
+                detail="the booking failed",
             )
             raise
-        store.finish_acceptance(
-            acceptance.id, "booked", json.dumps(result_obj.to_json()), self._clock()
-        )
-        return result_obj
+        # Booked: from here on the answer is "booked". A failure to record it leaves the
+        # acceptance processing, and its recovery finds the booking (cmi_find_booking).
+        return self._complete(stored, acceptance, owner, tx)
 
-    def _book(self, stored: StoredOffer, acceptance: Acceptance) -> AcceptanceResult:
+    def _end(
+        self,
+        acceptance_id: str,
+        offer_id: str,
+        owner: str,
+        *,
+        state: AcceptanceState,
+        problem: str,
+        detail: str,
+    ) -> None:
+        """Record an acceptance that booked nothing (refused, or released for a retry)."""
+        refused = AcceptanceResult(
+            outcome="refused",
+            acceptance_id=acceptance_id,
+            offer_id=offer_id,
+            problem=problem,
+            detail=detail,
+        )
+        try:
+            self._store().finish_acceptance(
+                acceptance_id, owner, state, json.dumps(refused.to_json()), self._clock()
+            )
+        except CMIError:
+            # The lease runs out, and recovery finds that nothing was booked.
+            log.exception("acceptance %s: its outcome could not be recorded", acceptance_id)
+
+    def _complete(
+        self, stored: StoredOffer, acceptance: Acceptance, owner: str, tx: Transaction
+    ) -> AcceptanceResult:
+        """Record a booking and queue its documents, in one commit."""
+        offer = stored.offer
+        rows, emissions, problems = self._prepare(tx, acceptance.customer_ref, stored.intermediary)
+        result = AcceptanceResult(
+            outcome="booked",
+            acceptance_id=acceptance.id,
+            offer_id=offer.id,
+            transaction_id=tx.id,
+            documents=tuple(e.msg_id for e in emissions),
+            transaction=tx,
+        )
+        found = self._store().finish_acceptance(
+            acceptance.id,
+            owner,
+            "booked",
+            json.dumps(result.to_json()),
+            self._clock(),
+            rows=rows,
+            problems=problems,
+        )
+        if found is not None:
+            if found.state == "booked":
+                return _replayed(found)  # recovered by another process meanwhile
+            log.error(
+                "acceptance %s was booked as %s after its lease ran out and another"
+                " acceptance took offer %s: the firm's system may hold two bookings of it",
+                acceptance.id,
+                tx.id,
+                offer.id,
+            )
+            raise AcceptanceError(
+                f"offer {offer.id} was already accepted", problem="already-accepted"
+            )
+        log.info(
+            "offer %s booked as %s (%d documents%s)",
+            offer.id,
+            tx.id,
+            len(emissions),
+            f", {len(problems)} emission problems" if problems else "",
+        )
+        return result
+
+    def _book(self, stored: StoredOffer, acceptance: Acceptance, owner: str) -> Transaction:
         offer, request = stored.offer, stored.request
         now = self._clock()
         if now >= offer.valid_until.timestamp():
@@ -719,6 +824,14 @@ class OfferPipeline:
             )
         except RequestRefusedError as exc:
             raise AcceptanceError(str(exc), problem="no-longer-available") from None
+        # The hold is recorded with the acceptance (recovery releases it after a crash),
+        # and the lease checked: a process whose lease ran out books nothing.
+        held = None if hold is None else hold.model_dump_json()
+        lease_until = self._clock() + self.acceptance_lease
+        if not self._store().renew_acceptance(acceptance.id, owner, lease_until, hold=held):
+            if hold is not None:
+                self._notify("cmi_release", offer=offer, hold=hold)
+            raise _LeaseLostError
         try:
             tx: Transaction | None = self._call(
                 "cmi_book", first=True, offer=offer, acceptance=acceptance, hold=hold
@@ -731,23 +844,135 @@ class OfferPipeline:
                 self._notify("cmi_release", offer=offer, hold=hold)
             if isinstance(exc, AcceptanceError):
                 raise
-            raise AcceptanceError(f"the booking failed: {exc}", problem="not-booked") from None
-        emissions = self._emit(tx, acceptance.customer_ref, stored.intermediary)
-        log.info("offer %s booked as %s (%d documents)", offer.id, tx.id, len(emissions))
-        return AcceptanceResult(
-            outcome="booked",
-            acceptance_id=acceptance.id,
-            offer_id=offer.id,
-            transaction_id=tx.id,
-            documents=tuple(e.msg_id for e in emissions),
-            transaction=tx,
+            raise _BookingFailedError(f"the booking failed: {exc}", problem="not-booked") from None
+        return tx
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def recover(self, *, limit: int = 100) -> dict[str, int]:
+        """Recover acceptances left ``processing`` by a crash (their lease ran out): each
+        is completed as booked when ``cmi_find_booking`` finds its booking (its documents
+        queued), else its hold is released and it is marked released, for a retry to
+        book. Return how many went each way (``booked``, ``released``)."""
+        store = self._store()
+        done = {"booked": 0, "released": 0}
+        for found in store.stalled_acceptances(self._clock(), limit):
+            try:
+                stored = store.get_offer(found.offer_id)
+            except OfferNotFoundError:
+                log.error("acceptance %s is of an offer no longer kept", found.acceptance_id)
+                continue
+            outcome = self._recover(found, stored, None)
+            if outcome is not None:
+                done[outcome] += 1
+        return done
+
+    def _recover(
+        self, found: AcceptanceRecord, stored: StoredOffer, incoming: Acceptance | None
+    ) -> str | None:
+        """Take over ``found`` (its lease ran out), ask the firm's systems whether it was
+        booked, and complete or release it; the outcome, or None when another process
+        took it over first or the firm's systems did not answer."""
+        store = self._store()
+        offer = stored.offer
+        owner = _owner()
+        now = self._clock()
+        if not store.take_over_acceptance(
+            found.acceptance_id, owner, now, now + self.acceptance_lease
+        ):
+            return None
+        acceptance = _acceptance_of(found, offer, incoming, now)
+        try:
+            tx = self._call("cmi_find_booking", first=True, offer=offer, acceptance=acceptance)
+            if tx is not None:
+                _expect(tx, Transaction, "cmi_find_booking", self._hook)
+        except CMIError:
+            log.exception(
+                "acceptance %s: cmi_find_booking failed; it is tried again when its lease runs out",
+                found.acceptance_id,
+            )
+            return None
+        if tx is not None:
+            log.warning(
+                "acceptance %s was interrupted after its booking %s: completed as booked",
+                found.acceptance_id,
+                tx.id,
+            )
+            self._complete(stored, acceptance, owner, tx)
+            return "booked"
+        if found.hold is not None:
+            self._notify("cmi_release", offer=offer, hold=Hold.model_validate_json(found.hold))
+        log.warning(
+            "acceptance %s was interrupted before any booking: its hold is released and a"
+            " retry may book",
+            found.acceptance_id,
         )
+        self._end(
+            found.acceptance_id,
+            offer.id,
+            owner,
+            state="released",
+            problem="not-booked",
+            detail="the booking was interrupted; nothing was booked",
+        )
+        return "released"
 
     def _notify(self, name: str, **kwargs: Any) -> None:
         try:
             self._call(name, first=False, **kwargs)
         except CMIError:
             log.exception("%s failed", name)
+
+
+class _LeaseLostError(Exception):
+    """The acceptance's lease ran out and another process took it over."""
+
+
+class _BookingFailedError(AcceptanceError):
+    """``cmi_book`` failed unexpectedly (the firm's system down): nothing was booked, the
+    hold was released, and a retry of the acceptance may book."""
+
+
+def _owner() -> str:
+    """A lease owner: this call, in this process."""
+    return f"{os.getpid()}:{secrets.token_hex(8)}"
+
+
+def _replayed(found: AcceptanceRecord) -> AcceptanceResult:
+    """The recorded answer of a booked or refused acceptance."""
+    if found.result is None:  # pragma: no cover - booked and refused rows have answers
+        raise AcceptanceError(
+            f"acceptance {found.acceptance_id} has no recorded answer",
+            problem="acceptance-in-progress",
+        )
+    data = json.loads(found.result)
+    return AcceptanceResult(
+        outcome=data["outcome"],
+        acceptance_id=data["acceptance_id"],
+        offer_id=data["offer_id"],
+        transaction_id=data.get("transaction_id"),
+        documents=tuple(data.get("documents", ())),
+        problem=data.get("problem"),
+        detail=data.get("detail"),
+        replayed=True,
+    )
+
+
+def _acceptance_of(
+    found: AcceptanceRecord, offer: Offer, incoming: Acceptance | None, now: float
+) -> Acceptance:
+    """The acceptance a record was made for: as recorded, or (a record of an earlier
+    version, which kept none) the retry's, or rebuilt from the offer."""
+    if found.acceptance is not None:
+        return Acceptance.model_validate_json(found.acceptance)
+    if incoming is not None:
+        return incoming
+    return Acceptance(
+        id=found.acceptance_id,
+        offer_id=offer.id,
+        customer_ref=offer.customer_ref,
+        accepted_at=dt.datetime.fromtimestamp(now, dt.UTC),
+    )
 
 
 def _loop_running() -> bool:

@@ -71,6 +71,14 @@ class DocumentType(Generic[M]):
         byte for byte, for every valid model: the template stays the reference that
         documents the output (digests and ``render_context`` still use it), and the
         plugin's tests must prove the two identical.
+    :param kinds: for a document type made from transactions, the transaction kinds
+        (``flight``, ``bank_statement_line``, ``loan``, ``purchase``) it can express; None
+        (the default) for every kind. The SDK emits a transaction under a customer's terms
+        only when their document type expresses its kind (the others are skipped and
+        logged), and refuses terms whose document type expresses none of the kinds the
+        firm emits. A mapping may still raise :class:`~cmi_sdk.MappingError` for one
+        transaction it cannot carry: that is recorded for the operator, never raised to
+        the firm or the customer.
     """
 
     name: str
@@ -85,6 +93,7 @@ class DocumentType(Generic[M]):
     kept: tuple[str, ...] = ()
     digest: Callable[[Sequence[M]], dict[str, Any]] | None = None
     render: Callable[[M], str] | None = None
+    kinds: tuple[str, ...] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -139,6 +148,10 @@ class DocumentType(Generic[M]):
 
         paths: dict[str, tuple[etree.XPath, ...]] = self._cached("field_paths", build)
         return paths
+
+    def expresses(self, kind: str) -> bool:
+        """Whether documents of this type can express a transaction of ``kind``."""
+        return self.kinds is None or kind in self.kinds
 
     def withhold(self, root: etree._Element, names: Iterable[str]) -> tuple[str, ...]:
         """Remove the fields ``names`` from the tree under ``root``, in place, and record
@@ -300,7 +313,8 @@ class StandardRegistry:
     def describe(self) -> list[dict[str, Any]]:
         """The standards and their document types as JSON-ready data (for ``cmi standards
         --json`` and ``/.well-known/cmi``): names, versions, roots, models, and the fields
-        sharing terms can withhold or that are always kept."""
+        sharing terms can withhold or that are always kept, and the transaction kinds a
+        type expresses (None: every kind)."""
         return [
             {
                 "name": std.name,
@@ -314,6 +328,7 @@ class StandardRegistry:
                         "description": d.description,
                         "fields": sorted(d.fields),
                         "kept": list(d.kept),
+                        "kinds": None if d.kinds is None else list(d.kinds),
                     }
                     for d in std.document_types
                 ],

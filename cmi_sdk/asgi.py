@@ -123,6 +123,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "acceptance-refused": (409, "The acceptance was refused; nothing was booked"),
     "acceptance-in-progress": (409, "The acceptance is being booked; retry shortly"),
     "acceptance-conflict": (409, "The acceptance id was used for another offer"),
+    "already-accepted": (409, "The offer was already accepted"),
     "acceptance-failed": (500, "The booking failed unexpectedly; nothing was booked"),
     "internal": (500, "The firm's endpoint failed"),
 }
@@ -750,8 +751,8 @@ class _Endpoint:
 
 def prometheus_text(adapter: Adapter) -> str:
     """The outbox's health in the Prometheus text exposition format: rows by state, the
-    age of the oldest row waiting to go out, delivery attempts by outcome, dead letters
-    and disabled destinations."""
+    age of the oldest row waiting to go out, delivery attempts by outcome, dead letters,
+    emission problems and disabled destinations."""
     store = adapter.store
     status = store.status(adapter.clock())
     attempts = store.attempt_counts()
@@ -768,6 +769,9 @@ def prometheus_text(adapter: Adapter) -> str:
         "# HELP cmi_outbox_dead_letters Dead letters waiting for an operator.",
         "# TYPE cmi_outbox_dead_letters gauge",
         f"cmi_outbox_dead_letters {status.counts.get('dead', 0)}",
+        "# HELP cmi_emission_problems Documents that could not be made, kept for the operator.",
+        "# TYPE cmi_emission_problems gauge",
+        f"cmi_emission_problems {store.count_emission_problems()}",
         "# HELP cmi_destinations_disabled Destinations disabled by a 410 Gone.",
         "# TYPE cmi_destinations_disabled gauge",
         f"cmi_destinations_disabled {len(status.disabled_destinations)}",

@@ -287,13 +287,40 @@ def cmi_book(offer: Offer, acceptance: Acceptance, hold: Hold | None) -> Transac
     """On acceptance: book the offer and return the transaction. Stops at the first
     non-None result.
 
-    Called once per acceptance id: a retried acceptance returns the first one's result.
-    The transaction is then emitted under the customer's terms.
+    Called once per acceptance while it holds its lease: a retried acceptance, and any
+    other acceptance of the same offer, gets the first one's result. Once it returns, the
+    acceptance is booked: its documents are queued under the customer's terms in the
+    same commit that records the booking, and a document that cannot be made is recorded
+    for the operator, never answered as a failure. Should the process die inside it, the
+    acceptance is recovered after its lease (``cmi_find_booking``); booking the same
+    acceptance id twice should return the first booking.
 
     :param offer: the offer accepted.
     :param acceptance: the acceptance (with the customer's identity, if they gave it).
     :param hold: the hold taken for it, if any.
     :return: the :class:`~cmi_sdk.Transaction` booked.
+    """
+
+
+@hookspec(firstresult=True)
+def cmi_find_booking(offer: Offer, acceptance: Acceptance) -> Transaction | None:
+    """On recovery: did the firm's system book this acceptance? Stops at the first
+    non-None result.
+
+    Called for an acceptance left ``processing`` by a process that died during
+    ``cmi_hold`` or ``cmi_book`` (its lease ran out), when it is retried or by a recovery
+    pass (:meth:`~cmi_sdk.Adapter.recover_acceptances`, ``cmi acceptances recover``). Read
+    the booking by ``acceptance.id`` from the firm's own records; never book here. A
+    transaction completes the acceptance as booked (its documents queued); when no
+    implementation answers (the default), nothing was booked: the hold recorded for the
+    acceptance is released (``cmi_release``) and a retry books afresh. An exception is
+    logged and the acceptance is tried again after another lease.
+
+    :param offer: the offer the acceptance was for.
+    :param acceptance: the acceptance as it was received.
+    :return: the :class:`~cmi_sdk.Transaction` booked for it (as ``cmi_book`` returned
+        it), or None when the firm's system has no booking for it (or the offer is not the
+        plugin's).
     """
 
 

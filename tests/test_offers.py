@@ -476,7 +476,7 @@ def test_acceptances_are_checked_against_the_offer(adapter: Adapter) -> None:
         adapter.accept_offer(offer.id, stranger)
     adapter.accept_offer(offer.id, _accept(offer, "acc-x"))
     (other,) = adapter.answer_request(flight_request(id="req-2")).offers.offers
-    with pytest.raises(AcceptanceError, match="was given for offer") as info:
+    with pytest.raises(AcceptanceError, match="was given for another offer") as info:
         adapter.accept_offer(other.id, _accept(other, "acc-x"))  # the same id, another offer
     assert info.value.problem == "acceptance-conflict"
 

@@ -33,11 +33,17 @@ from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 
 __all__ = [
+    "ACCEPTANCE_STATES",
+    "LIVE_ACCEPTANCE_STATES",
     "STATES",
+    "AcceptanceClaim",
+    "AcceptanceRecord",
+    "AcceptanceState",
     "AttemptResult",
     "CompletionParams",
     "DeliveryReport",
     "DigestGroup",
+    "EmissionProblem",
     "NewRow",
     "OutboxRow",
     "OutboxStatus",
@@ -281,6 +287,71 @@ class CompletionParams:
         )
 
 
+AcceptanceState = Literal["processing", "booked", "refused", "released"]
+"""An acceptance's state: ``processing`` (a process holds its lease and is booking it),
+``booked`` (its documents were queued in the same commit), ``refused`` (a final answer:
+nothing was booked, and a retry of the same id gets the same refusal) or ``released``
+(nothing was booked and the hold was let go after a failure or a crash: a retry books
+afresh)."""
+
+ACCEPTANCE_STATES: tuple[AcceptanceState, ...] = ("processing", "booked", "refused", "released")
+
+LIVE_ACCEPTANCE_STATES: tuple[AcceptanceState, ...] = ("processing", "booked")
+"""The states in which an acceptance holds its offer: an offer has at most one acceptance
+in them, which the stores enforce with a unique index."""
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptanceClaim:
+    """What :meth:`OutboxStore.begin_acceptance` records of an acceptance it claims."""
+
+    acceptance_id: str
+    offer_id: str
+    intermediary: str | None
+    """The intermediary the acceptance came through (None: the firm's own code)."""
+    acceptance: str
+    """The :class:`~cmi_sdk.Acceptance` as JSON: recovery hands it to ``cmi_find_booking``."""
+    owner: str
+    """Who books it: a token of the call, which must still hold the lease to finish."""
+    lease_until: float
+    """Until when the lease holds (POSIX seconds); past it, a retry or a recovery pass may
+    take the acceptance over."""
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptanceRecord:
+    """An acceptance as the store keeps it."""
+
+    acceptance_id: str
+    offer_id: str
+    state: AcceptanceState
+    result: str | None
+    """The answer as JSON (what a retry gets back); None while ``processing``."""
+    intermediary: str | None
+    acceptance: str | None
+    """The acceptance as JSON (None for records made before schema version 5)."""
+    hold: str | None
+    """The hold taken for it as JSON, once the booking process recorded one."""
+    lease_owner: str | None
+    lease_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EmissionProblem:
+    """A document that could not be made for one of a customer's terms: kept for the
+    operator (``cmi outbox problems``), never answered to the customer as a failure."""
+
+    transaction_id: str
+    terms_id: str
+    customer_ref: str
+    standard: str
+    reason: str
+    """What went wrong, in words (a mapping, render or validation error, a plugin bug)."""
+    created_at: float
+    transaction: str
+    """The transaction as JSON, so that it can be emitted again once the cause is fixed."""
+
+
 @runtime_checkable
 class OutboxStore(Protocol):
     """Where terms, consent records and outbox rows live.
@@ -465,10 +536,64 @@ class OutboxStore(Protocol):
     def get_offer(self, offer_id: str) -> StoredOffer:
         """The offer with that id; raises OfferNotFoundError."""
 
-    def begin_acceptance(
-        self, acceptance_id: str, offer_id: str, now: float
-    ) -> tuple[str, str | None] | None:
-        """Claim an acceptance id: None when new, else its recorded (state, result)."""
+    def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
+        """Claim an acceptance, in one transaction; None when it is now ``processing``
+        under ``claim.owner``'s lease (new, or ``released`` before and retried).
 
-    def finish_acceptance(self, acceptance_id: str, state: str, result: str, now: float) -> None:
-        """Record an acceptance's outcome and answer."""
+        Otherwise the record that stands in the way: the acceptance itself (``processing``
+        under another lease, ``booked`` or ``refused``), or another acceptance that holds
+        the offer (``processing`` or ``booked``): an offer is accepted at most once, which
+        a unique index on the offer's live acceptance enforces across processes.
+
+        :raises AcceptanceConflictError: the acceptance id was given for another offer.
+        """
+
+    def renew_acceptance(
+        self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
+    ) -> bool:
+        """Extend ``owner``'s lease (and record the hold taken, as JSON); False when the
+        lease was lost (it expired and another process took the acceptance over)."""
+
+    def take_over_acceptance(
+        self, acceptance_id: str, owner: str, now: float, lease_until: float
+    ) -> bool:
+        """Take a ``processing`` acceptance whose lease expired before ``now`` over for
+        ``owner`` (to recover it); False when its lease is live or it is no longer
+        ``processing``."""
+
+    def finish_acceptance(
+        self,
+        acceptance_id: str,
+        owner: str,
+        state: AcceptanceState,
+        result: str,
+        now: float,
+        *,
+        rows: Sequence[NewRow] = (),
+        problems: Sequence[EmissionProblem] = (),
+    ) -> AcceptanceRecord | None:
+        """Record an acceptance's outcome and answer, and for a booking its outbox ``rows``
+        and emission ``problems``, in one transaction; None when done.
+
+        Only while ``owner`` holds the lease; a ``booked`` outcome may also complete an
+        acceptance that a recovery ``released`` meanwhile (the booking did happen). Else
+        nothing is written and the record as it stands is returned.
+        """
+
+    def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
+        """The acceptance with that id, or None."""
+
+    def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
+        """``processing`` acceptances whose lease expired before ``now``, oldest first."""
+
+    def add_emission_problems(
+        self, problems: Sequence[EmissionProblem], *, connection: object | None = None
+    ) -> None:
+        """Keep emission problems for the operator; with ``connection``, inside the
+        caller's open transaction (as :meth:`insert`)."""
+
+    def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
+        """Emission problems, newest first."""
+
+    def count_emission_problems(self) -> int:
+        """How many emission problems are kept."""

@@ -60,9 +60,13 @@ from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
+    AcceptanceClaim,
+    AcceptanceRecord,
+    AcceptanceState,
     AttemptResult,
     CompletionParams,
     DigestGroup,
+    EmissionProblem,
     NewRow,
     OutboxRow,
     OutboxStatus,
@@ -76,7 +80,7 @@ __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "e
 
 log = logging.getLogger("cmi_sdk.outbox.postgres")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The version of the tables this module creates, recorded in ``<schema>.meta``."""
 
 _T = TypeVar("_T")
@@ -227,6 +231,33 @@ CREATE TABLE IF NOT EXISTS {s}.link_codes (
     link_id text
 );
 CREATE INDEX IF NOT EXISTS link_codes_expiry ON {s}.link_codes (expires_at);
+-- Version 5: an acceptance carries its lease, the acceptance itself and its hold (for
+-- recovery after a crash); an offer names the one acceptance that holds it (an offer
+-- accepted more than once before is held by its first live acceptance); emission problems
+-- are kept for the operator.
+ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS intermediary text;
+ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS acceptance text;
+ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS hold text;
+ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS lease_owner text;
+ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS lease_until double precision;
+ALTER TABLE {s}.offers ADD COLUMN IF NOT EXISTS accepted_by text;
+UPDATE {s}.offers o SET accepted_by = (SELECT a.id FROM {s}.acceptances a
+    WHERE a.offer_id = o.id AND a.state IN ('processing', 'booked')
+    ORDER BY a.created_at, a.id LIMIT 1)
+WHERE o.accepted_by IS NULL AND EXISTS (SELECT 1 FROM {s}.acceptances a
+    WHERE a.offer_id = o.id AND a.state IN ('processing', 'booked'));
+CREATE INDEX IF NOT EXISTS acceptances_stalled ON {s}.acceptances (created_at)
+    WHERE state = 'processing';
+CREATE TABLE IF NOT EXISTS {s}.emission_problems (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transaction_id text NOT NULL,
+    terms_id text NOT NULL,
+    customer_ref text NOT NULL,
+    standard text NOT NULL,
+    reason text NOT NULL,
+    created_at double precision NOT NULL,
+    transaction_json text NOT NULL
+);
 """
 
 # What a document for an account goes out under: the firm's direct terms for the account,
@@ -1661,48 +1692,299 @@ class PostgresStore:
             intermediary=intermediary,
         )
 
-    def begin_acceptance(
-        self, acceptance_id: str, offer_id: str, now: float
-    ) -> tuple[str, str | None] | None:
-        """Claim an acceptance id; None when it is new (now ``processing``), else its
-        ``(state, result)``: a retry gets the first one's answer. Safe across processes:
-        of two concurrent claims, the second waits for the first to commit, then reads it."""
+    def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
+        """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
+        else the record in the way (itself, or the acceptance that holds the offer).
 
-        def body(cur: _Cursor) -> tuple[str, str | None] | None:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.acceptances (id, offer_id, state, result, created_at,"
-                    " updated_at) VALUES (%s, %s, 'processing', NULL, %s, %s)"
-                    " ON CONFLICT (id) DO NOTHING"
-                ),
-                (acceptance_id, offer_id, now, now),
-            )
-            if cur.rowcount == 1:
-                return None
-            found = cur.execute(
-                self._sql("SELECT state, result, offer_id FROM {s}.acceptances WHERE id = %s"),
-                (acceptance_id,),
-            ).fetchone()
-            if found is None:  # pragma: no cover - acceptances are never deleted
-                raise StoreError(f"acceptance {acceptance_id} vanished while being read")
-            if found[2] != offer_id:
-                raise AcceptanceConflictError(
-                    f"acceptance {acceptance_id} was given for offer {found[2]}"
-                )
-            return found[0], found[1]
-
-        return self._run("claiming an acceptance id", body, write=True)
-
-    def finish_acceptance(self, acceptance_id: str, state: str, result: str, now: float) -> None:
-        """Record an acceptance's outcome (``booked`` or ``refused``) and its answer."""
-        statement = self._sql(
-            "UPDATE {s}.acceptances SET state = %s, result = %s, updated_at = %s WHERE id = %s"
+        Safe across processes: the acceptance's row is locked (or its insert waits on a
+        concurrent one), and the offer's ``accepted_by`` is set only while empty, so of
+        concurrent claims of one offer the first to commit holds it, and the others wait
+        for that commit and then read its record."""
+        select = self._sql(_ACCEPTANCE + " WHERE id = %s")
+        select_holder = self._sql(_ACCEPTANCE + _HELD_BY)
+        take_offer = self._sql(
+            "UPDATE {s}.offers SET accepted_by = %s WHERE id = %s AND accepted_by IS NULL"
         )
-        self._run(
-            "recording an acceptance",
-            lambda cur: cur.execute(statement, (state, result, now, acceptance_id)),
+        insert = self._sql(
+            "INSERT INTO {s}.acceptances (id, offer_id, state, result, created_at, updated_at,"
+            " intermediary, acceptance, hold, lease_owner, lease_until)"
+            " VALUES (%s, %s, 'processing', NULL, %s, %s, %s, %s, NULL, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING"
+        )
+        retake = self._sql(
+            "UPDATE {s}.acceptances SET state = 'processing', result = NULL, updated_at = %s,"
+            " intermediary = %s, acceptance = %s, hold = NULL, lease_owner = %s,"
+            " lease_until = %s WHERE id = %s AND state = 'released'"
+        )
+
+        def body(cur: _Cursor) -> AcceptanceRecord | None:
+            for _ in range(8):  # each round ends, or a concurrent change made it start over
+                found = _acceptance(
+                    cur.execute(select + " FOR UPDATE", (claim.acceptance_id,)).fetchone()
+                )
+                if found is not None:
+                    if found.offer_id != claim.offer_id:
+                        raise AcceptanceConflictError(
+                            f"acceptance {claim.acceptance_id} was given for another offer"
+                        )
+                    if found.state != "released":
+                        return found
+                if cur.execute(take_offer, (claim.acceptance_id, claim.offer_id)).rowcount == 0:
+                    other = _acceptance(cur.execute(select_holder, (claim.offer_id,)).fetchone())
+                    if other is not None:
+                        return other
+                    if (
+                        cur.execute(
+                            self._sql("SELECT 1 FROM {s}.offers WHERE id = %s"), (claim.offer_id,)
+                        ).fetchone()
+                        is None
+                    ):
+                        raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
+                    continue  # its holder let it go meanwhile
+                if found is not None:
+                    cur.execute(
+                        retake,
+                        (
+                            now,
+                            claim.intermediary,
+                            claim.acceptance,
+                            claim.owner,
+                            claim.lease_until,
+                            claim.acceptance_id,
+                        ),
+                    )
+                    return None
+                cur.execute(
+                    insert,
+                    (
+                        claim.acceptance_id,
+                        claim.offer_id,
+                        now,
+                        now,
+                        claim.intermediary,
+                        claim.acceptance,
+                        claim.owner,
+                        claim.lease_until,
+                    ),
+                )
+                if cur.rowcount == 1:
+                    return None
+                # The same id was claimed concurrently, and committed first: give the offer
+                # back and read what that claim made.
+                cur.execute(
+                    self._sql(
+                        "UPDATE {s}.offers SET accepted_by = NULL WHERE id = %s"
+                        " AND accepted_by = %s"
+                    ),
+                    (claim.offer_id, claim.acceptance_id),
+                )
+            raise StoreError(f"acceptance {claim.acceptance_id} kept changing while claimed")
+
+        return self._run("claiming an acceptance", body, write=True)
+
+    def renew_acceptance(
+        self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
+    ) -> bool:
+        """Extend ``owner``'s lease and record the hold; False when the lease was lost."""
+        statement = self._sql(
+            "UPDATE {s}.acceptances SET lease_until = %s, hold = COALESCE(%s, hold)"
+            " WHERE id = %s AND state = 'processing' AND lease_owner = %s"
+        )
+        return self._run(
+            "renewing an acceptance's lease",
+            lambda cur: (
+                cur.execute(statement, (lease_until, hold, acceptance_id, owner)).rowcount == 1
+            ),
             write=True,
         )
+
+    def take_over_acceptance(
+        self, acceptance_id: str, owner: str, now: float, lease_until: float
+    ) -> bool:
+        """Take a ``processing`` acceptance whose lease expired over for ``owner``."""
+        statement = self._sql(
+            "UPDATE {s}.acceptances SET lease_owner = %s, lease_until = %s"
+            " WHERE id = %s AND state = 'processing' AND (lease_until IS NULL OR lease_until < %s)"
+        )
+        return self._run(
+            "taking an acceptance over",
+            lambda cur: (
+                cur.execute(statement, (owner, lease_until, acceptance_id, now)).rowcount == 1
+            ),
+            write=True,
+        )
+
+    def finish_acceptance(
+        self,
+        acceptance_id: str,
+        owner: str,
+        state: AcceptanceState,
+        result: str,
+        now: float,
+        *,
+        rows: Sequence[NewRow] = (),
+        problems: Sequence[EmissionProblem] = (),
+    ) -> AcceptanceRecord | None:
+        """Record the outcome, and for a booking its documents (waking the workers on
+        commit) and emission problems, in one transaction, while ``owner`` holds the lease;
+        else return the record."""
+        select = self._sql(_ACCEPTANCE + " WHERE id = %s FOR UPDATE")
+        params = [self._insert_params(r) for r in rows]
+        wake = self._notify and any(r.state == "pending" for r in rows)
+
+        def body(cur: _Cursor) -> AcceptanceRecord | None:
+            found = _acceptance(cur.execute(select, (acceptance_id,)).fetchone())
+            if found is None:
+                raise StoreError(f"acceptance {acceptance_id} is not in the store")
+            ours = found.state == "processing" and found.lease_owner == owner
+            late = state == "booked" and found.state == "released"
+            if not (ours or late):
+                return found
+            if state == "booked":
+                held = cur.execute(
+                    self._sql(
+                        "UPDATE {s}.offers SET accepted_by = %s WHERE id = %s"
+                        " AND (accepted_by IS NULL OR accepted_by = %s)"
+                    ),
+                    (acceptance_id, found.offer_id, acceptance_id),
+                ).rowcount
+                if held == 0:  # released, and another acceptance holds the offer now
+                    return found
+            else:
+                cur.execute(
+                    self._sql(
+                        "UPDATE {s}.offers SET accepted_by = NULL WHERE id = %s"
+                        " AND accepted_by = %s"
+                    ),
+                    (found.offer_id, acceptance_id),
+                )
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.acceptances SET state = %s, result = %s, updated_at = %s,"
+                    " lease_owner = NULL, lease_until = NULL WHERE id = %s"
+                ),
+                (state, result, now, acceptance_id),
+            )
+            if params:
+                cur.executemany(self._sql(_INSERT), params)
+                if wake:
+                    cur.execute(self._sql(f"NOTIFY {self.channel}"))
+            if problems:
+                cur.executemany(self._sql(_INSERT_PROBLEM), [_problem_params(p) for p in problems])
+            return None
+
+        return self._run("recording an acceptance", body, write=True)
+
+    def _insert_params(self, r: NewRow) -> tuple[Any, ...]:
+        return (
+            r.msg_id,
+            r.terms_id,
+            r.customer_ref,
+            r.transaction_id,
+            r.standard,
+            r.document_type,
+            r.destination,
+            r.body,
+            r.created_at,
+            r.state,
+            r.next_attempt_at,
+            self._ordering_key(r),
+            r.model,
+        )
+
+    def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
+        """The acceptance with that id, or None."""
+        found = self._read(
+            "reading an acceptance",
+            _ACCEPTANCE + " WHERE id = %s",
+            (acceptance_id,),
+        )
+        return _acceptance(found[0]) if found else None
+
+    def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
+        """``processing`` acceptances whose lease expired before ``now``, oldest first."""
+        found = self._read(
+            "reading stalled acceptances",
+            _ACCEPTANCE + " WHERE state = 'processing'"
+            " AND (lease_until IS NULL OR lease_until < %s) ORDER BY created_at, id LIMIT %s",
+            (now, limit),
+        )
+        return [a for a in map(_acceptance, found) if a is not None]
+
+    def add_emission_problems(
+        self, problems: Sequence[EmissionProblem], *, connection: object | None = None
+    ) -> None:
+        """Keep emission problems; with ``connection``, in the caller's transaction."""
+        params = [_problem_params(p) for p in problems]
+        if not params:
+            return
+        statement = self._sql(_INSERT_PROBLEM)
+
+        def body(cur: _Cursor) -> None:
+            cur.executemany(statement, params)
+
+        if connection is not None:
+            self._in_caller(connection, "writing emission problems", body)
+        else:
+            self._run("writing emission problems", body, write=True)
+
+    def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
+        """Emission problems, newest first."""
+        found = self._read(
+            "reading emission problems",
+            "SELECT transaction_id, terms_id, customer_ref, standard, reason, created_at,"
+            " transaction_json FROM {s}.emission_problems ORDER BY seq DESC LIMIT %s",
+            (limit,),
+        )
+        return [EmissionProblem(*r) for r in found]
+
+    def count_emission_problems(self) -> int:
+        """How many emission problems are kept."""
+        found = self._read(
+            "counting emission problems", "SELECT count(*) FROM {s}.emission_problems"
+        )
+        return int(found[0][0])
+
+
+_ACCEPTANCE = (
+    "SELECT id, offer_id, state, result, intermediary, acceptance, hold, lease_owner,"
+    " lease_until FROM {s}.acceptances"
+)
+
+_HELD_BY = " WHERE id = (SELECT o.accepted_by FROM {s}.offers o WHERE o.id = %s)"
+
+_INSERT_PROBLEM = (
+    "INSERT INTO {s}.emission_problems (transaction_id, terms_id, customer_ref, standard,"
+    " reason, created_at, transaction_json) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _problem_params(p: EmissionProblem) -> tuple[Any, ...]:
+    return (
+        p.transaction_id,
+        p.terms_id,
+        p.customer_ref,
+        p.standard,
+        p.reason,
+        p.created_at,
+        p.transaction,
+    )
+
+
+def _acceptance(values: Sequence[Any] | None) -> AcceptanceRecord | None:
+    if values is None:
+        return None
+    return AcceptanceRecord(
+        acceptance_id=values[0],
+        offer_id=values[1],
+        state=cast(AcceptanceState, values[2]),
+        result=values[3],
+        intermediary=values[4],
+        acceptance=values[5],
+        hold=values[6],
+        lease_owner=values[7],
+        lease_until=values[8],
+    )
 
 
 def _sqlalchemy_driver(connection: object) -> object:

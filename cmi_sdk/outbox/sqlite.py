@@ -35,9 +35,13 @@ from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
+    AcceptanceClaim,
+    AcceptanceRecord,
+    AcceptanceState,
     AttemptResult,
     CompletionParams,
     DigestGroup,
+    EmissionProblem,
     NewRow,
     OutboxRow,
     OutboxStatus,
@@ -49,7 +53,7 @@ from cmi_sdk.outbox import (
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
 
@@ -172,6 +176,17 @@ CREATE TABLE IF NOT EXISTS cmi_link_codes (
     link_id TEXT
 );
 CREATE INDEX IF NOT EXISTS cmi_link_codes_expiry ON cmi_link_codes (expires_at);
+-- Version 6: documents that could not be made, kept for the operator.
+CREATE TABLE IF NOT EXISTS cmi_emission_problems (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    transaction_id TEXT NOT NULL,
+    terms_id TEXT NOT NULL,
+    customer_ref TEXT NOT NULL,
+    standard TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    transaction_json TEXT NOT NULL
+);
 """
 
 # What a document for an account goes out under: the firm's direct terms for the account,
@@ -192,6 +207,31 @@ _RECIPIENTS = (
 ).replace("{active}", "t.revoked_at IS NULL AND (t.until IS NULL OR t.until > :now)")
 
 _LINK_COLUMNS = "id, account, intermediary, customer_ref, created_at, revoked_at"
+
+# Version 6: an acceptance carries its lease, the acceptance itself and its hold (for
+# recovery after a crash), and an offer names the one acceptance that holds it.
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("cmi_outbox", "model", "TEXT"),
+    ("cmi_acceptances", "intermediary", "TEXT"),
+    ("cmi_acceptances", "acceptance", "TEXT"),
+    ("cmi_acceptances", "hold", "TEXT"),
+    ("cmi_acceptances", "lease_owner", "TEXT"),
+    ("cmi_acceptances", "lease_until", "REAL"),
+    ("cmi_offers", "accepted_by", "TEXT"),
+)
+
+# An offer accepted more than once before version 6 is held by its first live acceptance;
+# the others keep their answers (a retry of theirs still gets them).
+_BACKFILL_ACCEPTED_BY = """
+UPDATE cmi_offers SET accepted_by = (SELECT a.id FROM cmi_acceptances a
+    WHERE a.offer_id = cmi_offers.id AND a.state IN ('processing', 'booked')
+    ORDER BY a.created_at, a.id LIMIT 1)
+WHERE accepted_by IS NULL
+"""
+
+_ACCEPTANCE_COLUMNS = (
+    "id, offer_id, state, result, intermediary, acceptance, hold, lease_owner, lease_until"
+)
 
 _ROW_COLUMNS = (
     "seq, msg_id, terms_id, customer_ref, transaction_id, standard, document_type,"
@@ -421,9 +461,11 @@ class SQLiteStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(cmi_outbox)")}
-            if "model" not in columns:  # a store made by an earlier version
-                conn.execute("ALTER TABLE cmi_outbox ADD COLUMN model TEXT")
+            for table, column, kind in _ADDED_COLUMNS:  # a store made by an earlier version
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            conn.execute(_BACKFILL_ACCEPTED_BY)
             conn.execute(
                 "INSERT OR REPLACE INTO cmi_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -994,33 +1036,211 @@ class SQLiteStore:
             intermediary=intermediary,
         )
 
-    def begin_acceptance(
-        self, acceptance_id: str, offer_id: str, now: float
-    ) -> tuple[str, str | None] | None:
-        """Claim an acceptance id; None when it is new (now ``processing``), else its
-        ``(state, result)``: a retry gets the first one's answer."""
+    def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
+        """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
+        else the record in the way (itself, or the acceptance that holds the offer).
+
+        One write transaction (SQLite has one writer at a time): the acceptance's row and
+        the offer's ``accepted_by`` change together or not at all."""
         with self._write() as conn:
-            found = conn.execute(
-                "SELECT state, result, offer_id FROM cmi_acceptances WHERE id = ?",
-                (acceptance_id,),
-            ).fetchone()
+            found = _acceptance(
+                conn.execute(
+                    f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?",
+                    (claim.acceptance_id,),
+                ).fetchone()
+            )
             if found is not None:
-                if found[2] != offer_id:
+                if found.offer_id != claim.offer_id:
                     raise AcceptanceConflictError(
-                        f"acceptance {acceptance_id} was given for offer {found[2]}"
+                        f"acceptance {claim.acceptance_id} was given for another offer"
                     )
-                return found[0], found[1]
+                if found.state != "released":
+                    return found
+            holder = conn.execute(
+                "UPDATE cmi_offers SET accepted_by = ? WHERE id = ? AND accepted_by IS NULL",
+                (claim.acceptance_id, claim.offer_id),
+            ).rowcount
+            if holder == 0:
+                other = _acceptance(
+                    conn.execute(
+                        f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id ="
+                        " (SELECT accepted_by FROM cmi_offers WHERE id = ?)",
+                        (claim.offer_id,),
+                    ).fetchone()
+                )
+                if other is not None:
+                    return other
+                raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
             conn.execute(
                 "INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at,"
-                " updated_at) VALUES (?, ?, 'processing', NULL, ?, ?)",
-                (acceptance_id, offer_id, now, now),
+                " updated_at, intermediary, acceptance, hold, lease_owner, lease_until)"
+                " VALUES (?, ?, 'processing', NULL, ?, ?, ?, ?, NULL, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET state = 'processing', result = NULL,"
+                " updated_at = excluded.updated_at, intermediary = excluded.intermediary,"
+                " acceptance = excluded.acceptance, hold = NULL,"
+                " lease_owner = excluded.lease_owner, lease_until = excluded.lease_until",
+                (
+                    claim.acceptance_id,
+                    claim.offer_id,
+                    now,
+                    now,
+                    claim.intermediary,
+                    claim.acceptance,
+                    claim.owner,
+                    claim.lease_until,
+                ),
             )
         return None
 
-    def finish_acceptance(self, acceptance_id: str, state: str, result: str, now: float) -> None:
-        """Record an acceptance's outcome (``booked`` or ``refused``) and its answer."""
+    def renew_acceptance(
+        self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
+    ) -> bool:
+        """Extend ``owner``'s lease and record the hold; False when the lease was lost."""
         with self._write() as conn:
+            return (
+                conn.execute(
+                    "UPDATE cmi_acceptances SET lease_until = ?, hold = COALESCE(?, hold)"
+                    " WHERE id = ? AND state = 'processing' AND lease_owner = ?",
+                    (lease_until, hold, acceptance_id, owner),
+                ).rowcount
+                == 1
+            )
+
+    def take_over_acceptance(
+        self, acceptance_id: str, owner: str, now: float, lease_until: float
+    ) -> bool:
+        """Take a ``processing`` acceptance whose lease expired over for ``owner``."""
+        with self._write() as conn:
+            return (
+                conn.execute(
+                    "UPDATE cmi_acceptances SET lease_owner = ?, lease_until = ?"
+                    " WHERE id = ? AND state = 'processing'"
+                    " AND (lease_until IS NULL OR lease_until < ?)",
+                    (owner, lease_until, acceptance_id, now),
+                ).rowcount
+                == 1
+            )
+
+    def finish_acceptance(
+        self,
+        acceptance_id: str,
+        owner: str,
+        state: AcceptanceState,
+        result: str,
+        now: float,
+        *,
+        rows: Sequence[NewRow] = (),
+        problems: Sequence[EmissionProblem] = (),
+    ) -> AcceptanceRecord | None:
+        """Record the outcome, and for a booking its documents and emission problems, in
+        one transaction, while ``owner`` holds the lease; else return the record."""
+        with self._write() as conn:
+            found = _acceptance(
+                conn.execute(
+                    f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?",
+                    (acceptance_id,),
+                ).fetchone()
+            )
+            if found is None:
+                raise StoreError(f"acceptance {acceptance_id} is not in the store")
+            ours = found.state == "processing" and found.lease_owner == owner
+            late = state == "booked" and found.state == "released"
+            if not (ours or late):
+                return found
+            if state == "booked":
+                holder = conn.execute(
+                    "UPDATE cmi_offers SET accepted_by = ? WHERE id = ?"
+                    " AND (accepted_by IS NULL OR accepted_by = ?)",
+                    (acceptance_id, found.offer_id, acceptance_id),
+                ).rowcount
+                if holder == 0:  # released, and another acceptance holds the offer now
+                    return found
+            else:
+                conn.execute(
+                    "UPDATE cmi_offers SET accepted_by = NULL WHERE id = ? AND accepted_by = ?",
+                    (found.offer_id, acceptance_id),
+                )
             conn.execute(
-                "UPDATE cmi_acceptances SET state = ?, result = ?, updated_at = ? WHERE id = ?",
+                "UPDATE cmi_acceptances SET state = ?, result = ?, updated_at = ?,"
+                " lease_owner = NULL, lease_until = NULL WHERE id = ?",
                 (state, result, now, acceptance_id),
             )
+            conn.executemany(_INSERT, [_params(r) for r in rows])
+            conn.executemany(_INSERT_PROBLEM, [_problem_params(p) for p in problems])
+        return None
+
+    def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
+        """The acceptance with that id, or None."""
+        found = self._read(
+            f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?", (acceptance_id,)
+        )
+        return _acceptance(found[0]) if found else None
+
+    def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
+        """``processing`` acceptances whose lease expired before ``now``, oldest first."""
+        found = self._read(
+            f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE state = 'processing'"
+            " AND (lease_until IS NULL OR lease_until < ?) ORDER BY created_at, id LIMIT ?",
+            (now, limit),
+        )
+        return [a for a in map(_acceptance, found) if a is not None]
+
+    def add_emission_problems(
+        self, problems: Sequence[EmissionProblem], *, connection: object | None = None
+    ) -> None:
+        """Keep emission problems; with ``connection``, in the caller's transaction."""
+        params = [_problem_params(p) for p in problems]
+        if not params:
+            return
+        if connection is not None:
+            self._caller(connection).executemany(_INSERT_PROBLEM, params)
+            return
+        with self._write() as conn:
+            conn.executemany(_INSERT_PROBLEM, params)
+
+    def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
+        """Emission problems, newest first."""
+        found = self._read(
+            "SELECT transaction_id, terms_id, customer_ref, standard, reason, created_at,"
+            " transaction_json FROM cmi_emission_problems ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+        return [EmissionProblem(*r) for r in found]
+
+    def count_emission_problems(self) -> int:
+        """How many emission problems are kept."""
+        return int(self._read("SELECT COUNT(*) FROM cmi_emission_problems")[0][0])
+
+
+_INSERT_PROBLEM = (
+    "INSERT INTO cmi_emission_problems (transaction_id, terms_id, customer_ref, standard,"
+    " reason, created_at, transaction_json) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _problem_params(p: EmissionProblem) -> tuple[Any, ...]:
+    return (
+        p.transaction_id,
+        p.terms_id,
+        p.customer_ref,
+        p.standard,
+        p.reason,
+        p.created_at,
+        p.transaction,
+    )
+
+
+def _acceptance(values: Sequence[Any] | None) -> AcceptanceRecord | None:
+    if values is None:
+        return None
+    return AcceptanceRecord(
+        acceptance_id=values[0],
+        offer_id=values[1],
+        state=cast(AcceptanceState, values[2]),
+        result=values[3],
+        intermediary=values[4],
+        acceptance=values[5],
+        hold=values[6],
+        lease_owner=values[7],
+        lease_until=values[8],
+    )

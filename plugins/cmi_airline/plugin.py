@@ -1238,6 +1238,18 @@ class ReferenceAirline:
             booking = conn.execute("SELECT * FROM bookings WHERE serial = ?", (serial,)).fetchone()
             return self._booked(conn, booking)
 
+    @hookimpl
+    def cmi_find_booking(self, offer: Offer, acceptance: Acceptance) -> Transaction | None:
+        """The ticket booked for ``acceptance``, read from the bookings table (after a
+        crash during the booking); None when none was."""
+        if offer.kind != "flight" or self._ours(offer.product) is None:
+            return None
+        with self._transaction(write=False) as conn:
+            booked = conn.execute(
+                "SELECT * FROM bookings WHERE acceptance_id = ?", (acceptance.id,)
+            ).fetchone()
+            return None if booked is None else self._booked(conn, booked)
+
     def _booked(self, conn: sqlite3.Connection, booking: sqlite3.Row) -> Transaction:
         flight = self._flight(conn, booking["flight_id"])
         assert flight is not None  # noqa: S101 (a foreign key)

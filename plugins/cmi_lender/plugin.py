@@ -652,6 +652,15 @@ class ReferenceLender:
                 row = self._loan_row(conn, acceptance.id)
         return self._transaction(row, offer.price)
 
+    @hookimpl
+    def cmi_find_booking(self, offer: Offer, acceptance: Acceptance) -> Transaction | None:
+        """The loan booked for ``acceptance`` (after a crash during the booking); None
+        when none was."""
+        if self._product(offer) is None:
+            return None
+        row = self._loan_row(self._conn(), acceptance.id)
+        return None if row is None else self._transaction(row, offer.price)
+
 
 def _refuse(reason: str) -> RevenueDecision:
     return RevenueDecision(accept=False, floor=None, reason=reason)

@@ -413,6 +413,7 @@ def make_standard(settings: OFXSettings) -> Standard:
             "A bank statement line as a complete OFX 2.2 statement response (STMTTRN);"
             " cmi_ofx.render_digest puts many in one."
         ),
+        kinds=("bank_statement_line",),
         # OFX has no way to say a field was withheld: nothing can be, see the module doc.
         fields={},
         kept=(),

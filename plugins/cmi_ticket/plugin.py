@@ -90,6 +90,7 @@ TICKET = DocumentType(
     to_context=ticket_context,
     from_xml=ticket_from_xml,
     description="An airline ticket: a flight transaction, as in the CMI seed deck.",
+    kinds=("flight",),
     fields={
         "origin": ("d:origin",),
         "destination": ("d:destination",),
