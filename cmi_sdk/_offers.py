@@ -158,6 +158,8 @@ class AcceptanceResult:
         if self.problem is not None:
             out["problem"] = self.problem
             out["detail"] = self.detail
+        if self.replayed:  # the answer given before: nothing more was booked
+            out["replayed"] = True
         return out
 
 

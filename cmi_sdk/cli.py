@@ -616,9 +616,12 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_accept(args: argparse.Namespace) -> int:
-    """Act as an intermediary: accept an offer for a customer; print the booking."""
+    """Act as an intermediary: accept an offer for a customer; print the booking.
+
+    Without ``--id``, the acceptance id is derived from the intermediary, the offer and
+    the customer, so running the command again is a retry of the same acceptance: it gets
+    the first answer and books nothing more."""
     import datetime as dt  # noqa: PLC0415
-    import secrets  # noqa: PLC0415
 
     from cmi_sdk._models import Acceptance  # noqa: PLC0415
 
@@ -630,7 +633,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
         acceptance = load_model(
             Acceptance,
             {
-                "id": args.id or f"acc_{secrets.token_hex(8)}",
+                "id": args.id or _acceptance_id(args.intermediary, args.offer_id, args.customer),
                 "offer_id": args.offer_id,
                 "customer_ref": args.customer,
                 "accepted_at": dt.datetime.now(dt.UTC).isoformat(),
@@ -645,12 +648,60 @@ def cmd_accept(args: argparse.Namespace) -> int:
     if response.status_code != 201:
         raise _answer_problem(response)
     result = response.json()
-    _write(
-        f"{result['outcome']}: offer {result['offer_id']} as {result['transaction_id']}"
-        f" (acceptance {result['acceptance_id']}; documents: "
-        f"{', '.join(result.get('documents', [])) or 'none'})\n".encode(),
-        None,
-    )
+    documents = ", ".join(result.get("documents", [])) or "none"
+    if result.get("replayed"):
+        line = (
+            f"already {result['outcome']}: offer {result['offer_id']} as"
+            f" {result['transaction_id']} (acceptance {result['acceptance_id']}, accepted"
+            f" before; nothing more was booked; documents: {documents})"
+        )
+    else:
+        line = (
+            f"{result['outcome']}: offer {result['offer_id']} as {result['transaction_id']}"
+            f" (acceptance {result['acceptance_id']}; documents: {documents})"
+        )
+    _write(f"{line}\n".encode(), None)
+    return EXIT_OK
+
+
+def _acceptance_id(intermediary: str, offer_id: str, customer: str) -> str:
+    """A stable acceptance id: the same command run again retries the same acceptance."""
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256("\x1f".join((intermediary, offer_id, customer)).encode())
+    return f"acc_{digest.hexdigest()[:24]}"
+
+
+def cmd_acceptances(args: argparse.Namespace) -> int:
+    """Recover acceptances whose booking process died (their lease ran out)."""
+    adapter = _serving_adapter(block=args.block, reference_firms=args.reference_firms)
+    if not adapter.plugin_manager.hook.cmi_find_booking.get_hookimpls():
+        print(
+            "cmi: no plugin implements cmi_find_booking: every stalled acceptance is taken"
+            " as not booked (its hold released, a retry books afresh)",
+            file=sys.stderr,
+        )
+    done = adapter.recover_acceptances(limit=args.limit)
+    _write(f"booked {done['booked']}\nreleased {done['released']}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_outbox_problems(args: argparse.Namespace) -> int:
+    """List the documents that could not be made (emission problems), newest first."""
+    import dataclasses  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    problems = adapter.store.emission_problems(limit=args.limit)
+    if args.json:
+        _print_json(
+            [
+                {k: v for k, v in dataclasses.asdict(p).items() if k != "transaction"}
+                for p in problems
+            ]
+        )
+        return EXIT_OK
+    lines = [f"{p.transaction_id}  terms={p.terms_id}  {p.standard}: {p.reason}" for p in problems]
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
     return EXIT_OK
 
 
@@ -892,6 +943,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("id", nargs="?", metavar="ID")
     o.add_argument("--since", metavar="T", help="an ISO 8601 time with a timezone")
     o.set_defaults(func=cmd_outbox)
+    o = outbox.add_parser(
+        "problems", help="documents that could not be made for a customer's terms"
+    )
+    o.add_argument("--limit", type=int, default=50)
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_outbox_problems)
+
+    p = sub.add_parser("acceptances", help="recover acceptances whose booking process died")
+    acceptances = p.add_subparsers(
+        dest="acceptances_command", metavar="ACTION", parser_class=_Parser
+    )
+    acceptances.required = True
+    a = acceptances.add_parser(
+        "recover", help="complete or release acceptances whose lease ran out"
+    )
+    a.add_argument("--limit", type=int, default=100)
+    a.add_argument(
+        "--reference-firms",
+        action="store_true",
+        help="with the reference airline and lender (as cmi serve --reference-firms)",
+    )
+    a.set_defaults(func=cmd_acceptances)
 
     p = sub.add_parser("db", help="the store's database")
     db = p.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
@@ -933,7 +1006,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("offer_id", metavar="OFFER_ID")
     intermediary_options(p)
     p.add_argument("--customer", required=True, metavar="REF", help="the offer's customer")
-    p.add_argument("--id", metavar="ID", help="the acceptance id (idempotency key)")
+    p.add_argument(
+        "--id",
+        metavar="ID",
+        help="the acceptance id (idempotency key); by default derived from the intermediary,"
+        " the offer and the customer, so running the command again books nothing more",
+    )
     p.add_argument("--name", help="the customer's name, if they choose to give it")
     p.add_argument("--email", help="the customer's e-mail, if they choose to give it")
     p.set_defaults(func=cmd_accept)

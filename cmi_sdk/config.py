@@ -19,9 +19,15 @@ variable                       ``cmi.toml`` key                default
 ``CMI_LEASE_SECONDS``          ``lease_seconds``               60
 ``CMI_RETRY_SCHEDULE``         ``retry_schedule``              the Standard Webhooks one
 ``CMI_HTTP_TIMEOUT``           ``http_timeout``                10 (seconds)
+``CMI_TRANSACTION_KINDS``      ``transaction_kinds``           every kind
+``CMI_ACCEPTANCE_LEASE``       ``acceptance_lease``            300 (seconds)
 =============================  ==============================  =============================
 
-``CMI_RETRY_SCHEDULE`` is a comma-separated list of seconds (``5,300,1800``). The firm's
+``CMI_RETRY_SCHEDULE`` is a comma-separated list of seconds (``5,300,1800``).
+``CMI_TRANSACTION_KINDS`` names the kinds of transaction the firm emits, comma-separated
+(``flight``, ``bank_statement_line``, ``loan``, ``purchase``): terms that can express none
+of them are refused when proposed. ``CMI_ACCEPTANCE_LEASE`` is how long a booking process
+holds an acceptance before a crashed one is recovered. The firm's
 terms policy is the ``[policy]`` table of ``cmi.toml``, with the fields of
 :class:`~cmi_sdk.TermsPolicy`.
 """
@@ -72,6 +78,9 @@ class Settings:
     lease_seconds: float = 60.0
     retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     http_timeout: float = 10.0
+    transaction_kinds: tuple[str, ...] | None = None
+    """The kinds of transaction the firm emits; None: every kind."""
+    acceptance_lease: float = 300.0
     policy: TermsPolicy = field(default_factory=TermsPolicy)
 
     @classmethod
@@ -140,6 +149,8 @@ class Settings:
         options.setdefault("policy", self.policy)
         options.setdefault("egress", self.egress())
         options.setdefault("webhook_ed25519_key", self.webhook_ed25519_key)
+        options.setdefault("transaction_kinds", self.transaction_kinds)
+        options.setdefault("acceptance_lease", self.acceptance_lease)
         return Adapter(**options)
 
     def worker_options(self) -> dict[str, Any]:
@@ -193,6 +204,12 @@ def _schedule(value: Any) -> tuple[float, ...]:
     return delays
 
 
+def _kinds(value: Any) -> tuple[str, ...] | None:
+    items = value.split(",") if isinstance(value, str) else value
+    kinds = tuple(str(item).strip() for item in items if str(item).strip())
+    return kinds or None
+
+
 def _path(value: Any) -> Path | None:
     return Path(str(value)) if value else None
 
@@ -222,6 +239,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "lease_seconds": _seconds,
     "retry_schedule": _schedule,
     "http_timeout": _seconds,
+    "transaction_kinds": _kinds,
+    "acceptance_lease": _seconds,
     "policy": _policy,
 }
 
