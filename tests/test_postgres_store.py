@@ -43,7 +43,14 @@ from cmi_sdk import (
     TermsNotFoundError,
     load_model,
 )
-from cmi_sdk.outbox import AttemptResult, NewRow, OutboxStore, SeenMessage, StoredOffer
+from cmi_sdk.outbox import (
+    AcceptanceClaim,
+    AttemptResult,
+    NewRow,
+    OutboxStore,
+    SeenMessage,
+    StoredOffer,
+)
 from cmi_sdk.outbox.postgres import (
     SCHEMA_VERSION,
     DocumentRow,
@@ -933,26 +940,57 @@ def test_offers_are_kept_with_the_message_that_asked_for_them(store: PostgresSto
     assert store.message_seen("intermediary:acme", "msg-2", now=NOW) is True
 
 
+def _claim(acceptance_id: str, offer_id: str, owner: str = "p1") -> AcceptanceClaim:
+    return AcceptanceClaim(
+        acceptance_id=acceptance_id,
+        offer_id=offer_id,
+        intermediary="acme",
+        acceptance="{}",
+        owner=owner,
+        lease_until=NOW + 60,
+    )
+
+
 def test_an_acceptance_id_is_claimed_once_across_processes(
     store: PostgresStore, other: PostgresStore
 ) -> None:
-    assert store.begin_acceptance("acc-1", "off-1", NOW) is None
-    assert other.begin_acceptance("acc-1", "off-1", NOW + 1) == ("processing", None)
-    store.finish_acceptance("acc-1", "booked", '{"booking": "B1"}', NOW + 2)
-    assert other.begin_acceptance("acc-1", "off-1", NOW + 3) == ("booked", '{"booking": "B1"}')
-    with pytest.raises(AcceptanceConflictError, match="was given for offer off-1"):
-        store.begin_acceptance("acc-1", "off-2", NOW)
-    answers: list[tuple[str, str | None] | None] = []
+    stored = _stored_offer()
+    store.add_offers([stored])
+    offer_id = stored.offer.id
+    assert store.begin_acceptance(_claim("acc-1", offer_id), NOW) is None
+    found = other.begin_acceptance(_claim("acc-1", offer_id, "p2"), NOW + 1)
+    assert found is not None
+    assert (found.state, found.result, found.lease_owner) == ("processing", None, "p1")
+    assert store.finish_acceptance("acc-1", "p1", "booked", '{"booking": "B1"}', NOW + 2) is None
+    found = other.begin_acceptance(_claim("acc-1", offer_id, "p2"), NOW + 3)
+    assert found is not None
+    assert (found.state, found.result) == ("booked", '{"booking": "B1"}')
+    with pytest.raises(AcceptanceConflictError, match="was given for another offer"):
+        store.begin_acceptance(_claim("acc-1", "off-2"), NOW)
+    # Another acceptance of the same offer gets the booking's record.
+    found = other.begin_acceptance(_claim("acc-9", offer_id, "p2"), NOW + 3)
+    assert found is not None
+    assert found.acceptance_id == "acc-1"
+    assert other.get_acceptance("acc-9") is None
+
+
+def test_concurrent_acceptances_of_one_offer_are_claimed_once(
+    store: PostgresStore, other: PostgresStore
+) -> None:
+    stored = _stored_offer()
+    store.add_offers([stored])
+    answers: list[str | None] = []
     barrier = threading.Barrier(8)
     stores = [store, other] * 4
 
     def accept(n: int) -> None:
         barrier.wait()
-        answers.append(stores[n].begin_acceptance("acc-2", "off-1", NOW))
+        found = stores[n].begin_acceptance(_claim(f"acc-{n % 3}", stored.offer.id, f"p{n}"), NOW)
+        answers.append(None if found is None else found.acceptance_id)
 
     run_threads(8, accept)
     assert answers.count(None) == 1
-    assert answers.count(("processing", None)) == 7
+    assert len({a for a in answers if a is not None}) == 1  # all see the one that holds it
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -48,7 +48,7 @@ from cmi_sdk import (
 from cmi_sdk._adapter import open_store
 from cmi_sdk.cli import main
 from cmi_sdk.client import CMIClient
-from cmi_sdk.outbox import AcceptanceClaim, OutboxStore
+from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
 from tests.support import CUSTOMER, register, serve_app, signer, ticket
@@ -654,6 +654,8 @@ def test_a_recovery_finds_a_loan_booked_by_the_lender(tmp_path: Path) -> None:
 
 
 def test_a_process_whose_lease_ran_out_completes_nothing(store_url: str) -> None:
+    from cmi_sdk.outbox import AcceptanceClaim
+
     adapter = firm(store_url, Shop())
     store = open_store(store_url)
     other = open_store(store_url)
@@ -687,37 +689,80 @@ def test_a_process_whose_lease_ran_out_completes_nothing(store_url: str) -> None
             getattr(each, "close", lambda: None)()
 
 
-def test_a_store_made_before_the_rule_keeps_its_doubled_bookings_answers(tmp_path: Path) -> None:
-    path = tmp_path / "cmi.db"
-    adapter = firm(f"sqlite:///{path}", Shop())
-    offer = an_offer(adapter)
-    adapter.close()
-    # The tables as schema version 4 left them, with an offer booked twice.
-    with sqlite3.connect(path) as conn:
-        for table, column in (
-            ("cmi_offers", "accepted_by"),
-            ("cmi_acceptances", "intermediary"),
-            ("cmi_acceptances", "acceptance"),
-            ("cmi_acceptances", "hold"),
-            ("cmi_acceptances", "lease_owner"),
-            ("cmi_acceptances", "lease_until"),
-        ):
-            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-        conn.execute("UPDATE cmi_meta SET value = '4' WHERE key = 'schema_version'")
-        for n, at in ((2, 20.0), (1, 10.0)):
-            answer = {"outcome": "booked", "acceptance_id": f"acc-{n}", "offer_id": offer.id}
-            conn.execute(
+_NEW_COLUMNS = (
+    ("offers", "accepted_by"),
+    ("acceptances", "intermediary"),
+    ("acceptances", "acceptance"),
+    ("acceptances", "hold"),
+    ("acceptances", "lease_owner"),
+    ("acceptances", "lease_until"),
+)
+
+
+def _as_before(store_url: str, offer_id: str) -> None:
+    """Turn the store's tables back into what the previous schema version made (SQLite 4,
+    PostgreSQL 3), with an offer booked twice, as the bug allowed."""
+    rows = [
+        (
+            f"acc-{n}",
+            offer_id,
+            json.dumps(
+                {
+                    "outcome": "booked",
+                    "acceptance_id": f"acc-{n}",
+                    "offer_id": offer_id,
+                    "transaction_id": f"T{n}",
+                }
+            ),
+            at,
+            at,
+        )
+        for n, at in ((2, 20.0), (1, 10.0))
+    ]
+    if store_url.startswith("sqlite:"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            for table, column in _NEW_COLUMNS:
+                conn.execute(f"ALTER TABLE cmi_{table} DROP COLUMN {column}")
+            conn.execute("DROP TABLE cmi_emission_problems")
+            conn.execute("UPDATE cmi_meta SET value = '4' WHERE key = 'schema_version'")
+            conn.executemany(
                 "INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at,"
                 " updated_at) VALUES (?, ?, 'booked', ?, ?, ?)",
-                (f"acc-{n}", offer.id, json.dumps({**answer, "transaction_id": f"T{n}"}), at, at),
+                rows,
             )
+        return
+    import psycopg
+
+    dsn, _, schema = store_url.partition("?schema=")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+        for table, column in _NEW_COLUMNS:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute("DROP TABLE emission_problems")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO acceptances (id, offer_id, state, result, created_at,"
+                " updated_at) VALUES (%s, %s, 'booked', %s, %s, %s)",
+                rows,
+            )
+
+
+def test_a_store_made_before_the_rule_keeps_its_doubled_bookings_answers(
+    store_url: str,
+) -> None:
+    adapter = firm(store_url, Shop())
+    offer = an_offer(adapter)
+    closing(adapter)
+    _as_before(store_url, offer.id)
     shop = Shop()
-    adapter = firm(f"sqlite:///{path}", shop)
+    adapter = firm(store_url, shop)  # the store migrates when opened
     try:
         replay = adapter.accept_offer(offer.id, accepting(offer, "acc-2"))
         assert (replay.transaction_id, replay.replayed) == ("T2", True)  # its own answer
         third = adapter.accept_offer(offer.id, accepting(offer, "acc-3"))
         assert third.transaction_id == "T1"  # the first booking holds the offer
         assert shop.booked == []
+        assert adapter.store.emission_problems() == []
     finally:
         closing(adapter)
