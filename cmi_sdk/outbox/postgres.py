@@ -1790,12 +1790,14 @@ class PostgresStore:
             "UPDATE {s}.acceptances SET lease_until = %s, hold = COALESCE(%s, hold)"
             " WHERE id = %s AND state = 'processing' AND lease_owner = %s"
         )
+        # Without waiting for the disk, as the SQLite store's: a lost hold expires by itself.
         return self._run(
             "renewing an acceptance's lease",
             lambda cur: (
                 cur.execute(statement, (lease_until, hold, acceptance_id, owner)).rowcount == 1
             ),
             write=True,
+            durable=False,
         )
 
     def take_over_acceptance(

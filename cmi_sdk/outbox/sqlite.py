@@ -1095,8 +1095,11 @@ class SQLiteStore:
     def renew_acceptance(
         self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
     ) -> bool:
-        """Extend ``owner``'s lease and record the hold; False when the lease was lost."""
-        with self._write() as conn:
+        """Extend ``owner``'s lease and record the hold; False when the lease was lost.
+
+        Committed without waiting for the disk: a power cut's loss leaves the hold
+        unrecorded (it expires by itself in the firm's system) and the lease shorter."""
+        with self._write(durable=False) as conn:
             return (
                 conn.execute(
                     "UPDATE cmi_acceptances SET lease_until = ?, hold = COALESCE(?, hold)"
