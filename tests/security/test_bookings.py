@@ -46,6 +46,7 @@ from cmi_sdk import (
     hookimpl,
 )
 from cmi_sdk._adapter import open_store
+from cmi_sdk.asgi import prometheus_text
 from cmi_sdk.cli import main
 from cmi_sdk.client import CMIClient
 from cmi_sdk.outbox import OutboxStore
@@ -221,6 +222,30 @@ def test_emit_never_fails_for_one_terms_that_does_not_fit(tmp_path: Path) -> Non
     conn.commit()
     conn.close()
     assert [p.transaction_id for p in store.emission_problems()] == ["DL-3", "DL-12524057"]
+    assert "cmi_emission_problems 2\n" in prometheus_text(adapter)
+
+
+def test_the_operator_lists_emission_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    adapter = Adapter(
+        database_url="sqlite:///./cmi.db",
+        plugins=[Flightless()],
+        signer=signer(),
+        egress=EgressGuard(allow_loopback=True),
+    )
+    broken = register(adapter, standard="flightless")
+    assert adapter.emit(ticket()) == []
+    capsys.readouterr()
+    assert main(["outbox", "problems"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"DL-12524057  terms={broken.id}  flightless: ")
+    assert "cannot carry a flight" in out
+    assert main(["outbox", "problems", "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["terms_id"] == broken.id
+    assert "transaction" not in listed  # the customer's data stays in the store
 
 
 @dataclasses.dataclass
@@ -648,6 +673,40 @@ def test_a_recovery_finds_a_loan_booked_by_the_lender(tmp_path: Path) -> None:
     finally:
         closing(adapter)
         lender.close()
+
+
+def test_cmi_acceptances_recover_releases_what_nobody_booked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cmi_sdk.outbox import AcceptanceClaim
+
+    monkeypatch.chdir(tmp_path)
+    adapter = firm("sqlite:///./cmi.db", Shop())
+    offer = an_offer(adapter)
+    stalled = AcceptanceClaim(
+        acceptance_id="acc-dead",
+        offer_id=offer.id,
+        intermediary=None,
+        acceptance=accepting(offer, "acc-dead").model_dump_json(),
+        owner="a process that died",
+        lease_until=time.time() - 1,
+    )
+    assert adapter.store.begin_acceptance(stalled, time.time() - 2) is None
+    closing(adapter)
+    capsys.readouterr()
+    assert main(["acceptances", "recover"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "booked 0\nreleased 1\n"
+    assert "no plugin implements cmi_find_booking" in captured.err
+    assert main(["acceptances", "recover"]) == 0
+    assert capsys.readouterr().out == "booked 0\nreleased 0\n"
+    shop = Shop()
+    adapter = firm("sqlite:///./cmi.db", shop)
+    try:  # released: the retry books
+        result = adapter.accept_offer(offer.id, accepting(offer, "acc-dead"))
+        assert (result.outcome, result.replayed, shop.booked) == ("booked", False, ["acc-dead"])
+    finally:
+        closing(adapter)
 
 
 # -- the lease fences a process that lost it --------------------------------------------------
