@@ -826,14 +826,7 @@ class OfferPipeline:
             )
         except RequestRefusedError as exc:
             raise AcceptanceError(str(exc), problem="no-longer-available") from None
-        # The hold is recorded with the acceptance (recovery releases it after a crash),
-        # and the lease checked: a process whose lease ran out books nothing.
-        held = None if hold is None else hold.model_dump_json()
-        lease_until = self._clock() + self.acceptance_lease
-        if not self._store().renew_acceptance(acceptance.id, owner, lease_until, hold=held):
-            if hold is not None:
-                self._notify("cmi_release", offer=offer, hold=hold)
-            raise _LeaseLostError
+        self._record_hold(offer, acceptance, owner, hold)
         try:
             tx: Transaction | None = self._call(
                 "cmi_book", first=True, offer=offer, acceptance=acceptance, hold=hold
@@ -848,6 +841,23 @@ class OfferPipeline:
                 raise
             raise _BookingFailedError(f"the booking failed: {exc}", problem="not-booked") from None
         return tx
+
+    def _record_hold(
+        self, offer: Offer, acceptance: Acceptance, owner: str, hold: Hold | None
+    ) -> None:
+        """Record the hold with the acceptance (recovery releases it after a crash) and
+        renew the lease: a process whose lease ran out books nothing, and lets its hold
+        go, as it does when the store fails here."""
+        held = None if hold is None else hold.model_dump_json()
+        lease_until = self._clock() + self.acceptance_lease
+        renewed = False
+        try:
+            renewed = self._store().renew_acceptance(acceptance.id, owner, lease_until, hold=held)
+        finally:
+            if not renewed and hold is not None:
+                self._notify("cmi_release", offer=offer, hold=hold)
+        if not renewed:
+            raise _LeaseLostError
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -864,7 +874,12 @@ class OfferPipeline:
             except OfferNotFoundError:
                 log.error("acceptance %s is of an offer no longer kept", found.acceptance_id)
                 continue
-            outcome = self._recover(found, stored, None)
+            try:
+                outcome = self._recover(found, stored, None)
+            except CMIError:
+                # One acceptance's trouble (the store, another's claim) is not the others'.
+                log.exception("acceptance %s could not be recovered", found.acceptance_id)
+                continue
             if outcome is not None:
                 done[outcome] += 1
         return done

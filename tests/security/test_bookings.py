@@ -748,6 +748,45 @@ def test_a_process_whose_lease_ran_out_completes_nothing(store_url: str) -> None
             getattr(each, "close", lambda: None)()
 
 
+class SlowHold:
+    """Keeps ``cmi_hold`` busy past a short lease."""
+
+    @hookimpl(wrapper=True)
+    def cmi_hold(self) -> Any:
+        time.sleep(0.4)
+        return (yield)
+
+
+def test_a_booking_whose_lease_was_taken_over_books_nothing(store_url: str) -> None:
+    shop = Shop()
+    slow = firm(store_url, shop, SlowHold(), acceptance_lease=0.1)
+    recoverer = firm(store_url, shop)
+    try:
+        offer = an_offer(slow)
+        answers: list[str] = []
+
+        def accept() -> None:
+            try:
+                slow.accept_offer(offer.id, accepting(offer, "acc-1"))
+                answers.append("booked")
+            except AcceptanceError as exc:
+                answers.append(exc.problem)
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        time.sleep(0.2)  # the lease ran out while cmi_hold works
+        assert recoverer.recover_acceptances() == {"booked": 0, "released": 1}
+        thread.join(10)
+        assert answers == ["acceptance-in-progress"]
+        assert shop.booked == []
+        assert shop.released == ["hold-acc-1"]  # its hold let go, not booked
+        retry = recoverer.accept_offer(offer.id, accepting(offer, "acc-1"))
+        assert retry.outcome == "booked"
+        assert shop.booked == ["acc-1"]
+    finally:
+        closing(slow, recoverer)
+
+
 _NEW_COLUMNS = (
     ("offers", "accepted_by"),
     ("acceptances", "intermediary"),
