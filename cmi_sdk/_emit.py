@@ -378,13 +378,17 @@ class Emitter:
     # -- terms ----------------------------------------------------------------------------
 
     def effective_policy(self) -> TermsPolicy:
-        """The policy as published: with ``standards`` filled in from what is installed."""
+        """The policy as published: with ``standards`` filled in from what is installed
+        and can express a kind of transaction the firm emits."""
         if self.policy.standards is not None:
             return self.policy
         offered = tuple(
             std.name
             for std in self._standards
-            if any(d.model is Transaction for d in std.document_types)
+            if any(
+                d.model is Transaction and any(d.expresses(k) for k in self.transaction_kinds)
+                for d in std.document_types
+            )
         )
         return self.policy.model_copy(update={"standards": offered})
 
@@ -420,8 +424,8 @@ class Emitter:
             doc_type = transaction_document_type(
                 self._standards.get(proposal.standard), proposal.document_type
             )
-        except NotFoundError as exc:
-            raise TermsError(str(exc)) from None
+        except (NotFoundError, TermsError):
+            return  # check_proposal names what the firm has
         if not any(doc_type.expresses(kind) for kind in self.transaction_kinds):
             raise TermsError(
                 f"{proposal.standard} {doc_type.name} documents express"
@@ -430,8 +434,8 @@ class Emitter:
             )
 
     def propose(self, proposal: TermsProposal, *, intermediary: str | None) -> TermsDecision:
+        self.check_kinds(proposal)  # first: it says why the standard is not offered
         self.check_proposal(proposal)
-        self.check_kinds(proposal)
         now = _utc(self._clock())
         policy = self.effective_policy()
         decision = self._hook.cmi_review_terms(proposal=proposal, policy=policy, now=now)
@@ -444,8 +448,8 @@ class Emitter:
         if decision.outcome == "alternative":
             if decision.alternative is None:
                 raise PluginError("cmi_review_terms offered an alternative without terms")
-            self.check_proposal(decision.alternative)
             self.check_kinds(decision.alternative)
+            self.check_proposal(decision.alternative)
             return decision
         if decision.outcome == "rejected":
             return decision

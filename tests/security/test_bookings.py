@@ -420,6 +420,8 @@ def test_terms_that_express_nothing_the_firm_emits_are_refused(tmp_path: Path) -
         adapter.propose_terms(proposal)
     assert "it emits flight" in str(info.value)
     assert adapter.list_terms() == []
+    assert "ofx" not in adapter.policy.standards  # not offered in /.well-known/cmi either
+    assert {"cmi", "cmi-ticket", "ubl"} <= set(adapter.policy.standards)
     register(adapter)  # the ticket expresses flights
     register(adapter, standard="ubl")  # an invoice expresses every kind
     with pytest.raises(ConfigurationError, match="transaction_kinds"):
