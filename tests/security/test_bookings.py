@@ -529,7 +529,7 @@ def killed_inside_cmi_book(
         "when": when,
         "airline": str(tmp_path / "airline.db"),
         "store": store_url,
-        "lease": 1.0,
+        "lease": 3.0,  # outlasts the kill, so that a retry meanwhile is told to wait
         "offer": offer.id,
         "acceptance": acceptance.model_dump_json(),
     }
@@ -751,17 +751,21 @@ def test_a_process_whose_lease_ran_out_completes_nothing(store_url: str) -> None
 
 
 class SlowHold:
-    """Keeps ``cmi_hold`` busy past a short lease."""
+    """Keeps ``cmi_hold`` busy until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
 
     @hookimpl(wrapper=True)
     def cmi_hold(self) -> Any:
-        time.sleep(0.4)
+        self.go.wait(10)
         return (yield)
 
 
 def test_a_booking_whose_lease_was_taken_over_books_nothing(store_url: str) -> None:
     shop = Shop()
-    slow = firm(store_url, shop, SlowHold(), acceptance_lease=0.1)
+    hold = SlowHold()
+    slow = firm(store_url, shop, hold, acceptance_lease=0.1)
     recoverer = firm(store_url, shop)
     try:
         offer = an_offer(slow)
@@ -776,8 +780,12 @@ def test_a_booking_whose_lease_was_taken_over_books_nothing(store_url: str) -> N
 
         thread = threading.Thread(target=accept)
         thread.start()
-        time.sleep(0.2)  # the lease ran out while cmi_hold works
+        deadline = time.monotonic() + 10
+        while recoverer.store.stalled_acceptances(time.time()) == []:  # claimed, lease out
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert recoverer.recover_acceptances() == {"booked": 0, "released": 1}
+        hold.go.set()  # cmi_hold returns, after the lease was taken over
         thread.join(10)
         assert answers == ["acceptance-in-progress"]
         assert shop.booked == []
