@@ -659,7 +659,9 @@ class OfferPipeline:
                 acceptance_id=acceptance.id,
                 offer_id=offer.id,
                 intermediary=intermediary,
-                acceptance=acceptance.model_dump_json(),
+                # Kept for recovery, without the identity the customer may have given
+                # with it: that goes to the firm's cmi_book, and is not the SDK's to keep.
+                acceptance=acceptance.model_copy(update={"identity": None}).model_dump_json(),
                 owner=owner,
                 lease_until=now + self.acceptance_lease,
             )

@@ -317,7 +317,9 @@ def cmi_find_booking(offer: Offer, acceptance: Acceptance) -> Transaction | None
     logged and the acceptance is tried again after another lease.
 
     :param offer: the offer the acceptance was for.
-    :param acceptance: the acceptance as it was received.
+    :param acceptance: the acceptance as it was received, without the customer's identity
+        (which goes to ``cmi_book`` and is not kept by the SDK): look the booking up by its
+        ``id``.
     :return: the :class:`~cmi_sdk.Transaction` booked for it (as ``cmi_book`` returned
         it), or None when the firm's system has no booking for it (or the offer is not the
         plugin's).

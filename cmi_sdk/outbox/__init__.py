@@ -310,7 +310,8 @@ class AcceptanceClaim:
     intermediary: str | None
     """The intermediary the acceptance came through (None: the firm's own code)."""
     acceptance: str
-    """The :class:`~cmi_sdk.Acceptance` as JSON: recovery hands it to ``cmi_find_booking``."""
+    """The :class:`~cmi_sdk.Acceptance` as JSON, without the customer's identity: recovery
+    hands it to ``cmi_find_booking``."""
     owner: str
     """Who books it: a token of the call, which must still hold the lease to finish."""
     lease_until: float

@@ -36,6 +36,7 @@ from cmi_sdk import (
     Adapter,
     ConfigurationError,
     EgressGuard,
+    Identity,
     MappingError,
     Offer,
     OfferSet,
@@ -712,6 +713,24 @@ def test_cmi_acceptances_recover_releases_what_nobody_booked(
 
 
 # -- the lease fences a process that lost it --------------------------------------------------
+
+
+def test_the_store_keeps_no_identity_given_with_an_acceptance(store_url: str) -> None:
+    shop = Shop()
+    adapter = firm(store_url, shop)
+    try:
+        offer = an_offer(adapter)
+        given = accepting(offer, "acc-1").model_copy(
+            update={"identity": Identity(name="Ada Lovelace", email="ada@example.org")}
+        )
+        adapter.accept_offer(offer.id, given)
+        record = adapter.store.get_acceptance("acc-1")
+        assert record is not None
+        assert record.acceptance is not None
+        assert "Ada" not in record.acceptance
+        assert "ada@example.org" not in (record.result or "")
+    finally:
+        closing(adapter)
 
 
 def test_a_process_whose_lease_ran_out_completes_nothing(store_url: str) -> None:
