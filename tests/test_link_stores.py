@@ -19,7 +19,7 @@ import pytest
 
 from cmi_sdk import Adapter, LinkError, LinkNotFoundError, StoreError
 from cmi_sdk.outbox import OutboxStore
-from cmi_sdk.outbox.sqlite import SQLiteStore
+from cmi_sdk.outbox.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.support import Clock, link, make_adapter, register, ticket
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
@@ -189,7 +189,7 @@ def test_an_sqlite_store_made_before_links_gains_their_tables(tmp_path: Path) ->
         "h", intermediary="acme", link_id="link_1", customer_ref="cus_1abc", now=NOW
     )
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM cmi_meta").fetchone() == ("5",)
+        assert conn.execute("SELECT value FROM cmi_meta").fetchone() == (str(SCHEMA_VERSION),)
     reopened.close()
 
 

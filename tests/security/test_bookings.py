@@ -827,8 +827,8 @@ _NEW_COLUMNS = (
 
 
 def _as_before(store_url: str, offer_id: str) -> None:
-    """Turn the store's tables back into what the previous schema version made (SQLite 4,
-    PostgreSQL 3), with an offer booked twice, as the bug allowed."""
+    """Turn the store's tables back into what the previous schema version made (SQLite 5,
+    PostgreSQL 4), with an offer booked twice, as the bug allowed."""
     rows = [
         (
             f"acc-{n}",
@@ -851,7 +851,7 @@ def _as_before(store_url: str, offer_id: str) -> None:
             for table, column in _NEW_COLUMNS:
                 conn.execute(f"ALTER TABLE cmi_{table} DROP COLUMN {column}")
             conn.execute("DROP TABLE cmi_emission_problems")
-            conn.execute("UPDATE cmi_meta SET value = '4' WHERE key = 'schema_version'")
+            conn.execute("UPDATE cmi_meta SET value = '5' WHERE key = 'schema_version'")
             conn.executemany(
                 "INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at,"
                 " updated_at) VALUES (?, ?, 'booked', ?, ?, ?)",
@@ -866,7 +866,7 @@ def _as_before(store_url: str, offer_id: str) -> None:
         for table, column in _NEW_COLUMNS:
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("DROP TABLE emission_problems")
-        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO acceptances (id, offer_id, state, result, created_at,"
