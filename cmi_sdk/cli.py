@@ -676,6 +676,14 @@ def cmd_acceptances(args: argparse.Namespace) -> int:
     """Recover acceptances whose booking process died (their lease ran out)."""
     adapter = _serving_adapter(block=args.block, reference_firms=args.reference_firms)
     if not adapter.plugin_manager.hook.cmi_find_booking.get_hookimpls():
+        # Without the firm's booking system, a booking made before the crash is invisible:
+        # releasing its acceptance would let another acceptance book the offer again.
+        if not args.assume_not_booked:
+            raise UsageError(
+                "no plugin implements cmi_find_booking, so a booking made before a crash"
+                " cannot be seen: install the firm's plugin (or --reference-firms), or pass"
+                " --assume-not-booked to release every stalled acceptance"
+            )
         print(
             "cmi: no plugin implements cmi_find_booking: every stalled acceptance is taken"
             " as not booked (its hold released, a retry books afresh)",
@@ -963,6 +971,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-firms",
         action="store_true",
         help="with the reference airline and lender (as cmi serve --reference-firms)",
+    )
+    a.add_argument(
+        "--assume-not-booked",
+        action="store_true",
+        help="release stalled acceptances even when no plugin can say whether they were"
+        " booked (cmi_find_booking)",
     )
     a.set_defaults(func=cmd_acceptances)
 

@@ -697,12 +697,19 @@ def test_cmi_acceptances_recover_releases_what_nobody_booked(
     assert adapter.store.begin_acceptance(stalled, time.time() - 2) is None
     closing(adapter)
     capsys.readouterr()
-    assert main(["acceptances", "recover"]) == 0
+    # Nothing here can see the firm's bookings: releasing blindly is refused by default.
+    assert main(["acceptances", "recover"]) == 2
+    assert "cannot be seen" in capsys.readouterr().err
+    assert main(["acceptances", "recover", "--assume-not-booked"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "booked 0\nreleased 1\n"
     assert "no plugin implements cmi_find_booking" in captured.err
-    assert main(["acceptances", "recover"]) == 0
+    assert main(["acceptances", "recover", "--assume-not-booked"]) == 0
     assert capsys.readouterr().out == "booked 0\nreleased 0\n"
+    # With the reference firms, which answer cmi_find_booking, nothing is assumed.
+    assert main(["acceptances", "recover", "--reference-firms"]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("booked 0\nreleased 0\n", "")
     shop = Shop()
     adapter = firm("sqlite:///./cmi.db", shop)
     try:  # released: the retry books
