@@ -474,7 +474,9 @@ class Adapter:
         as booked when ``cmi_find_booking`` finds the booking (documents queued), else
         released (the hold let go) for a retry to book. Returns how many went each way,
         ``{"booked": n, "released": m}``. Run it from a periodic job or
-        ``cmi acceptances recover``; a retried acceptance recovers its own at once."""
+        ``cmi acceptances recover``, where the firm's booking plugins are registered:
+        without a ``cmi_find_booking`` implementation, every stalled acceptance is taken as
+        not booked. A retried acceptance recovers its own at once."""
         return self._offers.recover(limit=limit)
 
     @property
