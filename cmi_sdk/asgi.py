@@ -24,8 +24,10 @@ accepts only XML; a refused request changes nothing.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -45,8 +47,10 @@ from starlette.routing import Route
 
 from cmi_sdk._adapter import Adapter, ValidatedDocument
 from cmi_sdk._exceptions import (
+    AcceptanceConflictError,
     AcceptanceError,
     CMIError,
+    ConfigurationError,
     DestinationNotAllowedError,
     DocumentTooDeepError,
     DocumentTooLargeError,
@@ -70,11 +74,18 @@ from cmi_sdk._links import Link
 from cmi_sdk._models import Acceptance, Offer, load_model
 from cmi_sdk._models import Request as CustomerRequest
 from cmi_sdk._offers import Answer, Prepared
+from cmi_sdk._serving import (
+    DEFAULT_BODY_TIMEOUT,
+    BodyTimeoutError,
+    ClientGoneError,
+    client_text,
+    read_body,
+)
 from cmi_sdk._terms import SharingTerms, TermsDecision, TermsProposal
 from cmi_sdk._version import __version__
-from cmi_sdk.client import signing_payload
+from cmi_sdk.client import REQUEST_SIGNATURE_CONTEXT, request_signing_secret, signing_payload
 from cmi_sdk.outbox import SeenMessage
-from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier, public_key_for
+from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier, generate_secret, public_key_for
 
 __all__ = ["PROBLEM_TYPES", "create_app"]
 
@@ -86,9 +97,11 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "stale-timestamp": (401, "The request's timestamp is outside the window"),
     "unknown-party": (401, "The request names a signer the firm does not know"),
     "replayed": (401, "The request's message id was already used"),
+    "metrics-unauthorized": (401, "GET /metrics needs the metrics bearer token"),
     "forbidden": (403, "The signer may not do this"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "The resource does not take this method"),
+    "request-timeout": (408, "The request's body did not arrive in time"),
     "too-large": (413, "The request body is too large"),
     "unsupported-media-type": (415, "The request body has the wrong content type"),
     "invalid-input": (422, "The request body is not valid"),
@@ -96,6 +109,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "link-refused": (422, "The link code is unknown, used or expired"),
     "destination-not-allowed": (422, "The destination is not allowed"),
     "conflict": (409, "The request conflicts with the resource's state"),
+    "bad-request": (400, "The request's headers or framing are malformed"),
     "malformed-xml": (400, "The body is not well-formed XML"),
     "forbidden-xml": (400, "The XML uses a construct the firm refuses (a DTD, entities)"),
     "too-deep": (400, "The XML nests too deeply"),
@@ -132,6 +146,13 @@ status and title. The slugs are stable; clients may rely on them."""
 
 
 _CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²' too
+_AUTH_HEADERS = (
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "cmi-intermediary",
+    "cmi-terms",
+)
 _SINCE = re.compile(r"[0-9]{1,40}")  # the PostgreSQL store's cursors are wider
 
 
@@ -162,6 +183,9 @@ def problem_response(request: Request, problem: ProblemError) -> Response:
         **problem.extra,
     }
     headers = {"www-authenticate": "Standard-Webhooks"} if status == 401 else None
+    if status == 408:
+        # The rest of the body may still come: the connection cannot carry another request.
+        headers = {"connection": "close"}
     if _wants_xml(request):
         # RFC 9457 appendix B's XML form, namespace urn:ietf:rfc:7807.
         parts = "".join(
@@ -203,6 +227,10 @@ _PROBLEM_OF: tuple[tuple[type[CMIError], str], ...] = (
 def _problem_for(exc: CMIError) -> ProblemError:
     if isinstance(exc, ProblemError):
         return exc
+    if isinstance(exc, AcceptanceConflictError):
+        # The store's message names the offer the id was first given for, which may be
+        # another intermediary's: the answer names nothing.
+        return ProblemError("acceptance-conflict", "the acceptance id was used for another offer")
     if isinstance(exc, RequestRefusedError | AcceptanceError) and exc.problem in PROBLEM_TYPES:
         return ProblemError(exc.problem, str(exc))
     if isinstance(exc, ModelValidationError):
@@ -235,6 +263,8 @@ class Principal:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+_MIN_TOKEN = 16
+
 #: How long the endpoint keeps an intermediary's verifier before reading its secrets again.
 _VERIFIER_SECONDS = 60.0
 
@@ -246,6 +276,8 @@ def create_app(
     tolerance: int = DEFAULT_TOLERANCE,
     page_size: int = 100,
     metrics: bool = False,
+    metrics_token: str | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """Build the endpoint for ``adapter``.
 
@@ -254,8 +286,21 @@ def create_app(
     :param page_size: the most documents one pull returns.
     :param metrics: serve ``GET /metrics`` in the Prometheus text format (off by default:
         it tells volumes to whoever can reach it; expose it to the firm's monitoring only).
+    :param metrics_token: with ``metrics``, the bearer token ``GET /metrics`` must carry
+        (``Authorization: Bearer TOKEN``, compared in constant time); without it, the route
+        is open to whoever reaches the endpoint.
+    :param body_timeout: seconds a request's body may take to arrive in full, from the end
+        of its head; a slower one is answered 408 and its connection closed.
+    :raises ConfigurationError: a metrics token shorter than 16 characters, a body timeout
+        that is not a positive number of seconds.
     """
+    if metrics_token is not None and len(metrics_token) < _MIN_TOKEN:
+        raise ConfigurationError(f"a metrics token holds at least {_MIN_TOKEN} characters")
+    if not 0 < body_timeout < math.inf:
+        raise ConfigurationError("body_timeout must be a positive, finite number of seconds")
     endpoint = _Endpoint(adapter, max_body_bytes, tolerance, page_size)
+    endpoint.body_timeout = body_timeout
+    endpoint.metrics_token = metrics_token
     # Starlette tries routes in order: the busiest goes first (no two paths overlap).
     routes = [
         Route("/cmi/requests", endpoint.post_request, methods=["POST"]),
@@ -342,6 +387,11 @@ class _Endpoint:
         self.max_body_bytes = max_body_bytes
         self.tolerance = tolerance
         self.page_size = page_size
+        self.body_timeout = DEFAULT_BODY_TIMEOUT
+        self.metrics_token: str | None = None
+        # Checks the signature of a request naming a signer the firm does not know, so
+        # that it is refused exactly as a bad signature is (same answer, same work).
+        self._decoy = WebhookVerifier(secrets=(generate_secret(),), tolerance=tolerance)
         # Each intermediary's verifier, kept between requests for at most _VERIFIER_SECONDS
         # (the API only adds secrets, but a secret struck from the store by hand must stop
         # working soon); a signature the kept verifier refuses is checked again against
@@ -354,23 +404,34 @@ class _Endpoint:
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
+        too_large = ProblemError("too-large", f"the body is over the {limit}-byte limit")
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise ProblemError("too-large", f"the body is over the {limit}-byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ProblemError("too-large", f"the body is over the {limit}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        if declared is not None:
+            if not _CURSOR.fullmatch(declared):
+                raise ProblemError("bad-request", "Content-Length is not a number")
+            if int(declared) > limit:
+                raise too_large
+        try:
+            return await read_body(request, max_bytes=limit, timeout=self.body_timeout)
+        except OverflowError:
+            raise too_large from None
+        except BodyTimeoutError as exc:
+            log.info("%s: %s, answered 408", client_text(request), exc)
+            raise ProblemError("request-timeout", str(exc)) from None
+        except ClientGoneError as exc:
+            # Nobody is left to read the answer: one line, no traceback.
+            log.info("%s %s: %s", client_text(request), request.url.path, exc)
+            raise ProblemError("bad-request", str(exc)) from None
 
     def authenticate(self, request: Request, body: bytes, *, remember: bool = True) -> Principal:
         """Who signed the request; its message id is remembered at once (replay cache) or,
         with ``remember=False``, only checked, and left for the caller to remember with
         what the request stores (see ``Principal.message``)."""
         headers = request.headers
+        # A header sent twice could be read one way here and another way by a proxy or a
+        # log; no honest client sends one twice.
+        if any(len(headers.getlist(h)) > 1 for h in _AUTH_HEADERS):
+            raise ProblemError("unauthorized", "each authentication header must be sent once")
         name = headers.get("cmi-intermediary")
         terms_id = headers.get("cmi-terms")
         store = self.adapter.store
@@ -378,12 +439,14 @@ class _Endpoint:
             verifier = self._kept_verifier(name)
             principal, party = Principal(intermediary=name), f"intermediary:{name}"
         elif terms_id is not None and name is None:
+            terms: SharingTerms | None
             try:
                 terms = store.get_terms(terms_id)
             except TermsNotFoundError:
-                raise UnknownPartyError(f"no sharing terms {terms_id!r}") from None
-            verifier = WebhookVerifier(secrets=(terms.secret,), tolerance=self.tolerance)
-            principal, party = Principal(terms=terms), f"terms:{terms.id}"
+                terms = None
+            # Unknown terms are refused by the same check as a wrong secret (the decoy's).
+            verifier = self._decoy if terms is None else self._terms_verifier(terms.secret)
+            principal, party = Principal(terms=terms), f"terms:{terms_id}"
         else:
             raise ProblemError(
                 "unauthorized",
@@ -438,13 +501,20 @@ class _Endpoint:
         return self._intermediary_verifier(name)
 
     def _intermediary_verifier(self, name: str) -> WebhookVerifier:
-        """The verifier of the intermediary's secrets as the store has them now."""
+        """The verifier of the intermediary's secrets as the store has them now; for a name
+        the firm does not know, the decoy, which refuses every signature (never kept, so
+        made-up names take no memory)."""
         secrets = self.adapter.store.intermediary_secrets(name)
         if not secrets:
-            raise UnknownPartyError(f"no intermediary named {name!r} is registered")
-        verifier = WebhookVerifier(secrets=secrets, tolerance=self.tolerance)
+            return self._decoy
+        verifier = WebhookVerifier(
+            secrets=tuple(request_signing_secret(s) for s in secrets), tolerance=self.tolerance
+        )
         self._verifiers[name] = (verifier, time.monotonic())
         return verifier
+
+    def _terms_verifier(self, secret: str) -> WebhookVerifier:
+        return WebhookVerifier(secrets=(request_signing_secret(secret),), tolerance=self.tolerance)
 
     def guarded(self, handle: Callable[[Request, Principal, bytes], Response]) -> Handler:
         """Wrap a handler with the size cap, authentication and problem responses."""
@@ -469,7 +539,17 @@ class _Endpoint:
 
         return endpoint
 
-    async def metrics(self, _request: Request) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        if self.metrics_token is not None:
+            given = request.headers.get("authorization", "").encode("latin-1")
+            wanted = f"Bearer {self.metrics_token}".encode()
+            if not hmac.compare_digest(given, wanted):
+                response = problem_response(
+                    request,
+                    ProblemError("metrics-unauthorized", "send Authorization: Bearer TOKEN"),
+                )
+                response.headers["www-authenticate"] = 'Bearer realm="cmi-metrics"'
+                return response
         text = await run_in_threadpool(prometheus_text, self.adapter)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -813,6 +893,7 @@ def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) ->
             "scheme": "standard-webhooks",
             "signer_headers": ["cmi-intermediary", "cmi-terms"],
             "tolerance_seconds": tolerance,
+            "signature_context": REQUEST_SIGNATURE_CONTEXT.decode(),
         },
         "standards": adapter.standards.describe(),
         "terms_policy": json.loads(adapter.policy.model_dump_json()),

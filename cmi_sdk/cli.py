@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -480,16 +481,32 @@ def cmd_listen(args: argparse.Namespace) -> int:
     def show(doc: Any) -> None:
         print(format_line(doc), flush=True)
 
+    settings = _server_settings(args)
     store = CustomerStore(
-        directory=args.store, secrets=args.secret, certificate=cert, on_document=show
+        directory=args.store,
+        secrets=args.secret,
+        certificate=cert,
+        on_document=show,
+        body_timeout=settings.body_timeout,
     )
 
     def ready(port: int) -> None:
         print(f"listening on http://{args.host}:{port}/ storing in {args.store}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        serve(store, host=args.host, port=args.port, ready=ready)
+        serve(store, host=args.host, port=args.port, ready=ready, limits=settings.server_limits())
     return EXIT_OK
+
+
+def _server_settings(args: argparse.Namespace) -> Any:
+    """The settings, with the server limits given on the command line over them."""
+    settings = _settings()
+    given = {
+        name: getattr(args, name)
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "max_connections")
+        if getattr(args, name, None) is not None
+    }
+    return dataclasses.replace(settings, **given) if given else settings
 
 
 #: How ``cmi serve --workers N`` hands its options to the worker processes it starts.
@@ -498,35 +515,59 @@ _SERVE_OPTIONS = "CMI_SERVE_OPTIONS"
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the firm's CMI endpoint with uvicorn, in one process or ``--workers`` N."""
-    import uvicorn  # noqa: PLC0415
+    from cmi_sdk._serving import run_server  # noqa: PLC0415
 
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     # Built here whatever the number of workers: a missing key or a bad setting is told
     # before anything listens, and the reference firms' data is seeded once.
+    settings = _server_settings(args)
+    limits = settings.server_limits()
     adapter = _serving_adapter(block=args.block, reference_firms=args.reference_firms)
     workers = "" if args.workers == 1 else f" with {args.workers} worker processes"
     print(
         f"cmi: serving on http://{args.host}:{args.port}/{workers} (Ctrl-C stops)",
         file=sys.stderr,
     )
+    if args.metrics:
+        if settings.metrics_token is None:
+            print(
+                f"cmi: GET /metrics is open to whoever reaches {args.host}:{args.port};"
+                " set CMI_METRICS_TOKEN to ask for a bearer token",
+                file=sys.stderr,
+            )
+        else:
+            print("cmi: GET /metrics asks for the CMI_METRICS_TOKEN bearer token", file=sys.stderr)
     options: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
         "log_level": "warning",
         "access_log": False,
     }
+    app_options = {
+        "metrics": args.metrics,
+        "metrics_token": settings.metrics_token,
+        "body_timeout": settings.body_timeout,
+    }
     if args.workers == 1:
-        uvicorn.run(adapter.asgi_app(metrics=args.metrics), **options)
+        run_server(adapter.asgi_app(**app_options), limits=limits, **options)
         return EXIT_OK
     # One Python process runs one request's code at a time (the GIL): N processes use N
     # cores. Each builds its own adapter from the same settings; the store (replay cache,
     # offers, acceptances) is what they share.
     adapter.close()
+    # The token is not passed on: each worker reads it from the settings, as this did.
     os.environ[_SERVE_OPTIONS] = json.dumps(
-        {"block": args.block, "reference_firms": args.reference_firms, "metrics": args.metrics}
+        {
+            "block": args.block,
+            "reference_firms": args.reference_firms,
+            "metrics": args.metrics,
+            "body_timeout": settings.body_timeout,
+        }
     )
-    uvicorn.run("cmi_sdk.cli:serve_app", factory=True, workers=args.workers, **options)
+    run_server(
+        "cmi_sdk.cli:serve_app", factory=True, workers=args.workers, limits=limits, **options
+    )
     return EXIT_OK
 
 
@@ -537,7 +578,12 @@ def serve_app() -> Starlette:
     adapter = _serving_adapter(
         block=options.get("block", []), reference_firms=options.get("reference_firms", False)
     )
-    return adapter.asgi_app(metrics=options.get("metrics", False))
+    settings = _settings()
+    return adapter.asgi_app(
+        metrics=options.get("metrics", False),
+        metrics_token=settings.metrics_token,
+        body_timeout=options.get("body_timeout", settings.body_timeout),
+    )
 
 
 def _serving_adapter(*, block: list[str], reference_firms: bool) -> Adapter:
@@ -994,6 +1040,40 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--secret", required=True, metavar="whsec_...")
     i.set_defaults(func=cmd_intermediaries_add)
 
+    def server_limit_options(p: argparse.ArgumentParser) -> None:
+        group = p.add_argument_group(
+            "limits on clients",
+            "each overrides its CMI_* setting; the defaults hold on the internet",
+        )
+        group.add_argument(
+            "--header-timeout",
+            type=float,
+            metavar="S",
+            help="close a connection whose request head is not in within S seconds"
+            " (CMI_HEADER_TIMEOUT, default 10)",
+        )
+        group.add_argument(
+            "--body-timeout",
+            type=float,
+            metavar="S",
+            help="answer 408 and close when a body is not in within S seconds of its head"
+            " (CMI_BODY_TIMEOUT, default 30)",
+        )
+        group.add_argument(
+            "--keep-alive-timeout",
+            type=float,
+            metavar="S",
+            help="close a connection idle for S seconds after a response"
+            " (CMI_KEEP_ALIVE_TIMEOUT, default 5)",
+        )
+        group.add_argument(
+            "--max-connections",
+            type=int,
+            metavar="N",
+            help="keep at most N connections open; over it, the one that waited longest for"
+            " its head is closed (CMI_MAX_CONNECTIONS, default 1000)",
+        )
+
     p = sub.add_parser("listen", help="run a customer's store (tests and demos)")
     p.add_argument("--port", type=int, required=True, help="0 picks a free port")
     p.add_argument("--host", default="127.0.0.1")
@@ -1002,6 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret", required=True, action="append", metavar="whsec_...", help="repeatable"
     )
     p.add_argument("--cert", metavar="cert.pem", help="also verify the firm's XML-DSig")
+    server_limit_options(p)
     p.set_defaults(func=cmd_listen)
 
     def intermediary_options(p: argparse.ArgumentParser) -> None:
@@ -1035,7 +1116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the firm's CMI endpoint")
     p.add_argument(
-        "--metrics", action="store_true", help="serve GET /metrics (Prometheus text format)"
+        "--metrics",
+        action="store_true",
+        help="serve GET /metrics (Prometheus text format), behind the CMI_METRICS_TOKEN"
+        " bearer token if set, else open to whoever reaches the endpoint",
     )
     p.add_argument(
         "--reference-firms",
@@ -1051,6 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="serve from N processes (one a core: a process runs one request's code at a time)",
     )
+    server_limit_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("parse", help="parse an XML document back into canonical JSON")

@@ -13,10 +13,22 @@ The payload is the method and the request target, a line feed, then the body:
 one. So a signature covers what is asked of which resource, and cannot be moved to
 another method or path. The firm refuses a timestamp outside its window and a message id it has
 already accepted from the same signer.
+
+Requests are not signed with the secret itself but with a key derived from it for this one
+context (:func:`request_signing_secret`): ``HMAC-SHA256(secret bytes,
+"cmi-request-signature/v1")``. The customer's terms secret is also the secret the firm signs
+deliveries to the customer's store with, and a Standard Webhooks receiver accepts any body
+whose ``{id}.{timestamp}.{body}`` verifies: signed with the same key, a request to the firm
+could be posted to the store as a delivery (its body would be ``GET /cmi/documents\n``),
+whatever label the payload carried. With the derived key, a request's signature never
+verifies as a delivery, and a delivery's never as a request.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Mapping
@@ -27,7 +39,31 @@ import httpx
 
 from cmi_sdk.webhooks import WebhookSigner
 
-__all__ = ["CMIClient", "signed_headers", "signing_payload"]
+__all__ = [
+    "REQUEST_SIGNATURE_CONTEXT",
+    "CMIClient",
+    "request_signing_secret",
+    "signed_headers",
+    "signing_payload",
+]
+
+REQUEST_SIGNATURE_CONTEXT = b"cmi-request-signature/v1"
+"""The context a request signing key is derived for (versioned: a new scheme, a new label)."""
+
+
+def request_signing_secret(secret: str) -> str:
+    """The ``whsec_`` secret that signs requests to the firm for the holder of ``secret``:
+    ``whsec_`` + base64 of ``HMAC-SHA256(key=the secret's bytes, msg=b"cmi-request-signature/v1")``.
+
+    Any Standard Webhooks library signs a request with it; a signature made with it never
+    verifies under ``secret`` itself, which signs deliveries.
+
+    :raises ConfigurationError: ``secret`` is not a ``whsec_`` secret.
+    """
+    WebhookSigner(secret=secret)  # refuses a malformed secret
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    derived = hmac.new(key, REQUEST_SIGNATURE_CONTEXT, hashlib.sha256).digest()
+    return "whsec_" + base64.b64encode(derived).decode()
 
 
 def signing_payload(method: str, target: str, body: bytes) -> bytes:
@@ -46,7 +82,8 @@ def signed_headers(
     msg_id: str | None = None,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    """The authentication headers for one request.
+    """The authentication headers for one request, signed with the key derived from
+    ``secret`` for requests (see :func:`request_signing_secret`).
 
     :param target: the request's path and query, as sent (``/cmi/documents?since=0``).
     :param intermediary: sign as this registered intermediary (with its secret).
@@ -54,7 +91,7 @@ def signed_headers(
     """
     if (intermediary is None) == (terms_id is None):
         raise ValueError("sign as an intermediary or as a terms holder, not both or neither")
-    signer = WebhookSigner(secret=secret)
+    signer = WebhookSigner(secret=request_signing_secret(secret))
     msg = msg_id or f"req_{secrets.token_hex(12)}"
     headers = signer.headers(msg, signing_payload(method, target, body), timestamp=timestamp)
     if intermediary is not None:

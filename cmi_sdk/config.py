@@ -21,7 +21,17 @@ variable                       ``cmi.toml`` key                default
 ``CMI_HTTP_TIMEOUT``           ``http_timeout``                10 (seconds)
 ``CMI_TRANSACTION_KINDS``      ``transaction_kinds``           every kind
 ``CMI_ACCEPTANCE_LEASE``       ``acceptance_lease``            300 (seconds)
+``CMI_HEADER_TIMEOUT``         ``header_timeout``              10 (seconds)
+``CMI_BODY_TIMEOUT``           ``body_timeout``                30 (seconds)
+``CMI_KEEP_ALIVE_TIMEOUT``     ``keep_alive_timeout``          5 (seconds)
+``CMI_MAX_CONNECTIONS``        ``max_connections``             1000
+``CMI_METRICS_TOKEN``          ``metrics_token``               none (``/metrics`` open)
 =============================  ==============================  =============================
+
+The last five are for ``cmi serve`` and ``cmi listen`` (see :class:`~cmi_sdk.ServerLimits`):
+how long a client may take to send a request's head and its body, how long an idle
+connection is kept, how many connections may be open at once, and the bearer token
+``GET /metrics`` asks for.
 
 ``CMI_RETRY_SCHEDULE`` is a comma-separated list of seconds (``5,300,1800``).
 ``CMI_TRANSACTION_KINDS`` names the kinds of transaction the firm emits, comma-separated
@@ -47,6 +57,7 @@ from pydantic import ValidationError
 from cmi_sdk._adapter import DEFAULT_DATABASE_URL, Adapter
 from cmi_sdk._delivery import DEFAULT_SCHEDULE, RetrySchedule
 from cmi_sdk._exceptions import ConfigurationError
+from cmi_sdk._serving import DEFAULT_BODY_TIMEOUT, ServerLimits
 from cmi_sdk._terms import TermsPolicy
 from cmi_sdk.egress import EgressGuard
 
@@ -81,6 +92,16 @@ class Settings:
     transaction_kinds: tuple[str, ...] | None = None
     """The kinds of transaction the firm emits; None: every kind."""
     acceptance_lease: float = 300.0
+    header_timeout: float = 10.0
+    """Seconds a client may take to send a request's head; then its connection is closed."""
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    """Seconds a request's body may take to arrive in full; then the answer is 408."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle connection is kept open after a response."""
+    max_connections: int = 1000
+    """The most connections open at once (fewer if the descriptor limit is lower)."""
+    metrics_token: str | None = None
+    """The bearer token ``GET /metrics`` asks for (``cmi serve --metrics``)."""
     policy: TermsPolicy = field(default_factory=TermsPolicy)
 
     @classmethod
@@ -135,6 +156,14 @@ class Settings:
         except OSError as exc:
             raise ConfigurationError(f"cannot read the signing key or certificate: {exc}") from None
         return DocumentSigner.from_pem(key, cert)
+
+    def server_limits(self) -> ServerLimits:
+        """The limits ``cmi serve`` and ``cmi listen`` serve with."""
+        return ServerLimits(
+            header_timeout=self.header_timeout,
+            keep_alive_timeout=self.keep_alive_timeout,
+            max_connections=self.max_connections,
+        )
 
     def egress(self) -> EgressGuard:
         """The egress guard these settings describe."""
@@ -241,6 +270,11 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "http_timeout": _seconds,
     "transaction_kinds": _kinds,
     "acceptance_lease": _seconds,
+    "header_timeout": _seconds,
+    "body_timeout": _seconds,
+    "keep_alive_timeout": _seconds,
+    "max_connections": _count,
+    "metrics_token": _optional_text,
     "policy": _policy,
 }
 

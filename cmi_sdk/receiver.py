@@ -8,10 +8,13 @@ A delivery is ``POST`` to any path (so a destination such as ``http://127.0.0.1:
 works) and is checked in this order, the cheapest and least trusting checks first:
 
 1. the body is at most ``max_bytes`` (413), judged from ``Content-Length`` before any of it
-   is read and counted again while it streams in;
+   is read and counted again while it streams in, and arrives within ``body_timeout``
+   seconds of the request's head (408, and the connection is closed);
 2. the ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` headers verify over
    the exact body with one of the store's secrets, inside the timestamp tolerance (401);
-3. the ``webhook-id`` can name a file: 1 to 128 of ``A-Z a-z 0-9 _ : -`` (400);
+3. the ``webhook-id`` can name a file on any system: 1 to 128 of ``A-Z a-z 0-9 _ -`` and
+   not a Windows device name such as ``CON`` or ``NUL`` (400); the SDK's own ids are
+   ``msg_`` and 32 hex digits;
 4. the ``Content-Type`` is ``application/xml``, parameters allowed (415);
 5. with the firm's certificate configured, the document's enveloped XML-DSig verifies
    against it (422).
@@ -31,6 +34,7 @@ Every refusal is an RFC 9457 ``application/problem+json`` object with ``type``, 
 ``urn:cmi:problem:invalid-webhook-id``      400     the id cannot be a file name
 ``urn:cmi:problem:unauthorized``            401     the webhook signature does not verify
 ``urn:cmi:problem:method-not-allowed``      405     not ``POST`` (nor ``GET /health``)
+``urn:cmi:problem:request-timeout``         408     the body did not arrive in time
 ``urn:cmi:problem:too-large``               413     the body is over ``max_bytes``
 ``urn:cmi:problem:unsupported-media-type``  415     not ``application/xml``
 ``urn:cmi:problem:document-signature``      422     the XML-DSig does not verify
@@ -41,9 +45,9 @@ Every refusal is an RFC 9457 ``application/problem+json`` object with ``type``, 
 
 A 4xx answer is permanent: sending the same bytes again gets the same answer, so a sender
 should give up on them rather than retry (a 401 for a stale timestamp is cured by signing
-again with a fresh one; this store never sends 408 or 429). 422 in particular means the
-document itself is bad: signed by someone else, or changed after signing, so no number of
-retries can succeed. 5xx answers are worth retrying later.
+again with a fresh one, and a 408 by sending faster; this store never sends 429). 422 in
+particular means the document itself is bad: signed by someone else, or changed after
+signing, so no number of retries can succeed. 5xx answers are worth retrying later.
 
 One store (one process) per directory: deduplication is guarded by a lock inside the
 process, not by a lock on the directory.
@@ -55,6 +59,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -72,12 +77,21 @@ from cryptography import x509
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.config import LOGGING_CONFIG
 
 from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError, XMLInputError
+from cmi_sdk._serving import (
+    DEFAULT_BODY_TIMEOUT,
+    BodyTimeoutError,
+    ClientGoneError,
+    ServerLimits,
+    client_text,
+    read_body,
+    server_config,
+)
 from cmi_sdk._xml import DEFAULT_MAX_BYTES
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier
@@ -93,7 +107,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 # fullmatch, not ^...$: '$' also matches before a trailing newline.
-_SAFE_ID: Final = re.compile(r"[A-Za-z0-9_:\-]{1,128}")
+_SAFE_ID: Final = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+# Windows opens a device for these whatever the extension ("NUL.xml"); no firm sends them.
+_DEVICE: Final = re.compile(r"(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])")
+_DIGITS: Final = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() takes '²' too
 
 _WEBHOOK_HEADERS: Final = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
@@ -104,6 +121,7 @@ _PROBLEMS: Final[dict[str, tuple[int, str]]] = {
     "invalid-webhook-id": (400, "The webhook-id cannot name a stored document"),
     "unauthorized": (401, "The webhook signature does not verify"),
     "method-not-allowed": (405, "Method not allowed"),
+    "request-timeout": (408, "The request's body did not arrive in time"),
     "too-large": (413, "The document is too large"),
     "unsupported-media-type": (415, "Documents must be sent as application/xml"),
     "document-signature": (422, "The document's XML signature does not verify"),
@@ -215,6 +233,8 @@ class CustomerStore:
     :param tolerance: the largest accepted distance between ``webhook-timestamp`` and now,
         in seconds.
     :param max_bytes: the largest accepted body, in bytes.
+    :param body_timeout: seconds a delivery's body may take to arrive in full, from the end
+        of its head; a slower one is answered 408 and its connection closed.
     :param on_document: called once per accepted delivery, duplicates included, after the
         files are on disk and before the sender gets its answer. It runs in a worker thread,
         one call at a time. An exception it raises is logged and otherwise ignored: the
@@ -232,14 +252,16 @@ class CustomerStore:
         certificate: bytes | None = None,
         tolerance: int = DEFAULT_TOLERANCE,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
         on_document: Callable[[StoredDocument], None] | None = None,
     ) -> None:
         # A lone string is a Sequence[str] too; iterating it would give one-letter "secrets"
         # and a baffling error.
         if isinstance(secrets, str):
             raise ConfigurationError("secrets must be a list of whsec_ secrets, not one string")
-        if max_bytes <= 0 or tolerance <= 0:
-            raise ConfigurationError("max_bytes and tolerance must be positive")
+        if max_bytes <= 0 or tolerance <= 0 or not 0 < body_timeout < math.inf:
+            raise ConfigurationError("max_bytes, tolerance and body_timeout must be positive")
+        self._body_timeout = body_timeout
         self._verifier = WebhookVerifier(secrets=tuple(secrets), tolerance=tolerance)
         self._certificate: x509.Certificate | None = None
         if certificate is not None:
@@ -300,7 +322,9 @@ class CustomerStore:
             content_type = _check_content_type(request)
             verified = await self._verify_document(body)
         except _Refused as refused:
-            return _problem(refused.slug, refused.detail)
+            # A body that did not arrive leaves the connection in an unknown state: close it.
+            close = {"connection": "close"} if refused.slug == "request-timeout" else None
+            return _problem(refused.slug, refused.detail, headers=close)
         headers = {name: request.headers[name] for name in _WEBHOOK_HEADERS}
         headers["content-type"] = content_type
         try:
@@ -317,23 +341,22 @@ class CustomerStore:
         too_large = _Refused("too-large", f"the body is larger than {self._max_bytes} bytes")
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not (declared.isascii() and declared.isdigit()):
+            if not _DIGITS.fullmatch(declared):
                 raise _Refused("bad-request", "Content-Length is not a number")
             if int(declared) > self._max_bytes:
                 raise too_large
         # Counted as well: a chunked body has no Content-Length to trust.
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async with contextlib.aclosing(request.stream()) as stream:
-                async for chunk in stream:
-                    size += len(chunk)
-                    if size > self._max_bytes:
-                        raise too_large
-                    chunks.append(chunk)
-        except ClientDisconnect:
+            return await read_body(request, max_bytes=self._max_bytes, timeout=self._body_timeout)
+        except OverflowError:
+            raise too_large from None
+        except BodyTimeoutError as exc:
+            _log.info("%s: %s, answered 408", client_text(request), exc)
+            raise _Refused("request-timeout", str(exc)) from None
+        except ClientGoneError as exc:
+            # Nobody is left to read the answer: one line, no traceback.
+            _log.info("%s: %s", client_text(request), exc)
             raise _Refused("bad-request", "the body ended before Content-Length") from None
-        return b"".join(chunks)
 
     def _authenticate(self, request: Request, body: bytes) -> str:
         # A header sent twice could be read one way here and another way by whoever reads
@@ -346,10 +369,11 @@ class CustomerStore:
             raise _Refused("unauthorized", str(exc)) from None
         # Checked before the id comes near the file system: with '/' or '\' in it, the id
         # would name a file outside the directory.
-        if not _SAFE_ID.fullmatch(webhook_id):
+        if not _SAFE_ID.fullmatch(webhook_id) or _DEVICE.fullmatch(webhook_id):
             raise _Refused(
                 "invalid-webhook-id",
-                "webhook-id must be 1 to 128 letters, digits, '_', ':' or '-'",
+                "webhook-id must be 1 to 128 ASCII letters, digits, '_' or '-',"
+                " and not a device name (CON, NUL, COM1, ...)",
             )
         return webhook_id
 
@@ -464,9 +488,11 @@ def _server(
     ready: Callable[[int], None] | None,
     *,
     embedded: bool,
+    limits: ServerLimits | None,
 ) -> _Server:
-    config = uvicorn.Config(
+    config = server_config(
         store.app,
+        limits=limits,
         host=host,
         port=port,
         log_level="warning",
@@ -486,6 +512,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     ready: Callable[[int], None] | None = None,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve ``store`` with uvicorn in this thread until interrupted.
 
@@ -499,10 +526,12 @@ def serve(
     :param port: the port to listen on; 0 picks a free one.
     :param ready: called once with the port actually bound, as soon as the server listens.
         It runs on the server's event loop: it should return quickly, and not raise.
+    :param limits: deadlines for a request's head and the keep-alive, and the connection
+        cap (:class:`~cmi_sdk.ServerLimits`; its defaults when None).
     :raises ConfigurationError: the server could not listen (the port is taken, the
         address is not local, ...); the reason is logged.
     """
-    server = _server(store, host, port, ready, embedded=False)
+    server = _server(store, host, port, ready, embedded=False, limits=limits)
     try:
         server.run()
     except SystemExit:
@@ -514,7 +543,11 @@ def serve(
 
 @contextlib.contextmanager
 def running(
-    store: CustomerStore, host: str = "127.0.0.1", *, timeout: float = 10.0
+    store: CustomerStore,
+    host: str = "127.0.0.1",
+    *,
+    timeout: float = 10.0,
+    limits: ServerLimits | None = None,
 ) -> Iterator[str]:
     """Serve ``store`` in a background thread, on a free port, for the ``with`` block.
 
@@ -528,6 +561,7 @@ def running(
     :param store: the store to serve.
     :param host: the address to listen on; the loopback address by default.
     :param timeout: how long to wait for the server to start, and then to stop, in seconds.
+    :param limits: as for :func:`serve`.
     :returns: the server's base URL, ending in ``/``.
     :raises ConfigurationError: the server did not start within ``timeout``.
     """
@@ -538,7 +572,7 @@ def running(
         ports.append(port)
         bound.set()
 
-    server = _server(store, host, 0, ready, embedded=True)
+    server = _server(store, host, 0, ready, embedded=True, limits=limits)
     thread = threading.Thread(target=server.run, name="cmi-customer-store", daemon=True)
     thread.start()
     try:

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -48,6 +49,9 @@ __all__ = [
 DEFAULT_TOLERANCE = 300
 """How far, in seconds, a webhook-timestamp may be from the receiver's clock: 5 minutes."""
 
+# ASCII digits only: str.isdigit() also takes '²' and other scripts' digits, which int()
+# then refuses (or reads); fullmatch, as '$' would let a trailing newline through.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _MIN_SECRET_BYTES = 24  # the scheme asks for 24 to 64 random bytes
 _MAX_SECRET_BYTES = 64
 
@@ -197,7 +201,7 @@ class WebhookVerifier:
             _check_id(msg_id)
         except InvalidInputError as exc:
             raise SignatureVerificationError(str(exc)) from None
-        if not ts_text.isdigit() or len(ts_text) > 12:
+        if not _TIMESTAMP.fullmatch(ts_text):
             raise SignatureVerificationError("webhook-timestamp must be integer seconds")
         timestamp = int(ts_text)
         clock = time.time() if now is None else now
