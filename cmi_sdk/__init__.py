@@ -71,6 +71,7 @@ from cmi_sdk._models import (
 )
 from cmi_sdk._offers import AcceptanceResult, Answer
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
+from cmi_sdk._serving import ServerLimits
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
 from cmi_sdk._terms import (
     ConsentRecord,
@@ -151,6 +152,7 @@ __all__ = [
     "RetrySchedule",
     "RevenueDecision",
     "Reward",
+    "ServerLimits",
     "SharingTerms",
     "SignatureVerificationError",
     "SignedConsent",

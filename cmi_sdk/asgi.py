@@ -541,9 +541,13 @@ class _Endpoint:
 
     async def metrics(self, request: Request) -> Response:
         if self.metrics_token is not None:
-            given = request.headers.get("authorization", "").encode("latin-1")
-            wanted = f"Bearer {self.metrics_token}".encode()
-            if not hmac.compare_digest(given, wanted):
+            # The scheme is case-insensitive (RFC 9110, 11.1); the token is compared in
+            # constant time, as bytes (a header may hold any latin-1 character).
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            wanted = self.metrics_token.encode()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("latin-1"), wanted
+            ):
                 response = problem_response(
                     request,
                     ProblemError("metrics-unauthorized", "send Authorization: Bearer TOKEN"),

@@ -379,16 +379,21 @@ def test_naming_two_signers_is_unauthorized(adapter: Adapter, acme: Caller) -> N
     assert stored(adapter) == before
 
 
-def test_unknown_intermediary_is_unknown_party(adapter: Adapter, client: TestClient) -> None:
+def test_unknown_intermediary_is_refused_as_a_bad_signature(
+    adapter: Adapter, client: TestClient
+) -> None:
+    # Not "unknown-party": the answer must not tell which names are registered.
     before = stored(adapter)
     stranger = Caller(client, generate_secret(), intermediary="stranger")
-    assert_problem(stranger.send("POST", "/cmi/terms", json_body=proposal()), "unknown-party")
+    assert_problem(stranger.send("POST", "/cmi/terms", json_body=proposal()), "bad-signature")
     assert stored(adapter) == before
 
 
-def test_unknown_terms_holder_is_unknown_party(adapter: Adapter, client: TestClient) -> None:
+def test_unknown_terms_holder_is_refused_as_a_bad_signature(
+    adapter: Adapter, client: TestClient
+) -> None:
     holder = Caller(client, generate_secret(), terms_id="terms_0000")
-    assert_problem(holder.send("GET", "/cmi/documents"), "unknown-party")
+    assert_problem(holder.send("GET", "/cmi/documents"), "bad-signature")
     assert stored(adapter) == ([], [])
 
 
@@ -602,11 +607,10 @@ def test_xml_only_clients_get_problems_as_xml(
 
 
 def test_xml_problem_escapes_the_detail(client: TestClient) -> None:
-    stranger = Caller(client, generate_secret(), intermediary="<&>")
-    response = stranger.send("GET", "/cmi/terms", headers={"accept": "application/xml"})
-    assert response.status_code == 401
+    response = client.get("/cmi/<&>", headers={"accept": "application/xml"})
+    assert response.status_code == 404
     root = HardenedParser().parse(response.content).getroot()
-    assert root.findtext(f"{RFC7807}type") == "urn:cmi:problem:unknown-party"
+    assert root.findtext(f"{RFC7807}type") == "urn:cmi:problem:not-found"
     assert "<&>" in (root.findtext(f"{RFC7807}detail") or "")
 
 

@@ -69,6 +69,7 @@ EXPECTED = [
     "RetrySchedule",
     "RevenueDecision",
     "Reward",
+    "ServerLimits",
     "SharingTerms",
     "SignatureVerificationError",
     "SignedConsent",
