@@ -23,6 +23,7 @@ accepts only XML; a refused request changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -153,6 +154,7 @@ _AUTH_HEADERS = (
     "cmi-intermediary",
     "cmi-terms",
 )
+_SIGNER = re.compile(r"[^\x00-\x1f\x7f]{1,200}")  # an intermediary's name, a terms id
 _SINCE = re.compile(r"[0-9]{1,40}")  # the PostgreSQL store's cursors are wider
 
 
@@ -436,14 +438,16 @@ class _Endpoint:
         terms_id = headers.get("cmi-terms")
         store = self.adapter.store
         if name is not None and terms_id is None:
-            verifier = self._kept_verifier(name)
+            # A name no store could hold (control characters, a NUL PostgreSQL refuses)
+            # is not looked up: it is unknown, and refused as every unknown signer is.
+            known = _SIGNER.fullmatch(name) is not None
+            verifier = self._kept_verifier(name) if known else self._decoy
             principal, party = Principal(intermediary=name), f"intermediary:{name}"
         elif terms_id is not None and name is None:
-            terms: SharingTerms | None
-            try:
-                terms = store.get_terms(terms_id)
-            except TermsNotFoundError:
-                terms = None
+            terms: SharingTerms | None = None
+            if _SIGNER.fullmatch(terms_id):
+                with contextlib.suppress(TermsNotFoundError):
+                    terms = store.get_terms(terms_id)
             # Unknown terms are refused by the same check as a wrong secret (the decoy's).
             verifier = self._decoy if terms is None else self._terms_verifier(terms.secret)
             principal, party = Principal(terms=terms), f"terms:{terms_id}"
@@ -462,8 +466,8 @@ class _Endpoint:
             if name is None:
                 raise
             # Perhaps signed with a secret added since the verifier was kept.
-            fresh = self._intermediary_verifier(name)
-            if fresh.secrets == verifier.secrets:
+            fresh = self._intermediary_verifier(name) if known else self._decoy
+            if not known or fresh.secrets == verifier.secrets:
                 raise
             msg_id = fresh.verify(headers, payload, now=now)
         message = SeenMessage(party, msg_id, now + 2 * self.tolerance, now)
