@@ -47,6 +47,7 @@ from cmi_sdk._exceptions import (
     XMLInputError,
 )
 from cmi_sdk._links import Link, LinkCode, LinkRevocation
+from cmi_sdk._limits import ServerLimits
 from cmi_sdk._models import (
     Acceptance,
     Advice,
@@ -71,7 +72,6 @@ from cmi_sdk._models import (
 )
 from cmi_sdk._offers import AcceptanceResult, Answer
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
-from cmi_sdk._serving import ServerLimits
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
 from cmi_sdk._terms import (
     ConsentRecord,

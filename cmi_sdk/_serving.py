@@ -22,11 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -35,56 +33,23 @@ from starlette.requests import ClientDisconnect, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmi_sdk._exceptions import ConfigurationError
+from cmi_sdk._limits import DEFAULT_BODY_TIMEOUT, ServerLimits
 
 try:  # httptools is the faster parser; uvicorn falls back to h11 without it
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # pragma: no cover - httptools is a dependency of uvicorn[standard]
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
-__all__ = ["BodyTimeoutError", "ServerLimits", "read_body", "run_server", "serving"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "BodyTimeoutError",
+    "ServerLimits",
+    "read_body",
+    "run_server",
+    "serving",
+]
 
 log = logging.getLogger("cmi_sdk.serving")
-
-DEFAULT_BODY_TIMEOUT = 30.0
-"""Seconds a request's body may take to arrive in full, by default."""
-
-#: Descriptors kept back from the connection cap for the store, logs and worker threads.
-_RESERVED_DESCRIPTORS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    """How long a client may take and how many may be connected at once.
-
-    :param header_timeout: seconds a connection may take to send a request's head, counted
-        from when it opens or from the end of the previous response.
-    :param keep_alive_timeout: seconds an idle connection is kept open after a response.
-    :param max_connections: the most connections open at once; lowered at start to what
-        the process's descriptor limit allows.
-    """
-
-    header_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
-    max_connections: int = 1000
-
-    def __post_init__(self) -> None:
-        for name in ("header_timeout", "keep_alive_timeout"):
-            value = getattr(self, name)
-            if not 0 < value < math.inf:
-                raise ConfigurationError(f"{name} must be a positive, finite number of seconds")
-        if self.max_connections < 1:
-            raise ConfigurationError("max_connections must be at least 1")
-
-    def connection_cap(self) -> int:
-        """:attr:`max_connections`, or fewer when the descriptor limit is lower."""
-        try:
-            import resource  # noqa: PLC0415  (POSIX only)
-        except ImportError:  # pragma: no cover - Windows
-            return self.max_connections
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return self.max_connections
-        return max(1, min(self.max_connections, soft - _RESERVED_DESCRIPTORS))
 
 
 class BodyTimeoutError(Exception):

@@ -57,7 +57,7 @@ from pydantic import ValidationError
 from cmi_sdk._adapter import DEFAULT_DATABASE_URL, Adapter
 from cmi_sdk._delivery import DEFAULT_SCHEDULE, RetrySchedule
 from cmi_sdk._exceptions import ConfigurationError
-from cmi_sdk._serving import DEFAULT_BODY_TIMEOUT, ServerLimits
+from cmi_sdk._limits import DEFAULT_BODY_TIMEOUT, ServerLimits
 from cmi_sdk._terms import TermsPolicy
 from cmi_sdk.egress import EgressGuard
 

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,12 +37,14 @@ from cmi_sdk import (
     ConfigurationError,
     OfferSet,
     Request,
+    ServerLimits,
     SharingTerms,
     SignatureVerificationError,
     load_model,
 )
 from cmi_sdk._serving import serving
 from cmi_sdk.client import CMIClient, signed_headers, signing_payload
+from cmi_sdk.config import Settings
 from cmi_sdk.receiver import CustomerStore, running
 from cmi_sdk.webhooks import WebhookSigner, WebhookVerifier, generate_secret
 from tests.support import CUSTOMER, make_adapter, register, ticket
@@ -99,16 +102,22 @@ class Server:
 
 @contextlib.contextmanager
 def cmi_server(
-    kind: str, root: Path, *, fd_limit: int | None = None, **settings: str
+    kind: str,
+    root: Path,
+    *,
+    fd_limit: int | None = None,
+    options: tuple[str, ...] = (),
+    **settings: str,
 ) -> Iterator[Server]:
     """Run ``cmi serve`` or ``cmi listen`` on a free port with ``CMI_*`` settings; stop it
     (SIGTERM, then SIGKILL) when the block ends."""
     port = _free_port()
     if kind == "serve":
-        argv = ["serve", "--port", str(port)]
+        argv = ["serve", "--port", str(port), *options]
         health = "/.well-known/cmi"
     else:
         argv = ["listen", "--port", str(port), "--store", "store", "--secret", generate_secret()]
+        argv += options
         health = "/health"
     errors = root / f"{kind}.err"
     with (
@@ -252,6 +261,59 @@ def test_a_request_whose_head_does_not_arrive_is_closed_after_the_header_deadlin
         sock.sendall(sent)
         _read_until_closed(sock, started + HEADER_TIMEOUT + 3)
         assert time.monotonic() - started > HEADER_TIMEOUT - 0.2
+
+
+@pytest.mark.parametrize("kind", ["serve", "listen"])
+def test_the_command_line_options_override_the_settings(tmp_path: Path, kind: str) -> None:
+    # The setting says 60 s; the option, 1.5 s. Under `cmi serve --workers 2` too, where
+    # each worker process builds its own server from the options it was handed.
+    options: tuple[str, ...] = ("--header-timeout", str(HEADER_TIMEOUT))
+    if kind == "serve":
+        options += ("--workers", "2", "--body-timeout", str(BODY_TIMEOUT))
+    else:
+        options += ("--body-timeout", str(BODY_TIMEOUT))
+    target = "/cmi/requests" if kind == "serve" else "/inbox"
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n".encode()
+    with cmi_server(
+        kind, tmp_path, options=options, header_timeout="60", body_timeout="60"
+    ) as server:
+        with _connect(server.port) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /heal")
+            _read_until_closed(sock, started + HEADER_TIMEOUT + 3)
+        with _connect(server.port) as sock:
+            answer, elapsed = _drip(sock, head, 50, seconds=BODY_TIMEOUT + 6)
+        assert _status(answer) == 408
+        assert elapsed < BODY_TIMEOUT + 1.5
+
+
+def test_limits_and_their_settings_are_checked(tmp_path: Path) -> None:
+    settings = Settings.load(
+        environ={
+            "CMI_HEADER_TIMEOUT": "2.5",
+            "CMI_BODY_TIMEOUT": "7",
+            "CMI_KEEP_ALIVE_TIMEOUT": "1",
+            "CMI_MAX_CONNECTIONS": "20",
+            "CMI_METRICS_TOKEN": TOKEN,
+        },
+        directory=tmp_path,
+    )
+    assert settings.server_limits() == ServerLimits(
+        header_timeout=2.5, keep_alive_timeout=1, max_connections=20
+    )
+    assert (settings.body_timeout, settings.metrics_token) == (7, TOKEN)
+    for name, value in [
+        ("CMI_HEADER_TIMEOUT", "0"),
+        ("CMI_BODY_TIMEOUT", "inf"),
+        ("CMI_KEEP_ALIVE_TIMEOUT", "-1"),
+        ("CMI_MAX_CONNECTIONS", "0"),
+    ]:
+        with pytest.raises(ConfigurationError):
+            Settings.load(environ={name: value}, directory=tmp_path)
+    with pytest.raises(ConfigurationError):
+        ServerLimits(header_timeout=math.nan)
+    with pytest.raises(ConfigurationError):
+        CustomerStore(directory=tmp_path / "inbox", secrets=[generate_secret()], body_timeout=0)
 
 
 @pytest.mark.parametrize("kind", ["serve", "listen"])

@@ -1,0 +1,53 @@
+"""How long a client may take and how many may be connected: the settings of the HTTP
+servers ``cmi serve`` and ``cmi listen`` run (see :mod:`cmi_sdk._serving`). Kept apart from
+the serving code, so that reading settings imports no server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cmi_sdk._exceptions import ConfigurationError
+
+__all__ = ["DEFAULT_BODY_TIMEOUT", "ServerLimits"]
+
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a request's body may take to arrive in full, by default."""
+
+#: Descriptors kept back from the connection cap for the store, logs and worker threads.
+_RESERVED_DESCRIPTORS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """How long a client may take and how many may be connected at once.
+
+    :param header_timeout: seconds a connection may take to send a request's head, counted
+        from when it opens or from the end of the previous response.
+    :param keep_alive_timeout: seconds an idle connection is kept open after a response.
+    :param max_connections: the most connections open at once; lowered at start to what
+        the process's descriptor limit allows.
+    """
+
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "keep_alive_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ConfigurationError(f"{name} must be a positive, finite number of seconds")
+        if self.max_connections < 1:
+            raise ConfigurationError("max_connections must be at least 1")
+
+    def connection_cap(self) -> int:
+        """:attr:`max_connections`, or fewer when the descriptor limit is lower."""
+        try:
+            import resource  # noqa: PLC0415  (POSIX only)
+        except ImportError:  # pragma: no cover - Windows
+            return self.max_connections
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections
+        return max(1, min(self.max_connections, soft - _RESERVED_DESCRIPTORS))
