@@ -40,8 +40,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def server(
     kind: str, code: str | None, fd_limit: int | None = None, **settings: str
-) -> Iterator[tuple[int, str]]:
-    """Run the command on a free port; yield the port and its health route."""
+) -> Iterator[tuple[int, str, int]]:
+    """Run the command on a free port; yield the port, its health route and its pid."""
     root = tempfile.mkdtemp(prefix="cmi-abuse-")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CMI_")}
@@ -79,7 +79,7 @@ def server(
             if time.monotonic() > deadline or process.poll() is not None:
                 raise SystemExit(f"cmi {kind} did not start")
             time.sleep(0.1)
-        yield port, health
+        yield port, health, process.pid
     finally:
         process.terminate()
         try:
@@ -123,6 +123,33 @@ def half_line(port: int, limit: float) -> str:
         return f"closed by the server after {time.monotonic() - started:.2f} s"
 
 
+def head_flood(port: int, health: str, limit: int) -> str:
+    """Send header lines as fast as the server takes them, up to ``limit`` bytes."""
+    line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    sent = 0
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET {health} HTTP/1.1\r\nHost: x\r\n".encode())
+        try:
+            while sent < limit and time.monotonic() - started < 10:
+                sock.sendall(line * 100)
+                sent += len(line) * 100
+        except (BrokenPipeError, ConnectionResetError):
+            return f"the server closed after {sent / 1e6:.1f} MB"
+    return f"{sent / 1e6:.0f} MB taken in {time.monotonic() - started:.1f} s"
+
+
+def _rss(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def idle_then_request(port: int, health: str, count: int) -> str:
     """Open ``count`` connections that send nothing, then make one real request."""
     idle: list[socket.socket] = []
@@ -162,12 +189,15 @@ def main() -> None:
     parser.add_argument("--code", metavar="DIR", help="run another checkout's cmi_sdk")
     args = parser.parse_args()
     short = {"body_timeout": "5", "header_timeout": "3"}
-    with server(args.kind, args.code, **short) as (port, _health):
+    with server(args.kind, args.code, **short) as (port, _health, _pid):
         print("body at 1 byte/s (CMI_BODY_TIMEOUT=5):", drip(args.kind, port, 15))
         print("half a request line (CMI_HEADER_TIMEOUT=3):", half_line(port, 15))
-    with server(args.kind, args.code) as (port, health):
+    with server(args.kind, args.code) as (port, health, pid):
         print("defaults:", idle_then_request(port, health, 1100))
-    with server(args.kind, args.code, fd_limit=256) as (port, health):
+        before = _rss(pid)
+        flood = head_flood(port, health, 200_000_000)
+        print(f"header lines, 200 MB at most: {flood}; server RSS {before} -> {_rss(pid)}")
+    with server(args.kind, args.code, fd_limit=256) as (port, health, _pid):
         print("ulimit -n 256:", idle_then_request(port, health, 300))
 
 

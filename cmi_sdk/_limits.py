@@ -27,11 +27,14 @@ class ServerLimits:
     :param keep_alive_timeout: seconds an idle connection is kept open after a response.
     :param max_connections: the most connections open at once; lowered at start to what
         the process's descriptor limit allows.
+    :param max_header_bytes: the most bytes a request's line and headers may hold; a larger
+        head is answered 431 and its connection closed.
     """
 
     header_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000
+    max_header_bytes: int = 32 * 1024
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "keep_alive_timeout"):
@@ -40,6 +43,8 @@ class ServerLimits:
                 raise ConfigurationError(f"{name} must be a positive, finite number of seconds")
         if self.max_connections < 1:
             raise ConfigurationError("max_connections must be at least 1")
+        if self.max_header_bytes < 1024:
+            raise ConfigurationError("max_header_bytes must be at least 1024")
 
     def connection_cap(self) -> int:
         """:attr:`max_connections`, or fewer when the descriptor limit is lower."""

@@ -11,6 +11,9 @@ likes, and enough of them stop the server accepting anyone. :class:`ServerLimits
 - a cap on open connections: a new connection over the cap closes the connection that has
   waited longest for its head (nginx does the same with idle keep-alive connections), or,
   when every connection is busy with a request, is itself closed at once;
+- a cap on a request's head (request line and headers): uvicorn's httptools parser keeps
+  every header line it is given, so a client sending headers fast would otherwise grow the
+  process by hundreds of megabytes a second; past the cap the answer is 431;
 - the keep-alive timeout.
 
 The deadline for a request's body is the app's, so that it holds under any server: both
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -113,6 +117,7 @@ class _Guard:
     _head_timer: asyncio.TimerHandle | None = None
     _armed_with: Any = None
     _waiting_since: float = 0.0
+    _head_bytes: int = 0
 
     def _limits(self) -> ServerLimits:
         limits = getattr(self.config, "cmi_limits", None)
@@ -127,6 +132,7 @@ class _Guard:
             self._head_timer.cancel()
         self._waiting_since = time.monotonic()
         self._armed_with = self.cycle
+        self._head_bytes = 0
         self._head_timer = self.loop.call_later(
             self._limits().header_timeout, self._head_deadline, self.cycle
         )
@@ -162,6 +168,19 @@ class _Guard:
                 self.transport.abort()
                 return
 
+    def _guard_received(self, size: int) -> None:
+        """``size`` bytes were parsed: count them while they are still a head."""
+        if self._head_timer is None or self.cycle is not self._armed_with:
+            self._head_bytes = 0  # a request began: its head is complete
+            return
+        self._head_bytes += size
+        limit = self._limits().max_header_bytes
+        if self._head_bytes > limit and not self.transport.is_closing():
+            # The parser keeps every header line it is given: without this cap, one client
+            # can make the process hold gigabytes before the head deadline.
+            self.transport.write(_head_too_large(limit))
+            self.transport.close()
+
     def _guard_response_complete(self) -> None:
         if self.cycle is None or self.cycle.response_complete:
             self._arm()  # waiting for the next head (the keep-alive timer also runs)
@@ -170,6 +189,23 @@ class _Guard:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+
+def _head_too_large(limit: int) -> bytes:
+    body = json.dumps(
+        {
+            "type": "urn:cmi:problem:header-too-large",
+            "title": "The request's head is too large",
+            "status": 431,
+            "detail": f"the request line and headers are over {limit} bytes",
+        }
+    ).encode()
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 class GuardedH11Protocol(_Guard, H11Protocol):
@@ -184,6 +220,11 @@ class GuardedH11Protocol(_Guard, H11Protocol):
         """The connection is gone: drop its timer."""
         self._guard_lost()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse, then count what is still a head."""
+        super().data_received(data)
+        self._guard_received(len(data))
 
     def on_response_complete(self) -> None:
         """A response went out: the next request's head is due within the deadline."""
@@ -206,6 +247,11 @@ if HttpToolsProtocol is not None:
             self._guard_lost()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            """Parse, then count what is still a head."""
+            super().data_received(data)
+            self._guard_received(len(data))
+
         def on_response_complete(self) -> None:
             """A response went out: the next request's head is due within the deadline."""
             super().on_response_complete()
@@ -222,6 +268,7 @@ class _Config(uvicorn.Config):
 
     def __init__(self, app: Any, *, limits: ServerLimits, **options: Any) -> None:
         options.setdefault("http", _PROTOCOL)
+        options.setdefault("h11_max_incomplete_event_size", limits.max_header_bytes)
         super().__init__(app, timeout_keep_alive=limits.keep_alive_timeout, **options)  # type: ignore[arg-type]
         self.cmi_limits = limits
         self.cmi_cap = limits.connection_cap()

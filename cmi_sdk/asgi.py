@@ -103,6 +103,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "The resource does not take this method"),
     "request-timeout": (408, "The request's body did not arrive in time"),
+    "header-too-large": (431, "The request's head is too large"),
     "too-large": (413, "The request body is too large"),
     "unsupported-media-type": (415, "The request body has the wrong content type"),
     "invalid-input": (422, "The request body is not valid"),

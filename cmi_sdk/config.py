@@ -25,13 +25,14 @@ variable                       ``cmi.toml`` key                default
 ``CMI_BODY_TIMEOUT``           ``body_timeout``                30 (seconds)
 ``CMI_KEEP_ALIVE_TIMEOUT``     ``keep_alive_timeout``          5 (seconds)
 ``CMI_MAX_CONNECTIONS``        ``max_connections``             1000
+``CMI_MAX_HEADER_BYTES``       ``max_header_bytes``            32768
 ``CMI_METRICS_TOKEN``          ``metrics_token``               none (``/metrics`` open)
 =============================  ==============================  =============================
 
-The last five are for ``cmi serve`` and ``cmi listen`` (see :class:`~cmi_sdk.ServerLimits`):
+The last six are for ``cmi serve`` and ``cmi listen`` (see :class:`~cmi_sdk.ServerLimits`):
 how long a client may take to send a request's head and its body, how long an idle
-connection is kept, how many connections may be open at once, and the bearer token
-``GET /metrics`` asks for.
+connection is kept, how many connections may be open at once, how large a request's head
+may be, and the bearer token ``GET /metrics`` asks for.
 
 ``CMI_RETRY_SCHEDULE`` is a comma-separated list of seconds (``5,300,1800``).
 ``CMI_TRANSACTION_KINDS`` names the kinds of transaction the firm emits, comma-separated
@@ -100,6 +101,8 @@ class Settings:
     """Seconds an idle connection is kept open after a response."""
     max_connections: int = 1000
     """The most connections open at once (fewer if the descriptor limit is lower)."""
+    max_header_bytes: int = 32 * 1024
+    """The most bytes a request's line and headers may hold; larger is answered 431."""
     metrics_token: str | None = None
     """The bearer token ``GET /metrics`` asks for (``cmi serve --metrics``)."""
     policy: TermsPolicy = field(default_factory=TermsPolicy)
@@ -163,6 +166,7 @@ class Settings:
             header_timeout=self.header_timeout,
             keep_alive_timeout=self.keep_alive_timeout,
             max_connections=self.max_connections,
+            max_header_bytes=self.max_header_bytes,
         )
 
     def egress(self) -> EgressGuard:
@@ -274,6 +278,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "body_timeout": _seconds,
     "keep_alive_timeout": _seconds,
     "max_connections": _count,
+    "max_header_bytes": _count,
     "metrics_token": _optional_text,
     "policy": _policy,
 }

@@ -264,6 +264,25 @@ def test_a_request_whose_head_does_not_arrive_is_closed_after_the_header_deadlin
 
 
 @pytest.mark.parametrize("kind", ["serve", "listen"])
+def test_a_head_over_the_cap_gets_431_and_its_connection_closes(tmp_path: Path, kind: str) -> None:
+    # Today the server takes header lines as fast as they come: 200 MB in 0.4 s, and the
+    # process grows by as much, well inside the head deadline.
+    line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    with cmi_server(kind, tmp_path) as server, _connect(server.port) as sock:
+        sock.sendall(f"GET {server.health} HTTP/1.1\r\nHost: x\r\n".encode())
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 50 * 1024 * 1024:
+                sock.sendall(line * 64)
+                sent += len(line) * 64
+        answer = _read_until_closed(sock, time.monotonic() + 5)
+        assert _status(answer) == 431
+        assert _problem(answer)["type"] == "urn:cmi:problem:header-too-large"
+        assert sent < 50 * 1024 * 1024  # the server stopped reading long before
+        assert httpx.get(server.base + server.health, timeout=3).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["serve", "listen"])
 def test_the_command_line_options_override_the_settings(tmp_path: Path, kind: str) -> None:
     # The setting says 60 s; the option, 1.5 s. Under `cmi serve --workers 2` too, where
     # each worker process builds its own server from the options it was handed.
@@ -526,6 +545,25 @@ def test_an_acceptance_id_reused_on_another_offer_names_nothing_of_the_first(fir
     assert refused.json()["type"] == "urn:cmi:problem:acceptance-conflict"
     assert first not in refused.text
     assert booked.json()["transaction_id"] not in refused.text
+
+
+def test_another_intermediarys_offer_is_answered_as_one_that_does_not_exist(firm: Firm) -> None:
+    other_secret = generate_secret()
+    firm.adapter.store.add_intermediary("rival", other_secret, at=time.time())
+    with (
+        CMIClient(firm.url, secret=firm.secret, intermediary="relay") as relay,
+        CMIClient(firm.url, secret=other_secret, intermediary="rival") as rival,
+    ):
+        theirs = _offer_for(firm, relay, "req-relay-2")
+        absent = "off_" + "0" * 20
+        seen = rival.get_offer(theirs)
+        none = rival.get_offer(absent)
+        assert seen.status_code == none.status_code == 404
+        assert seen.json()["detail"].replace(theirs, absent) == none.json()["detail"]
+        taken = rival.accept(theirs, _acceptance(firm, theirs, "acc-rival-1"))
+        missing = rival.accept(absent, _acceptance(firm, absent, "acc-rival-2"))
+        assert taken.status_code == missing.status_code == 404, (taken.text, missing.text)
+        assert taken.json()["detail"].replace(theirs, absent) == missing.json()["detail"]
 
 
 # -- one secret, two contexts ----------------------------------------------------------------
