@@ -46,8 +46,8 @@ from cmi_sdk._exceptions import (
     ValidationIssue,
     XMLInputError,
 )
-from cmi_sdk._links import Link, LinkCode, LinkRevocation
 from cmi_sdk._limits import ServerLimits
+from cmi_sdk._links import Link, LinkCode, LinkRevocation
 from cmi_sdk._models import (
     Acceptance,
     Advice,
