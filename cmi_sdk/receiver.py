@@ -36,10 +36,10 @@ Every refusal is an RFC 9457 ``application/problem+json`` object with ``type``, 
 ``urn:cmi:problem:method-not-allowed``      405     not ``POST`` (nor ``GET /health``)
 ``urn:cmi:problem:request-timeout``         408     the body did not arrive in time
 ``urn:cmi:problem:too-large``               413     the body is over ``max_bytes``
-``urn:cmi:problem:header-too-large``        431     the head is over the server's cap
 ``urn:cmi:problem:unsupported-media-type``  415     not ``application/xml``
 ``urn:cmi:problem:document-signature``      422     the XML-DSig does not verify
 ``urn:cmi:problem:refused-xml``             422     the hardened parser refuses the XML
+``urn:cmi:problem:header-too-large``        431     the head is over the server's cap
 ``urn:cmi:problem:storage-unavailable``     503     the files could not be written
 ``urn:cmi:problem:internal-error``          500     a bug in the receiver
 ==========================================  ======  ===================================
