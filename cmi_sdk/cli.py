@@ -543,6 +543,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "log_level": "warning",
         "access_log": False,
+        "ws": "none",  # the endpoint is HTTP only: no upgrade to another protocol's limits
     }
     app_options = {
         "metrics": args.metrics,

@@ -237,12 +237,13 @@ def test_a_dripped_body_gets_408_within_the_deadline_and_its_connection_closes(
         kind, tmp_path, body_timeout=str(BODY_TIMEOUT), header_timeout=str(HEADER_TIMEOUT)
     ) as server:
         with _connect(server.port) as sock:
-            answer, elapsed = _drip(sock, head, 500, seconds=BODY_TIMEOUT + 6)
+            answer, elapsed = _drip(sock, head, 500, seconds=BODY_TIMEOUT + 8)
         assert answer, f"no answer after {elapsed:.1f} s of dripping"
         assert _status(answer) == 408
         assert _problem(answer)["type"] == "urn:cmi:problem:request-timeout"
         assert b"connection: close" in answer.lower()
-        assert BODY_TIMEOUT - 0.2 < elapsed < BODY_TIMEOUT + 1.5
+        # Slack for a loaded machine: the drip itself polls every 0.2 s.
+        assert BODY_TIMEOUT - 0.2 < elapsed < BODY_TIMEOUT + 3
         # The slot is free: the server answers the next client at once.
         assert httpx.get(server.base + server.health, timeout=3).status_code == 200
 
@@ -303,7 +304,7 @@ def test_the_command_line_options_override_the_settings(tmp_path: Path, kind: st
         with _connect(server.port) as sock:
             answer, elapsed = _drip(sock, head, 50, seconds=BODY_TIMEOUT + 6)
         assert _status(answer) == 408
-        assert elapsed < BODY_TIMEOUT + 1.5
+        assert elapsed < BODY_TIMEOUT + 3
 
 
 def test_limits_and_their_settings_are_checked(tmp_path: Path) -> None:
@@ -347,7 +348,7 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
         started = time.monotonic()
         answer = _read_until_closed(sock, started + 5)
         assert _status(answer) == 200
-        assert 0.8 < time.monotonic() - started < 3
+        assert 0.8 < time.monotonic() - started < 4
 
 
 IDLE = 300
@@ -463,7 +464,12 @@ def _same_refusal(first: httpx.Response, second: httpx.Response) -> dict[str, ob
 
 @pytest.mark.parametrize(
     ("method", "target", "body"),
-    [("GET", "/cmi/terms", b""), ("POST", "/cmi/requests", XML), ("GET", "/cmi/offers/off_1", b"")],
+    [
+        ("GET", "/cmi/terms", b""),
+        ("POST", "/cmi/requests", XML),
+        ("GET", "/cmi/offers/off_1", b""),
+        ("GET", "/cmi/links", b""),
+    ],
 )
 def test_an_unknown_intermediary_is_refused_exactly_as_a_bad_signature(
     firm: Firm, method: str, target: str, body: bytes

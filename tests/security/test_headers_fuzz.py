@@ -161,6 +161,7 @@ def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Target]:
             reads,
         ),
         "documents": Target(app, "GET", "/cmi/documents", b"", as_holder, reads),
+        "links": Target(app, "GET", "/cmi/links", b"", as_relay("GET", "/cmi/links", b""), reads),
         "store": Target(
             store.app, "POST", "/inbox", XML, delivery, (*AUTH_HEADERS, *OTHER_HEADERS)
         ),
@@ -189,14 +190,14 @@ def _check(target: Target, headers: list[tuple[bytes, bytes]]) -> int:
     return status
 
 
-@pytest.mark.parametrize("name", ["terms", "requests", "documents", "store"])
+@pytest.mark.parametrize("name", ["terms", "requests", "documents", "links", "store"])
 def test_a_signed_request_is_answered(targets: dict[str, Target], name: str) -> None:
     # The baseline the fuzzing departs from: unchanged, each request is answered.
     target = targets[name]
     assert _check(target, _request(target)) == 200
 
 
-@pytest.mark.parametrize("name", ["terms", "requests", "documents", "store"])
+@pytest.mark.parametrize("name", ["terms", "requests", "documents", "links", "store"])
 @pytest.mark.parametrize("header", [*ENDPOINT_HEADERS, *OTHER_HEADERS])
 @given(value=header_bytes, how=st.sampled_from(["replace", "twice"]))
 @example(value="²".encode("latin-1"), how="replace")
