@@ -161,8 +161,13 @@ class _Guard:
 
     def _guard_opened(self) -> None:
         self._arm()
-        over = len(self.connections) - self._cap()
-        for _ in range(max(0, over)):
+        cap = self._cap()
+        if len(self.connections) <= cap:
+            return
+        # Connections closed a moment ago stay in the set until their connection_lost:
+        # counted, they would make every newcomer in a burst close one more.
+        open_now = sum(1 for c in self.connections if not c.transport.is_closing())
+        for _ in range(max(0, open_now - cap)):
             if not self._make_room():
                 log.warning("connection cap reached, every connection busy: closing a new one")
                 self.transport.abort()

@@ -394,7 +394,8 @@ def test_idle_connections_past_the_connection_limit_yield_to_a_legitimate_reques
                 with contextlib.suppress(TimeoutError):
                     if sock.recv(1) == b"":
                         closed += 1
-            assert closed >= len(idle) - 50
+            # ... and no more: a burst of newcomers does not empty the server.
+            assert 45 <= len(idle) - closed <= 50
         finally:
             for sock in idle:
                 sock.close()
