@@ -1044,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
     def server_limit_options(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(
             "limits on clients",
-            "each overrides its CMI_* setting; the defaults hold on the internet",
+            "each overrides its CMI_* setting (docs: Run at scale, Slow and idle clients)",
         )
         group.add_argument(
             "--header-timeout",
