@@ -22,6 +22,7 @@ from cmi_sdk._exceptions import (
     DocumentValidationError,
     EgressResolutionError,
     ForbiddenXMLError,
+    IntermediaryNotFoundError,
     InvalidInputError,
     LinkError,
     LinkNotFoundError,
@@ -72,6 +73,7 @@ from cmi_sdk._models import (
 )
 from cmi_sdk._offers import AcceptanceResult, Answer
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
+from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
 from cmi_sdk._terms import (
     ConsentRecord,
@@ -86,6 +88,7 @@ from cmi_sdk._xml import HardenedParser
 from cmi_sdk.egress import EgressGuard
 from cmi_sdk.hookspecs import hookimpl, nonblocking
 from cmi_sdk.outbox import StoredOffer
+from cmi_sdk.outbox._intermediaries import Intermediary
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -122,6 +125,8 @@ __all__ = [
     "HardenedParser",
     "Hold",
     "Identity",
+    "Intermediary",
+    "IntermediaryNotFoundError",
     "InvalidInputError",
     "LineItem",
     "Link",
@@ -152,6 +157,7 @@ __all__ = [
     "RetrySchedule",
     "RevenueDecision",
     "Reward",
+    "SecretsKeyring",
     "ServerLimits",
     "SharingTerms",
     "SignatureVerificationError",

@@ -34,6 +34,7 @@ from cmi_sdk._models import (
     TransactionKind,
 )
 from cmi_sdk._offers import AcceptanceResult, Answer, OfferPipeline, Prepared
+from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk._standards import (
     DocumentType,
     Standard,
@@ -44,7 +45,7 @@ from cmi_sdk._standards import (
 from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, HardenedParser
 from cmi_sdk.egress import EgressGuard
-from cmi_sdk.outbox import OutboxStore, StoredOffer
+from cmi_sdk.outbox import Intermediary, OutboxStore, StoredOffer
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -133,6 +134,9 @@ class Adapter:
         default).
     :param webhook_ed25519_key: a ``whsk_`` key: deliveries also carry a ``v1a``
         signature, whose public key ``/.well-known/cmi`` publishes.
+    :param secrets_keyring: seal the webhook and intermediary secrets the default store
+        keeps (encryption at rest; see :class:`~cmi_sdk.SecretsKeyring`). A store given
+        as ``store`` takes its own keyring.
     :param clock: POSIX seconds; tests inject one.
     :param request_budget: seconds the firm's systems have to answer a request without a
         ``respond_by`` (shared among the pipeline's stages).
@@ -163,6 +167,7 @@ class Adapter:
         policy: TermsPolicy | None = None,
         egress: EgressGuard | None = None,
         webhook_ed25519_key: str | None = None,
+        secrets_keyring: SecretsKeyring | None = None,
         clock: Callable[[], float] = time.time,
         request_budget: float = 2.0,
         offer_validity: dt.timedelta = dt.timedelta(minutes=15),
@@ -197,6 +202,7 @@ class Adapter:
         self.database_url = database_url
         """The default store's location (unused when a store was given)."""
         self.webhook_ed25519_key = webhook_ed25519_key
+        self._keyring = secrets_keyring
         self.clock = clock
         """The adapter's clock, POSIX seconds."""
         self._emitter = Emitter(
@@ -247,7 +253,7 @@ class Adapter:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    self._store = open_store(self.database_url)
+                    self._store = open_store(self.database_url, keyring=self._keyring)
         return self._store
 
     @property
@@ -401,6 +407,60 @@ class Adapter:
         :raises LinkError: already revoked.
         """
         return self._links.revoke(link_id)
+
+    # -- intermediaries and secrets -------------------------------------------------------
+
+    def add_intermediary(self, name: str, secret: str) -> None:
+        """Register an intermediary with its ``whsec_`` secret, or add a secret to it (kept
+        with the others, with no end). A revoked intermediary registered again keeps only
+        this secret.
+
+        :raises ConfigurationError: the secret is not a Standard Webhooks secret."""
+        from cmi_sdk.webhooks import WebhookVerifier  # noqa: PLC0415
+
+        WebhookVerifier(secrets=(secret,))  # refuses a malformed secret
+        self.store.add_intermediary(name, secret, at=self.clock())
+
+    def rotate_intermediary(
+        self, name: str, *, grace: dt.timedelta = dt.timedelta(hours=24), secret: str | None = None
+    ) -> str:
+        """Give an intermediary a new secret, and return it (the only time it is shown):
+        requests signed with its other secrets are taken until ``grace`` has passed, then
+        refused.
+
+        :param secret: the new secret; by default a fresh random one.
+        :raises IntermediaryNotFoundError: no such intermediary, or it is revoked.
+        :raises ConfigurationError: ``secret`` is not a Standard Webhooks secret, or the
+            grace is negative."""
+        from cmi_sdk.webhooks import WebhookVerifier, generate_secret  # noqa: PLC0415
+
+        if grace < dt.timedelta(0):
+            raise ConfigurationError("the grace window cannot be negative")
+        new = generate_secret() if secret is None else secret
+        WebhookVerifier(secrets=(new,))
+        now = self.clock()
+        self.store.rotate_intermediary(name, new, at=now, grace_until=now + grace.total_seconds())
+        return new
+
+    def revoke_intermediary(self, name: str) -> bool:
+        """Refuse every request of the intermediary from now on (the endpoint checks on
+        each request) and forget its secrets. False when it was revoked already.
+
+        :raises IntermediaryNotFoundError: no such intermediary."""
+        return self.store.revoke_intermediary(name, at=self.clock())
+
+    def intermediaries(self) -> list[Intermediary]:
+        """The registered intermediaries, revoked ones too, by name."""
+        return self.store.list_intermediaries()
+
+    def reseal_secrets(self) -> int:
+        """Seal every secret the store keeps with its keyring's first key: secrets stored
+        before encryption at rest was switched on, and those sealed with an older key.
+        Returns how many rows changed.
+
+        :raises ConfigurationError: no secrets key is configured, or a secret does not
+            open with the configured keys."""
+        return self.store.reseal_secrets()
 
     # -- requests, offers, acceptances ---------------------------------------------------
 
@@ -653,19 +713,20 @@ class Adapter:
             )
 
 
-def open_store(url: str) -> OutboxStore:
+def open_store(url: str, *, keyring: SecretsKeyring | None = None) -> OutboxStore:
     """The store a database URL names: ``sqlite:///path.db`` (the embedded default) or
     ``postgresql://...`` (the scale-out store; ``pip install 'cmi-sdk[postgres]'``), whose
     tables live in the schema ``cmi`` unless the URL says ``?schema=NAME``;
     ``?ordered_by_customer=1`` delivers each customer's documents to a destination in
     order. Other query parameters go to libpq.
 
+    :param keyring: seals the secrets the store keeps (see :class:`~cmi_sdk.SecretsKeyring`).
     :raises ConfigurationError: another scheme, or the PostgreSQL driver is missing.
     """
     if url.startswith("sqlite:"):
         from cmi_sdk.outbox.sqlite import SQLiteStore  # noqa: PLC0415
 
-        return SQLiteStore.from_url(url)
+        return SQLiteStore.from_url(url, keyring=keyring)
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         try:
             from cmi_sdk.outbox.postgres import PostgresStore  # noqa: PLC0415
@@ -675,7 +736,7 @@ def open_store(url: str) -> OutboxStore:
             ) from None
         base, _, query = url.partition("?")
         options = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
-        store_options: dict[str, Any] = {}
+        store_options: dict[str, Any] = {"keyring": keyring}
         if "schema" in options:  # several stores in one database (tests, tenants)
             store_options["schema"] = options.pop("schema")
         if "ordered_by_customer" in options:  # each customer's documents in order

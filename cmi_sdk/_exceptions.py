@@ -14,7 +14,8 @@ about something that is not there from :class:`LookupError`::
     │   ├── TermsNotFoundError
     │   ├── LinkNotFoundError
     │   ├── OfferNotFoundError
-    │   └── OutboxRowNotFoundError
+    │   ├── OutboxRowNotFoundError
+    │   └── IntermediaryNotFoundError
     └── InvalidInputError (ValueError)
         ├── ModelValidationError        data that does not fit a canonical model
         ├── MappingError                a model a document type cannot express
@@ -58,6 +59,7 @@ __all__ = [
     "DocumentValidationError",
     "EgressResolutionError",
     "ForbiddenXMLError",
+    "IntermediaryNotFoundError",
     "InvalidInputError",
     "LinkError",
     "LinkNotFoundError",
@@ -133,6 +135,10 @@ class OfferNotFoundError(NotFoundError):
 
 class OutboxRowNotFoundError(NotFoundError):
     """No outbox row has that id."""
+
+
+class IntermediaryNotFoundError(NotFoundError):
+    """No active intermediary has that name (never registered, or revoked)."""
 
 
 class InvalidInputError(CMIError, ValueError):

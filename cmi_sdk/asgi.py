@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from xml.sax.saxutils import escape
 
 from cryptography.hazmat.primitives import serialization
@@ -272,6 +272,18 @@ _MIN_TOKEN = 16
 _VERIFIER_SECONDS = 60.0
 
 
+class _KeptVerifier(NamedTuple):
+    """An intermediary's verifier, and what says it is still good."""
+
+    verifier: WebhookVerifier
+    kept_at: float
+    """When it was made (monotonic seconds)."""
+    generation: int
+    """The intermediary row's generation it was made from."""
+    until: float
+    """When its first secret with an end stops working (the adapter's clock)."""
+
+
 def create_app(
     adapter: Adapter,
     *,
@@ -399,7 +411,7 @@ class _Endpoint:
         # (the API only adds secrets, but a secret struck from the store by hand must stop
         # working soon); a signature the kept verifier refuses is checked again against
         # the secrets in the store, so a rotation works at once.
-        self._verifiers: dict[str, tuple[WebhookVerifier, float]] = {}
+        self._verifiers: dict[str, _KeptVerifier] = {}
         # Requests being answered, by (party, message id): a copy arriving meanwhile is
         # refused at once instead of running the firm's systems to be refused at the commit.
         self._in_flight: set[tuple[str, str]] = set()
@@ -502,22 +514,35 @@ class _Endpoint:
             self._in_flight.discard((party, msg_id))
 
     def _kept_verifier(self, name: str) -> WebhookVerifier:
+        # The row's generation is read on every request (one key lookup, no secret opened):
+        # a revocation or rotation made by any process counts from the next request.
+        generation = self.adapter.store.intermediary_generation(name)
         kept = self._verifiers.get(name)
-        if kept is not None and time.monotonic() - kept[1] < _VERIFIER_SECONDS:
-            return kept[0]
+        if (
+            kept is not None
+            and kept.generation == generation
+            and time.monotonic() - kept.kept_at < _VERIFIER_SECONDS
+            and self.adapter.clock() < kept.until
+        ):
+            return kept.verifier
         return self._intermediary_verifier(name)
 
     def _intermediary_verifier(self, name: str) -> WebhookVerifier:
         """The verifier of the intermediary's secrets as the store has them now; for a name
-        the firm does not know, the decoy, which refuses every signature (never kept, so
-        made-up names take no memory)."""
-        secrets = self.adapter.store.intermediary_secrets(name)
-        if not secrets:
+        the firm does not know, or a revoked intermediary, the decoy, which refuses every
+        signature (never kept, so made-up names take no memory)."""
+        found = self.adapter.store.intermediary(name)
+        now = self.adapter.clock()
+        secrets = () if found is None else found.valid_secrets(now)
+        if found is None or not secrets:  # unknown and revoked are told apart to nobody
             return self._decoy
+        ends = [s.expires_at for s in found.secrets if s.expires_at is not None]
         verifier = WebhookVerifier(
             secrets=tuple(request_signing_secret(s) for s in secrets), tolerance=self.tolerance
         )
-        self._verifiers[name] = (verifier, time.monotonic())
+        self._verifiers[name] = _KeptVerifier(
+            verifier, time.monotonic(), found.generation, min(ends, default=math.inf)
+        )
         return verifier
 
     def _terms_verifier(self, secret: str) -> WebhookVerifier:

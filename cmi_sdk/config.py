@@ -21,6 +21,8 @@ variable                       ``cmi.toml`` key                default
 ``CMI_HTTP_TIMEOUT``           ``http_timeout``                10 (seconds)
 ``CMI_TRANSACTION_KINDS``      ``transaction_kinds``           every kind
 ``CMI_ACCEPTANCE_LEASE``       ``acceptance_lease``            300 (seconds)
+``CMI_SECRETS_KEY``            ``secrets_key``                 none (secrets stored as is)
+``CMI_SECRETS_KEY_FILE``       ``secrets_key_file``            none
 ``CMI_HEADER_TIMEOUT``         ``header_timeout``              10 (seconds)
 ``CMI_BODY_TIMEOUT``           ``body_timeout``                30 (seconds)
 ``CMI_KEEP_ALIVE_TIMEOUT``     ``keep_alive_timeout``          5 (seconds)
@@ -33,6 +35,10 @@ The last six are for ``cmi serve`` and ``cmi listen`` (see :class:`~cmi_sdk.Serv
 how long a client may take to send a request's head and its body, how long an idle
 connection is kept, how many connections may be open at once, how large a request's head
 may be, and the bearer token ``GET /metrics`` asks for.
+
+``CMI_SECRETS_KEY`` (or the file ``CMI_SECRETS_KEY_FILE`` names) holds one or more
+``cmisk_`` keys, separated by commas, spaces or lines: the first seals the secrets the store
+keeps, every one opens them (see :class:`~cmi_sdk.SecretsKeyring`).
 
 ``CMI_RETRY_SCHEDULE`` is a comma-separated list of seconds (``5,300,1800``).
 ``CMI_TRANSACTION_KINDS`` names the kinds of transaction the firm emits, comma-separated
@@ -58,7 +64,9 @@ from pydantic import ValidationError
 from cmi_sdk._adapter import DEFAULT_DATABASE_URL, Adapter
 from cmi_sdk._delivery import DEFAULT_SCHEDULE, RetrySchedule
 from cmi_sdk._exceptions import ConfigurationError
+from cmi_sdk._files import warn_if_shared
 from cmi_sdk._limits import DEFAULT_BODY_TIMEOUT, ServerLimits
+from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk._terms import TermsPolicy
 from cmi_sdk.egress import EgressGuard
 
@@ -105,6 +113,11 @@ class Settings:
     """The most bytes a request's line and headers may hold; larger is answered 431."""
     metrics_token: str | None = None
     """The bearer token ``GET /metrics`` asks for (``cmi serve --metrics``)."""
+    secrets_key: str | None = field(default=None, repr=False)
+    """``cmisk_`` keys that seal the stored secrets (encryption at rest), the sealing key
+    first."""
+    secrets_key_file: Path | None = None
+    """Or a file of them (mode 0600), one a line."""
     policy: TermsPolicy = field(default_factory=TermsPolicy)
 
     @classmethod
@@ -169,6 +182,19 @@ class Settings:
             max_header_bytes=self.max_header_bytes,
         )
 
+    def secrets_keyring(self) -> SecretsKeyring | None:
+        """The keyring of ``secrets_key`` or ``secrets_key_file``, or None.
+
+        :raises ConfigurationError: both are set, or a key is malformed."""
+        if self.secrets_key is not None and self.secrets_key_file is not None:
+            raise ConfigurationError("set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE, not both")
+        if self.secrets_key is not None:
+            return SecretsKeyring.from_text(self.secrets_key)
+        if self.secrets_key_file is not None:
+            warn_if_shared(self.secrets_key_file, "the secrets key file")
+            return SecretsKeyring.from_file(self.secrets_key_file)
+        return None
+
     def egress(self) -> EgressGuard:
         """The egress guard these settings describe."""
         return EgressGuard(allow_loopback=self.allow_loopback, allow_private=self.allow_private)
@@ -184,6 +210,8 @@ class Settings:
         options.setdefault("webhook_ed25519_key", self.webhook_ed25519_key)
         options.setdefault("transaction_kinds", self.transaction_kinds)
         options.setdefault("acceptance_lease", self.acceptance_lease)
+        if "secrets_keyring" not in options:
+            options["secrets_keyring"] = self.secrets_keyring()
         return Adapter(**options)
 
     def worker_options(self) -> dict[str, Any]:
@@ -280,6 +308,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_connections": _count,
     "max_header_bytes": _count,
     "metrics_token": _optional_text,
+    "secrets_key": _optional_text,
+    "secrets_key_file": _path,
     "policy": _policy,
 }
 

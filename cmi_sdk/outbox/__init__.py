@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from cmi_sdk._links import Link
 from cmi_sdk._models import Offer, Request
 from cmi_sdk._terms import ConsentRecord, SharingTerms
+from cmi_sdk.outbox._intermediaries import Intermediary, IntermediarySecret
 
 __all__ = [
     "ACCEPTANCE_STATES",
@@ -44,6 +45,8 @@ __all__ = [
     "DeliveryReport",
     "DigestGroup",
     "EmissionProblem",
+    "Intermediary",
+    "IntermediarySecret",
     "NewRow",
     "OutboxRow",
     "OutboxStatus",
@@ -360,10 +363,10 @@ class OutboxStore(Protocol):
     Every method is safe to call from several threads. Times are POSIX seconds (UTC).
 
     A store may also say ``nonblocking = True`` when what a request for offers calls
-    (``get_terms``, ``intermediary_secrets``, ``message_seen``, ``add_offers``,
-    ``forget_message``) never waits on a network: then a pipeline whose hooks are all
-    :func:`~cmi_sdk.nonblocking` runs on the caller's thread, the endpoint's event loop
-    included. Without it, requests are answered on worker threads.
+    (``get_terms``, ``intermediary_generation``, ``intermediary``, ``message_seen``,
+    ``add_offers``, ``forget_message``) never waits on a network: then a pipeline whose
+    hooks are all :func:`~cmi_sdk.nonblocking` runs on the caller's thread, the endpoint's
+    event loop included. Without it, requests are answered on worker threads.
     """
 
     def migrate(self) -> None:
@@ -507,10 +510,34 @@ class OutboxStore(Protocol):
         """Disabled destinations and why."""
 
     def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
-        """Register an intermediary (or add a secret to it, for a rotation)."""
+        """Register an intermediary, or add a secret to it with no end; a revoked one
+        registered again keeps only the new secret."""
 
-    def intermediary_secrets(self, name: str) -> tuple[str, ...]:
-        """The intermediary's secrets; empty when unknown."""
+    def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
+        """Add ``secret`` to an intermediary; its other secrets end at ``grace_until`` at
+        the latest. Raises IntermediaryNotFoundError when unknown or revoked."""
+
+    def revoke_intermediary(self, name: str, *, at: float) -> bool:
+        """Refuse the intermediary from now on and drop its secrets; False when it was
+        revoked already. Raises IntermediaryNotFoundError when unknown."""
+
+    def intermediary(self, name: str) -> Intermediary | None:
+        """The intermediary, its secrets opened; None when unknown."""
+
+    def list_intermediaries(self) -> list[Intermediary]:
+        """Every intermediary, revoked ones too, by name."""
+
+    def intermediary_generation(self, name: str) -> int | None:
+        """A number that changes with every change of the intermediary's row (None when
+        unknown): cheap enough to read on every request."""
+
+    def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
+        """The secrets the intermediary may sign with at ``now``; empty when unknown or
+        revoked."""
+
+    def reseal_secrets(self) -> int:
+        """Seal every stored secret with the store's keyring's first key; return how many
+        rows changed. Raises ConfigurationError without a keyring."""
 
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when it was already seen."""

@@ -46,6 +46,7 @@ from psycopg.rows import TupleRow, tuple_row
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     ConfigurationError,
+    IntermediaryNotFoundError,
     LinkError,
     LinkNotFoundError,
     OfferNotFoundError,
@@ -57,6 +58,7 @@ from cmi_sdk._exceptions import (
 )
 from cmi_sdk._links import Link
 from cmi_sdk._models import Offer, Request
+from cmi_sdk._secrets import SecretsKeyring, open_secret, seal_secret
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
@@ -75,12 +77,14 @@ from cmi_sdk.outbox import (
     StoredOffer,
     offer_row,
 )
+from cmi_sdk.outbox import _intermediaries as intermediaries
+from cmi_sdk.outbox._intermediaries import Intermediary
 
 __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "encode_cursor"]
 
 log = logging.getLogger("cmi_sdk.outbox.postgres")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The version of the tables this module creates, recorded in ``<schema>.meta``."""
 
 _T = TypeVar("_T")
@@ -183,6 +187,9 @@ CREATE TABLE IF NOT EXISTS {s}.intermediaries (
     secrets jsonb NOT NULL,
     created_at double precision NOT NULL
 );
+-- Version 6: intermediaries can be revoked, and each change of their row counts.
+ALTER TABLE {s}.intermediaries ADD COLUMN IF NOT EXISTS revoked_at double precision;
+ALTER TABLE {s}.intermediaries ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS {s}.offers (
     id text PRIMARY KEY,
     request_id text NOT NULL,
@@ -471,9 +478,9 @@ def _row(values: Sequence[Any], cursor: int | None = None) -> OutboxRow:
     return OutboxRow(**fields) if cursor is None else DocumentRow(**fields, cursor=cursor)
 
 
-def _terms(values: Sequence[Any]) -> SharingTerms:
+def _terms(values: Sequence[Any], keyring: SecretsKeyring | None) -> SharingTerms:
     data = json.loads(values[0])
-    data["secret"] = values[1]
+    data["secret"] = open_secret(keyring, values[1], context=f"terms:{data['id']}")
     return SharingTerms.model_validate(data)
 
 
@@ -624,6 +631,9 @@ class PostgresStore:
     :param auto_migrate: run :meth:`migrate` now (one read when the tables are there); turn
         off where the application's role may not create tables and ``cmi db migrate`` runs
         with another.
+    :param keyring: seal the webhook and intermediary secrets the store keeps (encryption
+        at rest); secrets stored before are read as they are until
+        :meth:`reseal_secrets` seals them. Without it, sealed secrets cannot be read.
 
     All workers of one store must claim with the same ``per_destination``: the limit is
     kept by the workers that ask for it.
@@ -642,6 +652,7 @@ class PostgresStore:
         ordered_by_customer: bool = False,
         notify: bool = True,
         auto_migrate: bool = True,
+        keyring: SecretsKeyring | None = None,
     ) -> None:
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(
@@ -661,6 +672,8 @@ class PostgresStore:
             f"/{params.get('dbname') or params.get('user') or ''}"
         )
         self.schema = schema
+        self.keyring = keyring
+        """What seals the secrets kept here, if anything."""
         self.channel = f"{schema}_outbox"
         self.ordered_by_customer = ordered_by_customer
         self._notify = notify
@@ -873,7 +886,7 @@ class PostgresStore:
                     terms.customer_ref,
                     terms.intermediary,
                     json.dumps(terms.public_dict()),
-                    terms.secret,
+                    seal_secret(self.keyring, terms.secret, context=f"terms:{terms.id}"),
                     terms.created_at.timestamp(),
                     None if terms.until is None else terms.until.timestamp(),
                 ),
@@ -905,7 +918,7 @@ class PostgresStore:
         )
         if not rows:
             raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-        return _terms(rows[0])
+        return _terms(rows[0], self.keyring)
 
     def list_terms(
         self,
@@ -926,7 +939,7 @@ class PostgresStore:
         if not include_revoked:
             template += " AND revoked_at IS NULL"
         template += " ORDER BY created_at, id"
-        return [_terms(r) for r in self._read("listing terms", template, params)]
+        return [_terms(r, self.keyring) for r in self._read("listing terms", template, params)]
 
     def active_terms(
         self,
@@ -950,7 +963,7 @@ class PostgresStore:
             rows = self._in_caller(connection, "reading the active terms", body)
         else:
             rows = self._run("reading the active terms", body)
-        return [_terms(r) for r in rows]
+        return [_terms(r, self.keyring) for r in rows]
 
     def revoke_terms(
         self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
@@ -1580,29 +1593,177 @@ class PostgresStore:
         return dict(rows)
 
     def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
-        """Register an intermediary, or add a secret to it (for a rotation); one statement,
-        so two processes rotating at once both keep their secret."""
-        statement = self._sql(
-            "INSERT INTO {s}.intermediaries AS i (name, secrets, created_at)"
-            " VALUES (%(name)s, jsonb_build_array(%(secret)s::text), %(at)s)"
-            " ON CONFLICT (name) DO UPDATE SET secrets = CASE"
-            " WHEN i.secrets @> jsonb_build_array(%(secret)s::text) THEN i.secrets"
-            " ELSE i.secrets || jsonb_build_array(%(secret)s::text) END"
-        )
-        self._run(
-            "registering an intermediary",
-            lambda cur: cur.execute(statement, {"name": name, "secret": secret, "at": at}),
-            write=True,
+        """Register an intermediary, or add a secret to it (kept alongside the others, with
+        no end). A revoked intermediary registered again starts afresh: its old secrets
+        stay gone. The row is locked meanwhile, so two processes adding secrets at once
+        both keep theirs."""
+
+        def body(cur: _Cursor) -> None:
+            found = self._lock_intermediary(cur, name, create_at=at)
+            held = [] if found is None or found[1] is not None else self._secrets_of(found, name)
+            self._put_intermediary(cur, name, intermediaries.with_secret(held, secret))
+
+        self._run("registering an intermediary", body, write=True)
+
+    def _lock_intermediary(
+        self, cur: _Cursor, name: str, *, create_at: float | None = None
+    ) -> TupleRow | None:
+        if create_at is not None:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO {s}.intermediaries (name, secrets, created_at, generation)"
+                    " VALUES (%s, '[]'::jsonb, %s, 0) ON CONFLICT (name) DO NOTHING"
+                ),
+                (name, create_at),
+            )
+        return cur.execute(
+            self._sql(
+                "SELECT secrets::text, revoked_at FROM {s}.intermediaries WHERE name = %s"
+                " FOR UPDATE"
+            ),
+            (name,),
+        ).fetchone()
+
+    def _secrets_of(
+        self, found: Sequence[Any], name: str
+    ) -> list[intermediaries.IntermediarySecret]:
+        return intermediaries.decode(found[0], name, self.keyring)
+
+    def _put_intermediary(
+        self, cur: _Cursor, name: str, secrets: Sequence[intermediaries.IntermediarySecret]
+    ) -> None:
+        cur.execute(
+            self._sql(
+                "UPDATE {s}.intermediaries SET secrets = %s::jsonb, revoked_at = NULL,"
+                " generation = generation + 1 WHERE name = %s"
+            ),
+            (intermediaries.encode(secrets, name, self.keyring), name),
         )
 
-    def intermediary_secrets(self, name: str) -> tuple[str, ...]:
-        """The intermediary's secrets; empty when unknown."""
+    def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
+        """Give an intermediary a new secret; its others work until ``grace_until``.
+
+        :raises IntermediaryNotFoundError: no such intermediary, or it is revoked."""
+
+        def body(cur: _Cursor) -> None:
+            found = self._lock_intermediary(cur, name)
+            if found is None or found[1] is not None:
+                raise IntermediaryNotFoundError(
+                    intermediaries.not_active(name, known=found is not None)
+                )
+            secrets = intermediaries.rotated(
+                self._secrets_of(found, name), secret, at=at, grace_until=grace_until
+            )
+            self._put_intermediary(cur, name, secrets)
+
+        self._run("rotating an intermediary's secret", body, write=True)
+
+    def revoke_intermediary(self, name: str, *, at: float) -> bool:
+        """Refuse the intermediary's requests from now on, and forget its secrets; False
+        when it was revoked already.
+
+        :raises IntermediaryNotFoundError: no such intermediary."""
+
+        def body(cur: _Cursor) -> bool:
+            found = self._lock_intermediary(cur, name)
+            if found is None:
+                raise IntermediaryNotFoundError(intermediaries.not_active(name, known=False))
+            if found[1] is not None:
+                return False
+            cur.execute(
+                self._sql(
+                    "UPDATE {s}.intermediaries SET secrets = '[]'::jsonb, revoked_at = %s,"
+                    " generation = generation + 1 WHERE name = %s"
+                ),
+                (at, name),
+            )
+            return True
+
+        return self._run("revoking an intermediary", body, write=True)
+
+    _INTERMEDIARY = (
+        "SELECT name, created_at, secrets::text, revoked_at, generation FROM {s}.intermediaries"
+    )
+
+    def _intermediary(self, row: Sequence[Any]) -> Intermediary:
+        return Intermediary(
+            name=row[0],
+            created_at=row[1],
+            secrets=tuple(intermediaries.decode(row[2], row[0], self.keyring)),
+            revoked_at=row[3],
+            generation=row[4],
+        )
+
+    def intermediary(self, name: str) -> Intermediary | None:
+        """The intermediary with its secrets (opened), or None when unknown."""
+        found = self._read(
+            "reading an intermediary", self._INTERMEDIARY + " WHERE name = %s", (name,)
+        )
+        return self._intermediary(found[0]) if found else None
+
+    def list_intermediaries(self) -> list[Intermediary]:
+        """Every intermediary, revoked ones too, by name."""
+        found = self._read("listing intermediaries", self._INTERMEDIARY + " ORDER BY name")
+        return [self._intermediary(r) for r in found]
+
+    def intermediary_generation(self, name: str) -> int | None:
+        """How many times the intermediary's row has changed (None when unknown): one read
+        of a key, without opening any secret, for the endpoint to check on every request."""
         found = self._read(
             "reading an intermediary",
-            "SELECT secrets::text FROM {s}.intermediaries WHERE name = %s",
+            "SELECT generation FROM {s}.intermediaries WHERE name = %s",
             (name,),
         )
-        return tuple(json.loads(found[0][0])) if found else ()
+        return int(found[0][0]) if found else None
+
+    def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
+        """The secrets the intermediary's requests may be signed with at ``now`` (the
+        current time by default); empty when unknown or revoked."""
+        found = self.intermediary(name)
+        if found is None:
+            return ()
+        return found.valid_secrets(time.time() if now is None else now)
+
+    def reseal_secrets(self) -> int:
+        """Seal every secret kept here with the keyring's first key (stored as plain text,
+        or sealed with an older key), in one transaction; return how many rows changed.
+
+        :raises ConfigurationError: the store has no keyring, or a secret does not open."""
+        if self.keyring is None:
+            raise ConfigurationError(
+                "no secrets key is configured: set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE"
+                " (make a key with `cmi secrets generate-key`)"
+            )
+        keyring = self.keyring
+
+        def body(cur: _Cursor) -> int:
+            changed = 0
+            terms = cur.execute(self._sql("SELECT id, secret FROM {s}.terms FOR UPDATE")).fetchall()
+            for terms_id, stored in terms:
+                if keyring.is_current(stored):
+                    continue
+                where = f"terms:{terms_id}"
+                sealed = keyring.seal(keyring.open(stored, context=where), context=where)
+                cur.execute(
+                    self._sql("UPDATE {s}.terms SET secret = %s WHERE id = %s"), (sealed, terms_id)
+                )
+                changed += 1
+            rows = cur.execute(
+                self._sql("SELECT name, secrets::text FROM {s}.intermediaries FOR UPDATE")
+            ).fetchall()
+            for name, text in rows:
+                resealed = intermediaries.reseal(text, name, keyring)
+                if resealed is not None:
+                    cur.execute(
+                        self._sql(
+                            "UPDATE {s}.intermediaries SET secrets = %s::jsonb WHERE name = %s"
+                        ),
+                        (resealed, name),
+                    )
+                    changed += 1
+            return changed
+
+        return self._run("sealing the stored secrets", body, write=True)
 
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when already seen (and not

@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, cast
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     ConfigurationError,
+    IntermediaryNotFoundError,
     LinkError,
     LinkNotFoundError,
     OfferNotFoundError,
@@ -30,8 +32,10 @@ from cmi_sdk._exceptions import (
     TermsError,
     TermsNotFoundError,
 )
+from cmi_sdk._files import create_private_file, private_directory, warn_if_shared
 from cmi_sdk._links import Link
 from cmi_sdk._models import Offer, Request
+from cmi_sdk._secrets import SecretsKeyring, open_secret, seal_secret
 from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
@@ -50,10 +54,12 @@ from cmi_sdk.outbox import (
     StoredOffer,
     offer_row,
 )
+from cmi_sdk.outbox import _intermediaries as intermediaries
+from cmi_sdk.outbox._intermediaries import Intermediary
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
 
@@ -126,7 +132,9 @@ CREATE TABLE IF NOT EXISTS cmi_destinations (
 CREATE TABLE IF NOT EXISTS cmi_intermediaries (
     name TEXT PRIMARY KEY,
     secrets TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS cmi_offers (
     id TEXT PRIMARY KEY,
@@ -218,6 +226,9 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cmi_acceptances", "lease_owner", "TEXT"),
     ("cmi_acceptances", "lease_until", "REAL"),
     ("cmi_offers", "accepted_by", "TEXT"),
+    # Version 7: intermediaries can be revoked, and each change of their row counts.
+    ("cmi_intermediaries", "revoked_at", "REAL"),
+    ("cmi_intermediaries", "generation", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 # An offer accepted more than once before version 6 is held by its first live acceptance;
@@ -286,9 +297,9 @@ def _params(r: NewRow) -> tuple[Any, ...]:
     )
 
 
-def _terms(values: Sequence[Any]) -> SharingTerms:
+def _terms(values: Sequence[Any], keyring: SecretsKeyring | None) -> SharingTerms:
     data = json.loads(values[0])
-    data["secret"] = values[1]
+    data["secret"] = open_secret(keyring, values[1], context=f"terms:{data['id']}")
     return SharingTerms.model_validate(data)
 
 
@@ -326,6 +337,13 @@ class SQLiteStore:
     :param synchronous: SQLite's ``synchronous`` setting: ``FULL`` (the default) makes each
         commit durable against power loss, at the cost of an fsync per commit.
     :param busy_timeout: how long, in seconds, to wait for another writer.
+    :param keyring: seal the webhook and intermediary secrets the store keeps (encryption
+        at rest); secrets stored before are read as they are until
+        :meth:`reseal_secrets` seals them. Without it, sealed secrets cannot be read.
+
+    The file (and its ``-wal`` and ``-shm``) is created readable by its owner only, and
+    missing folders above it with mode 0700; an existing file that others may read is
+    left as it is, with a warning in the log.
     """
 
     nonblocking: ClassVar[bool] = True
@@ -334,11 +352,18 @@ class SQLiteStore:
     only for another writer's commit)."""
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "FULL", busy_timeout: float = 30.0
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 30.0,
+        keyring: SecretsKeyring | None = None,
     ) -> None:
         if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
             raise ConfigurationError("synchronous must be FULL, EXTRA or NORMAL")
         self.path = Path(path)
+        self.keyring = keyring
+        """What seals the secrets kept here, if anything."""
         self._synchronous = synchronous.upper()
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -348,9 +373,9 @@ class SQLiteStore:
         self.migrate()
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    def from_url(cls, url: str, *, keyring: SecretsKeyring | None = None) -> SQLiteStore:
         """A store for a ``sqlite:///...`` URL, such as ``CMI_DATABASE_URL``'s default."""
-        return cls(path_from_url(url))
+        return cls(path_from_url(url), keyring=keyring)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -438,6 +463,19 @@ class SQLiteStore:
             )
         return connection
 
+    def _create_file(self) -> None:
+        """Make the file readable by its owner only before SQLite opens it: SQLite gives
+        the ``-wal`` and ``-shm`` files the mode of the database file."""
+        if str(self.path) in {"", ":memory:"} or self.path.exists():
+            for suffix in ("", "-wal", "-shm"):
+                warn_if_shared(f"{self.path}{suffix}", "the store's database file")
+            return
+        try:
+            private_directory(self.path.parent)
+            create_private_file(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+
     def migrate(self) -> None:
         """Create the tables when missing; idempotent.
 
@@ -445,7 +483,7 @@ class SQLiteStore:
         its own write transaction open on the same file (the first ``emit`` inside it) must
         not wait for itself.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._create_file()
         conn = self._conn()
         try:
             found = conn.execute(
@@ -489,7 +527,7 @@ class SQLiteStore:
                     terms.customer_ref,
                     terms.intermediary,
                     json.dumps(terms.public_dict()),
-                    terms.secret,
+                    seal_secret(self.keyring, terms.secret, context=f"terms:{terms.id}"),
                     terms.created_at.timestamp(),
                     None if terms.until is None else terms.until.timestamp(),
                 ),
@@ -516,7 +554,7 @@ class SQLiteStore:
         rows = self._read("SELECT terms, secret FROM cmi_terms WHERE id = ?", (terms_id,))
         if not rows:
             raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-        return _terms(rows[0])
+        return _terms(rows[0], self.keyring)
 
     def list_terms(
         self,
@@ -536,7 +574,9 @@ class SQLiteStore:
             params.append(intermediary)
         if not include_revoked:
             sql += " AND revoked_at IS NULL"
-        return [_terms(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
+        return [
+            _terms(r, self.keyring) for r in self._read(sql + " ORDER BY created_at, id", params)
+        ]
 
     def active_terms(
         self,
@@ -553,7 +593,7 @@ class SQLiteStore:
             rows = self._caller(connection).execute(_RECIPIENTS, params).fetchall()
         else:
             rows = self._read(_RECIPIENTS, params)
-        return [_terms(r) for r in rows]
+        return [_terms(r, self.keyring) for r in rows]
 
     def revoke_terms(
         self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
@@ -943,24 +983,147 @@ class SQLiteStore:
         return dict(self._read("SELECT url, reason FROM cmi_destinations"))
 
     def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
-        """Register an intermediary, or add a secret to it (for a rotation)."""
+        """Register an intermediary, or add a secret to it (kept alongside the others, with
+        no end). A revoked intermediary registered again starts afresh: its old secrets
+        stay gone."""
         with self._write() as conn:
             found = conn.execute(
-                "SELECT secrets FROM cmi_intermediaries WHERE name = ?", (name,)
+                "SELECT secrets, revoked_at FROM cmi_intermediaries WHERE name = ?", (name,)
             ).fetchone()
-            secrets = [] if found is None else json.loads(found[0])
-            if secret not in secrets:
-                secrets.append(secret)
-            conn.execute(
-                "INSERT INTO cmi_intermediaries (name, secrets, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET secrets = excluded.secrets",
-                (name, json.dumps(secrets), at),
-            )
+            held = [] if found is None or found[1] is not None else self._secrets_of(found, name)
+            self._put_intermediary(conn, name, intermediaries.with_secret(held, secret), at)
 
-    def intermediary_secrets(self, name: str) -> tuple[str, ...]:
-        """The intermediary's secrets; empty when unknown."""
-        found = self._read("SELECT secrets FROM cmi_intermediaries WHERE name = ?", (name,))
-        return tuple(json.loads(found[0][0])) if found else ()
+    def _secrets_of(
+        self, found: Sequence[Any], name: str
+    ) -> list[intermediaries.IntermediarySecret]:
+        return intermediaries.decode(found[0], name, self.keyring)
+
+    def _put_intermediary(
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        secrets: Sequence[intermediaries.IntermediarySecret],
+        at: float,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO cmi_intermediaries (name, secrets, created_at, revoked_at, generation)"
+            " VALUES (?, ?, ?, NULL, 1) ON CONFLICT (name) DO UPDATE SET"
+            " secrets = excluded.secrets, revoked_at = NULL,"
+            " generation = cmi_intermediaries.generation + 1",
+            (name, intermediaries.encode(secrets, name, self.keyring), at),
+        )
+
+    def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
+        """Give an intermediary a new secret; its others work until ``grace_until``.
+
+        :raises IntermediaryNotFoundError: no such intermediary, or it is revoked."""
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT secrets, revoked_at FROM cmi_intermediaries WHERE name = ?", (name,)
+            ).fetchone()
+            if found is None or found[1] is not None:
+                raise IntermediaryNotFoundError(
+                    intermediaries.not_active(name, known=found is not None)
+                )
+            secrets = intermediaries.rotated(
+                self._secrets_of(found, name), secret, at=at, grace_until=grace_until
+            )
+            self._put_intermediary(conn, name, secrets, at)
+
+    def revoke_intermediary(self, name: str, *, at: float) -> bool:
+        """Refuse the intermediary's requests from now on, and forget its secrets; False
+        when it was revoked already.
+
+        :raises IntermediaryNotFoundError: no such intermediary."""
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT revoked_at FROM cmi_intermediaries WHERE name = ?", (name,)
+            ).fetchone()
+            if found is None:
+                raise IntermediaryNotFoundError(intermediaries.not_active(name, known=False))
+            if found[0] is not None:
+                return False
+            conn.execute(
+                "UPDATE cmi_intermediaries SET secrets = '[]', revoked_at = ?,"
+                " generation = generation + 1 WHERE name = ?",
+                (at, name),
+            )
+            return True
+
+    def intermediary(self, name: str) -> Intermediary | None:
+        """The intermediary with its secrets (opened), or None when unknown."""
+        found = self._read(
+            "SELECT name, created_at, secrets, revoked_at, generation FROM cmi_intermediaries"
+            " WHERE name = ?",
+            (name,),
+        )
+        return self._intermediary(found[0]) if found else None
+
+    def _intermediary(self, row: Sequence[Any]) -> Intermediary:
+        return Intermediary(
+            name=row[0],
+            created_at=row[1],
+            secrets=tuple(intermediaries.decode(row[2], row[0], self.keyring)),
+            revoked_at=row[3],
+            generation=row[4],
+        )
+
+    def list_intermediaries(self) -> list[Intermediary]:
+        """Every intermediary, revoked ones too, by name."""
+        found = self._read(
+            "SELECT name, created_at, secrets, revoked_at, generation FROM cmi_intermediaries"
+            " ORDER BY name"
+        )
+        return [self._intermediary(r) for r in found]
+
+    def intermediary_generation(self, name: str) -> int | None:
+        """How many times the intermediary's row has changed (None when unknown): one read
+        of a key, without opening any secret, for the endpoint to check on every request."""
+        found = self._read("SELECT generation FROM cmi_intermediaries WHERE name = ?", (name,))
+        return int(found[0][0]) if found else None
+
+    def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
+        """The secrets the intermediary's requests may be signed with at ``now`` (the
+        current time by default); empty when unknown or revoked."""
+        found = self.intermediary(name)
+        if found is None:
+            return ()
+        return found.valid_secrets(time.time() if now is None else now)
+
+    def reseal_secrets(self) -> int:
+        """Seal every secret kept here with the keyring's first key (stored as plain text,
+        or sealed with an older key); return how many rows changed.
+
+        :raises ConfigurationError: the store has no keyring, or a secret does not open."""
+        keyring = self._need_keyring()
+        changed = 0
+        with self._write() as conn:
+            for terms_id, stored in conn.execute("SELECT id, secret FROM cmi_terms").fetchall():
+                if keyring.is_current(stored):
+                    continue
+                where = f"terms:{terms_id}"
+                sealed = keyring.seal(keyring.open(stored, context=where), context=where)
+                conn.execute("UPDATE cmi_terms SET secret = ? WHERE id = ?", (sealed, terms_id))
+                changed += 1
+            for name, text in conn.execute(
+                "SELECT name, secrets FROM cmi_intermediaries"
+            ).fetchall():
+                resealed = intermediaries.reseal(text, name, keyring)
+                if resealed is not None:
+                    conn.execute(
+                        "UPDATE cmi_intermediaries SET secrets = ? WHERE name = ?",
+                        (resealed, name),
+                    )
+                    changed += 1
+        return changed
+
+    def _need_keyring(self) -> SecretsKeyring:
+        if self.keyring is None:
+            raise ConfigurationError(
+                "no secrets key is configured: set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE"
+                " (make a key with `cmi secrets generate-key`)"
+            )
+        return self.keyring
 
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when already seen.
