@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from cmi_sdk._exceptions import (
     NotFoundError,
     ValidationIssue,
 )
+from cmi_sdk._files import warn_if_shared, write_private_file
 from cmi_sdk._models import load_model
 from cmi_sdk._standards import DocumentType
 from cmi_sdk._xml import DEFAULT_MAX_BYTES
@@ -90,6 +92,105 @@ def _write(data: bytes, output: str | None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Why no option takes a secret's value: shown in the help and in the refusal.
+_WHY_NOT_ON_COMMAND_LINE = (
+    "a secret on the command line can be read by every user of the machine (ps, /proc) and"
+    " stays in the shell's history"
+)
+
+
+class _RefusedSecret(argparse.Action):
+    """``--secret VALUE``: refused, with what to use instead."""
+
+    def __init__(self, option_strings: list[str], dest: str, env: str, **kwargs: Any) -> None:
+        self.env = env
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,  # noqa: ARG002  (nothing is stored)
+        values: object,  # noqa: ARG002  (the secret, which is not used)
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            f"{option_string} is refused: {_WHY_NOT_ON_COMMAND_LINE}; give --secret-file PATH"
+            f" ('-' reads standard input) or set {self.env}"
+        )
+
+
+def _secret_options(p: argparse.ArgumentParser, env: str, *, several: bool = False) -> None:
+    """``--secret-file`` (and the environment variable ``env``) for a command that needs a
+    secret; ``--secret`` is refused with the reason."""
+    p.add_argument(
+        "--secret-file",
+        action="append" if several else "store",
+        metavar="PATH",
+        help=(
+            f"read the whsec_ secret{'s (one a line; repeatable)' if several else ''} from PATH"
+            f" ('-': standard input), or set {env}; never give a secret as an argument:"
+            f" {_WHY_NOT_ON_COMMAND_LINE}"
+        ),
+    )
+    p.add_argument("--secret", action=_RefusedSecret, env=env, nargs="?", help=argparse.SUPPRESS)
+    p.set_defaults(secret_env=env)
+
+
+def _read_secrets(args: argparse.Namespace) -> list[str]:
+    """The secrets of ``--secret-file`` (files, or '-') or of the command's environment
+    variable; separated by lines, spaces or commas."""
+    files = args.secret_file
+    paths = [] if files is None else [files] if isinstance(files, str) else list(files)
+    texts: list[str] = []
+    for path in paths:
+        if path != "-":
+            warn_if_shared(path, "the secret file")
+        texts.append(_read(path, 1 << 16).decode("utf-8", errors="replace"))
+    if not paths:
+        value = os.environ.get(args.secret_env)
+        if not value:
+            raise UsageError(
+                f"this command needs a secret: give --secret-file PATH ('-' reads standard"
+                f" input) or set {args.secret_env}"
+            )
+        texts.append(value)
+    secrets = [part for text in texts for part in re.split(r"[\s,]+", text) if part]
+    if not secrets:
+        raise InputError(f"no secret found in {', '.join(paths)}")
+    return secrets
+
+
+def _read_secret(args: argparse.Namespace) -> str:
+    """The one secret of ``--secret-file`` or the command's environment variable."""
+    secrets = _read_secrets(args)
+    if len(secrets) > 1:
+        raise InputError("expected one secret, found several")
+    return secrets[0]
+
+
+def _write_secret(text: str, out: str | None) -> None:
+    """Print a new secret (or key), or write it to a new file readable by its owner only."""
+    if out is None or out == "-":
+        _write(f"{text}\n".encode(), None)
+        return
+    try:
+        write_private_file(out, f"{text}\n".encode())
+    except FileExistsError:
+        raise InputError(f"{out} exists; not overwriting it") from None
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    print(f"cmi: wrote {out} (readable by its owner only)", file=sys.stderr)
+
+
+def _duration(text: str) -> float:
+    """``--grace``: seconds, or a number with s, m, h or d."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 24h, 7d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
 
 
 def _adapter(args: argparse.Namespace) -> Adapter:
@@ -242,7 +343,7 @@ def cmd_terms_add(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {
         "customer_ref": args.customer,
         "destination": None if args.destination in (None, "pull") else args.destination,
-        "secret": args.secret,
+        "secret": _read_secret(args),
         "standard": args.standard,
         "document_type": args.type,
         "fields": None if args.fields is None else [f for f in args.fields.split(",") if f],
@@ -463,12 +564,96 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:  # noqa: ARG001  (no option
 
 def cmd_intermediaries_add(args: argparse.Namespace) -> int:
     """Register an intermediary and its Standard Webhooks secret."""
-    from cmi_sdk.webhooks import WebhookVerifier  # noqa: PLC0415
-
-    WebhookVerifier(secrets=(args.secret,))  # refuses a malformed secret
+    secret = _read_secret(args)
     adapter = _emitting_adapter(args, require_signer=False)
-    adapter.store.add_intermediary(args.name, args.secret, at=adapter.clock())
+    adapter.add_intermediary(args.name, secret)
     _write(f"{args.name}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_intermediaries_rotate(args: argparse.Namespace) -> int:
+    """Give an intermediary a new secret, shown once; the old ones work for --grace."""
+    import datetime as dt  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    grace = dt.timedelta(seconds=args.grace)
+    secret = adapter.rotate_intermediary(args.name, grace=grace)
+    _write_secret(secret, args.out)
+    until = dt.datetime.fromtimestamp(adapter.clock(), dt.UTC) + grace
+    print(
+        f"cmi: {args.name}'s other secrets work until {until:%Y-%m-%dT%H:%M:%SZ}; give the"
+        " new one to the intermediary now (it is not shown again)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_intermediaries_revoke(args: argparse.Namespace) -> int:
+    """Revoke an intermediary: its requests are refused from now on."""
+    adapter = _emitting_adapter(args, require_signer=False)
+    if adapter.revoke_intermediary(args.name):
+        _write(f"{args.name} revoked\n".encode(), None)
+    else:
+        _write(f"{args.name} was revoked already\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_intermediaries_list(args: argparse.Namespace) -> int:
+    """List intermediaries and their secrets' ends (never the secrets)."""
+    import datetime as dt  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    found = adapter.intermediaries()
+    if args.json:
+        _print_json([i.public_dict() for i in found])
+        return EXIT_OK
+
+    def when(moment: float) -> str:
+        return f"{dt.datetime.fromtimestamp(moment, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+    now = adapter.clock()
+    lines = []
+    for item in found:
+        if item.revoked_at is not None:
+            lines.append(f"{item.name}  revoked {when(item.revoked_at)}")
+            continue
+        valid = [s for s in item.secrets if s.valid_at(now)]
+        ends = ", ".join(
+            "no end" if s.expires_at is None else f"until {when(s.expires_at)}" for s in valid
+        )
+        lines.append(f"{item.name}  active  {len(valid)} secret(s): {ends}")
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+    return EXIT_OK
+
+
+def cmd_secrets_generate(args: argparse.Namespace) -> int:
+    """Print (or write to a new 0600 file) a fresh Standard Webhooks secret."""
+    from cmi_sdk.webhooks import generate_secret  # noqa: PLC0415
+
+    _write_secret(generate_secret(), args.out)
+    return EXIT_OK
+
+
+def cmd_secrets_generate_key(args: argparse.Namespace) -> int:
+    """Print (or write to a new 0600 file) a fresh key to seal stored secrets with."""
+    from cmi_sdk._secrets import generate_secrets_key  # noqa: PLC0415
+
+    _write_secret(generate_secrets_key(), args.out)
+    return EXIT_OK
+
+
+def cmd_secrets_encrypt(args: argparse.Namespace) -> int:
+    """Seal every stored secret with the first configured secrets key."""
+    settings = _settings()
+    keyring = settings.secrets_keyring()
+    if keyring is None:
+        raise UsageError(
+            "no secrets key is configured: set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE (make"
+            " a key with `cmi secrets generate-key --out FILE`)"
+        )
+    adapter = _emitting_adapter(args, require_signer=False)
+    changed = adapter.reseal_secrets()
+    _write(f"sealed {changed} row(s) with secrets key {keyring.key_ids[0]}\n".encode(), None)
     return EXIT_OK
 
 
@@ -484,7 +669,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     settings = _server_settings(args)
     store = CustomerStore(
         directory=args.store,
-        secrets=args.secret,
+        secrets=_read_secrets(args),
         certificate=cert,
         on_document=show,
         body_timeout=settings.body_timeout,
@@ -597,7 +782,7 @@ def _serving_adapter(*, block: list[str], reference_firms: bool) -> Adapter:
 def _client(args: argparse.Namespace) -> Any:
     from cmi_sdk.client import CMIClient  # noqa: PLC0415
 
-    return CMIClient(args.to, secret=args.secret, intermediary=args.intermediary)
+    return CMIClient(args.to, secret=_read_secret(args), intermediary=args.intermediary)
 
 
 def _answer_problem(response: Any) -> InputError:
@@ -926,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = terms.add_parser("add", help="register terms (as the firm's policy answers them)")
     t.add_argument("--customer", required=True, metavar="REF", help="pseudonymous reference")
     t.add_argument("--destination", metavar="URL", help="where documents go ('pull': nowhere)")
-    t.add_argument("--secret", required=True, metavar="whsec_...", help="the destination's")
+    _secret_options(t, "CMI_DESTINATION_SECRET")
     t.add_argument("--standard", default="cmi", help="default: cmi")
     t.add_argument("--type", metavar="DOCTYPE", help="the document type, if several")
     t.add_argument("--fields", metavar="a,b,c", help="the fields that may be shared")
@@ -1033,13 +1218,48 @@ def build_parser() -> argparse.ArgumentParser:
     d = db.add_parser("migrate", help="create or upgrade the tables (CMI_DATABASE_URL)")
     d.set_defaults(func=cmd_db_migrate)
 
-    p = sub.add_parser("intermediaries", help="register intermediaries")
+    p = sub.add_parser("intermediaries", help="register, rotate and revoke intermediaries")
     inter = p.add_subparsers(dest="intermediaries_command", metavar="ACTION", parser_class=_Parser)
     inter.required = True
-    i = inter.add_parser("add", help="register NAME with its secret (again: rotate)")
+    i = inter.add_parser("add", help="register NAME with its secret (again: add a secret)")
     i.add_argument("name", metavar="NAME")
-    i.add_argument("--secret", required=True, metavar="whsec_...")
+    _secret_options(i, "CMI_INTERMEDIARY_SECRET")
     i.set_defaults(func=cmd_intermediaries_add)
+    i = inter.add_parser(
+        "rotate", help="give NAME a new secret (shown once); the old ones work for --grace"
+    )
+    i.add_argument("name", metavar="NAME")
+    i.add_argument(
+        "--grace",
+        type=_duration,
+        default=86400.0,
+        metavar="24h",
+        help="how long the old secrets keep working (90s, 30m, 24h, 7d; 0: not at all)",
+    )
+    i.add_argument("--out", metavar="FILE", help="write the new secret to a new 0600 file")
+    i.set_defaults(func=cmd_intermediaries_rotate)
+    i = inter.add_parser("revoke", help="refuse NAME's requests from now on")
+    i.add_argument("name", metavar="NAME")
+    i.set_defaults(func=cmd_intermediaries_revoke)
+    i = inter.add_parser("list", help="intermediaries and when their secrets end")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_intermediaries_list)
+
+    p = sub.add_parser(
+        "secrets", aliases=["secret"], help="make secrets and keys; seal stored secrets"
+    )
+    sec = p.add_subparsers(dest="secrets_command", metavar="ACTION", parser_class=_Parser)
+    sec.required = True
+    x = sec.add_parser("generate", help="a fresh whsec_ secret (for terms or intermediaries)")
+    x.add_argument("--out", metavar="FILE", help="write it to a new 0600 file, not stdout")
+    x.set_defaults(func=cmd_secrets_generate)
+    x = sec.add_parser("generate-key", help="a fresh cmisk_ key for CMI_SECRETS_KEY")
+    x.add_argument("--out", metavar="FILE", help="write it to a new 0600 file, not stdout")
+    x.set_defaults(func=cmd_secrets_generate_key)
+    x = sec.add_parser(
+        "encrypt", help="seal every stored secret with the first key of CMI_SECRETS_KEY"
+    )
+    x.set_defaults(func=cmd_secrets_encrypt)
 
     def server_limit_options(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(
@@ -1079,9 +1299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True, help="0 picks a free port")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--store", required=True, metavar="DIR", help="where documents are saved")
-    p.add_argument(
-        "--secret", required=True, action="append", metavar="whsec_...", help="repeatable"
-    )
+    _secret_options(p, "CMI_DESTINATION_SECRET", several=True)
     p.add_argument("--cert", metavar="cert.pem", help="also verify the firm's XML-DSig")
     server_limit_options(p)
     p.set_defaults(func=cmd_listen)
@@ -1089,7 +1307,7 @@ def build_parser() -> argparse.ArgumentParser:
     def intermediary_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--to", required=True, metavar="URL", help="the firm's endpoint base")
         p.add_argument("--intermediary", required=True, metavar="NAME")
-        p.add_argument("--secret", required=True, metavar="whsec_...")
+        _secret_options(p, "CMI_INTERMEDIARY_SECRET")
 
     p = sub.add_parser("request", help="as an intermediary: post a request, print the offers")
     p.add_argument("file", metavar="FILE", help="a canonical request (JSON) or request XML")

@@ -84,6 +84,7 @@ from starlette.routing import Route
 from uvicorn.config import LOGGING_CONFIG
 
 from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError, XMLInputError
+from cmi_sdk._files import private_directory, warn_if_shared
 from cmi_sdk._serving import (
     DEFAULT_BODY_TIMEOUT,
     BodyTimeoutError,
@@ -207,6 +208,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     # half-written file (or one left by a crash) for a document.
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o600)  # mkstemp's mode, whatever the umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -276,7 +278,12 @@ class CustomerStore:
                 ) from None
         self._directory = Path(directory)
         try:
-            self._directory.mkdir(parents=True, exist_ok=True)
+            # Documents are the customer's own records: nobody else on the machine reads
+            # them, whatever the umask (an existing folder is the customer's to set).
+            if self._directory.exists():
+                warn_if_shared(self._directory, "the store's folder")
+            else:
+                private_directory(self._directory)
         except OSError as exc:
             raise ConfigurationError(f"cannot create {self._directory}: {exc}") from None
         self._max_bytes = max_bytes

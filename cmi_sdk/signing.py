@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from cryptography.x509.oid import NameOID
 from lxml import etree
 
 from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError
+from cmi_sdk._files import private_directory, write_private_file
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, HardenedParser
 
 __all__ = [
@@ -211,16 +211,14 @@ def generate_development_keys(
     else:
         raise ConfigurationError(f"unknown key algorithm {algorithm!r}: use ec or rsa")
     certificate = self_signed_certificate(key, common_name=common_name)
-    folder.mkdir(parents=True, exist_ok=True)
+    private_directory(folder)  # a folder made here for a key: its owner's only
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     # Created with 0600 from the start, so the key is never readable by others.
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key_bytes)
+    write_private_file(key_path, key_bytes)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
 

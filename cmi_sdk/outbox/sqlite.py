@@ -1097,6 +1097,20 @@ class SQLiteStore:
         :raises ConfigurationError: the store has no keyring, or a secret does not open."""
         keyring = self._need_keyring()
         changed = 0
+        # The plain text a row held must not stay on disk in freed space: zero it, and
+        # empty the WAL afterwards, so the file no longer holds any old copy.
+        own = self._conn()
+        secure = own.execute("PRAGMA secure_delete").fetchone()[0]
+        own.execute("PRAGMA secure_delete=ON")
+        try:
+            changed = self._reseal(keyring)
+        finally:
+            own.execute(f"PRAGMA secure_delete={int(secure)}")
+        own.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return changed
+
+    def _reseal(self, keyring: SecretsKeyring) -> int:
+        changed = 0
         with self._write() as conn:
             for terms_id, stored in conn.execute("SELECT id, secret FROM cmi_terms").fetchall():
                 if keyring.is_current(stored):
