@@ -8,6 +8,7 @@ lets others read one is logged as a warning, for the firm to decide.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -22,7 +23,9 @@ PRIVATE_DIRECTORY = 0o700
 
 def private_directory(path: str | Path) -> None:
     """Create ``path`` and its missing parents with mode 0700; existing ones are left as
-    they are (a working folder is usually open to others, and is the firm's to set)."""
+    they are (a working folder is usually open to others, and is the firm's to set).
+
+    :raises OSError: a folder cannot be made, or ``path`` is there and is not a folder."""
     missing: list[Path] = []
     folder = Path(path)
     while not folder.exists() and folder != folder.parent:
@@ -34,6 +37,8 @@ def private_directory(path: str | Path) -> None:
         except FileExistsError:
             continue  # made meanwhile by someone else: theirs, not to be changed
         os.chmod(created, PRIVATE_DIRECTORY)  # whatever the umask took away or left
+    if not Path(path).is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
 
 
 def create_private_file(path: str | Path) -> bool:

@@ -280,7 +280,7 @@ class CustomerStore:
         try:
             # Documents are the customer's own records: nobody else on the machine reads
             # them, whatever the umask (an existing folder is the customer's to set).
-            if self._directory.exists():
+            if self._directory.is_dir():
                 warn_if_shared(self._directory, "the store's folder")
             else:
                 private_directory(self._directory)

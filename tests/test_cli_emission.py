@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -74,6 +75,14 @@ class Project:
         )
         return Result(done.returncode, done.stdout, done.stderr)
 
+    def secret_file(self, secret: str | None = None) -> str:
+        """A file here holding ``secret`` (the project's by default), for --secret-file."""
+        text = self.secret if secret is None else secret
+        path = self.root / f"secret-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        path.write_text(text + "\n", encoding="utf-8")
+        path.chmod(0o600)
+        return str(path)
+
     def ok(self, *argv: str, env: Mapping[str, str | None] | None = None) -> str:
         """Run a command that must succeed; its standard output."""
         result = self.run(*argv, env=env)
@@ -84,7 +93,7 @@ class Project:
         """Register terms (cmi-ticket unless options say otherwise); their id."""
         out = self.ok(
             "terms", "add", "--customer", customer, "--destination", destination,
-            "--secret", self.secret, "--standard", "cmi-ticket", *options,
+            "--secret-file", self.secret_file(), "--standard", "cmi-ticket", *options,
         )  # fmt: skip
         assert re.fullmatch(r"terms_\w+\n", out), out
         return out.strip()
@@ -189,7 +198,7 @@ def listening(
     project: Project, store: str = "store", *, port: int = 0, cert: Path | None = None
 ) -> Iterator[Listener]:
     """Run ``cmi listen`` with the project's secret; stopped when the block ends."""
-    argv = ["listen", "--port", str(port), "--store", store, "--secret", project.secret]
+    argv = ["listen", "--port", str(port), "--store", store, "--secret-file", project.secret_file()]
     if cert is not None:
         argv += ["--cert", str(cert)]
     errors = project.root / f"listen-{store}.err"
@@ -451,7 +460,7 @@ def test_egress_guard_refuses_destinations(project: Project) -> None:
     ]:
         result = project.run(
             "terms", "add", "--customer", CUSTOMER, "--destination", destination,
-            "--secret", project.secret, env={"CMI_ALLOW_LOOPBACK": loopback},
+            "--secret-file", project.secret_file(), env={"CMI_ALLOW_LOOPBACK": loopback},
         )  # fmt: skip
         case = (destination, loopback, result)
         assert result.code == EXIT_INVALID, case
@@ -463,7 +472,7 @@ def test_egress_guard_refuses_destinations(project: Project) -> None:
 def test_emitting_commands_need_a_signing_key(project: Project) -> None:
     project.transaction()
     terms = ["terms", "add", "--customer", CUSTOMER, "--destination", REFUSED_PORT]
-    for argv in (["emit", "ticket.json"], [*terms, "--secret", project.secret]):
+    for argv in (["emit", "ticket.json"], [*terms, "--secret-file", project.secret_file()]):
         result = project.run(*argv, env={"CMI_SIGNING_KEY": None, "CMI_SIGNING_CERT": None})
         assert result.code == EXIT_USAGE, (argv, result)
         assert result.out == "", (argv, result)
@@ -498,7 +507,7 @@ def test_settings_from_cmi_toml(tmp_path: Path, keys: Path) -> None:
     # The environment wins over the file.
     result = project.run(
         "terms", "add", "--customer", CUSTOMER, "--destination", REFUSED_PORT,
-        "--secret", project.secret, env={"CMI_ALLOW_LOOPBACK": "0"},
+        "--secret-file", project.secret_file(), env={"CMI_ALLOW_LOOPBACK": "0"},
     )  # fmt: skip
     assert result.code == EXIT_INVALID
     assert "loopback" in result.err
@@ -534,15 +543,18 @@ def test_terms_add_refuses_bad_terms(project: Project) -> None:
     argv = ["terms", "add", "--customer", CUSTOMER, "--destination", REFUSED_PORT]
     argv += ["--standard", "cmi-ticket"]
     for options, message in [
-        (["--secret", "not-a-secret"], "secret: must be a Standard Webhooks secret"),
-        (["--secret", "whsec_c2hvcnQ="], "secret: must be"),  # 5 bytes: too short
+        (
+            ["--secret-file", project.secret_file("not-a-secret")],
+            "secret: must be a Standard Webhooks secret",
+        ),
+        (["--secret-file", project.secret_file("whsec_c2hvcnQ=")], "secret: must be"),  # 5 bytes
         (["--when", "digest:0h"], "when: must be"),
         (["--when", "daily"], "when: must be"),
         (["--fields", "origin,nope"], "no field nope"),
         (["--until", "2001-01-01"], "until is in the past"),
         (["--when", "pull"], "pull-only terms have no destination"),
     ]:
-        secret = [] if options[0] == "--secret" else ["--secret", project.secret]
+        secret = [] if options[0] == "--secret-file" else ["--secret-file", project.secret_file()]
         result = project.run(*argv, *secret, *options)
         assert result.code == EXIT_INVALID, (options, result)
         assert result.out == "", (options, result)
@@ -555,7 +567,7 @@ def test_terms_add_refuses_bad_terms(project: Project) -> None:
 )
 def test_terms_add_unknown_standard_is_a_usage_error(project: Project, names: list[str]) -> None:
     argv = ["terms", "add", "--customer", CUSTOMER, "--destination", REFUSED_PORT]
-    result = project.run(*argv, "--secret", project.secret, *names)
+    result = project.run(*argv, "--secret-file", project.secret_file(), *names)
     assert result.code == EXIT_USAGE, result
 
 
@@ -602,11 +614,21 @@ def test_listen_verifies_both_signatures_and_dedups(project: Project, keys: Path
 
 
 def test_intermediaries_add(project: Project) -> None:
-    assert project.ok("intermediaries", "add", "acme", "--secret", project.secret) == "acme\n"
+    assert (
+        project.ok("intermediaries", "add", "acme", "--secret-file", project.secret_file())
+        == "acme\n"
+    )
     # Again: a rotation, not an error.
-    assert project.ok("intermediaries", "add", "acme", "--secret", generate_secret()) == "acme\n"
+    assert (
+        project.ok(
+            "intermediaries", "add", "acme", "--secret-file", project.secret_file(generate_secret())
+        )
+        == "acme\n"
+    )
     for secret in ("whsec_bad", "not-a-secret", "whsec_c2hvcnQ="):
-        result = project.run("intermediaries", "add", "acme", "--secret", secret)
+        result = project.run(
+            "intermediaries", "add", "acme", "--secret-file", project.secret_file(secret)
+        )
         assert result.code == EXIT_INVALID, (secret, result)
         assert result.out == ""
         assert "secret" in result.err
@@ -619,7 +641,7 @@ def test_intermediaries_add(project: Project) -> None:
 def test_serve_answers_requests_from_one_or_several_processes(
     project: Project, workers: int
 ) -> None:
-    project.ok("intermediaries", "add", "relay", "--secret", project.secret)
+    project.ok("intermediaries", "add", "relay", "--secret-file", project.secret_file())
     port = free_port()
     argv = ["serve", "--reference-firms", "--port", str(port), "--workers", str(workers)]
     errors = project.root / "serve.err"

@@ -114,9 +114,11 @@ def encode(secrets: Sequence[IntermediarySecret], name: str, keyring: SecretsKey
 
 
 def with_secret(secrets: Sequence[IntermediarySecret], secret: str) -> list[IntermediarySecret]:
-    """``secrets`` with ``secret`` added without an end (one already there loses its end)."""
-    kept = [s for s in secrets if s.secret != secret]
-    return [*kept, IntermediarySecret(secret)]
+    """``secrets`` with ``secret`` added without an end (one already there keeps its place
+    and loses its end)."""
+    if any(s.secret == secret for s in secrets):
+        return [IntermediarySecret(secret) if s.secret == secret else s for s in secrets]
+    return [*secrets, IntermediarySecret(secret)]
 
 
 def rotated(
