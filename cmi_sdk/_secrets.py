@@ -19,7 +19,7 @@ import binascii
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -177,8 +177,3 @@ def open_secret(keyring: SecretsKeyring | None, stored: str, *, context: str) ->
             " secrets key is configured: set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE"
         )
     return stored
-
-
-def needs_sealing(keyring: SecretsKeyring, stored: Iterable[str]) -> bool:
-    """Whether any of ``stored`` is plain or sealed with another key than the first."""
-    return any(not keyring.is_current(s) for s in stored)
