@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -52,7 +53,10 @@ def server(
     if kind == "serve":
         argv, health = ["serve", "--port", str(port)], "/.well-known/cmi"
     else:
-        argv = ["listen", "--port", str(port), "--store", "store", "--secret", SECRET]
+        argv = ["listen", "--port", str(port), "--store", "store"]
+        env["CMI_DESTINATION_SECRET"] = SECRET  # never on a command line
+        if code and "--secret-file" not in Path(code, "cmi_sdk", "cli.py").read_text():
+            argv += ["--secret", SECRET]  # a checkout from before secrets left the argv
         health = "/health"
     command = [sys.executable, "-m", "cmi_sdk.cli", *argv]
     if fd_limit:

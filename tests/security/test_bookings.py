@@ -378,9 +378,10 @@ def test_concurrent_acceptances_of_one_offer_book_once(store_url: str) -> None:
 
 
 def test_cmi_accept_run_twice_books_once(
-    served: Served, capsys: pytest.CaptureFixture[str]
+    served: Served, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     offer = served.offer()
+    monkeypatch.setenv("CMI_INTERMEDIARY_SECRET", served.secret)
     command = [
         "accept",
         offer.id,
@@ -388,8 +389,6 @@ def test_cmi_accept_run_twice_books_once(
         served.url,
         "--intermediary",
         "relay",
-        "--secret",
-        served.secret,
         "--customer",
         offer.customer_ref,
     ]
@@ -461,6 +460,7 @@ def test_cmi_terms_add_refuses_such_terms(
     monkeypatch.setenv("CMI_SIGNING_CERT", "keys/cert.pem")
     monkeypatch.setenv("CMI_ALLOW_LOOPBACK", "1")
     monkeypatch.setenv("CMI_TRANSACTION_KINDS", "flight")
+    monkeypatch.setenv("CMI_DESTINATION_SECRET", generate_secret())
     command = [
         "terms",
         "add",
@@ -468,8 +468,6 @@ def test_cmi_terms_add_refuses_such_terms(
         CUSTOMER,
         "--destination",
         "http://127.0.0.1:9/inbox",
-        "--secret",
-        generate_secret(),
         "--purpose",
         "Keep my records",
         "--standard",

@@ -116,8 +116,8 @@ def cmi_server(
         argv = ["serve", "--port", str(port), *options]
         health = "/.well-known/cmi"
     else:
-        argv = ["listen", "--port", str(port), "--store", "store", "--secret", generate_secret()]
-        argv += options
+        argv = ["listen", "--port", str(port), "--store", "store", *options]
+        settings = {"destination_secret": generate_secret(), **settings}  # never on argv
         health = "/health"
     errors = root / f"{kind}.err"
     with (
