@@ -651,3 +651,57 @@ def test_a_postgres_store_of_version_3_is_upgraded_in_place() -> None:
         store.close()
         with psycopg.connect(DSN, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_a_secret_file_others_may_read_is_warned_about(
+    firm: Firm, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = firm.root / "relay.secret"
+    path.write_text(generate_secret() + "\n")
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="cmi_sdk.files"):
+        assert main(["intermediaries", "add", "relay", "--secret-file", str(path)]) == EXIT_OK
+    assert any(str(path) in r.getMessage() for r in caplog.records), caplog.text
+    assert mode(path) == 0o644  # the firm's file, told about, not changed
+    capsys.readouterr()
+
+
+def test_the_secrets_key_settings(tmp_path: Path) -> None:
+    from cmi_sdk.config import Settings
+
+    key = generate_secrets_key()
+    keyring = Settings.load(environ={"CMI_SECRETS_KEY": key}, directory=tmp_path).secrets_keyring()
+    assert keyring is not None
+    assert keyring.key_ids == SecretsKeyring([key]).key_ids
+    assert key not in repr(Settings.load(environ={"CMI_SECRETS_KEY": key}, directory=tmp_path))
+    assert key not in repr(keyring)
+    older = generate_secrets_key()
+    path = tmp_path / "keys"
+    path.write_text(f"{key}\n{older}\n")
+    path.chmod(0o600)
+    both = Settings.load(environ={"CMI_SECRETS_KEY_FILE": str(path)}, directory=tmp_path)
+    assert both.secrets_keyring().key_ids == SecretsKeyring([key, older]).key_ids  # type: ignore[union-attr]
+    for environ, message in [
+        ({"CMI_SECRETS_KEY": key, "CMI_SECRETS_KEY_FILE": str(path)}, "not both"),
+        ({"CMI_SECRETS_KEY": "whsec_" + key[6:]}, "not a cmisk_ key"),
+        ({"CMI_SECRETS_KEY": "cmisk_c2hvcnQ="}, "32 bytes"),
+        ({"CMI_SECRETS_KEY_FILE": str(tmp_path / "missing")}, "cannot read"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            Settings.load(environ=environ, directory=tmp_path).secrets_keyring()
+    # The adapter the settings make seals what its store writes.
+    settings = Settings.load(
+        environ={"CMI_SECRETS_KEY": key, "CMI_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}"},
+        directory=tmp_path,
+    )
+    adapter = settings.adapter(signer=None)
+    try:
+        adapter.add_intermediary("relay", generate_secret())
+        assert b"enc:v1:" in (tmp_path / "k.db").read_bytes() + _wal(tmp_path / "k.db")
+    finally:
+        adapter.close()
+
+
+def _wal(database: Path) -> bytes:
+    wal = Path(f"{database}-wal")
+    return wal.read_bytes() if wal.exists() else b""
