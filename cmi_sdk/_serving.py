@@ -119,6 +119,26 @@ class _Guard:
     _waiting_since: float = 0.0
     _head_bytes: int = 0
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A new connection: arm the head deadline and keep under the cap."""
+        super().connection_made(transport)  # type: ignore[misc]
+        self._guard_opened()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: drop its timer."""
+        self._guard_lost()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        """Parse, then count what is still a head."""
+        super().data_received(data)  # type: ignore[misc]
+        self._guard_received(len(data))
+
+    def on_response_complete(self) -> None:
+        """A response went out: the next request's head is due within the deadline."""
+        super().on_response_complete()  # type: ignore[misc]
+        self._guard_response_complete()
+
     def _limits(self) -> ServerLimits:
         limits = getattr(self.config, "cmi_limits", None)
         return limits if isinstance(limits, ServerLimits) else ServerLimits()
@@ -216,51 +236,11 @@ def _head_too_large(limit: int) -> bytes:
 class GuardedH11Protocol(_Guard, H11Protocol):
     """uvicorn's h11 protocol with :class:`ServerLimits`."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """A new connection: arm the head deadline and keep under the cap."""
-        super().connection_made(transport)
-        self._guard_opened()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The connection is gone: drop its timer."""
-        self._guard_lost()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        """Parse, then count what is still a head."""
-        super().data_received(data)
-        self._guard_received(len(data))
-
-    def on_response_complete(self) -> None:
-        """A response went out: the next request's head is due within the deadline."""
-        super().on_response_complete()
-        self._guard_response_complete()
-
 
 if HttpToolsProtocol is not None:
 
     class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         """uvicorn's httptools protocol with :class:`ServerLimits`."""
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            """A new connection: arm the head deadline and keep under the cap."""
-            super().connection_made(transport)
-            self._guard_opened()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            """The connection is gone: drop its timer."""
-            self._guard_lost()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            """Parse, then count what is still a head."""
-            super().data_received(data)
-            self._guard_received(len(data))
-
-        def on_response_complete(self) -> None:
-            """A response went out: the next request's head is due within the deadline."""
-            super().on_response_complete()
-            self._guard_response_complete()
 
     _PROTOCOL = "cmi_sdk._serving:GuardedHttpToolsProtocol"
 else:  # pragma: no cover

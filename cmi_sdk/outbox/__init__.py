@@ -339,6 +339,14 @@ class AcceptanceRecord:
     lease_owner: str | None
     lease_until: float | None
 
+    @classmethod
+    def of_row(cls, values: Sequence[Any] | None) -> AcceptanceRecord | None:
+        """The record from both stores' acceptance columns (id, offer id, state, result,
+        intermediary, acceptance, hold, lease owner, lease until), or None for no row."""
+        if values is None:
+            return None
+        return cls(*values[:9])
+
 
 @dataclass(frozen=True, slots=True)
 class EmissionProblem:
@@ -354,6 +362,18 @@ class EmissionProblem:
     created_at: float
     transaction: str
     """The transaction as JSON, so that it can be emitted again once the cause is fixed."""
+
+    def row(self) -> tuple[Any, ...]:
+        """The problem as both stores' SQL takes it, in the columns' order."""
+        return (
+            self.transaction_id,
+            self.terms_id,
+            self.customer_ref,
+            self.standard,
+            self.reason,
+            self.created_at,
+            self.transaction,
+        )
 
 
 @runtime_checkable

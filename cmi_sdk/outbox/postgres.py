@@ -1166,24 +1166,7 @@ class PostgresStore:
         """Write rows (a row whose msg_id is already there is skipped) and wake the workers
         on commit; with ``connection``, inside the caller's open transaction, which the
         caller commits. Return how many were new."""
-        params = [
-            (
-                r.msg_id,
-                r.terms_id,
-                r.customer_ref,
-                r.transaction_id,
-                r.standard,
-                r.document_type,
-                r.destination,
-                r.body,
-                r.created_at,
-                r.state,
-                r.next_attempt_at,
-                self._ordering_key(r),
-                r.model,
-            )
-            for r in rows
-        ]
+        params = [self._insert_params(r) for r in rows]
         if not params:
             return 0
         wake = self._notify and any(r.state == "pending" for r in rows)
@@ -1880,7 +1863,7 @@ class PostgresStore:
 
         def body(cur: _Cursor) -> AcceptanceRecord | None:
             for _ in range(8):  # each round ends, or a concurrent change made it start over
-                found = _acceptance(
+                found = AcceptanceRecord.of_row(
                     cur.execute(select + " FOR UPDATE", (claim.acceptance_id,)).fetchone()
                 )
                 if found is not None:
@@ -1891,7 +1874,9 @@ class PostgresStore:
                     if found.state != "released":
                         return found
                 if cur.execute(take_offer, (claim.acceptance_id, claim.offer_id)).rowcount == 0:
-                    other = _acceptance(cur.execute(select_holder, (claim.offer_id,)).fetchone())
+                    other = AcceptanceRecord.of_row(
+                        cur.execute(select_holder, (claim.offer_id,)).fetchone()
+                    )
                     if other is not None:
                         return other
                     if (
@@ -1996,7 +1981,7 @@ class PostgresStore:
         wake = self._notify and any(r.state == "pending" for r in rows)
 
         def body(cur: _Cursor) -> AcceptanceRecord | None:
-            found = _acceptance(cur.execute(select, (acceptance_id,)).fetchone())
+            found = AcceptanceRecord.of_row(cur.execute(select, (acceptance_id,)).fetchone())
             if found is None:
                 raise StoreError(f"acceptance {acceptance_id} is not in the store")
             ours = found.state == "processing" and found.lease_owner == owner
@@ -2033,7 +2018,7 @@ class PostgresStore:
                 if wake:
                     cur.execute(self._sql(f"NOTIFY {self.channel}"))
             if problems:
-                cur.executemany(self._sql(_INSERT_PROBLEM), [_problem_params(p) for p in problems])
+                cur.executemany(self._sql(_INSERT_PROBLEM), [p.row() for p in problems])
             return None
 
         return self._run("recording an acceptance", body, write=True)
@@ -2062,7 +2047,7 @@ class PostgresStore:
             _ACCEPTANCE + " WHERE id = %s",
             (acceptance_id,),
         )
-        return _acceptance(found[0]) if found else None
+        return AcceptanceRecord.of_row(found[0]) if found else None
 
     def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
         """``processing`` acceptances whose lease expired before ``now``, oldest first."""
@@ -2072,13 +2057,13 @@ class PostgresStore:
             " AND (lease_until IS NULL OR lease_until < %s) ORDER BY created_at, id LIMIT %s",
             (now, limit),
         )
-        return [a for a in map(_acceptance, found) if a is not None]
+        return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
 
     def add_emission_problems(
         self, problems: Sequence[EmissionProblem], *, connection: object | None = None
     ) -> None:
         """Keep emission problems; with ``connection``, in the caller's transaction."""
-        params = [_problem_params(p) for p in problems]
+        params = [p.row() for p in problems]
         if not params:
             return
         statement = self._sql(_INSERT_PROBLEM)
@@ -2120,34 +2105,6 @@ _INSERT_PROBLEM = (
     "INSERT INTO {s}.emission_problems (transaction_id, terms_id, customer_ref, standard,"
     " reason, created_at, transaction_json) VALUES (%s, %s, %s, %s, %s, %s, %s)"
 )
-
-
-def _problem_params(p: EmissionProblem) -> tuple[Any, ...]:
-    return (
-        p.transaction_id,
-        p.terms_id,
-        p.customer_ref,
-        p.standard,
-        p.reason,
-        p.created_at,
-        p.transaction,
-    )
-
-
-def _acceptance(values: Sequence[Any] | None) -> AcceptanceRecord | None:
-    if values is None:
-        return None
-    return AcceptanceRecord(
-        acceptance_id=values[0],
-        offer_id=values[1],
-        state=cast(AcceptanceState, values[2]),
-        result=values[3],
-        intermediary=values[4],
-        acceptance=values[5],
-        hold=values[6],
-        lease_owner=values[7],
-        lease_until=values[8],
-    )
 
 
 def _sqlalchemy_driver(connection: object) -> object:

@@ -1220,7 +1220,7 @@ class SQLiteStore:
         One write transaction (SQLite has one writer at a time): the acceptance's row and
         the offer's ``accepted_by`` change together or not at all."""
         with self._write() as conn:
-            found = _acceptance(
+            found = AcceptanceRecord.of_row(
                 conn.execute(
                     f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?",
                     (claim.acceptance_id,),
@@ -1238,7 +1238,7 @@ class SQLiteStore:
                 (claim.acceptance_id, claim.offer_id),
             ).rowcount
             if holder == 0:
-                other = _acceptance(
+                other = AcceptanceRecord.of_row(
                     conn.execute(
                         f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id ="
                         " (SELECT accepted_by FROM cmi_offers WHERE id = ?)",
@@ -1315,7 +1315,7 @@ class SQLiteStore:
         """Record the outcome, and for a booking its documents and emission problems, in
         one transaction, while ``owner`` holds the lease; else return the record."""
         with self._write() as conn:
-            found = _acceptance(
+            found = AcceptanceRecord.of_row(
                 conn.execute(
                     f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?",
                     (acceptance_id,),
@@ -1346,7 +1346,7 @@ class SQLiteStore:
                 (state, result, now, acceptance_id),
             )
             conn.executemany(_INSERT, [_params(r) for r in rows])
-            conn.executemany(_INSERT_PROBLEM, [_problem_params(p) for p in problems])
+            conn.executemany(_INSERT_PROBLEM, [p.row() for p in problems])
         return None
 
     def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
@@ -1354,7 +1354,7 @@ class SQLiteStore:
         found = self._read(
             f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?", (acceptance_id,)
         )
-        return _acceptance(found[0]) if found else None
+        return AcceptanceRecord.of_row(found[0]) if found else None
 
     def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
         """``processing`` acceptances whose lease expired before ``now``, oldest first."""
@@ -1363,13 +1363,13 @@ class SQLiteStore:
             " AND (lease_until IS NULL OR lease_until < ?) ORDER BY created_at, id LIMIT ?",
             (now, limit),
         )
-        return [a for a in map(_acceptance, found) if a is not None]
+        return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
 
     def add_emission_problems(
         self, problems: Sequence[EmissionProblem], *, connection: object | None = None
     ) -> None:
         """Keep emission problems; with ``connection``, in the caller's transaction."""
-        params = [_problem_params(p) for p in problems]
+        params = [p.row() for p in problems]
         if not params:
             return
         if connection is not None:
@@ -1396,31 +1396,3 @@ _INSERT_PROBLEM = (
     "INSERT INTO cmi_emission_problems (transaction_id, terms_id, customer_ref, standard,"
     " reason, created_at, transaction_json) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _problem_params(p: EmissionProblem) -> tuple[Any, ...]:
-    return (
-        p.transaction_id,
-        p.terms_id,
-        p.customer_ref,
-        p.standard,
-        p.reason,
-        p.created_at,
-        p.transaction,
-    )
-
-
-def _acceptance(values: Sequence[Any] | None) -> AcceptanceRecord | None:
-    if values is None:
-        return None
-    return AcceptanceRecord(
-        acceptance_id=values[0],
-        offer_id=values[1],
-        state=cast(AcceptanceState, values[2]),
-        result=values[3],
-        intermediary=values[4],
-        acceptance=values[5],
-        hold=values[6],
-        lease_owner=values[7],
-        lease_until=values[8],
-    )
