@@ -157,6 +157,51 @@ def bench_render_validate(quick: bool) -> list[Figure]:
     ]
 
 
+def bench_parse(quick: bool) -> list[Figure]:
+    """Parse incoming tickets: the hardened parser, the XSD and the model
+    (``Adapter.parse``), against lxml's own parse and XSD validation of the same bytes; and
+    a signed ticket verified, then its verified content parsed."""
+    from cmi_sdk.signing import DocumentSigner, self_signed_certificate, verify_document
+
+    adapter = Adapter()
+    txs = tickets(500 if quick else 2000)
+    documents = [adapter.render(tx, standard="cmi-ticket") for tx in txs]
+    schema = adapter.standards.get("cmi-ticket").document_type("ticket").lxml_schema
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer = DocumentSigner(key=key, certificate=self_signed_certificate(key))
+    signed = [signer.sign(doc) for doc in documents[: len(documents) // 4]]
+    if adapter.parse(documents[0], standard="cmi-ticket") != txs[0]:
+        raise SystemExit("the parsed ticket is not the rendered one")
+
+    def sdk() -> int:
+        for doc in documents:
+            adapter.parse(doc, standard="cmi-ticket")
+        return len(documents)
+
+    def baseline() -> int:
+        for doc in documents:
+            if not schema.validate(etree.fromstring(doc, parser)):
+                raise SystemExit("baseline: an invalid ticket")
+        return len(documents)
+
+    def verified() -> int:
+        for doc in signed:
+            adapter.parse(verify_document(doc, signer.certificate), standard="cmi-ticket")
+        return len(signed)
+
+    sdk_rate, base_rate, verified_rate = best_rate(
+        [sdk, baseline, verified], rounds=3 if quick else 7
+    )
+    return [
+        Figure("baseline_lxml_parse_validate", base_rate, "docs/s"),
+        Figure("sdk_parse", sdk_rate, "docs/s"),
+        Figure("sdk_parse_per_doc", 1e6 / sdk_rate, "us"),
+        Figure("sdk_verify_then_parse_per_doc", 1e6 / verified_rate, "us"),
+        Figure("parse_ratio", sdk_rate / base_rate, "x baseline"),
+    ]
+
+
 def _emit_adapter(
     folder: Path, *, signed: bool, destination: str = "http://127.0.0.1:9/inbox"
 ) -> Adapter:
@@ -692,6 +737,7 @@ def _cpu_seconds(pid: int) -> float:
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "render_validate": bench_render_validate,
+    "parse": bench_parse,
     "emit": bench_emit,
     "delivery": bench_delivery,
     "request_offer": bench_request_offer,
