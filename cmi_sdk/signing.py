@@ -70,7 +70,9 @@ _SIGNED_INFO = (
     "</SignedInfo>"
 )
 
-_PARSER = etree.XMLParser(resolve_entities=False, load_dtd=False, no_network=True)
+# Lossless (comments and processing instructions kept, as a signature must see them), with
+# the resolver that refuses every external reference; one lxml parser a thread.
+_PARSER = HardenedParser()
 
 
 def _b64(data: bytes) -> str:
@@ -143,7 +145,7 @@ class DocumentSigner:
         if end < 0 or xml[end:].rstrip()[-1:] != b">":
             raise ValueError("the document's root element has no end tag to sign before")
         if root is None:
-            root = etree.fromstring(xml, _PARSER)
+            root = etree.fromstring(xml, _PARSER.lxml_parser())
         # The root element, not the document: processing instructions before it (OFX's
         # <?OFX ...?> header) are outside what is signed, as signxml, the verifier the SDK
         # and its receivers use, reads URI="" for an enveloped signature.
@@ -228,16 +230,25 @@ def verify_document(
 ) -> bytes:
     """Verify an enveloped signature against the signer's certificate (pinned).
 
-    The document first passes the hardened parser (size cap, no DOCTYPE, depth limit).
+    The document first passes the hardened parser (size cap, no DOCTYPE, depth limit,
+    nothing opened), and the verifier works on that tree: it never parses the bytes itself.
+    Everything in the document must be what the signature covers: a comment anywhere (the
+    signature's canonical form leaves comments out, so a comment could split a value
+    without breaking the signature), or a processing instruction inside or after the root
+    element, is refused. Processing instructions before the root (the OFX header) are
+    outside the signature, and the SDK reads no value from them.
 
     :param certificate: the expected signer's certificate, as an object or PEM bytes.
     :returns: the signed document's canonical form, without the signature: what is
-        actually vouched for.
+        actually vouched for, and what values are to be read from (parse it with
+        :meth:`cmi_sdk.Adapter.parse`).
     :raises SignatureVerificationError: no signature, another signer, other algorithms
-        than the pinned ones, or content changed after signing.
+        than the pinned ones, content changed after signing, or content the signature does
+        not cover.
     :raises XMLInputError: the hardened parser refused the document.
     """
-    HardenedParser(max_bytes=max_bytes).parse(xml)
+    tree = _hardened(max_bytes).parse(xml, lossless=True)
+    _refuse_uncovered(tree)
     # signxml is imported by verifiers only: the signing path does not need it.
     from signxml.algorithms import DigestAlgorithm, SignatureMethod  # noqa: PLC0415
     from signxml.exceptions import InvalidInput, InvalidSignature  # noqa: PLC0415
@@ -256,8 +267,12 @@ def verify_document(
         digest_algorithms=frozenset({DigestAlgorithm.SHA256}),
     )
     try:
+        # The parsed root, and the hardened parser for signxml's own re-parses of it.
         result = XMLVerifier().verify(
-            xml, x509_cert=pem.decode("ascii"), expect_config=config, parser=_PARSER
+            tree.getroot(),
+            x509_cert=pem.decode("ascii"),
+            expect_config=config,
+            parser=_PARSER.lxml_parser(),
         )
     except (InvalidSignature, InvalidInput, etree.XMLSyntaxError) as exc:
         raise SignatureVerificationError(
@@ -267,3 +282,24 @@ def verify_document(
         result = result[0]
     signed: bytes = result.signed_data
     return signed
+
+
+def _hardened(max_bytes: int) -> HardenedParser:
+    return _PARSER if max_bytes == _PARSER.max_bytes else HardenedParser(max_bytes=max_bytes)
+
+
+def _refuse_uncovered(tree: etree._ElementTree) -> None:
+    """Refuse what a signature over the root does not cover, or covers but the SDK would
+    not read: comments anywhere, processing instructions inside or after the root."""
+    root = tree.getroot()
+    before = list(root.itersiblings(preceding=True))
+    after = list(root.itersiblings())
+    inside = list(root.iter(etree.Comment, etree.ProcessingInstruction))
+    if any(isinstance(node, etree._Comment) for node in (*before, *inside, *after)):
+        raise SignatureVerificationError(
+            "the document holds a comment, which its signature does not cover: refused"
+        )
+    if inside or after:
+        raise SignatureVerificationError(
+            "the document holds a processing instruction inside or after its root element: refused"
+        )
