@@ -228,8 +228,9 @@ class _Demo:
         if response.status_code != 200:
             self.say(f"   the firm answered {response.status_code}: {response.text}")
             return None
-        verify_document(response.content, self.certificate)
-        answer = self.adapter.parse(response.content, standard="cmi", document_type="offers")
+        # Read from what the signature covers, as the verifier saw it.
+        signed = verify_document(response.content, self.certificate)
+        answer = self.adapter.parse(signed, standard="cmi", document_type="offers")
         if not isinstance(answer, OfferSet):
             return None
         for line in format_offers(answer):

@@ -16,6 +16,7 @@ from cmi_sdk._exceptions import MappingError
 __all__ = [
     "MappingError",
     "Reader",
+    "leaf_text",
     "xml_date",
     "xml_datetime",
     "xml_decimal",
@@ -38,6 +39,32 @@ def xml_date(value: dt.date) -> str:
 def xml_decimal(value: Decimal) -> str:
     """A Decimal in plain notation (never exponent notation, which xs:decimal refuses)."""
     return f"{value:f}"
+
+
+def leaf_text(element: etree._Element) -> str:
+    """The whole text of ``element``, an element the schema says holds text only.
+
+    All of its text, character references and CDATA sections included ('' when empty): the
+    value the element's canonical form, and so its signature, carries. An element that
+    holds anything but text (a child element, a comment, a processing instruction) is
+    refused rather than read in part: reading only the text before a comment is how a
+    value could differ from the one signed.
+
+    :raises MappingError: the element holds something other than text.
+    """
+    if len(element):
+        held = element[0]
+        what = (
+            "a comment"
+            if isinstance(held, etree._Comment)
+            else "a processing instruction"
+            if isinstance(held, etree._ProcessingInstruction)
+            else f"the element <{etree.QName(held).localname}>"
+            if isinstance(held.tag, str)
+            else "an entity reference"
+        )
+        raise MappingError(f"<{etree.QName(element).localname}> holds {what} where text belongs")
+    return element.text or ""
 
 
 class Reader:
@@ -80,7 +107,7 @@ class Reader:
         """The child ``local`` written as ``<local currency="USD">1.00</local>``, as the
         mapping Money validates from."""
         child = self.require(local)
-        return {"amount": child.element.text or "", "currency": child.attr("currency")}
+        return {"amount": leaf_text(child.element), "currency": child.attr("currency")}
 
     def children(self, local: str) -> list[Reader]:
         """Readers for every child called ``local``, in document order."""
@@ -93,12 +120,12 @@ class Reader:
             raise MappingError(
                 f"<{local}> is missing under <{etree.QName(self._element).localname}>"
             )
-        return found.text or ""
+        return leaf_text(found)
 
     def optional(self, local: str) -> str | None:
         """The text of the optional child ``local``, or None when it is absent."""
         found = self._element.find(self._ns + local)
-        return None if found is None else (found.text or "")
+        return None if found is None else leaf_text(found)
 
     def attr(self, name: str) -> str:
         """The value of the required, unqualified attribute ``name``."""

@@ -51,6 +51,7 @@ from cmi_sdk import (
     MappingError,
     Transaction,
 )
+from cmi_sdk.mapping import leaf_text
 
 __all__ = ["ParsedOFX", "parse_ofx", "read_ofx"]
 
@@ -124,9 +125,9 @@ def _text(element: etree._Element | None, path: str) -> str | None:
     if element is None:
         return None
     found = element.find(path)
-    if found is None or found.text is None:
+    if found is None:
         return None
-    return found.text.strip() or None
+    return leaf_text(found).strip() or None
 
 
 def _firm(root: etree._Element, firm: str | None) -> str:

@@ -192,7 +192,7 @@ from cmi_sdk import (
     ValidationIssue,
     hookimpl,
 )
-from cmi_sdk.mapping import xml_date, xml_datetime, xml_decimal
+from cmi_sdk.mapping import leaf_text, xml_date, xml_datetime, xml_decimal
 
 if TYPE_CHECKING:
     from lxml._types import _ElementOrTree
@@ -686,12 +686,12 @@ def _require(element: etree._Element, path: str, what: str) -> etree._Element:
 def _text(element: etree._Element, path: str) -> str | None:
     """The text of the element at ``path`` ('' when empty), or None when it is absent."""
     found = _find(element, path)
-    return None if found is None else (found.text or "")
+    return None if found is None else leaf_text(found)
 
 
 def _value(element: etree._Element, path: str, what: str) -> str:
     """The text of a required element that holds a typed value (XSD collapses its spaces)."""
-    return (_require(element, path, what).text or "").strip()
+    return leaf_text(_require(element, path, what)).strip()
 
 
 def _amount(element: etree._Element, path: str, what: str) -> dict[str, str]:
@@ -699,7 +699,7 @@ def _amount(element: etree._Element, path: str, what: str) -> dict[str, str]:
     currency = found.get("currencyID")
     if currency is None:
         raise MappingError(f"{path} under <{_local(element)}> has no currencyID: {what}")
-    return {"amount": (found.text or "").strip(), "currency": currency.strip()}
+    return {"amount": leaf_text(found).strip(), "currency": currency.strip()}
 
 
 def _instant(element: etree._Element, date: str, time: str, what: str) -> str:
@@ -751,7 +751,7 @@ def _notes(root: etree._Element, key: str, fields: int = 0) -> list[list[str]]:
     prefix = f"cmi:{key} "
     found = []
     for note in _findall(root, "cbc:Note"):
-        text = note.text or ""
+        text = leaf_text(note)
         if not text.startswith(prefix):
             continue
         parts = text[len(prefix) :].split(" ", fields)
