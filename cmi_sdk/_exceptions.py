@@ -23,7 +23,7 @@ about something that is not there from :class:`LookupError`::
         ├── XMLInputError               XML refused before validation
         │   ├── DocumentTooLargeError
         │   ├── MalformedXMLError
-        │   ├── ForbiddenXMLError       DTDs, entities, processing instructions
+        │   ├── ForbiddenXMLError       a DOCTYPE (DTDs, entities)
         │   └── DocumentTooDeepError
         ├── DocumentValidationError     XML that breaks its schema
         ├── TermsError                  sharing terms the firm cannot take as they are
@@ -238,7 +238,8 @@ class MalformedXMLError(XMLInputError):
 
 
 class ForbiddenXMLError(XMLInputError):
-    """The document uses a construct the hardened parser refuses (a DTD, an entity, ...)."""
+    """The document has a DOCTYPE, which the hardened parser refuses (with it, DTDs and
+    entities); the message is the same whatever the DOCTYPE names."""
 
 
 class DocumentTooDeepError(XMLInputError):

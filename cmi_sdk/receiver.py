@@ -17,7 +17,9 @@ works) and is checked in this order, the cheapest and least trusting checks firs
    ``msg_`` and 32 hex digits;
 4. the ``Content-Type`` is ``application/xml``, parameters allowed (415);
 5. with the firm's certificate configured, the document's enveloped XML-DSig verifies
-   against it (422).
+   against it, and the document carries nothing the signature does not cover (no comment,
+   no processing instruction inside or after the root) (422): what is stored is then
+   exactly what was verified.
 
 Then ``DIR/<webhook-id>.json`` (what was received, and when) and ``DIR/<webhook-id>.xml``
 (the body, byte for byte) are written, and the answer is 200. A ``webhook-id`` whose
