@@ -33,7 +33,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
-from cmi_sdk import Adapter, ForbiddenXMLError, HardenedParser, Request, load_model
+from cmi_sdk import (
+    Adapter,
+    ForbiddenXMLError,
+    HardenedParser,
+    Request,
+    Transaction,
+    load_model,
+)
 from cmi_sdk._xml import DOCTYPE_REFUSED, new_lxml_parser
 from cmi_sdk.cli import main
 from cmi_sdk.client import signed_headers
@@ -218,6 +225,23 @@ def test_verify_document_refuses_every_doctype_and_opens_nothing(
             verify_document(hostile(signed_ticket, form, prefix, target), signer().certificate)
         messages.add(str(caught.value))
     assert messages == {REFUSED}
+
+
+@pytest.mark.parametrize("prefix", ["comment", "processing instruction", "BOM"])
+def test_the_ofx_and_ubl_readers_refuse_every_doctype_and_open_nothing(
+    prefix: str, targets: dict[str, Path], watch: Watch
+) -> None:
+    from cmi_ofx import read_ofx
+    from cmi_ubl import read
+
+    transaction = load_model(Transaction, (ROOT / "examples" / "bank-transaction.json").read_text())
+    statement = Adapter().render(transaction, standard="ofx")
+    invoice = Adapter().render(ticket(), standard="ubl", document_type="Invoice")
+    for form in FORMS:
+        for target in targets.values():
+            for reader, document in ((read_ofx, statement), (read, invoice)):
+                with pytest.raises(ForbiddenXMLError, match=f"^{re.escape(REFUSED)}$"):
+                    reader(hostile(document, form, prefix, target))
 
 
 def test_a_doctype_that_breaks_the_parse_later_is_still_the_one_refusal(
