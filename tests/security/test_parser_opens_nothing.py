@@ -378,10 +378,13 @@ def test_the_reported_hang_in_a_real_process(
 
 @contextlib.contextmanager
 def _listening(store: Path, cert: Path, secret: str) -> Iterator[str]:
+    secret_file = store.parent / "secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "cmi_sdk.cli", "listen", "--port", "0"),
-            *("--store", str(store), "--cert", str(cert), "--secret", secret),
+            *("--store", str(store), "--cert", str(cert), "--secret-file", str(secret_file)),
         ],
         stdout=subprocess.PIPE,
         text=True,
