@@ -157,6 +157,9 @@ _AUTH_HEADERS = (
 )
 _SIGNER = re.compile(r"[^\x00-\x1f\x7f]{1,200}")  # an intermediary's name, a terms id
 _SINCE = re.compile(r"[0-9]{1,40}")  # the PostgreSQL store's cursors are wider
+# Every id and reference the firm hands out (an Identifier, a CustomerRef) fits: anything
+# else names nothing, and is not looked up (PostgreSQL text cannot even hold a NUL).
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 
 class ProblemError(CMIError):
@@ -379,6 +382,15 @@ def _decision_json(request: Request, decision: TermsDecision) -> dict[str, Any]:
     if decision.consent_xml is not None:
         out["consent_xml"] = decision.consent_xml.decode()
     return out
+
+
+def _offer_id(request: Request) -> str:
+    """The offer id of the route, when it could name an offer: else the answer is the one
+    for a missing offer."""
+    offer_id: str = request.path_params["offer_id"]
+    if not _ID.fullmatch(offer_id):
+        raise ProblemError("not-found", f"no offer {offer_id!r}")
+    return offer_id
 
 
 def _target(scope: Mapping[str, Any]) -> str:
@@ -612,14 +624,19 @@ class _Endpoint:
     def list_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
         if principal.terms is not None:
             return JSONResponse({"terms": [_terms_json(request, principal.terms)]})
+        customer = request.query_params.get("customer")
+        if customer is not None and not _ID.fullmatch(customer):
+            raise ProblemError("invalid-input", "customer is a customer_ref")
         found = self.adapter.store.list_terms(
-            customer_ref=request.query_params.get("customer"),
+            customer_ref=customer,
             intermediary=principal.intermediary,
             include_revoked=True,
         )
         return JSONResponse({"terms": [_terms_json(request, t) for t in found]})
 
     def visible_terms(self, terms_id: str, principal: Principal) -> SharingTerms:
+        if not _ID.fullmatch(terms_id):
+            raise ProblemError("not-found", f"no sharing terms {terms_id!r}")
         try:
             terms = self.adapter.store.get_terms(terms_id)
         except TermsNotFoundError:
@@ -656,7 +673,7 @@ class _Endpoint:
             raise ProblemError("unsupported-media-type", "a link code is sent as application/json")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting past the decoder's depth too
             raise ProblemError("invalid-input", 'send {"code": "..."}') from None
         if not isinstance(data, dict) or set(data) != {"code"} or not isinstance(data["code"], str):
             raise ProblemError("invalid-input", 'send {"code": "..."}')
@@ -677,6 +694,8 @@ class _Endpoint:
         """Revoke one of the intermediary's own links, and its terms."""
         name = self._linking(principal)
         link_id = request.path_params["link_id"]
+        if not _ID.fullmatch(link_id):
+            raise ProblemError("not-found", f"no link {link_id!r}")
         try:
             link = self.adapter.get_link(link_id)
         except LinkNotFoundError:
@@ -800,7 +819,7 @@ class _Endpoint:
 
     def get_offer(self, request: Request, principal: Principal, _body: bytes) -> Response:
         name = self._intermediary(principal)
-        offer_id = request.path_params["offer_id"]
+        offer_id = _offer_id(request)
         stored = self.adapter.get_offer(offer_id)
         if stored.intermediary != name:
             # Only the intermediary that asked: its customer's reference is its own.
@@ -809,7 +828,7 @@ class _Endpoint:
 
     def post_acceptance(self, request: Request, principal: Principal, body: bytes) -> Response:
         name = self._intermediary(principal)
-        offer_id = request.path_params["offer_id"]
+        offer_id = _offer_id(request)
         if self.adapter.get_offer(offer_id).intermediary != name:
             # An offer made for another intermediary's customer (or for none) is not this
             # one's to accept: the same answer as for a missing offer.

@@ -1,0 +1,115 @@
+"""Attacks on the endpoint's link, terms and offer routes found by review.
+
+Each test sends what an adversary with a registered intermediary's secret can send, on
+both stores, and checks that the answer is a clear 4xx problem and that nothing changed:
+never a 500 with a traceback in the firm's logs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.exceptions import StarletteDeprecationWarning
+
+from cmi_sdk import Adapter
+from cmi_sdk.client import signed_headers
+from cmi_sdk.outbox import OutboxStore
+from cmi_sdk.outbox.sqlite import SQLiteStore
+from cmi_sdk.webhooks import generate_secret
+from tests.support import make_adapter
+
+with warnings.catch_warnings():
+    # Starlette 1.x would rather its test client ran on httpx2; the SDK depends on httpx.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
+SECRET = generate_secret()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]:
+    store: OutboxStore
+    schema = f"cmi_review_{secrets.token_hex(4)}"
+    if request.param == "sqlite":
+        store = SQLiteStore(tmp_path / "cmi.db")
+    else:
+        if not DSN:
+            pytest.skip("CMI_TEST_POSTGRES_DSN is not set")
+        from cmi_sdk.outbox.postgres import PostgresStore
+
+        store = PostgresStore(DSN, schema=schema)
+    adapter = make_adapter(tmp_path, store=store)
+    adapter.add_intermediary("relay", SECRET)
+    try:
+        yield adapter
+    finally:
+        adapter.close()
+        store.close()  # type: ignore[attr-defined]
+        if request.param == "postgres":
+            import psycopg
+
+            with psycopg.connect(DSN, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _send(
+    client: TestClient, method: str, target: str, body: bytes = b"", *, signed: str | None = None
+) -> tuple[int, dict[str, object]]:
+    """A request signed by the registered intermediary; ``signed`` is the target as the
+    endpoint reads it (the decoded path), when it differs from what goes on the wire."""
+    headers = signed_headers(
+        secret=SECRET, method=method, target=signed or target, intermediary="relay", body=body
+    )
+    headers["content-type"] = "application/json"
+    response = client.request(method, target, content=body, headers=headers)
+    return response.status_code, response.json()
+
+
+def test_a_link_code_nested_past_the_json_decoders_depth_gets_a_problem(
+    adapter: Adapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``POST /cmi/links`` with ``[[[[...`` used to end in the JSON decoder's
+    RecursionError: a 500 and a traceback for a 60 kB body."""
+    with TestClient(adapter.asgi_app(), raise_server_exceptions=False) as client:
+        for body in (b"[" * 60_000, b'{"code": ' + b"[" * 60_000):
+            status, problem = _send(client, "POST", "/cmi/links", body)
+            assert (status, problem["type"]) == (422, "urn:cmi:problem:invalid-input")
+    assert not [r for r in caplog.records if r.exc_info]
+    assert adapter.links(include_revoked=True) == []
+
+
+# Ids as the endpoint reads them (percent-decoded): a NUL, which PostgreSQL cannot hold in
+# text and used to make its driver fail; an id longer than any the firm hands out; spaces.
+BAD_IDS = ["\x00", "terms_\x00", "x" * 300, "a b", "é"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_an_id_no_store_could_hold_is_answered_as_a_missing_one(
+    adapter: Adapter, bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every route taking an id or a reference answers an impossible one as it answers
+    a missing one (404), or as invalid input (the ``customer`` filter), never 500."""
+    from urllib.parse import quote
+
+    wire = quote(bad, safe="")
+    routes = [
+        ("GET", f"/cmi/terms/{wire}", f"/cmi/terms/{bad}", 404),
+        ("DELETE", f"/cmi/terms/{wire}", f"/cmi/terms/{bad}", 404),
+        ("DELETE", f"/cmi/links/{wire}", f"/cmi/links/{bad}", 404),
+        ("GET", f"/cmi/offers/{wire}", f"/cmi/offers/{bad}", 404),
+        ("POST", f"/cmi/offers/{wire}/acceptance", f"/cmi/offers/{bad}/acceptance", 404),
+        ("GET", f"/cmi/documents?terms={wire}", None, 404),
+        ("GET", f"/cmi/terms?customer={wire}", None, 422),
+    ]
+    with TestClient(adapter.asgi_app(), raise_server_exceptions=False) as client:
+        for method, target, signed, wanted in routes:
+            status, problem = _send(client, method, target, signed=signed)
+            assert status == wanted, (method, target, problem)
+            assert str(problem["type"]).startswith("urn:cmi:problem:")
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
