@@ -444,10 +444,15 @@ class Adapter:
 
     def revoke_intermediary(self, name: str) -> bool:
         """Refuse every request of the intermediary from now on (the endpoint checks on
-        each request) and forget its secrets. False when it was revoked already.
+        each request), forget its secrets, and revoke its links and every terms it
+        registered (each with a signed consent record; their undelivered documents are
+        cancelled): it chose those terms' secrets, which sign pulls. False when it was
+        revoked already (what a revocation left unrevoked is revoked again).
 
         :raises IntermediaryNotFoundError: no such intermediary."""
-        return self.store.revoke_intermediary(name, at=self.clock())
+        revoked = self.store.revoke_intermediary(name, at=self.clock())
+        self._links.revoke_intermediary(name)
+        return revoked
 
     def intermediaries(self) -> list[Intermediary]:
         """The registered intermediaries, revoked ones too, by name."""

@@ -218,6 +218,36 @@ class LinkService:
             link=store.get_link(link_id), consents=tuple(consents), cancelled=cancelled
         )
 
+    def revoke_intermediary(self, intermediary: str) -> tuple[int, int]:
+        """Revoke every active link of ``intermediary`` and every terms it registered (for
+        links or its own pseudonyms), each with a signed consent record; how many links
+        and how many terms outside them were revoked.
+
+        The intermediary chose each of its terms' secrets, and a terms secret signs the
+        customer's pulls (``cmi-terms``): while its terms stand, a revoked intermediary
+        could still pull, and its destinations still be pushed to."""
+        store = self._store()
+        links = terms = 0
+        for link in store.links(intermediary=intermediary):
+            try:
+                self.revoke(link.id)
+            except LinkError:
+                continue  # revoked meanwhile
+            links += 1
+        for found in store.list_terms(intermediary=intermediary):
+            try:
+                self._emitter.revoke(found.id)
+            except TermsError:
+                continue  # revoked meanwhile
+            terms += 1
+        log.info(
+            "intermediary %s revoked: %d links and %d other terms revoked",
+            intermediary,
+            links,
+            terms,
+        )
+        return links, terms
+
 
 def _utc(timestamp: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC)

@@ -597,7 +597,8 @@ def cmd_intermediaries_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_intermediaries_revoke(args: argparse.Namespace) -> int:
-    """Revoke an intermediary: its requests are refused from now on."""
+    """Revoke an intermediary: its requests are refused from now on, its links and terms
+    revoked."""
     adapter = _emitting_adapter(args, require_signer=False)
     if adapter.revoke_intermediary(args.name):
         _write(f"{args.name} revoked\n".encode(), None)
@@ -1246,7 +1247,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--out", metavar="FILE", help="write the new secret to a new 0600 file")
     i.set_defaults(func=cmd_intermediaries_rotate)
-    i = inter.add_parser("revoke", help="refuse NAME's requests from now on")
+    i = inter.add_parser(
+        "revoke", help="refuse NAME's requests from now on; revoke its links and terms"
+    )
     i.add_argument("name", metavar="NAME")
     i.set_defaults(func=cmd_intermediaries_revoke)
     i = inter.add_parser("list", help="intermediaries and when their secrets end")

@@ -12,6 +12,7 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
@@ -20,8 +21,9 @@ from cmi_sdk import Adapter
 from cmi_sdk.client import signed_headers
 from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
+from cmi_sdk.testing import link_customer
 from cmi_sdk.webhooks import generate_secret
-from tests.support import make_adapter
+from tests.support import make_adapter, register, ticket
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2; the SDK depends on httpx.
@@ -113,3 +115,54 @@ def test_an_id_no_store_could_hold_is_answered_as_a_missing_one(
             assert status == wanted, (method, target, problem)
             assert str(problem["type"]).startswith("urn:cmi:problem:")
     assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
+
+
+def test_a_revoked_intermediary_cannot_pull_with_the_terms_secrets_it_chose(
+    adapter: Adapter,
+) -> None:
+    """An intermediary chooses the secret of the terms it registers, so it holds every
+    one of them. Revoking it used to leave that door open: signing as ``cmi-terms`` with
+    a terms secret, it kept pulling its linked customers' documents, and its push terms
+    kept getting them. Its links and terms are now revoked with it (signed consent
+    records), and stay so when it is registered anew."""
+    account = "acct-alice-0001"
+    link = link_customer(adapter, account, "relay")
+    terms_secret = generate_secret()
+    pull_terms = register(
+        adapter,
+        intermediary="relay",
+        customer_ref=link.customer_ref,
+        destination=None,
+        when="pull",
+        secret=terms_secret,
+    )
+    push_terms = register(adapter, intermediary="relay", customer_ref=link.customer_ref)
+    own_terms = register(adapter, intermediary="relay", customer_ref="relay-pseudonym-1")
+    adapter.emit(ticket(id="DL-1", customer_ref=account))
+
+    def pull(client: TestClient) -> tuple[int, dict[str, Any]]:
+        headers = signed_headers(
+            secret=terms_secret, method="GET", target="/cmi/documents", terms_id=pull_terms.id
+        )
+        response = client.get("/cmi/documents", headers=headers)
+        return response.status_code, response.json()
+
+    with TestClient(adapter.asgi_app(), raise_server_exceptions=False) as client:
+        status, answer = pull(client)
+        assert status == 200
+        assert len(answer["documents"]) == 1
+        assert adapter.revoke_intermediary("relay")
+        status, answer = pull(client)
+        assert (status, answer["type"]) == (403, "urn:cmi:problem:forbidden"), answer
+        # Registered again (a new secret): what it registered before stays revoked.
+        adapter.add_intermediary("relay", generate_secret())
+        status, answer = pull(client)
+        assert status == 403, answer
+    assert adapter.links(intermediary="relay") == []
+    assert adapter.emit(ticket(id="DL-2", customer_ref=account)) == []
+    for terms in (pull_terms, push_terms, own_terms):
+        events = [r.event for r, _ in adapter.store.consent_records(terms.id)]
+        assert events == ["granted", "revoked"]
+    assert {r.state for r in adapter.store.rows(limit=100) if r.terms_id == push_terms.id} == {
+        "cancelled"
+    }
