@@ -548,7 +548,11 @@ class _Endpoint:
         secrets = () if found is None else found.valid_secrets(now)
         if found is None or not secrets:  # unknown and revoked are told apart to nobody
             return self._decoy
-        ends = [s.expires_at for s in found.secrets if s.expires_at is not None]
+        # Secrets already ended stay in the row until the next rotation: only the ends
+        # still to come limit how long the verifier is kept.
+        ends = [
+            s.expires_at for s in found.secrets if s.expires_at is not None and s.expires_at > now
+        ]
         verifier = WebhookVerifier(
             secrets=tuple(request_signing_secret(s) for s in secrets), tolerance=self.tolerance
         )

@@ -7,6 +7,7 @@ never a 500 with a traceback in the firm's logs.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import warnings
@@ -19,11 +20,11 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from cmi_sdk import Adapter
 from cmi_sdk.client import signed_headers
-from cmi_sdk.outbox import OutboxStore
+from cmi_sdk.outbox import Intermediary, OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.testing import link_customer
 from cmi_sdk.webhooks import generate_secret
-from tests.support import make_adapter, register, ticket
+from tests.support import Clock, make_adapter, register, ticket
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2; the SDK depends on httpx.
@@ -166,3 +167,45 @@ def test_a_revoked_intermediary_cannot_pull_with_the_terms_secrets_it_chose(
     assert {r.state for r in adapter.store.rows(limit=100) if r.terms_id == push_terms.id} == {
         "cancelled"
     }
+
+
+class _CountingStore(SQLiteStore):
+    """An SQLite store that counts how often an intermediary's secrets are opened."""
+
+    opened = 0
+
+    def intermediary(self, name: str) -> Intermediary | None:
+        self.opened += 1
+        return super().intermediary(name)
+
+
+def test_a_secret_past_its_grace_does_not_make_every_request_open_the_secrets(
+    tmp_path: Path,
+) -> None:
+    """After a rotation's grace ended, the ended secret stays in the row until the next
+    rotation; the endpoint used to take its end as the kept verifier's, so it read and
+    opened (decrypted) the intermediary's secrets again on every request."""
+    clock = Clock(dt.datetime.now(dt.UTC).timestamp())
+    store = _CountingStore(tmp_path / "cmi.db")
+    adapter = make_adapter(tmp_path, store=store, clock=clock)
+    adapter.add_intermediary("relay", SECRET)
+    new = adapter.rotate_intermediary("relay", grace=dt.timedelta(minutes=5))
+    clock.now += 600  # the old secret ended
+    with TestClient(adapter.asgi_app()) as client:
+
+        def status(secret: str) -> int:
+            headers = signed_headers(
+                secret=secret,
+                method="GET",
+                target="/cmi/terms",
+                intermediary="relay",
+                timestamp=int(clock.now),
+            )
+            return client.get("/cmi/terms", headers=headers).status_code
+
+        assert status(SECRET) == 401
+        before = store.opened
+        assert [status(new) for _ in range(5)] == [200] * 5
+        assert store.opened - before <= 1
+    adapter.close()
+    store.close()
