@@ -660,7 +660,10 @@ class _Endpoint:
         terms = self.visible_terms(request.path_params["terms_id"], principal)
         if terms.revoked_at is not None:
             raise ProblemError("conflict", f"terms {terms.id} are already revoked")
-        consent = self.adapter.revoke_terms(terms.id)
+        try:
+            consent = self.adapter.revoke_terms(terms.id)
+        except TermsError:  # revoked meanwhile, by the customer or a concurrent request
+            raise ProblemError("conflict", f"terms {terms.id} are already revoked") from None
         return JSONResponse(
             {
                 "outcome": "revoked",
@@ -709,7 +712,10 @@ class _Endpoint:
             raise ProblemError("not-found", f"no link {link_id!r}")
         if link.revoked_at is not None:
             raise ProblemError("conflict", f"link {link_id} is already revoked")
-        revocation = self.adapter.revoke_link(link_id)
+        try:
+            revocation = self.adapter.revoke_link(link_id)
+        except LinkError:  # revoked meanwhile, by the firm or a concurrent request
+            raise ProblemError("conflict", f"link {link_id} is already revoked") from None
         return JSONResponse(
             {
                 "outcome": "revoked",

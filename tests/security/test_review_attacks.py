@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from cmi_sdk import Adapter
+from cmi_sdk import Adapter, Link, SharingTerms
 from cmi_sdk.client import signed_headers
 from cmi_sdk.outbox import Intermediary, OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
@@ -207,5 +207,61 @@ def test_a_secret_past_its_grace_does_not_make_every_request_open_the_secrets(
         before = store.opened
         assert [status(new) for _ in range(5)] == [200] * 5
         assert store.opened - before <= 1
+    adapter.close()
+    store.close()
+
+
+class _RacedStore(SQLiteStore):
+    """An SQLite store whose next read of a link or terms is followed at once by another
+    process revoking it: what two concurrent revocations look like to the slower one."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.path = path
+        self.race: str | None = None
+
+    def _revoke_meanwhile(self) -> None:
+        kind, self.race = self.race, None
+        if kind is None:
+            return
+        other = make_adapter(self.path.parent, store=SQLiteStore(self.path))
+        try:
+            if kind.startswith("link_"):
+                other.revoke_link(kind)
+            else:
+                other.revoke_terms(kind)
+        finally:
+            other.close()
+            other.store.close()  # type: ignore[attr-defined]
+
+    def get_link(self, link_id: str) -> Link:
+        found = super().get_link(link_id)
+        self._revoke_meanwhile()
+        return found
+
+    def get_terms(self, terms_id: str) -> SharingTerms:
+        found = super().get_terms(terms_id)
+        self._revoke_meanwhile()
+        return found
+
+
+def test_a_revocation_that_loses_a_race_is_a_conflict(tmp_path: Path) -> None:
+    """Two revocations of one link (or terms) at once: the slower one used to be answered
+    with the link-code (or terms registration) refusal, a 422 whose title speaks of
+    something else; it is the 409 conflict a revoked link or terms gets."""
+    store = _RacedStore(tmp_path / "cmi.db")
+    adapter = make_adapter(tmp_path, store=store)
+    adapter.add_intermediary("relay", SECRET)
+    link = link_customer(adapter, "acct-alice-0001", "relay")
+    terms = register(adapter, intermediary="relay", customer_ref="relay-pseudonym-1")
+    with TestClient(adapter.asgi_app()) as client:
+        store.race = link.id
+        status, problem = _send(client, "DELETE", f"/cmi/links/{link.id}")
+        assert (status, problem["type"]) == (409, "urn:cmi:problem:conflict"), problem
+        store.race = terms.id
+        status, problem = _send(client, "DELETE", f"/cmi/terms/{terms.id}")
+        assert (status, problem["type"]) == (409, "urn:cmi:problem:conflict"), problem
+    [revoked] = [r for r, _ in adapter.store.consent_records(terms.id) if r.event == "revoked"]
+    assert revoked.terms_id == terms.id
     adapter.close()
     store.close()
