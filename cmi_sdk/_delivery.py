@@ -362,6 +362,7 @@ class DeliveryWorker:
         terms_by_id: dict[str, SharingTerms | None] = {}
         work: list[tuple[OutboxRow, SharingTerms]] = []
         results: list[AttemptResult] = []
+        revoked: list[str] = []
         now = self._clock()
         for row in rows:
             if row.terms_id not in terms_by_id:
@@ -371,7 +372,10 @@ class DeliveryWorker:
                     terms_by_id[row.terms_id] = None
             terms = terms_by_id[row.terms_id]
             if terms is None or terms.revoked_at is not None:
-                stats.skipped += 1  # revoked meanwhile: the revocation cancelled the row
+                # Revoked meanwhile: the revocation cancelled the row, unless the row was
+                # written just after it (from terms read just before); cancel it here.
+                stats.skipped += 1
+                revoked.append(row.msg_id)
                 continue
             if row.destination is None:
                 results.append(self._dead(row, now, None, "a pull-only row has no destination"))
@@ -381,6 +385,7 @@ class DeliveryWorker:
                 results.append(self._dead(row, now, None, f"destination disabled: {reason}"))
                 continue
             work.append((row, terms))
+        self._cancel(revoked)
         if work:
             lanes = self._lanes(work)
             if len(lanes) == 1 or self.concurrency == 1:
@@ -394,6 +399,16 @@ class DeliveryWorker:
             self._count(stats, result)
         self._notify(rows, results)
         return stats
+
+    def _cancel(self, msg_ids: Sequence[str]) -> None:
+        """Cancel claimed rows whose terms were revoked (else each lease expiry would claim
+        them again)."""
+        if not msg_ids:
+            return
+        try:
+            self.store.cancel(owner=self.owner, msg_ids=msg_ids, reason="terms revoked")
+        except CMIError:
+            log.exception("cancelling rows of revoked terms failed")
 
     def _lanes(
         self, work: Sequence[tuple[OutboxRow, SharingTerms]]

@@ -277,6 +277,25 @@ def test_terms_revoked_while_rows_are_queued(setup: Setup) -> None:
         assert setup.adapter.store.get_row(emission.msg_id).state == "cancelled"
 
 
+def test_a_row_written_just_after_its_terms_were_revoked_is_cancelled(setup: Setup) -> None:
+    # An emission read the terms just before the revocation committed and wrote its row
+    # just after it: the revocation could not cancel a row that was not there yet.
+    terms_id = _terms(setup)
+    rows, _emissions, _problems = setup.adapter._emitter.prepare(
+        [ticket()], connection=None, customer_refs=None
+    )
+    setup.adapter.revoke_terms(terms_id)
+    store = setup.adapter.store
+    store.insert(rows)
+    with setup.worker() as worker:
+        assert worker.run_once().attempts == 0
+        setup.clock[0] += 3600  # any lease would have run out: nothing claims it again
+        assert worker.run_once().attempts == 0
+    assert setup.faulty.requests == 0
+    row = store.get_row(rows[0].msg_id)
+    assert (row.state, row.last_error, row.lease_owner) == ("cancelled", "terms revoked", None)
+
+
 def test_pull_only_terms_never_push(setup: Setup) -> None:
     register(setup.adapter, when="pull", destination=None)
     (emission,) = setup.adapter.emit(ticket())

@@ -477,6 +477,18 @@ def test_claim_heartbeat_complete_and_a_stalled_lease(store: PostgresStore) -> N
     store.complete([])
 
 
+def test_cancel_takes_only_the_owners_leased_rows(store: PostgresStore) -> None:
+    store.insert([new_row(1), new_row(2), new_row(3)])
+    store.claim(owner="a", now=NOW, lease_seconds=30, limit=2)  # msg_0001 and msg_0002
+    ids = ["msg_0001", "msg_0002", "msg_0003"]
+    assert store.cancel(owner="b", msg_ids=ids, reason="terms revoked") == 0
+    assert store.cancel(owner="a", msg_ids=ids, reason="terms revoked") == 2
+    assert store.cancel(owner="a", msg_ids=[], reason="terms revoked") == 0
+    states = [(store.get_row(m).state, store.get_row(m).lease_owner) for m in ids]
+    assert states == [("cancelled", None), ("cancelled", None), ("pending", None)]
+    assert store.claim(owner="b", now=NOW + 31, lease_seconds=30, limit=10)[0].msg_id == ids[2]
+
+
 def test_next_due_and_status(store: PostgresStore) -> None:
     assert store.next_due() is None
     status = store.status(NOW)

@@ -483,6 +483,10 @@ class OutboxStore(Protocol):
     def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
         """Extend ``owner``'s leases on ``msg_ids``."""
 
+    def cancel(self, *, owner: str, msg_ids: Sequence[str], reason: str) -> int:
+        """Cancel the rows of ``msg_ids`` that ``owner`` leases (their terms were revoked
+        after they were written); return how many."""
+
     def complete(self, results: Sequence[AttemptResult]) -> None:
         """Record attempts and their outcomes, in one transaction."""
 

@@ -1241,6 +1241,20 @@ class PostgresStore:
             durable=False,
         )
 
+    def cancel(self, *, owner: str, msg_ids: Sequence[str], reason: str) -> int:
+        """Cancel the rows of ``msg_ids`` that ``owner`` leases; return how many."""
+        if not msg_ids:
+            return 0
+        statement = self._sql(
+            "UPDATE {s}.outbox SET state = 'cancelled', last_error = %s, lease_owner = NULL,"
+            " lease_until = NULL WHERE msg_id = ANY(%s) AND lease_owner = %s AND state = 'leased'"
+        )
+
+        def body(cur: _Cursor) -> int:
+            return cur.execute(statement, (reason, list(msg_ids), owner)).rowcount
+
+        return self._run("cancelling rows", body, write=True)
+
     def complete(self, results: Sequence[AttemptResult]) -> None:
         """Record attempts and outcomes in one transaction (a group commit)."""
         if not results:

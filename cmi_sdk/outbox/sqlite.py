@@ -780,6 +780,19 @@ class SQLiteStore:
                 [(lease_until, m, owner) for m in msg_ids],
             )
 
+    def cancel(self, *, owner: str, msg_ids: Sequence[str], reason: str) -> int:
+        """Cancel the rows of ``msg_ids`` that ``owner`` leases; return how many."""
+        with self._write() as conn:
+            return sum(
+                conn.execute(
+                    "UPDATE cmi_outbox SET state = 'cancelled', last_error = ?,"
+                    " lease_owner = NULL, lease_until = NULL"
+                    " WHERE msg_id = ? AND lease_owner = ? AND state = 'leased'",
+                    (reason, m, owner),
+                ).rowcount
+                for m in msg_ids
+            )
+
     def complete(self, results: Sequence[AttemptResult]) -> None:
         """Record attempts and outcomes in one transaction (a group commit)."""
         if not results:
