@@ -48,26 +48,33 @@ from cmi_sdk._exceptions import (
     XMLInputError,
 )
 from cmi_sdk._limits import ServerLimits
-from cmi_sdk._links import Link, LinkCode, LinkRevocation
+from cmi_sdk._links import LinkCode, LinkRevocation
 from cmi_sdk._models import (
     Acceptance,
     Advice,
     BankStatementLineDetails,
     Claim,
+    ConsentRecord,
     Constraints,
     FlightDetails,
     FlightProduct,
     FlightWanted,
     Identity,
     LineItem,
+    Link,
     LoanDetails,
     LoanProduct,
     LoanWanted,
     Money,
     Offer,
     OfferSet,
+    Purpose,
     Request,
     Reward,
+    SharingTerms,
+    TermsDecision,
+    TermsPolicy,
+    TermsProposal,
     Transaction,
     load_model,
 )
@@ -75,14 +82,6 @@ from cmi_sdk._offers import AcceptanceResult, Answer
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
 from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
-from cmi_sdk._terms import (
-    ConsentRecord,
-    Purpose,
-    SharingTerms,
-    TermsDecision,
-    TermsPolicy,
-    TermsProposal,
-)
 from cmi_sdk._version import __version__
 from cmi_sdk._xml import HardenedParser
 from cmi_sdk.egress import EgressGuard

@@ -25,11 +25,16 @@ from cmi_sdk._exceptions import (
     PluginError,
     ValidationIssue,
 )
-from cmi_sdk._links import DEFAULT_LINK_CODE_TTL, Link, LinkCode, LinkRevocation, LinkService
+from cmi_sdk._links import DEFAULT_LINK_CODE_TTL, LinkCode, LinkRevocation, LinkService
 from cmi_sdk._models import (
     TRANSACTION_KINDS,
     Acceptance,
+    Link,
     Request,
+    SharingTerms,
+    TermsDecision,
+    TermsPolicy,
+    TermsProposal,
     Transaction,
     TransactionKind,
 )
@@ -42,7 +47,6 @@ from cmi_sdk._standards import (
     parse_model,
     render_text,
 )
-from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, HardenedParser
 from cmi_sdk.egress import EgressGuard
 from cmi_sdk.outbox import Intermediary, OutboxStore, StoredOffer

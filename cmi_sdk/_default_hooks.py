@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
+from cmi_sdk._models import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
 from cmi_sdk.hookspecs import hookimpl
 
 __all__ = ["cmi_review_terms", "cmi_select_standard"]

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
-from cmi_sdk._terms import SharingTerms
+from cmi_sdk._models import SharingTerms
 from cmi_sdk._version import __version__ as _version
 from cmi_sdk.egress import EgressGuard, EgressResolutionError
 from cmi_sdk.outbox import AttemptResult, DeliveryReport, OutboxRow, OutboxStore

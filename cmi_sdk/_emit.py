@@ -32,7 +32,15 @@ from cmi_sdk._exceptions import (
     TermsError,
     ValidationIssue,
 )
-from cmi_sdk._models import TRANSACTION_KINDS, Transaction
+from cmi_sdk._models import (
+    TRANSACTION_KINDS,
+    ConsentRecord,
+    SharingTerms,
+    TermsDecision,
+    TermsPolicy,
+    TermsProposal,
+    Transaction,
+)
 from cmi_sdk._standards import (
     DocumentType,
     Standard,
@@ -40,7 +48,6 @@ from cmi_sdk._standards import (
     render_digest,
     render_text,
 )
-from cmi_sdk._terms import ConsentRecord, SharingTerms, TermsDecision, TermsPolicy, TermsProposal
 from cmi_sdk.outbox import DigestGroup, EmissionProblem, NewRow, OutboxStore, State
 
 if TYPE_CHECKING:

@@ -29,10 +29,10 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cmi_sdk._exceptions import LinkError, TermsError
-from cmi_sdk._models import CustomerRef, Identifier, UtcDatetime, _Model, _pseudonymous
+from cmi_sdk._models import Link, _pseudonymous
 
 if TYPE_CHECKING:
     from cmi_sdk._emit import Emitter, SignedConsent
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LINK_CODE_TTL",
-    "Link",
     "LinkCode",
     "LinkRevocation",
     "LinkService",
@@ -58,38 +57,6 @@ _CODE_PREFIX = "lc_"
 _CODE = re.compile(r"lc_[a-z2-7]{32}")
 _REFUSED = "the link code is unknown, used or expired"
 _INTERMEDIARY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")  # an Identifier
-
-
-class Link(_Model):
-    """A customer's link to one intermediary.
-
-    :ivar id: the link's id.
-    :ivar account: the firm's own account id for the customer; it never leaves the firm.
-    :ivar intermediary: the registered intermediary the customer linked.
-    :ivar customer_ref: the intermediary's reference for the customer: random, pairwise.
-    :ivar created_at: when the code was redeemed.
-    :ivar revoked_at: when the link was revoked, if it was.
-    """
-
-    id: Identifier
-    account: CustomerRef
-    intermediary: Identifier
-    customer_ref: CustomerRef
-    created_at: UtcDatetime
-    revoked_at: UtcDatetime | None = None
-
-    @property
-    def active(self) -> bool:
-        """Whether documents for the account still go to the link's terms."""
-        return self.revoked_at is None
-
-    def public_dict(self) -> dict[str, Any]:
-        """What the intermediary is told about its link: never the account."""
-        return {
-            "id": self.id,
-            "customer_ref": self.customer_ref,
-            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
-        }
 
 
 @dataclass(frozen=True, slots=True)

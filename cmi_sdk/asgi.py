@@ -71,8 +71,15 @@ from cmi_sdk._exceptions import (
     TermsNotFoundError,
     UnknownPartyError,
 )
-from cmi_sdk._links import Link
-from cmi_sdk._models import Acceptance, Offer, load_model
+from cmi_sdk._models import (
+    Acceptance,
+    Link,
+    Offer,
+    SharingTerms,
+    TermsDecision,
+    TermsProposal,
+    load_model,
+)
 from cmi_sdk._models import Request as CustomerRequest
 from cmi_sdk._offers import Answer, Prepared
 from cmi_sdk._serving import (
@@ -82,7 +89,6 @@ from cmi_sdk._serving import (
     client_text,
     read_body,
 )
-from cmi_sdk._terms import SharingTerms, TermsDecision, TermsProposal
 from cmi_sdk._version import __version__
 from cmi_sdk.client import REQUEST_SIGNATURE_CONTEXT, request_signing_secret, signing_payload
 from cmi_sdk.outbox import SeenMessage

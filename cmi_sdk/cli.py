@@ -339,7 +339,7 @@ def _until(text: str | None) -> str | None:
 
 def cmd_terms_add(args: argparse.Namespace) -> int:
     """Register sharing terms for a customer, as the firm's policy answers them."""
-    from cmi_sdk._terms import TermsProposal  # noqa: PLC0415
+    from cmi_sdk._models import TermsProposal  # noqa: PLC0415
 
     adapter = _emitting_adapter(args)
     try:  # a standard or document type the firm does not have is a usage error (exit 2)

@@ -66,8 +66,8 @@ from cmi_sdk._delivery import DEFAULT_SCHEDULE, RetrySchedule
 from cmi_sdk._exceptions import ConfigurationError
 from cmi_sdk._files import warn_if_shared
 from cmi_sdk._limits import DEFAULT_BODY_TIMEOUT, ServerLimits
+from cmi_sdk._models import TermsPolicy
 from cmi_sdk._secrets import SecretsKeyring
-from cmi_sdk._terms import TermsPolicy
 from cmi_sdk.egress import EgressGuard
 
 __all__ = ["CONFIG_FILE", "Settings"]

@@ -25,10 +25,20 @@ if TYPE_CHECKING:
     import datetime
     import datetime as dt
 
-    from cmi_sdk._models import Acceptance, Advice, Offer, Request, Reward, Transaction
+    from cmi_sdk._models import (
+        Acceptance,
+        Advice,
+        Offer,
+        Request,
+        Reward,
+        SharingTerms,
+        TermsDecision,
+        TermsPolicy,
+        TermsProposal,
+        Transaction,
+    )
     from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
     from cmi_sdk._standards import StandardRegistry
-    from cmi_sdk._terms import SharingTerms, TermsDecision, TermsPolicy, TermsProposal
     from cmi_sdk.outbox import DeliveryReport
 
 __all__ = ["NONBLOCKING_ATTRIBUTE", "PROJECT_NAME", "hookimpl", "hookspec", "nonblocking"]

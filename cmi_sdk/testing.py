@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from cmi_sdk._adapter import Adapter, ValidatedDocument
 from cmi_sdk._exceptions import DocumentValidationError
-from cmi_sdk._links import Link
+from cmi_sdk._models import Link
 
 __all__ = [
     "assert_round_trip",

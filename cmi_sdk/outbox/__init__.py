@@ -28,9 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from cmi_sdk._links import Link
-from cmi_sdk._models import Offer, Request
-from cmi_sdk._terms import ConsentRecord, SharingTerms
+from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
 from cmi_sdk.outbox._intermediaries import Intermediary, IntermediarySecret
 
 __all__ = [

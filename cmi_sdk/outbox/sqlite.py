@@ -33,10 +33,8 @@ from cmi_sdk._exceptions import (
     TermsNotFoundError,
 )
 from cmi_sdk._files import create_private_file, private_directory, warn_if_shared
-from cmi_sdk._links import Link
-from cmi_sdk._models import Offer, Request
+from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
 from cmi_sdk._secrets import SecretsKeyring, open_secret, seal_secret
-from cmi_sdk._terms import ConsentRecord, SharingTerms
 from cmi_sdk.outbox import (
     STATES,
     AcceptanceClaim,
