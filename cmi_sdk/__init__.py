@@ -86,7 +86,7 @@ from cmi_sdk._version import __version__
 from cmi_sdk._xml import HardenedParser
 from cmi_sdk.egress import EgressGuard
 from cmi_sdk.hookspecs import hookimpl, nonblocking
-from cmi_sdk.outbox import StoredOffer
+from cmi_sdk.outbox import DeliveryReport, StoredOffer
 from cmi_sdk.outbox._intermediaries import Intermediary
 
 __all__ = [
@@ -106,6 +106,7 @@ __all__ = [
     "ConfigurationError",
     "ConsentRecord",
     "Constraints",
+    "DeliveryReport",
     "DeliveryStats",
     "DeliveryWorker",
     "DestinationNotAllowedError",

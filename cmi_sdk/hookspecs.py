@@ -148,7 +148,8 @@ def cmi_on_delivered(report: DeliveryReport) -> None:
     Called by the delivery worker after the outcome is recorded; a notification, whose
     return values are ignored. An exception is logged and does not undo the delivery.
 
-    :param report: the document's id, terms, customer, destination, attempts and status.
+    :param report: a :class:`~cmi_sdk.DeliveryReport`: the document's id, terms, customer,
+        destination, attempts and status.
     """
 
 
@@ -161,8 +162,8 @@ def cmi_on_dead_letter(report: DeliveryReport) -> None:
     return values are ignored. The row is kept: an operator can redrive it
     (``cmi outbox redrive``).
 
-    :param report: the document's id, terms, customer, destination, attempts, the last
-        status and the error.
+    :param report: a :class:`~cmi_sdk.DeliveryReport`: the document's id, terms, customer,
+        destination, attempts, the last status and the error.
     """
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import typing
+
 import cmi_sdk
+import cmi_sdk.outbox
+from cmi_sdk import hookspecs
+from mkdocs_hooks import hookspecs as _hookspecs
 
 EXPECTED = [
     "DEFAULT_PLUGINS",
@@ -21,6 +28,7 @@ EXPECTED = [
     "ConfigurationError",
     "ConsentRecord",
     "Constraints",
+    "DeliveryReport",
     "DeliveryStats",
     "DeliveryWorker",
     "DestinationNotAllowedError",
@@ -125,3 +133,50 @@ def test_public_members_claim_the_public_module() -> None:
         member = getattr(cmi_sdk, name)
         if isinstance(member, type):
             assert member.__module__ == "cmi_sdk", f"{name}.__module__ is {member.__module__}"
+
+
+def _hook_types() -> dict[str, set[type]]:
+    """The SDK classes each hookspec receives or returns, from its resolved annotations."""
+    # hookspecs imports its annotation types only for type checking: run that block here.
+    ns = dict(vars(hookspecs))
+    tree = ast.parse(inspect.getsource(hookspecs))
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            exec(compile(ast.Module(body=node.body, type_ignores=[]), "hookspecs", "exec"), ns)  # noqa: S102
+    found: dict[str, set[type]] = {}
+
+    def walk(hint: object, into: set[type]) -> None:
+        if isinstance(hint, type) and hint.__module__.split(".")[0] == "cmi_sdk":
+            into.add(hint)
+        for arg in typing.get_args(hint):
+            walk(arg, into)
+
+    for spec in _hookspecs():
+        types: set[type] = set()
+        for hint in typing.get_type_hints(spec, globalns=ns).values():
+            walk(hint, types)
+        found[spec.__name__] = types
+    return found
+
+
+def test_every_type_a_hook_receives_or_returns_is_public() -> None:
+    found = _hook_types()
+    assert cmi_sdk.DeliveryReport in found["cmi_on_delivered"]
+    for hook, types in found.items():
+        for cls in types:
+            assert getattr(cmi_sdk, cls.__name__, None) is cls, f"{hook} uses {cls!r}"
+            assert cls.__name__ in cmi_sdk.__all__, f"{hook} uses {cls.__name__}"
+
+
+def test_store_internals_are_not_public() -> None:
+    # Store authors import the contract's rows from cmi_sdk.outbox; the bundled stores'
+    # SQL parameter helpers are not even part of that.
+    for name in ("NewRow", "OutboxRow", "AttemptResult", "CompletionParams", "offer_row"):
+        assert name not in cmi_sdk.__all__
+        assert not hasattr(cmi_sdk, name)
+    assert "NewRow" in cmi_sdk.outbox.__all__
+    assert {"CompletionParams", "offer_row"}.isdisjoint(cmi_sdk.outbox.__all__)
+    for name in cmi_sdk.outbox.__all__:
+        member = getattr(cmi_sdk.outbox, name)
+        if isinstance(member, type):
+            assert (member.__doc__ or "").strip(), f"cmi_sdk.outbox.{name} has no docstring"

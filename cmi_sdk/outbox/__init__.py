@@ -19,6 +19,12 @@ A row's life::
 
 A lease that is not renewed (the worker died) expires, and the row is claimed again: the
 same ``webhook-id`` goes out again, and a receiver that keeps the ids stores it once.
+
+This module is the contract for people who write a store: the protocol and the rows it
+takes and returns (:class:`NewRow`, :class:`OutboxRow`, :class:`AttemptResult` ...). A firm
+does not need it: the few of these types a firm meets (:class:`DeliveryReport`, which the
+delivery hooks receive, :class:`StoredOffer` and :class:`Intermediary`) are also exported by
+:mod:`cmi_sdk`.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ __all__ = [
     "AcceptanceRecord",
     "AcceptanceState",
     "AttemptResult",
-    "CompletionParams",
     "DeliveryReport",
     "DigestGroup",
     "EmissionProblem",
@@ -52,7 +57,6 @@ __all__ = [
     "SeenMessage",
     "State",
     "StoredOffer",
-    "offer_row",
 ]
 
 State = Literal[
@@ -164,7 +168,19 @@ class AttemptResult:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryReport:
-    """What the delivery hooks are told about a document delivered or dead."""
+    """What the delivery hooks (``cmi_on_delivered``, ``cmi_on_dead_letter``) are told about
+    a document delivered or dead.
+
+    :ivar msg_id: the document's ``webhook-id``.
+    :ivar terms_id: the terms it went out under.
+    :ivar customer_ref: the customer's reference in those terms.
+    :ivar transaction_id: the transaction it records.
+    :ivar destination: where it was pushed.
+    :ivar attempts: the attempts made, this one included.
+    :ivar status: the destination's last HTTP status, if it answered.
+    :ivar error: why the last attempt failed, if it did.
+    :ivar at: when the outcome was recorded (UTC).
+    """
 
     msg_id: str
     terms_id: str
@@ -210,23 +226,6 @@ class StoredOffer:
     intermediary: str | None
 
 
-def offer_row(stored: StoredOffer) -> tuple[Any, ...]:
-    """An offer as both stores' SQL takes it: id, request id, customer, intermediary, the
-    offer and the request as JSON, the signed answer, valid until, created (POSIX seconds)."""
-    offer = stored.offer
-    return (
-        offer.id,
-        offer.request_id,
-        offer.customer_ref,
-        stored.intermediary,
-        offer.model_dump_json(),
-        stored.request.model_dump_json(),
-        stored.xml,
-        offer.valid_until.timestamp(),
-        offer.created_at.timestamp(),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class SeenMessage:
     """A signed message's id for the replay cache, remembered in the transaction that
@@ -240,52 +239,6 @@ class SeenMessage:
     """When the id may be forgotten (POSIX seconds): beyond the timestamp window."""
     now: float
     """The time it was received."""
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionParams:
-    """A batch of attempt results as the parameter rows both stores' SQL takes: the
-    attempt history, and the delivered, retry and dead updates."""
-
-    attempts: list[tuple[Any, ...]]
-    delivered: list[tuple[Any, ...]]
-    retry: list[tuple[Any, ...]]
-    dead: list[tuple[Any, ...]]
-
-    @classmethod
-    def of(cls, results: Sequence[AttemptResult]) -> CompletionParams:
-        """Split ``results`` into the four parameter lists."""
-        return cls(
-            attempts=[
-                (
-                    r.msg_id,
-                    r.attempt,
-                    r.owner,
-                    r.started_at,
-                    r.finished_at,
-                    r.outcome,
-                    r.status,
-                    r.error,
-                    r.next_attempt_at,
-                )
-                for r in results
-            ],
-            delivered=[
-                (r.finished_at, r.attempt, r.status, r.msg_id)
-                for r in results
-                if r.outcome == "delivered"
-            ],
-            retry=[
-                (r.next_attempt_at, r.attempt, r.status, r.error, r.msg_id, r.owner)
-                for r in results
-                if r.outcome == "retry"
-            ],
-            dead=[
-                (r.finished_at, r.attempt, r.status, r.error, r.msg_id, r.owner)
-                for r in results
-                if r.outcome == "dead"
-            ],
-        )
 
 
 AcceptanceState = Literal["processing", "booked", "refused", "released"]

@@ -41,7 +41,6 @@ from cmi_sdk.outbox import (
     AcceptanceRecord,
     AcceptanceState,
     AttemptResult,
-    CompletionParams,
     DigestGroup,
     EmissionProblem,
     NewRow,
@@ -50,10 +49,10 @@ from cmi_sdk.outbox import (
     SeenMessage,
     State,
     StoredOffer,
-    offer_row,
 )
 from cmi_sdk.outbox import _intermediaries as intermediaries
 from cmi_sdk.outbox._intermediaries import Intermediary
+from cmi_sdk.outbox._params import CompletionParams, offer_row
 
 __all__ = ["SQLiteStore"]
 
