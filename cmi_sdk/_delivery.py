@@ -5,15 +5,13 @@ document with the Standard Webhooks headers, and records every outcome of the ba
 commit. Delivery is at-least-once: a worker killed after a POST but before recording it
 leaves a lease that expires, and the row goes out again with the same ``webhook-id``.
 
-Concurrency model, chosen by measurement (``bench/run.py delivery``): each batch is split
-into lanes, one per destination by default (``per_destination`` lanes at most), each sent
-in order over its own thread's keep-alive ``httpx.Client``; lanes of different
-destinations run in parallel on a small thread pool, so a slow customer store does not
-hold up the others. On this machine httpx's ``AsyncClient`` fell to 93-142 requests/s
-with 50 requests in flight, while sequential keep-alive posts reach 2,500-3,800/s to a
-local receiver; two or more threads posting to one local receiver were slower than one
-(1,450-1,680/s against 1,930/s in one run), since the sender is CPU-bound and the GIL
-serializes it.
+Concurrency model, chosen by measurement: each batch is split into lanes, one per
+destination by default (``per_destination`` lanes at most), each sent in order over its own
+thread's keep-alive ``httpx.Client``; lanes of different destinations run in parallel on a
+small thread pool, so a slow customer store does not hold up the others. Sequential
+keep-alive posts beat both httpx's ``AsyncClient`` with many requests in flight and several
+threads posting to one receiver, since the sender is CPU-bound and the GIL serializes it
+(the figures, and the commands that measure them: ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -149,8 +147,8 @@ class DeliveryWorker:
     :param concurrency: documents in flight at once (threads), across destinations.
     :param per_destination: documents in flight at once to one destination (origin). One,
         the default, sends each destination's documents in order over one keep-alive
-        connection: what a customer's small store can take, and on this machine the
-        fastest for a single destination (see the module's notes).
+        connection: what a customer's small store can take, and the fastest for a single
+        destination (see the module's notes).
     :param batch: rows claimed per round.
     :param lease_seconds: how long a claim holds without a heartbeat.
     :param timeout: the HTTP timeouts: connect, write, read and pool.

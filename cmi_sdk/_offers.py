@@ -432,7 +432,7 @@ class OfferPipeline:
                 " return its answer (or be async def, unmarked)"
             )
         # The pipeline's threads run no event loop: each coroutine gets one of its own,
-        # closed when it is done (the cost, ~0.1 ms, is paid only by async plugins).
+        # closed when it is done (a cost paid only by async plugins).
         return asyncio.run(_resolve(value))
 
     def _pipeline(self, request: Request, run: _Run, intermediary: str | None) -> Answer:

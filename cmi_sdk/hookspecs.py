@@ -70,8 +70,8 @@ def nonblocking(function: _F) -> _F:
     When every implementation of the request pipeline's hooks (stages 1 to 8) is marked,
     and the store's offer calls never wait on a network either (the SQLite store's
     don't), the pipeline runs on the caller's own thread, the endpoint's event loop
-    included, instead of handing each request to a worker thread: no thread switches, and
-    1.7 times the requests a second on the reference airline. A stage that still runs
+    included, instead of handing each request to a worker thread: no thread switches,
+    which on a busy server cost more than the whole pipeline. A stage that still runs
     past its budget makes no offer (``<stage>-timeout``, and a warning in the log), but
     the answer waits for it; an unmarked implementation is timed out on the worker
     thread and the caller is answered at once. Mark only what cannot block.
