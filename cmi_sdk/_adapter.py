@@ -482,8 +482,10 @@ class Adapter:
 
         :return: the :class:`~cmi_sdk.OfferSet` and its signed ``offers`` document; an
             answer without offers says why (``declined``).
-        :raises RequestRefusedError: a plugin found the request invalid, a stage missed its
-            share of the deadline, or a plugin failed: no offer is made (fail closed).
+        :raises RequestRefusedError: a plugin found the request invalid, or its
+            ``respond_by`` has passed: no offer is made.
+        :raises FirmSystemError: a stage missed its share of the deadline, a plugin failed
+            or none answered: no offer is made (fail closed).
         """
         return self._offers.answer(request, intermediary=intermediary)
 
@@ -533,8 +535,10 @@ class Adapter:
 
         :raises OfferNotFoundError: no such offer.
         :raises OfferExpiredError: the offer's window is over.
-        :raises AcceptanceError: no longer available, the hold or the booking failed
+        :raises AcceptanceError: no longer available, refused by the firm's systems
             (``problem`` says which), ``already-accepted`` or ``acceptance-in-progress``.
+        :raises FirmSystemError: the firm's systems failed (``not-booked`` when the booking
+            did); nothing was booked, and a retry may book.
         """
         return self._offers.accept(offer_id, acceptance, intermediary=intermediary)
 

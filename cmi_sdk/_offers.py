@@ -45,9 +45,14 @@ import pluggy
 from cmi_sdk._exceptions import (
     AcceptanceError,
     CMIError,
+    FirmSystemError,
+    NoAnswerError,
     OfferExpiredError,
     OfferNotFoundError,
+    PluginFailedError,
+    Problem,
     RequestRefusedError,
+    StageTimeoutError,
 )
 from cmi_sdk._models import (
     Acceptance,
@@ -99,6 +104,19 @@ DEFAULT_STAGE_SHARES: dict[str, float] = {
     "offer": 0.05,
 }
 """Each stage's share of the request's time budget, in pipeline order (they sum to 1)."""
+
+_TIMEOUT_OF: dict[str, Problem] = {
+    "validation": Problem.VALIDATION_TIMEOUT,
+    "claims": Problem.CLAIMS_TIMEOUT,
+    "capacity": Problem.CAPACITY_TIMEOUT,
+    "revenue": Problem.REVENUE_TIMEOUT,
+    "pricing": Problem.PRICING_TIMEOUT,
+    "rewards": Problem.REWARDS_TIMEOUT,
+    "advice": Problem.ADVICE_TIMEOUT,
+    "validity": Problem.VALIDITY_TIMEOUT,
+    "offer": Problem.OFFER_TIMEOUT,
+}
+"""The problem a stage that missed its budget is answered with."""
 
 PIPELINE_HOOKS = (
     "cmi_validate_request",
@@ -263,8 +281,9 @@ class OfferPipeline:
     def answer(self, request: Request, *, intermediary: str | None = None) -> Answer:
         """Run the pipeline for ``request``; see the module's description.
 
-        :raises RequestRefusedError: invalid for the firm's systems, a stage late or
-            failing: no offer is made.
+        :raises RequestRefusedError: the firm cannot serve the request as it is.
+        :raises FirmSystemError: a stage late, a plugin failing or missing: no offer is
+            made (fail closed).
         """
         run = self._start(request)
         if self.runs_inline():
@@ -325,7 +344,7 @@ class OfferPipeline:
         run.abandoned = True
         raise self._late(run, request_id)
 
-    def _late(self, run: _Run, request_id: str) -> RequestRefusedError:
+    def _late(self, run: _Run, request_id: str) -> StageTimeoutError:
         """The refusal of a request whose current stage missed its budget, logged."""
         stage = run.stage
         share = self._stages.shares[stage]
@@ -342,10 +361,11 @@ class OfferPipeline:
             run.budget * 1000,
             where,
         )
-        return RequestRefusedError(
+        return StageTimeoutError(
             f"the firm's {stage} stage did not answer within the request's time budget;"
             " no offer is made",
-            problem=f"{stage}-timeout",
+            stage=stage,
+            problem=_TIMEOUT_OF[stage],
         )
 
     def runs_inline(self) -> bool:
@@ -373,7 +393,7 @@ class OfferPipeline:
             left = request.respond_by.timestamp() - self._clock()
             if left <= 0:
                 raise RequestRefusedError(
-                    "the request's respond_by has passed", problem="deadline-passed"
+                    "the request's respond_by has passed", problem=Problem.DEADLINE_PASSED
                 )
             budget = min(left, self.max_budget)
         return budget
@@ -395,7 +415,7 @@ class OfferPipeline:
 
     def _enter(self, run: _Run, stage: str) -> None:
         if run.abandoned:
-            raise RequestRefusedError("abandoned", problem=f"{run.stage}-timeout")
+            raise StageTimeoutError("abandoned", stage=run.stage, problem=_TIMEOUT_OF[run.stage])
         if run.inline and time.monotonic() > run.deadline:
             raise self._late(run, run.request_id)
         run.deadline = run.start + run.budget * self._stages.ends[stage]
@@ -413,9 +433,8 @@ class OfferPipeline:
         except Exception as exc:
             plugin = _plugin_of(caller, exc)
             log.exception("%s failed in plugin %s", name, plugin or "(unknown)")
-            raise RequestRefusedError(
-                f"{name} failed in plugin {plugin or '(unknown)'}; no offer is made",
-                problem="plugin-failed",
+            raise PluginFailedError(
+                f"{name} failed in plugin {plugin or '(unknown)'}",
                 plugin=plugin,
             ) from None
 
@@ -445,7 +464,7 @@ class OfferPipeline:
         if problems:
             raise RequestRefusedError(
                 "the firm cannot serve this request: " + "; ".join(map(str, problems)),
-                problem="invalid-request",
+                problem=Problem.INVALID_REQUEST,
             )
 
         self._enter(run, "claims")
@@ -467,9 +486,10 @@ class OfferPipeline:
             "cmi_revenue_decision", first=True, request=request, availability=availability
         )
         if decision is None:
-            raise RequestRefusedError(
+            raise NoAnswerError(
                 "no revenue-management system answered (cmi_revenue_decision); no offer is made",
-                problem="no-revenue-decision",
+                hook="cmi_revenue_decision",
+                problem=Problem.NO_REVENUE_DECISION,
             )
         _expect(decision, RevenueDecision, "cmi_revenue_decision", self._hook)
         if not decision.accept:
@@ -480,8 +500,10 @@ class OfferPipeline:
             "cmi_price", first=True, request=request, availability=availability, decision=decision
         )
         if quote is None:
-            raise RequestRefusedError(
-                "no pricing system answered (cmi_price); no offer is made", problem="no-price"
+            raise NoAnswerError(
+                "no pricing system answered (cmi_price); no offer is made",
+                hook="cmi_price",
+                problem=Problem.NO_PRICE,
             )
         _expect(quote, Quote, "cmi_price", self._hook)
         floor = decision.floor
@@ -583,11 +605,13 @@ class OfferPipeline:
             store.forget_message(message.party, message.msg_id)
 
     def _check_floor(self, request: Request, total: Money, floor: Money) -> None:
-        """Refuse a price below the revenue decision's floor (or in another currency)."""
+        """Refuse a price below the revenue decision's floor (or in another currency): the
+        firm's pricing answered what its revenue management forbids."""
         if floor.currency != total.currency:
-            raise RequestRefusedError(
+            raise PluginFailedError(
                 f"the price is in {total.currency}, the floor in {floor.currency}",
-                problem="price-below-floor",
+                plugin=_only_plugin(self._hook.cmi_price),
+                problem=Problem.PRICE_BELOW_FLOOR,
             )
         if total.amount < floor.amount:
             plugins = _only_plugin(self._hook.cmi_price)
@@ -598,10 +622,11 @@ class OfferPipeline:
                 total,
                 floor,
             )
-            raise RequestRefusedError(
+            raise PluginFailedError(
                 f"the price {total} is below the floor {floor} (cmi_price: {plugins});"
                 " no offer is made",
-                problem="price-below-floor",
+                plugin=plugins,
+                problem=Problem.PRICE_BELOW_FLOOR,
             )
 
     def _claims(self, request: Request) -> list[ClaimCheck]:
@@ -640,6 +665,8 @@ class OfferPipeline:
 
         :raises OfferNotFoundError: no such offer (or not the intermediary's).
         :raises AcceptanceError: refused; nothing was booked.
+        :raises FirmSystemError: the firm's systems failed; nothing was booked, and a
+            retry may book.
         """
         store = self._store()
         stored = store.get_offer(offer_id)
@@ -672,19 +699,20 @@ class OfferPipeline:
             if not mine and found.intermediary != intermediary:
                 # Another party's acceptance holds the offer: say so, and nothing of it.
                 raise AcceptanceError(
-                    f"offer {offer.id} was already accepted", problem="already-accepted"
+                    f"offer {offer.id} was already accepted", problem=Problem.ALREADY_ACCEPTED
                 )
             if found.state == "processing":
                 if found.lease_until is not None and found.lease_until >= now:
                     raise AcceptanceError(
                         f"offer {offer.id} is being booked; retry shortly",
-                        problem="acceptance-in-progress",
+                        problem=Problem.ACCEPTANCE_IN_PROGRESS,
                     )
                 self._recover(found, stored, acceptance if mine else None)
                 continue
             return _replayed(found)
         raise AcceptanceError(
-            f"offer {offer.id} is being booked; retry shortly", problem="acceptance-in-progress"
+            f"offer {offer.id} is being booked; retry shortly",
+            problem=Problem.ACCEPTANCE_IN_PROGRESS,
         )
 
     def _booking(self, stored: StoredOffer, acceptance: Acceptance, owner: str) -> AcceptanceResult:
@@ -695,16 +723,16 @@ class OfferPipeline:
         except _LeaseLostError:
             raise AcceptanceError(
                 f"offer {offer.id} is being booked; retry shortly",
-                problem="acceptance-in-progress",
+                problem=Problem.ACCEPTANCE_IN_PROGRESS,
             ) from None
-        except AcceptanceError as exc:
-            # A refusal by the firm's systems is the answer, and a retry's; a booking that
-            # failed (the firm's system down) leaves the offer to a retry.
+        except (AcceptanceError, FirmSystemError) as exc:
+            # A refusal is the answer, and a retry's; an outage of the firm's systems
+            # leaves the offer to a retry.
             self._end(
                 acceptance.id,
                 offer.id,
                 owner,
-                state="released" if isinstance(exc, _BookingFailedError) else "refused",
+                state="released" if isinstance(exc, FirmSystemError) else "refused",
                 problem=exc.problem,
                 detail=str(exc),
             )
@@ -716,7 +744,7 @@ class OfferPipeline:
                 offer.id,
                 owner,
                 state="released",
-                problem="acceptance-failed",
+                problem=Problem.ACCEPTANCE_FAILED,
                 detail="the booking failed",
             )
             raise
@@ -731,7 +759,7 @@ class OfferPipeline:
         owner: str,
         *,
         state: AcceptanceState,
-        problem: str,
+        problem: Problem,
         detail: str,
     ) -> None:
         """Record an acceptance that booked nothing (refused, or released for a retry)."""
@@ -784,7 +812,7 @@ class OfferPipeline:
                 offer.id,
             )
             raise AcceptanceError(
-                f"offer {offer.id} was already accepted", problem="already-accepted"
+                f"offer {offer.id} was already accepted", problem=Problem.ALREADY_ACCEPTED
             )
         log.info(
             "offer %s booked as %s (%d documents%s)",
@@ -803,45 +831,50 @@ class OfferPipeline:
             raise OfferExpiredError(
                 f"offer {offer.id} expired at {offer.valid_until:%Y-%m-%dT%H:%M:%SZ}"
             )
-        try:
-            availability = self._call("cmi_check_capacity", first=True, request=request)
-            units = request.wanted.passengers if isinstance(request.wanted, FlightWanted) else 1
-            if availability is None or availability.available < units:
-                raise AcceptanceError("no longer available", problem="no-longer-available")
-            decision = self._call(
-                "cmi_revenue_decision", first=True, request=request, availability=availability
+        # Checked again: a refusal (AcceptanceError) is the answer; a plugin that fails
+        # is an outage (FirmSystemError), and a retry may book.
+        availability = self._call("cmi_check_capacity", first=True, request=request)
+        units = request.wanted.passengers if isinstance(request.wanted, FlightWanted) else 1
+        if availability is None or availability.available < units:
+            raise AcceptanceError("no longer available", problem=Problem.NO_LONGER_AVAILABLE)
+        decision = self._call(
+            "cmi_revenue_decision", first=True, request=request, availability=availability
+        )
+        if decision is None or not decision.accept:
+            raise AcceptanceError(
+                "the firm no longer sells this offer", problem=Problem.NO_LONGER_AVAILABLE
             )
-            if decision is None or not decision.accept:
-                raise AcceptanceError(
-                    "the firm no longer sells this offer", problem="no-longer-available"
-                )
-            if decision.floor is not None and (
-                decision.floor.currency != offer.price.currency
-                or decision.floor.amount > offer.price.amount
-            ):
-                raise AcceptanceError(
-                    f"the offer's price is now below the firm's floor {decision.floor}",
-                    problem="price-changed",
-                )
-            hold: Hold | None = self._call(
-                "cmi_hold", first=True, offer=offer, acceptance=acceptance
+        if decision.floor is not None and (
+            decision.floor.currency != offer.price.currency
+            or decision.floor.amount > offer.price.amount
+        ):
+            raise AcceptanceError(
+                f"the offer's price is now below the firm's floor {decision.floor}",
+                problem=Problem.PRICE_CHANGED,
             )
-        except RequestRefusedError as exc:
-            raise AcceptanceError(str(exc), problem="no-longer-available") from None
+        hold: Hold | None = self._call("cmi_hold", first=True, offer=offer, acceptance=acceptance)
         self._record_hold(offer, acceptance, owner, hold)
         try:
             tx: Transaction | None = self._call(
                 "cmi_book", first=True, offer=offer, acceptance=acceptance, hold=hold
             )
             if tx is None:
-                raise AcceptanceError("no booking system answered (cmi_book)", problem="not-booked")
+                raise NoAnswerError(
+                    "no booking system answered (cmi_book)",
+                    hook="cmi_book",
+                    problem=Problem.NOT_BOOKED,
+                )
             _expect(tx, Transaction, "cmi_book", self._hook)
         except Exception as exc:
             if hold is not None:
                 self._notify("cmi_release", offer=offer, hold=hold)
-            if isinstance(exc, AcceptanceError):
+            if isinstance(exc, AcceptanceError | NoAnswerError):
                 raise
-            raise _BookingFailedError(f"the booking failed: {exc}", problem="not-booked") from None
+            raise PluginFailedError(
+                f"the booking failed: {exc}",
+                plugin=exc.plugin if isinstance(exc, FirmSystemError) else None,
+                problem=Problem.NOT_BOOKED,
+            ) from None
         return tx
 
     def _record_hold(
@@ -931,7 +964,7 @@ class OfferPipeline:
             offer.id,
             owner,
             state="released",
-            problem="not-booked",
+            problem=Problem.NOT_BOOKED,
             detail="the booking was interrupted; nothing was booked",
         )
         return "released"
@@ -947,11 +980,6 @@ class _LeaseLostError(Exception):
     """The acceptance's lease ran out and another process took it over."""
 
 
-class _BookingFailedError(AcceptanceError):
-    """``cmi_book`` failed unexpectedly (the firm's system down): nothing was booked, the
-    hold was released, and a retry of the acceptance may book."""
-
-
 def _owner() -> str:
     """A lease owner: this call, in this process."""
     return f"{os.getpid()}:{secrets.token_hex(8)}"
@@ -962,7 +990,7 @@ def _replayed(found: AcceptanceRecord) -> AcceptanceResult:
     if found.result is None:  # pragma: no cover - booked and refused rows have answers
         raise AcceptanceError(
             f"acceptance {found.acceptance_id} has no recorded answer",
-            problem="acceptance-in-progress",
+            problem=Problem.ACCEPTANCE_IN_PROGRESS,
         )
     data = json.loads(found.result)
     return AcceptanceResult(
@@ -1009,9 +1037,9 @@ async def _resolve(value: Any) -> Any:
 def _expect(value: object, kind: type, hook: str, relay: pluggy.HookRelay) -> None:
     if not isinstance(value, kind):
         plugins = _only_plugin(getattr(relay, hook))
-        raise RequestRefusedError(
+        raise PluginFailedError(
             f"{hook} ({plugins}) returned {type(value).__name__}, not {kind.__name__}",
-            problem="plugin-failed",
+            plugin=plugins,
         )
 
 

@@ -56,6 +56,7 @@ from cmi_sdk._exceptions import (
     DocumentTooDeepError,
     DocumentTooLargeError,
     DocumentValidationError,
+    FirmSystemError,
     ForbiddenXMLError,
     InvalidInputError,
     LinkError,
@@ -63,6 +64,7 @@ from cmi_sdk._exceptions import (
     MalformedXMLError,
     ModelValidationError,
     NotFoundError,
+    Problem,
     ReplayedMessageError,
     RequestRefusedError,
     SignatureVerificationError,
@@ -98,59 +100,10 @@ __all__ = ["PROBLEM_TYPES", "create_app"]
 
 log = logging.getLogger("cmi_sdk.asgi")
 
-PROBLEM_TYPES: dict[str, tuple[int, str]] = {
-    "unauthorized": (401, "The request is not signed by anyone the firm knows"),
-    "bad-signature": (401, "The request's signature does not verify"),
-    "stale-timestamp": (401, "The request's timestamp is outside the window"),
-    "unknown-party": (401, "The request names a signer the firm does not know"),
-    "replayed": (401, "The request's message id was already used"),
-    "metrics-unauthorized": (401, "GET /metrics needs the metrics bearer token"),
-    "forbidden": (403, "The signer may not do this"),
-    "not-found": (404, "No such resource"),
-    "method-not-allowed": (405, "The resource does not take this method"),
-    "request-timeout": (408, "The request's body did not arrive in time"),
-    "header-too-large": (431, "The request's head is too large"),
-    "too-large": (413, "The request body is too large"),
-    "unsupported-media-type": (415, "The request body has the wrong content type"),
-    "invalid-input": (422, "The request body is not valid"),
-    "terms-refused": (422, "The terms cannot be registered as they are"),
-    "link-refused": (422, "The link code is unknown, used or expired"),
-    "destination-not-allowed": (422, "The destination is not allowed"),
-    "conflict": (409, "The request conflicts with the resource's state"),
-    "bad-request": (400, "The request's headers or framing are malformed"),
-    "malformed-xml": (400, "The body is not well-formed XML"),
-    "forbidden-xml": (400, "The XML uses a construct the firm refuses (a DTD, entities)"),
-    "too-deep": (400, "The XML nests too deeply"),
-    "invalid-document": (422, "The document breaks its schema"),
-    "invalid-request": (422, "The firm's systems cannot serve the request as it is"),
-    "declined": (422, "The firm makes no offer for this request"),
-    "deadline-passed": (422, "The request's respond_by has passed"),
-    "validation-timeout": (503, "Request validation did not answer in time; no offer"),
-    "claims-timeout": (503, "Claim verification did not answer in time; no offer"),
-    "capacity-timeout": (503, "Capacity did not answer in time; no offer"),
-    "revenue-timeout": (503, "Revenue management did not answer in time; no offer"),
-    "pricing-timeout": (503, "Pricing did not answer in time; no offer"),
-    "rewards-timeout": (503, "Rewards did not answer in time; no offer"),
-    "advice-timeout": (503, "Advice did not answer in time; no offer"),
-    "validity-timeout": (503, "Offer validity did not answer in time; no offer"),
-    "offer-timeout": (503, "The offer could not be built in time"),
-    "no-revenue-decision": (503, "No revenue-management system answered; no offer"),
-    "no-price": (503, "No pricing system answered; no offer"),
-    "price-below-floor": (502, "The price came out below the floor; no offer"),
-    "plugin-failed": (502, "One of the firm's systems failed; no offer"),
-    "offer-expired": (410, "The offer's validity window is over"),
-    "no-longer-available": (409, "The offer is no longer available"),
-    "price-changed": (409, "The offer's price is no longer available"),
-    "not-booked": (409, "The booking failed; nothing was booked"),
-    "acceptance-refused": (409, "The acceptance was refused; nothing was booked"),
-    "acceptance-in-progress": (409, "The acceptance is being booked; retry shortly"),
-    "acceptance-conflict": (409, "The acceptance id was used for another offer"),
-    "already-accepted": (409, "The offer was already accepted"),
-    "acceptance-failed": (500, "The booking failed unexpectedly; nothing was booked"),
-    "internal": (500, "The firm's endpoint failed"),
-}
+PROBLEM_TYPES: dict[str, tuple[int, str]] = {p.value: (p.status, p.summary) for p in Problem}
 """Every problem type the endpoint answers with: ``urn:cmi:problem:<slug>`` to the
-status and title. The slugs are stable; clients may rely on them."""
+status and title, as :class:`~cmi_sdk.Problem` has them. The slugs are stable; clients may
+rely on them."""
 
 
 _CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²' too
@@ -169,11 +122,13 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 
 class ProblemError(CMIError):
-    """An error answered as RFC 9457 problem details."""
+    """An error answered as RFC 9457 problem details: ``problem`` says its type and status."""
 
-    def __init__(self, slug: str, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, problem: Problem, detail: str, *, extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(detail)
-        self.slug = slug
+        self.problem = problem
         self.detail = detail
         self.extra = extra or {}
 
@@ -186,10 +141,10 @@ def _wants_xml(request: Request) -> bool:
 
 def problem_response(request: Request, problem: ProblemError) -> Response:
     """The problem as ``application/problem+json``, or ``+xml`` for XML-only clients."""
-    status, title = PROBLEM_TYPES[problem.slug]
+    status = problem.problem.status
     body: dict[str, Any] = {
-        "type": f"urn:cmi:problem:{problem.slug}",
-        "title": title,
+        "type": problem.problem.type,
+        "title": problem.problem.summary,
         "status": status,
         "detail": problem.detail,
         **problem.extra,
@@ -218,21 +173,21 @@ def problem_response(request: Request, problem: ProblemError) -> Response:
 
 
 # Most specific first: the first class the exception is an instance of names its problem.
-_PROBLEM_OF: tuple[tuple[type[CMIError], str], ...] = (
-    (DocumentTooLargeError, "too-large"),
-    (MalformedXMLError, "malformed-xml"),
-    (ForbiddenXMLError, "forbidden-xml"),
-    (DocumentTooDeepError, "too-deep"),
-    (DocumentValidationError, "invalid-document"),
-    (StaleTimestampError, "stale-timestamp"),
-    (ReplayedMessageError, "replayed"),
-    (UnknownPartyError, "unknown-party"),
-    (SignatureVerificationError, "bad-signature"),
-    (DestinationNotAllowedError, "destination-not-allowed"),
-    (TermsError, "terms-refused"),
-    (LinkError, "link-refused"),
-    (NotFoundError, "not-found"),
-    (InvalidInputError, "invalid-input"),
+_PROBLEM_OF: tuple[tuple[type[CMIError], Problem], ...] = (
+    (DocumentTooLargeError, Problem.TOO_LARGE),
+    (MalformedXMLError, Problem.MALFORMED_XML),
+    (ForbiddenXMLError, Problem.FORBIDDEN_XML),
+    (DocumentTooDeepError, Problem.TOO_DEEP),
+    (DocumentValidationError, Problem.INVALID_DOCUMENT),
+    (StaleTimestampError, Problem.STALE_TIMESTAMP),
+    (ReplayedMessageError, Problem.REPLAYED),
+    (UnknownPartyError, Problem.UNKNOWN_PARTY),
+    (SignatureVerificationError, Problem.BAD_SIGNATURE),
+    (DestinationNotAllowedError, Problem.DESTINATION_NOT_ALLOWED),
+    (TermsError, Problem.TERMS_REFUSED),
+    (LinkError, Problem.LINK_REFUSED),
+    (NotFoundError, Problem.NOT_FOUND),
+    (InvalidInputError, Problem.INVALID_INPUT),
 )
 
 
@@ -242,17 +197,22 @@ def _problem_for(exc: CMIError) -> ProblemError:
     if isinstance(exc, AcceptanceConflictError):
         # The store's message names the offer the id was first given for, which may be
         # another intermediary's: the answer names nothing.
-        return ProblemError("acceptance-conflict", "the acceptance id was used for another offer")
-    if isinstance(exc, RequestRefusedError | AcceptanceError) and exc.problem in PROBLEM_TYPES:
+        return ProblemError(
+            Problem.ACCEPTANCE_CONFLICT, "the acceptance id was used for another offer"
+        )
+    if isinstance(exc, RequestRefusedError | AcceptanceError | FirmSystemError):
+        # Each carries its problem: a 4xx for the caller's input, a 5xx for an outage.
         return ProblemError(exc.problem, str(exc))
     if isinstance(exc, ModelValidationError):
         issues = [{"path": i.path, "reason": i.reason} for i in exc.issues]
-        return ProblemError("invalid-input", str(exc).splitlines()[0], extra={"errors": issues})
-    for kind, slug in _PROBLEM_OF:
+        return ProblemError(
+            Problem.INVALID_INPUT, str(exc).splitlines()[0], extra={"errors": issues}
+        )
+    for kind, problem in _PROBLEM_OF:
         if isinstance(exc, kind):
-            return ProblemError(slug, str(exc))
+            return ProblemError(problem, str(exc))
     log.error("unexpected error answered as internal: %s", exc)
-    return ProblemError("internal", "the request could not be completed")
+    return ProblemError(Problem.INTERNAL, "the request could not be completed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,11 +312,13 @@ def create_app(
 async def _http_problem(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405 as problem details too."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    slug = {404: "not-found", 405: "method-not-allowed"}.get(status, "internal")
+    problem = {404: Problem.NOT_FOUND, 405: Problem.METHOD_NOT_ALLOWED}.get(
+        status, Problem.INTERNAL
+    )
     detail = f"{request.method} {request.url.path}: " + (
         "no such route" if status == 404 else "method not allowed here"
     )
-    return problem_response(request, ProblemError(slug, detail))
+    return problem_response(request, ProblemError(problem, detail))
 
 
 def _href(request: Request, terms: SharingTerms) -> str:
@@ -395,7 +357,7 @@ def _offer_id(request: Request) -> str:
     for a missing offer."""
     offer_id: str = request.path_params["offer_id"]
     if not _ID.fullmatch(offer_id):
-        raise ProblemError("not-found", f"no offer {offer_id!r}")
+        raise ProblemError(Problem.NOT_FOUND, f"no offer {offer_id!r}")
     return offer_id
 
 
@@ -437,11 +399,11 @@ class _Endpoint:
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
-        too_large = ProblemError("too-large", f"the body is over the {limit}-byte limit")
+        too_large = ProblemError(Problem.TOO_LARGE, f"the body is over the {limit}-byte limit")
         declared = request.headers.get("content-length")
         if declared is not None:
             if not _CURSOR.fullmatch(declared):
-                raise ProblemError("bad-request", "Content-Length is not a number")
+                raise ProblemError(Problem.BAD_REQUEST, "Content-Length is not a number")
             if int(declared) > limit:
                 raise too_large
         try:
@@ -450,11 +412,11 @@ class _Endpoint:
             raise too_large from None
         except BodyTimeoutError as exc:
             log.info("%s: %s, answered 408", client_text(request), exc)
-            raise ProblemError("request-timeout", str(exc)) from None
+            raise ProblemError(Problem.REQUEST_TIMEOUT, str(exc)) from None
         except ClientGoneError as exc:
             # Nobody is left to read the answer: one line, no traceback.
             log.info("%s %s: %s", client_text(request), request.url.path, exc)
-            raise ProblemError("bad-request", str(exc)) from None
+            raise ProblemError(Problem.BAD_REQUEST, str(exc)) from None
 
     def authenticate(self, request: Request, body: bytes, *, remember: bool = True) -> Principal:
         """Who signed the request; its message id is remembered at once (replay cache) or,
@@ -464,7 +426,7 @@ class _Endpoint:
         # A header sent twice could be read one way here and another way by a proxy or a
         # log; no honest client sends one twice.
         if any(len(headers.getlist(h)) > 1 for h in _AUTH_HEADERS):
-            raise ProblemError("unauthorized", "each authentication header must be sent once")
+            raise ProblemError(Problem.UNAUTHORIZED, "each authentication header must be sent once")
         name = headers.get("cmi-intermediary")
         terms_id = headers.get("cmi-terms")
         store = self.adapter.store
@@ -484,7 +446,7 @@ class _Endpoint:
             principal, party = Principal(terms=terms), f"terms:{terms_id}"
         else:
             raise ProblemError(
-                "unauthorized",
+                Problem.UNAUTHORIZED,
                 "sign the request and name the signer: cmi-intermediary or cmi-terms",
             )
         payload = signing_payload(request.method, _target(request.scope), body)
@@ -583,7 +545,7 @@ class _Endpoint:
                 problem = _problem_for(exc)
             except Exception:
                 log.exception("the CMI endpoint failed on %s %s", request.method, request.url.path)
-                problem = ProblemError("internal", "internal error")
+                problem = ProblemError(Problem.INTERNAL, "internal error")
             if principal is not None:
                 # A refused request leaves nothing behind, not even its message id.
                 await run_in_threadpool(
@@ -604,7 +566,7 @@ class _Endpoint:
             ):
                 response = problem_response(
                     request,
-                    ProblemError("metrics-unauthorized", "send Authorization: Bearer TOKEN"),
+                    ProblemError(Problem.METRICS_UNAUTHORIZED, "send Authorization: Bearer TOKEN"),
                 )
                 response.headers["www-authenticate"] = 'Bearer realm="cmi-metrics"'
                 return response
@@ -617,10 +579,12 @@ class _Endpoint:
 
     def post_terms(self, request: Request, principal: Principal, body: bytes) -> Response:
         if principal.intermediary is None:
-            raise ProblemError("forbidden", "terms are proffered through a registered intermediary")
+            raise ProblemError(
+                Problem.FORBIDDEN, "terms are proffered through a registered intermediary"
+            )
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            raise ProblemError("unsupported-media-type", "terms are sent as application/json")
+            raise ProblemError(Problem.UNSUPPORTED_MEDIA_TYPE, "terms are sent as application/json")
         proposal = load_model(TermsProposal, body)
         decision = self.adapter.propose_terms(proposal, intermediary=principal.intermediary)
         if decision.outcome == "accepted" and decision.terms is not None:
@@ -636,7 +600,7 @@ class _Endpoint:
             return JSONResponse({"terms": [_terms_json(request, principal.terms)]})
         customer = request.query_params.get("customer")
         if customer is not None and not _ID.fullmatch(customer):
-            raise ProblemError("invalid-input", "customer is a customer_ref")
+            raise ProblemError(Problem.INVALID_INPUT, "customer is a customer_ref")
         found = self.adapter.store.list_terms(
             customer_ref=customer,
             intermediary=principal.intermediary,
@@ -646,14 +610,14 @@ class _Endpoint:
 
     def visible_terms(self, terms_id: str, principal: Principal) -> SharingTerms:
         if not _ID.fullmatch(terms_id):
-            raise ProblemError("not-found", f"no sharing terms {terms_id!r}")
+            raise ProblemError(Problem.NOT_FOUND, f"no sharing terms {terms_id!r}")
         try:
             terms = self.adapter.store.get_terms(terms_id)
         except TermsNotFoundError:
-            raise ProblemError("not-found", f"no sharing terms {terms_id!r}") from None
+            raise ProblemError(Problem.NOT_FOUND, f"no sharing terms {terms_id!r}") from None
         if not principal.may_see(terms):
             # The same answer as for absent terms: ids are not to be probed.
-            raise ProblemError("not-found", f"no sharing terms {terms_id!r}")
+            raise ProblemError(Problem.NOT_FOUND, f"no sharing terms {terms_id!r}")
         return terms
 
     def get_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
@@ -665,11 +629,11 @@ class _Endpoint:
     def delete_terms(self, request: Request, principal: Principal, _body: bytes) -> Response:
         terms = self.visible_terms(request.path_params["terms_id"], principal)
         if terms.revoked_at is not None:
-            raise ProblemError("conflict", f"terms {terms.id} are already revoked")
+            raise ProblemError(Problem.CONFLICT, f"terms {terms.id} are already revoked")
         try:
             consent = self.adapter.revoke_terms(terms.id)
         except TermsError:  # revoked meanwhile, by the customer or a concurrent request
-            raise ProblemError("conflict", f"terms {terms.id} are already revoked") from None
+            raise ProblemError(Problem.CONFLICT, f"terms {terms.id} are already revoked") from None
         return JSONResponse(
             {
                 "outcome": "revoked",
@@ -683,13 +647,15 @@ class _Endpoint:
         name = self._linking(principal)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            raise ProblemError("unsupported-media-type", "a link code is sent as application/json")
+            raise ProblemError(
+                Problem.UNSUPPORTED_MEDIA_TYPE, "a link code is sent as application/json"
+            )
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # nesting past the decoder's depth too
-            raise ProblemError("invalid-input", 'send {"code": "..."}') from None
+            raise ProblemError(Problem.INVALID_INPUT, 'send {"code": "..."}') from None
         if not isinstance(data, dict) or set(data) != {"code"} or not isinstance(data["code"], str):
-            raise ProblemError("invalid-input", 'send {"code": "..."}')
+            raise ProblemError(Problem.INVALID_INPUT, 'send {"code": "..."}')
         link = self.adapter.redeem_link_code(data["code"], intermediary=name)
         return JSONResponse(
             _link_json(request, link),
@@ -708,20 +674,20 @@ class _Endpoint:
         name = self._linking(principal)
         link_id = request.path_params["link_id"]
         if not _ID.fullmatch(link_id):
-            raise ProblemError("not-found", f"no link {link_id!r}")
+            raise ProblemError(Problem.NOT_FOUND, f"no link {link_id!r}")
         try:
             link = self.adapter.get_link(link_id)
         except LinkNotFoundError:
-            raise ProblemError("not-found", f"no link {link_id!r}") from None
+            raise ProblemError(Problem.NOT_FOUND, f"no link {link_id!r}") from None
         if link.intermediary != name:
             # The same answer as for a missing link: ids are not to be probed.
-            raise ProblemError("not-found", f"no link {link_id!r}")
+            raise ProblemError(Problem.NOT_FOUND, f"no link {link_id!r}")
         if link.revoked_at is not None:
-            raise ProblemError("conflict", f"link {link_id} is already revoked")
+            raise ProblemError(Problem.CONFLICT, f"link {link_id} is already revoked")
         try:
             revocation = self.adapter.revoke_link(link_id)
         except LinkError:  # revoked meanwhile, by the firm or a concurrent request
-            raise ProblemError("conflict", f"link {link_id} is already revoked") from None
+            raise ProblemError(Problem.CONFLICT, f"link {link_id} is already revoked") from None
         return JSONResponse(
             {
                 "outcome": "revoked",
@@ -737,7 +703,7 @@ class _Endpoint:
     @staticmethod
     def _linking(principal: Principal) -> str:
         if principal.intermediary is None:
-            raise ProblemError("forbidden", "links are redeemed and kept by intermediaries")
+            raise ProblemError(Problem.FORBIDDEN, "links are redeemed and kept by intermediaries")
         return principal.intermediary
 
     def _xml_document(self, request: Request, body: bytes, model: type) -> ValidatedDocument:
@@ -745,11 +711,13 @@ class _Endpoint:
         ``model``: a ``cmi`` request or a UBL RequestForQuotation alike."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in {"application/xml", "text/xml"}:
-            raise ProblemError("unsupported-media-type", "send the document as application/xml")
+            raise ProblemError(
+                Problem.UNSUPPORTED_MEDIA_TYPE, "send the document as application/xml"
+            )
         doc = self.adapter.validate(body)  # the hardened parser, then the XSD
         if doc.document_type.model is not model:
             raise ProblemError(
-                "invalid-document",
+                Problem.INVALID_DOCUMENT,
                 f"expected a {model.__name__} document, not a {doc.standard.name}"
                 f" {doc.document_type.name}",
             )
@@ -765,14 +733,15 @@ class _Endpoint:
         if wanted not in self.adapter.standards or not any(
             d.model is Offer for d in self.adapter.standards.get(wanted).document_types
         ):
-            raise ProblemError("invalid-input", f"the firm cannot answer in {wanted!r}")
+            raise ProblemError(Problem.INVALID_INPUT, f"the firm cannot answer in {wanted!r}")
         return wanted
 
     def _answer_as(self, answer: Answer, standard: str) -> Response:
         """The answer in another standard: its offer document (one offer), signed."""
         if not answer.offers.offers:
             raise ProblemError(
-                "declined", answer.offers.declined or "the firm makes no offer for this request"
+                Problem.DECLINED,
+                answer.offers.declined or "the firm makes no offer for this request",
             )
         doc_type = next(
             d.name for d in self.adapter.standards.get(standard).document_types if d.model is Offer
@@ -784,7 +753,9 @@ class _Endpoint:
 
     def _intermediary(self, principal: Principal) -> str:
         if principal.intermediary is None:
-            raise ProblemError("forbidden", "requests and acceptances come through intermediaries")
+            raise ProblemError(
+                Problem.FORBIDDEN, "requests and acceptances come through intermediaries"
+            )
         return principal.intermediary
 
     async def post_request(self, request: Request) -> Response:
@@ -821,7 +792,7 @@ class _Endpoint:
             problem = _problem_for(exc)
         except Exception:
             log.exception("the CMI endpoint failed on POST %s", request.url.path)
-            problem = ProblemError("internal", "internal error")
+            problem = ProblemError(Problem.INTERNAL, "internal error")
         finally:
             if principal is not None and principal.message is not None:
                 self.done(principal.party, principal.msg_id)
@@ -839,7 +810,7 @@ class _Endpoint:
         stored = self.adapter.get_offer(offer_id)
         if stored.intermediary != name:
             # Only the intermediary that asked: its customer's reference is its own.
-            raise ProblemError("not-found", f"no offer {offer_id!r}")
+            raise ProblemError(Problem.NOT_FOUND, f"no offer {offer_id!r}")
         return Response(self.adapter.offer_document(offer_id), media_type="application/xml")
 
     def post_acceptance(self, request: Request, principal: Principal, body: bytes) -> Response:
@@ -848,15 +819,19 @@ class _Endpoint:
         if self.adapter.get_offer(offer_id).intermediary != name:
             # An offer made for another intermediary's customer (or for none) is not this
             # one's to accept: the same answer as for a missing offer.
-            raise ProblemError("not-found", f"no offer {offer_id!r}")
+            raise ProblemError(Problem.NOT_FOUND, f"no offer {offer_id!r}")
         acceptance = self._xml_document(request, body, Acceptance).to_model()
         assert isinstance(acceptance, Acceptance)  # noqa: S101  (its document type's model)
         result = self.adapter.accept_offer(
             request.path_params["offer_id"], acceptance, intermediary=name
         )
         if result.outcome != "booked":  # a retry of a refused acceptance: the same refusal
-            slug = result.problem if result.problem in PROBLEM_TYPES else "acceptance-refused"
-            raise ProblemError(slug, result.detail or "the acceptance was refused")
+            problem = Problem.of(result.problem or "")
+            if problem is None or problem.outage:
+                # A refusal recorded by an earlier version, or under a slug since retired:
+                # a retry gets the same refusal, never "try again".
+                problem = Problem.ACCEPTANCE_REFUSED
+            raise ProblemError(problem, result.detail or "the acceptance was refused")
         return JSONResponse(result.to_json(), status_code=201)
 
     def documents(self, request: Request, principal: Principal, _body: bytes) -> Response:
@@ -865,17 +840,19 @@ class _Endpoint:
             wanted = request.query_params.get("terms")
             if not wanted:
                 raise ProblemError(
-                    "forbidden", "an intermediary pulls for terms it names: ?terms=ID"
+                    Problem.FORBIDDEN, "an intermediary pulls for terms it names: ?terms=ID"
                 )
             terms = self.visible_terms(wanted, principal)
         if terms.revoked_at is not None:
-            raise ProblemError("forbidden", f"terms {terms.id} are revoked")
+            raise ProblemError(Problem.FORBIDDEN, f"terms {terms.id} are revoked")
         since = request.query_params.get("since", "0")
         limit_text = request.query_params.get("limit", str(self.page_size))
         if not _SINCE.fullmatch(since):
-            raise ProblemError("invalid-input", "since is a cursor from a previous answer's next")
+            raise ProblemError(
+                Problem.INVALID_INPUT, "since is a cursor from a previous answer's next"
+            )
         if not _CURSOR.fullmatch(limit_text) or not 1 <= int(limit_text) <= self.page_size:
-            raise ProblemError("invalid-input", f"limit is 1 to {self.page_size}")
+            raise ProblemError(Problem.INVALID_INPUT, f"limit is 1 to {self.page_size}")
         limit = int(limit_text)
         rows = self.adapter.store.documents_since(terms.id, int(since), limit + 1)
         page = rows[:limit]
@@ -969,5 +946,5 @@ def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) ->
         "standards": adapter.standards.describe(),
         "terms_policy": json.loads(adapter.policy.model_dump_json()),
         "keys": keys,
-        "problem_types": {f"urn:cmi:problem:{k}": v[0] for k, v in PROBLEM_TYPES.items()},
+        "problem_types": {p.type: p.status for p in Problem},
     }

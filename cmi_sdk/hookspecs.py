@@ -284,8 +284,9 @@ def cmi_hold(offer: Offer, acceptance: Acceptance) -> Hold | None:
     Stops at the first non-None result. Capacity and the revenue decision are checked
     again first. To refuse (sold out meanwhile, a limit reached), raise
     :class:`~cmi_sdk.AcceptanceError` or a subclass: the acceptance is refused with its
-    ``problem`` and nothing is booked. Any other exception is a plugin failure, logged with
-    the plugin's name, and refuses the acceptance too.
+    ``problem`` and nothing is booked. Any other exception is an outage, logged with the
+    plugin's name (:class:`~cmi_sdk.PluginFailedError`, a 5xx): nothing is booked, and a
+    retry of the acceptance may book.
 
     :param offer: the offer accepted.
     :param acceptance: the customer's acceptance.

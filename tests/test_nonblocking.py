@@ -24,11 +24,12 @@ from cmi_sdk import (
     ClaimCheck,
     LineItem,
     Money,
+    PluginFailedError,
     Quote,
     Request,
-    RequestRefusedError,
     RevenueDecision,
     Reward,
+    StageTimeoutError,
     hookimpl,
     load_model,
     nonblocking,
@@ -225,7 +226,7 @@ def test_a_marked_stage_past_its_budget_makes_no_offer(
     late = Quick(price_seconds=0.3)
     adapter = make_adapter(tmp_path, plugins=[late], request_budget=0.2)
     name = adapter.plugin_manager.get_name(late)
-    with pytest.raises(RequestRefusedError) as info:
+    with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(a_request())
     assert info.value.problem == "pricing-timeout"
     assert late.threads == {threading.get_ident()}
@@ -269,7 +270,7 @@ def test_a_marked_hook_returning_an_awaitable_is_refused_on_a_loop(
     async def main() -> None:
         await adapter.answer_request_async(lambda: (a_request(), None))
 
-    with pytest.raises(RequestRefusedError) as info:
+    with pytest.raises(PluginFailedError) as info:
         asyncio.run(main())
     assert info.value.problem == "plugin-failed"
     assert "marked nonblocking returned an awaitable" in caplog.text

@@ -31,12 +31,14 @@ from cmi_sdk import (
     Offer,
     OfferExpiredError,
     OfferNotFoundError,
+    PluginFailedError,
     Quote,
     ReplayedMessageError,
     Request,
     RequestRefusedError,
     RevenueDecision,
     Reward,
+    StageTimeoutError,
     Transaction,
     hookimpl,
     load_model,
@@ -152,7 +154,8 @@ class Shop:
     def cmi_hold(self, acceptance: Acceptance) -> Hold:
         with self.lock:
             if self.seats - len(self.booked) - sum(self.held.values()) < 1:
-                raise RuntimeError("sold out")
+                # A refusal, as cmi_hold documents it; any other exception is an outage.
+                raise AcceptanceError("sold out", problem="no-longer-available")
             self.held[acceptance.id] = 1
         return Hold(id=f"hold-{acceptance.id}", expires_at=dt.datetime.now(dt.UTC))
 
@@ -276,7 +279,7 @@ def test_a_price_below_the_floor_makes_no_offer(
     adapter: Adapter, shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
     shop.fare = "350.00"
-    with pytest.raises(RequestRefusedError, match="below the floor") as info:
+    with pytest.raises(PluginFailedError, match="below the floor") as info:
         adapter.answer_request(flight_request())
     assert info.value.problem == "price-below-floor"
     assert "priced 350.00 USD below the floor" in caplog.text
@@ -299,7 +302,7 @@ def test_a_slow_pricing_plugin_fails_closed_within_its_budget(tmp_path: Path, sh
     slow = SlowPricing(3.0)
     adapter = make_adapter(tmp_path, plugins=[shop, slow], request_budget=0.5)
     started = time.monotonic()
-    with pytest.raises(RequestRefusedError) as info:
+    with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(flight_request())
     elapsed = time.monotonic() - started
     assert info.value.problem == "pricing-timeout"
@@ -313,7 +316,7 @@ def test_the_deadline_comes_from_respond_by(tmp_path: Path, shop: Shop) -> None:
     slow = SlowPricing(0.5)
     adapter = make_adapter(tmp_path, plugins=[shop, slow], request_budget=10.0)
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=300)
-    with pytest.raises(RequestRefusedError) as info:
+    with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(flight_request(respond_by=soon.isoformat()))
     assert info.value.problem == "pricing-timeout"
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
@@ -335,7 +338,7 @@ class SlowCapacity:
 
 def test_a_slow_capacity_system_fails_closed(tmp_path: Path, shop: Shop) -> None:
     adapter = make_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
-    with pytest.raises(RequestRefusedError) as info:
+    with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(flight_request())
     assert info.value.problem == "capacity-timeout"
     adapter.close()
@@ -354,7 +357,7 @@ def test_a_failing_plugin_is_named_and_nothing_crashes(
     name = adapter.plugin_manager.get_name(
         next(p for p in adapter.plugin_manager.get_plugins() if isinstance(p, Broken))
     )
-    with pytest.raises(RequestRefusedError) as info:
+    with pytest.raises(PluginFailedError) as info:
         adapter.answer_request(flight_request())
     assert info.value.problem == "plugin-failed"
     assert info.value.plugin == name
@@ -460,7 +463,7 @@ class FailingBooking:
 def test_a_failed_booking_releases_its_hold(tmp_path: Path, shop: Shop) -> None:
     adapter = make_adapter(tmp_path, plugins=[shop, FailingBooking()])
     (offer,) = adapter.answer_request(flight_request()).offers.offers
-    with pytest.raises(AcceptanceError) as info:
+    with pytest.raises(PluginFailedError) as info:
         adapter.accept_offer(offer.id, _accept(offer))
     assert info.value.problem == "not-booked"
     assert shop.released == ["hold-acc-1"]
@@ -572,7 +575,7 @@ def test_a_request_refused_in_its_last_stage_leaves_its_message_id_free(
     monkeypatch.setattr(pipeline, "_render_signed", slow)
     now = time.time()
     seen = SeenMessage("intermediary:relay", "msg_late", now + 600, now)
-    with pytest.raises(RequestRefusedError) as refused:
+    with pytest.raises(StageTimeoutError) as refused:
         asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
     assert refused.value.problem == "offer-timeout"
     with sqlite3.connect(tmp_path / "cmi.db") as conn:

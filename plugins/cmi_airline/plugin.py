@@ -85,7 +85,9 @@ class HoldExpiredError(AirlineError):
     """The hold to book is gone: it expired, was released, or was never taken."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, problem="not-booked")
+        # Refused, not an outage: the seats the offer held may be gone (not-booked is the
+        # firm's booking system failing, a 5xx).
+        super().__init__(message, problem="no-longer-available")
 
 
 #: The reference airline sells one cabin.
