@@ -92,6 +92,9 @@ __all__ = [
 
 log = logging.getLogger("cmi_sdk.offers")
 
+#: How often, at most, a waiting event loop reads a request's current stage deadline again.
+_DEADLINE_POLL = 0.02
+
 DEFAULT_STAGE_SHARES: dict[str, float] = {
     "validation": 0.05,
     "claims": 0.10,
@@ -324,8 +327,11 @@ class OfferPipeline:
             return job()
         future = asyncio.wrap_future(self._executor().submit(job))
         while True:
+            # The worker moves the deadline as it enters each stage, after this wait began:
+            # wake at least every _DEADLINE_POLL to read it again, so that a stage that
+            # overruns its share is refused at its own deadline, not the request's maximum.
             try:
-                timeout = max(0.0, run.deadline - time.monotonic())
+                timeout = min(max(0.0, run.deadline - time.monotonic()), _DEADLINE_POLL)
                 return await asyncio.wait_for(asyncio.shield(future), timeout)
             except TimeoutError:
                 self._check_deadline(run, run.request_id)

@@ -344,6 +344,25 @@ def test_a_slow_capacity_system_fails_closed(tmp_path: Path, shop: Shop) -> None
     adapter.close()
 
 
+def test_a_slow_capacity_system_fails_closed_at_its_own_deadline_on_a_loop(
+    tmp_path: Path, shop: Shop
+) -> None:
+    # The loop's wait began before the worker entered the capacity stage: it must still
+    # refuse at the stage's deadline, not wait for the slow system or the longest budget.
+    adapter = make_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
+
+    def prepare() -> tuple[Request, None]:
+        time.sleep(0.05)  # parsing and authentication take a while on the worker
+        return flight_request(), None
+
+    started = time.monotonic()
+    with pytest.raises(StageTimeoutError) as info:
+        asyncio.run(adapter.answer_request_async(prepare))
+    assert info.value.problem == "capacity-timeout"
+    assert time.monotonic() - started < 1.5  # SlowCapacity takes 2 s
+    adapter.close()
+
+
 class Broken:
     @hookimpl(tryfirst=True)
     def cmi_revenue_decision(self) -> RevenueDecision:
