@@ -17,6 +17,7 @@ from lxml import etree
 from pydantic import BaseModel
 
 from cmi_sdk import hookspecs
+from cmi_sdk._documents import Documents
 from cmi_sdk._emit import Emission, Emitter, SignedConsent
 from cmi_sdk._exceptions import (
     ConfigurationError,
@@ -45,7 +46,6 @@ from cmi_sdk._standards import (
     Standard,
     StandardRegistry,
     parse_model,
-    render_text,
 )
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, HardenedParser
 from cmi_sdk.egress import EgressGuard
@@ -201,6 +201,8 @@ class Adapter:
         self.standards = StandardRegistry()
         """The standards the plugins registered."""
         self._pm.hook.cmi_register_standards(register=self.standards)
+        self.documents = Documents(standards=self.standards, parser=self.parser, signer=signer)
+        """The one document pipeline: render, validate, minimize and sign."""
         self._store = store
         self._store_lock = threading.Lock()
         self.database_url = database_url
@@ -213,19 +215,18 @@ class Adapter:
             hook=self._pm.hook,
             standards=self.standards,
             store=lambda: self.store,
-            signer=signer,
+            documents=self.documents,
             egress=egress or EgressGuard(),
             policy=policy or TermsPolicy(),
             firm=firm,
             clock=clock,
-            parser=self.parser.lxml_parser,
             transaction_kinds=_kinds(transaction_kinds),
         )
         self._links = LinkService(store=lambda: self.store, emitter=self._emitter, clock=clock)
         self._offers = OfferPipeline(
             hook=self._pm.hook,
             store=lambda: self.store,
-            render_signed=self._render_signed,
+            documents=self.documents,
             prepare=lambda tx, ref, intermediary: self._emitter.prepare(
                 [tx], connection=None, customer_refs=[ref], intermediary=intermediary
             ),
@@ -263,7 +264,7 @@ class Adapter:
     @property
     def signer(self) -> DocumentSigner | None:
         """What signs documents and consent records, if anything."""
-        return self._emitter.signer
+        return self.documents.signer
 
     @property
     def firm(self) -> str:
@@ -569,24 +570,16 @@ class Adapter:
 
         :raises OfferNotFoundError: no such offer.
         """
-        return self._render_signed(self.store.get_offer(offer_id).offer, "offer")
+        return self.documents.render_signed(
+            self.store.get_offer(offer_id).offer, standard="cmi", document_type="offer"
+        )
 
     def render_signed(
         self, model: BaseModel, *, standard: str, document_type: str | None = None
     ) -> bytes:
         """Render ``model`` (validated against the XSD) and sign it with the adapter's
-        signer; unsigned when there is none."""
-        return self._render_signed(model, document_type, standard)
-
-    def _render_signed(
-        self, model: BaseModel, document_type: str | None, standard: str = "cmi"
-    ) -> bytes:
-        std, doc_type = self.standards.resolve(standard, document_type)
-        text = render_text(std, doc_type, model).encode()
-        root = etree.fromstring(text, self.parser.lxml_parser())
-        self._check(std, doc_type, root, text)
-        signer = self.signer
-        return text if signer is None else signer.sign(text, root=root)
+        signer; unsigned when there is none (see :meth:`Documents.render_signed`)."""
+        return self.documents.render_signed(model, standard=standard, document_type=document_type)
 
     def delivery_worker(self, **options: Any) -> DeliveryWorker:
         """A :class:`~cmi_sdk.DeliveryWorker` for this adapter's outbox; ``options`` go to
@@ -635,13 +628,9 @@ class Adapter:
         :raises RenderError: a value holds a character XML 1.0 cannot carry.
         :raises DocumentValidationError: the result breaks the schema (a plugin bug).
         """
-        std, doc_type = self.standards.resolve(standard, document_type)
-        xml = render_text(std, doc_type, model).encode("utf-8")
-        if validate:
-            # Our own output: trusted as to size and depth, so the plain fast parse.
-            root = etree.fromstring(xml, self.parser.lxml_parser())
-            self._check(std, doc_type, root, xml)
-        return xml
+        return self.documents.render(
+            model, standard=standard, document_type=document_type, validate=validate
+        )
 
     def validate(
         self,
@@ -662,7 +651,7 @@ class Adapter:
         """
         tree = self.parser.parse(xml)
         std, doc_type = self._identify(tree, standard, document_type)
-        self._check(std, doc_type, tree.getroot(), xml)
+        self.documents.check(tree.getroot(), xml, standard=std, document_type=doc_type)
         return ValidatedDocument(std, doc_type, tree, xml)
 
     def parse(
@@ -701,29 +690,6 @@ class Adapter:
                 )
             doc_type = found[0]
         return std, doc_type
-
-    @staticmethod
-    def _check(
-        std: Standard, doc_type: DocumentType[Any], root: etree._Element, xml: bytes
-    ) -> None:
-        tag = root.tag
-        if tag != doc_type.root:
-            issue = ValidationIssue(
-                f"root element is {tag!s}, expected {doc_type.root}", "/", root.sourceline
-            )
-            raise DocumentValidationError(
-                [issue],
-                document=xml,
-                standard=std.name,
-                document_type=doc_type.name,
-            )
-        if not doc_type.lxml_schema.validate(root):
-            raise DocumentValidationError(
-                doc_type.issues(root.getroottree()),
-                document=xml,
-                standard=std.name,
-                document_type=doc_type.name,
-            )
 
 
 def open_store(url: str, *, keyring: SecretsKeyring | None = None) -> OutboxStore:

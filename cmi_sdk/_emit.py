@@ -20,17 +20,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from lxml import etree
 
 from cmi_sdk._exceptions import (
     CMIError,
     ConfigurationError,
-    DocumentValidationError,
     NotFoundError,
     PluginError,
     StoreError,
     TermsError,
-    ValidationIssue,
 )
 from cmi_sdk._models import (
     TRANSACTION_KINDS,
@@ -45,14 +42,12 @@ from cmi_sdk._standards import (
     DocumentType,
     Standard,
     StandardRegistry,
-    render_digest,
-    render_text,
 )
 from cmi_sdk.outbox import DigestGroup, EmissionProblem, NewRow, OutboxStore, State
 
 if TYPE_CHECKING:
+    from cmi_sdk._documents import Documents
     from cmi_sdk.egress import EgressGuard
-    from cmi_sdk.signing import DocumentSigner
 
 __all__ = ["Emission", "Emitter", "SignedConsent"]
 
@@ -138,24 +133,21 @@ class Emitter:
         hook: pluggy.HookRelay,
         standards: StandardRegistry,
         store: Callable[[], OutboxStore],
-        signer: DocumentSigner | None,
+        documents: Documents,
         egress: EgressGuard,
         policy: TermsPolicy,
         firm: str,
         clock: Callable[[], float],
-        parser: Callable[[], etree.XMLParser],
         transaction_kinds: Iterable[str] = TRANSACTION_KINDS,
     ) -> None:
         self._hook = hook
         self._standards = standards
         self._store = store
-        self.signer = signer
+        self._documents = documents
         self.egress = egress
         self.policy = policy
         self.firm = firm
         self._clock = clock
-        self._parser = parser
-        self._warned_unsigned = False
         self.transaction_kinds = tuple(transaction_kinds)
         """The kinds of transaction the firm emits: terms must be able to carry one."""
 
@@ -277,12 +269,11 @@ class Emitter:
                 doc_type.name,
             )
             return None
-        text = render_text(std, doc_type, tx).encode()
-        root = etree.fromstring(text, self._parser())
-        _check(std, doc_type, root, text)
-        text, withheld = _minimize(std, doc_type, root, text, terms)
-        msg_id = _msg_id(terms.id, tx.id, std.name, doc_type.name, hashlib.sha256(text).hexdigest())
-        signed = self._sign(text, None if withheld else root)
+        made = self._documents.for_terms(tx, terms, standard=std, document_type=doc_type)
+        msg_id = _msg_id(
+            terms.id, tx.id, std.name, doc_type.name, hashlib.sha256(made.xml).hexdigest()
+        )
+        signed, withheld = made.body, made.withheld
         model = None
         if terms.when == "pull":
             state: State = "pull"
@@ -316,7 +307,7 @@ class Emitter:
             document_type=doc_type.name,
             state=state,
             withheld=withheld,
-            signed=self.signer is not None,
+            signed=self._documents.signer is not None,
             due=_utc(due),
             document=signed,
         )
@@ -355,32 +346,21 @@ class Emitter:
         std = self._standards.get(choice[0] if choice else terms.standard)
         doc_type = transaction_document_type(std, choice[1] if choice else terms.document_type)
         models = [doc_type.model.model_validate_json(m) for m in group.models]
-        text = render_digest(std, doc_type, models).encode()
-        root = etree.fromstring(text, self._parser())
-        _check(std, doc_type, root, text)
-        text, withheld = _minimize(std, doc_type, root, text, terms)
+        made = self._documents.digest_for_terms(models, terms, standard=std, document_type=doc_type)
         ids = [m.id for m in models]
         return NewRow(
-            msg_id=_msg_id(terms.id, "digest", *ids, hashlib.sha256(text).hexdigest()),
+            msg_id=_msg_id(terms.id, "digest", *ids, hashlib.sha256(made.xml).hexdigest()),
             terms_id=terms.id,
             customer_ref=terms.customer_ref,
             transaction_id=ids[0] if len(ids) == 1 else f"{ids[0]}+{len(ids) - 1}"[:64],
             standard=std.name,
             document_type=doc_type.name,
             destination=terms.destination,
-            body=self._sign(text, None if withheld else root),
+            body=made.body,
             created_at=now,
             state="pending",
             next_attempt_at=now,
         )
-
-    def _sign(self, xml: bytes, root: etree._Element | None) -> bytes:
-        if self.signer is None:
-            if not self._warned_unsigned:
-                log.warning("no signing key is configured: documents go out unsigned")
-                self._warned_unsigned = True
-            return xml
-        return self.signer.sign(xml, root=root)
 
     # -- terms ----------------------------------------------------------------------------
 
@@ -515,11 +495,10 @@ class Emitter:
                 "jurisdiction": self.policy.jurisdiction,
             }
         )
-        std, consent_type = self._standards.resolve("cmi", "consent")
-        text = render_text(std, consent_type, record).encode()
-        root = etree.fromstring(text, self._parser())
-        _check(std, consent_type, root, text)
-        return SignedConsent(record, self._sign(text, root))
+        return SignedConsent(
+            record,
+            self._documents.render_signed(record, standard="cmi", document_type="consent"),
+        )
 
 
 def _problem(tx: Transaction, terms: SharingTerms, exc: Exception, now: float) -> EmissionProblem:
@@ -545,24 +524,6 @@ def _problem(tx: Transaction, terms: SharingTerms, exc: Exception, now: float) -
     )
 
 
-def _minimize(
-    std: Standard,
-    doc_type: DocumentType[Any],
-    root: etree._Element,
-    text: bytes,
-    terms: SharingTerms,
-) -> tuple[bytes, tuple[str, ...]]:
-    """Withhold what the terms do not allow, in place; the document's bytes again (and
-    validated again) when anything was withheld, with the names withheld."""
-    if terms.fields is None:
-        return text, ()
-    withheld = doc_type.withhold(root, set(doc_type.fields) - set(terms.fields))
-    if withheld:
-        text = etree.tostring(root, xml_declaration=True, encoding="UTF-8") + b"\n"
-        _check(std, doc_type, root, text)
-    return text, withheld
-
-
 def _for_customer(tx: Transaction, ref: str) -> Transaction:
     # Each customer's document carries their own pseudonymous reference, never another's.
     return Transaction.model_validate({**tx.model_dump(), "customer_ref": ref})
@@ -578,11 +539,3 @@ def _digest_due(terms: SharingTerms, now: float) -> float:
     start = terms.created_at.timestamp()
     windows = max(0, math.floor((now - start) / period)) + 1
     return start + windows * period
-
-
-def _check(std: Standard, doc_type: DocumentType[Any], root: etree._Element, xml: bytes) -> None:
-    if not doc_type.lxml_schema.validate(root):
-        issues = doc_type.issues(root.getroottree()) or [ValidationIssue("invalid", "/")]
-        raise DocumentValidationError(
-            issues, document=xml, standard=std.name, document_type=doc_type.name
-        )

@@ -80,6 +80,7 @@ from cmi_sdk.outbox import (
 )
 
 if TYPE_CHECKING:
+    from cmi_sdk._documents import Documents
     from cmi_sdk._emit import Emission
 
 __all__ = [
@@ -243,7 +244,7 @@ class OfferPipeline:
         *,
         hook: pluggy.HookRelay,
         store: Callable[[], OutboxStore],
-        render_signed: Callable[[Any, str], bytes],
+        documents: Documents,
         prepare: Callable[
             [Transaction, str, str | None],
             tuple[list[NewRow], list[Emission], list[EmissionProblem]],
@@ -259,7 +260,7 @@ class OfferPipeline:
     ) -> None:
         self._hook = hook
         self._store = store
-        self._render_signed = render_signed
+        self._documents = documents
         self._prepare = prepare
         self.acceptance_lease = acceptance_lease
         """Seconds a booking process holds an acceptance: past it, a crashed booking is
@@ -581,7 +582,7 @@ class OfferPipeline:
             answered_at=offer.created_at,
             offers=(offer,),
         )
-        xml = self._render_signed(answer, "offers")
+        xml = self._documents.render_signed(answer, standard="cmi", document_type="offers")
         # Kept with the signed answer it went out in; GET /cmi/offers/{id} signs the offer
         # alone when asked, so answering costs one signature.
         self._keep(
@@ -658,7 +659,7 @@ class OfferPipeline:
             answered_at=dt.datetime.fromtimestamp(self._clock(), dt.UTC),
             declined=reason[:256],
         )
-        xml = self._render_signed(answer, "offers")
+        xml = self._documents.render_signed(answer, standard="cmi", document_type="offers")
         self._keep(run, [])
         return Answer(answer, xml)
 

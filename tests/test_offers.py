@@ -584,14 +584,14 @@ def test_a_request_refused_in_its_last_stage_leaves_its_message_id_free(
     tmp_path: Path, shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     adapter = make_adapter(tmp_path, plugins=[shop], request_budget=0.4)
-    pipeline = adapter._offers
-    render = pipeline._render_signed
+    documents = adapter.documents
+    render = documents.render_signed
 
-    def slow(model: Any, document_type: str) -> bytes:
+    def slow(model: Any, **where: Any) -> bytes:
         time.sleep(0.5)  # past the offer stage's end: the caller is told offer-timeout
-        return render(model, document_type)
+        return render(model, **where)
 
-    monkeypatch.setattr(pipeline, "_render_signed", slow)
+    monkeypatch.setattr(documents, "render_signed", slow)
     now = time.time()
     seen = SeenMessage("intermediary:relay", "msg_late", now + 600, now)
     with pytest.raises(StageTimeoutError) as refused:
