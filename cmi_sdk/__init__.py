@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from cmi_sdk._adapter import DEFAULT_PLUGINS, Adapter, ValidatedDocument
 from cmi_sdk._delivery import DeliveryStats, DeliveryWorker, RetrySchedule
+from cmi_sdk._documents import Documents
 from cmi_sdk._emit import Emission, SignedConsent
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
@@ -120,6 +121,7 @@ __all__ = [
     "DocumentType",
     "DocumentTypeNotFoundError",
     "DocumentValidationError",
+    "Documents",
     "EgressGuard",
     "EgressResolutionError",
     "Emission",

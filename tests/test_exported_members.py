@@ -37,6 +37,7 @@ EXPECTED = [
     "DocumentType",
     "DocumentTypeNotFoundError",
     "DocumentValidationError",
+    "Documents",
     "EgressGuard",
     "EgressResolutionError",
     "Emission",

@@ -79,12 +79,11 @@ from cmi_ofx.values import format_ofx_amount, format_ofx_datetime, parse_ofx_dat
 from cmi_sdk import (
     BankStatementLineDetails,
     ConfigurationError,
+    Documents,
     DocumentType,
     DocumentValidationError,
-    HardenedParser,
     MappingError,
     Money,
-    RenderError,
     Standard,
     StandardRegistry,
     Transaction,
@@ -471,28 +470,9 @@ class OFXPlugin:
         register.add(self.standard)
 
 
-def _render(std: Standard, context: dict[str, Any]) -> bytes:
-    doc_type = std.document_type("statement")
-    text = std.template(doc_type).render(context)
-    bad = _XML_ILLEGAL.search(text)
-    if bad is not None:
-        char = bad.group()
-        raise RenderError(
-            f"U+{ord(char):04X} cannot be carried by XML 1.0, even escaped",
-            field=None,
-            character=char,
-        )
-    # A bare CR would come back as LF (XML normalizes line ends); a reference keeps it.
-    xml = text.replace("\r", "&#13;").encode()
-    root = etree.fromstring(xml, HardenedParser().lxml_parser())  # our own output
-    if not doc_type.lxml_schema.validate(root):
-        raise DocumentValidationError(
-            doc_type.issues(root.getroottree()),
-            document=xml,
-            standard=std.name,
-            document_type=doc_type.name,
-        )
-    return xml
+# The SDK's document pipeline with no adapter behind it, for statement(): it needs no
+# registry (it is given the standard) and signs nothing.
+_DOCUMENTS: Final = Documents()
 
 
 def _mapping(std: Standard) -> StatementMapping:
@@ -516,7 +496,8 @@ def statement(
     :raises RenderError: a value holds a character XML 1.0 cannot carry.
     """
     std = STANDARD if settings is None else make_standard(settings)
-    return _render(std, _mapping(std).context(transactions, balance=balance))
+    context = _mapping(std).context(transactions, balance=balance)
+    return _DOCUMENTS.render_context(context, standard=std, document_type="statement")
 
 
 def render_digest(
@@ -525,14 +506,15 @@ def render_digest(
     """Render a digest: ``transactions`` (one customer's, of one firm, account and currency)
     as one OFX statement with a ``STMTTRN`` each, in the order given, with the settings of
     the adapter's ``ofx`` standard. It is validated against the same schema as a single
-    statement and unsigned: sign it with ``adapter.signer.sign(xml)`` to send it.
+    statement and unsigned: sign it with ``adapter.documents.sign(xml)`` to send it.
 
     :param balance: the ledger balance; by default the transactions' sum.
     :raises StandardNotFoundError: the adapter has no ``ofx`` standard.
     :raises MappingError: see :meth:`StatementMapping.context`.
     """
     std = adapter.standards.get(STANDARD_NAME)
-    return _render(std, _mapping(std).context(transactions, balance=balance))
+    context = _mapping(std).context(transactions, balance=balance)
+    return adapter.documents.render_context(context, standard=std, document_type="statement")
 
 
 def parse_digest(adapter: Adapter, xml: bytes) -> list[Transaction]:
