@@ -32,7 +32,7 @@ from cmi_sdk._xml import HardenedParser
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from cmi_sdk._terms import SharingTerms
+    from cmi_sdk._models import SharingTerms
     from cmi_sdk.signing import DocumentSigner
 
 __all__ = ["Documents", "TermsDocument"]
