@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from xml.sax.saxutils import escape
 
 from cryptography.hazmat.primitives import serialization
@@ -46,7 +46,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cmi_sdk._adapter import Adapter, ValidatedDocument
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     AcceptanceError,
@@ -95,6 +94,11 @@ from cmi_sdk._version import __version__
 from cmi_sdk.client import REQUEST_SIGNATURE_CONTEXT, request_signing_secret, signing_payload
 from cmi_sdk.outbox import SeenMessage
 from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier, generate_secret, public_key_for
+
+if TYPE_CHECKING:
+    # Annotations only: the adapter imports this module to build its app, so a runtime
+    # import back would make the two modules a cycle.
+    from cmi_sdk._adapter import Adapter, ValidatedDocument
 
 __all__ = ["PROBLEM_TYPES", "create_app"]
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from cmi_sdk._adapter import Adapter
+from cmi_sdk._display import format_offers
 from cmi_sdk._models import Acceptance, Money, Offer, OfferSet, Request
 from cmi_sdk._serving import serving
-from cmi_sdk.cli import format_offers
 from cmi_sdk.client import CMIClient
 from cmi_sdk.egress import EgressGuard
 from cmi_sdk.receiver import CustomerStore, running

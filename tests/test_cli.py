@@ -194,7 +194,7 @@ def test_internal_errors_are_reported_without_traceback(
     def broken_adapter(**kwargs: object) -> None:
         raise RuntimeError("plugin bug")
 
-    monkeypatch.setattr("cmi_sdk.cli.Adapter", broken_adapter)
+    monkeypatch.setattr("cmi_sdk.cli._common.Adapter", broken_adapter)
     code, _, err = run(capsys, "standards")
     assert code == EXIT_INTERNAL
     assert "internal error: RuntimeError: plugin bug" in err

@@ -1,0 +1,319 @@
+"""Helpers every command module shares: input and output, secrets, the configured
+adapter, exit codes and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cmi_sdk._adapter import Adapter
+from cmi_sdk._exceptions import (
+    CMIError,
+    DocumentValidationError,
+    MalformedXMLError,
+    ModelValidationError,
+    NotFoundError,
+    ValidationIssue,
+)
+from cmi_sdk._files import warn_if_shared, write_private_file
+from cmi_sdk._standards import DocumentType
+
+EXIT_OK = 0
+
+
+EXIT_INVALID = 1
+
+
+EXIT_USAGE = 2
+
+
+EXIT_INTERNAL = 3
+
+
+class UsageError(Exception):
+    """Bad arguments: reported with exit code 2."""
+
+
+class InputError(Exception):
+    """Input that cannot be read: reported with exit code 1."""
+
+
+def _read(path: str, limit: int | None = None) -> bytes:
+    """Read ``path`` ('-' is standard input), at most ``limit`` + 1 bytes when limited."""
+    size = -1 if limit is None else limit + 1
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(size)
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _write(data: bytes, output: str | None) -> None:
+    """Write ``data`` to ``output`` atomically, or to standard output in one piece."""
+    if output is None or output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    target = Path(output)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.")
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+#: Why no option takes a secret's value: shown in the help and in the refusal.
+_WHY_NOT_ON_COMMAND_LINE = (
+    "a secret on the command line can be read by every user of the machine (ps, /proc) and"
+    " stays in the shell's history"
+)
+
+
+class _RefusedSecret(argparse.Action):
+    """``--secret VALUE``: refused, with what to use instead."""
+
+    def __init__(self, option_strings: list[str], dest: str, env: str, **kwargs: Any) -> None:
+        self.env = env
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,  # noqa: ARG002  (nothing is stored)
+        values: object,  # noqa: ARG002  (the secret, which is not used)
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            f"{option_string} is refused: {_WHY_NOT_ON_COMMAND_LINE}; give --secret-file PATH"
+            f" ('-' reads standard input) or set {self.env}"
+        )
+
+
+def _secret_options(p: argparse.ArgumentParser, env: str, *, several: bool = False) -> None:
+    """``--secret-file`` (and the environment variable ``env``) for a command that needs a
+    secret; ``--secret`` is refused with the reason."""
+    p.add_argument(
+        "--secret-file",
+        action="append" if several else "store",
+        metavar="PATH",
+        help=(
+            f"read the whsec_ secret{'s (one a line; repeatable)' if several else ''} from PATH"
+            f" ('-': standard input), or set {env}; never give a secret as an argument:"
+            f" {_WHY_NOT_ON_COMMAND_LINE}"
+        ),
+    )
+    p.add_argument("--secret", action=_RefusedSecret, env=env, nargs="?", help=argparse.SUPPRESS)
+    p.set_defaults(secret_env=env)
+
+
+def _read_secrets(args: argparse.Namespace) -> list[str]:
+    """The secrets of ``--secret-file`` (files, or '-') or of the command's environment
+    variable; separated by lines, spaces or commas."""
+    files = args.secret_file
+    paths = [] if files is None else [files] if isinstance(files, str) else list(files)
+    texts: list[str] = []
+    for path in paths:
+        if path != "-":
+            warn_if_shared(path, "the secret file")
+        texts.append(_read(path, 1 << 16).decode("utf-8", errors="replace"))
+    if not paths:
+        value = os.environ.get(args.secret_env)
+        if not value:
+            raise UsageError(
+                f"this command needs a secret: give --secret-file PATH ('-' reads standard"
+                f" input) or set {args.secret_env}"
+            )
+        texts.append(value)
+    secrets = [part for text in texts for part in re.split(r"[\s,]+", text) if part]
+    if not secrets:
+        raise InputError(f"no secret found in {', '.join(paths)}")
+    return secrets
+
+
+def _read_secret(args: argparse.Namespace) -> str:
+    """The one secret of ``--secret-file`` or the command's environment variable."""
+    secrets = _read_secrets(args)
+    if len(secrets) > 1:
+        raise InputError("expected one secret, found several")
+    return secrets[0]
+
+
+def _write_secret(text: str, out: str | None) -> None:
+    """Print a new secret (or key), or write it to a new file readable by its owner only."""
+    if out is None or out == "-":
+        _write(f"{text}\n".encode(), None)
+        return
+    try:
+        write_private_file(out, f"{text}\n".encode())
+    except FileExistsError:
+        raise InputError(f"{out} exists; not overwriting it") from None
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    print(f"cmi: wrote {out} (readable by its owner only)", file=sys.stderr)
+
+
+def _duration(text: str) -> float:
+    """``--grace``: seconds, or a number with s, m, h or d."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 24h, 7d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def _adapter(args: argparse.Namespace) -> Adapter:
+    return Adapter(block=args.block)
+
+
+def _resolve_names(
+    adapter: Adapter, standard: str | None, doc_type: str | None
+) -> DocumentType[Any] | None:
+    """Check names given on the command line, so a typo is a usage error (exit 2); return
+    the named document type, if a standard was named."""
+    if doc_type is not None and standard is None:
+        raise UsageError("--type needs --standard")
+    if standard is None:
+        return None
+    try:
+        return adapter.standards.resolve(standard, doc_type)[1]
+    except NotFoundError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _settings() -> Any:
+    from cmi_sdk.config import Settings  # noqa: PLC0415
+
+    return Settings.load()
+
+
+def _emitting_adapter(args: argparse.Namespace, *, require_signer: bool = True) -> Adapter:
+    """The adapter of the configured store and keys; refuses to produce unsigned documents."""
+    return _configured_adapter(args.block, require_signer=require_signer)
+
+
+def _configured_adapter(block: list[str], *, require_signer: bool) -> Adapter:
+    settings = _settings()
+    how = (
+        "run `cmi keys generate keys` and set CMI_SIGNING_KEY=keys/key.pem and"
+        " CMI_SIGNING_CERT=keys/cert.pem (or signing_key and signing_cert in cmi.toml)"
+    )
+    try:
+        signer = settings.signer()
+    except CMIError as exc:
+        if require_signer:
+            raise UsageError(f"{exc}; for a development pair, {how}") from None
+        signer = None  # commands that sign nothing work without a usable key
+    if require_signer and signer is None:
+        raise UsageError(f"no signing key is configured: {how}")
+    adapter: Adapter = settings.adapter(block=block, signer=signer)
+    return adapter
+
+
+def _print_json(data: object) -> None:
+    _write((json.dumps(data, indent=2, default=str) + "\n").encode(), None)
+
+
+def _until(text: str | None) -> str | None:
+    """``--until``: a date (the terms lapse at its start, UTC) or an ISO 8601 time."""
+    if text is None:
+        return None
+    import datetime as dt  # noqa: PLC0415
+
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        return text  # a full time: the model checks it is timezone-aware
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).isoformat()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from cmi_sdk.client import CMIClient  # noqa: PLC0415
+
+    return CMIClient(args.to, secret=_read_secret(args), intermediary=args.intermediary)
+
+
+def _answer_problem(response: Any) -> InputError:
+    try:
+        data = response.json()
+        detail = f"{data.get('type', '')}: {data.get('detail', '')}"
+    except ValueError:
+        detail = response.text[:500]
+    return InputError(f"the firm answered {response.status_code}: {detail}")
+
+
+class _ReportedError(Exception):
+    """An error already explained on standard error."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _issue_line(source: str, issue: ValidationIssue) -> str:
+    line = f"{issue.line}:" if issue.line is not None else ""
+    where = f" {issue.path}:" if issue.path else ""
+    return f"{source}:{line}{where} {issue.reason}"
+
+
+def _located(source: str, exc: CMIError) -> _ReportedError:
+    if isinstance(exc, DocumentValidationError | ModelValidationError):
+        head = str(exc).splitlines()[0]
+        return _ReportedError([f"{source}: {head}"] + [_issue_line(source, i) for i in exc.issues])
+    if isinstance(exc, MalformedXMLError) and exc.line is not None:
+        return _ReportedError([f"{source}:{exc.line}: {exc}"])
+    return _ReportedError([f"{source}: {exc}"])
+
+
+def _report(source: str, exc: CMIError) -> None:
+    for line in _located(source, exc).lines:
+        print(line, file=sys.stderr)
+
+
+def _serving_adapter(*, block: list[str], reference_firms: bool) -> Adapter:
+    adapter = _configured_adapter(block, require_signer=False)
+    if reference_firms:
+        adapter = _with_reference_firms(block, adapter)
+    return adapter
+
+
+def _with_reference_firms(block: list[str], adapter: Adapter) -> Adapter:
+    """The same adapter's settings, with the reference airline and lender plugged in:
+    their SQLite files in the working directory, flights 30 days out seeded once."""
+    from decimal import Decimal  # noqa: PLC0415
+
+    from cmi_airline import ReferenceAirline  # noqa: PLC0415
+    from cmi_lender import ReferenceLender  # noqa: PLC0415
+    from cmi_sdk._models import Money  # noqa: PLC0415
+    from cmi_sdk.demo import seed_flights  # noqa: PLC0415
+
+    airline = ReferenceAirline(database="airline.db", firm=adapter.firm)
+    seed_flights(airline, skip_existing=True)
+    lender = ReferenceLender(
+        database="lender.db",
+        firm=adapter.firm,
+        daily_limit=Money(amount=Decimal("1000000.00"), currency="USD"),
+        default_band="B",
+    )
+    firm: Adapter = _settings().adapter(
+        block=block, signer=adapter.signer, plugins=[airline, lender]
+    )
+    return firm

@@ -1,0 +1,183 @@
+"""``cmi emit``, ``deliver``, ``outbox``, ``acceptances`` and ``db``: the firm's documents on
+their way to customers, and the store they wait in."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from cmi_sdk._exceptions import (
+    ModelValidationError,
+)
+from cmi_sdk._models import load_model
+from cmi_sdk.cli._common import (
+    EXIT_OK,
+    UsageError,
+    _emitting_adapter,
+    _located,
+    _print_json,
+    _read,
+    _serving_adapter,
+    _settings,
+    _write,
+)
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    """Emit a canonical transaction to its customer under their terms."""
+    from cmi_sdk._models import Transaction  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args)
+    text = _read(args.file)
+    try:
+        tx = load_model(Transaction, text)
+    except ModelValidationError as exc:
+        raise _located(args.file, exc) from None
+    emissions = adapter.emit(tx, customer_refs=args.customer or None)
+    if not emissions:
+        print(
+            f"cmi: no active sharing terms for {', '.join(args.customer or [tx.customer_ref])}:"
+            " nothing emitted",
+            file=sys.stderr,
+        )
+    lines = [
+        f"{e.msg_id}  {e.terms_id}  {e.standard} {e.document_type}  {e.state}"
+        + (f"  withheld={','.join(e.withheld)}" if e.withheld else "")
+        for e in emissions
+    ]
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+    return EXIT_OK
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """Deliver the outbox: what is due now (--once), or until interrupted."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    settings = _settings()
+    adapter = _emitting_adapter(args, require_signer=False)
+    worker = adapter.delivery_worker(**settings.worker_options())
+    try:
+        if args.once:
+            stats = worker.run_once()
+            _write(
+                f"delivered {stats.delivered}, retry later {stats.retried}, dead {stats.dead}"
+                f"{f', skipped {stats.skipped}' if stats.skipped else ''}\n".encode(),
+                None,
+            )
+            return EXIT_OK
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        print(f"cmi: delivering from {adapter.database_url} (Ctrl-C stops)", file=sys.stderr)
+        try:
+            worker.run(stop=stop, poll_interval=args.poll)
+        except KeyboardInterrupt:
+            stop.set()
+        return EXIT_OK
+    finally:
+        worker.close()
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """Inspect the outbox, or redrive dead rows."""
+    import datetime as dt  # noqa: PLC0415
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    store = adapter.store
+    now = adapter.clock()
+    if args.outbox_command == "status":
+        status = store.status(now)
+        data = {
+            "counts": status.counts,
+            "oldest_pending_age_seconds": status.oldest_pending_age,
+            "disabled_destinations": list(status.disabled_destinations),
+        }
+        if args.json:
+            _print_json(data)
+        else:
+            lines = [f"{state:<10} {count}" for state, count in status.counts.items()]
+            if status.oldest_pending_age is not None:
+                lines.append(f"oldest pending: {status.oldest_pending_age:.0f} s")
+            lines.extend(f"disabled: {url}" for url in status.disabled_destinations)
+            _write(("\n".join(lines) + "\n").encode(), None)
+        return EXIT_OK
+    if args.outbox_command == "list":
+        rows = store.rows(state=args.state, limit=args.limit)
+        if args.json:
+            _print_json([r.summary() for r in rows])
+        else:
+            lines = [
+                f"{r.msg_id}  {r.state:<9} attempts={r.attempts}  {r.destination or '(pull)'}"
+                + (f"  last_error={r.last_error}" if r.last_error else "")
+                for r in rows
+            ]
+            _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+        return EXIT_OK
+    # redrive
+    if (args.id is None) == (args.since is None):
+        raise UsageError("outbox redrive takes an ID or --since T")
+    if args.id is not None:
+        count = store.redrive(msg_id=args.id, now=now)
+    else:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            raise UsageError(f"--since {args.since!r} is not an ISO 8601 time") from None
+        if since.tzinfo is None:
+            raise UsageError("--since needs a timezone (for example 2026-11-24T00:00:00Z)")
+        count = store.redrive(since=since.timestamp(), now=now)
+    _write(f"redriven {count}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
+    """Create or upgrade the store's tables (SQLite or PostgreSQL); idempotent."""
+    from cmi_sdk._adapter import open_store  # noqa: PLC0415
+
+    url = _settings().database_url
+    store = open_store(url)
+    store.migrate()
+    shown = url.rsplit("@", maxsplit=1)[-1]  # never a password
+    _write(f"migrated {shown}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_acceptances(args: argparse.Namespace) -> int:
+    """Recover acceptances whose booking process died (their lease ran out)."""
+    adapter = _serving_adapter(block=args.block, reference_firms=args.reference_firms)
+    if not adapter.plugin_manager.hook.cmi_find_booking.get_hookimpls():
+        # Without the firm's booking system, a booking made before the crash is invisible:
+        # releasing its acceptance would let another acceptance book the offer again.
+        if not args.assume_not_booked:
+            raise UsageError(
+                "no plugin implements cmi_find_booking, so a booking made before a crash"
+                " cannot be seen: install the firm's plugin (or --reference-firms), or pass"
+                " --assume-not-booked to release every stalled acceptance"
+            )
+        print(
+            "cmi: no plugin implements cmi_find_booking: every stalled acceptance is taken"
+            " as not booked (its hold released, a retry books afresh)",
+            file=sys.stderr,
+        )
+    done = adapter.recover_acceptances(limit=args.limit)
+    _write(f"booked {done['booked']}\nreleased {done['released']}\n".encode(), None)
+    return EXIT_OK
+
+
+def cmd_outbox_problems(args: argparse.Namespace) -> int:
+    """List the documents that could not be made (emission problems), newest first."""
+
+    adapter = _emitting_adapter(args, require_signer=False)
+    problems = adapter.store.emission_problems(limit=args.limit)
+    if args.json:
+        _print_json(
+            [
+                {k: v for k, v in dataclasses.asdict(p).items() if k != "transaction"}
+                for p in problems
+            ]
+        )
+        return EXIT_OK
+    lines = [f"{p.transaction_id}  terms={p.terms_id}  {p.standard}: {p.reason}" for p in problems]
+    _write(("\n".join(lines) + "\n").encode() if lines else b"", None)
+    return EXIT_OK

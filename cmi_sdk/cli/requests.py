@@ -1,0 +1,104 @@
+"""``cmi request`` and ``cmi accept``: an intermediary's side of the endpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmi_sdk._display import format_offers
+from cmi_sdk._exceptions import (
+    ModelValidationError,
+)
+from cmi_sdk._models import load_model
+from cmi_sdk.cli._common import (
+    EXIT_OK,
+    _adapter,
+    _answer_problem,
+    _client,
+    _located,
+    _read,
+    _write,
+)
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Act as an intermediary: sign and post a request, print the offers."""
+    from cmi_sdk._models import Request  # noqa: PLC0415
+
+    adapter = _adapter(args)
+    data = _read(args.file, adapter.parser.max_bytes)
+    if data.lstrip()[:1] == b"<":
+        xml = data
+        adapter.validate(xml, standard="cmi", document_type="request")
+    else:
+        try:
+            model = load_model(Request, data)
+        except ModelValidationError as exc:
+            raise _located(args.file, exc) from None
+        xml = adapter.render(model, standard="cmi", document_type="request")
+    with _client(args) as client:
+        response = client.post_request(xml)
+    if response.status_code != 200:
+        raise _answer_problem(response)
+    answer = adapter.parse(response.content, standard="cmi", document_type="offers")
+    if args.xml:
+        _write(response.content, args.output)
+    else:
+        _write(("\n".join(format_offers(answer)) + "\n").encode(), None)
+    return EXIT_OK
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    """Act as an intermediary: accept an offer for a customer; print the booking.
+
+    Without ``--id``, the acceptance id is derived from the intermediary, the offer and
+    the customer, so running the command again is a retry of the same acceptance: it gets
+    the first answer and books nothing more."""
+    import datetime as dt  # noqa: PLC0415
+
+    from cmi_sdk._models import Acceptance  # noqa: PLC0415
+
+    adapter = _adapter(args)
+    identity = None
+    if args.name or args.email:
+        identity = {"name": args.name, "email": args.email}
+    try:
+        acceptance = load_model(
+            Acceptance,
+            {
+                "id": args.id or _acceptance_id(args.intermediary, args.offer_id, args.customer),
+                "offer_id": args.offer_id,
+                "customer_ref": args.customer,
+                "accepted_at": dt.datetime.now(dt.UTC).isoformat(),
+                "identity": identity,
+            },
+        )
+    except ModelValidationError as exc:
+        raise _located("acceptance", exc) from None
+    xml = adapter.render(acceptance, standard="cmi", document_type="acceptance")
+    with _client(args) as client:
+        response = client.accept(args.offer_id, xml)
+    if response.status_code != 201:
+        raise _answer_problem(response)
+    result = response.json()
+    documents = ", ".join(result.get("documents", [])) or "none"
+    if result.get("replayed"):
+        line = (
+            f"already {result['outcome']}: offer {result['offer_id']} as"
+            f" {result['transaction_id']} (acceptance {result['acceptance_id']}, accepted"
+            f" before; nothing more was booked; documents: {documents})"
+        )
+    else:
+        line = (
+            f"{result['outcome']}: offer {result['offer_id']} as {result['transaction_id']}"
+            f" (acceptance {result['acceptance_id']}; documents: {documents})"
+        )
+    _write(f"{line}\n".encode(), None)
+    return EXIT_OK
+
+
+def _acceptance_id(intermediary: str, offer_id: str, customer: str) -> str:
+    """A stable acceptance id: the same command run again retries the same acceptance."""
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256("\x1f".join((intermediary, offer_id, customer)).encode())
+    return f"acc_{digest.hexdigest()[:24]}"
