@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from cmi_sdk._delivery import DeliveryWorker
     from cmi_sdk.signing import DocumentSigner
 
-__all__ = ["DEFAULT_PLUGINS", "Adapter", "ValidatedDocument"]
+__all__ = ["CORE_PLUGINS", "DEFAULT_PLUGINS", "Adapter", "ValidatedDocument"]
 
 log = logging.getLogger("cmi_sdk")
 
@@ -66,7 +66,13 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("cmi-defaults", "cmi_sdk._default_hooks"),
 )
 """The plugins every adapter registers first, as (name, module) pairs. They are ordinary
-plugins: a user can block them by name, and any plugin registered later overrides them."""
+plugins: any plugin registered later overrides them, and a user can block them by name,
+apart from the core vocabulary (``CORE_PLUGINS``)."""
+
+CORE_PLUGINS: frozenset[str] = frozenset({"cmi"})
+"""The plugins no adapter works without: ``cmi`` is the core vocabulary (requests, offers,
+acceptances, terms) that the endpoint and the request pipeline speak, so blocking it is
+refused when the adapter is built rather than failing at the first request."""
 
 DEFAULT_DATABASE_URL = "sqlite:///./cmi.db"
 """Where the embedded store lives unless told otherwise: ``cmi.db`` in the working folder."""
@@ -123,7 +129,8 @@ class Adapter:
         implementations), registered after the default and entry-point plugins so that
         theirs win.
     :param entry_points: load the plugins installed under the ``cmi_sdk`` entry-point group.
-    :param block: names of plugins never to register (default or entry-point ones).
+    :param block: names of plugins never to register (default or entry-point ones); the
+        core vocabulary ``cmi`` cannot be blocked.
     :param max_document_bytes: the cap on incoming documents.
     :param max_depth: the nesting limit for incoming documents.
     :param store: where terms, consent records and the outbox live; by default a
@@ -154,6 +161,7 @@ class Adapter:
         together. An acceptance whose process died is recovered once it runs out.
     :raises PluginError: a plugin failed to load, implements an unknown ``cmi_`` hook, or
         registers a standard that clashes with another.
+    :raises ConfigurationError: ``block`` names the core vocabulary.
     """
 
     def __init__(
@@ -178,6 +186,13 @@ class Adapter:
         transaction_kinds: Iterable[TransactionKind] | None = None,
         acceptance_lease: float = 300.0,
     ) -> None:
+        block = tuple(block)
+        if core := sorted(CORE_PLUGINS.intersection(block)):
+            raise ConfigurationError(
+                f"{', '.join(map(repr, core))} cannot be blocked: the SDK speaks the core"
+                " vocabulary itself (requests, offers, acceptances, terms); block other plugins"
+                " or override its hooks with a plugin of your own"
+            )
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         for name in block:

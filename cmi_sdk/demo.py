@@ -26,7 +26,8 @@ from typing import Any
 
 from cmi_sdk._adapter import Adapter
 from cmi_sdk._display import format_offers
-from cmi_sdk._models import Acceptance, Money, Offer, OfferSet, Request
+from cmi_sdk._models import Acceptance, Offer, OfferSet, Request
+from cmi_sdk._reference import reference_firms
 from cmi_sdk._serving import serving
 from cmi_sdk.client import CMIClient
 from cmi_sdk.egress import EgressGuard
@@ -71,28 +72,19 @@ def seed_flights(airline: Any, *, skip_existing: bool = False) -> dt.date:
 
 def run_demo(say: Callable[[str], None] = print) -> int:
     """Run the demo, telling each step through ``say``; return 0 when the loop closed."""
-    from cmi_airline import ReferenceAirline  # noqa: PLC0415  (reference firms: demo only)
-    from cmi_lender import ReferenceLender  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory(prefix="cmi-demo-") as tmp:
         work = Path(tmp)
         key_path, cert_path = generate_development_keys(work / "keys", common_name=FIRM)
         signer = DocumentSigner.from_pem(key_path.read_bytes(), cert_path.read_bytes())
         certificate = cert_path.read_bytes()
-        airline = ReferenceAirline(database=work / "airline.db", firm=FIRM)
-        travel_day = seed_flights(airline)
-        lender = ReferenceLender(
-            database=work / "lender.db",
-            firm=FIRM,
-            daily_limit=Money(amount=Decimal("1000000.00"), currency="USD"),
-            default_band="B",
-        )
+        firms = reference_firms(work, firm=FIRM)
+        travel_day = seed_flights(firms["airline"])
         adapter = Adapter(
             database_url=f"sqlite:///{work / 'firm.db'}",
             signer=signer,
             firm=FIRM,
             egress=EgressGuard(allow_loopback=True),  # the customer's store is on loopback
-            plugins=[airline, lender],
+            plugins=list(firms.values()),
         )
         relay_secret = generate_secret()
         adapter.store.add_intermediary("relay", relay_secret, at=time.time())
@@ -128,8 +120,8 @@ def run_demo(say: Callable[[str], None] = print) -> int:
                 return demo.run()
         finally:
             adapter.close()
-            airline.close()
-            lender.close()
+            for firm in firms.values():
+                firm.close()
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from cmi_sdk import (
     DEFAULT_PLUGINS,
     Adapter,
+    ConfigurationError,
     MappingError,
     PluginError,
     Standard,
@@ -62,10 +63,12 @@ def test_entry_points_can_be_skipped() -> None:
         adapter.standards.get("cmi-ticket")
 
 
-def test_default_plugins_can_be_blocked() -> None:
-    adapter = Adapter(block=["cmi"])
-    assert "cmi" not in adapter.standards
-    assert "cmi-ticket" in adapter.standards
+def test_default_plugins_can_be_blocked_apart_from_the_core_vocabulary() -> None:
+    adapter = Adapter(block=["cmi-defaults"])
+    assert adapter.plugin_manager.get_plugin("cmi-defaults") is None
+    assert "cmi" in adapter.standards
+    with pytest.raises(ConfigurationError, match="cannot be blocked"):
+        Adapter(block=["cmi"])
 
 
 def test_cmi_register_standards_from_a_given_plugin(examples_dir: Path) -> None:

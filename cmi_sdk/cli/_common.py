@@ -298,22 +298,12 @@ def _serving_adapter(*, block: list[str], reference_firms: bool) -> Adapter:
 def _with_reference_firms(block: list[str], adapter: Adapter) -> Adapter:
     """The same adapter's settings, with the reference airline and lender plugged in:
     their SQLite files in the working directory, flights 30 days out seeded once."""
-    from decimal import Decimal  # noqa: PLC0415
-
-    from cmi_airline import ReferenceAirline  # noqa: PLC0415
-    from cmi_lender import ReferenceLender  # noqa: PLC0415
-    from cmi_sdk._models import Money  # noqa: PLC0415
+    from cmi_sdk._reference import reference_firms  # noqa: PLC0415
     from cmi_sdk.demo import seed_flights  # noqa: PLC0415
 
-    airline = ReferenceAirline(database="airline.db", firm=adapter.firm)
-    seed_flights(airline, skip_existing=True)
-    lender = ReferenceLender(
-        database="lender.db",
-        firm=adapter.firm,
-        daily_limit=Money(amount=Decimal("1000000.00"), currency="USD"),
-        default_band="B",
-    )
+    firms = reference_firms(Path(), firm=adapter.firm)
+    seed_flights(firms["airline"], skip_existing=True)
     firm: Adapter = _settings().adapter(
-        block=block, signer=adapter.signer, plugins=[airline, lender]
+        block=block, signer=adapter.signer, plugins=list(firms.values())
     )
     return firm
