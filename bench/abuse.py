@@ -55,7 +55,9 @@ def server(
     else:
         argv = ["listen", "--port", str(port), "--store", "store"]
         env["CMI_DESTINATION_SECRET"] = SECRET  # never on a command line
-        if code and "--secret-file" not in Path(code, "cmi_sdk", "cli.py").read_text():
+        # A checkout from before the command line became a package keeps it in cli.py.
+        single_file = Path(code or ".", "cmi_sdk", "cli.py")
+        if code and single_file.is_file() and "--secret-file" not in single_file.read_text():
             argv += ["--secret", SECRET]  # a checkout from before secrets left the argv
         health = "/health"
     command = [sys.executable, "-m", "cmi_sdk.cli", *argv]
