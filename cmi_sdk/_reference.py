@@ -39,7 +39,9 @@ def reference_firms(
         if entry is None:
             raise ConfigurationError(
                 f"no reference firm {name!r} is installed (entry-point group"
-                f" {REFERENCE_FIRMS_GROUP}; installed: {', '.join(sorted(installed)) or 'none'})"
+                f" {REFERENCE_FIRMS_GROUP}; installed: {', '.join(sorted(installed)) or 'none'});"
+                " an installation from a checkout registers them when installed again"
+                " (pip install -e .)"
             )
         try:
             factory: Callable[..., Any] = entry.load()
