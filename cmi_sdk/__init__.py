@@ -84,7 +84,7 @@ from cmi_sdk._models import (
     Transaction,
     load_model,
 )
-from cmi_sdk._offers import AcceptanceResult, Answer
+from cmi_sdk._offers import AcceptanceResult, Answer, Prepared
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
 from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
@@ -158,6 +158,7 @@ __all__ = [
     "OutboxRowNotFoundError",
     "PluginError",
     "PluginFailedError",
+    "Prepared",
     "Problem",
     "Purpose",
     "Quote",

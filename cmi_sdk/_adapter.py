@@ -506,13 +506,17 @@ class Adapter:
         return self._offers.answer(request, intermediary=intermediary)
 
     async def answer_request_async(
-        self, prepare: Callable[[], Prepared | tuple[Request, str | None]]
+        self, prepare: Callable[[], Prepared | tuple[Any, ...]]
     ) -> Answer:
         """:meth:`answer_request` for an event loop (the endpoint's): ``prepare``, which
-        returns the request, the intermediary and (optionally) the signed message it came
-        in, runs on the pipeline's worker thread before it, so a request costs the loop one
-        hand-off (none when :attr:`answers_inline`: then both run on the loop); the
-        message id is remembered (replay cache) in the commit that stores the offers."""
+        returns the :class:`~cmi_sdk.Prepared` request (the request, the intermediary and,
+        optionally, the signed message it came in), runs on the pipeline's worker thread
+        before it, so a request costs the loop one hand-off (none when
+        :attr:`answers_inline`: then both run on the loop); the message id is remembered
+        (replay cache) in the commit that stores the offers.
+
+        .. deprecated:: a ``prepare`` returning a tuple ``(request, intermediary[,
+           message])`` is still taken in this release; return a ``Prepared``."""
         return await self._offers.answer_async(prepare)
 
     @property

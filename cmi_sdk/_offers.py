@@ -135,9 +135,24 @@ PIPELINE_HOOKS = (
 """The hooks a request runs through, in order (stages 1 to 8)."""
 
 
-Prepared = tuple[Request, str | None, SeenMessage | None]
-"""A request as the endpoint read it: the request, the intermediary that passed it on, and
-the signed message it came in (for the replay cache)."""
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request as the endpoint read it, for :meth:`~cmi_sdk.Adapter.answer_request_async`."""
+
+    request: Request
+    intermediary: str | None = None
+    """The intermediary that passed the request on."""
+    message: SeenMessage | None = None
+    """The signed message the request came in: its id is remembered (replay cache) in the
+    commit that stores the answer's offers, and refused if it was remembered meanwhile."""
+
+
+def _prepared(value: Prepared | tuple[Any, ...]) -> Prepared:
+    """``value`` as :class:`Prepared`; a tuple (request, intermediary[, message]) is the
+    shape of earlier releases, still taken for one release."""
+    if isinstance(value, Prepared):
+        return value
+    return Prepared(*value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,18 +202,21 @@ class AcceptanceResult:
 
 @dataclass
 class _Run:
-    """A request's progress, shared between the pipeline thread and the waiting caller."""
+    """A request's progress, shared between the thread running its pipeline and the caller
+    waiting for it. Its deadline is checked only by :meth:`OfferPipeline._check` and moved
+    only by :meth:`OfferPipeline._enter`."""
 
     start: float
     budget: float
+    deadline: float
+    inline: bool
+    """Runs on the caller's thread (see :meth:`OfferPipeline.runs_inline`)."""
     stage: str = "validation"
-    deadline: float = 0.0
     abandoned: bool = False
+    """The request was refused as late: the pipeline stops at its next check."""
     request_id: str = "(not yet read)"
     message: SeenMessage | None = None
     """The signed message the request came in, remembered with what answering stores."""
-    inline: bool = False
-    """Runs on the caller's thread: each stage's deadline is checked when it returns."""
 
 
 @dataclass
@@ -289,69 +307,92 @@ class OfferPipeline:
         :raises FirmSystemError: a stage late, a plugin failing or missing: no offer is
             made (fail closed).
         """
-        run = self._start(request)
-        if self.runs_inline():
-            run.inline = True
-            return self._pipeline(request, run, intermediary)
-        future = self._executor().submit(self._pipeline, request, run, intermediary)
-        while True:
-            try:
-                return future.result(timeout=max(0.0, run.deadline - time.monotonic()))
-            except concurrent.futures.TimeoutError:
-                self._check_deadline(run, request.id)
+        run = self._new_run()
+        self._begin(run, Prepared(request, intermediary))
+        return self._execute(run, lambda: self._pipeline(request, run, intermediary))
 
-    async def answer_async(
-        self, prepare: Callable[[], Prepared | tuple[Request, str | None]]
-    ) -> Answer:
+    async def answer_async(self, prepare: Callable[[], Prepared | tuple[Any, ...]]) -> Answer:
         """:meth:`answer` for an event loop, with the request's preparation (the endpoint's
-        authentication and parsing) on the same worker thread: one hand-off a request.
+        authentication and parsing) where the pipeline runs: one hand-off a request.
 
-        :param prepare: returns the request, the intermediary and the signed message it
-            came in (remembered for the replay cache in the transaction that stores the
-            offers: one commit a request), or just the request and the intermediary;
-            runs on the worker.
+        :param prepare: returns the :class:`Prepared` request (a tuple of its fields is
+            still taken, for one release); runs where the pipeline runs.
         :raises ReplayedMessageError: the message was remembered meanwhile (a replay
             racing the original); nothing is stored.
         """
-        run = _Run(start=time.monotonic(), budget=self.max_budget, inline=self.runs_inline())
-        run.deadline = run.start + self.max_budget  # until the request is known
+        run = self._new_run()
 
         def job() -> Answer:
-            request, intermediary, *message = prepare()  # (request, intermediary) too
-            run.message = message[0] if message else None
-            run.budget = self._budget(request)
-            run.start = time.monotonic()
-            run.request_id = request.id
-            return self._pipeline(request, run, intermediary)
+            prepared = _prepared(prepare())
+            self._begin(run, prepared)
+            return self._pipeline(prepared.request, run, prepared.intermediary)
 
-        if run.inline:  # on the loop: no stage can wait on anything
+        return await self._execute_async(run, job)
+
+    def _new_run(self) -> _Run:
+        start = time.monotonic()
+        # Until the request is read, its budget is the longest a request may have.
+        return _Run(
+            start=start,
+            budget=self.max_budget,
+            deadline=start + self.max_budget,
+            inline=self.runs_inline(),
+        )
+
+    def _begin(self, run: _Run, prepared: Prepared) -> None:
+        """The request is read: its budget runs from now."""
+        run.request_id = prepared.request.id
+        run.message = prepared.message
+        run.budget = self._budget(prepared.request)
+        run.start = time.monotonic()
+
+    # -- where a request runs: the caller's thread, or a worker the caller waits for -----
+
+    def _execute(self, run: _Run, job: Callable[[], Answer]) -> Answer:
+        """Run ``job`` (a request's pipeline) on the caller's thread when ``run.inline``,
+        else on a worker, waited for until the current stage's deadline (:meth:`_check`)."""
+        if run.inline:
+            return job()
+        future = self._executor().submit(job)
+        while True:
+            try:
+                return future.result(timeout=_wait(run))
+            except concurrent.futures.TimeoutError:
+                self._check(run)
+
+    async def _execute_async(self, run: _Run, job: Callable[[], Answer]) -> Answer:
+        """:meth:`_execute` for an event loop: inline, the job runs on the loop (no stage
+        can wait on anything); else the loop awaits the worker."""
+        if run.inline:
             return job()
         future = asyncio.wrap_future(self._executor().submit(job))
         while True:
-            # The worker moves the deadline as it enters each stage, after this wait began:
-            # wake at least every _DEADLINE_POLL to read it again, so that a stage that
-            # overruns its share is refused at its own deadline, not the request's maximum.
             try:
-                timeout = min(max(0.0, run.deadline - time.monotonic()), _DEADLINE_POLL)
-                return await asyncio.wait_for(asyncio.shield(future), timeout)
+                return await asyncio.wait_for(asyncio.shield(future), _wait(run))
             except TimeoutError:
-                self._check_deadline(run, run.request_id)
+                self._check(run)
 
-    def _start(self, request: Request) -> _Run:
-        budget = self._budget(request)
-        run = _Run(start=time.monotonic(), budget=budget, request_id=request.id)
-        run.deadline = run.start + budget * self._stages.ends["validation"]
-        return run
+    # -- the deadline ---------------------------------------------------------------------
 
-    def _check_deadline(self, run: _Run, request_id: str) -> None:
-        """Called when the waiter's timeout ran out: return if the pipeline has moved on to
-        a later stage meanwhile, else give up on it (fail closed)."""
+    def _check(self, run: _Run) -> None:
+        """The one deadline check, made by the pipeline before each stage and before its
+        commit, and by a waiting caller whose wait ran out: past the current stage's
+        deadline the request is refused (fail closed) and its pipeline abandoned."""
+        if run.abandoned:  # refused already, by the waiting caller: said and logged there
+            raise StageTimeoutError("abandoned", stage=run.stage, problem=_TIMEOUT_OF[run.stage])
         if time.monotonic() < run.deadline:
             return
         run.abandoned = True
-        raise self._late(run, request_id)
+        raise self._late(run)
 
-    def _late(self, run: _Run, request_id: str) -> StageTimeoutError:
+    def _enter(self, run: _Run, stage: str) -> None:
+        """Start ``stage``, if the one before it kept its deadline: its own runs to the
+        start plus the shares of the stages up to it."""
+        self._check(run)
+        run.deadline = run.start + run.budget * self._stages.ends[stage]
+        run.stage = stage
+
+    def _late(self, run: _Run) -> StageTimeoutError:
         """The refusal of a request whose current stage missed its budget, logged."""
         stage = run.stage
         share = self._stages.shares[stage]
@@ -362,7 +403,7 @@ class OfferPipeline:
             where = f"; it ran on the caller's thread (marked nonblocking: {plugins})"
         log.warning(
             "request %s: %s missed its budget (%.0f ms of %.0f ms)%s; no offer",
-            request_id,
+            run.request_id,
             stage,
             share * run.budget * 1000,
             run.budget * 1000,
@@ -419,14 +460,6 @@ class OfferPipeline:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-
-    def _enter(self, run: _Run, stage: str) -> None:
-        if run.abandoned:
-            raise StageTimeoutError("abandoned", stage=run.stage, problem=_TIMEOUT_OF[run.stage])
-        if run.inline and time.monotonic() > run.deadline:
-            raise self._late(run, run.request_id)
-        run.deadline = run.start + run.budget * self._stages.ends[stage]
-        run.stage = stage
 
     def _call(self, name: str, *, first: bool, **kwargs: Any) -> Any:
         caller: pluggy.HookCaller = getattr(self._hook, name)
@@ -596,8 +629,7 @@ class OfferPipeline:
 
         :raises ReplayedMessageError: the id was remembered meanwhile; nothing is stored.
         """
-        if run.inline and time.monotonic() > run.deadline:
-            raise self._late(run, run.request_id)
+        self._check(run)  # the last stage's deadline: a late answer is not committed
         store = self._store()
         message = run.message
         if message is None:
@@ -1027,6 +1059,14 @@ def _acceptance_of(
         customer_ref=offer.customer_ref,
         accepted_at=dt.datetime.fromtimestamp(now, dt.UTC),
     )
+
+
+def _wait(run: _Run) -> float:
+    """How long a caller waits for a worker before it checks the deadline again. The worker
+    moves the deadline as it enters each stage, after the wait began: wake at least every
+    _DEADLINE_POLL to read it again, so that a stage that overruns its share is refused at
+    its own deadline, not at the request's longest."""
+    return min(max(0.0, run.deadline - time.monotonic()), _DEADLINE_POLL)
 
 
 def _loop_running() -> bool:

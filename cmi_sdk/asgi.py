@@ -24,6 +24,7 @@ accepts only XML; a refused request changes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -235,6 +236,15 @@ class Principal:
         if self.intermediary is not None:
             return terms.intermediary == self.intermediary
         return self.terms is not None and self.terms.id == terms.id
+
+
+@dataclass(slots=True)
+class _RequestRead:
+    """What reading a request for offers (on the pipeline's thread) leaves for the endpoint
+    to finish with: who signed it, and the standard to answer in."""
+
+    principal: Principal | None = None
+    standard: str = "cmi"
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -769,44 +779,46 @@ class _Endpoint:
         The message id is remembered (replay cache) in the commit that stores the answer's
         offers, so a request is answered with one write; a request refused before that
         leaves nothing behind, and one refused after it forgets its id."""
-        principal: Principal | None = None
-        answered = False
-        # A store written before add_offers took the message remembers it at once.
-        deferred = hasattr(self.adapter.store, "message_seen")
+        read = _RequestRead()
+        committed = False
         try:
             body = await self.read_body(request)
-
-            answer_in: list[str] = []
-
-            def prepare() -> Prepared:
-                nonlocal principal
-                principal = self.authenticate(request, body, remember=not deferred)
-                name = self._intermediary(principal)
-                doc = self._xml_document(request, body, CustomerRequest)
-                answer_in.append(self._answer_standard(request, doc.standard.name))
-                # _xml_document checked that the document's model is a request.
-                return cast("CustomerRequest", doc.to_model()), name, principal.message
-
-            answer = await self.adapter.answer_request_async(prepare)
-            answered = True
-            if answer_in[0] == "cmi":
+            answer = await self.adapter.answer_request_async(
+                functools.partial(self._read_request, request, body, read)
+            )
+            committed = True
+            if read.standard == "cmi":
                 return Response(answer.xml, media_type="application/xml")
-            return await run_in_threadpool(self._answer_as, answer, answer_in[0])
+            return await run_in_threadpool(self._answer_as, answer, read.standard)
         except CMIError as exc:
             problem = _problem_for(exc)
         except Exception:
             log.exception("the CMI endpoint failed on POST %s", request.url.path)
             problem = ProblemError(Problem.INTERNAL, "internal error")
         finally:
-            if principal is not None and principal.message is not None:
-                self.done(principal.party, principal.msg_id)
-        if principal is not None and (answered or principal.message is None):
-            # Only an id this request remembered: a replay refused at the commit must not
-            # forget the original's.
+            if read.principal is not None and read.principal.message is not None:
+                self.done(read.principal.party, read.principal.msg_id)
+        principal = read.principal
+        if principal is not None and (committed or principal.message is None):
+            # Refused, with its id remembered by this request (at once, or in the commit
+            # of its answer): forgotten. Never a replay's, refused at the commit: the id
+            # is the original's.
             await run_in_threadpool(
                 self.adapter.store.forget_message, principal.party, principal.msg_id
             )
         return problem_response(request, problem)
+
+    def _read_request(self, request: Request, body: bytes, read: _RequestRead) -> Prepared:
+        """Authenticate and parse a request for offers, where its pipeline runs; its message
+        id is checked and held in flight, to be remembered in the commit of the answer (a
+        store without ``message_seen`` remembers it at once)."""
+        deferred = hasattr(self.adapter.store, "message_seen")
+        read.principal = principal = self.authenticate(request, body, remember=not deferred)
+        name = self._intermediary(principal)
+        doc = self._xml_document(request, body, CustomerRequest)
+        read.standard = self._answer_standard(request, doc.standard.name)
+        # _xml_document checked that the document's model is a request.
+        return Prepared(cast("CustomerRequest", doc.to_model()), name, principal.message)
 
     def get_offer(self, request: Request, principal: Principal, _body: bytes) -> Response:
         name = self._intermediary(principal)

@@ -74,6 +74,7 @@ EXPECTED = [
     "OutboxRowNotFoundError",
     "PluginError",
     "PluginFailedError",
+    "Prepared",
     "Problem",
     "Purpose",
     "Quote",

@@ -526,7 +526,7 @@ def test_concurrent_acceptances_of_the_last_seat_book_once(adapter: Adapter, sho
 
 
 def _asked(request: Request, message: SeenMessage) -> Callable[[], Prepared]:
-    return lambda: (request, "relay", message)
+    return lambda: Prepared(request, "relay", message)
 
 
 def test_a_requests_message_id_is_kept_in_the_commit_of_its_offers(
@@ -580,18 +580,47 @@ def test_an_expired_message_id_counts_as_new(adapter: Adapter) -> None:
         store.add_offers([], message=again)
 
 
-def test_a_request_refused_in_its_last_stage_leaves_its_message_id_free(
+def test_a_request_late_in_its_last_stage_stores_nothing_and_leaves_its_id_free(
     tmp_path: Path, shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     adapter = make_adapter(tmp_path, plugins=[shop], request_budget=0.4)
     documents = adapter.documents
     render = documents.render_signed
+    rendered = threading.Event()
 
     def slow(model: Any, **where: Any) -> bytes:
         time.sleep(0.5)  # past the offer stage's end: the caller is told offer-timeout
-        return render(model, **where)
+        try:
+            return render(model, **where)
+        finally:
+            rendered.set()
 
     monkeypatch.setattr(documents, "render_signed", slow)
+    now = time.time()
+    seen = SeenMessage("intermediary:relay", "msg_late", now + 600, now)
+    with pytest.raises(StageTimeoutError) as refused:
+        asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+    assert refused.value.problem == "offer-timeout"
+    assert rendered.wait(5)
+    time.sleep(0.1)  # the worker's check before the commit follows the render
+    with sqlite3.connect(tmp_path / "cmi.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cmi_offers").fetchone()[0] == 0
+    assert not adapter.store.message_seen("intermediary:relay", "msg_late", now=time.time())
+    adapter.close()
+
+
+def test_a_request_refused_during_its_commit_leaves_its_message_id_free(
+    tmp_path: Path, shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter(tmp_path, plugins=[shop], request_budget=0.4)
+    store = adapter.store
+    add_offers = store.add_offers
+
+    def slow(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)  # the caller is told offer-timeout while this commits
+        add_offers(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_offers", slow)
     now = time.time()
     seen = SeenMessage("intermediary:relay", "msg_late", now + 600, now)
     with pytest.raises(StageTimeoutError) as refused:
@@ -603,5 +632,5 @@ def test_a_request_refused_in_its_last_stage_leaves_its_message_id_free(
             assert time.monotonic() < deadline, "the late stage never committed"
             time.sleep(0.02)
     time.sleep(0.1)  # the forget follows the commit
-    assert not adapter.store.message_seen("intermediary:relay", "msg_late", now=time.time())
+    assert not store.message_seen("intermediary:relay", "msg_late", now=time.time())
     adapter.close()
