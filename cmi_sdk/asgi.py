@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -84,6 +83,7 @@ from cmi_sdk._models import (
 )
 from cmi_sdk._models import Request as CustomerRequest
 from cmi_sdk._offers import Answer, Prepared
+from cmi_sdk._replay import RequestIds
 from cmi_sdk._serving import (
     DEFAULT_BODY_TIMEOUT,
     BodyTimeoutError,
@@ -406,10 +406,8 @@ class _Endpoint:
         # working soon); a signature the kept verifier refuses is checked again against
         # the secrets in the store, so a rotation works at once.
         self._verifiers: dict[str, _KeptVerifier] = {}
-        # Requests being answered, by (party, message id): a copy arriving meanwhile is
-        # refused at once instead of running the firm's systems to be refused at the commit.
-        self._in_flight: set[tuple[str, str]] = set()
-        self._in_flight_lock = threading.Lock()
+        # The message ids of requests for offers, from authentication to the answer.
+        self.request_ids = RequestIds(lambda: self.adapter.store)
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
@@ -484,28 +482,8 @@ class _Endpoint:
             if not store.remember_message(party, msg_id, expires_at=message.expires_at, now=now):
                 raise ReplayedMessageError(f"message id {msg_id} was already used")
             return replace(principal, party=party, msg_id=msg_id)
-        self._check_unseen(message)
+        self.request_ids.hold(message)
         return replace(principal, party=party, msg_id=msg_id, message=message)
-
-    def _check_unseen(self, message: SeenMessage) -> None:
-        """Refuse a message id remembered already or being answered now; else mark it as
-        being answered (until :meth:`done`)."""
-        key = (message.party, message.msg_id)
-        with self._in_flight_lock:
-            if key in self._in_flight:
-                raise ReplayedMessageError(f"message id {message.msg_id} is being answered")
-            self._in_flight.add(key)
-        try:
-            if self.adapter.store.message_seen(message.party, message.msg_id, now=message.now):
-                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
-        except BaseException:
-            self.done(message.party, message.msg_id)
-            raise
-
-    def done(self, party: str, msg_id: str) -> None:
-        """The request of ``msg_id`` (authenticated with ``remember=False``) is over."""
-        with self._in_flight_lock:
-            self._in_flight.discard((party, msg_id))
 
     def _kept_verifier(self, name: str) -> WebhookVerifier:
         # The row's generation is read on every request (one key lookup, no secret opened):
@@ -796,13 +774,10 @@ class _Endpoint:
             log.exception("the CMI endpoint failed on POST %s", request.url.path)
             problem = ProblemError(Problem.INTERNAL, "internal error")
         finally:
-            if read.principal is not None and read.principal.message is not None:
-                self.done(read.principal.party, read.principal.msg_id)
+            if read.principal is not None:
+                self.request_ids.release(read.principal.message)
         principal = read.principal
-        if principal is not None and (committed or principal.message is None):
-            # Refused, with its id remembered by this request (at once, or in the commit
-            # of its answer): forgotten. Never a replay's, refused at the commit: the id
-            # is the original's.
+        if principal is not None and RequestIds.forgets(principal.message, committed=committed):
             await run_in_threadpool(
                 self.adapter.store.forget_message, principal.party, principal.msg_id
             )
