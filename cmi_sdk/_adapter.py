@@ -219,6 +219,8 @@ class Adapter:
         self.documents = Documents(standards=self.standards, parser=self.parser, signer=signer)
         """The one document pipeline: render, validate, minimize and sign."""
         self._store = store
+        self._owns_store = store is None
+        """Whether the adapter opens its store (at ``database_url``) and so closes it."""
         self._store_lock = threading.Lock()
         self.database_url = database_url
         """The default store's location (unused when a store was given)."""
@@ -618,8 +620,14 @@ class Adapter:
         return create_app(self, **options)
 
     def close(self) -> None:
-        """Stop the adapter's worker threads (the request pipeline's)."""
+        """Stop the adapter's worker threads (the request pipeline's) and close the store
+        the adapter opened at ``database_url``.
+
+        A store the caller passed in (``store=``) is left open: the caller opened it, may
+        share it with other adapters, and closes it."""
         self._offers.close()
+        if self._owns_store and self._store is not None:
+            self._store.close()
 
     def now(self) -> dt.datetime:
         """The adapter's clock as an aware UTC datetime."""

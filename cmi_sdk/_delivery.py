@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import inspect
 import logging
 import math
 import random
@@ -208,7 +207,7 @@ class DeliveryWorker:
         if destination_lease_limit is not None:
             if destination_lease_limit < 1:
                 raise ConfigurationError("destination_lease_limit must be at least 1")
-            if "per_destination" not in inspect.signature(store.claim).parameters:
+            if not store.limits_per_destination:
                 raise ConfigurationError(
                     f"{type(store).__name__} cannot limit leases per destination across"
                     " workers: use the PostgreSQL store"
@@ -294,11 +293,10 @@ class DeliveryWorker:
     def _idle(self, stopper: threading.Event, poll_interval: float) -> None:
         due = self.store.next_due()
         wait = poll_interval if due is None else min(poll_interval, due - self._clock())
-        waiter = getattr(self.store, "wait_for_work", None)
-        if waiter is not None and wait > 0.01:
+        if self.store.notifies_work and wait > 0.01:
             # LISTEN/NOTIFY (PostgreSQL) wakes the worker as soon as a row commits;
             # polling stays the fallback, in slices short enough to notice a stop.
-            waiter(min(wait, 1.0))
+            self.store.wait_for_work(min(wait, 1.0))
         else:
             stopper.wait(max(0.01, wait))
 

@@ -426,7 +426,7 @@ class OfferPipeline:
     def threaded_by(self) -> list[str]:
         """What keeps :meth:`runs_inline` false: ``plugin.hook`` of each unmarked
         implementation, and ``store``."""
-        found = [] if getattr(self._store(), "nonblocking", False) else ["store"]
+        found = [] if self._store().nonblocking else ["store"]
         found += [
             f"{impl.plugin_name}.{name}"
             for name in PIPELINE_HOOKS

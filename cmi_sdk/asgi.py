@@ -786,8 +786,8 @@ class _Endpoint:
     def _read_request(self, request: Request, body: bytes, read: _RequestRead) -> Prepared:
         """Authenticate and parse a request for offers, where its pipeline runs; its message
         id is checked and held in flight, to be remembered in the commit of the answer (a
-        store without ``message_seen`` remembers it at once)."""
-        deferred = hasattr(self.adapter.store, "message_seen")
+        store that does not remember ids with its offers remembers it at once)."""
+        deferred = self.adapter.store.remembers_with_offers
         read.principal = principal = self.authenticate(request, body, remember=not deferred)
         name = self._intermediary(principal)
         doc = self._xml_document(request, body, CustomerRequest)

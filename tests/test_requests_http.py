@@ -378,7 +378,9 @@ def test_a_secret_struck_from_the_store_stops_working(
 
 class OlderStore:
     """A store written to the protocol before add_offers took a message: no message_seen,
-    add_offers(offers) only."""
+    add_offers(offers) only, which it declares."""
+
+    remembers_with_offers = False
 
     def __init__(self, inner: SQLiteStore) -> None:
         self._inner = inner

@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
 from cmi_sdk.outbox._intermediaries import Intermediary, IntermediarySecret
@@ -46,17 +46,25 @@ __all__ = [
     "AcceptanceState",
     "AttemptResult",
     "DeliveryReport",
+    "DestinationStore",
     "DigestGroup",
     "EmissionProblem",
+    "EmissionProblemStore",
     "Intermediary",
     "IntermediarySecret",
+    "IntermediaryStore",
+    "LinkStore",
     "NewRow",
+    "OfferStore",
+    "OutboxQueue",
     "OutboxRow",
     "OutboxStatus",
     "OutboxStore",
+    "ReplayCache",
     "SeenMessage",
     "State",
     "StoredOffer",
+    "TermsStore",
 ]
 
 State = Literal[
@@ -151,7 +159,7 @@ class OutboxRow:
 
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
-    """What one delivery attempt came to, to be recorded by :meth:`OutboxStore.complete`."""
+    """What one delivery attempt came to, to be recorded by :meth:`OutboxQueue.complete`."""
 
     msg_id: str
     owner: str
@@ -229,7 +237,7 @@ class StoredOffer:
 @dataclass(frozen=True, slots=True)
 class SeenMessage:
     """A signed message's id for the replay cache, remembered in the transaction that
-    stores what the message asked for (see :meth:`OutboxStore.add_offers`)."""
+    stores what the message asked for (see :meth:`OfferStore.add_offers`)."""
 
     party: str
     """Who signed it (``intermediary:NAME`` or ``terms:ID``)."""
@@ -257,7 +265,7 @@ in them, which the stores enforce with a unique index."""
 
 @dataclass(frozen=True, slots=True)
 class AcceptanceClaim:
-    """What :meth:`OutboxStore.begin_acceptance` records of an acceptance it claims."""
+    """What :meth:`OfferStore.begin_acceptance` records of an acceptance it claims."""
 
     acceptance_id: str
     offer_id: str
@@ -328,22 +336,8 @@ class EmissionProblem:
 
 
 @runtime_checkable
-class OutboxStore(Protocol):
-    """Where terms, consent records and outbox rows live.
-
-    Every method is safe to call from several threads. Times are POSIX seconds (UTC).
-
-    A store may also say ``nonblocking = True`` when what a request for offers calls
-    (``get_terms``, ``intermediary_generation``, ``intermediary``, ``message_seen``,
-    ``add_offers``, ``forget_message``) never waits on a network: then a pipeline whose
-    hooks are all :func:`~cmi_sdk.nonblocking` runs on the caller's thread, the endpoint's
-    event loop included. Without it, requests are answered on worker threads.
-    """
-
-    def migrate(self) -> None:
-        """Create or upgrade the tables; idempotent."""
-
-    # -- terms and consent ----------------------------------------------------------------
+class TermsStore(Protocol):
+    """Sharing terms and their consent records."""
 
     def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
         """Keep accepted terms and their consent record, in one transaction."""
@@ -385,7 +379,10 @@ class OutboxStore(Protocol):
     def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
         """The consent records of the terms, oldest first, with their signed documents."""
 
-    # -- service links (see cmi_sdk._links) -----------------------------------------------
+
+@runtime_checkable
+class LinkStore(Protocol):
+    """Service links and the one-time codes that make them (see :mod:`cmi_sdk._links`)."""
 
     def add_link_code(
         self, code_hash: str, account: str, *, created_at: float, expires_at: float
@@ -420,16 +417,37 @@ class OutboxStore(Protocol):
         active (registered after the caller read them). Raises LinkNotFoundError, or
         LinkError if revoked."""
 
-    # -- outbox ---------------------------------------------------------------------------
+
+@runtime_checkable
+class OutboxQueue(Protocol):
+    """The outbox rows and their delivery attempts."""
+
+    limits_per_destination: ClassVar[bool] = False
+    """Whether :meth:`claim` keeps ``per_destination`` across workers (a store without it
+    raises ConfigurationError when asked)."""
+
+    notifies_work: ClassVar[bool] = False
+    """Whether :meth:`wait_for_work` wakes when a row commits; without it, workers poll
+    and never call it."""
 
     def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
         """Write rows (a row whose msg_id is already there is skipped); with ``connection``,
         inside the caller's open transaction, which the caller commits. Return how many were
         new."""
 
-    def claim(self, *, owner: str, now: float, lease_seconds: float, limit: int) -> list[OutboxRow]:
-        """Lease up to ``limit`` due rows (and rows whose lease expired) to ``owner``. A
-        claim is not an attempt: attempts are counted as their outcomes are recorded."""
+    def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        per_destination: int | None = None,
+    ) -> list[OutboxRow]:
+        """Lease up to ``limit`` due rows (and rows whose lease expired) to ``owner``, and
+        with ``per_destination`` at most that many leased rows per destination across
+        workers (only where :attr:`limits_per_destination`). A claim is not an attempt:
+        attempts are counted as their outcomes are recorded."""
 
     def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
         """Extend ``owner``'s leases on ``msg_ids``."""
@@ -473,7 +491,15 @@ class OutboxStore(Protocol):
     def documents_since(self, terms_id: str, after: int, limit: int) -> list[OutboxRow]:
         """Documents emitted under the terms after the cursor ``after``, in order."""
 
-    # -- destinations, intermediaries, replay ---------------------------------------------
+    def wait_for_work(self, timeout: float) -> bool:  # noqa: ARG002  (the contract's signature)
+        """Wait up to ``timeout`` seconds for a row to commit: True when one may have.
+        Called only where :attr:`notifies_work`; this default returns False at once."""
+        return False
+
+
+@runtime_checkable
+class DestinationStore(Protocol):
+    """Destinations taken out of delivery (they answered 410 Gone)."""
 
     def disable_destination(self, url: str, *, reason: str, at: float) -> None:
         """Stop delivering to ``url`` (it answered 410 Gone)."""
@@ -483,6 +509,11 @@ class OutboxStore(Protocol):
 
     def disabled_destinations(self) -> dict[str, str]:
         """Disabled destinations and why."""
+
+
+@runtime_checkable
+class IntermediaryStore(Protocol):
+    """The intermediaries that may sign requests, and their secrets."""
 
     def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
         """Register an intermediary, or add a secret to it with no end; a revoked one
@@ -514,6 +545,11 @@ class OutboxStore(Protocol):
         """Seal every stored secret with the store's keyring's first key; return how many
         rows changed. Raises ConfigurationError without a keyring."""
 
+
+@runtime_checkable
+class ReplayCache(Protocol):
+    """The ids of signed messages already accepted, until they expire."""
+
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when it was already seen."""
 
@@ -524,7 +560,14 @@ class OutboxStore(Protocol):
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id whose request was refused (a refused request stores nothing)."""
 
-    # -- offers and acceptances -----------------------------------------------------------
+
+@runtime_checkable
+class OfferStore(Protocol):
+    """Offers with the requests they answer, and their acceptances."""
+
+    remembers_with_offers: ClassVar[bool] = True
+    """Whether :meth:`add_offers` remembers the asking message's id in its own commit;
+    without it, the endpoint remembers the id as it authenticates the request."""
 
     def add_offers(
         self, offers: Sequence[StoredOffer], *, message: SeenMessage | None = None
@@ -589,6 +632,11 @@ class OutboxStore(Protocol):
     def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
         """``processing`` acceptances whose lease expired before ``now``, oldest first."""
 
+
+@runtime_checkable
+class EmissionProblemStore(Protocol):
+    """Documents that could not be made, kept for the operator."""
+
     def add_emission_problems(
         self, problems: Sequence[EmissionProblem], *, connection: object | None = None
     ) -> None:
@@ -600,3 +648,39 @@ class OutboxStore(Protocol):
 
     def count_emission_problems(self) -> int:
         """How many emission problems are kept."""
+
+
+@runtime_checkable
+class OutboxStore(
+    TermsStore,
+    LinkStore,
+    OutboxQueue,
+    DestinationStore,
+    IntermediaryStore,
+    ReplayCache,
+    OfferStore,
+    EmissionProblemStore,
+    Protocol,
+):
+    """Every role in one store: terms, consent records, links, the outbox, intermediaries,
+    the replay cache, offers and emission problems.
+
+    Every method is safe to call from several threads. Times are POSIX seconds (UTC). A
+    store declares what it can do beyond the roles with class attributes (defaults here,
+    inherited by a store that subclasses this protocol): :attr:`nonblocking`,
+    :attr:`~OutboxQueue.limits_per_destination`, :attr:`~OutboxQueue.notifies_work`,
+    :attr:`~OfferStore.remembers_with_offers`.
+    """
+
+    nonblocking: ClassVar[bool] = False
+    """True when what a request for offers calls (``get_terms``,
+    ``intermediary_generation``, ``intermediary``, ``message_seen``, ``add_offers``,
+    ``forget_message``) never waits on a network: then a pipeline whose hooks are all
+    :func:`~cmi_sdk.nonblocking` runs on the caller's thread, the endpoint's event loop
+    included. Otherwise requests are answered on worker threads."""
+
+    def migrate(self) -> None:
+        """Create or upgrade the tables; idempotent."""
+
+    def close(self) -> None:
+        """Let go of the store's connections; it opens new ones if used again."""

@@ -69,6 +69,7 @@ from cmi_sdk.outbox import (
     NewRow,
     OutboxRow,
     OutboxStatus,
+    OutboxStore,
     SeenMessage,
     State,
     StoredOffer,
@@ -607,7 +608,7 @@ class _Pool:
             conn.close()
 
 
-class PostgresStore:
+class PostgresStore(OutboxStore):
     """An :class:`~cmi_sdk.outbox.OutboxStore` in a PostgreSQL schema, for many processes.
 
     :param dsn: a libpq connection string or ``postgresql://`` URL.
@@ -638,6 +639,12 @@ class PostgresStore:
 
     nonblocking: ClassVar[bool] = False
     """Every call is a round trip to the server: requests are answered on worker threads."""
+
+    limits_per_destination: ClassVar[bool] = True
+    """:meth:`claim` keeps ``per_destination`` across workers, with advisory locks."""
+
+    notifies_work: ClassVar[bool] = True
+    """:meth:`wait_for_work` wakes on the ``NOTIFY`` of ``insert`` and ``redrive``."""
 
     def __init__(
         self,

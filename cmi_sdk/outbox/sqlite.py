@@ -46,6 +46,7 @@ from cmi_sdk.outbox import (
     NewRow,
     OutboxRow,
     OutboxStatus,
+    OutboxStore,
     SeenMessage,
     State,
     StoredOffer,
@@ -327,7 +328,7 @@ def path_from_url(url: str) -> Path:
     return Path(url[len(prefix) :])
 
 
-class SQLiteStore:
+class SQLiteStore(OutboxStore):
     """The embedded :class:`~cmi_sdk.outbox.OutboxStore`: one SQLite file.
 
     :param path: the database file (created with its tables when missing).
@@ -755,8 +756,25 @@ class SQLiteStore:
             own.executemany(_INSERT, params)
             return own.total_changes - before
 
-    def claim(self, *, owner: str, now: float, lease_seconds: float, limit: int) -> list[OutboxRow]:
-        """Lease up to ``limit`` due rows, and rows whose lease expired, to ``owner``."""
+    def claim(
+        self,
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        per_destination: int | None = None,
+    ) -> list[OutboxRow]:
+        """Lease up to ``limit`` due rows, and rows whose lease expired, to ``owner``.
+
+        :raises ConfigurationError: ``per_destination`` was given: one file's workers are
+            one process's, and its delivery worker bounds them itself.
+        """
+        if per_destination is not None:
+            raise ConfigurationError(
+                "SQLiteStore cannot limit leases per destination across workers:"
+                " use the PostgreSQL store"
+            )
         with self._write(durable=False) as conn:
             rows = conn.execute(
                 f"UPDATE cmi_outbox SET state = 'leased', lease_owner = ?, lease_until = ?"
