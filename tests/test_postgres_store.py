@@ -266,6 +266,15 @@ def test_a_busy_pool_makes_callers_wait_then_fail(store: PostgresStore) -> None:
     small.close()
 
 
+def test_a_closed_store_opens_a_new_pool_when_used_again(store: PostgresStore) -> None:
+    pg = PostgresStore(DSN, schema=store.schema)
+    pg.insert([new_row(1)])
+    pg.close()
+    assert pg.get_row("msg_0001").state == "pending"
+    pg.close()
+    pg.close()  # twice: nothing left to close
+
+
 # -- terms and consent --------------------------------------------------------------------
 
 
@@ -1008,9 +1017,11 @@ def test_concurrent_acceptances_of_one_offer_are_claimed_once(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_leaves_its_parents_connections_alone(store: PostgresStore) -> None:
     assert store.wait_for_work(0.05) is False  # listening
-    store.insert([new_row(1)])  # the pool now holds an idle connection
+    store.insert([new_row(1)])
     assert store.wait_for_work(5) is True
-    inherited = [*store._pool._idle, store._listener]
+    with store._pool.connection() as idle:
+        pass  # back in the pool: an idle connection the child inherits
+    inherited = [idle, store._listener]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads around
         pid = os.fork()

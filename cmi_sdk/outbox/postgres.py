@@ -42,6 +42,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
@@ -510,34 +511,57 @@ def _reason(exc: psycopg.Error) -> str:
 
 
 class _Pool:
-    """At most ``size`` autocommit connections, opened on demand and reused, newest first.
-
-    psycopg_pool would do this and more; the store needs this much and no dependency."""
+    """The store's connections: a :class:`psycopg_pool.ConnectionPool` of at most ``size``
+    autocommit connections, opened on first use, opened again after :meth:`close` and in
+    a child process (which leaves the parent's connections alone)."""
 
     def __init__(self, conninfo: str, size: int, timeout: float, where: str) -> None:
         self.conninfo = conninfo
         self.where = where
         self._size = size
         self._timeout = timeout
-        self._idle: list[_Conn] = []
-        self._open = 0
-        self._cond = threading.Condition()
+        self._pool: ConnectionPool[_Conn] | None = None
+        self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._orphans: list[_Conn] = []
+        self._orphans: list[object] = []
 
     def connect(self) -> _Conn:
+        """A connection of the store's own, outside the pool (the ``LISTEN`` one)."""
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {self.where}: {exc}") from exc
         try:
-            # The store's statements are short, indexed ones: compiling them (JIT, when the
-            # planner's estimates are high on a large table) costs more than it saves.
-            conn.execute("SET jit = off")
+            _configure(conn)
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot set up a connection to {self.where}: {exc}") from exc
         return conn
+
+    def _current(self) -> ConnectionPool[_Conn]:
+        self.check_fork()
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._lock:
+            if self._pool is None:
+                # One connection first, in the caller's thread: an unreachable server is
+                # reported at once, with libpq's reason, not after the pool's timeout of
+                # retries in the background.
+                self.connect().close()
+                self._pool = ConnectionPool(
+                    self.conninfo,
+                    connection_class=psycopg.Connection[TupleRow],
+                    kwargs={"autocommit": True},
+                    min_size=0,  # opened on demand, as the calls need them
+                    max_size=self._size,
+                    timeout=self._timeout,
+                    configure=_configure,
+                    name=f"cmi-sdk {self.where}",
+                    open=False,
+                )
+                self._pool.open(wait=False)
+            return self._pool
 
     def check_fork(self) -> None:
         """In a child process that inherited the pool, leave the parent's connections
@@ -545,10 +569,11 @@ class _Pool:
         referenced so that they are never finalized here either."""
         if self._pid == os.getpid():
             return
-        with self._cond:
+        with self._lock:
             if self._pid != os.getpid():
-                self._orphans.extend(self._idle)
-                self._idle, self._open, self._pid = [], 0, os.getpid()
+                if self._pool is not None:
+                    self._orphans.append(self._pool)
+                self._pool, self._pid = None, os.getpid()
 
     def orphan(self, conn: _Conn) -> None:
         """Keep a connection inherited from the parent process from being finalized."""
@@ -556,56 +581,43 @@ class _Pool:
 
     @contextmanager
     def connection(self) -> Iterator[_Conn]:
-        conn = self._get()
+        """A connection of the pool, for one call; StoreError when none frees up in
+        time. One left in a transaction or broken is rolled back or replaced on return."""
+        pool = self._current()
+        try:
+            conn = pool.getconn()
+        except PoolTimeout:
+            raise StoreError(
+                f"all {self._size} connections to PostgreSQL at {self.where} were"
+                f" busy for {self._timeout:g} s: raise pool_size"
+            ) from None
         try:
             yield conn
         finally:
-            self._put(conn)
-
-    def _get(self) -> _Conn:
-        self.check_fork()
-        deadline = time.monotonic() + self._timeout
-        with self._cond:
-            while not self._idle and self._open >= self._size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StoreError(
-                        f"all {self._size} connections to PostgreSQL at {self.where} were"
-                        f" busy for {self._timeout:g} s: raise pool_size"
-                    )
-                self._cond.wait(remaining)
-            if self._idle:
-                return self._idle.pop()
-            self._open += 1
-        try:
-            return self.connect()
-        except BaseException:
-            with self._cond:
-                self._open -= 1
-                self._cond.notify()
-            raise
-
-    def _put(self, conn: _Conn) -> None:
-        keep = not _lost(conn) and conn.info.transaction_status == TransactionStatus.IDLE
-        with self._cond:
-            if keep:
-                self._idle.append(conn)
-            else:
-                self._open -= 1
-            self._cond.notify()
-        if not keep:
-            conn.close()
+            pool.putconn(conn)
 
     def discard_idle(self) -> None:
-        """Close the idle connections: after one was found dead, the others likely are
+        """Replace the idle connections: after one was found dead, the others likely are
         too (a server restart, a failover)."""
         self.check_fork()
-        with self._cond:
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._cond.notify_all()
-        for conn in idle:
-            conn.close()
+        pool = self._pool
+        if pool is not None:
+            pool.drain()
+
+    def close(self) -> None:
+        """Close the pool's connections (those in use as they come back); the next call
+        opens a new pool."""
+        self.check_fork()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _configure(conn: _Conn) -> None:
+    # The store's statements are short, indexed ones: compiling them (JIT, when the
+    # planner's estimates are high on a large table) costs more than it saves.
+    conn.execute("SET jit = off")
 
 
 class PostgresStore(OutboxStore):
@@ -710,9 +722,9 @@ class PostgresStore(OutboxStore):
         return f"PostgresStore({self._pool.where!r}, schema={self.schema!r})"
 
     def close(self) -> None:
-        """Close the idle connections and the ``LISTEN`` one; the store opens new ones
+        """Close the pool and the ``LISTEN`` connection; the store opens new ones
         when used again. Connections in use close when their call ends."""
-        self._pool.discard_idle()
+        self._pool.close()
         with self._listen_lock:
             if self._listener is not None:
                 if self._listener_pid == os.getpid():
