@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,28 +107,6 @@ def test_a_reference_is_unique_per_intermediary_only(store: OutboxStore) -> None
     )
     assert [x.id for x in store.links(intermediary="acme")] == ["link_0", "link_2"]
     assert [x.id for x in store.links(account=ACCOUNT)] == ["link_0", "link_1", "link_2"]
-
-
-def test_concurrent_redemptions_make_one_link(store: OutboxStore) -> None:
-    store.add_link_code("h", ACCOUNT, created_at=NOW, expires_at=NOW + 600)
-    barrier = threading.Barrier(6)
-    made: list[str] = []
-
-    def redeem(n: int) -> None:
-        barrier.wait(timeout=10)
-        found = store.redeem_link_code(
-            "h", intermediary=f"i{n}", link_id=f"link_{n}", customer_ref=f"cus_{n}aa", now=NOW
-        )
-        if found is not None:
-            made.append(found.id)
-
-    threads = [threading.Thread(target=redeem, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert len(made) == 1
-    assert [x.id for x in store.links()] == made
 
 
 def test_documents_for_an_account_go_to_its_direct_terms_and_its_links(

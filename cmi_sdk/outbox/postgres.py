@@ -1400,9 +1400,10 @@ class PostgresStore(OutboxStore):
                 ),
                 (ids,),
             )
+            merged = cur.rowcount  # read before NOTIFY, which has no count of its own
             if self._notify:
                 cur.execute(self._sql(f"NOTIFY {self.channel}"))
-            return cur.rowcount + 1
+            return merged + 1
 
         return self._run("merging a digest", body, write=True)
 

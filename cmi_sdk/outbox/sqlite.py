@@ -870,13 +870,13 @@ class SQLiteStore(OutboxStore):
         """Write the window's digest row and mark its sources merged (or release them)."""
         marks = [(m,) for m in msg_ids]
         with self._write() as conn:
+            before = conn.total_changes
             if row is None:
                 conn.executemany(
                     "UPDATE cmi_outbox SET state = 'pending' WHERE msg_id = ? AND state = 'digest'",
                     marks,
                 )
-                return len(marks)
-            before = conn.total_changes
+                return conn.total_changes - before  # those still in the window only
             conn.execute(_INSERT, _params(row))
             conn.executemany(
                 "UPDATE cmi_outbox SET state = 'merged' WHERE msg_id = ? AND state = 'digest'",
