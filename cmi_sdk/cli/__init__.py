@@ -50,6 +50,7 @@ from cmi_sdk.cli.intermediaries import (
 from cmi_sdk.cli.outbox import (
     cmd_acceptances,
     cmd_db_migrate,
+    cmd_db_sql,
     cmd_deliver,
     cmd_emit,
     cmd_outbox,
@@ -248,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     db.required = True
     d = db.add_parser("migrate", help="create or upgrade the tables (CMI_DATABASE_URL)")
     d.set_defaults(func=cmd_db_migrate)
+    d = db.add_parser(
+        "sql",
+        help="print the statements that create the tables, for your own migration tool",
+        description="Print the DDL of the store's tables at their current schema version,"
+        " with the row that records the version: tables made from it are found current by"
+        " the store. Example: cmi db sql --dialect postgresql --schema cmi > cmi.sql",
+    )
+    d.add_argument(
+        "--dialect",
+        choices=("sqlite", "postgresql"),
+        help="the database (default: the one CMI_DATABASE_URL names)",
+    )
+    d.add_argument(
+        "--schema",
+        default="cmi",
+        help="PostgreSQL: the schema the tables go in, as ?schema= in the URL (default: cmi)",
+    )
+    d.set_defaults(func=cmd_db_sql)
 
     p = sub.add_parser("intermediaries", help="register, rotate and revoke intermediaries")
     inter = p.add_subparsers(dest="intermediaries_command", metavar="ACTION", parser_class=_Parser)

@@ -143,6 +143,19 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:  # noqa: ARG001  (no option
     return EXIT_OK
 
 
+def cmd_db_sql(args: argparse.Namespace) -> int:
+    """Print the statements that create the store's tables, for the firm's own migration
+    tool; the dialect is the one ``CMI_DATABASE_URL`` names unless ``--dialect`` says."""
+    from cmi_sdk.outbox.ddl import schema_sql  # noqa: PLC0415
+
+    dialect = args.dialect
+    if dialect is None:
+        url = _settings().database_url
+        dialect = "postgresql" if url.startswith(("postgresql:", "postgres:")) else "sqlite"
+    _write(schema_sql(dialect, schema=args.schema).encode(), None)
+    return EXIT_OK
+
+
 def cmd_acceptances(args: argparse.Namespace) -> int:
     """Recover acceptances whose booking process died (their lease ran out)."""
     adapter = _serving_adapter(block=args.block, reference_firms=args.reference_firms)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cmi_sdk import ConfigurationError
+from cmi_sdk.cli import main
 from cmi_sdk.outbox.ddl import schema_sql
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from tests.contract.conftest import DSN
@@ -62,3 +63,15 @@ def test_unknown_dialects_and_bad_schema_names_are_refused() -> None:
         schema_sql("oracle")
     with pytest.raises(ConfigurationError, match="schema must be"):
         schema_sql("postgresql", schema='x"; DROP TABLE y; --')
+
+
+def test_cmi_db_sql_prints_the_ddl_of_the_configured_database(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CMI_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none?schema=x")
+    assert main(["db", "sql", "--schema", "firm_cmi"]) == 0
+    assert capsys.readouterr().out == schema_sql("postgresql", schema="firm_cmi")
+    assert main(["db", "sql", "--dialect", "sqlite"]) == 0
+    assert capsys.readouterr().out == schema_sql("sqlite")
+    assert main(["db", "sql", "--dialect", "postgresql", "--schema", "Bad-Name"]) != 0
+    assert "schema must be" in capsys.readouterr().err
