@@ -25,7 +25,6 @@ plus one for ``LISTEN`` once :meth:`~PostgresStore.wait_for_work` is called.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -58,7 +57,7 @@ from cmi_sdk._exceptions import (
     TermsNotFoundError,
 )
 from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
-from cmi_sdk._secrets import SecretsKeyring, open_secret, seal_secret
+from cmi_sdk._secrets import SecretsKeyring, seal_secret
 from cmi_sdk.outbox import (
     STATES,
     AcceptanceClaim,
@@ -78,6 +77,7 @@ from cmi_sdk.outbox import (
 from cmi_sdk.outbox import _intermediaries as intermediaries
 from cmi_sdk.outbox._intermediaries import Intermediary
 from cmi_sdk.outbox._params import CompletionParams, offer_row
+from cmi_sdk.outbox._rows import link_of_row, terms_of_row
 
 __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "encode_cursor"]
 
@@ -475,29 +475,6 @@ def _row(values: Sequence[Any], cursor: int | None = None) -> OutboxRow:
         "delivered_at": values[17],
     }
     return OutboxRow(**fields) if cursor is None else DocumentRow(**fields, cursor=cursor)
-
-
-def _terms(values: Sequence[Any], keyring: SecretsKeyring | None) -> SharingTerms:
-    data = json.loads(values[0])
-    data["secret"] = open_secret(keyring, values[1], context=f"terms:{data['id']}")
-    return SharingTerms.model_validate(data)
-
-
-def _link(values: Sequence[Any]) -> Link:
-    return Link.model_validate(
-        {
-            "id": values[0],
-            "account": values[1],
-            "intermediary": values[2],
-            "customer_ref": values[3],
-            "created_at": _utc(values[4]),
-            "revoked_at": None if values[5] is None else _utc(values[5]),
-        }
-    )
-
-
-def _utc(timestamp: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
 def _lost(conn: _Conn) -> bool:
@@ -934,7 +911,7 @@ class PostgresStore(OutboxStore):
         )
         if not rows:
             raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-        return _terms(rows[0], self.keyring)
+        return terms_of_row(rows[0], self.keyring)
 
     def list_terms(
         self,
@@ -955,7 +932,9 @@ class PostgresStore(OutboxStore):
         if not include_revoked:
             template += " AND revoked_at IS NULL"
         template += " ORDER BY created_at, id"
-        return [_terms(r, self.keyring) for r in self._read("listing terms", template, params)]
+        return [
+            terms_of_row(r, self.keyring) for r in self._read("listing terms", template, params)
+        ]
 
     def active_terms(
         self,
@@ -979,7 +958,7 @@ class PostgresStore(OutboxStore):
             rows = self._in_caller(connection, "reading the active terms", body)
         else:
             rows = self._run("reading the active terms", body)
-        return [_terms(r, self.keyring) for r in rows]
+        return [terms_of_row(r, self.keyring) for r in rows]
 
     def revoke_terms(
         self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
@@ -1073,7 +1052,7 @@ class PostgresStore(OutboxStore):
                 ),
                 values,
             )
-            return _link(values)
+            return link_of_row(values)
 
         return self._run("redeeming a link code", body, write=True)
 
@@ -1086,7 +1065,7 @@ class PostgresStore(OutboxStore):
         )
         if not found:
             raise LinkNotFoundError(f"no link {link_id!r}")
-        return _link(found[0])
+        return link_of_row(found[0])
 
     def links(
         self,
@@ -1107,7 +1086,7 @@ class PostgresStore(OutboxStore):
         if not include_revoked:
             template += " AND revoked_at IS NULL"
         template += " ORDER BY created_at, id"
-        return [_link(r) for r in self._read("listing links", template, params)]
+        return [link_of_row(r) for r in self._read("listing links", template, params)]
 
     def revoke_link(
         self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]

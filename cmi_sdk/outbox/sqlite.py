@@ -8,7 +8,6 @@ own connection (one per thread), batching rows into one commit wherever it can.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import sqlite3
@@ -34,7 +33,7 @@ from cmi_sdk._exceptions import (
 )
 from cmi_sdk._files import create_private_file, private_directory, warn_if_shared
 from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
-from cmi_sdk._secrets import SecretsKeyring, open_secret, seal_secret
+from cmi_sdk._secrets import SecretsKeyring, seal_secret
 from cmi_sdk.outbox import (
     STATES,
     AcceptanceClaim,
@@ -54,6 +53,7 @@ from cmi_sdk.outbox import (
 from cmi_sdk.outbox import _intermediaries as intermediaries
 from cmi_sdk.outbox._intermediaries import Intermediary
 from cmi_sdk.outbox._params import CompletionParams, offer_row
+from cmi_sdk.outbox._rows import link_of_row, terms_of_row
 
 __all__ = ["SQLiteStore"]
 
@@ -295,29 +295,6 @@ def _params(r: NewRow) -> tuple[Any, ...]:
     )
 
 
-def _terms(values: Sequence[Any], keyring: SecretsKeyring | None) -> SharingTerms:
-    data = json.loads(values[0])
-    data["secret"] = open_secret(keyring, values[1], context=f"terms:{data['id']}")
-    return SharingTerms.model_validate(data)
-
-
-def _link(values: Sequence[Any]) -> Link:
-    return Link.model_validate(
-        {
-            "id": values[0],
-            "account": values[1],
-            "intermediary": values[2],
-            "customer_ref": values[3],
-            "created_at": _utc(values[4]),
-            "revoked_at": None if values[5] is None else _utc(values[5]),
-        }
-    )
-
-
-def _utc(timestamp: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
-
-
 def path_from_url(url: str) -> Path:
     """The file of a ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` URL."""
     prefix = "sqlite:///"
@@ -552,7 +529,7 @@ class SQLiteStore(OutboxStore):
         rows = self._read("SELECT terms, secret FROM cmi_terms WHERE id = ?", (terms_id,))
         if not rows:
             raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-        return _terms(rows[0], self.keyring)
+        return terms_of_row(rows[0], self.keyring)
 
     def list_terms(
         self,
@@ -573,7 +550,8 @@ class SQLiteStore(OutboxStore):
         if not include_revoked:
             sql += " AND revoked_at IS NULL"
         return [
-            _terms(r, self.keyring) for r in self._read(sql + " ORDER BY created_at, id", params)
+            terms_of_row(r, self.keyring)
+            for r in self._read(sql + " ORDER BY created_at, id", params)
         ]
 
     def active_terms(
@@ -591,7 +569,7 @@ class SQLiteStore(OutboxStore):
             rows = self._caller(connection).execute(_RECIPIENTS, params).fetchall()
         else:
             rows = self._read(_RECIPIENTS, params)
-        return [_terms(r, self.keyring) for r in rows]
+        return [terms_of_row(r, self.keyring) for r in rows]
 
     def revoke_terms(
         self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
@@ -668,14 +646,14 @@ class SQLiteStore(OutboxStore):
                 )
             except sqlite3.IntegrityError as exc:  # the code stays unused (rolled back)
                 raise StoreError(f"cannot make link {link_id}: {exc}") from None
-        return _link((link_id, found[0], intermediary, customer_ref, now, None))
+        return link_of_row((link_id, found[0], intermediary, customer_ref, now, None))
 
     def get_link(self, link_id: str) -> Link:
         """The link with that id, revoked or not."""
         found = self._read(f"SELECT {_LINK_COLUMNS} FROM cmi_links WHERE id = ?", (link_id,))
         if not found:
             raise LinkNotFoundError(f"no link {link_id!r}")
-        return _link(found[0])
+        return link_of_row(found[0])
 
     def links(
         self,
@@ -695,7 +673,7 @@ class SQLiteStore(OutboxStore):
             params.append(intermediary)
         if not include_revoked:
             sql += " AND revoked_at IS NULL"
-        return [_link(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
+        return [link_of_row(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
 
     def revoke_link(
         self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
