@@ -45,7 +45,6 @@ from cmi_sdk import (
 )
 from cmi_sdk.outbox import (
     AcceptanceClaim,
-    AttemptResult,
     NewRow,
     OutboxStore,
     SeenMessage,
@@ -58,6 +57,7 @@ from cmi_sdk.outbox.postgres import (
     decode_cursor,
     encode_cursor,
 )
+from tests.contract.rows import outcome
 from tests.support import CUSTOMER, ROOT, make_adapter, register, ticket
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
@@ -117,25 +117,6 @@ def new_row(n: int, **changes: Any) -> NewRow:
     }
     data.update(changes)
     return NewRow(**data)
-
-
-def outcome(row_id: str, owner: str, kind: str, **changes: Any) -> AttemptResult:
-    data: dict[str, Any] = {
-        "msg_id": row_id,
-        "owner": owner,
-        "attempt": 1,
-        "started_at": NOW,
-        "finished_at": NOW + 1,
-        "outcome": kind,
-        "status": {"delivered": 200, "retry": 503, "dead": 400}[kind],
-    }
-    if kind == "retry":
-        data["next_attempt_at"] = NOW + 60
-        data["error"] = "HTTP 503"
-    elif kind == "dead":
-        data["error"] = "HTTP 400"
-    data.update(changes)
-    return AttemptResult(**data)
 
 
 @pytest.fixture(scope="module")
