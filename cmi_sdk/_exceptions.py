@@ -220,6 +220,11 @@ class Problem(StrEnum):
         500,
         "The booking failed unexpectedly; nothing was booked",
     )
+    STORE_UNAVAILABLE = (
+        "store-unavailable",
+        503,
+        "The firm's store failed; nothing was written, retry later",
+    )
     INTERNAL = "internal", 500, "The firm's endpoint failed"
 
 

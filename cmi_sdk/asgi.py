@@ -68,6 +68,7 @@ from cmi_sdk._exceptions import (
     RequestRefusedError,
     SignatureVerificationError,
     StaleTimestampError,
+    StoreError,
     TermsError,
     TermsNotFoundError,
     UnknownPartyError,
@@ -193,6 +194,7 @@ _PROBLEM_OF: tuple[tuple[type[CMIError], Problem], ...] = (
     (LinkError, Problem.LINK_REFUSED),
     (NotFoundError, Problem.NOT_FOUND),
     (InvalidInputError, Problem.INVALID_INPUT),
+    (StoreError, Problem.STORE_UNAVAILABLE),
 )
 
 

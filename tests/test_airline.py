@@ -25,6 +25,7 @@ from cmi_sdk import (
     Availability,
     Claim,
     ClaimCheck,
+    ConfigurationError,
     FlightDetails,
     FlightProduct,
     Hold,
@@ -46,6 +47,7 @@ except ImportError:  # not installed yet: the plugin's source tree
 
 from cmi_airline import (
     AirlineError,
+    AirlineUnavailableError,
     HoldExpiredError,
     ReferenceAirline,
     SoldOutError,
@@ -556,7 +558,7 @@ def test_without_a_key_no_tier_is_verified(tmp_path: Path, airline: ReferenceAir
         (check,) = keyless.cmi_verify_claims(request=make_request(claims=claims)) or []
         assert not check.verified
         assert check.reason == "the airline cannot check loyalty tiers (it has no key)"
-        with pytest.raises(AirlineError, match="no loyalty key"):
+        with pytest.raises(ConfigurationError, match="no loyalty key"):
             keyless.loyalty_evidence("cust-7f3a9c", "gold")
 
 
@@ -871,14 +873,17 @@ def test_constructor_options_are_validated(
 def test_a_closed_airline_says_so(tmp_path: Path) -> None:
     airline = ReferenceAirline(database=tmp_path / "a.db")
     airline.close()
-    with pytest.raises(AirlineError, match="the airline's database is closed"):
+    with pytest.raises(AirlineUnavailableError, match="the airline's database is closed") as info:
         airline.sold(FLIGHT)
+    # An outage of the firm's system, never a refusal of the caller's input.
+    assert not isinstance(info.value, ValueError)
+    assert info.value.problem.outage
     errors: list[BaseException] = []
 
     def use() -> None:
         try:
             airline.sold(FLIGHT)
-        except AirlineError as exc:
+        except AirlineUnavailableError as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=use)

@@ -40,6 +40,7 @@ from cmi_sdk import (
     RequestRefusedError,
     RevenueDecision,
     StageTimeoutError,
+    StoreError,
     Transaction,
     hookimpl,
     load_model,
@@ -310,6 +311,7 @@ BEFORE = {
         409,
     ),
     "acceptance-failed": 500,
+    "store-unavailable": 503,
     "internal": 500,
 }
 
@@ -464,3 +466,11 @@ def test_the_endpoint_answers_a_booking_outage_with_503_and_a_retry_books(
         booked.json()["transaction_id"],
     )
     assert seats.booked == ["acc-1"]
+
+
+def test_a_store_outage_is_answered_as_the_firms_outage() -> None:
+    from cmi_sdk.asgi import _problem_for
+
+    answer = _problem_for(StoreError("cannot connect to PostgreSQL at db:5432"))
+    assert answer.problem is Problem.STORE_UNAVAILABLE
+    assert answer.problem.status == 503 and answer.problem.outage

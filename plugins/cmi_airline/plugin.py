@@ -49,6 +49,8 @@ from cmi_sdk import (
     Advice,
     Availability,
     ClaimCheck,
+    ConfigurationError,
+    FirmSystemError,
     FlightDetails,
     FlightProduct,
     FlightWanted,
@@ -56,6 +58,7 @@ from cmi_sdk import (
     LineItem,
     Money,
     Offer,
+    Problem,
     Quote,
     Request,
     RevenueDecision,
@@ -65,16 +68,32 @@ from cmi_sdk import (
     nonblocking,
 )
 
-__all__ = ["AirlineError", "HoldExpiredError", "ReferenceAirline", "SoldOutError"]
+__all__ = [
+    "AirlineError",
+    "AirlineUnavailableError",
+    "HoldExpiredError",
+    "ReferenceAirline",
+    "SoldOutError",
+]
 
 
 class AirlineError(AcceptanceError):
-    """The root of the reference airline's errors: each refuses an acceptance (an
-    :class:`~cmi_sdk.AcceptanceError`), so the SDK answers it with its problem type and
-    books nothing."""
+    """The root of the reference airline's refusals: each refuses an acceptance (an
+    :class:`~cmi_sdk.AcceptanceError`, the caller's request that cannot be served), so the
+    SDK answers it with its problem type and books nothing. Outages are
+    :class:`AirlineUnavailableError`, never one of these."""
 
     def __init__(self, message: str, *, problem: str = "no-longer-available") -> None:
         super().__init__(message, problem=problem)
+
+
+class AirlineUnavailableError(FirmSystemError):
+    """The airline's own system cannot answer (its database is closed): an outage, not a
+    refusal, so an acceptance is released for a retry rather than refused, and the
+    endpoint answers a 5xx."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, problem=Problem.PLUGIN_FAILED, plugin="cmi_airline")
 
 
 class SoldOutError(AirlineError):
@@ -472,12 +491,12 @@ class ReferenceAirline:
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
-            raise AirlineError("the airline's database is closed")
+            raise AirlineUnavailableError("the airline's database is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             with self._lock:
                 if self._closed:
-                    raise AirlineError("the airline's database is closed")
+                    raise AirlineUnavailableError("the airline's database is closed")
                 # check_same_thread=False only so close() can close every thread's
                 # connection; each is still used by the thread that opened it.
                 conn = sqlite3.connect(
@@ -650,10 +669,10 @@ class ReferenceAirline:
         ``f"{customer_ref}:{tier}"`` under the loyalty key (what the loyalty programme
         gives its members to present with a ``loyalty-tier`` claim).
 
-        :raises AirlineError: the airline has no loyalty key.
+        :raises ConfigurationError: the airline was made without a loyalty key.
         """
         if self._loyalty_key is None:
-            raise AirlineError("the airline has no loyalty key to sign evidence with")
+            raise ConfigurationError("the airline has no loyalty key to sign evidence with")
         message = f"{customer_ref}:{tier}".encode()
         return hmac.new(self._loyalty_key, message, hashlib.sha256).hexdigest()
 
