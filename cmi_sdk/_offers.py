@@ -297,6 +297,7 @@ class OfferPipeline:
         self._workers = workers
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._hook_loop = _HookLoop()
 
     # -- answering requests ---------------------------------------------------------------
 
@@ -460,6 +461,7 @@ class OfferPipeline:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        self._hook_loop.close()
 
     def _call(self, name: str, *, first: bool, **kwargs: Any) -> Any:
         caller: pluggy.HookCaller = getattr(self._hook, name)
@@ -490,9 +492,7 @@ class OfferPipeline:
                 "a hook implementation marked nonblocking returned an awaitable; it must"
                 " return its answer (or be async def, unmarked)"
             )
-        # The pipeline's threads run no event loop: each coroutine gets one of its own,
-        # closed when it is done (a cost paid only by async plugins).
-        return asyncio.run(_resolve(value))
+        return self._hook_loop.run(value)
 
     def _pipeline(self, request: Request, run: _Run, intermediary: str | None) -> Answer:
         self._enter(run, "validation")
@@ -1079,6 +1079,51 @@ def _loop_running() -> bool:
 
 async def _resolve(value: Any) -> Any:
     return await value
+
+
+class _HookLoop:
+    """The one event loop every coroutine a hook implementation returns runs on, on a
+    thread of its own, started at the first async answer (a cost paid only by async
+    plugins) and stopped by :meth:`close`.
+
+    One loop for the pipeline's life, not one per call: an async plugin's clients and
+    pools (an ``httpx.AsyncClient``, a database pool) are bound to the loop they were made
+    on, so they keep working from one request to the next. The pipeline's worker threads
+    wait for their coroutine's answer; a coroutine that blocks the loop delays every async
+    plugin, as it would in the firm's own service."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self, awaitable: Any) -> Any:
+        """The answer ``awaitable`` resolves to, awaited on the hook loop."""
+        future = asyncio.run_coroutine_threadsafe(_resolve(awaitable), self._started())
+        return future.result()
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="cmi-hook-loop", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def close(self) -> None:
+        """Stop the loop (after the coroutines it is running finish their current step)."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
 
 
 def _expect(value: object, kind: type, hook: str, relay: pluggy.HookRelay) -> None:

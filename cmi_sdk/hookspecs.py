@@ -76,8 +76,8 @@ def nonblocking(function: _F) -> _F:
     the answer waits for it; an unmarked implementation is timed out on the worker
     thread and the caller is answered at once. Mark only what cannot block.
 
-    :raises TypeError: ``function`` is ``async def``: coroutines are awaited on the
-        pipeline's worker threads, never on the caller's.
+    :raises TypeError: ``function`` is ``async def``: coroutines run on the pipeline's
+        own event loop, never on the caller's.
     """
     if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
         raise TypeError(

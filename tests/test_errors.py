@@ -473,4 +473,5 @@ def test_a_store_outage_is_answered_as_the_firms_outage() -> None:
 
     answer = _problem_for(StoreError("cannot connect to PostgreSQL at db:5432"))
     assert answer.problem is Problem.STORE_UNAVAILABLE
-    assert answer.problem.status == 503 and answer.problem.outage
+    assert answer.problem.status == 503
+    assert answer.problem.outage

@@ -5,6 +5,7 @@ idempotent acceptance."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import sqlite3
 import threading
@@ -407,6 +408,42 @@ def test_async_hook_implementations_work(tmp_path: Path, shop: Shop) -> None:
     assert offer.price == usd("480.00")
     assert {a.code for a in offer.advice} == {"alt-date", "async"}
     adapter.close()
+
+
+class PooledAsyncFirm:
+    """An async plugin holding a loop-bound resource (as a database pool or an HTTP client
+    is), made at its first call and used by every later one."""
+
+    def __init__(self) -> None:
+        # Each loop a call ran on (held, so no two share an id): a pool made on the first
+        # works on the others only if they are the same loop.
+        self.loops: set[asyncio.AbstractEventLoop] = set()
+
+    @hookimpl
+    async def cmi_advise(self) -> list[Advice]:
+        self.loops.add(asyncio.get_running_loop())
+        await asyncio.sleep(0.005)
+        return [Advice(code="pooled", text="from a pooled client")]
+
+
+def test_an_async_plugins_loop_bound_resources_outlive_one_request(
+    tmp_path: Path, shop: Shop
+) -> None:
+    firm = PooledAsyncFirm()
+    adapter = make_adapter(tmp_path, plugins=[shop, firm])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(lambda _: adapter.answer_request(flight_request(claims=[])), range(8))
+            )
+        for answer in answers:
+            (offer,) = answer.offers.offers
+            assert "pooled" in {a.code for a in offer.advice}
+        assert len(firm.loops) == 1
+    finally:
+        adapter.close()
+    # Closing the adapter stops the loop.
+    assert all(loop.is_closed() for loop in firm.loops)
 
 
 class Timing:
