@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -92,6 +92,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("cmi_sdk.offers")
+
+_Answer = TypeVar("_Answer")
 
 #: How often, at most, a waiting event loop reads a request's current stage deadline again.
 _DEADLINE_POLL = 0.02
@@ -480,6 +482,17 @@ class OfferPipeline:
                 plugin=plugin,
             ) from None
 
+    def _answer(
+        self, name: str, kind: type[_Answer], missing: str, problem: Problem, **kwargs: Any
+    ) -> _Answer:
+        """The first answer to a hook that must answer: NoAnswerError (``missing``, with
+        ``problem``) when no plugin does, PluginFailedError when it is not a ``kind``."""
+        answer = self._call(name, first=True, **kwargs)
+        if answer is None:
+            raise NoAnswerError(missing, hook=name, problem=problem)
+        _expect(answer, kind, name, self._hook)
+        return answer  # type: ignore[no-any-return]
+
     def _await(self, value: Any) -> Any:
         if not inspect.isawaitable(value):
             return value
@@ -522,30 +535,27 @@ class OfferPipeline:
             return self._declined(request, run, "sold out")
 
         self._enter(run, "revenue")
-        decision: RevenueDecision | None = self._call(
-            "cmi_revenue_decision", first=True, request=request, availability=availability
+        decision = self._answer(
+            "cmi_revenue_decision",
+            RevenueDecision,
+            "no revenue-management system answered (cmi_revenue_decision); no offer is made",
+            Problem.NO_REVENUE_DECISION,
+            request=request,
+            availability=availability,
         )
-        if decision is None:
-            raise NoAnswerError(
-                "no revenue-management system answered (cmi_revenue_decision); no offer is made",
-                hook="cmi_revenue_decision",
-                problem=Problem.NO_REVENUE_DECISION,
-            )
-        _expect(decision, RevenueDecision, "cmi_revenue_decision", self._hook)
         if not decision.accept:
             return self._declined(request, run, decision.reason or "the firm does not sell now")
 
         self._enter(run, "pricing")
-        quote: Quote | None = self._call(
-            "cmi_price", first=True, request=request, availability=availability, decision=decision
+        quote = self._answer(
+            "cmi_price",
+            Quote,
+            "no pricing system answered (cmi_price); no offer is made",
+            Problem.NO_PRICE,
+            request=request,
+            availability=availability,
+            decision=decision,
         )
-        if quote is None:
-            raise NoAnswerError(
-                "no pricing system answered (cmi_price); no offer is made",
-                hook="cmi_price",
-                problem=Problem.NO_PRICE,
-            )
-        _expect(quote, Quote, "cmi_price", self._hook)
         floor = decision.floor
         total = quote.total
         if floor is not None:
@@ -894,16 +904,15 @@ class OfferPipeline:
         hold: Hold | None = self._call("cmi_hold", first=True, offer=offer, acceptance=acceptance)
         self._record_hold(offer, acceptance, owner, hold)
         try:
-            tx: Transaction | None = self._call(
-                "cmi_book", first=True, offer=offer, acceptance=acceptance, hold=hold
+            tx = self._answer(
+                "cmi_book",
+                Transaction,
+                "no booking system answered (cmi_book)",
+                Problem.NOT_BOOKED,
+                offer=offer,
+                acceptance=acceptance,
+                hold=hold,
             )
-            if tx is None:
-                raise NoAnswerError(
-                    "no booking system answered (cmi_book)",
-                    hook="cmi_book",
-                    problem=Problem.NOT_BOOKED,
-                )
-            _expect(tx, Transaction, "cmi_book", self._hook)
         except Exception as exc:
             if hold is not None:
                 self._notify("cmi_release", offer=offer, hold=hold)
