@@ -17,6 +17,7 @@ from cmi_sdk._exceptions import (
     CMIError,
     ConfigurationError,
     DestinationNotAllowedError,
+    DocumentNotSignedError,
     DocumentTooDeepError,
     DocumentTooLargeError,
     DocumentTypeNotFoundError,
@@ -87,7 +88,7 @@ from cmi_sdk._models import (
 from cmi_sdk._offers import AcceptanceResult, Answer, Prepared
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
 from cmi_sdk._secrets import SecretsKeyring
-from cmi_sdk._standards import DocumentType, Standard, StandardRegistry
+from cmi_sdk._standards import DocumentType, SignaturePlacement, Standard, StandardRegistry
 from cmi_sdk._version import __version__
 from cmi_sdk._xml import HardenedParser
 from cmi_sdk.egress import EgressGuard
@@ -116,6 +117,7 @@ __all__ = [
     "DeliveryStats",
     "DeliveryWorker",
     "DestinationNotAllowedError",
+    "DocumentNotSignedError",
     "DocumentTooDeepError",
     "DocumentTooLargeError",
     "DocumentType",
@@ -172,6 +174,7 @@ __all__ = [
     "SecretsKeyring",
     "ServerLimits",
     "SharingTerms",
+    "SignaturePlacement",
     "SignatureVerificationError",
     "SignedConsent",
     "StageTimeoutError",

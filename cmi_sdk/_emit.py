@@ -115,6 +115,9 @@ def transaction_document_type(std: Standard, name: str | None) -> DocumentType[A
             raise TermsError(f"{std.name} {doc_type.name} documents are not made from transactions")
         return doc_type
     found = [d for d in std.document_types if d.model is Transaction]
+    if len(found) > 1 and std.default_document_type is not None:
+        # A standard with two forms of one document (OFX 2 and OFX 1) names the usual one.
+        found = [d for d in found if d.name == std.default_document_type]
     if len(found) != 1:
         names = ", ".join(d.name for d in found) or "none"
         raise TermsError(

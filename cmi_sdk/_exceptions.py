@@ -41,6 +41,7 @@ there from :class:`LookupError`, and outages of the firm's own systems from
         ├── DestinationNotAllowedError  a destination the egress guard refuses
         │   └── EgressResolutionError   its name did not resolve (retried later)
         └── SignatureVerificationError  a signed message that fails its check
+            ├── DocumentNotSignedError  a document that carries no signature
             ├── StaleTimestampError     a timestamp outside the window
             ├── UnknownPartyError       signed by nobody the firm knows
             └── ReplayedMessageError    a message id seen before, inside the window
@@ -61,6 +62,7 @@ __all__ = [
     "CMIError",
     "ConfigurationError",
     "DestinationNotAllowedError",
+    "DocumentNotSignedError",
     "DocumentTooDeepError",
     "DocumentTooLargeError",
     "DocumentTypeNotFoundError",
@@ -487,6 +489,11 @@ class DocumentValidationError(_IssuesError):
 class SignatureVerificationError(InvalidInputError):
     """A signed message was refused: a missing header, a timestamp outside the window, or no
     valid signature. The message says which, and nothing about the keys."""
+
+
+class DocumentNotSignedError(SignatureVerificationError):
+    """A document that should be verified carries no signature at all: "this document is
+    not signed", rather than a verifier's account of what it looked for."""
 
 
 class TermsError(InvalidInputError):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import as_file
 from importlib.resources.abc import Traversable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import jinja2
 from lxml import etree
@@ -33,9 +33,58 @@ from cmi_sdk._xml import find_xml_illegal, load_lxml_schema
 if TYPE_CHECKING:
     import xmlschema
 
-__all__ = ["DocumentType", "Standard", "StandardRegistry"]
+__all__ = ["DocumentType", "SignaturePlacement", "Standard", "StandardRegistry"]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class SignaturePlacement:
+    """Where a document type's XML-DSig signature goes, so that what a customer's store
+    receives is what the standard's own tools accept.
+
+    Use one of the three placements:
+
+    - :attr:`ENVELOPED`: the root's last child, for a vocabulary whose schema has room for
+      it there (the SDK's own ``cmi`` and ``cmi-ticket``);
+    - :meth:`ubl_extension`: UBL 2.x's place for signatures,
+      ``ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent/sig:UBLDocumentSignatures/
+      sac:SignatureInformation/ds:Signature``, with a ``cac:Signature`` in the document
+      referring to it (the UBL signature profile);
+    - :attr:`DETACHED`: beside the document, for a standard with no place for one (OFX): the
+      document goes out byte for byte as rendered and a detached signature over its exact
+      bytes travels with it (a delivery header, a field of a pull answer, a file beside it
+      in the customer's store).
+
+    :ivar kind: ``enveloped``, ``ubl-extension`` or ``detached``.
+    :ivar before: for ``ubl-extension``, the local names of the root's children that
+        ``cac:Signature`` goes before (the first one present), in the schema's order.
+    """
+
+    kind: Literal["enveloped", "ubl-extension", "detached"]
+    before: tuple[str, ...] = ()
+
+    ENVELOPED: ClassVar[SignaturePlacement]
+    """The root's last child."""
+    DETACHED: ClassVar[SignaturePlacement]
+    """A signature beside the document, over its exact bytes."""
+
+    @classmethod
+    def ubl_extension(cls, *before: str) -> SignaturePlacement:
+        """UBL's signature extension, with ``cac:Signature`` before the first of the root's
+        children named ``before`` (local names, such as ``AccountingSupplierParty``)."""
+        if not before:
+            raise PluginError("a UBL signature placement names what cac:Signature precedes")
+        return cls("ubl-extension", tuple(before))
+
+    @property
+    def detached(self) -> bool:
+        """Whether the signature travels beside the document."""
+        return self.kind == "detached"
+
+
+SignaturePlacement.ENVELOPED = SignaturePlacement("enveloped")
+SignaturePlacement.DETACHED = SignaturePlacement("detached")
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +128,16 @@ class DocumentType(Generic[M]):
         firm emits. A mapping may still raise :class:`~cmi_sdk.MappingError` for one
         transaction it cannot carry: that is recorded for the operator, never raised to
         the firm or the customer.
+    :param signature: where the type's signature goes (see :class:`SignaturePlacement`):
+        the root's last child by default.
+    :param media_type: the ``Content-Type`` the document is delivered with.
+    :param extension: the file name extension a customer's store keeps it under.
+    :param reader: for a document type that is not XML (OFX 1's SGML), what reads its
+        bytes into an element tree, hardened as the SDK's XML parser is (a byte cap, no
+        declarations, a depth limit): validation and parsing go through it. None (the
+        default): XML, read by the hardened XML parser.
+    :param magic: for such a type, the bytes its documents start with (``OFXHEADER:``),
+        which tell it apart from XML when no document type is named.
     """
 
     name: str
@@ -94,6 +153,11 @@ class DocumentType(Generic[M]):
     digest: Callable[[Sequence[M]], dict[str, Any]] | None = None
     render: Callable[[M], str] | None = None
     kinds: tuple[str, ...] | None = None
+    signature: SignaturePlacement = SignaturePlacement.ENVELOPED
+    media_type: str = "application/xml"
+    extension: str = "xml"
+    reader: Callable[[bytes], etree._Element] | None = None
+    magic: bytes | None = None
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -211,6 +275,9 @@ class Standard:
     :param document_types: what the standard can render and parse.
     :param title: a human-readable title.
     :param description: a paragraph for ``cmi standards`` and the docs.
+    :param default_document_type: the type chosen when none is named (a standard that
+        gained a second form of its one document, as OFX 1 beside OFX 2); without it, a
+        standard of several types needs the type named.
     """
 
     name: str
@@ -219,6 +286,7 @@ class Standard:
     document_types: tuple[DocumentType[Any], ...]
     title: str = ""
     description: str = ""
+    default_document_type: str | None = None
     _env: dict[str, jinja2.Environment] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -227,6 +295,11 @@ class Standard:
         names = [d.name for d in self.document_types]
         if len(set(names)) != len(names):
             raise PluginError(f"standard {self.name!r} repeats a document type name")
+        if self.default_document_type is not None and self.default_document_type not in names:
+            raise PluginError(
+                f"standard {self.name!r} has no document type {self.default_document_type!r}"
+                " to default to"
+            )
 
     def document_type(self, name: str | None = None) -> DocumentType[Any]:
         """Return the document type called ``name``; with no name, the only one there is.
@@ -236,6 +309,8 @@ class Standard:
         if name is None:
             if len(self.document_types) == 1:
                 return self.document_types[0]
+            if self.default_document_type is not None:
+                return self.document_type(self.default_document_type)
             raise DocumentTypeNotFoundError(
                 f"standard {self.name!r} has several document types; choose one of "
                 f"{', '.join(d.name for d in self.document_types)}"
@@ -299,6 +374,8 @@ class StandardRegistry:
                 f"two plugins register a standard named {standard.name!r}", plugin=standard.name
             )
         for doc_type in standard.document_types:
+            if doc_type.reader is not None:
+                continue  # not XML: never found by an XML root element
             taken = self._by_root.get(doc_type.root)
             if taken is not None:
                 raise PluginError(
@@ -308,7 +385,8 @@ class StandardRegistry:
                 )
         self._by_name[standard.name] = standard
         for doc_type in standard.document_types:
-            self._by_root[doc_type.root] = (standard, doc_type)
+            if doc_type.reader is None:
+                self._by_root[doc_type.root] = (standard, doc_type)
 
     def describe(self) -> list[dict[str, Any]]:
         """The standards and their document types as JSON-ready data (for ``cmi standards
@@ -329,6 +407,8 @@ class StandardRegistry:
                         "fields": sorted(d.fields),
                         "kept": list(d.kept),
                         "kinds": None if d.kinds is None else list(d.kinds),
+                        "signature": d.signature.kind,
+                        "media_type": d.media_type,
                     }
                     for d in std.document_types
                 ],
@@ -369,6 +449,15 @@ class StandardRegistry:
             raise DocumentTypeNotFoundError(
                 f"no installed standard has a document whose root element is {root}"
             ) from None
+
+    def for_magic(self, data: bytes) -> tuple[Standard, DocumentType[Any]] | None:
+        """The document type that is not XML whose documents start like ``data``, if any."""
+        head = data.lstrip()[:64]
+        for std in self:
+            for doc_type in std.document_types:
+                if doc_type.magic is not None and head.startswith(doc_type.magic):
+                    return std, doc_type
+        return None
 
     def resolve(
         self, standard: str, document_type: str | None = None

@@ -1,22 +1,35 @@
-"""XML-DSig for documents: enveloped signatures a customer's store can verify years later.
+"""XML-DSig for documents: signatures a customer's store can verify years later.
 
-Signing (:class:`DocumentSigner`) appends one ``<Signature>`` element, in the XML-DSig
-namespace, as the last child of the document's root. The algorithms are pinned:
+A signature sits where the document's standard allows one (the document type says where,
+and :class:`~cmi_sdk.Documents` puts it there):
+
+- **enveloped** (:meth:`DocumentSigner.sign`): one ``<Signature>`` element, in the XML-DSig
+  namespace, as the last child of the document's root (the SDK's own vocabularies);
+- **enveloped elsewhere** (:meth:`DocumentSigner.enveloped_signature`): the same element,
+  placed by the caller where the standard keeps signatures (UBL's signature extension);
+- **detached** (:meth:`DocumentSigner.sign_detached`): a ``<Signature>`` document of its
+  own over the exact bytes of a document that has no place for one (OFX), which travels
+  beside it.
+
+The algorithms are pinned:
 
 - canonicalization: exclusive XML canonicalization 1.0, without comments;
 - reference: ``URI=""``, the document's root element, with the enveloped-signature and
   exclusive canonicalization transforms, digested with SHA-256;
 - signature: ECDSA P-256 with SHA-256 (RFC 4051; the value is ``r || s``), or RSA PKCS#1
   v1.5 with SHA-256 for keys of 2048 bits or more;
-- key info: the signer's X.509 certificate, so a receiver can pin it.
+- key info: the signer's X.509 certificate, so a receiver can pin it;
+- a detached signature's one reference names the document (a relative URI, its file name)
+  and has no transforms: its digest is the SHA-256 of the document's bytes as delivered.
 
 The signature is spliced into the document's bytes just before the root's end tag: the
 signed content is never re-serialized, so the stored bytes are the rendered bytes. The
 ``SignedInfo`` is written directly in its canonical form, so what is signed is exactly what
 a verifier canonicalizes.
 
-Verification (:func:`verify_document`) uses signxml, an independent implementation, with
-the expected algorithms pinned and the signer's certificate given.
+Verification (:func:`verify_document`, :func:`verify_detached`) uses signxml, an
+independent implementation, with the expected algorithms pinned and the signer's certificate
+given.
 """
 
 from __future__ import annotations
@@ -24,8 +37,11 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,15 +50,22 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from lxml import etree
 
-from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError
+from cmi_sdk._exceptions import (
+    ConfigurationError,
+    DocumentNotSignedError,
+    DocumentTooLargeError,
+    SignatureVerificationError,
+)
 from cmi_sdk._files import private_directory, write_private_file
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, HardenedParser
 
 __all__ = [
     "DSIG_NAMESPACE",
+    "UBL_SIGNATURE_PATH",
     "DocumentSigner",
     "generate_development_keys",
     "self_signed_certificate",
+    "verify_detached",
     "verify_document",
 ]
 
@@ -69,6 +92,35 @@ _SIGNED_INFO = (
     "</Reference>"
     "</SignedInfo>"
 )
+
+# A detached signature's SignedInfo: one reference to the document's bytes, no transforms.
+_DETACHED_SIGNED_INFO = (
+    f'<SignedInfo xmlns="{DSIG_NAMESPACE}">'
+    f'<CanonicalizationMethod Algorithm="{_EXC_C14N}"></CanonicalizationMethod>'
+    '<SignatureMethod Algorithm="{method}"></SignatureMethod>'
+    '<Reference URI="{uri}">'
+    f'<DigestMethod Algorithm="{_SHA256}"></DigestMethod>'
+    "<DigestValue>{digest}</DigestValue>"
+    "</Reference>"
+    "</SignedInfo>"
+)
+
+# Where an enveloped signature may sit: the root's child (the SDK's own vocabularies) or
+# UBL's signature extension (the UBL 2.x signature profile).
+_UBL_EXT = "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2"
+_UBL_SIG = "urn:oasis:names:specification:ubl:schema:xsd:CommonSignatureComponents-2"
+_UBL_SAC = "urn:oasis:names:specification:ubl:schema:xsd:SignatureAggregateComponents-2"
+UBL_SIGNATURE_PATH = (
+    f"{{{_UBL_EXT}}}UBLExtensions",
+    f"{{{_UBL_EXT}}}UBLExtension",
+    f"{{{_UBL_EXT}}}ExtensionContent",
+    f"{{{_UBL_SIG}}}UBLDocumentSignatures",
+    f"{{{_UBL_SAC}}}SignatureInformation",
+)
+"""The elements from a UBL document's root down to the one holding its ``ds:Signature``."""
+
+# A detached reference names a file beside the signature: no scheme, no folder, no fragment.
+_DOCUMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # Lossless (comments and processing instructions kept, as a signature must see them), with
 # the resolver that refuses every external reference; one lxml parser a thread.
@@ -146,18 +198,43 @@ class DocumentSigner:
             raise ValueError("the document's root element has no end tag to sign before")
         if root is None:
             root = etree.fromstring(xml, _PARSER.lxml_parser())
+        return xml[:end] + self.enveloped_signature(root) + xml[end:]
+
+    def enveloped_signature(self, root: etree._Element) -> bytes:
+        """An enveloped ``<Signature>`` element over ``root``, for the caller to place
+        inside it where nothing else changes (no whitespace added or removed): what the
+        enveloped-signature transform removes is then exactly what was added.
+
+        ``root`` is the tree as it will be sent, without the signature.
+        """
         # The root element, not the document: processing instructions before it (OFX's
         # <?OFX ...?> header) are outside what is signed, as signxml, the verifier the SDK
         # and its receivers use, reads URI="" for an enveloped signature.
         canonical = etree.tostring(root, method="c14n", exclusive=True, with_comments=False)
         digest = _b64(hashlib.sha256(canonical).digest())
         signed_info = _SIGNED_INFO.format(method=self._method, digest=digest)  # type: ignore[attr-defined]
+        return self._signature(signed_info)
+
+    def sign_detached(self, data: bytes, *, name: str = "document") -> bytes:
+        """A detached signature over exactly ``data``: a ``<Signature>`` document whose one
+        reference, ``URI=name``, digests the bytes as they are (no transforms).
+
+        :param name: the document's file name beside the signature (what ``xmlsec1`` opens
+            and what its ``--url-map`` maps): letters, digits, ``.``, ``_`` and ``-``.
+        :raises ValueError: ``name`` is not such a name.
+        """
+        if not _DOCUMENT_NAME.fullmatch(name):
+            raise ValueError(f"a detached signature names its document by a file name: {name!r}")
+        digest = _b64(hashlib.sha256(data).digest())
+        signed_info = _DETACHED_SIGNED_INFO.format(method=self._method, uri=name, digest=digest)  # type: ignore[attr-defined]
+        return b'<?xml version="1.0" encoding="UTF-8"?>\n' + self._signature(signed_info) + b"\n"
+
+    def _signature(self, signed_info: str) -> bytes:
         value = _b64(self._signature_value(signed_info.encode()))
-        signature = (
+        return (
             f'<Signature xmlns="{DSIG_NAMESPACE}">{signed_info}'
             f"<SignatureValue>{value}</SignatureValue>{self._key_info}</Signature>"  # type: ignore[attr-defined]
         ).encode()
-        return xml[:end] + signature + xml[end:]
 
     def _signature_value(self, data: bytes) -> bytes:
         key = self.key
@@ -230,25 +307,94 @@ def verify_document(
 ) -> bytes:
     """Verify an enveloped signature against the signer's certificate (pinned).
 
-    The document first passes the hardened parser (size cap, no DOCTYPE, depth limit,
-    nothing opened), and the verifier works on that tree: it never parses the bytes itself.
-    Everything in the document must be what the signature covers: a comment anywhere (the
-    signature's canonical form leaves comments out, so a comment could split a value
-    without breaking the signature), or a processing instruction inside or after the root
-    element, is refused. Processing instructions before the root (the OFX header) are
-    outside the signature, and the SDK reads no value from them.
+    The signature is looked for where the SDK puts one: the root's last child, or UBL's
+    signature extension (``ext:UBLExtensions/.../sac:SignatureInformation``); a document
+    holds exactly one ``Signature``. The document first passes the hardened parser (size
+    cap, no DOCTYPE, depth limit, nothing opened), and the verifier works on that tree: it
+    never parses the bytes itself. Everything in the document must be what the signature
+    covers: a comment anywhere (the signature's canonical form leaves comments out, so a
+    comment could split a value without breaking the signature), or a processing
+    instruction inside or after the root element, is refused. Processing instructions
+    before the root (the OFX header) are outside the signature, and the SDK reads no value
+    from them.
 
     :param certificate: the expected signer's certificate, as an object or PEM bytes.
     :returns: the signed document's canonical form, without the signature: what is
         actually vouched for, and what values are to be read from (parse it with
         :meth:`cmi_sdk.Adapter.parse`).
-    :raises SignatureVerificationError: no signature, another signer, other algorithms
-        than the pinned ones, content changed after signing, or content the signature does
-        not cover.
+    :raises DocumentNotSignedError: the document has no signature.
+    :raises SignatureVerificationError: another signer, other algorithms than the pinned
+        ones, a signature elsewhere or twice, content changed after signing, or content the
+        signature does not cover.
     :raises XMLInputError: the hardened parser refused the document.
     """
     tree = _hardened(max_bytes).parse(xml, lossless=True)
     _refuse_uncovered(tree)
+    location = _signature_location(tree.getroot())
+    result = _verify(tree.getroot(), certificate, location=location)
+    signed: bytes = result.signed_data
+    return signed
+
+
+def verify_detached(
+    document: bytes,
+    signature: bytes,
+    certificate: x509.Certificate | bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bytes:
+    """Verify a detached signature (see :meth:`DocumentSigner.sign_detached`) over exactly
+    ``document``'s bytes, against the signer's certificate (pinned).
+
+    The signature passes the hardened parser; it must be one ``Signature`` element with one
+    reference that names a file (no scheme, folder or fragment) and has no transforms, so
+    its digest is of the bytes as they are: one changed, added or removed byte anywhere
+    fails it. The document itself is never parsed here.
+
+    :returns: ``document``, verified.
+    :raises SignatureVerificationError: not such a signature, another signer, other
+        algorithms than the pinned ones, or the bytes changed after signing.
+    :raises DocumentTooLargeError: ``document`` is over ``max_bytes``.
+    :raises XMLInputError: the hardened parser refused the signature.
+    """
+    if len(document) > max_bytes:
+        raise DocumentTooLargeError(
+            f"the document is over the {max_bytes}-byte cap", limit=max_bytes
+        )
+    tree = _hardened(max_bytes).parse(signature, lossless=True)
+    _refuse_uncovered(tree)
+    root = tree.getroot()
+    if root.tag != f"{{{DSIG_NAMESPACE}}}Signature":
+        raise SignatureVerificationError(
+            f"a detached signature is a Signature element, not {root.tag!s}"
+        )
+    references = root.findall(f"{{{DSIG_NAMESPACE}}}SignedInfo/{{{DSIG_NAMESPACE}}}Reference")
+    if len(references) != 1:
+        raise SignatureVerificationError("a detached signature has exactly one reference")
+    reference = references[0]
+    uri = reference.get("URI") or ""
+    if not _DOCUMENT_NAME.fullmatch(uri):
+        raise SignatureVerificationError(
+            f"a detached signature's reference names a file beside it, not {uri!r}"
+        )
+    if reference.find(f"{{{DSIG_NAMESPACE}}}Transforms") is not None:
+        # A transform would digest something made from the bytes, not the bytes.
+        raise SignatureVerificationError("a detached signature's reference has no transforms")
+
+    def resolve(wanted: str) -> bytes | None:
+        return document if wanted == uri else None
+
+    _verify(root, certificate, location=None, uri_resolver=resolve)
+    return document
+
+
+def _verify(
+    root: etree._Element,
+    certificate: x509.Certificate | bytes,
+    *,
+    location: str | None,
+    uri_resolver: Callable[[str], bytes | None] | None = None,
+) -> Any:
     # signxml is imported by verifiers only: the signing path does not need it.
     from signxml.algorithms import DigestAlgorithm, SignatureMethod  # noqa: PLC0415
     from signxml.exceptions import InvalidInput, InvalidSignature  # noqa: PLC0415
@@ -259,20 +405,22 @@ def verify_document(
         if isinstance(certificate, x509.Certificate)
         else certificate
     )
+    options: dict[str, Any] = {} if location is None else {"location": location}
     config = SignatureConfiguration(
         require_x509=True,
-        location="./",
         expect_references=1,
         signature_methods=frozenset({SignatureMethod.ECDSA_SHA256, SignatureMethod.RSA_SHA256}),
         digest_algorithms=frozenset({DigestAlgorithm.SHA256}),
+        **options,
     )
     try:
         # The parsed root, and the hardened parser for signxml's own re-parses of it.
         result = XMLVerifier().verify(
-            tree.getroot(),
+            root,
             x509_cert=pem.decode("ascii"),
             expect_config=config,
             parser=_PARSER.lxml_parser(),
+            uri_resolver=uri_resolver,
         )
     except (InvalidSignature, InvalidInput, etree.XMLSyntaxError) as exc:
         raise SignatureVerificationError(
@@ -280,8 +428,36 @@ def verify_document(
         ) from None
     if isinstance(result, list):  # one reference is expected, so one result comes back
         result = result[0]
-    signed: bytes = result.signed_data
-    return signed
+    return result
+
+
+def _signature_location(root: etree._Element) -> str:
+    """Where the document's one signature is, as signxml's ``location``.
+
+    :raises DocumentNotSignedError: there is none.
+    :raises SignatureVerificationError: there are several, or it is somewhere else.
+    """
+    found = list(root.iter(f"{{{DSIG_NAMESPACE}}}Signature"))
+    if not found:
+        raise DocumentNotSignedError("this document is not signed")
+    if len(found) > 1:
+        raise SignatureVerificationError(
+            f"the document holds {len(found)} signatures; the SDK signs a document once"
+        )
+    parent = found[0].getparent()
+    if parent is root and found[0].getnext() is None:
+        return "./"
+    path: list[str] = []
+    node = parent
+    while node is not None and node is not root:
+        path.append(str(node.tag))
+        node = node.getparent()
+    if tuple(reversed(path)) == UBL_SIGNATURE_PATH:
+        return "./" + "".join(f"{tag}/" for tag in UBL_SIGNATURE_PATH)
+    raise SignatureVerificationError(
+        "the document's signature is neither the root's last child nor in UBL's signature"
+        " extension: refused"
+    )
 
 
 def _hardened(max_bytes: int) -> HardenedParser:

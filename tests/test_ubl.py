@@ -31,6 +31,7 @@ from cmi_sdk import (
     Claim,
     ConfigurationError,
     Constraints,
+    Documents,
     DocumentValidationError,
     FlightDetails,
     FlightWanted,
@@ -58,7 +59,19 @@ import cmi_ubl.plugin  # noqa: E402
 from cmi_ubl.plugin import CAC, CBC  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
-XSDRT = ROOT.parent / "shared" / "standards" / "ubl-2.4" / "xsdrt"
+# CMI_TEST_UBL_XSDRT points elsewhere (a checkout beside another copy of the schemas).
+EXT = "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2"
+SIGNATURE_NS = {
+    "ext": EXT,
+    "sig": "urn:oasis:names:specification:ubl:schema:xsd:CommonSignatureComponents-2",
+    "sac": "urn:oasis:names:specification:ubl:schema:xsd:SignatureAggregateComponents-2",
+    "sbc": "urn:oasis:names:specification:ubl:schema:xsd:SignatureBasicComponents-2",
+    "ds": "http://www.w3.org/2000/09/xmldsig#",
+}
+XSDRT = Path(
+    os.environ.get("CMI_TEST_UBL_XSDRT")
+    or ROOT.parent / "shared" / "standards" / "ubl-2.4" / "xsdrt"
+)
 IN_CI = os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
 UBL_ENTRY_POINT = "ubl" in {ep.name for ep in importlib.metadata.entry_points(group="cmi_sdk")}
 
@@ -781,16 +794,32 @@ def test_an_official_schemas_folder_that_is_not_one_is_a_configuration_error(
 
 @pytest.mark.usefixtures("no_official_setting")
 def test_signed_documents_pass_both_checks(official: dict[str, etree.XMLSchema]) -> None:
+    """Signed in UBL's signature extension, a document is valid against the official
+    schema as it is: nothing is set aside."""
     key = ec.generate_private_key(ec.SECP256R1())
     certificate = self_signed_certificate(key, common_name="delta.com")
-    signer = DocumentSigner(key=key, certificate=certificate)
-    signed = signer.sign(render(example("Invoice"), "Invoice"))
-    assert verify_document(signed, certificate)
-    # the official schema has no room for the enveloped signature where XML-DSig puts it ...
-    assert not official["Invoice"].validate(etree.fromstring(signed))
-    # ... so the official check reads the document it signs, without it
-    cmi_ubl.official_schemas(XSDRT)
-    assert ADAPTER.parse(signed) == example("Invoice")
+    documents = Documents(
+        standards=ADAPTER.standards, signer=DocumentSigner(key=key, certificate=certificate)
+    )
+    for name in CASES:
+        signed = documents.render_signed(example(name), standard="ubl", document_type=name)
+        root = etree.fromstring(signed)
+        assert official[name].validate(root), (name, official[name].error_log)
+        assert verify_document(signed, certificate)
+        cmi_ubl.official_schemas(XSDRT)
+        assert ADAPTER.parse(signed) == example(name)
+        cmi_ubl.official_schemas(None)
+        # the signature is in the extension, referred to by cac:Signature
+        info = root.find(
+            "ext:UBLExtensions/ext:UBLExtension/ext:ExtensionContent/sig:UBLDocumentSignatures"
+            "/sac:SignatureInformation",
+            SIGNATURE_NS,
+        )
+        assert info is not None
+        assert info.find("ds:Signature", SIGNATURE_NS) is not None
+        referred = text_at(root, "cac:Signature/cbc:ID")
+        assert referred == info.findtext("sbc:ReferencedSignatureID", namespaces=SIGNATURE_NS)
+        assert referred == f"urn:oasis:names:specification:ubl:signature:{name}"
 
 
 def test_emitted_under_ubl_terms(tmp_path: Path, official: dict[str, etree.XMLSchema]) -> None:
@@ -810,10 +839,9 @@ def test_emitted_under_ubl_terms(tmp_path: Path, official: dict[str, etree.XMLSc
             True,
         )
         assert adapter.parse(emission.document) == tx
-        # officially valid, once the signature UBL has no room for there is set aside
+        # officially valid as delivered: the signature is in UBL's extension
         root = etree.fromstring(emission.document)
-        assert root[-1].tag == "{http://www.w3.org/2000/09/xmldsig#}Signature"
-        del root[-1]
+        assert root[0].tag == f"{{{EXT}}}UBLExtensions"
         assert official["Invoice"].validate(root), official["Invoice"].error_log
         proposal = TermsProposal.model_validate(
             {

@@ -1,4 +1,5 @@
-"""The ``ofx`` standard: bank transactions as Open Financial Exchange 2.2 statements.
+"""The ``ofx`` standard: bank transactions as Open Financial Exchange statements (OFX 2.2
+XML, and OFX 1.0.2 SGML).
 
 Rendering goes through the SDK (``adapter.render(tx, standard="ofx")``) or, for many
 transactions in one statement, :func:`render_digest`. Reading goes back through the SDK
@@ -12,11 +13,13 @@ from cmi_ofx.plugin import (
     STANDARD,
     STANDARD_NAME,
     STATEMENT,
+    STATEMENT_SGML,
     AccountType,
     OFXPlugin,
     OFXSettings,
     make_standard,
     parse_digest,
+    read_sgml_statement,
     read_statement,
     render_digest,
     statement,
@@ -37,6 +40,7 @@ __all__ = [
     "STANDARD",
     "STANDARD_NAME",
     "STATEMENT",
+    "STATEMENT_SGML",
     "AccountType",
     "OFXPlugin",
     "OFXSettings",
@@ -51,6 +55,7 @@ __all__ = [
     "parse_ofx_datetime",
     "read_ofx",
     "read_sgml",
+    "read_sgml_statement",
     "read_statement",
     "render_digest",
     "statement",

@@ -1,10 +1,19 @@
-"""The ``ofx`` standard plugin: a bank's transaction as an OFX 2.2 statement.
+"""The ``ofx`` standard plugin: a bank's transaction as an OFX statement.
 
-One document type, ``statement``, made from a :class:`~cmi_sdk.Transaction` of kind
-``bank_statement_line``: a complete OFX 2.2 response (the ``<?OFX ...?>`` header, a sign-on
-response, and a bank statement response) whose one ``STMTTRN`` is the transaction. Any OFX
-reader (Quicken, GnuCash, ofxtools) imports it. :func:`render_digest` puts many transactions
-of one customer into one statement, for digest terms, with the same template and schema.
+Two document types, made from a :class:`~cmi_sdk.Transaction` of kind
+``bank_statement_line``, with the same content:
+
+- ``statement``: a complete OFX 2.2 response (XML: the ``<?OFX ...?>`` header, a sign-on
+  response, and a bank statement response) whose one ``STMTTRN`` is the transaction;
+- ``statement-sgml``: the same response as OFX 1.0.2 (SGML: the ``OFXHEADER:100`` header
+  with ``ENCODING:UTF-8`` and ``CHARSET:NONE``, data elements not closed), for customers
+  whose software reads only OFX 1 (Quicken-era packages, and most banks' exports). It is
+  validated by reading it with the plugin's hardened OFX 1 reader (:func:`read_sgml`) and
+  checking that tree against the same schema.
+
+OFX readers (Quicken, GnuCash through libofx, ofxtools, ofxparse) import both.
+:func:`render_digest` puts many transactions of one customer into one statement, for digest
+terms, with the same template and schema.
 
 The mapping (OFX 2.2, section 11.4.3)::
 
@@ -14,30 +23,39 @@ The mapping (OFX 2.2, section 11.4.3)::
     TRNAMT        total.amount: negative for money leaving the account
     FITID         details.fitid
     NAME          details.payee, up to 32 characters (OFX's limit)
-    EXTDNAME      details.payee, when longer than 32 characters (see below)
+    CMI.EXTDNAME  details.payee, when longer than 32 characters (see below)
     MEMO          details.memo (at most 255 characters, OFX's limit)
     CMI.TRNID     id, when it is not the FITID (an OFX private tag)
     CURDEF        total.currency
     FI/ORG        firm (at most 32 characters, OFX's limit)
-    CMI.CUSTOMER  customer_ref (an OFX private tag, at the end of STMTRS)
+    (none)        customer_ref: OFX has no place for it (see below)
 
 Decisions:
 
 - **NAME** holds 32 characters and the model's payee 64. A longer payee is written whole in
-  ``EXTDNAME`` (OFX's extended name, 100 characters) and its first 32 characters in
-  ``NAME``, so readers that know only NAME still show it and nothing is lost: the payee is
-  read back from EXTDNAME when present. Nothing is moved into MEMO, which has its own
-  meaning.
+  the private tag ``CMI.EXTDNAME`` and its first 32 characters in ``NAME``, so readers show
+  the name OFX holds and nothing is lost: the payee is read back from CMI.EXTDNAME (or the
+  EXTDNAME of a statement sent by an earlier release) when present. OFX 2.2's own
+  ``EXTDNAME`` is not written: libofx, the reader GnuCash uses, refuses it. Nothing is
+  moved into MEMO, which has its own meaning.
 - **Times** are written in UTC to the millisecond. A time finer than a millisecond is
   refused (:class:`~cmi_sdk.MappingError`), as amounts finer than their currency are: OFX
   cannot carry it, and the SDK never rounds.
 - **Signs**: a ``DEBIT`` takes money out and a ``CREDIT`` puts it in (OFX section 3.2.9.2:
   amounts are signed from the customer's side), so a DEBIT with a positive total or a
   CREDIT with a negative one is refused; other types carry whichever sign they have.
-- **What OFX has no place for** (the customer's reference, and the firm's transaction id
-  when it is not the FITID) travels in private tags, ``<CMI.CUSTOMER>`` and
+- **The firm's transaction id**, when it is not the FITID, travels in the private tag
   ``<CMI.TRNID>``: OFX reserves dotted names for such extensions (as banks' ``INTU.BID``)
   and readers skip them.
+- **The customer's reference** is not written: OFX has no place for it, and the sharing
+  terms a statement is sent under identify the customer to their own store. Read back, a
+  statement's ``customer_ref`` is its account's ``ACCTID`` (or the ``CMI.CUSTOMER`` private
+  tag of a statement sent by an earlier release), unless the reader is told the customer
+  (:func:`read_statement`'s ``customer_ref``).
+- **Signatures** are detached: OFX has no place for an XML-DSig signature (OFX readers such
+  as libofx refuse one inside the document), so the statement goes out byte for byte as
+  rendered, with a detached signature over its exact bytes beside it (see
+  :class:`~cmi_sdk.SignaturePlacement`).
 - **Minimizing**: none. The SDK records withheld fields in a ``withheld`` attribute on the
   root, and OFX readers refuse attributes; so the document type lists no fields, and terms
   that name fields are refused for ``ofx`` rather than sent more than they allow.
@@ -75,6 +93,7 @@ from lxml import etree
 from markupsafe import Markup
 from pydantic import ValidationError
 
+from cmi_ofx.sgml import read_sgml
 from cmi_ofx.values import format_ofx_amount, format_ofx_datetime, parse_ofx_datetime
 from cmi_sdk import (
     BankStatementLineDetails,
@@ -84,6 +103,7 @@ from cmi_sdk import (
     DocumentValidationError,
     MappingError,
     Money,
+    SignaturePlacement,
     Standard,
     StandardRegistry,
     Transaction,
@@ -99,6 +119,7 @@ __all__ = [
     "STANDARD",
     "STANDARD_NAME",
     "STATEMENT",
+    "STATEMENT_SGML",
     "AccountType",
     "OFXPlugin",
     "OFXSettings",
@@ -106,6 +127,7 @@ __all__ = [
     "cmi_register_standards",
     "make_standard",
     "parse_digest",
+    "read_sgml_statement",
     "read_statement",
     "render_digest",
     "statement",
@@ -304,7 +326,6 @@ class StatementMapping:
             "lines": lines,
             "balamt": format_ofx_amount(balance),
             "dtasof": dtend,
-            "customer": _xml(first.customer_ref),
         }
 
     @staticmethod
@@ -338,9 +359,14 @@ class StatementMapping:
         }
 
 
-def read_statement(root: etree._Element) -> list[Transaction]:
+def read_statement(root: etree._Element, *, customer_ref: str | None = None) -> list[Transaction]:
     """Read every line of a schema-valid ``statement`` document (one, or a digest's many)
-    back into transactions, exactly as they were rendered.
+    back into transactions, exactly as they were rendered but for the customer's reference,
+    which OFX has no place for.
+
+    :param customer_ref: the customer, when the caller knows it (a store knows whose terms
+        a statement came under); by default the account's ACCTID (or the ``CMI.CUSTOMER``
+        private tag of a statement sent by an earlier release).
 
     :raises MappingError: a line breaks a rule the schema cannot express (a DEBIT with a
         positive amount).
@@ -351,7 +377,11 @@ def read_statement(root: etree._Element) -> list[Transaction]:
     firm = r.require("SIGNONMSGSRSV1").require("SONRS").require("FI").text("ORG")
     stmtrs = r.require("BANKMSGSRSV1").require("STMTTRNRS").require("STMTRS")
     currency = stmtrs.text("CURDEF")
-    customer = stmtrs.text("CMI.CUSTOMER")
+    customer = (
+        customer_ref
+        or stmtrs.optional("CMI.CUSTOMER")
+        or stmtrs.require("BANKACCTFROM").text("ACCTID")
+    )
     out = []
     for line in stmtrs.require("BANKTRANLIST").children("STMTTRN"):
         trntype = line.text("TRNTYPE")
@@ -372,7 +402,11 @@ def read_statement(root: etree._Element) -> list[Transaction]:
                     "details": {
                         "transaction_type": trntype,
                         "posted_at": posted,
-                        "payee": line.optional("EXTDNAME") or line.text("NAME"),
+                        "payee": (
+                            line.optional("CMI.EXTDNAME")
+                            or line.optional("EXTDNAME")
+                            or line.text("NAME")
+                        ),
                         "memo": line.optional("MEMO"),
                         "fitid": fitid,
                     },
@@ -397,6 +431,22 @@ def statement_from_xml(root: etree._Element) -> Transaction:
     return lines[0]
 
 
+def read_sgml_statement(data: bytes) -> etree._Element:
+    """The element tree of a ``statement-sgml`` document, read with the hardened OFX 1
+    reader: what it is validated and parsed from.
+
+    The line end that closes a data element in the SGML (``<TRNAMT>-5.72`` then a new line)
+    is layout, not data, and is left out of the element's text.
+
+    :raises XMLInputError: the reader refused the bytes (see :func:`read_sgml`).
+    """
+    root = read_sgml(data).root
+    for element in root.iter():
+        if element.text is not None and len(element) == 0:
+            element.text = element.text.removesuffix("\n")
+    return root
+
+
 def make_standard(settings: OFXSettings) -> Standard:
     """The ``ofx`` standard, filling what transactions do not say from ``settings``."""
     mapping = StatementMapping(settings)
@@ -413,10 +463,35 @@ def make_standard(settings: OFXSettings) -> Standard:
             " cmi_ofx.render_digest puts many in one."
         ),
         kinds=("bank_statement_line",),
+        # OFX has no place for a signature: it travels beside the statement.
+        signature=SignaturePlacement.DETACHED,
+        media_type="application/x-ofx",
+        extension="ofx",
         # OFX has no way to say a field was withheld: nothing can be, see the module doc.
         fields={},
         kept=(),
         # Digest terms get one statement of all the window's lines (see render_digest).
+        digest=mapping.context,
+    )
+    sgml_type: DocumentType[Transaction] = DocumentType(
+        name="statement-sgml",
+        root="OFX",
+        model=Transaction,
+        schema=_HERE / "schemas" / "ofx-statement-1.0.xsd",
+        template="statement.sgml.j2",
+        to_context=mapping,
+        from_xml=statement_from_xml,
+        description=(
+            "The same statement as OFX 1.0.2 (SGML, UTF-8), for software that reads only OFX 1."
+        ),
+        kinds=("bank_statement_line",),
+        signature=SignaturePlacement.DETACHED,
+        media_type="application/x-ofx",
+        extension="ofx",
+        reader=read_sgml_statement,
+        magic=b"OFXHEADER:",
+        fields={},
+        kept=(),
         digest=mapping.context,
     )
     return Standard(
@@ -428,7 +503,9 @@ def make_standard(settings: OFXSettings) -> Standard:
             " every OFX reader import; the schema is cmi-sdk's own, for what it emits."
         ),
         templates=_HERE / "templates",
-        document_types=(statement_type,),
+        document_types=(statement_type, sgml_type),
+        # Terms and callers that name no type get OFX 2.2, as before OFX 1 was added.
+        default_document_type="statement",
     )
 
 
@@ -436,7 +513,10 @@ STANDARD: Final = make_standard(OFXSettings())
 """The ``ofx`` standard with placeholder account settings (see :class:`OFXSettings`)."""
 
 STATEMENT: Final[DocumentType[Transaction]] = STANDARD.document_types[0]
-"""Its one document type, ``statement``."""
+"""Its document type ``statement`` (OFX 2.2, XML)."""
+
+STATEMENT_SGML: Final[DocumentType[Transaction]] = STANDARD.document_types[1]
+"""Its document type ``statement-sgml`` (OFX 1.0.2, SGML)."""
 
 
 @hookimpl

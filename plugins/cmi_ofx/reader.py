@@ -229,7 +229,7 @@ def _line(
     memo = _text(line, "MEMO")
     if memo is not None and len(memo) > _MEMO_CHARS:
         raise MappingError(f"its MEMO is {len(memo)} characters, over {_MEMO_CHARS}")
-    extdname = _text(line, "EXTDNAME")
+    extdname = _text(line, "CMI.EXTDNAME") or _text(line, "EXTDNAME")
     if extdname is not None and len(extdname) > _PAYEE_CHARS:
         extdname = None  # OFX allows 100; the model 64: NAME, up to 32, is the payee then
     payee = extdname or _text(line, "NAME") or _text(line, "PAYEE/NAME")

@@ -15,8 +15,9 @@ document type            model        what it is
 Documents carry ``cbc:UBLVersionID`` 2.4, ``cbc:CustomizationID`` :data:`CUSTOMIZATION_ID`
 (``urn:cmi:ubl:profile:1.0``) and ``cbc:ProfileID`` :data:`PROFILE_ID`
 (``urn:cmi:ubl:process:1.0``). They use the conventional prefixes ``cbc`` and ``cac``, with
-the document's own namespace as the default; ``ext`` is not declared, since no document
-carries ``ext:UBLExtensions``. Reading never depends on prefixes: it goes by namespace URI.
+the document's own namespace as the default; a signed document declares ``ext``, ``sig``,
+``sac`` and ``sbc`` on the signature extension (see Signatures). Reading never depends on
+prefixes: it goes by namespace URI.
 
 Validation
 ----------
@@ -32,10 +33,33 @@ validate against the official schemas as well, point the plugin at your copy of 
 or, without a line of code, ``export CMI_UBL_SCHEMAS=/opt/ubl-2.4/xsdrt``. From then on,
 every UBL document the process renders, validates, parses or emits is also checked against
 the official schema of its type, compiled once per document type on first use. The setting
-is process-wide; ``official_schemas(None)`` goes back to the environment variable. The SDK's
-enveloped XML-DSig signature is the root's last child, where the official schemas have no
-room (UBL puts signatures in ``ext:UBLExtensions``): the official check reads a signed
-document without it.
+is process-wide; ``official_schemas(None)`` goes back to the environment variable.
+
+Signatures
+----------
+A signed document carries its XML-DSig signature where the UBL 2.x signature profile puts
+it, so a signed document is valid against the official schemas as it is::
+
+    <ext:UBLExtensions>                       (the root's first child)
+      <ext:UBLExtension>
+        <ext:ExtensionURI>urn:oasis:names:specification:ubl:dsig:enveloped</ext:ExtensionURI>
+        <ext:ExtensionContent>
+          <sig:UBLDocumentSignatures>
+            <sac:SignatureInformation>
+              <cbc:ID>urn:oasis:names:specification:ubl:signature:1</cbc:ID>
+              <sbc:ReferencedSignatureID>urn:oasis:names:specification:ubl:signature:Invoice</sbc:ReferencedSignatureID>
+              <ds:Signature>...</ds:Signature>
+    ...
+    <cac:Signature>                           (in UBL 2.4's place: before the parties)
+      <cbc:ID>urn:oasis:names:specification:ubl:signature:Invoice</cbc:ID>
+      <cbc:SignatureMethod>urn:oasis:names:specification:ubl:dsig:enveloped</cbc:SignatureMethod>
+    </cac:Signature>
+
+The signature's one reference is the whole document (``URI=""``) with the
+enveloped-signature transform, so it covers everything but itself, the extension and
+``cac:Signature`` included. (The profile's XPath transform, which leaves out every
+signature of a document signed several times, is not used: a document is signed once, and
+common verifiers such as signxml do not run XPath transforms.)
 
 Sharing terms cannot minimize a UBL document: the official schemas have no room for the
 ``withheld`` marker. A UBL document type therefore has no fields to withhold and names none
@@ -152,7 +176,6 @@ canonical model needs and the document lacks is a :class:`~cmi_sdk.MappingError`
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import decimal
 import os
@@ -186,6 +209,7 @@ from cmi_sdk import (
     Money,
     Offer,
     Request,
+    SignaturePlacement,
     Standard,
     StandardRegistry,
     Transaction,
@@ -250,7 +274,6 @@ REFERENCE_LIST: Final = "urn:cmi:ubl:reference"
 OFFICIAL_SCHEMAS_ENV: Final = "CMI_UBL_SCHEMAS"
 """The environment variable naming the official schemas' ``xsdrt`` folder."""
 
-_DSIG_SIGNATURE: Final = "{http://www.w3.org/2000/09/xmldsig#}Signature"
 _DOCUMENT_NAMES: Final = ("RequestForQuotation", "Quotation", "Order", "Invoice")
 # Item properties whose value is a quantity with a unit (UN/ECE Recommendation 20).
 _UNITS: Final = {"term_months": "MON", "apr": "P1"}
@@ -325,19 +348,10 @@ def _compile_official(folder: Path, name: str) -> etree.XMLSchema:
         ) from None
 
 
-def _unsigned(doc: etree._Element | etree._ElementTree) -> etree._Element:
-    """The document without the SDK's enveloped signature, which UBL has no room for there."""
-    root = doc.getroot() if isinstance(doc, etree._ElementTree) else doc
-    if len(root) and root[-1].tag == _DSIG_SIGNATURE:
-        root = copy.deepcopy(root)
-        del root[-1]
-    return root
-
-
 def _official_issues(
     official: etree.XMLSchema, doc: etree._Element | etree._ElementTree
 ) -> list[ValidationIssue]:
-    if official.validate(_unsigned(doc)):
+    if official.validate(doc):
         return []
     return [
         ValidationIssue(
@@ -363,7 +377,7 @@ class _ProfileAndOfficial(etree.XMLSchema):
         self._official_failed = False
         if not super().__call__(etree):
             return False
-        if self._official(_unsigned(etree)):
+        if self._official(etree):
             return True
         self._official_failed = True
         return False
@@ -1050,6 +1064,7 @@ def _document_type(
     to_context: Callable[[M], dict[str, Any]],
     from_xml: Callable[[etree._Element], M],
     description: str,
+    signature_before: str,
 ) -> UblDocumentType[M]:
     return UblDocumentType(
         name=name,
@@ -1063,6 +1078,8 @@ def _document_type(
         # Nothing can be withheld, and no field is named: terms that list fields are refused.
         fields={},
         kept=(),
+        # cac:Signature goes before the first party the profile writes (UBL 2.4's order).
+        signature=SignaturePlacement.ubl_extension(signature_before),
     )
 
 
@@ -1072,6 +1089,7 @@ REQUEST_FOR_QUOTATION = _document_type(
     to_context=request_for_quotation_context,
     from_xml=request_for_quotation_from_xml,
     description="UBL 2.4 RequestForQuotation: a customer's request for offers.",
+    signature_before="SellerSupplierParty",
 )
 QUOTATION = _document_type(
     "Quotation",
@@ -1079,6 +1097,7 @@ QUOTATION = _document_type(
     to_context=quotation_context,
     from_xml=quotation_from_xml,
     description="UBL 2.4 Quotation: a firm's offer, valid for a window of time.",
+    signature_before="SellerSupplierParty",
 )
 ORDER = _document_type(
     "Order",
@@ -1086,6 +1105,7 @@ ORDER = _document_type(
     to_context=order_context,
     from_xml=order_from_xml,
     description="UBL 2.4 Order: a customer's acceptance of a quotation.",
+    signature_before="BuyerCustomerParty",
 )
 INVOICE = _document_type(
     "Invoice",
@@ -1093,6 +1113,7 @@ INVOICE = _document_type(
     to_context=invoice_context,
     from_xml=invoice_from_xml,
     description="UBL 2.4 Invoice: a transaction of any kind.",
+    signature_before="AccountingSupplierParty",
 )
 
 STANDARD = Standard(
