@@ -21,6 +21,7 @@ from cmi_sdk._documents import Documents
 from cmi_sdk._emit import Emission, Emitter, SignedConsent
 from cmi_sdk._exceptions import (
     ConfigurationError,
+    DocumentTooLargeError,
     DocumentTypeNotFoundError,
     DocumentValidationError,
     PluginError,
@@ -49,7 +50,7 @@ from cmi_sdk._standards import (
 )
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, HardenedParser
 from cmi_sdk.egress import EgressGuard
-from cmi_sdk.outbox import Intermediary, OutboxStore, StoredOffer
+from cmi_sdk.outbox import Intermediary, OutboxRow, OutboxStore, StoredOffer
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -602,12 +603,18 @@ class Adapter:
         signer; unsigned when there is none (see :meth:`Documents.render_signed`)."""
         return self.documents.render_signed(model, standard=standard, document_type=document_type)
 
+    def _document_headers(self, row: OutboxRow) -> dict[str, str]:
+        return self.documents.delivery_headers(
+            row.body, standard=row.standard, document_type=row.document_type, name=row.msg_id
+        )
+
     def delivery_worker(self, **options: Any) -> DeliveryWorker:
         """A :class:`~cmi_sdk.DeliveryWorker` for this adapter's outbox; ``options`` go to
         its constructor (concurrency, timeouts, retry schedule, ...)."""
         from cmi_sdk._delivery import DeliveryWorker  # noqa: PLC0415
 
         options.setdefault("egress", self.egress)
+        options.setdefault("document_headers", self._document_headers)
         options.setdefault("ed25519_key", self.webhook_ed25519_key)
         options.setdefault("clock", self.clock)
         options.setdefault("digests", self._emitter.merge_due_digests)
@@ -676,8 +683,21 @@ class Adapter:
         :raises DocumentValidationError: the document breaks the schema; ``issues`` says
             where and why.
         """
-        tree = self.parser.parse(xml)
-        std, doc_type = self._identify(tree, standard, document_type)
+        other = self._not_xml(xml, standard, document_type)
+        if other is not None:
+            # A document type that is not XML (OFX 1's SGML): read by its own hardened
+            # reader, under the same byte cap, then validated as any other.
+            std, doc_type = other
+            if len(xml) > self.parser.max_bytes:
+                raise DocumentTooLargeError(
+                    f"the document is over the {self.parser.max_bytes}-byte cap",
+                    limit=self.parser.max_bytes,
+                )
+            assert doc_type.reader is not None  # noqa: S101  (_not_xml found it so)
+            tree = doc_type.reader(xml).getroottree()
+        else:
+            tree = self.parser.parse(xml)
+            std, doc_type = self._identify(tree, standard, document_type)
         self.documents.check(tree.getroot(), xml, standard=std, document_type=doc_type)
         return ValidatedDocument(std, doc_type, tree, xml)
 
@@ -694,6 +714,20 @@ class Adapter:
             amount finer than its currency allows.
         """
         return self.validate(xml, standard=standard, document_type=document_type).to_model()
+
+    def _not_xml(
+        self, xml: bytes, standard: str | None, document_type: str | None
+    ) -> tuple[Standard, DocumentType[Any]] | None:
+        """The document type that is not XML these bytes are to be read as, if any: the one
+        named, or the one whose documents start as they do."""
+        if standard is not None and document_type is not None:
+            std = self.standards.get(standard)
+            doc_type = std.document_type(document_type)
+            return (std, doc_type) if doc_type.reader is not None else None
+        found = self.standards.for_magic(xml)
+        if found is None or (standard is not None and found[0].name != standard):
+            return None
+        return found
 
     def _identify(
         self, tree: etree._ElementTree, standard: str | None, document_type: str | None

@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -164,6 +164,10 @@ class DeliveryWorker:
         most rows leased to one destination at once across *all* workers; None: no limit
         beyond each worker's own lanes. Rows are leased in batches and sent one after the
         other, so this bounds a destination's backlog in flight, not its parallel posts.
+    :param document_headers: the headers a row's document goes with, beside the webhook
+        ones: its ``content-type``, and a detached signature for a standard with no place
+        for one (the adapter's :meth:`~cmi_sdk.Documents.delivery_headers`); by default
+        ``content-type: application/xml`` alone.
     """
 
     def __init__(
@@ -184,6 +188,7 @@ class DeliveryWorker:
         seed: int | None = None,
         digests: Callable[[], int] | None = None,
         destination_lease_limit: int | None = None,
+        document_headers: Callable[[OutboxRow], Mapping[str, str]] | None = None,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1:
             raise ConfigurationError("concurrency, per_destination and batch must be >= 1")
@@ -203,6 +208,7 @@ class DeliveryWorker:
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311  (jitter, not a secret)
         self._digests = digests
+        self._document_headers = document_headers
         self._claim_options: dict[str, Any] = {}
         if destination_lease_limit is not None:
             if destination_lease_limit < 1:
@@ -464,7 +470,10 @@ class DeliveryWorker:
             self._egress_checked[url] = time.monotonic()
         signer = self._signer(terms)
         headers = signer.headers(row.msg_id, row.body, timestamp=int(time.time()))
-        headers["content-type"] = "application/xml"
+        if self._document_headers is None:
+            headers["content-type"] = "application/xml"
+        else:
+            headers.update(self._document_headers(row))
         try:
             response = self._client().post(url, content=row.body, headers=headers)
         except httpx.TimeoutException as exc:

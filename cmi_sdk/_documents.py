@@ -37,6 +37,7 @@ from cmi_sdk._standards import (
     render_text,
 )
 from cmi_sdk._xml import HardenedParser
+from cmi_sdk.signing import DETACHED_SIGNATURE_HEADER
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -48,9 +49,6 @@ __all__ = ["DETACHED_SIGNATURE_HEADER", "Documents", "TermsDocument"]
 
 log = logging.getLogger("cmi_sdk.documents")
 
-DETACHED_SIGNATURE_HEADER = "cmi-document-signature"
-"""The delivery header that carries a detached signature: the signature document in
-base64 (one line, as a header must be)."""
 
 # UBL 2.x's signature extension (UBL-CommonSignatureComponents-2.4.xsd and neighbours).
 _EXT = "urn:oasis:names:specification:ubl:schema:xsd:CommonExtensionComponents-2"
@@ -306,26 +304,45 @@ class Documents:
     def delivery_headers(
         self, xml: bytes, *, standard: str, document_type: str, name: str
     ) -> dict[str, str]:
-        """The headers a document of ``standard``'s ``document_type`` is delivered with:
-        its ``content-type``, and for a detached type its signature in
+        """The headers a queued document of ``standard``'s ``document_type`` is delivered
+        with: its ``content-type``, and for a detached type its signature in
         :data:`DETACHED_SIGNATURE_HEADER` (base64).
 
         :param name: the document's name (its message id); the signature names it
             ``<name>.<extension>``, the file a customer's store keeps it in.
         """
-        try:
-            _std, doc_type = self._resolve(standard, document_type)
-        except CMIError:
-            # Queued under a standard since uninstalled: it still goes out, as it was queued.
-            log.warning("%s: no installed %s %s; delivered as XML", name, standard, document_type)
+        doc_type = self._queued_type(standard, document_type, name)
+        if doc_type is None:
             return {"content-type": "application/xml"}
         headers = {"content-type": doc_type.media_type}
-        signature = self.detached_signature(
-            xml, standard=standard, document_type=document_type, name=f"{name}.{doc_type.extension}"
+        signature = self.signature_beside(
+            xml, standard=standard, document_type=document_type, name=name
         )
         if signature is not None:
             headers[DETACHED_SIGNATURE_HEADER] = base64.b64encode(signature).decode("ascii")
         return headers
+
+    def signature_beside(
+        self, xml: bytes, *, standard: str, document_type: str, name: str
+    ) -> bytes | None:
+        """A queued document's detached signature (see :meth:`detached_signature`), naming
+        it ``<name>.<extension>``; None when its type is signed inside, or nothing signs."""
+        doc_type = self._queued_type(standard, document_type, name)
+        if doc_type is None:
+            return None
+        return self.detached_signature(
+            xml, standard=standard, document_type=document_type, name=f"{name}.{doc_type.extension}"
+        )
+
+    def _queued_type(
+        self, standard: str, document_type: str, name: str
+    ) -> DocumentType[Any] | None:
+        try:
+            return self._resolve(standard, document_type)[1]
+        except CMIError:
+            # Queued under a standard since uninstalled: it still goes out, as it was queued.
+            log.warning("%s: no installed %s %s; sent as XML", name, standard, document_type)
+            return None
 
     def _signer(self) -> DocumentSigner | None:
         signer = self.signer

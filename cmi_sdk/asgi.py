@@ -94,7 +94,7 @@ from cmi_sdk._serving import (
 )
 from cmi_sdk._version import __version__
 from cmi_sdk.client import REQUEST_SIGNATURE_CONTEXT, request_signing_secret, signing_payload
-from cmi_sdk.outbox import SeenMessage
+from cmi_sdk.outbox import OutboxRow, SeenMessage
 from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier, generate_secret, public_key_for
 
 if TYPE_CHECKING:
@@ -827,6 +827,14 @@ class _Endpoint:
             raise ProblemError(problem, result.detail or "the acceptance was refused")
         return JSONResponse(result.to_json(), status_code=201)
 
+    def _detached(self, row: OutboxRow) -> dict[str, str]:
+        """A pulled document's detached signature, beside it, for a standard with no place
+        for one (OFX): ``signature`` is the signature document, over the bytes of ``xml``."""
+        signature = self.adapter.documents.signature_beside(
+            row.body, standard=row.standard, document_type=row.document_type, name=row.msg_id
+        )
+        return {} if signature is None else {"signature": signature.decode()}
+
     def documents(self, request: Request, principal: Principal, _body: bytes) -> Response:
         terms = principal.terms
         if terms is None:
@@ -858,6 +866,7 @@ class _Endpoint:
                 "document_type": row.document_type,
                 "created_at": row.summary()["created_at"],
                 "xml": row.body.decode(),
+                **self._detached(row),
             }
             for row in page
         ]

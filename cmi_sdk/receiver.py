@@ -15,16 +15,24 @@ works) and is checked in this order, the cheapest and least trusting checks firs
 3. the ``webhook-id`` can name a file on any system: 1 to 128 of ``A-Z a-z 0-9 _ -`` and
    not a Windows device name such as ``CON`` or ``NUL`` (400); the SDK's own ids are
    ``msg_`` and 32 hex digits;
-4. the ``Content-Type`` is ``application/xml``, parameters allowed (415);
-5. with the firm's certificate configured, the document's enveloped XML-DSig verifies
-   against it, and the document carries nothing the signature does not cover (no comment,
-   no processing instruction inside or after the root) (422): what is stored is then
-   exactly what was verified.
+4. the ``Content-Type`` is ``application/xml``, or ``application/x-ofx`` for OFX (OFX 2's
+   XML, or OFX 1's SGML), parameters allowed (415);
+5. a detached signature, when the delivery carries one (the ``cmi-document-signature``
+   header: the signature document in base64, for a standard with no place for a signature
+   inside the document, OFX), is a well-formed signature (422);
+6. with the firm's certificate configured, the document's signature verifies against it
+   (422): the detached one over the body's exact bytes, or else the enveloped XML-DSig
+   inside the document, which must carry nothing the signature does not cover (no
+   comment, no processing instruction inside or after the root). What is stored is then
+   exactly what was verified. A document with neither is refused: "this document is not
+   signed".
 
-Then ``DIR/<webhook-id>.json`` (what was received, and when) and ``DIR/<webhook-id>.xml``
-(the body, byte for byte) are written, and the answer is 200. A ``webhook-id`` whose
-``.xml`` is already there is a duplicate: the answer is 200 and nothing is rewritten, so a
-sender that retries after a lost answer does no harm.
+Then ``DIR/<webhook-id>.json`` (what was received, and when), ``DIR/<webhook-id>.xml``
+(``.ofx`` for OFX: the body, byte for byte, under the name the customer's software opens)
+and, for a detached signature, ``DIR/<webhook-id>.ofx.sig`` (the signature document, which
+``cmi verify`` finds beside the document) are written, and the answer is 200. A
+``webhook-id`` whose document is already there is a duplicate: the answer is 200 and
+nothing is rewritten, so a sender that retries after a lost answer does no harm.
 
 Every refusal is an RFC 9457 ``application/problem+json`` object with ``type``, ``title``,
 ``status`` and ``detail``; the types are stable URIs:
@@ -38,8 +46,9 @@ Every refusal is an RFC 9457 ``application/problem+json`` object with ``type``, 
 ``urn:cmi:problem:method-not-allowed``      405     not ``POST`` (nor ``GET /health``)
 ``urn:cmi:problem:request-timeout``         408     the body did not arrive in time
 ``urn:cmi:problem:too-large``               413     the body is over ``max_bytes``
-``urn:cmi:problem:unsupported-media-type``  415     not ``application/xml``
-``urn:cmi:problem:document-signature``      422     the XML-DSig does not verify
+``urn:cmi:problem:unsupported-media-type``  415     not ``application/xml`` (or OFX)
+``urn:cmi:problem:document-signature``      422     the XML-DSig does not verify, or
+                                                    there is none
 ``urn:cmi:problem:refused-xml``             422     the hardened parser refuses the XML
 ``urn:cmi:problem:header-too-large``        431     the head is over the server's cap
 ``urn:cmi:problem:storage-unavailable``     503     the files could not be written
@@ -58,6 +67,7 @@ process, not by a lock on the directory.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import json
@@ -97,7 +107,7 @@ from cmi_sdk._serving import (
     server_config,
 )
 from cmi_sdk._xml import DEFAULT_MAX_BYTES
-from cmi_sdk.signing import verify_document
+from cmi_sdk.signing import DETACHED_SIGNATURE_HEADER, verify_detached, verify_document
 from cmi_sdk.webhooks import DEFAULT_TOLERANCE, WebhookVerifier
 
 __all__ = [
@@ -118,6 +128,11 @@ _DIGITS: Final = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() takes '
 
 _WEBHOOK_HEADERS: Final = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
+# The media types a document may come as, and the extension it is kept under.
+_EXTENSIONS: Final = {"application/xml": "xml", "application/x-ofx": "ofx"}
+# A detached signature is about 1.5 KB; a header far past that is no signature of ours.
+_MAX_SIGNATURE_HEADER: Final = 16 * 1024
+
 # slug -> (status, title). A problem type's title never varies (RFC 9457, section 3.1.3);
 # the detail says what happened this time.
 _PROBLEMS: Final[dict[str, tuple[int, str]]] = {
@@ -127,7 +142,7 @@ _PROBLEMS: Final[dict[str, tuple[int, str]]] = {
     "method-not-allowed": (405, "Method not allowed"),
     "request-timeout": (408, "The request's body did not arrive in time"),
     "too-large": (413, "The document is too large"),
-    "unsupported-media-type": (415, "Documents must be sent as application/xml"),
+    "unsupported-media-type": (415, "Documents must be sent as application/xml or OFX"),
     "document-signature": (422, "The document's XML signature does not verify"),
     "refused-xml": (422, "The document is refused by the hardened XML parser"),
     "internal-error": (500, "The receiver failed"),
@@ -142,7 +157,8 @@ class StoredDocument:
     """One accepted delivery, as handed to ``on_document``.
 
     :ivar webhook_id: the delivery's ``webhook-id``, also the stored files' name.
-    :ivar path: the stored ``.xml`` file (for a duplicate: the one stored the first time).
+    :ivar path: the stored ``.xml`` (or ``.ofx``) file (for a duplicate: the one stored the
+        first time); a detached signature is beside it, with ``.sig`` added.
     :ivar size: the size of this delivery's body, in bytes.
     :ivar received_at: when this delivery arrived (timezone-aware, UTC).
     :ivar signature_verified: ``True`` when the document's XML-DSig was verified against the
@@ -316,7 +332,8 @@ class CustomerStore:
         """The ``webhook-id`` of every stored document, sorted by name (not by arrival)."""
         return sorted(
             path.stem
-            for path in self._directory.glob("*.xml")
+            for extension in _EXTENSIONS.values()
+            for path in self._directory.glob(f"*.{extension}")
             if _SAFE_ID.fullmatch(path.stem) and path.is_file()
         )
 
@@ -329,8 +346,9 @@ class CustomerStore:
         try:
             body = await self._read_body(request)
             webhook_id = self._authenticate(request, body)
-            content_type = _check_content_type(request)
-            verified = await self._verify_document(body)
+            content_type, extension = _check_content_type(request)
+            detached = _detached_signature(request)
+            verified = await self._verify_document(body, detached, extension)
         except _Refused as refused:
             # A body that did not arrive leaves the connection in an unknown state: close it.
             close = {"connection": "close"} if refused.slug == "request-timeout" else None
@@ -339,7 +357,12 @@ class CustomerStore:
         headers["content-type"] = content_type
         try:
             doc = await run_in_threadpool(
-                self._accept, webhook_id, body, headers, received_at, verified
+                self._accept,
+                webhook_id,
+                _Received(body, extension, detached),
+                headers,
+                received_at,
+                verified,
             )
         except OSError as exc:
             _log.error("cannot store %s: %s", webhook_id, exc)
@@ -387,13 +410,26 @@ class CustomerStore:
             )
         return webhook_id
 
-    async def _verify_document(self, body: bytes) -> bool | None:
+    async def _verify_document(
+        self, body: bytes, detached: bytes | None, extension: str
+    ) -> bool | None:
         if self._certificate is None:
             return None
-        try:
-            await run_in_threadpool(
-                verify_document, body, self._certificate, max_bytes=self._max_bytes
+        if detached is None and extension != "xml":
+            raise _Refused(
+                "document-signature",
+                f"this document is not signed: its signature travels in the"
+                f" {DETACHED_SIGNATURE_HEADER} header, and there is none",
             )
+        try:
+            if detached is not None:
+                await run_in_threadpool(
+                    verify_detached, body, detached, self._certificate, max_bytes=self._max_bytes
+                )
+            else:
+                await run_in_threadpool(
+                    verify_document, body, self._certificate, max_bytes=self._max_bytes
+                )
         except SignatureVerificationError as exc:
             raise _Refused("document-signature", str(exc)) from None
         except XMLInputError as exc:
@@ -403,30 +439,42 @@ class CustomerStore:
     def _accept(
         self,
         webhook_id: str,
-        body: bytes,
+        received: _Received,
         headers: dict[str, str],
         received_at: datetime.datetime,
         verified: bool | None,
     ) -> StoredDocument:
-        xml_path = self._directory / f"{webhook_id}.xml"
+        body = received.body
+        path = self._directory / f"{webhook_id}.{received.extension}"
         with self._lock:
-            duplicate = xml_path.exists()
-            if not duplicate:
+            stored = [
+                self._directory / f"{webhook_id}.{extension}" for extension in _EXTENSIONS.values()
+            ]
+            first = next((p for p in stored if p.exists()), None)
+            duplicate = first is not None
+            if first is not None:
+                path = first
+            else:
                 metadata: dict[str, object] = {
                     **headers,
                     "received_at": _utc_text(received_at),
                     "size": len(body),
                     "signature_verified": verified,
                 }
+                if received.signature is not None:
+                    metadata["signature_file"] = f"{path.name}.sig"
                 text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
-                # The .json first and the .xml last: a crash in between leaves a .json
-                # without its .xml, which the sender's retry overwrites, and never an .xml
-                # without its .json, which the existence check would call a duplicate.
+                # The .json first and the document last: a crash in between leaves a .json
+                # (and a .sig) without its document, which the sender's retry overwrites,
+                # and never a document without its .json, which the existence check would
+                # call a duplicate.
                 _write_atomically(self._directory / f"{webhook_id}.json", text.encode())
-                _write_atomically(xml_path, body)
+                if received.signature is not None:
+                    _write_atomically(path.with_name(f"{path.name}.sig"), received.signature)
+                _write_atomically(path, body)
         doc = StoredDocument(
             webhook_id=webhook_id,
-            path=xml_path,
+            path=path,
             size=len(body),
             received_at=received_at,
             signature_verified=verified,
@@ -443,6 +491,16 @@ class CustomerStore:
         return doc
 
 
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A delivery's document: its bytes, the extension it is kept under, and its detached
+    signature, if it came with one."""
+
+    body: bytes
+    extension: str
+    signature: bytes | None
+
+
 class _Refused(Exception):  # noqa: N818 (never leaves this module)
     """A delivery refused with the problem type ``slug``."""
 
@@ -452,15 +510,38 @@ class _Refused(Exception):  # noqa: N818 (never leaves this module)
         self.detail = detail
 
 
-def _check_content_type(request: Request) -> str:
+def _check_content_type(request: Request) -> tuple[str, str]:
     content_type = request.headers.get("content-type", "")
     # Media types are case-insensitive; parameters such as charset do not matter here.
-    if content_type.split(";", 1)[0].strip().lower() != "application/xml":
+    extension = _EXTENSIONS.get(content_type.split(";", 1)[0].strip().lower())
+    if extension is None:
         raise _Refused(
             "unsupported-media-type",
-            f"expected application/xml, got {content_type or 'no Content-Type'!r}",
+            f"expected application/xml or application/x-ofx, got"
+            f" {content_type or 'no Content-Type'!r}",
         )
-    return content_type
+    return content_type, extension
+
+
+def _detached_signature(request: Request) -> bytes | None:
+    """The delivery's detached signature document, if it carries one; checked only as to
+    form here (the hardened parser reads it when it is verified)."""
+    values = request.headers.getlist(DETACHED_SIGNATURE_HEADER)
+    if not values:
+        return None
+    if len(values) > 1 or len(values[0]) > _MAX_SIGNATURE_HEADER:
+        raise _Refused(
+            "document-signature", f"one {DETACHED_SIGNATURE_HEADER} header of a signature"
+        )
+    try:
+        signature = base64.b64decode(values[0], validate=True)
+    except ValueError:
+        raise _Refused(
+            "document-signature", f"the {DETACHED_SIGNATURE_HEADER} header is not base64"
+        ) from None
+    if not signature.lstrip().startswith(b"<"):
+        raise _Refused("document-signature", "the detached signature is not XML")
+    return signature
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:

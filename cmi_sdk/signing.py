@@ -60,6 +60,7 @@ from cmi_sdk._files import private_directory, write_private_file
 from cmi_sdk._xml import DEFAULT_MAX_BYTES, HardenedParser
 
 __all__ = [
+    "DETACHED_SIGNATURE_HEADER",
     "DSIG_NAMESPACE",
     "UBL_SIGNATURE_PATH",
     "DocumentSigner",
@@ -70,6 +71,10 @@ __all__ = [
 ]
 
 DSIG_NAMESPACE = "http://www.w3.org/2000/09/xmldsig#"
+
+DETACHED_SIGNATURE_HEADER = "cmi-document-signature"
+"""The delivery header that carries a detached signature: the signature document in
+base64 (one line, as a header must be)."""
 _EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
 _ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
 _SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"
