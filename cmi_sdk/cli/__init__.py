@@ -131,9 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--algorithm", choices=["ec", "rsa"], default="ec", help="default: ec")
     k.set_defaults(func=cmd_keys_generate)
 
-    p = sub.add_parser("verify", help="verify a signed document against a certificate")
-    p.add_argument("file", metavar="FILE.xml", help="the signed document ('-': stdin)")
-    p.add_argument("--cert", required=True, metavar="cert.pem", help="the signer's certificate")
+    p = sub.add_parser(
+        "verify",
+        help="verify a signed document against a certificate",
+        description="Verify a document's XML-DSig signature: inside it, or detached beside it"
+        " (FILE.sig, as cmi listen keeps an OFX statement's). Reads CMI_SIGNING_CERT.",
+        epilog="example: cmi verify store/msg_1234.ofx --cert cert.pem",
+    )
+    p.add_argument("file", metavar="FILE", help="the signed document ('-': stdin)")
+    p.add_argument(
+        "--cert",
+        metavar="cert.pem",
+        help="the signer's certificate (default: CMI_SIGNING_CERT, the configured one)",
+    )
+    p.add_argument(
+        "--signature",
+        metavar="SIG",
+        help="a detached signature over FILE's exact bytes (default: FILE.sig when it exists)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_verify)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from cmi_sdk._exceptions import (
     CMIError,
@@ -22,6 +23,7 @@ from cmi_sdk.cli._common import (
     _read,
     _report,
     _resolve_names,
+    _settings,
     _write,
 )
 
@@ -120,17 +122,35 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Verify a document's XML-DSig signature against a pinned certificate."""
-    from cmi_sdk.signing import verify_document  # noqa: PLC0415
+    """Verify a document's XML-DSig signature (inside it, or detached beside it) against a
+    pinned certificate."""
+    from cmi_sdk.signing import verify_detached, verify_document  # noqa: PLC0415
 
-    cert = _read(args.cert, 1 << 20)
+    cert_path = args.cert or _configured_certificate()
+    cert = _read(cert_path, 1 << 20)
     data = _read(args.file, DEFAULT_MAX_BYTES)
+    signature_path = args.signature
+    if signature_path is None and args.file != "-" and Path(f"{args.file}.sig").is_file():
+        signature_path = f"{args.file}.sig"
     try:
-        verify_document(data, cert)
+        if signature_path is not None:
+            signature = _read(signature_path, DEFAULT_MAX_BYTES)
+            verify_detached(data, signature, cert)
+        else:
+            verify_document(data, cert)
     except CMIError as exc:
         raise _located(args.file, exc) from None
     except ValueError as exc:  # not a certificate
-        raise InputError(f"{args.cert}: not a PEM certificate: {exc}") from None
+        raise InputError(f"{cert_path}: not a PEM certificate: {exc}") from None
     if not args.quiet:
-        _write(f"{args.file}: signature verified\n".encode(), None)
+        how = f" (detached: {signature_path})" if signature_path is not None else ""
+        _write(f"{args.file}: signature verified{how}\n".encode(), None)
     return EXIT_OK
+
+
+def _configured_certificate() -> str:
+    """The firm's certificate as configured (CMI_SIGNING_CERT, or cmi.toml's signing_cert)."""
+    cert = _settings().signing_cert
+    if cert is None:
+        raise UsageError("verify needs the signer's certificate: --cert, or CMI_SIGNING_CERT")
+    return str(cert)

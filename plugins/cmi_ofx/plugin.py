@@ -598,13 +598,15 @@ def render_digest(
 
 
 def parse_digest(adapter: Adapter, xml: bytes) -> list[Transaction]:
-    """Validate a statement (a digest or a single one) and return all its transactions.
+    """Validate a statement (a digest or a single one; OFX 2 or OFX 1) and return all its
+    transactions.
 
     :raises XMLInputError: refused by the hardened parser.
     :raises DocumentValidationError: the document breaks the schema, or a line breaks a
         rule the schema cannot express.
     """
-    doc = adapter.validate(xml, standard=STANDARD_NAME, document_type="statement")
+    # No type named: OFX 2 (XML) or OFX 1 (SGML), as the bytes say.
+    doc = adapter.validate(xml, standard=STANDARD_NAME)
     root = doc.tree.getroot()
     try:
         return read_statement(root)
@@ -614,5 +616,5 @@ def parse_digest(adapter: Adapter, xml: bytes) -> list[Transaction]:
             [ValidationIssue(reason, "/OFX", root.sourceline)],
             document=xml,
             standard=STANDARD_NAME,
-            document_type="statement",
+            document_type=doc.document_type.name,
         ) from None
