@@ -38,9 +38,7 @@ def ofxdump(data: bytes, folder: Path) -> list[str]:
     program = need_ofxdump()
     path = folder / "statement.ofx"
     path.write_bytes(data)
-    done = subprocess.run(
-        [program, str(path)], capture_output=True, timeout=60, check=False
-    )
+    done = subprocess.run([program, str(path)], capture_output=True, timeout=60, check=False)
     lines = (done.stdout + done.stderr).decode("utf-8", errors="replace").splitlines()
     errors = [line for line in lines if "ERROR" in line]
     assert not errors, "\n".join(errors)
