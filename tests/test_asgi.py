@@ -30,6 +30,7 @@ from cmi_sdk import (
     ConsentRecord,
     EgressGuard,
     HardenedParser,
+    SignatureVerificationError,
     TermsPolicy,
     Transaction,
     load_model,
@@ -37,7 +38,12 @@ from cmi_sdk import (
 from cmi_sdk.asgi import PROBLEM_TYPES
 from cmi_sdk.client import signed_headers
 from cmi_sdk.outbox.sqlite import SQLiteStore
-from cmi_sdk.signing import DocumentSigner, self_signed_certificate, verify_document
+from cmi_sdk.signing import (
+    DocumentSigner,
+    self_signed_certificate,
+    verify_detached,
+    verify_document,
+)
 from cmi_sdk.webhooks import generate_secret, public_key_for
 
 with warnings.catch_warnings():
@@ -768,6 +774,32 @@ def test_the_customer_pulls_documents_page_by_page(
     parsed = adapter.parse(second["documents"][0]["xml"].encode())
     assert isinstance(parsed, Transaction)
     assert parsed.id == "DL-1003"
+
+
+def test_a_pulled_statement_carries_its_detached_signature(
+    adapter: Adapter, acme: Caller, document_signer: DocumentSigner
+) -> None:
+    """OFX has no place for a signature: the statement is pulled as rendered, and its
+    detached signature over those exact bytes comes beside it."""
+    holder = register_terms(
+        acme,
+        pull_proposal(
+            customer_ref=linked(adapter, acme),
+            standard="ofx",
+            document_type="statement-sgml",
+        ),
+    )
+    data = json.loads((ROOT / "examples" / "bank-transaction.json").read_text(encoding="utf-8"))
+    data["customer_ref"] = CUSTOMER
+    (emission,) = adapter.emit(load_model(Transaction, data))
+    (document,) = holder.send("GET", "/cmi/documents").json()["documents"]
+    assert document["xml"].encode() == emission.document
+    assert document["xml"].startswith("OFXHEADER:100")
+    signature = document["signature"].encode()
+    assert f'URI="{document["id"]}.ofx"'.encode() in signature
+    assert verify_detached(emission.document, signature, document_signer.certificate)
+    with pytest.raises(SignatureVerificationError):
+        verify_detached(emission.document + b"\n", signature, document_signer.certificate)
 
 
 def test_without_since_the_pull_starts_at_the_beginning(adapter: Adapter, acme: Caller) -> None:

@@ -1000,7 +1000,10 @@ def test_settings_ofx_cannot_carry_are_refused(options: dict[str, Any]) -> None:
         OFXSettings(**options)
 
 
-def test_a_signed_statement_validates_and_reads_in_ofxtools() -> None:
+def test_a_statement_signed_earlier_inside_still_reads() -> None:
+    """Statements sent by earlier releases carried an enveloped signature as the root's last
+    child; a store that kept them still validates and reads them. New statements are signed
+    detached (tests/security/test_document_signatures.py)."""
     from tests.support import signer
 
     xml = ADAPTER.render(example(), standard="ofx")
@@ -1025,6 +1028,8 @@ def test_emitted_under_ofx_terms(tmp_path: Path) -> None:
             True,
         )
         assert adapter.parse(emission.document) == read_back(example())
+        # Signed detached: the stored document is the statement as rendered.
+        assert emission.document == adapter.render(example(), standard="ofx")
         assert ofxtools(emission.document).statements[0].transactions[0].fitid == (
             "320030460028109716"
         )

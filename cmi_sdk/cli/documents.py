@@ -94,10 +94,16 @@ def cmd_parse(args: argparse.Namespace) -> int:
     cert = _read(args.cert, 1 << 20) if args.cert else None
     try:
         if cert is not None:
-            from cmi_sdk.signing import verify_document  # noqa: PLC0415
+            from cmi_sdk.signing import verify_detached, verify_document  # noqa: PLC0415
 
-            # Values are read from what the signature covers, as the verifier saw it.
-            data = verify_document(data, cert, max_bytes=adapter.parser.max_bytes)
+            beside = Path(f"{args.file}.sig")
+            if args.file != "-" and beside.is_file():
+                # A detached signature (OFX) covers the file's exact bytes: read them.
+                signature = _read(str(beside), DEFAULT_MAX_BYTES)
+                data = verify_detached(data, signature, cert, max_bytes=adapter.parser.max_bytes)
+            else:
+                # Values are read from what the signature covers, as the verifier saw it.
+                data = verify_document(data, cert, max_bytes=adapter.parser.max_bytes)
         model = adapter.parse(data, standard=args.standard, document_type=args.type)
     except CMIError as exc:
         raise _located(args.file, exc) from None
