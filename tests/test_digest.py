@@ -3,6 +3,7 @@ has a digest form (an OFX statement of all the window's lines), one by one other
 
 from __future__ import annotations
 
+import base64
 import warnings
 from collections.abc import Iterator
 from decimal import Decimal
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from cmi_sdk import Adapter, RetrySchedule, Transaction, load_model
-from cmi_sdk.signing import verify_document
+from cmi_sdk.signing import DETACHED_SIGNATURE_HEADER, verify_detached
 from tests.support import CUSTOMER, ROOT, Clock, make_adapter, register, signer, ticket
 
 BANK_LINE = load_model(Transaction, (ROOT / "examples" / "bank-transaction.json").read_text())
@@ -62,7 +63,10 @@ def test_an_ofx_digest_window_is_one_statement(adapter: Adapter, clock: Clock) -
     assert _deliver(adapter) == []  # the window is still open
     clock.now += 6 * 3600
     (request,) = _deliver(adapter)
-    verify_document(request.content, signer().certificate)
+    # OFX is signed detached: the signature over the exact body is in a header.
+    assert request.headers["content-type"] == "application/x-ofx"
+    signature = base64.b64decode(request.headers[DETACHED_SIGNATURE_HEADER])
+    verify_detached(request.content, signature, signer().certificate)
     assert request.content.count(b"<STMTTRN>") == 3
     # A real OFX reader reads every line of the one statement.
     with warnings.catch_warnings():

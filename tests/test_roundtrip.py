@@ -22,6 +22,12 @@ CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi", "consent"): s.consents(),
     ("cmi", "offers"): s.offer_sets(),
     ("ofx", "statement"): ofx_transactions(),
+    # OFX 1 readers strip a data element's text: a value of only whitespace is refused.
+    ("ofx", "statement-sgml"): ofx_transactions().filter(
+        lambda tx: all(
+            v is None or v.strip() for v in (tx.details.payee, tx.details.memo, tx.details.fitid)
+        )
+    ),
     ("ubl", "RequestForQuotation"): s.requests(),
     ("ubl", "Quotation"): s.offers(),
     ("ubl", "Order"): s.acceptances(),
@@ -38,6 +44,9 @@ def test_every_document_type_has_a_round_trip_case() -> None:
 
 def _round_trip(model: BaseModel, standard: str, doc_type: str) -> None:
     xml = ADAPTER.render(model, standard=standard, document_type=doc_type)
+    if standard == "ofx":
+        # OFX has no place for the customer's reference: it reads back as the account.
+        model = model.model_copy(update={"customer_ref": "000000000000"})
     back = ADAPTER.parse(xml)
     assert back == model
     # and from the named standard too, not only from the root element
@@ -59,6 +68,7 @@ def test_round_trip_is_identity(standard: str, doc_type: str) -> None:
         ("cmi-ticket", "ticket", "ticket.json", Transaction),
         ("cmi", "transaction", "ticket.json", Transaction),
         ("ofx", "statement", "bank-transaction.json", Transaction),
+        ("ofx", "statement-sgml", "bank-transaction.json", Transaction),
         ("cmi", "transaction", "bank-transaction.json", Transaction),
     ],
 )

@@ -123,6 +123,7 @@ __all__ = [
     "AccountType",
     "OFXPlugin",
     "OFXSettings",
+    "SGMLStatementMapping",
     "StatementMapping",
     "cmi_register_standards",
     "make_standard",
@@ -359,6 +360,32 @@ class StatementMapping:
         }
 
 
+class SGMLStatementMapping(StatementMapping):
+    """The ``statement-sgml`` document type's mapping: :class:`StatementMapping`, refusing
+    what OFX 1's SGML cannot carry. A data element's text runs to the next tag, and readers
+    strip it, so a value of only whitespace would arrive as no value at all."""
+
+    def context(
+        self, transactions: Sequence[Transaction], *, balance: Decimal | None = None
+    ) -> dict[str, Any]:
+        """As :meth:`StatementMapping.context`.
+
+        :raises MappingError: also for a payee, memo or FITID of only whitespace.
+        """
+        for tx in transactions:
+            details = _details(tx)
+            for what, value in (
+                ("payee", details.payee),
+                ("memo", details.memo),
+                ("fitid", details.fitid),
+            ):
+                if value is not None and not value.strip():
+                    raise MappingError(
+                        f"line {details.fitid!r}: OFX 1 cannot carry a {what} of only whitespace"
+                    )
+        return super().context(transactions, balance=balance)
+
+
 def read_statement(root: etree._Element, *, customer_ref: str | None = None) -> list[Transaction]:
     """Read every line of a schema-valid ``statement`` document (one, or a digest's many)
     back into transactions, exactly as they were rendered but for the customer's reference,
@@ -473,13 +500,14 @@ def make_standard(settings: OFXSettings) -> Standard:
         # Digest terms get one statement of all the window's lines (see render_digest).
         digest=mapping.context,
     )
+    sgml_mapping = SGMLStatementMapping(settings)
     sgml_type: DocumentType[Transaction] = DocumentType(
         name="statement-sgml",
         root="OFX",
         model=Transaction,
         schema=_HERE / "schemas" / "ofx-statement-1.0.xsd",
         template="statement.sgml.j2",
-        to_context=mapping,
+        to_context=sgml_mapping,
         from_xml=statement_from_xml,
         description=(
             "The same statement as OFX 1.0.2 (SGML, UTF-8), for software that reads only OFX 1."
@@ -492,7 +520,7 @@ def make_standard(settings: OFXSettings) -> Standard:
         magic=b"OFXHEADER:",
         fields={},
         kept=(),
-        digest=mapping.context,
+        digest=sgml_mapping.context,
     )
     return Standard(
         name=STANDARD_NAME,

@@ -121,3 +121,12 @@ def test_ofx_1_reads_back_into_the_same_transaction() -> None:
     # OFX has no place for the customer: it reads back as the account.
     assert ADAPTER.parse(xml) == tx.model_copy(update={"customer_ref": "000000000000"})
     assert ADAPTER.validate(xml).document_type.name == "statement-sgml"
+
+
+def test_ofx_1_refuses_a_payee_of_only_whitespace() -> None:
+    """An OFX 1 data element's text runs to the next tag and readers strip it: a payee of
+    only whitespace would arrive as none, so it is refused, naming why."""
+    from cmi_sdk import MappingError
+
+    with pytest.raises(MappingError, match="OFX 1 cannot carry a payee of only whitespace"):
+        ADAPTER.render(transaction("\t "), standard="ofx", document_type="statement-sgml")
