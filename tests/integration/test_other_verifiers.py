@@ -1,5 +1,7 @@
-"""A receiver verifies an OFX statement's detached signature with the tools the docs show:
-the signxml example in docs/verify.md, run as written, and xmlsec1 (where installed)."""
+"""A receiver verifies the SDK's signatures with the tools the docs show: an OFX
+statement's detached signature with the signxml example in docs/verify.md, run as written,
+and with xmlsec1; enveloped signatures (the root's end, UBL's extension) with xmlsec1.
+xmlsec1 runs where it is installed (Debian: xmlsec1)."""
 
 from __future__ import annotations
 
@@ -49,10 +51,40 @@ def test_the_docs_signxml_example_verifies_and_refuses_a_changed_byte(store: Pat
         exec(signxml_example(), {})  # noqa: S102
 
 
-def test_xmlsec1_verifies_as_the_docs_say(store: Path) -> None:
-    xmlsec1 = shutil.which("xmlsec1")
-    if xmlsec1 is None:
+def need_xmlsec1() -> str:
+    found = shutil.which("xmlsec1")
+    if found is None:
         pytest.skip("xmlsec1 is not installed (Debian: apt-get install xmlsec1)")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("standard", "document_type", "example"),
+    [
+        ("cmi", "transaction", "ticket.json"),
+        ("cmi-ticket", "ticket", "ticket.json"),
+        ("ubl", "Invoice", "ticket.json"),
+        ("ubl", "Quotation", "offer.json"),
+    ],
+)
+def test_xmlsec1_verifies_enveloped_signatures(
+    store: Path, standard: str, document_type: str, example: str
+) -> None:
+    xmlsec1 = need_xmlsec1()
+    documents = Documents(standards=Adapter().standards, signer=signer())
+    _std, doc_type = documents.standards.resolve(standard, document_type)
+    model = load_model(doc_type.model, (ROOT / "examples" / example).read_text())
+    (store / "signed.xml").write_bytes(
+        documents.render_signed(model, standard=standard, document_type=document_type)
+    )
+    command = [xmlsec1, "--verify", "--enabled-reference-uris", "empty"]
+    command += ["--pubkey-cert-pem", "delta-cert.pem", "signed.xml"]
+    done = subprocess.run(command, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+
+
+def test_xmlsec1_verifies_as_the_docs_say(store: Path) -> None:
+    xmlsec1 = need_xmlsec1()
     command = [
         xmlsec1,
         "--verify",
