@@ -609,20 +609,29 @@ def statement(
 
 
 def render_digest(
-    adapter: Adapter, transactions: Sequence[Transaction], *, balance: Decimal | None = None
+    adapter: Adapter,
+    transactions: Sequence[Transaction],
+    *,
+    balance: Decimal | None = None,
+    document_type: str = "statement",
 ) -> bytes:
     """Render a digest: ``transactions`` (one customer's, of one firm, account and currency)
     as one OFX statement with a ``STMTTRN`` each, in the order given, with the settings of
     the adapter's ``ofx`` standard. It is validated against the same schema as a single
-    statement and unsigned: sign it with ``adapter.documents.sign(xml)`` to send it.
+    statement. OFX has no place for a signature: its detached signature is
+    ``adapter.documents.detached_signature(xml, standard="ofx", document_type=...)``.
 
     :param balance: the ledger balance; by default the transactions' sum.
+    :param document_type: ``statement`` (OFX 2.2) or ``statement-sgml`` (OFX 1.0.2).
     :raises StandardNotFoundError: the adapter has no ``ofx`` standard.
     :raises MappingError: see :meth:`StatementMapping.context`.
     """
     std = adapter.standards.get(STANDARD_NAME)
-    context = _mapping(std).context(transactions, balance=balance)
-    return adapter.documents.render_context(context, standard=std, document_type="statement")
+    mapping = std.document_type(document_type).to_context
+    if not isinstance(mapping, StatementMapping):
+        raise MappingError(f"standard {std.name!r} is not cmi_ofx's statement standard")
+    context = mapping.context(transactions, balance=balance)
+    return adapter.documents.render_context(context, standard=std, document_type=document_type)
 
 
 def parse_digest(adapter: Adapter, xml: bytes) -> list[Transaction]:
