@@ -1,23 +1,36 @@
 """The statements that create a store's tables, for a firm that runs its own migration
 tool (Alembic, Flyway, Liquibase ...) instead of letting the store create them.
 
-The statements are the ones the store's ``migrate()`` runs, read from the store's module
-(the one place each dialect's DDL lives), followed by the row that records the schema
-version: a store opened on tables made this way finds them current and writes nothing.
+The script is the store's numbered migrations (``sql/<dialect>/migrations/``), the ones
+its ``migrate()`` applies, each followed by the row that records it in the migrations
+table: a store opened on tables made this way finds them current and writes nothing.
 Open the PostgreSQL store with ``auto_migrate=False`` where the application's role may
 not create tables.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Literal
 
 from cmi_sdk._exceptions import ConfigurationError
+from cmi_sdk.outbox._migrations import migrations, statements
+from cmi_sdk.outbox._queries import queries
 
-__all__ = ["DIALECTS", "schema_sql"]
+__all__ = ["DIALECTS", "SCHEMA_NAME", "schema_sql"]
 
 Dialect = Literal["sqlite", "postgresql"]
 DIALECTS: tuple[Dialect, ...] = ("sqlite", "postgresql")
+
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")
+"""The PostgreSQL schema names a store takes: ``<schema>_outbox`` fits a channel name."""
+
+# When a migration was recorded, in the printed script: the time it runs.
+_NOW = {
+    "sqlite": "(julianday('now') - 2440587.5) * 86400.0",
+    "postgres": "extract(epoch FROM clock_timestamp())",
+}
 
 
 def schema_sql(dialect: str, *, schema: str = "cmi") -> str:
@@ -28,27 +41,27 @@ def schema_sql(dialect: str, *, schema: str = "cmi") -> str:
     :raises ConfigurationError: an unknown dialect, or a schema name the store refuses.
     """
     if dialect == "sqlite":
-        from cmi_sdk.outbox import sqlite  # noqa: PLC0415
-
-        body = sqlite._SCHEMA.strip().rstrip(";")
-        # The version is the module's integer constant, not input: no value to bind.
-        record = f"INSERT OR REPLACE INTO cmi_meta (key, value) VALUES ('schema_version', '{sqlite.SCHEMA_VERSION}')"  # noqa: E501, S608
-        return f"{body};\n{record};\n"
+        return _script("sqlite", lambda text: text)
     if dialect == "postgresql":
-        # Imported here: the PostgreSQL store needs psycopg, an optional extra.
-        from cmi_sdk.outbox import postgres  # noqa: PLC0415
-
-        if not postgres._SCHEMA_NAME.fullmatch(schema):
+        if not SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(
                 f"schema must be 1 to 56 lower-case letters, digits or _ (not starting with"
                 f" a digit), not {schema!r}"
             )
         quoted = f'"{schema}"'
-        body = postgres._DDL.strip().rstrip(";").replace("{s}", quoted)
-        return (
-            f"{body};\n"
-            f"INSERT INTO {quoted}.meta (key, value)"
-            f" VALUES ('schema_version', '{postgres.SCHEMA_VERSION}')"
-            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;\n"
-        )
+        return _script("postgres", lambda text: text.replace("{s}", quoted))
     raise ConfigurationError(f"unknown dialect {dialect!r}: expected one of {', '.join(DIALECTS)}")
+
+
+def _script(dialect: Literal["sqlite", "postgres"], place: Callable[[str], str]) -> str:
+    named = queries(dialect)
+    parts = [named[q] for q in ("create_schema", "create_migrations_table") if q in named]
+    table = "cmi_migrations" if dialect == "sqlite" else "{s}.migrations"
+    for migration in migrations(dialect):
+        parts.extend(statements(migration.script))
+        # Versions and names are the package's own constants (checked file names).
+        parts.append(
+            f"INSERT INTO {table} (version, name, applied_at)"  # noqa: S608
+            f" VALUES ({migration.version}, '{migration.name}', {_NOW[dialect]})"
+        )
+    return "".join(f"{place(part)};\n" for part in parts)

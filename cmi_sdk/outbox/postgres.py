@@ -25,17 +25,15 @@ plus one for ``LISTEN`` once :meth:`~PostgresStore.wait_for_work` is called.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -56,10 +54,9 @@ from cmi_sdk._exceptions import (
     TermsError,
     TermsNotFoundError,
 )
-from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
-from cmi_sdk._secrets import SecretsKeyring, seal_secret
+from cmi_sdk._models import ConsentRecord, Link, SharingTerms
+from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk.outbox import (
-    STATES,
     AcceptanceClaim,
     AcceptanceRecord,
     AcceptanceState,
@@ -71,365 +68,46 @@ from cmi_sdk.outbox import (
     OutboxStatus,
     OutboxStore,
     SeenMessage,
-    State,
     StoredOffer,
 )
 from cmi_sdk.outbox import _intermediaries as intermediaries
 from cmi_sdk.outbox._intermediaries import Intermediary
+from cmi_sdk.outbox._migrations import SCHEMA_VERSION, pending
 from cmi_sdk.outbox._params import CompletionParams, offer_row
-from cmi_sdk.outbox._rows import link_of_row, terms_of_row
+from cmi_sdk.outbox._queries import filtered, queries
+from cmi_sdk.outbox._rows import (
+    ATTEMPT_OUTCOMES,
+    attempt_of_row,
+    claim_params,
+    consent_params,
+    digest_groups,
+    intermediary_of_row,
+    link_of_row,
+    need_keyring,
+    outbox_row,
+    revoked_terms_json,
+    row_fields,
+    row_params,
+    status_of,
+    stored_offer_of_row,
+    terms_of_row,
+    terms_params,
+)
+from cmi_sdk.outbox.ddl import SCHEMA_NAME
 
 __all__ = ["SCHEMA_VERSION", "DocumentRow", "PostgresStore", "decode_cursor", "encode_cursor"]
 
 log = logging.getLogger("cmi_sdk.outbox.postgres")
 
-SCHEMA_VERSION = 6
-"""The version of the tables this module creates, recorded in ``<schema>.meta``."""
-
 _T = TypeVar("_T")
 _Conn = psycopg.Connection[TupleRow]
 _Cursor = psycopg.Cursor[TupleRow]
 
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")  # + "_outbox" fits a 63-byte channel name
 _SEQ_BITS = 63
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 _XID_LIMIT = 1 << 64
 
-# Statements name their tables "{s}.table"; the store replaces "{s}" with its schema, a
-# checked identifier (see _SCHEMA_NAME), once per statement text. Values are always bound.
-_DDL = """
-CREATE SCHEMA IF NOT EXISTS {s};
-CREATE TABLE IF NOT EXISTS {s}.meta (
-    key text PRIMARY KEY,
-    value text NOT NULL
-);
-CREATE TABLE IF NOT EXISTS {s}.terms (
-    id text PRIMARY KEY,
-    customer_ref text NOT NULL,
-    intermediary text,
-    terms jsonb NOT NULL,
-    secret text NOT NULL,
-    created_at double precision NOT NULL,
-    until double precision,
-    revoked_at double precision
-);
-CREATE INDEX IF NOT EXISTS terms_customer ON {s}.terms (customer_ref);
-CREATE TABLE IF NOT EXISTS {s}.consent (
-    pos bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
-    id text PRIMARY KEY,
-    terms_id text NOT NULL REFERENCES {s}.terms (id),
-    event text NOT NULL,
-    issued_at double precision NOT NULL,
-    record jsonb NOT NULL,
-    xml bytea NOT NULL
-);
-CREATE INDEX IF NOT EXISTS consent_terms ON {s}.consent (terms_id, issued_at, pos);
-CREATE TABLE IF NOT EXISTS {s}.outbox (
-    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    msg_id text NOT NULL UNIQUE,
-    terms_id text NOT NULL,
-    customer_ref text NOT NULL,
-    transaction_id text NOT NULL,
-    standard text NOT NULL,
-    document_type text NOT NULL,
-    destination text,
-    body bytea NOT NULL,
-    created_at double precision NOT NULL,
-    state text NOT NULL,
-    attempts integer NOT NULL DEFAULT 0,
-    next_attempt_at double precision,
-    lease_owner text,
-    lease_until double precision,
-    last_status integer,
-    last_error text,
-    delivered_at double precision,
-    dead_at double precision,
-    ordering_key text,
-    xid xid8 NOT NULL DEFAULT pg_current_xact_id()
-);
--- Version 2: rows held for a digest carry their model; the states that come with it.
-ALTER TABLE {s}.outbox ADD COLUMN IF NOT EXISTS model text;
-ALTER TABLE {s}.outbox DROP CONSTRAINT IF EXISTS outbox_state_check;
-ALTER TABLE {s}.outbox ADD CONSTRAINT outbox_state_check CHECK (state IN
-    ('pending', 'leased', 'retry', 'delivered', 'dead', 'pull', 'digest', 'merged',
-     'cancelled'));
-CREATE INDEX IF NOT EXISTS outbox_queue ON {s}.outbox (next_attempt_at, seq)
-    WHERE state IN ('pending', 'retry');
-CREATE INDEX IF NOT EXISTS outbox_queue_destination
-    ON {s}.outbox (destination, next_attempt_at, seq) WHERE state IN ('pending', 'retry');
-CREATE INDEX IF NOT EXISTS outbox_leased ON {s}.outbox (destination, lease_until)
-    WHERE state = 'leased';
-CREATE INDEX IF NOT EXISTS outbox_state ON {s}.outbox (state, seq);
-CREATE INDEX IF NOT EXISTS outbox_terms ON {s}.outbox (terms_id, xid, seq);
-CREATE INDEX IF NOT EXISTS outbox_ordering ON {s}.outbox (ordering_key, seq)
-    WHERE ordering_key IS NOT NULL AND state IN ('pending', 'leased', 'retry');
-CREATE TABLE IF NOT EXISTS {s}.attempts (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    msg_id text NOT NULL,
-    attempt integer NOT NULL,
-    owner text NOT NULL,
-    started_at double precision NOT NULL,
-    finished_at double precision NOT NULL,
-    outcome text NOT NULL,
-    status integer,
-    error text,
-    next_attempt_at double precision
-);
-CREATE INDEX IF NOT EXISTS attempts_msg ON {s}.attempts (msg_id, id);
-CREATE TABLE IF NOT EXISTS {s}.destinations (
-    url text PRIMARY KEY,
-    disabled_at double precision NOT NULL,
-    reason text NOT NULL
-);
-CREATE TABLE IF NOT EXISTS {s}.intermediaries (
-    name text PRIMARY KEY,
-    secrets jsonb NOT NULL,
-    created_at double precision NOT NULL
-);
--- Version 6: intermediaries can be revoked, and each change of their row counts.
-ALTER TABLE {s}.intermediaries ADD COLUMN IF NOT EXISTS revoked_at double precision;
-ALTER TABLE {s}.intermediaries ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
-CREATE TABLE IF NOT EXISTS {s}.offers (
-    id text PRIMARY KEY,
-    request_id text NOT NULL,
-    customer_ref text NOT NULL,
-    intermediary text,
-    offer jsonb NOT NULL,
-    request jsonb NOT NULL,
-    xml bytea NOT NULL,
-    valid_until double precision NOT NULL,
-    created_at double precision NOT NULL
-);
--- No reader looks offers up by request: an index would only slow every insert.
-DROP INDEX IF EXISTS {s}.offers_request;
-CREATE TABLE IF NOT EXISTS {s}.acceptances (
-    id text PRIMARY KEY,
-    offer_id text NOT NULL,
-    state text NOT NULL,
-    result text,
-    created_at double precision NOT NULL,
-    updated_at double precision NOT NULL
-);
-CREATE TABLE IF NOT EXISTS {s}.seen (
-    party text NOT NULL,
-    msg_id text NOT NULL,
-    expires_at double precision NOT NULL,
-    PRIMARY KEY (party, msg_id)
-);
-CREATE INDEX IF NOT EXISTS seen_expiry ON {s}.seen (expires_at);
--- Version 4: service links. A reference is unique per intermediary, not across them.
-CREATE TABLE IF NOT EXISTS {s}.links (
-    id text PRIMARY KEY,
-    account text NOT NULL,
-    intermediary text NOT NULL,
-    customer_ref text NOT NULL,
-    created_at double precision NOT NULL,
-    revoked_at double precision,
-    UNIQUE (intermediary, customer_ref)
-);
-CREATE INDEX IF NOT EXISTS links_account ON {s}.links (account);
-CREATE TABLE IF NOT EXISTS {s}.link_codes (
-    hash text PRIMARY KEY,
-    account text NOT NULL,
-    created_at double precision NOT NULL,
-    expires_at double precision NOT NULL,
-    used_at double precision,
-    link_id text
-);
-CREATE INDEX IF NOT EXISTS link_codes_expiry ON {s}.link_codes (expires_at);
--- Version 5: an acceptance carries its lease, the acceptance itself and its hold (for
--- recovery after a crash); an offer names the one acceptance that holds it (an offer
--- accepted more than once before is held by its first live acceptance); emission problems
--- are kept for the operator.
-ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS intermediary text;
-ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS acceptance text;
-ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS hold text;
-ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS lease_owner text;
-ALTER TABLE {s}.acceptances ADD COLUMN IF NOT EXISTS lease_until double precision;
-ALTER TABLE {s}.offers ADD COLUMN IF NOT EXISTS accepted_by text;
-UPDATE {s}.offers o SET accepted_by = (SELECT a.id FROM {s}.acceptances a
-    WHERE a.offer_id = o.id AND a.state IN ('processing', 'booked')
-    ORDER BY a.created_at, a.id LIMIT 1)
-WHERE o.accepted_by IS NULL AND EXISTS (SELECT 1 FROM {s}.acceptances a
-    WHERE a.offer_id = o.id AND a.state IN ('processing', 'booked'));
-CREATE INDEX IF NOT EXISTS acceptances_stalled ON {s}.acceptances (created_at)
-    WHERE state = 'processing';
-CREATE TABLE IF NOT EXISTS {s}.emission_problems (
-    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    transaction_id text NOT NULL,
-    terms_id text NOT NULL,
-    customer_ref text NOT NULL,
-    standard text NOT NULL,
-    reason text NOT NULL,
-    created_at double precision NOT NULL,
-    transaction_json text NOT NULL
-);
-"""
-
-# What a document for an account goes out under: the firm's direct terms for the account,
-# and the terms of each of its active links; for an intermediary's reference, what its
-# linked account gets, or, unlinked, only that intermediary's own terms for it.
-_RECIPIENTS = (
-    "WITH account (id) AS (SELECT %(ref)s::text WHERE %(intermediary)s::text IS NULL"
-    " UNION ALL SELECT account FROM {s}.links WHERE intermediary = %(intermediary)s"
-    " AND customer_ref = %(ref)s AND revoked_at IS NULL)"
-    " SELECT t.terms::text, t.secret, t.created_at, t.id FROM account a JOIN {s}.terms t"
-    " ON t.customer_ref = a.id AND t.intermediary IS NULL WHERE {active}"
-    " UNION ALL SELECT t.terms::text, t.secret, t.created_at, t.id FROM account a"
-    " JOIN {s}.links l ON l.account = a.id AND l.revoked_at IS NULL JOIN {s}.terms t"
-    " ON t.intermediary = l.intermediary AND t.customer_ref = l.customer_ref WHERE {active}"
-    " UNION ALL SELECT t.terms::text, t.secret, t.created_at, t.id FROM {s}.terms t"
-    " WHERE t.intermediary = %(intermediary)s AND t.customer_ref = %(ref)s AND {active}"
-    " AND NOT EXISTS (SELECT 1 FROM account) ORDER BY 3, 4"
-).replace("{active}", "t.revoked_at IS NULL AND (t.until IS NULL OR t.until > %(now)s)")
-
-_LINKS_SQL = "SELECT id, account, intermediary, customer_ref, created_at, revoked_at FROM {s}.links"
-
-_COLUMNS = (
-    "seq",
-    "msg_id",
-    "terms_id",
-    "customer_ref",
-    "transaction_id",
-    "standard",
-    "document_type",
-    "destination",
-    "body",
-    "created_at",
-    "state",
-    "attempts",
-    "next_attempt_at",
-    "lease_owner",
-    "lease_until",
-    "last_status",
-    "last_error",
-    "delivered_at",
-)
-_ROW = ", ".join(_COLUMNS)
-_ROW_O = ", ".join("o." + c for c in _COLUMNS)
-_ROW_T = ", ".join("t." + c for c in _COLUMNS)
-
-_INSERT = (
-    "INSERT INTO {s}.outbox (msg_id, terms_id, customer_ref, transaction_id, standard,"
-    " document_type, destination, body, created_at, state, next_attempt_at, ordering_key,"
-    " model) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (msg_id) DO NOTHING"
-)
-
-# A claim first turns expired leases (their worker died) back into rows due for a retry,
-# due when they were first due: then every claim reads one ordered index of due rows.
-_RELEASE = (
-    "UPDATE {s}.outbox SET state = 'retry', lease_owner = NULL, lease_until = NULL"
-    " WHERE seq IN (SELECT o.seq FROM {s}.outbox o WHERE o.state = 'leased'"
-    " AND o.lease_until < %(now)s FOR UPDATE SKIP LOCKED)"
-)
-
-# A row is due when it is pending or retrying and its time has come. A row with an
-# ordering key also waits while an older row with the same key has not gone out: pending
-# (even if not yet due), leased or retrying.
-_DUE = (
-    "o.state IN ('pending', 'retry') AND o.next_attempt_at <= %(now)s"
-    " AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM {s}.outbox p"
-    " WHERE p.ordering_key = o.ordering_key AND p.seq < o.seq"
-    " AND p.state IN ('pending', 'leased', 'retry')))"
-)
-
-_LEASE = (
-    "UPDATE {s}.outbox t SET state = 'leased', lease_owner = %(owner)s,"
-    " lease_until = %(until)s"
-    " FROM picked WHERE t.seq = picked.seq RETURNING {cols}"
-)
-
-_CLAIM = (
-    "WITH picked AS MATERIALIZED (SELECT o.seq FROM {s}.outbox o WHERE {due}"
-    " ORDER BY o.next_attempt_at, o.seq LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED) {lease}"
-)
-
-# Live leases to one destination.
-_LEASED_TO = (
-    "(SELECT count(*) FROM {s}.outbox l WHERE l.destination = {d}"
-    " AND l.state = 'leased' AND l.lease_until >= %(now)s)"
-)
-
-# Second statement of a claim with a per-destination limit: the destinations with due rows
-# and room, earliest first, each locked for this transaction (or skipped when another
-# worker is claiming for it right now). The lock makes the count and the claim one step
-# across workers; the count is read again, under the lock, by the third statement. The
-# destinations are found by a skip scan of the index of waiting rows (one probe per
-# destination), not by reading every due row.
-_LOCK_DESTINATIONS = (
-    "WITH RECURSIVE walk (destination) AS ((SELECT o.destination FROM {s}.outbox o"
-    " WHERE o.state IN ('pending', 'retry') AND o.destination IS NOT NULL"
-    " ORDER BY o.destination LIMIT 1) UNION ALL SELECT (SELECT o.destination"
-    " FROM {s}.outbox o WHERE o.state IN ('pending', 'retry')"
-    " AND o.destination > w.destination ORDER BY o.destination LIMIT 1)"
-    " FROM walk w WHERE w.destination IS NOT NULL),"
-    " waiting AS (SELECT w.destination, (SELECT min(o.next_attempt_at) FROM {s}.outbox o"
-    " WHERE o.destination = w.destination AND o.state IN ('pending', 'retry')) AS first"
-    " FROM walk w WHERE w.destination IS NOT NULL)"
-    " SELECT d.destination FROM (SELECT destination FROM waiting"
-    " WHERE first <= %(now)s AND {leased_to_waiting} < %(per)s"
-    " ORDER BY first, destination LIMIT %(limit)s) d"
-    " WHERE pg_try_advisory_xact_lock(%(lock_space)s::int4, hashtext(d.destination))"
-)
-
-_CLAIM_PER_DESTINATION = (
-    "WITH room AS (SELECT d.destination, %(per)s - {leased_to_d} AS room"
-    " FROM unnest(%(destinations)s::text[]) AS d (destination)),"
-    " to_destinations AS MATERIALIZED (SELECT c.seq, c.next_attempt_at FROM room r"
-    " CROSS JOIN LATERAL (SELECT o.seq, o.next_attempt_at FROM {s}.outbox o"
-    " WHERE o.destination = r.destination AND {due} ORDER BY o.next_attempt_at, o.seq"
-    " LIMIT greatest(r.room, 0) FOR UPDATE OF o SKIP LOCKED) c),"
-    " to_nowhere AS MATERIALIZED (SELECT o.seq, o.next_attempt_at FROM {s}.outbox o"
-    " WHERE o.destination IS NULL AND {due} ORDER BY o.next_attempt_at, o.seq"
-    " LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED),"
-    " picked AS (SELECT seq FROM (SELECT * FROM to_destinations UNION ALL"
-    " SELECT * FROM to_nowhere) x ORDER BY next_attempt_at, seq LIMIT %(limit)s) {lease}"
-)
-
-
-# Rows of transactions older than every transaction still running are all there is below
-# that line: a row committing later belongs to a younger transaction, so it sorts after
-# any cursor handed out. (Aborted transactions' rows are never visible.)
-_DOCUMENTS = (
-    "SELECT {cols}, o.xid::text FROM {s}.outbox o WHERE o.terms_id = %(terms)s"
-    " AND o.state NOT IN ('cancelled', 'digest', 'merged')"
-    " AND (o.xid, o.seq) > (%(xid)s::xid8, %(seq)s)"
-    " AND o.xid < pg_snapshot_xmin(pg_current_snapshot())"
-    " ORDER BY o.xid, o.seq LIMIT %(limit)s"
-)
-
-_REDRIVE = (
-    "UPDATE {s}.outbox SET state = 'pending', attempts = 0, next_attempt_at = %s,"
-    " dead_at = NULL WHERE state = 'dead' AND {which}"
-)
-
-
-def _compose(template: str, **parts: str) -> str:
-    """``template`` with its ``{name}`` parts replaced: constant SQL only, never values."""
-    for name, part in parts.items():
-        template = template.replace("{" + name + "}", part)
-    return template
-
-
-_CLAIM_SQL = _compose(_CLAIM, due=_DUE, lease=_compose(_LEASE, cols=_ROW_T))
-_LOCK_DESTINATIONS_SQL = _compose(
-    _LOCK_DESTINATIONS, leased_to_waiting=_compose(_LEASED_TO, d="waiting.destination")
-)
-_CLAIM_PER_DESTINATION_SQL = _compose(
-    _CLAIM_PER_DESTINATION,
-    leased_to_d=_compose(_LEASED_TO, d="d.destination"),
-    due=_DUE,
-    lease=_compose(_LEASE, cols=_ROW_T),
-)
-_REDRIVE_ONE = _compose(_REDRIVE, which="msg_id = %s")
-_REDRIVE_SINCE = _compose(_REDRIVE, which="dead_at >= %s")
-_DOCUMENTS_SQL = _compose(_DOCUMENTS, cols=_ROW_O)
-_ROWS_SQL = _compose("SELECT {cols} FROM {s}.outbox ORDER BY seq DESC LIMIT %s", cols=_ROW)
-_ROWS_IN_STATE_SQL = _compose(
-    "SELECT {cols} FROM {s}.outbox WHERE state = %s ORDER BY seq DESC LIMIT %s", cols=_ROW
-)
-_ROW_SQL = _compose("SELECT {cols} FROM {s}.outbox WHERE msg_id = %s", cols=_ROW)
+_QUERIES = queries("postgres")
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,30 +129,6 @@ def decode_cursor(cursor: int) -> tuple[int, int]:
     store's cursors included) is the start."""
     cursor = max(cursor, 0)
     return cursor >> _SEQ_BITS, cursor & _SEQ_MASK
-
-
-def _row(values: Sequence[Any], cursor: int | None = None) -> OutboxRow:
-    fields: dict[str, Any] = {
-        "seq": values[0],
-        "msg_id": values[1],
-        "terms_id": values[2],
-        "customer_ref": values[3],
-        "transaction_id": values[4],
-        "standard": values[5],
-        "document_type": values[6],
-        "destination": values[7],
-        "body": bytes(values[8]),
-        "created_at": values[9],
-        "state": cast(State, values[10]),
-        "attempts": values[11],
-        "next_attempt_at": values[12],
-        "lease_owner": values[13],
-        "lease_until": values[14],
-        "last_status": values[15],
-        "last_error": values[16],
-        "delivered_at": values[17],
-    }
-    return OutboxRow(**fields) if cursor is None else DocumentRow(**fields, cursor=cursor)
 
 
 def _lost(conn: _Conn) -> bool:
@@ -592,9 +246,7 @@ class _Pool:
 
 
 def _configure(conn: _Conn) -> None:
-    # The store's statements are short, indexed ones: compiling them (JIT, when the
-    # planner's estimates are high on a large table) costs more than it saves.
-    conn.execute("SET jit = off")
+    conn.execute(_QUERIES["jit_off"])
 
 
 class PostgresStore(OutboxStore):
@@ -647,7 +299,7 @@ class PostgresStore(OutboxStore):
         auto_migrate: bool = True,
         keyring: SecretsKeyring | None = None,
     ) -> None:
-        if not _SCHEMA_NAME.fullmatch(schema):
+        if not SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(
                 f"schema must be 1 to 56 lower-case letters, digits or _ (not starting with"
                 f" a digit), not {schema!r}"
@@ -671,7 +323,11 @@ class PostgresStore(OutboxStore):
         self.ordered_by_customer = ordered_by_customer
         self._notify = notify
         self._quoted = f'"{schema}"'
-        self._statements: dict[str, str] = {}
+        # The statements with this store's schema and channel in place, made once.
+        self._q = {
+            name: text.replace("{s}", self._quoted).replace("{channel}", self.channel)
+            for name, text in _QUERIES.items()
+        }
         self._pool = _Pool(make_conninfo("", **params), pool_size, pool_timeout, where)
         # Advisory lock keys: one for migrations, one space for destinations' claims.
         self._migrate_key = f"cmi-sdk:{schema}:migrate"
@@ -712,12 +368,6 @@ class PostgresStore(OutboxStore):
 
     # -- running statements ---------------------------------------------------------------
 
-    def _sql(self, template: str) -> str:
-        statement = self._statements.get(template)
-        if statement is None:
-            statement = self._statements[template] = template.replace("{s}", self._quoted)
-        return statement
-
     def _run(
         self,
         what: str,
@@ -742,7 +392,7 @@ class PostgresStore(OutboxStore):
                             if not durable:
                                 # Leases, heartbeats and outcomes: a power cut's loss
                                 # costs a resend with the same webhook-id, never a document.
-                                cur.execute("SET LOCAL synchronous_commit TO off")
+                                cur.execute(self._q["commit_async"])
                             result = body(cur)
                             committing = True
                         return result
@@ -758,8 +408,8 @@ class PostgresStore(OutboxStore):
                     raise self._error(exc, what, lost=lost, committing=committing) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _read(self, what: str, template: str, params: Any = ()) -> list[TupleRow]:
-        statement = self._sql(template)
+    def _read(self, what: str, name: str, params: Any = ()) -> list[TupleRow]:
+        statement = self._q[name]
         return self._run(what, lambda cur: cur.execute(statement, params).fetchall())
 
     def _error(self, exc: psycopg.Error, what: str, *, lost: bool, committing: bool) -> StoreError:
@@ -828,87 +478,58 @@ class PostgresStore(OutboxStore):
     # -- schema ---------------------------------------------------------------------------
 
     def _version(self, cur: _Cursor) -> int:
-        found = cur.execute("SELECT to_regclass(%s)", (f"{self._quoted}.meta",)).fetchone()
+        """The last migration applied; 0 for a new schema, or one made before migrations
+        were numbered."""
+        table = f"{self._quoted}.migrations"
+        found = cur.execute(self._q["table_exists"], (table,)).fetchone()
         if found is None or found[0] is None:
             return 0
-        value = cur.execute(
-            self._sql("SELECT value FROM {s}.meta WHERE key = 'schema_version'")
-        ).fetchone()
-        return 0 if value is None else int(value[0])
+        value = cur.execute(self._q["migration_version"]).fetchone()
+        return 0 if value is None or value[0] is None else int(value[0])
 
     def migrate(self) -> None:
-        """Create the schema and its tables when missing, and record the version; idempotent.
+        """Apply the numbered migrations the schema lacks, in order (creating the schema
+        and its tables when missing); idempotent.
 
-        When the tables are there already, nothing is written (one read). Otherwise the
-        work runs in one transaction under an advisory lock, so processes that start
-        together create the tables once, and wait for each other instead of failing."""
+        When the tables are current, nothing is written (one read). Otherwise the work
+        runs in one transaction under an advisory lock, so processes that start together
+        migrate once, and wait for each other instead of failing."""
         if self._run("reading the schema version", self._version) >= SCHEMA_VERSION:
             return
 
-        def create(cur: _Cursor) -> None:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (self._migrate_key,)
-            )
-            if self._version(cur) >= SCHEMA_VERSION:
-                return  # another process did it while this one waited for the lock
-            cur.execute(self._sql(_DDL))
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s)"
-                    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-                ),
-                (str(SCHEMA_VERSION),),
-            )
+        def apply(cur: _Cursor) -> None:
+            cur.execute(self._q["lock_migrations"], (self._migrate_key,))
+            current = self._version(cur)  # another process may have migrated meanwhile
+            if current >= SCHEMA_VERSION:
+                return
+            meta = cur.execute(self._q["table_exists"], (f"{self._quoted}.meta",)).fetchone()
+            cur.execute(self._q["create_schema"])
+            cur.execute(self._q["create_migrations_table"])
+            now = time.time()
+            for migration in pending("postgres", current):
+                cur.execute(migration.script.replace("{s}", self._quoted).encode())
+                cur.execute(self._q["record_migration"], (migration.version, migration.name, now))
+            if current == 0 and meta is not None and meta[0] is not None:
+                cur.execute(self._q["drop_legacy_version"])
 
-        self._run(f"creating the tables in schema {self.schema!r}", create, write=True)
+        self._run(f"migrating the tables in schema {self.schema!r}", apply, write=True)
 
     # -- terms and consent ----------------------------------------------------------------
 
     def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
         """Keep accepted terms and their consent record, in one transaction."""
+        terms_row = terms_params(terms, self.keyring)
+        consent_row = consent_params(consent, consent_xml)
 
         def body(cur: _Cursor) -> None:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.terms (id, customer_ref, intermediary, terms, secret,"
-                    " created_at, until, revoked_at) VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s,"
-                    " NULL)"
-                ),
-                (
-                    terms.id,
-                    terms.customer_ref,
-                    terms.intermediary,
-                    json.dumps(terms.public_dict()),
-                    seal_secret(self.keyring, terms.secret, context=f"terms:{terms.id}"),
-                    terms.created_at.timestamp(),
-                    None if terms.until is None else terms.until.timestamp(),
-                ),
-            )
-            self._add_consent(cur, consent, consent_xml)
+            cur.execute(self._q["insert_terms"], terms_row)
+            cur.execute(self._q["insert_consent"], consent_row)
 
         self._run("writing terms", body, write=True)
 
-    def _add_consent(self, cur: _Cursor, consent: ConsentRecord, xml: bytes) -> None:
-        cur.execute(
-            self._sql(
-                "INSERT INTO {s}.consent (id, terms_id, event, issued_at, record, xml)"
-                " VALUES (%s, %s, %s, %s, %s::jsonb, %s)"
-            ),
-            (
-                consent.id,
-                consent.terms_id,
-                consent.event,
-                consent.issued_at.timestamp(),
-                consent.model_dump_json(),
-                xml,
-            ),
-        )
-
     def get_terms(self, terms_id: str) -> SharingTerms:
         """The terms with that id, revoked or not; raises TermsNotFoundError."""
-        rows = self._read(
-            "reading terms", "SELECT terms::text, secret FROM {s}.terms WHERE id = %s", (terms_id,)
-        )
+        rows = self._read("reading terms", "get_terms", (terms_id,))
         if not rows:
             raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
         return terms_of_row(rows[0], self.keyring)
@@ -921,20 +542,14 @@ class PostgresStore(OutboxStore):
         include_revoked: bool = False,
     ) -> list[SharingTerms]:
         """Terms, oldest first."""
-        template = "SELECT terms::text, secret FROM {s}.terms WHERE true"
-        params: list[Any] = []
-        if customer_ref is not None:
-            template += " AND customer_ref = %s"
-            params.append(customer_ref)
-        if intermediary is not None:
-            template += " AND intermediary = %s"
-            params.append(intermediary)
-        if not include_revoked:
-            template += " AND revoked_at IS NULL"
-        template += " ORDER BY created_at, id"
-        return [
-            terms_of_row(r, self.keyring) for r in self._read("listing terms", template, params)
-        ]
+        statement, params = filtered(
+            self._q["list_terms"],
+            "%s",
+            (("customer_ref", customer_ref), ("intermediary", intermediary)),
+            include_revoked=include_revoked,
+        )
+        found = self._run("listing terms", lambda cur: cur.execute(statement, params).fetchall())
+        return [terms_of_row(r, self.keyring) for r in found]
 
     def active_terms(
         self,
@@ -948,7 +563,7 @@ class PostgresStore(OutboxStore):
         ``intermediary``, for that intermediary's reference) goes out under at ``now``;
         with ``connection``, read in the caller's transaction (it sees the caller's own
         writes)."""
-        statement = self._sql(_RECIPIENTS)
+        statement = self._q["recipients"]
         params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
 
         def body(cur: _Cursor) -> list[TupleRow]:
@@ -967,42 +582,28 @@ class PostgresStore(OutboxStore):
         many rows were cancelled. Raises TermsNotFoundError, or TermsError if revoked."""
 
         def body(cur: _Cursor) -> int:
-            found = cur.execute(
-                self._sql("SELECT revoked_at, terms::text FROM {s}.terms WHERE id = %s FOR UPDATE"),
-                (terms_id,),
-            ).fetchone()
+            found = cur.execute(self._q["terms_to_revoke"], (terms_id,)).fetchone()
             if found is None:
                 raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
             if found[0] is not None:
                 raise TermsError(f"terms {terms_id} are already revoked")
-            data = json.loads(found[1])
-            data["revoked_at"] = consent.issued_at.isoformat()
-            cur.execute(
-                self._sql("UPDATE {s}.terms SET revoked_at = %s, terms = %s::jsonb WHERE id = %s"),
-                (at, json.dumps(data), terms_id),
-            )
-            self._add_consent(cur, consent, consent_xml)
-            # Rows being sent right now are cancelled too: their result is then not recorded
-            # over the cancellation (see complete()).
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.outbox SET state = 'cancelled', last_error = 'terms revoked',"
-                    " lease_owner = NULL, lease_until = NULL"
-                    " WHERE terms_id = %s AND state IN ('pending', 'retry', 'leased', 'digest')"
-                ),
-                (terms_id,),
-            )
-            return cur.rowcount
+            return self._revoke(cur, found[1], at, consent, consent_xml)
 
         return self._run("revoking terms", body, write=True)
 
+    def _revoke(
+        self, cur: _Cursor, text: str, at: float, consent: ConsentRecord, xml: bytes
+    ) -> int:
+        """Mark terms revoked, keep the record, and cancel their rows; how many were."""
+        terms_json = revoked_terms_json(text, consent)
+        cur.execute(self._q["revoke_terms"], (at, terms_json, consent.terms_id))
+        cur.execute(self._q["insert_consent"], consent_params(consent, xml))
+        cur.execute(self._q["cancel_terms_rows"], (consent.terms_id,))
+        return cur.rowcount
+
     def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
         """The consent records of the terms, oldest first, with their signed documents."""
-        rows = self._read(
-            "reading consent records",
-            "SELECT record::text, xml FROM {s}.consent WHERE terms_id = %s ORDER BY issued_at, pos",
-            (terms_id,),
-        )
+        rows = self._read("reading consent records", "consent_records", (terms_id,))
         return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
 
     # -- service links --------------------------------------------------------------------
@@ -1013,17 +614,8 @@ class PostgresStore(OutboxStore):
         """Keep a link code's hash; codes that expired unredeemed are dropped meanwhile."""
 
         def body(cur: _Cursor) -> None:
-            cur.execute(
-                self._sql("DELETE FROM {s}.link_codes WHERE expires_at < %s AND used_at IS NULL"),
-                (created_at,),
-            )
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.link_codes (hash, account, created_at, expires_at)"
-                    " VALUES (%s, %s, %s, %s)"
-                ),
-                (code_hash, account, created_at, expires_at),
-            )
+            cur.execute(self._q["drop_expired_link_codes"], (created_at,))
+            cur.execute(self._q["insert_link_code"], (code_hash, account, created_at, expires_at))
 
         self._run("writing a link code", body, write=True)
 
@@ -1034,35 +626,18 @@ class PostgresStore(OutboxStore):
         is unknown, used or expired."""
 
         def body(cur: _Cursor) -> Link | None:
-            # The row lock makes a concurrent redemption wait, then find the code used.
-            found = cur.execute(
-                self._sql(
-                    "UPDATE {s}.link_codes SET used_at = %s, link_id = %s WHERE hash = %s"
-                    " AND used_at IS NULL AND expires_at > %s RETURNING account"
-                ),
-                (now, link_id, code_hash, now),
-            ).fetchone()
+            found = cur.execute(self._q["use_link_code"], (now, link_id, code_hash, now)).fetchone()
             if found is None:
                 return None
             values = (link_id, found[0], intermediary, customer_ref, now, None)
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.links (id, account, intermediary, customer_ref,"
-                    " created_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s)"
-                ),
-                values,
-            )
+            cur.execute(self._q["insert_link"], values)
             return link_of_row(values)
 
         return self._run("redeeming a link code", body, write=True)
 
     def get_link(self, link_id: str) -> Link:
         """The link with that id, revoked or not; raises LinkNotFoundError."""
-        found = self._read(
-            "reading a link",
-            _LINKS_SQL + " WHERE id = %s",
-            (link_id,),
-        )
+        found = self._read("reading a link", "get_link", (link_id,))
         if not found:
             raise LinkNotFoundError(f"no link {link_id!r}")
         return link_of_row(found[0])
@@ -1075,18 +650,14 @@ class PostgresStore(OutboxStore):
         include_revoked: bool = False,
     ) -> list[Link]:
         """Links, oldest first."""
-        template = _LINKS_SQL + " WHERE true"
-        params: list[Any] = []
-        if account is not None:
-            template += " AND account = %s"
-            params.append(account)
-        if intermediary is not None:
-            template += " AND intermediary = %s"
-            params.append(intermediary)
-        if not include_revoked:
-            template += " AND revoked_at IS NULL"
-        template += " ORDER BY created_at, id"
-        return [link_of_row(r) for r in self._read("listing links", template, params)]
+        statement, params = filtered(
+            self._q["list_links"],
+            "%s",
+            (("account", account), ("intermediary", intermediary)),
+            include_revoked=include_revoked,
+        )
+        found = self._run("listing links", lambda cur: cur.execute(statement, params).fetchall())
+        return [link_of_row(r) for r in found]
 
     def revoke_link(
         self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
@@ -1094,56 +665,23 @@ class PostgresStore(OutboxStore):
         """Revoke the link and its terms named by ``revocations``, in one transaction."""
 
         def body(cur: _Cursor) -> tuple[int, list[str]]:
-            found = cur.execute(
-                self._sql(
-                    "SELECT revoked_at, intermediary, customer_ref FROM {s}.links"
-                    " WHERE id = %s FOR UPDATE"
-                ),
-                (link_id,),
-            ).fetchone()
+            found = cur.execute(self._q["link_to_revoke"], (link_id,)).fetchone()
             if found is None:
                 raise LinkNotFoundError(f"no link {link_id!r}")
             if found[0] is not None:
                 raise LinkError(f"link {link_id} is already revoked")
             _, intermediary, customer_ref = found
-            cur.execute(
-                self._sql("UPDATE {s}.links SET revoked_at = %s WHERE id = %s"), (at, link_id)
-            )
+            cur.execute(self._q["revoke_link"], (at, link_id))
             cancelled = 0
             for consent, xml in revocations:
                 terms = cur.execute(
-                    self._sql(
-                        "SELECT terms::text FROM {s}.terms WHERE id = %s AND intermediary = %s"
-                        " AND customer_ref = %s AND revoked_at IS NULL FOR UPDATE"
-                    ),
+                    self._q["linked_terms_to_revoke"],
                     (consent.terms_id, intermediary, customer_ref),
                 ).fetchone()
-                if terms is None:
-                    continue  # revoked meanwhile, with its own record
-                data = json.loads(terms[0])
-                data["revoked_at"] = consent.issued_at.isoformat()
-                cur.execute(
-                    self._sql(
-                        "UPDATE {s}.terms SET revoked_at = %s, terms = %s::jsonb WHERE id = %s"
-                    ),
-                    (at, json.dumps(data), consent.terms_id),
-                )
-                self._add_consent(cur, consent, xml)
-                cur.execute(
-                    self._sql(
-                        "UPDATE {s}.outbox SET state = 'cancelled', last_error = 'terms revoked',"
-                        " lease_owner = NULL, lease_until = NULL WHERE terms_id = %s"
-                        " AND state IN ('pending', 'retry', 'leased', 'digest')"
-                    ),
-                    (consent.terms_id,),
-                )
-                cancelled += cur.rowcount
+                if terms is not None:  # else revoked meanwhile, with its own record
+                    cancelled += self._revoke(cur, terms[0], at, consent, xml)
             late = cur.execute(
-                self._sql(
-                    "SELECT id FROM {s}.terms WHERE intermediary = %s AND customer_ref = %s"
-                    " AND revoked_at IS NULL ORDER BY created_at, id"
-                ),
-                (intermediary, customer_ref),
+                self._q["linked_terms_left"], (intermediary, customer_ref)
             ).fetchall()
             return cancelled, [r[0] for r in late]
 
@@ -1157,6 +695,9 @@ class PostgresStore(OutboxStore):
             key = f"{row.customer_ref}\x1f{row.destination or ''}"
         return key
 
+    def _insert_params(self, r: NewRow) -> tuple[Any, ...]:
+        return (*row_params(r), self._ordering_key(r))
+
     def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
         """Write rows (a row whose msg_id is already there is skipped) and wake the workers
         on commit; with ``connection``, inside the caller's open transaction, which the
@@ -1165,13 +706,13 @@ class PostgresStore(OutboxStore):
         if not params:
             return 0
         wake = self._notify and any(r.state == "pending" for r in rows)
-        statement = self._sql(_INSERT)
+        statement = self._q["insert_row"]
 
         def body(cur: _Cursor) -> int:
             cur.executemany(statement, params)
             count = cur.rowcount
             if wake and count > 0:
-                cur.execute(self._sql(f"NOTIFY {self.channel}"))
+                cur.execute(self._q["notify_work"])
             return count
 
         if connection is not None:
@@ -1209,26 +750,24 @@ class PostgresStore(OutboxStore):
             "per": per_destination,
             "lock_space": self._lock_space,
         }
+        q = self._q
 
         def body(cur: _Cursor) -> list[TupleRow]:
-            cur.execute(self._sql(_RELEASE), params)
+            cur.execute(q["release_expired"], params)
             if per_destination is None:
-                return cur.execute(self._sql(_CLAIM_SQL), params).fetchall()
-            found = cur.execute(self._sql(_LOCK_DESTINATIONS_SQL), params).fetchall()
+                return cur.execute(q["claim"], params).fetchall()
+            found = cur.execute(q["lock_destinations"], params).fetchall()
             params["destinations"] = [d for (d,) in found]
-            return cur.execute(self._sql(_CLAIM_PER_DESTINATION_SQL), params).fetchall()
+            return cur.execute(q["claim_per_destination"], params).fetchall()
 
         rows = self._run("claiming rows", body, write=True, durable=False)
-        return sorted((_row(r) for r in rows), key=lambda r: r.seq)
+        return sorted((outbox_row(r) for r in rows), key=lambda r: r.seq)
 
     def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
         """Extend ``owner``'s leases on ``msg_ids``."""
         if not msg_ids:
             return
-        statement = self._sql(
-            "UPDATE {s}.outbox SET lease_until = %s WHERE msg_id = ANY(%s) AND lease_owner = %s"
-            " AND state = 'leased'"
-        )
+        statement = self._q["heartbeat"]
         self._run(
             "extending leases",
             lambda cur: cur.execute(statement, (lease_until, list(msg_ids), owner)),
@@ -1240,10 +779,7 @@ class PostgresStore(OutboxStore):
         """Cancel the rows of ``msg_ids`` that ``owner`` leases; return how many."""
         if not msg_ids:
             return 0
-        statement = self._sql(
-            "UPDATE {s}.outbox SET state = 'cancelled', last_error = %s, lease_owner = NULL,"
-            " lease_until = NULL WHERE msg_id = ANY(%s) AND lease_owner = %s AND state = 'leased'"
-        )
+        statement = self._q["cancel_leased"]
 
         def body(cur: _Cursor) -> int:
             return cur.execute(statement, (reason, list(msg_ids), owner)).rowcount
@@ -1255,242 +791,99 @@ class PostgresStore(OutboxStore):
         if not results:
             return
         params = CompletionParams.of(results)
-        attempts, delivered, retry, dead = (
-            params.attempts,
-            params.delivered,
-            params.retry,
-            params.dead,
-        )
+        q = self._q
 
         def body(cur: _Cursor) -> None:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO {s}.attempts (msg_id, attempt, owner, started_at, finished_at,"
-                    " outcome, status, error, next_attempt_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                ),
-                attempts,
-            )
-            # A receiver's 2xx is a fact whoever holds the lease now; only a cancelled row
-            # keeps its state (its terms were revoked meanwhile).
-            if delivered:
-                cur.executemany(
-                    self._sql(
-                        "UPDATE {s}.outbox SET state = 'delivered', delivered_at = %s,"
-                        " attempts = %s, last_status = %s, last_error = NULL, lease_owner = NULL,"
-                        " lease_until = NULL WHERE msg_id = %s AND state IN"
-                        " ('leased', 'pending', 'retry', 'dead')"
-                    ),
-                    delivered,
-                )
-            # A failure is recorded only by the worker that still holds the lease.
-            if retry:
-                cur.executemany(
-                    self._sql(
-                        "UPDATE {s}.outbox SET state = 'retry', next_attempt_at = %s,"
-                        " attempts = %s, last_status = %s, last_error = %s, lease_owner = NULL,"
-                        " lease_until = NULL WHERE msg_id = %s AND lease_owner = %s"
-                        " AND state = 'leased'"
-                    ),
-                    retry,
-                )
-            if dead:
-                cur.executemany(
-                    self._sql(
-                        "UPDATE {s}.outbox SET state = 'dead', dead_at = %s, attempts = %s,"
-                        " last_status = %s, last_error = %s, lease_owner = NULL,"
-                        " lease_until = NULL, next_attempt_at = NULL WHERE msg_id = %s"
-                        " AND lease_owner = %s"
-                        " AND state = 'leased'"
-                    ),
-                    dead,
-                )
+            cur.executemany(q["insert_attempt"], params.attempts)
+            for name, rows in (
+                ("mark_delivered", params.delivered),
+                ("mark_retry", params.retry),
+                ("mark_dead", params.dead),
+            ):
+                if rows:
+                    cur.executemany(q[name], rows)
 
         self._run("recording delivery outcomes", body, write=True, durable=False)
 
     def due_digests(self, now: float) -> list[DigestGroup]:
         """The ``digest`` rows whose window ended by ``now``, by terms and window."""
-        found = self._read(
-            "reading due digests",
-            "SELECT terms_id, next_attempt_at, msg_id, model FROM {s}.outbox"
-            " WHERE state = 'digest' AND next_attempt_at <= %s"
-            " ORDER BY terms_id, next_attempt_at, seq",
-            (now,),
-        )
-        groups: dict[tuple[str, float], list[tuple[str, str]]] = {}
-        for terms_id, due, msg_id, model in found:
-            groups.setdefault((terms_id, float(due)), []).append((msg_id, model))
-        return [
-            DigestGroup(
-                terms_id=terms_id,
-                due=due,
-                msg_ids=tuple(m for m, _ in rows),
-                models=tuple(d for _, d in rows),
-            )
-            for (terms_id, due), rows in groups.items()
-        ]
+        return digest_groups(self._read("reading due digests", "due_digests", (now,)))
 
     def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
         """Write the window's digest row and mark its sources merged (or release them);
         workers racing for one window write it once (the sources are locked first)."""
         ids = list(msg_ids)
+        q = self._q
 
         def body(cur: _Cursor) -> int:
-            locked = cur.execute(
-                self._sql(
-                    "SELECT msg_id FROM {s}.outbox WHERE msg_id = ANY(%s) AND state = 'digest'"
-                    " FOR UPDATE"
-                ),
-                (ids,),
-            ).fetchall()
-            if not locked:
+            if not cur.execute(q["lock_digest_rows"], (ids,)).fetchall():
                 return 0  # another worker merged this window
             if row is None:
-                cur.execute(
-                    self._sql(
-                        "UPDATE {s}.outbox SET state = 'pending' WHERE msg_id = ANY(%s)"
-                        " AND state = 'digest'"
-                    ),
-                    (ids,),
-                )
-                return cur.rowcount
-            cur.execute(
-                self._sql(_INSERT),
-                (
-                    row.msg_id,
-                    row.terms_id,
-                    row.customer_ref,
-                    row.transaction_id,
-                    row.standard,
-                    row.document_type,
-                    row.destination,
-                    row.body,
-                    row.created_at,
-                    row.state,
-                    row.next_attempt_at,
-                    self._ordering_key(row),
-                    row.model,
-                ),
-            )
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.outbox SET state = 'merged' WHERE msg_id = ANY(%s)"
-                    " AND state = 'digest'"
-                ),
-                (ids,),
-            )
-            merged = cur.rowcount  # read before NOTIFY, which has no count of its own
+                return cur.execute(q["release_digest_rows"], (ids,)).rowcount
+            cur.execute(q["insert_row"], self._insert_params(row))
+            merged = cur.execute(q["merge_digest_rows"], (ids,)).rowcount
+            # Counted before NOTIFY, which has no count of its own.
             if self._notify:
-                cur.execute(self._sql(f"NOTIFY {self.channel}"))
+                cur.execute(q["notify_work"])
             return merged + 1
 
         return self._run("merging a digest", body, write=True)
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or the next lease expires."""
-        rows = self._read(
-            "reading the next due time",
-            "SELECT least((SELECT min(next_attempt_at) FROM {s}.outbox"
-            " WHERE state IN ('pending', 'retry')),"
-            " (SELECT min(lease_until) FROM {s}.outbox WHERE state = 'leased'))",
-        )
+        rows = self._read("reading the next due time", "next_due")
         value = rows[0][0] if rows else None
         return None if value is None else float(value)
 
     def status(self, now: float) -> OutboxStatus:
         """Counts by state and the oldest pending row's age."""
-        counts: dict[str, int] = dict.fromkeys(STATES, 0)
-        counts.update(
-            (state, int(n))
-            for state, n in self._read(
-                "counting rows", "SELECT state, count(*) FROM {s}.outbox GROUP BY state"
-            )
-        )
-        oldest = self._read(
-            "reading the oldest pending row",
-            "SELECT min(created_at) FROM {s}.outbox WHERE state IN ('pending', 'retry', 'leased')",
-        )[0][0]
-        disabled = tuple(sorted(self.disabled_destinations()))
-        return OutboxStatus(
-            counts=counts,
-            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-            disabled_destinations=disabled,
-        )
+        counts = self._read("counting rows", "count_states")
+        oldest = self._read("reading the oldest pending row", "oldest_waiting")[0][0]
+        return status_of(counts, oldest, self.disabled_destinations(), now)
 
     def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
         """Rows, newest first, optionally in one state."""
         if state is None:
-            found = self._read(
-                "listing rows",
-                _ROWS_SQL,
-                (max(limit, 0),),
-            )
+            found = self._read("listing rows", "rows", (max(limit, 0),))
         else:
-            found = self._read(
-                "listing rows",
-                _ROWS_IN_STATE_SQL,
-                (state, max(limit, 0)),
-            )
-        return [_row(r) for r in found]
+            found = self._read("listing rows", "rows_in_state", (state, max(limit, 0)))
+        return [outbox_row(r) for r in found]
 
     def get_row(self, msg_id: str) -> OutboxRow:
         """The row with that msg_id; raises OutboxRowNotFoundError."""
-        found = self._read("reading a row", _ROW_SQL, (msg_id,))
+        found = self._read("reading a row", "get_row", (msg_id,))
         if not found:
             raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
-        return _row(found[0])
+        return outbox_row(found[0])
 
     def attempt_counts(self) -> dict[str, int]:
         """Delivery attempts ever recorded, by outcome."""
-        counts = dict.fromkeys(("delivered", "retry", "dead"), 0)
-        rows = self._read(
-            "counting attempts", "SELECT outcome, count(*) FROM {s}.attempts GROUP BY outcome"
-        )
+        counts = dict.fromkeys(ATTEMPT_OUTCOMES, 0)
+        rows = self._read("counting attempts", "attempt_counts")
         counts.update((outcome, int(n)) for outcome, n in rows)
         return counts
 
     def attempts(self, msg_id: str) -> list[AttemptResult]:
         """Every recorded attempt of a row, in order."""
-        found = self._read(
-            "reading attempts",
-            "SELECT msg_id, owner, attempt, started_at, finished_at, outcome, status, error,"
-            " next_attempt_at FROM {s}.attempts WHERE msg_id = %s ORDER BY id",
-            (msg_id,),
-        )
-        return [
-            AttemptResult(
-                msg_id=r[0],
-                owner=r[1],
-                attempt=r[2],
-                started_at=r[3],
-                finished_at=r[4],
-                outcome=r[5],
-                status=r[6],
-                error=r[7],
-                next_attempt_at=r[8],
-            )
-            for r in found
-        ]
+        return [attempt_of_row(r) for r in self._read("reading attempts", "attempts", (msg_id,))]
 
     def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
         """Make dead rows pending again, due now (attempts start again from zero), and wake
         the workers on commit."""
         if (msg_id is None) == (since is None):
             raise ValueError("redrive takes a msg_id or a since time, not both")
+        q = self._q
 
         def body(cur: _Cursor) -> int:
             if msg_id is not None:
-                found = cur.execute(
-                    self._sql("SELECT state FROM {s}.outbox WHERE msg_id = %s"), (msg_id,)
-                ).fetchone()
-                if found is None:
+                if cur.execute(q["row_state"], (msg_id,)).fetchone() is None:
                     raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
-                cur.execute(self._sql(_REDRIVE_ONE), (now, msg_id))
+                cur.execute(q["redrive_one"], (now, msg_id))
             else:
-                cur.execute(self._sql(_REDRIVE_SINCE), (now, since))
+                cur.execute(q["redrive_since"], (now, since))
             count = cur.rowcount
             if self._notify and count > 0:
-                cur.execute(self._sql(f"NOTIFY {self.channel}"))
+                cur.execute(q["notify_work"])
             return count
 
         return self._run("redriving dead rows", body, write=True)
@@ -1510,10 +903,10 @@ class PostgresStore(OutboxStore):
             return []
         found = self._read(
             "reading documents",
-            _DOCUMENTS_SQL,
+            "documents_since",
             {"terms": terms_id, "xid": str(xid), "seq": seq, "limit": limit},
         )
-        return [_row(r, encode_cursor(int(r[-1]), r[0])) for r in found]
+        return [DocumentRow(**row_fields(r), cursor=encode_cursor(int(r[-1]), r[0])) for r in found]
 
     # -- waking workers -------------------------------------------------------------------
 
@@ -1538,7 +931,7 @@ class PostgresStore(OutboxStore):
                 self._listener = None
                 conn = self._pool.connect()
                 try:
-                    conn.execute(self._sql(f"LISTEN {self.channel}"))
+                    conn.execute(self._q["listen_for_work"])
                 except psycopg.Error as exc:
                     conn.close()
                     raise self._error(exc, "listening", lost=False, committing=False) from exc
@@ -1561,10 +954,7 @@ class PostgresStore(OutboxStore):
 
     def disable_destination(self, url: str, *, reason: str, at: float) -> None:
         """Stop delivering to ``url`` (it answered 410 Gone)."""
-        statement = self._sql(
-            "INSERT INTO {s}.destinations (url, disabled_at, reason) VALUES (%s, %s, %s)"
-            " ON CONFLICT (url) DO NOTHING"
-        )
+        statement = self._q["disable_destination"]
         self._run(
             "disabling a destination",
             lambda cur: cur.execute(statement, (url, at, reason)),
@@ -1573,7 +963,7 @@ class PostgresStore(OutboxStore):
 
     def enable_destination(self, url: str) -> bool:
         """Deliver to ``url`` again; True if it was disabled."""
-        statement = self._sql("DELETE FROM {s}.destinations WHERE url = %s")
+        statement = self._q["enable_destination"]
         return self._run(
             "enabling a destination",
             lambda cur: cur.execute(statement, (url,)).rowcount > 0,
@@ -1582,8 +972,7 @@ class PostgresStore(OutboxStore):
 
     def disabled_destinations(self) -> dict[str, str]:
         """Disabled destinations and why."""
-        rows = self._read("reading destinations", "SELECT url, reason FROM {s}.destinations")
-        return dict(rows)
+        return dict(self._read("reading destinations", "disabled_destinations"))
 
     def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
         """Register an intermediary, or add a secret to it (kept alongside the others, with
@@ -1592,30 +981,12 @@ class PostgresStore(OutboxStore):
         both keep theirs."""
 
         def body(cur: _Cursor) -> None:
-            found = self._lock_intermediary(cur, name, create_at=at)
+            cur.execute(self._q["add_intermediary"], (name, at))
+            found = cur.execute(self._q["intermediary_secrets"], (name,)).fetchone()
             held = [] if found is None or found[1] is not None else self._secrets_of(found, name)
             self._put_intermediary(cur, name, intermediaries.with_secret(held, secret))
 
         self._run("registering an intermediary", body, write=True)
-
-    def _lock_intermediary(
-        self, cur: _Cursor, name: str, *, create_at: float | None = None
-    ) -> TupleRow | None:
-        if create_at is not None:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {s}.intermediaries (name, secrets, created_at, generation)"
-                    " VALUES (%s, '[]'::jsonb, %s, 0) ON CONFLICT (name) DO NOTHING"
-                ),
-                (name, create_at),
-            )
-        return cur.execute(
-            self._sql(
-                "SELECT secrets::text, revoked_at FROM {s}.intermediaries WHERE name = %s"
-                " FOR UPDATE"
-            ),
-            (name,),
-        ).fetchone()
 
     def _secrets_of(
         self, found: Sequence[Any], name: str
@@ -1625,13 +996,8 @@ class PostgresStore(OutboxStore):
     def _put_intermediary(
         self, cur: _Cursor, name: str, secrets: Sequence[intermediaries.IntermediarySecret]
     ) -> None:
-        cur.execute(
-            self._sql(
-                "UPDATE {s}.intermediaries SET secrets = %s::jsonb, revoked_at = NULL,"
-                " generation = generation + 1 WHERE name = %s"
-            ),
-            (intermediaries.encode(secrets, name, self.keyring), name),
-        )
+        encoded = intermediaries.encode(secrets, name, self.keyring)
+        cur.execute(self._q["put_intermediary"], (encoded, name))
 
     def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
         """Give an intermediary a new secret; its others work until ``grace_until``.
@@ -1639,7 +1005,7 @@ class PostgresStore(OutboxStore):
         :raises IntermediaryNotFoundError: no such intermediary, or it is revoked."""
 
         def body(cur: _Cursor) -> None:
-            found = self._lock_intermediary(cur, name)
+            found = cur.execute(self._q["intermediary_secrets"], (name,)).fetchone()
             if found is None or found[1] is not None:
                 raise IntermediaryNotFoundError(
                     intermediaries.not_active(name, known=found is not None)
@@ -1658,55 +1024,30 @@ class PostgresStore(OutboxStore):
         :raises IntermediaryNotFoundError: no such intermediary."""
 
         def body(cur: _Cursor) -> bool:
-            found = self._lock_intermediary(cur, name)
+            found = cur.execute(self._q["intermediary_secrets"], (name,)).fetchone()
             if found is None:
                 raise IntermediaryNotFoundError(intermediaries.not_active(name, known=False))
             if found[1] is not None:
                 return False
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.intermediaries SET secrets = '[]'::jsonb, revoked_at = %s,"
-                    " generation = generation + 1 WHERE name = %s"
-                ),
-                (at, name),
-            )
+            cur.execute(self._q["revoke_intermediary"], (at, name))
             return True
 
         return self._run("revoking an intermediary", body, write=True)
 
-    _INTERMEDIARY = (
-        "SELECT name, created_at, secrets::text, revoked_at, generation FROM {s}.intermediaries"
-    )
-
-    def _intermediary(self, row: Sequence[Any]) -> Intermediary:
-        return Intermediary(
-            name=row[0],
-            created_at=row[1],
-            secrets=tuple(intermediaries.decode(row[2], row[0], self.keyring)),
-            revoked_at=row[3],
-            generation=row[4],
-        )
-
     def intermediary(self, name: str) -> Intermediary | None:
         """The intermediary with its secrets (opened), or None when unknown."""
-        found = self._read(
-            "reading an intermediary", self._INTERMEDIARY + " WHERE name = %s", (name,)
-        )
-        return self._intermediary(found[0]) if found else None
+        found = self._read("reading an intermediary", "get_intermediary", (name,))
+        return intermediary_of_row(found[0], self.keyring) if found else None
 
     def list_intermediaries(self) -> list[Intermediary]:
         """Every intermediary, revoked ones too, by name."""
-        found = self._read("listing intermediaries", self._INTERMEDIARY + " ORDER BY name")
-        return [self._intermediary(r) for r in found]
+        found = self._read("listing intermediaries", "list_intermediaries")
+        return [intermediary_of_row(r, self.keyring) for r in found]
 
     def intermediary_generation(self, name: str) -> int | None:
         """How many times the intermediary's row has changed (None when unknown): one read
         of a key, without opening any secret, for the endpoint to check on every request."""
-        found = self._read(
-            "reading an intermediary",
-            "SELECT generation FROM {s}.intermediaries WHERE name = %s",
-            (name,),
-        )
+        found = self._read("reading an intermediary", "intermediary_generation", (name,))
         return int(found[0][0]) if found else None
 
     def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
@@ -1722,37 +1063,22 @@ class PostgresStore(OutboxStore):
         or sealed with an older key), in one transaction; return how many rows changed.
 
         :raises ConfigurationError: the store has no keyring, or a secret does not open."""
-        if self.keyring is None:
-            raise ConfigurationError(
-                "no secrets key is configured: set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE"
-                " (make a key with `cmi secrets generate-key`)"
-            )
-        keyring = self.keyring
+        keyring = need_keyring(self.keyring)
+        q = self._q
 
         def body(cur: _Cursor) -> int:
             changed = 0
-            terms = cur.execute(self._sql("SELECT id, secret FROM {s}.terms FOR UPDATE")).fetchall()
-            for terms_id, stored in terms:
+            for terms_id, stored in cur.execute(q["all_terms_secrets"]).fetchall():
                 if keyring.is_current(stored):
                     continue
                 where = f"terms:{terms_id}"
                 sealed = keyring.seal(keyring.open(stored, context=where), context=where)
-                cur.execute(
-                    self._sql("UPDATE {s}.terms SET secret = %s WHERE id = %s"), (sealed, terms_id)
-                )
+                cur.execute(q["update_terms_secret"], (sealed, terms_id))
                 changed += 1
-            rows = cur.execute(
-                self._sql("SELECT name, secrets::text FROM {s}.intermediaries FOR UPDATE")
-            ).fetchall()
-            for name, text in rows:
+            for name, text in cur.execute(q["all_intermediary_secrets"]).fetchall():
                 resealed = intermediaries.reseal(text, name, keyring)
                 if resealed is not None:
-                    cur.execute(
-                        self._sql(
-                            "UPDATE {s}.intermediaries SET secrets = %s::jsonb WHERE name = %s"
-                        ),
-                        (resealed, name),
-                    )
+                    cur.execute(q["update_intermediary_secrets"], (resealed, name))
                     changed += 1
             return changed
 
@@ -1774,20 +1100,13 @@ class PostgresStore(OutboxStore):
         # a purge per request would cost more as traffic grows.
         if message.now - self._purged >= 1.0:
             self._purged = message.now
-            cur.execute(self._sql("DELETE FROM {s}.seen WHERE expires_at < %s"), (message.now,))
-        statement = self._sql(
-            "INSERT INTO {s}.seen AS s (party, msg_id, expires_at) VALUES (%s, %s, %s)"
-            " ON CONFLICT (party, msg_id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
-            " WHERE s.expires_at < %s"
-        )
+            cur.execute(self._q["purge_seen"], (message.now,))
         params = (message.party, message.msg_id, message.expires_at, message.now)
-        return cur.execute(statement, params).rowcount == 1
+        return cur.execute(self._q["remember_message"], params).rowcount == 1
 
     def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
         """Whether a message id from ``party`` is remembered and not expired at ``now``."""
-        statement = self._sql(
-            "SELECT 1 FROM {s}.seen WHERE party = %s AND msg_id = %s AND expires_at >= %s"
-        )
+        statement = self._q["message_seen"]
         return self._run(
             "reading a message id",
             lambda cur: cur.execute(statement, (party, msg_id, now)).fetchone() is not None,
@@ -1795,7 +1114,7 @@ class PostgresStore(OutboxStore):
 
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id: the request it came with was refused, and stores nothing."""
-        statement = self._sql("DELETE FROM {s}.seen WHERE party = %s AND msg_id = %s")
+        statement = self._q["forget_message"]
         self._run(
             "forgetting a message id",
             lambda cur: cur.execute(statement, (party, msg_id)),
@@ -1814,11 +1133,7 @@ class PostgresStore(OutboxStore):
 
         :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
         params = [offer_row(o) for o in offers]
-        statement = self._sql(
-            "INSERT INTO {s}.offers (id, request_id, customer_ref, intermediary, offer,"
-            " request, xml, valid_until, created_at)"
-            " VALUES (%s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s)"
-        )
+        statement = self._q["insert_offer"]
 
         def body(cur: _Cursor) -> None:
             if message is not None and not self._remember(cur, message):
@@ -1831,20 +1146,10 @@ class PostgresStore(OutboxStore):
 
     def get_offer(self, offer_id: str) -> StoredOffer:
         """The offer with that id; raises OfferNotFoundError."""
-        found = self._read(
-            "reading an offer",
-            "SELECT offer::text, request::text, xml, intermediary FROM {s}.offers WHERE id = %s",
-            (offer_id,),
-        )
+        found = self._read("reading an offer", "get_offer", (offer_id,))
         if not found:
             raise OfferNotFoundError(f"no offer {offer_id!r}")
-        offer, request, xml, intermediary = found[0]
-        return StoredOffer(
-            offer=Offer.model_validate_json(offer),
-            request=Request.model_validate_json(request),
-            xml=bytes(xml),
-            intermediary=intermediary,
-        )
+        return stored_offer_of_row(found[0])
 
     def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
         """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
@@ -1854,27 +1159,20 @@ class PostgresStore(OutboxStore):
         concurrent one), and the offer's ``accepted_by`` is set only while empty, so of
         concurrent claims of one offer the first to commit holds it, and the others wait
         for that commit and then read its record."""
-        select = self._sql(_ACCEPTANCE + " WHERE id = %s")
-        select_holder = self._sql(_ACCEPTANCE + _HELD_BY)
-        take_offer = self._sql(
-            "UPDATE {s}.offers SET accepted_by = %s WHERE id = %s AND accepted_by IS NULL"
-        )
-        insert = self._sql(
-            "INSERT INTO {s}.acceptances (id, offer_id, state, result, created_at, updated_at,"
-            " intermediary, acceptance, hold, lease_owner, lease_until)"
-            " VALUES (%s, %s, 'processing', NULL, %s, %s, %s, %s, NULL, %s, %s)"
-            " ON CONFLICT (id) DO NOTHING"
-        )
-        retake = self._sql(
-            "UPDATE {s}.acceptances SET state = 'processing', result = NULL, updated_at = %s,"
-            " intermediary = %s, acceptance = %s, hold = NULL, lease_owner = %s,"
-            " lease_until = %s WHERE id = %s AND state = 'released'"
+        q = self._q
+        retake = (
+            now,
+            claim.intermediary,
+            claim.acceptance,
+            claim.owner,
+            claim.lease_until,
+            claim.acceptance_id,
         )
 
         def body(cur: _Cursor) -> AcceptanceRecord | None:
             for _ in range(8):  # each round ends, or a concurrent change made it start over
                 found = AcceptanceRecord.of_row(
-                    cur.execute(select + " FOR UPDATE", (claim.acceptance_id,)).fetchone()
+                    cur.execute(q["lock_acceptance"], (claim.acceptance_id,)).fetchone()
                 )
                 if found is not None:
                     if found.offer_id != claim.offer_id:
@@ -1883,57 +1181,24 @@ class PostgresStore(OutboxStore):
                         )
                     if found.state != "released":
                         return found
-                if cur.execute(take_offer, (claim.acceptance_id, claim.offer_id)).rowcount == 0:
+                taken = cur.execute(q["take_offer"], (claim.acceptance_id, claim.offer_id))
+                if taken.rowcount == 0:
                     other = AcceptanceRecord.of_row(
-                        cur.execute(select_holder, (claim.offer_id,)).fetchone()
+                        cur.execute(q["offer_holder"], (claim.offer_id,)).fetchone()
                     )
                     if other is not None:
                         return other
-                    if (
-                        cur.execute(
-                            self._sql("SELECT 1 FROM {s}.offers WHERE id = %s"), (claim.offer_id,)
-                        ).fetchone()
-                        is None
-                    ):
+                    if cur.execute(q["offer_exists"], (claim.offer_id,)).fetchone() is None:
                         raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
                     continue  # its holder let it go meanwhile
                 if found is not None:
-                    cur.execute(
-                        retake,
-                        (
-                            now,
-                            claim.intermediary,
-                            claim.acceptance,
-                            claim.owner,
-                            claim.lease_until,
-                            claim.acceptance_id,
-                        ),
-                    )
+                    cur.execute(q["reclaim_acceptance"], retake)
                     return None
-                cur.execute(
-                    insert,
-                    (
-                        claim.acceptance_id,
-                        claim.offer_id,
-                        now,
-                        now,
-                        claim.intermediary,
-                        claim.acceptance,
-                        claim.owner,
-                        claim.lease_until,
-                    ),
-                )
-                if cur.rowcount == 1:
+                if cur.execute(q["claim_acceptance"], claim_params(claim, now)).rowcount == 1:
                     return None
                 # The same id was claimed concurrently, and committed first: give the offer
                 # back and read what that claim made.
-                cur.execute(
-                    self._sql(
-                        "UPDATE {s}.offers SET accepted_by = NULL WHERE id = %s"
-                        " AND accepted_by = %s"
-                    ),
-                    (claim.offer_id, claim.acceptance_id),
-                )
+                cur.execute(q["release_offer"], (claim.offer_id, claim.acceptance_id))
             raise StoreError(f"acceptance {claim.acceptance_id} kept changing while claimed")
 
         return self._run("claiming an acceptance", body, write=True)
@@ -1942,10 +1207,7 @@ class PostgresStore(OutboxStore):
         self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
     ) -> bool:
         """Extend ``owner``'s lease and record the hold; False when the lease was lost."""
-        statement = self._sql(
-            "UPDATE {s}.acceptances SET lease_until = %s, hold = COALESCE(%s, hold)"
-            " WHERE id = %s AND state = 'processing' AND lease_owner = %s"
-        )
+        statement = self._q["renew_acceptance"]
         # Without waiting for the disk, as the SQLite store's: a lost hold expires by itself.
         return self._run(
             "renewing an acceptance's lease",
@@ -1960,10 +1222,7 @@ class PostgresStore(OutboxStore):
         self, acceptance_id: str, owner: str, now: float, lease_until: float
     ) -> bool:
         """Take a ``processing`` acceptance whose lease expired over for ``owner``."""
-        statement = self._sql(
-            "UPDATE {s}.acceptances SET lease_owner = %s, lease_until = %s"
-            " WHERE id = %s AND state = 'processing' AND (lease_until IS NULL OR lease_until < %s)"
-        )
+        statement = self._q["take_over_acceptance"]
         return self._run(
             "taking an acceptance over",
             lambda cur: (
@@ -1986,12 +1245,14 @@ class PostgresStore(OutboxStore):
         """Record the outcome, and for a booking its documents (waking the workers on
         commit) and emission problems, in one transaction, while ``owner`` holds the lease;
         else return the record."""
-        select = self._sql(_ACCEPTANCE + " WHERE id = %s FOR UPDATE")
         params = [self._insert_params(r) for r in rows]
         wake = self._notify and any(r.state == "pending" for r in rows)
+        q = self._q
 
         def body(cur: _Cursor) -> AcceptanceRecord | None:
-            found = AcceptanceRecord.of_row(cur.execute(select, (acceptance_id,)).fetchone())
+            found = AcceptanceRecord.of_row(
+                cur.execute(q["lock_acceptance"], (acceptance_id,)).fetchone()
+            )
             if found is None:
                 raise StoreError(f"acceptance {acceptance_id} is not in the store")
             ours = found.state == "processing" and found.lease_owner == owner
@@ -2000,73 +1261,31 @@ class PostgresStore(OutboxStore):
                 return found
             if state == "booked":
                 held = cur.execute(
-                    self._sql(
-                        "UPDATE {s}.offers SET accepted_by = %s WHERE id = %s"
-                        " AND (accepted_by IS NULL OR accepted_by = %s)"
-                    ),
-                    (acceptance_id, found.offer_id, acceptance_id),
+                    q["hold_offer"], (acceptance_id, found.offer_id, acceptance_id)
                 ).rowcount
                 if held == 0:  # released, and another acceptance holds the offer now
                     return found
             else:
-                cur.execute(
-                    self._sql(
-                        "UPDATE {s}.offers SET accepted_by = NULL WHERE id = %s"
-                        " AND accepted_by = %s"
-                    ),
-                    (found.offer_id, acceptance_id),
-                )
-            cur.execute(
-                self._sql(
-                    "UPDATE {s}.acceptances SET state = %s, result = %s, updated_at = %s,"
-                    " lease_owner = NULL, lease_until = NULL WHERE id = %s"
-                ),
-                (state, result, now, acceptance_id),
-            )
+                cur.execute(q["release_offer"], (found.offer_id, acceptance_id))
+            cur.execute(q["finish_acceptance"], (state, result, now, acceptance_id))
             if params:
-                cur.executemany(self._sql(_INSERT), params)
+                cur.executemany(q["insert_row"], params)
                 if wake:
-                    cur.execute(self._sql(f"NOTIFY {self.channel}"))
+                    cur.execute(q["notify_work"])
             if problems:
-                cur.executemany(self._sql(_INSERT_PROBLEM), [p.row() for p in problems])
+                cur.executemany(q["insert_problem"], [p.row() for p in problems])
             return None
 
         return self._run("recording an acceptance", body, write=True)
 
-    def _insert_params(self, r: NewRow) -> tuple[Any, ...]:
-        return (
-            r.msg_id,
-            r.terms_id,
-            r.customer_ref,
-            r.transaction_id,
-            r.standard,
-            r.document_type,
-            r.destination,
-            r.body,
-            r.created_at,
-            r.state,
-            r.next_attempt_at,
-            self._ordering_key(r),
-            r.model,
-        )
-
     def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
         """The acceptance with that id, or None."""
-        found = self._read(
-            "reading an acceptance",
-            _ACCEPTANCE + " WHERE id = %s",
-            (acceptance_id,),
-        )
+        found = self._read("reading an acceptance", "get_acceptance", (acceptance_id,))
         return AcceptanceRecord.of_row(found[0]) if found else None
 
     def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
         """``processing`` acceptances whose lease expired before ``now``, oldest first."""
-        found = self._read(
-            "reading stalled acceptances",
-            _ACCEPTANCE + " WHERE state = 'processing'"
-            " AND (lease_until IS NULL OR lease_until < %s) ORDER BY created_at, id LIMIT %s",
-            (now, limit),
-        )
+        found = self._read("reading stalled acceptances", "stalled_acceptances", (now, limit))
         return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
 
     def add_emission_problems(
@@ -2076,7 +1295,7 @@ class PostgresStore(OutboxStore):
         params = [p.row() for p in problems]
         if not params:
             return
-        statement = self._sql(_INSERT_PROBLEM)
+        statement = self._q["insert_problem"]
 
         def body(cur: _Cursor) -> None:
             cur.executemany(statement, params)
@@ -2088,33 +1307,12 @@ class PostgresStore(OutboxStore):
 
     def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
         """Emission problems, newest first."""
-        found = self._read(
-            "reading emission problems",
-            "SELECT transaction_id, terms_id, customer_ref, standard, reason, created_at,"
-            " transaction_json FROM {s}.emission_problems ORDER BY seq DESC LIMIT %s",
-            (limit,),
-        )
+        found = self._read("reading emission problems", "emission_problems", (limit,))
         return [EmissionProblem(*r) for r in found]
 
     def count_emission_problems(self) -> int:
         """How many emission problems are kept."""
-        found = self._read(
-            "counting emission problems", "SELECT count(*) FROM {s}.emission_problems"
-        )
-        return int(found[0][0])
-
-
-_ACCEPTANCE = (
-    "SELECT id, offer_id, state, result, intermediary, acceptance, hold, lease_owner,"
-    " lease_until FROM {s}.acceptances"
-)
-
-_HELD_BY = " WHERE id = (SELECT o.accepted_by FROM {s}.offers o WHERE o.id = %s)"
-
-_INSERT_PROBLEM = (
-    "INSERT INTO {s}.emission_problems (transaction_id, terms_id, customer_ref, standard,"
-    " reason, created_at, transaction_json) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-)
+        return int(self._read("counting emission problems", "count_emission_problems")[0][0])
 
 
 def _sqlalchemy_driver(connection: object) -> object:

@@ -8,15 +8,15 @@ own connection (one per thread), batching rows into one commit wherever it can.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
@@ -32,10 +32,9 @@ from cmi_sdk._exceptions import (
     TermsNotFoundError,
 )
 from cmi_sdk._files import create_private_file, private_directory, warn_if_shared
-from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
-from cmi_sdk._secrets import SecretsKeyring, seal_secret
+from cmi_sdk._models import ConsentRecord, Link, SharingTerms
+from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk.outbox import (
-    STATES,
     AcceptanceClaim,
     AcceptanceRecord,
     AcceptanceState,
@@ -47,252 +46,40 @@ from cmi_sdk.outbox import (
     OutboxStatus,
     OutboxStore,
     SeenMessage,
-    State,
     StoredOffer,
 )
 from cmi_sdk.outbox import _intermediaries as intermediaries
 from cmi_sdk.outbox._intermediaries import Intermediary
+from cmi_sdk.outbox._migrations import SCHEMA_VERSION, pending, statements
 from cmi_sdk.outbox._params import CompletionParams, offer_row
-from cmi_sdk.outbox._rows import link_of_row, terms_of_row
+from cmi_sdk.outbox._queries import filtered, queries
+from cmi_sdk.outbox._rows import (
+    ATTEMPT_OUTCOMES,
+    attempt_of_row,
+    claim_params,
+    consent_params,
+    digest_groups,
+    intermediary_of_row,
+    link_of_row,
+    need_keyring,
+    outbox_row,
+    revoked_terms_json,
+    row_params,
+    status_of,
+    stored_offer_of_row,
+    terms_of_row,
+    terms_params,
+)
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 7
+_Q = queries("sqlite")
 
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cmi_meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cmi_terms (
-    id TEXT PRIMARY KEY,
-    customer_ref TEXT NOT NULL,
-    intermediary TEXT,
-    terms TEXT NOT NULL,
-    secret TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    until REAL,
-    revoked_at REAL
-);
-CREATE INDEX IF NOT EXISTS cmi_terms_customer ON cmi_terms (customer_ref);
-CREATE TABLE IF NOT EXISTS cmi_consent (
-    id TEXT PRIMARY KEY,
-    terms_id TEXT NOT NULL REFERENCES cmi_terms (id),
-    event TEXT NOT NULL,
-    issued_at REAL NOT NULL,
-    record TEXT NOT NULL,
-    xml BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS cmi_consent_terms ON cmi_consent (terms_id, issued_at);
-CREATE TABLE IF NOT EXISTS cmi_outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    msg_id TEXT NOT NULL UNIQUE,
-    terms_id TEXT NOT NULL,
-    customer_ref TEXT NOT NULL,
-    transaction_id TEXT NOT NULL,
-    standard TEXT NOT NULL,
-    document_type TEXT NOT NULL,
-    destination TEXT,
-    body BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL,
-    lease_owner TEXT,
-    lease_until REAL,
-    last_status INTEGER,
-    last_error TEXT,
-    delivered_at REAL,
-    dead_at REAL,
-    model TEXT
-);
-CREATE INDEX IF NOT EXISTS cmi_outbox_due ON cmi_outbox (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS cmi_outbox_terms ON cmi_outbox (terms_id, seq);
-CREATE TABLE IF NOT EXISTS cmi_attempts (
-    msg_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    owner TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL NOT NULL,
-    outcome TEXT NOT NULL,
-    status INTEGER,
-    error TEXT,
-    next_attempt_at REAL
-);
-CREATE INDEX IF NOT EXISTS cmi_attempts_msg ON cmi_attempts (msg_id);
-CREATE TABLE IF NOT EXISTS cmi_destinations (
-    url TEXT PRIMARY KEY,
-    disabled_at REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cmi_intermediaries (
-    name TEXT PRIMARY KEY,
-    secrets TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    revoked_at REAL,
-    generation INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS cmi_offers (
-    id TEXT PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    customer_ref TEXT NOT NULL,
-    intermediary TEXT,
-    offer TEXT NOT NULL,
-    request TEXT NOT NULL,
-    xml BLOB NOT NULL,
-    valid_until REAL NOT NULL,
-    created_at REAL NOT NULL
-);
--- No reader looks offers up by request: an index would only slow every insert.
-DROP INDEX IF EXISTS cmi_offers_request;
-CREATE TABLE IF NOT EXISTS cmi_acceptances (
-    id TEXT PRIMARY KEY,
-    offer_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    result TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cmi_seen (
-    party TEXT NOT NULL,
-    msg_id TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (party, msg_id)
-);
-CREATE INDEX IF NOT EXISTS cmi_seen_expiry ON cmi_seen (expires_at);
--- Version 5: service links. A reference is unique per intermediary, not across them.
-CREATE TABLE IF NOT EXISTS cmi_links (
-    id TEXT PRIMARY KEY,
-    account TEXT NOT NULL,
-    intermediary TEXT NOT NULL,
-    customer_ref TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    revoked_at REAL,
-    UNIQUE (intermediary, customer_ref)
-);
-CREATE INDEX IF NOT EXISTS cmi_links_account ON cmi_links (account);
-CREATE TABLE IF NOT EXISTS cmi_link_codes (
-    hash TEXT PRIMARY KEY,
-    account TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    used_at REAL,
-    link_id TEXT
-);
-CREATE INDEX IF NOT EXISTS cmi_link_codes_expiry ON cmi_link_codes (expires_at);
--- Version 6: documents that could not be made, kept for the operator.
-CREATE TABLE IF NOT EXISTS cmi_emission_problems (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    transaction_id TEXT NOT NULL,
-    terms_id TEXT NOT NULL,
-    customer_ref TEXT NOT NULL,
-    standard TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    transaction_json TEXT NOT NULL
-);
-"""
-
-# What a document for an account goes out under: the firm's direct terms for the account,
-# and the terms of each of its active links; for an intermediary's reference, what its
-# linked account gets, or, unlinked, only that intermediary's own terms for it.
-_RECIPIENTS = (
-    "WITH account (id) AS (SELECT :ref WHERE :intermediary IS NULL UNION ALL"
-    " SELECT account FROM cmi_links WHERE intermediary = :intermediary"
-    " AND customer_ref = :ref AND revoked_at IS NULL)"
-    " SELECT t.terms, t.secret, t.created_at, t.id FROM account a JOIN cmi_terms t"
-    " ON t.customer_ref = a.id AND t.intermediary IS NULL WHERE {active}"
-    " UNION ALL SELECT t.terms, t.secret, t.created_at, t.id FROM account a"
-    " JOIN cmi_links l ON l.account = a.id AND l.revoked_at IS NULL JOIN cmi_terms t"
-    " ON t.intermediary = l.intermediary AND t.customer_ref = l.customer_ref WHERE {active}"
-    " UNION ALL SELECT t.terms, t.secret, t.created_at, t.id FROM cmi_terms t"
-    " WHERE t.intermediary = :intermediary AND t.customer_ref = :ref AND {active}"
-    " AND NOT EXISTS (SELECT 1 FROM account) ORDER BY 3, 4"
-).replace("{active}", "t.revoked_at IS NULL AND (t.until IS NULL OR t.until > :now)")
-
-_LINK_COLUMNS = "id, account, intermediary, customer_ref, created_at, revoked_at"
-
-# Version 6: an acceptance carries its lease, the acceptance itself and its hold (for
-# recovery after a crash), and an offer names the one acceptance that holds it.
-_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("cmi_outbox", "model", "TEXT"),
-    ("cmi_acceptances", "intermediary", "TEXT"),
-    ("cmi_acceptances", "acceptance", "TEXT"),
-    ("cmi_acceptances", "hold", "TEXT"),
-    ("cmi_acceptances", "lease_owner", "TEXT"),
-    ("cmi_acceptances", "lease_until", "REAL"),
-    ("cmi_offers", "accepted_by", "TEXT"),
-    # Version 7: intermediaries can be revoked, and each change of their row counts.
-    ("cmi_intermediaries", "revoked_at", "REAL"),
-    ("cmi_intermediaries", "generation", "INTEGER NOT NULL DEFAULT 0"),
-)
-
-# An offer accepted more than once before version 6 is held by its first live acceptance;
-# the others keep their answers (a retry of theirs still gets them).
-_BACKFILL_ACCEPTED_BY = """
-UPDATE cmi_offers SET accepted_by = (SELECT a.id FROM cmi_acceptances a
-    WHERE a.offer_id = cmi_offers.id AND a.state IN ('processing', 'booked')
-    ORDER BY a.created_at, a.id LIMIT 1)
-WHERE accepted_by IS NULL
-"""
-
-_ACCEPTANCE_COLUMNS = (
-    "id, offer_id, state, result, intermediary, acceptance, hold, lease_owner, lease_until"
-)
-
-_ROW_COLUMNS = (
-    "seq, msg_id, terms_id, customer_ref, transaction_id, standard, document_type,"
-    " destination, body, created_at, state, attempts, next_attempt_at, lease_owner,"
-    " lease_until, last_status, last_error, delivered_at"
-)
-
-_INSERT = (
-    "INSERT OR IGNORE INTO cmi_outbox (msg_id, terms_id, customer_ref, transaction_id,"
-    " standard, document_type, destination, body, created_at, state, next_attempt_at, model)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def _row(values: Sequence[Any]) -> OutboxRow:
-    return OutboxRow(
-        seq=values[0],
-        msg_id=values[1],
-        terms_id=values[2],
-        customer_ref=values[3],
-        transaction_id=values[4],
-        standard=values[5],
-        document_type=values[6],
-        destination=values[7],
-        body=bytes(values[8]),
-        created_at=values[9],
-        state=cast(State, values[10]),
-        attempts=values[11],
-        next_attempt_at=values[12],
-        lease_owner=values[13],
-        lease_until=values[14],
-        last_status=values[15],
-        last_error=values[16],
-        delivered_at=values[17],
-    )
-
-
-def _params(r: NewRow) -> tuple[Any, ...]:
-    return (
-        r.msg_id,
-        r.terms_id,
-        r.customer_ref,
-        r.transaction_id,
-        r.standard,
-        r.document_type,
-        r.destination,
-        r.body,
-        r.created_at,
-        r.state,
-        r.next_attempt_at,
-        r.model,
-    )
+# SQLite has no ADD COLUMN IF NOT EXISTS: the migrations' ADD COLUMN is skipped where the
+# column is there already (a store made before migrations were numbered).
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+) ", re.IGNORECASE)
 
 
 def path_from_url(url: str) -> Path:
@@ -428,7 +215,7 @@ class SQLiteStore(OutboxStore):
             )
         # Checked on every call (a few microseconds): connections cannot be weakly
         # referenced, and an id() could be reused by a connection to another file.
-        rows = connection.execute("PRAGMA database_list").fetchall()
+        rows = connection.execute(_Q["database_list"]).fetchall()
         main = next((r[2] for r in rows if r[1] == "main"), "")
         if os.path.realpath(main or ":memory:") != self._real:
             raise ConfigurationError(
@@ -452,81 +239,70 @@ class SQLiteStore(OutboxStore):
             raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
 
     def migrate(self) -> None:
-        """Create the tables when missing; idempotent.
+        """Apply the numbered migrations the file lacks, in order, in one transaction
+        (creating the tables in a new file); idempotent.
 
-        When they are there already, nothing is written: a firm that opens the store with
+        When the tables are current, nothing is written: a firm that opens the store with
         its own write transaction open on the same file (the first ``emit`` inside it) must
         not wait for itself.
         """
         self._create_file()
         conn = self._conn()
-        try:
-            found = conn.execute(
-                "SELECT value FROM sqlite_master JOIN cmi_meta ON key = 'schema_version'"
-                " WHERE type = 'table' AND name = 'cmi_outbox'"
-            ).fetchone()
-        except sqlite3.OperationalError:
-            found = None  # no cmi_meta table yet
-        if found is not None and int(found[0]) >= SCHEMA_VERSION:
+        if self._version(conn) >= SCHEMA_VERSION:
             return
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            for table, column, kind in _ADDED_COLUMNS:  # a store made by an earlier version
-                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                if column not in columns:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            conn.execute(_BACKFILL_ACCEPTED_BY)
-            conn.execute(
-                "INSERT OR REPLACE INTO cmi_meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            current = self._version(conn)  # another process may have migrated meanwhile
+            legacy = current == 0 and self._legacy(conn)
+            conn.execute(_Q["create_migrations_table"])
+            now = time.time()
+            for migration in pending("sqlite", current):
+                for statement in statements(migration.script):
+                    self._apply(conn, statement)
+                conn.execute(_Q["record_migration"], (migration.version, migration.name, now))
+            if legacy:
+                conn.execute(_Q["drop_legacy_version"])
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreError(f"cannot create the tables in {self.path}: {exc}") from exc
 
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        try:
+            found = conn.execute(_Q["migration_version"]).fetchone()
+        except sqlite3.OperationalError:
+            return 0  # no migrations table yet
+        return int(found[0] or 0)
+
+    @staticmethod
+    def _legacy(conn: sqlite3.Connection) -> bool:
+        try:
+            return conn.execute(_Q["legacy_version"]).fetchone() is not None
+        except sqlite3.OperationalError:
+            return False  # a new file
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, statement: str) -> None:
+        added = _ADD_COLUMN.match(statement.strip())
+        if added is not None:
+            table, column = added.groups()
+            if column in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                return
+        conn.execute(statement)
+
     # -- terms and consent ----------------------------------------------------------------
 
     def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
         """Keep accepted terms and their consent record, in one transaction."""
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO cmi_terms (id, customer_ref, intermediary, terms, secret,"
-                " created_at, until, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                (
-                    terms.id,
-                    terms.customer_ref,
-                    terms.intermediary,
-                    json.dumps(terms.public_dict()),
-                    seal_secret(self.keyring, terms.secret, context=f"terms:{terms.id}"),
-                    terms.created_at.timestamp(),
-                    None if terms.until is None else terms.until.timestamp(),
-                ),
-            )
-            self._add_consent(conn, consent, consent_xml)
-
-    @staticmethod
-    def _add_consent(conn: sqlite3.Connection, consent: ConsentRecord, xml: bytes) -> None:
-        conn.execute(
-            "INSERT INTO cmi_consent (id, terms_id, event, issued_at, record, xml)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                consent.id,
-                consent.terms_id,
-                consent.event,
-                consent.issued_at.timestamp(),
-                consent.model_dump_json(),
-                xml,
-            ),
-        )
+            conn.execute(_Q["insert_terms"], terms_params(terms, self.keyring))
+            conn.execute(_Q["insert_consent"], consent_params(consent, consent_xml))
 
     def get_terms(self, terms_id: str) -> SharingTerms:
         """The terms with that id, revoked or not."""
-        rows = self._read("SELECT terms, secret FROM cmi_terms WHERE id = ?", (terms_id,))
+        rows = self._read(_Q["get_terms"], (terms_id,))
         if not rows:
             raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
         return terms_of_row(rows[0], self.keyring)
@@ -539,20 +315,13 @@ class SQLiteStore(OutboxStore):
         include_revoked: bool = False,
     ) -> list[SharingTerms]:
         """Terms, oldest first."""
-        sql = "SELECT terms, secret FROM cmi_terms WHERE 1 = 1"
-        params: list[Any] = []
-        if customer_ref is not None:
-            sql += " AND customer_ref = ?"
-            params.append(customer_ref)
-        if intermediary is not None:
-            sql += " AND intermediary = ?"
-            params.append(intermediary)
-        if not include_revoked:
-            sql += " AND revoked_at IS NULL"
-        return [
-            terms_of_row(r, self.keyring)
-            for r in self._read(sql + " ORDER BY created_at, id", params)
-        ]
+        sql, params = filtered(
+            _Q["list_terms"],
+            "?",
+            (("customer_ref", customer_ref), ("intermediary", intermediary)),
+            include_revoked=include_revoked,
+        )
+        return [terms_of_row(r, self.keyring) for r in self._read(sql, params)]
 
     def active_terms(
         self,
@@ -566,9 +335,9 @@ class SQLiteStore(OutboxStore):
         ``intermediary``, for that intermediary's reference) goes out under at ``now``."""
         params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
         if connection is not None:
-            rows = self._caller(connection).execute(_RECIPIENTS, params).fetchall()
+            rows = self._caller(connection).execute(_Q["recipients"], params).fetchall()
         else:
-            rows = self._read(_RECIPIENTS, params)
+            rows = self._read(_Q["recipients"], params)
         return [terms_of_row(r, self.keyring) for r in rows]
 
     def revoke_terms(
@@ -576,35 +345,27 @@ class SQLiteStore(OutboxStore):
     ) -> int:
         """Revoke terms, keep the consent record, cancel their undelivered rows."""
         with self._write() as conn:
-            found = conn.execute(
-                "SELECT revoked_at, terms FROM cmi_terms WHERE id = ?", (terms_id,)
-            ).fetchone()
+            found = conn.execute(_Q["terms_to_revoke"], (terms_id,)).fetchone()
             if found is None:
                 raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
             if found[0] is not None:
                 raise TermsError(f"terms {terms_id} are already revoked")
-            data = json.loads(found[1])
-            data["revoked_at"] = consent.issued_at.isoformat()
-            conn.execute(
-                "UPDATE cmi_terms SET revoked_at = ?, terms = ? WHERE id = ?",
-                (at, json.dumps(data), terms_id),
-            )
-            self._add_consent(conn, consent, consent_xml)
-            # Rows being sent right now are cancelled too: their result is then not recorded
-            # over the cancellation (see complete()).
-            return conn.execute(
-                "UPDATE cmi_outbox SET state = 'cancelled', last_error = 'terms revoked',"
-                " lease_owner = NULL, lease_until = NULL"
-                " WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased', 'digest')",
-                (terms_id,),
-            ).rowcount
+            return self._revoke(conn, found[1], at, consent, consent_xml)
+
+    @staticmethod
+    def _revoke(
+        conn: sqlite3.Connection, text: str, at: float, consent: ConsentRecord, xml: bytes
+    ) -> int:
+        """Mark terms revoked, keep the record, and cancel their rows; how many were."""
+        terms_json = revoked_terms_json(text, consent)
+        conn.execute(_Q["revoke_terms"], (at, terms_json, consent.terms_id))
+        conn.execute(_Q["insert_consent"], consent_params(consent, xml))
+        cancelled: int = conn.execute(_Q["cancel_terms_rows"], (consent.terms_id,)).rowcount
+        return cancelled
 
     def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
         """The consent records of the terms, oldest first, with their signed documents."""
-        rows = self._read(
-            "SELECT record, xml FROM cmi_consent WHERE terms_id = ? ORDER BY issued_at, rowid",
-            (terms_id,),
-        )
+        rows = self._read(_Q["consent_records"], (terms_id,))
         return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
 
     # -- service links --------------------------------------------------------------------
@@ -614,15 +375,8 @@ class SQLiteStore(OutboxStore):
     ) -> None:
         """Keep a link code's hash; codes that expired unredeemed are dropped meanwhile."""
         with self._write() as conn:
-            conn.execute(
-                "DELETE FROM cmi_link_codes WHERE expires_at < ? AND used_at IS NULL",
-                (created_at,),
-            )
-            conn.execute(
-                "INSERT INTO cmi_link_codes (hash, account, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?)",
-                (code_hash, account, created_at, expires_at),
-            )
+            conn.execute(_Q["drop_expired_link_codes"], (created_at,))
+            conn.execute(_Q["insert_link_code"], (code_hash, account, created_at, expires_at))
 
     def redeem_link_code(
         self, code_hash: str, *, intermediary: str, link_id: str, customer_ref: str, now: float
@@ -632,25 +386,19 @@ class SQLiteStore(OutboxStore):
         with self._write() as conn:
             # One writer at a time (BEGIN IMMEDIATE): of two redemptions, the second finds
             # the code used.
-            found = conn.execute(
-                "UPDATE cmi_link_codes SET used_at = ?, link_id = ? WHERE hash = ?"
-                " AND used_at IS NULL AND expires_at > ? RETURNING account",
-                (now, link_id, code_hash, now),
-            ).fetchone()
+            found = conn.execute(_Q["use_link_code"], (now, link_id, code_hash, now)).fetchone()
             if found is None:
                 return None
+            values = (link_id, found[0], intermediary, customer_ref, now, None)
             try:
-                conn.execute(
-                    f"INSERT INTO cmi_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
-                    (link_id, found[0], intermediary, customer_ref, now),
-                )
+                conn.execute(_Q["insert_link"], values)
             except sqlite3.IntegrityError as exc:  # the code stays unused (rolled back)
                 raise StoreError(f"cannot make link {link_id}: {exc}") from None
-        return link_of_row((link_id, found[0], intermediary, customer_ref, now, None))
+        return link_of_row(values)
 
     def get_link(self, link_id: str) -> Link:
         """The link with that id, revoked or not."""
-        found = self._read(f"SELECT {_LINK_COLUMNS} FROM cmi_links WHERE id = ?", (link_id,))
+        found = self._read(_Q["get_link"], (link_id,))
         if not found:
             raise LinkNotFoundError(f"no link {link_id!r}")
         return link_of_row(found[0])
@@ -663,17 +411,13 @@ class SQLiteStore(OutboxStore):
         include_revoked: bool = False,
     ) -> list[Link]:
         """Links, oldest first."""
-        sql = f"SELECT {_LINK_COLUMNS} FROM cmi_links WHERE 1 = 1"
-        params: list[Any] = []
-        if account is not None:
-            sql += " AND account = ?"
-            params.append(account)
-        if intermediary is not None:
-            sql += " AND intermediary = ?"
-            params.append(intermediary)
-        if not include_revoked:
-            sql += " AND revoked_at IS NULL"
-        return [link_of_row(r) for r in self._read(sql + " ORDER BY created_at, id", params)]
+        sql, params = filtered(
+            _Q["list_links"],
+            "?",
+            (("account", account), ("intermediary", intermediary)),
+            include_revoked=include_revoked,
+        )
+        return [link_of_row(r) for r in self._read(sql, params)]
 
     def revoke_link(
         self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
@@ -681,57 +425,35 @@ class SQLiteStore(OutboxStore):
         """Revoke the link and its terms named by ``revocations``, in one transaction."""
         cancelled = 0
         with self._write() as conn:
-            found = conn.execute(
-                "SELECT revoked_at, intermediary, customer_ref FROM cmi_links WHERE id = ?",
-                (link_id,),
-            ).fetchone()
+            found = conn.execute(_Q["link_to_revoke"], (link_id,)).fetchone()
             if found is None:
                 raise LinkNotFoundError(f"no link {link_id!r}")
             if found[0] is not None:
                 raise LinkError(f"link {link_id} is already revoked")
             _, intermediary, customer_ref = found
-            conn.execute("UPDATE cmi_links SET revoked_at = ? WHERE id = ?", (at, link_id))
+            conn.execute(_Q["revoke_link"], (at, link_id))
             for consent, xml in revocations:
                 terms = conn.execute(
-                    "SELECT terms FROM cmi_terms WHERE id = ? AND intermediary = ?"
-                    " AND customer_ref = ? AND revoked_at IS NULL",
-                    (consent.terms_id, intermediary, customer_ref),
+                    _Q["linked_terms_to_revoke"], (consent.terms_id, intermediary, customer_ref)
                 ).fetchone()
-                if terms is None:
-                    continue  # revoked meanwhile, with its own record
-                data = json.loads(terms[0])
-                data["revoked_at"] = consent.issued_at.isoformat()
-                conn.execute(
-                    "UPDATE cmi_terms SET revoked_at = ?, terms = ? WHERE id = ?",
-                    (at, json.dumps(data), consent.terms_id),
-                )
-                self._add_consent(conn, consent, xml)
-                cancelled += conn.execute(
-                    "UPDATE cmi_outbox SET state = 'cancelled', last_error = 'terms revoked',"
-                    " lease_owner = NULL, lease_until = NULL"
-                    " WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased', 'digest')",
-                    (consent.terms_id,),
-                ).rowcount
-            late = conn.execute(
-                "SELECT id FROM cmi_terms WHERE intermediary = ? AND customer_ref = ?"
-                " AND revoked_at IS NULL ORDER BY created_at, id",
-                (intermediary, customer_ref),
-            ).fetchall()
+                if terms is not None:  # else revoked meanwhile, with its own record
+                    cancelled += self._revoke(conn, terms[0], at, consent, xml)
+            late = conn.execute(_Q["linked_terms_left"], (intermediary, customer_ref)).fetchall()
         return cancelled, [r[0] for r in late]
 
     # -- outbox ---------------------------------------------------------------------------
 
     def insert(self, rows: Sequence[NewRow], *, connection: object | None = None) -> int:
         """Write rows; with ``connection``, inside the caller's transaction (not committed)."""
-        params = [_params(r) for r in rows]
+        params = [row_params(r) for r in rows]
         if connection is not None:
             conn = self._caller(connection)
             before = conn.total_changes
-            conn.executemany(_INSERT, params)
+            conn.executemany(_Q["insert_row"], params)
             return conn.total_changes - before
         with self._write() as own:
             before = own.total_changes
-            own.executemany(_INSERT, params)
+            own.executemany(_Q["insert_row"], params)
             return own.total_changes - before
 
     def claim(
@@ -755,35 +477,20 @@ class SQLiteStore(OutboxStore):
             )
         with self._write(durable=False) as conn:
             rows = conn.execute(
-                f"UPDATE cmi_outbox SET state = 'leased', lease_owner = ?, lease_until = ?"
-                f" WHERE seq IN (SELECT seq FROM cmi_outbox"
-                f" WHERE (state IN ('pending', 'retry') AND next_attempt_at <= ?)"
-                f" OR (state = 'leased' AND lease_until < ?)"
-                f" ORDER BY next_attempt_at, seq LIMIT ?) RETURNING {_ROW_COLUMNS}",
-                (owner, now + lease_seconds, now, now, limit),
+                _Q["claim"], (owner, now + lease_seconds, now, now, limit)
             ).fetchall()
-        return sorted((_row(r) for r in rows), key=lambda r: r.seq)
+        return sorted((outbox_row(r) for r in rows), key=lambda r: r.seq)
 
     def heartbeat(self, *, owner: str, msg_ids: Sequence[str], lease_until: float) -> None:
         """Extend ``owner``'s leases on ``msg_ids``."""
         with self._write(durable=False) as conn:
-            conn.executemany(
-                "UPDATE cmi_outbox SET lease_until = ? WHERE msg_id = ? AND lease_owner = ?"
-                " AND state = 'leased'",
-                [(lease_until, m, owner) for m in msg_ids],
-            )
+            conn.executemany(_Q["heartbeat"], [(lease_until, m, owner) for m in msg_ids])
 
     def cancel(self, *, owner: str, msg_ids: Sequence[str], reason: str) -> int:
         """Cancel the rows of ``msg_ids`` that ``owner`` leases; return how many."""
         with self._write() as conn:
             return sum(
-                conn.execute(
-                    "UPDATE cmi_outbox SET state = 'cancelled', last_error = ?,"
-                    " lease_owner = NULL, lease_until = NULL"
-                    " WHERE msg_id = ? AND lease_owner = ? AND state = 'leased'",
-                    (reason, m, owner),
-                ).rowcount
-                for m in msg_ids
+                conn.execute(_Q["cancel_leased"], (reason, m, owner)).rowcount for m in msg_ids
             )
 
     def complete(self, results: Sequence[AttemptResult]) -> None:
@@ -791,58 +498,15 @@ class SQLiteStore(OutboxStore):
         if not results:
             return
         params = CompletionParams.of(results)
-        delivered, retry, dead = params.delivered, params.retry, params.dead
         with self._write(durable=False) as conn:
-            conn.executemany(
-                "INSERT INTO cmi_attempts (msg_id, attempt, owner, started_at, finished_at,"
-                " outcome, status, error, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params.attempts,
-            )
-            # A receiver's 2xx is a fact whoever holds the lease now; only a cancelled row
-            # keeps its state (its terms were revoked meanwhile).
-            conn.executemany(
-                "UPDATE cmi_outbox SET state = 'delivered', delivered_at = ?, attempts = ?,"
-                " last_status = ?, last_error = NULL, lease_owner = NULL,"
-                " lease_until = NULL WHERE msg_id = ? AND state IN"
-                " ('leased', 'pending', 'retry', 'dead')",
-                delivered,
-            )
-            # A failure is recorded only by the worker that still holds the lease.
-            conn.executemany(
-                "UPDATE cmi_outbox SET state = 'retry', next_attempt_at = ?, attempts = ?,"
-                " last_status = ?, last_error = ?, lease_owner = NULL,"
-                " lease_until = NULL WHERE msg_id = ? AND lease_owner = ?"
-                " AND state = 'leased'",
-                retry,
-            )
-            conn.executemany(
-                "UPDATE cmi_outbox SET state = 'dead', dead_at = ?, attempts = ?, last_status = ?,"
-                " last_error = ?, lease_owner = NULL, lease_until = NULL,"
-                " next_attempt_at = NULL WHERE msg_id = ? AND lease_owner = ?"
-                " AND state = 'leased'",
-                dead,
-            )
+            conn.executemany(_Q["insert_attempt"], params.attempts)
+            conn.executemany(_Q["mark_delivered"], params.delivered)
+            conn.executemany(_Q["mark_retry"], params.retry)
+            conn.executemany(_Q["mark_dead"], params.dead)
 
     def due_digests(self, now: float) -> list[DigestGroup]:
         """The ``digest`` rows whose window ended by ``now``, by terms and window."""
-        found = self._read(
-            "SELECT terms_id, next_attempt_at, msg_id, model FROM cmi_outbox"
-            " WHERE state = 'digest' AND next_attempt_at <= ? ORDER BY terms_id,"
-            " next_attempt_at, seq",
-            (now,),
-        )
-        groups: dict[tuple[str, float], list[tuple[str, str]]] = {}
-        for terms_id, due, msg_id, model in found:
-            groups.setdefault((terms_id, due), []).append((msg_id, model))
-        return [
-            DigestGroup(
-                terms_id=terms_id,
-                due=due,
-                msg_ids=tuple(m for m, _ in rows),
-                models=tuple(d for _, d in rows),
-            )
-            for (terms_id, due), rows in groups.items()
-        ]
+        return digest_groups(self._read(_Q["due_digests"], (now,)))
 
     def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
         """Write the window's digest row and mark its sources merged (or release them)."""
@@ -850,110 +514,59 @@ class SQLiteStore(OutboxStore):
         with self._write() as conn:
             before = conn.total_changes
             if row is None:
-                conn.executemany(
-                    "UPDATE cmi_outbox SET state = 'pending' WHERE msg_id = ? AND state = 'digest'",
-                    marks,
-                )
+                conn.executemany(_Q["release_digest_row"], marks)
                 return conn.total_changes - before  # those still in the window only
-            conn.execute(_INSERT, _params(row))
-            conn.executemany(
-                "UPDATE cmi_outbox SET state = 'merged' WHERE msg_id = ? AND state = 'digest'",
-                marks,
-            )
+            conn.execute(_Q["insert_row"], row_params(row))
+            conn.executemany(_Q["merge_digest_row"], marks)
             return conn.total_changes - before
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or the next lease expires."""
-        rows = self._read(
-            "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM cmi_outbox"
-            " WHERE state IN ('pending', 'retry') UNION ALL SELECT MIN(lease_until)"
-            " FROM cmi_outbox WHERE state = 'leased')"
-        )
+        rows = self._read(_Q["next_due"])
         value = rows[0][0] if rows else None
         return None if value is None else float(value)
 
     def status(self, now: float) -> OutboxStatus:
         """Counts by state and the oldest pending row's age."""
-        counts: dict[str, int] = dict.fromkeys(STATES, 0)
-        counts.update(self._read("SELECT state, COUNT(*) FROM cmi_outbox GROUP BY state"))
-        oldest = self._read(
-            "SELECT MIN(created_at) FROM cmi_outbox WHERE state IN ('pending', 'retry', 'leased')"
-        )[0][0]
-        disabled = tuple(sorted(self.disabled_destinations()))
-        return OutboxStatus(
-            counts=counts,
-            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-            disabled_destinations=disabled,
-        )
+        counts = self._read(_Q["count_states"])
+        oldest = self._read(_Q["oldest_waiting"])[0][0]
+        return status_of(counts, oldest, self.disabled_destinations(), now)
 
     def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
         """Rows, newest first, optionally in one state."""
         if state is None:
-            found = self._read(
-                f"SELECT {_ROW_COLUMNS} FROM cmi_outbox ORDER BY seq DESC LIMIT ?", (limit,)
-            )
+            found = self._read(_Q["rows"], (limit,))
         else:
-            found = self._read(
-                f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE state = ? ORDER BY seq DESC LIMIT ?",
-                (state, limit),
-            )
-        return [_row(r) for r in found]
+            found = self._read(_Q["rows_in_state"], (state, limit))
+        return [outbox_row(r) for r in found]
 
     def get_row(self, msg_id: str) -> OutboxRow:
         """The row with that msg_id."""
-        found = self._read(f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE msg_id = ?", (msg_id,))
+        found = self._read(_Q["get_row"], (msg_id,))
         if not found:
             raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
-        return _row(found[0])
+        return outbox_row(found[0])
 
     def attempt_counts(self) -> dict[str, int]:
         """Delivery attempts ever recorded, by outcome."""
-        counts = dict.fromkeys(("delivered", "retry", "dead"), 0)
-        counts.update(self._read("SELECT outcome, COUNT(*) FROM cmi_attempts GROUP BY outcome"))
+        counts = dict.fromkeys(ATTEMPT_OUTCOMES, 0)
+        counts.update(self._read(_Q["attempt_counts"]))
         return counts
 
     def attempts(self, msg_id: str) -> list[AttemptResult]:
         """Every recorded attempt of a row, in order."""
-        found = self._read(
-            "SELECT msg_id, owner, attempt, started_at, finished_at, outcome, status, error,"
-            " next_attempt_at FROM cmi_attempts WHERE msg_id = ? ORDER BY rowid",
-            (msg_id,),
-        )
-        return [
-            AttemptResult(
-                msg_id=r[0],
-                owner=r[1],
-                attempt=r[2],
-                started_at=r[3],
-                finished_at=r[4],
-                outcome=r[5],
-                status=r[6],
-                error=r[7],
-                next_attempt_at=r[8],
-            )
-            for r in found
-        ]
+        return [attempt_of_row(r) for r in self._read(_Q["attempts"], (msg_id,))]
 
     def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
         """Make dead rows pending again, due now; attempts start again from zero."""
         if (msg_id is None) == (since is None):
             raise ValueError("redrive takes a msg_id or a since time, not both")
-        param: str | float | None
         with self._write() as conn:
-            if msg_id is not None:
-                state = conn.execute(
-                    "SELECT state FROM cmi_outbox WHERE msg_id = ?", (msg_id,)
-                ).fetchone()
-                if state is None:
-                    raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
-                where, param = "msg_id = ? AND state = 'dead'", msg_id
-            else:
-                where, param = "state = 'dead' AND dead_at >= ?", since
-            return conn.execute(
-                "UPDATE cmi_outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-                f" dead_at = NULL WHERE {where}",
-                (now, param),
-            ).rowcount
+            if msg_id is None:
+                return conn.execute(_Q["redrive_since"], (now, since)).rowcount
+            if conn.execute(_Q["row_state"], (msg_id,)).fetchone() is None:
+                raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
+            return conn.execute(_Q["redrive_one"], (now, msg_id)).rowcount
 
     def documents_since(self, terms_id: str, after: int, limit: int) -> list[OutboxRow]:
         """Documents emitted under the terms after the cursor ``after`` (a row's seq).
@@ -961,41 +574,31 @@ class SQLiteStore(OutboxStore):
         SQLite has one writer at a time, so rows commit in ``seq`` order and a cursor on it
         never skips a row that commits late.
         """
-        found = self._read(
-            f"SELECT {_ROW_COLUMNS} FROM cmi_outbox WHERE terms_id = ? AND seq > ?"
-            " AND state NOT IN ('cancelled', 'digest', 'merged') ORDER BY seq LIMIT ?",
-            (terms_id, min(after, _MAX_INTEGER), limit),
-        )
-        return [_row(r) for r in found]
+        found = self._read(_Q["documents_since"], (terms_id, min(after, _MAX_INTEGER), limit))
+        return [outbox_row(r) for r in found]
 
     # -- destinations, intermediaries, replay ---------------------------------------------
 
     def disable_destination(self, url: str, *, reason: str, at: float) -> None:
         """Stop delivering to ``url``."""
         with self._write() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO cmi_destinations (url, disabled_at, reason)"
-                " VALUES (?, ?, ?)",
-                (url, at, reason),
-            )
+            conn.execute(_Q["disable_destination"], (url, at, reason))
 
     def enable_destination(self, url: str) -> bool:
         """Deliver to ``url`` again; True if it was disabled."""
         with self._write() as conn:
-            return conn.execute("DELETE FROM cmi_destinations WHERE url = ?", (url,)).rowcount > 0
+            return conn.execute(_Q["enable_destination"], (url,)).rowcount > 0
 
     def disabled_destinations(self) -> dict[str, str]:
         """Disabled destinations and why."""
-        return dict(self._read("SELECT url, reason FROM cmi_destinations"))
+        return dict(self._read(_Q["disabled_destinations"]))
 
     def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
         """Register an intermediary, or add a secret to it (kept alongside the others, with
         no end). A revoked intermediary registered again starts afresh: its old secrets
         stay gone."""
         with self._write() as conn:
-            found = conn.execute(
-                "SELECT secrets, revoked_at FROM cmi_intermediaries WHERE name = ?", (name,)
-            ).fetchone()
+            found = conn.execute(_Q["intermediary_secrets"], (name,)).fetchone()
             held = [] if found is None or found[1] is not None else self._secrets_of(found, name)
             self._put_intermediary(conn, name, intermediaries.with_secret(held, secret), at)
 
@@ -1011,22 +614,15 @@ class SQLiteStore(OutboxStore):
         secrets: Sequence[intermediaries.IntermediarySecret],
         at: float,
     ) -> None:
-        conn.execute(
-            "INSERT INTO cmi_intermediaries (name, secrets, created_at, revoked_at, generation)"
-            " VALUES (?, ?, ?, NULL, 1) ON CONFLICT (name) DO UPDATE SET"
-            " secrets = excluded.secrets, revoked_at = NULL,"
-            " generation = cmi_intermediaries.generation + 1",
-            (name, intermediaries.encode(secrets, name, self.keyring), at),
-        )
+        encoded = intermediaries.encode(secrets, name, self.keyring)
+        conn.execute(_Q["put_intermediary"], (name, encoded, at))
 
     def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
         """Give an intermediary a new secret; its others work until ``grace_until``.
 
         :raises IntermediaryNotFoundError: no such intermediary, or it is revoked."""
         with self._write() as conn:
-            found = conn.execute(
-                "SELECT secrets, revoked_at FROM cmi_intermediaries WHERE name = ?", (name,)
-            ).fetchone()
+            found = conn.execute(_Q["intermediary_secrets"], (name,)).fetchone()
             if found is None or found[1] is not None:
                 raise IntermediaryNotFoundError(
                     intermediaries.not_active(name, known=found is not None)
@@ -1042,50 +638,28 @@ class SQLiteStore(OutboxStore):
 
         :raises IntermediaryNotFoundError: no such intermediary."""
         with self._write() as conn:
-            found = conn.execute(
-                "SELECT revoked_at FROM cmi_intermediaries WHERE name = ?", (name,)
-            ).fetchone()
+            found = conn.execute(_Q["intermediary_revoked"], (name,)).fetchone()
             if found is None:
                 raise IntermediaryNotFoundError(intermediaries.not_active(name, known=False))
             if found[0] is not None:
                 return False
-            conn.execute(
-                "UPDATE cmi_intermediaries SET secrets = '[]', revoked_at = ?,"
-                " generation = generation + 1 WHERE name = ?",
-                (at, name),
-            )
+            conn.execute(_Q["revoke_intermediary"], (at, name))
             return True
 
     def intermediary(self, name: str) -> Intermediary | None:
         """The intermediary with its secrets (opened), or None when unknown."""
-        found = self._read(
-            "SELECT name, created_at, secrets, revoked_at, generation FROM cmi_intermediaries"
-            " WHERE name = ?",
-            (name,),
-        )
-        return self._intermediary(found[0]) if found else None
-
-    def _intermediary(self, row: Sequence[Any]) -> Intermediary:
-        return Intermediary(
-            name=row[0],
-            created_at=row[1],
-            secrets=tuple(intermediaries.decode(row[2], row[0], self.keyring)),
-            revoked_at=row[3],
-            generation=row[4],
-        )
+        found = self._read(_Q["get_intermediary"], (name,))
+        return intermediary_of_row(found[0], self.keyring) if found else None
 
     def list_intermediaries(self) -> list[Intermediary]:
         """Every intermediary, revoked ones too, by name."""
-        found = self._read(
-            "SELECT name, created_at, secrets, revoked_at, generation FROM cmi_intermediaries"
-            " ORDER BY name"
-        )
-        return [self._intermediary(r) for r in found]
+        found = self._read(_Q["list_intermediaries"])
+        return [intermediary_of_row(r, self.keyring) for r in found]
 
     def intermediary_generation(self, name: str) -> int | None:
         """How many times the intermediary's row has changed (None when unknown): one read
         of a key, without opening any secret, for the endpoint to check on every request."""
-        found = self._read("SELECT generation FROM cmi_intermediaries WHERE name = ?", (name,))
+        found = self._read(_Q["intermediary_generation"], (name,))
         return int(found[0][0]) if found else None
 
     def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
@@ -1101,49 +675,36 @@ class SQLiteStore(OutboxStore):
         or sealed with an older key); return how many rows changed.
 
         :raises ConfigurationError: the store has no keyring, or a secret does not open."""
-        keyring = self._need_keyring()
+        keyring = need_keyring(self.keyring)
         changed = 0
         # The plain text a row held must not stay on disk in freed space: zero it, and
         # empty the WAL afterwards, so the file no longer holds any old copy.
         own = self._conn()
-        secure = own.execute("PRAGMA secure_delete").fetchone()[0]
+        secure = own.execute(_Q["secure_delete"]).fetchone()[0]
         own.execute("PRAGMA secure_delete=ON")
         try:
             changed = self._reseal(keyring)
         finally:
             own.execute(f"PRAGMA secure_delete={int(secure)}")
-        own.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        own.execute(_Q["checkpoint_wal"])
         return changed
 
     def _reseal(self, keyring: SecretsKeyring) -> int:
         changed = 0
         with self._write() as conn:
-            for terms_id, stored in conn.execute("SELECT id, secret FROM cmi_terms").fetchall():
+            for terms_id, stored in conn.execute(_Q["all_terms_secrets"]).fetchall():
                 if keyring.is_current(stored):
                     continue
                 where = f"terms:{terms_id}"
                 sealed = keyring.seal(keyring.open(stored, context=where), context=where)
-                conn.execute("UPDATE cmi_terms SET secret = ? WHERE id = ?", (sealed, terms_id))
+                conn.execute(_Q["update_terms_secret"], (sealed, terms_id))
                 changed += 1
-            for name, text in conn.execute(
-                "SELECT name, secrets FROM cmi_intermediaries"
-            ).fetchall():
+            for name, text in conn.execute(_Q["all_intermediary_secrets"]).fetchall():
                 resealed = intermediaries.reseal(text, name, keyring)
                 if resealed is not None:
-                    conn.execute(
-                        "UPDATE cmi_intermediaries SET secrets = ? WHERE name = ?",
-                        (resealed, name),
-                    )
+                    conn.execute(_Q["update_intermediary_secrets"], (resealed, name))
                     changed += 1
         return changed
-
-    def _need_keyring(self) -> SecretsKeyring:
-        if self.keyring is None:
-            raise ConfigurationError(
-                "no secrets key is configured: set CMI_SECRETS_KEY or CMI_SECRETS_KEY_FILE"
-                " (make a key with `cmi secrets generate-key`)"
-            )
-        return self.keyring
 
     def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
         """Record a message id accepted from ``party``; False when already seen.
@@ -1157,30 +718,20 @@ class SQLiteStore(OutboxStore):
         # Expired ids are purged at most once a second, through their index: a purge per
         # request would cost more as traffic grows.
         if message.now - self._purged >= 1.0:
-            conn.execute("DELETE FROM cmi_seen WHERE expires_at < ?", (message.now,))
+            conn.execute(_Q["purge_seen"], (message.now,))
             self._purged = message.now
-        # An id whose time is up counts as new, purged or not (as message_seen reads it).
-        inserted: int = conn.execute(
-            "INSERT INTO cmi_seen (party, msg_id, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (party, msg_id) DO UPDATE SET expires_at = excluded.expires_at"
-            " WHERE cmi_seen.expires_at < ?",
-            (message.party, message.msg_id, message.expires_at, message.now),
-        ).rowcount
+        params = (message.party, message.msg_id, message.expires_at, message.now)
+        inserted: int = conn.execute(_Q["remember_message"], params).rowcount
         return inserted == 1
 
     def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
         """Whether a message id from ``party`` is remembered and not expired at ``now``."""
-        return bool(
-            self._read(
-                "SELECT 1 FROM cmi_seen WHERE party = ? AND msg_id = ? AND expires_at >= ?",
-                (party, msg_id, now),
-            )
-        )
+        return bool(self._read(_Q["message_seen"], (party, msg_id, now)))
 
     def forget_message(self, party: str, msg_id: str) -> None:
         """Drop a message id: the request it came with was refused, and stores nothing."""
         with self._write(durable=False) as conn:
-            conn.execute("DELETE FROM cmi_seen WHERE party = ? AND msg_id = ?", (party, msg_id))
+            conn.execute(_Q["forget_message"], (party, msg_id))
 
     # -- offers and acceptances -----------------------------------------------------------
 
@@ -1198,26 +749,14 @@ class SQLiteStore(OutboxStore):
         with self._write(durable=False) as conn:
             if message is not None and not self._remember(conn, message):
                 raise ReplayedMessageError(f"message id {message.msg_id} was already used")
-            conn.executemany(
-                "INSERT INTO cmi_offers (id, request_id, customer_ref, intermediary, offer,"
-                " request, xml, valid_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            conn.executemany(_Q["insert_offer"], rows)
 
     def get_offer(self, offer_id: str) -> StoredOffer:
         """The offer with that id; raises OfferNotFoundError."""
-        found = self._read(
-            "SELECT offer, request, xml, intermediary FROM cmi_offers WHERE id = ?", (offer_id,)
-        )
+        found = self._read(_Q["get_offer"], (offer_id,))
         if not found:
             raise OfferNotFoundError(f"no offer {offer_id!r}")
-        offer, request, xml, intermediary = found[0]
-        return StoredOffer(
-            offer=Offer.model_validate_json(offer),
-            request=Request.model_validate_json(request),
-            xml=bytes(xml),
-            intermediary=intermediary,
-        )
+        return stored_offer_of_row(found[0])
 
     def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
         """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
@@ -1227,10 +766,7 @@ class SQLiteStore(OutboxStore):
         the offer's ``accepted_by`` change together or not at all."""
         with self._write() as conn:
             found = AcceptanceRecord.of_row(
-                conn.execute(
-                    f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?",
-                    (claim.acceptance_id,),
-                ).fetchone()
+                conn.execute(_Q["get_acceptance"], (claim.acceptance_id,)).fetchone()
             )
             if found is not None:
                 if found.offer_id != claim.offer_id:
@@ -1239,40 +775,15 @@ class SQLiteStore(OutboxStore):
                     )
                 if found.state != "released":
                     return found
-            holder = conn.execute(
-                "UPDATE cmi_offers SET accepted_by = ? WHERE id = ? AND accepted_by IS NULL",
-                (claim.acceptance_id, claim.offer_id),
-            ).rowcount
-            if holder == 0:
+            taken = conn.execute(_Q["take_offer"], (claim.acceptance_id, claim.offer_id))
+            if taken.rowcount == 0:
                 other = AcceptanceRecord.of_row(
-                    conn.execute(
-                        f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id ="
-                        " (SELECT accepted_by FROM cmi_offers WHERE id = ?)",
-                        (claim.offer_id,),
-                    ).fetchone()
+                    conn.execute(_Q["offer_holder"], (claim.offer_id,)).fetchone()
                 )
                 if other is not None:
                     return other
                 raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
-            conn.execute(
-                "INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at,"
-                " updated_at, intermediary, acceptance, hold, lease_owner, lease_until)"
-                " VALUES (?, ?, 'processing', NULL, ?, ?, ?, ?, NULL, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET state = 'processing', result = NULL,"
-                " updated_at = excluded.updated_at, intermediary = excluded.intermediary,"
-                " acceptance = excluded.acceptance, hold = NULL,"
-                " lease_owner = excluded.lease_owner, lease_until = excluded.lease_until",
-                (
-                    claim.acceptance_id,
-                    claim.offer_id,
-                    now,
-                    now,
-                    claim.intermediary,
-                    claim.acceptance,
-                    claim.owner,
-                    claim.lease_until,
-                ),
-            )
+            conn.execute(_Q["claim_acceptance"], claim_params(claim, now))
         return None
 
     def renew_acceptance(
@@ -1282,30 +793,17 @@ class SQLiteStore(OutboxStore):
 
         Committed without waiting for the disk: a power cut's loss leaves the hold
         unrecorded (it expires by itself in the firm's system) and the lease shorter."""
+        params = (lease_until, hold, acceptance_id, owner)
         with self._write(durable=False) as conn:
-            return (
-                conn.execute(
-                    "UPDATE cmi_acceptances SET lease_until = ?, hold = COALESCE(?, hold)"
-                    " WHERE id = ? AND state = 'processing' AND lease_owner = ?",
-                    (lease_until, hold, acceptance_id, owner),
-                ).rowcount
-                == 1
-            )
+            return conn.execute(_Q["renew_acceptance"], params).rowcount == 1
 
     def take_over_acceptance(
         self, acceptance_id: str, owner: str, now: float, lease_until: float
     ) -> bool:
         """Take a ``processing`` acceptance whose lease expired over for ``owner``."""
+        params = (owner, lease_until, acceptance_id, now)
         with self._write() as conn:
-            return (
-                conn.execute(
-                    "UPDATE cmi_acceptances SET lease_owner = ?, lease_until = ?"
-                    " WHERE id = ? AND state = 'processing'"
-                    " AND (lease_until IS NULL OR lease_until < ?)",
-                    (owner, lease_until, acceptance_id, now),
-                ).rowcount
-                == 1
-            )
+            return conn.execute(_Q["take_over_acceptance"], params).rowcount == 1
 
     def finish_acceptance(
         self,
@@ -1322,10 +820,7 @@ class SQLiteStore(OutboxStore):
         one transaction, while ``owner`` holds the lease; else return the record."""
         with self._write() as conn:
             found = AcceptanceRecord.of_row(
-                conn.execute(
-                    f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?",
-                    (acceptance_id,),
-                ).fetchone()
+                conn.execute(_Q["get_acceptance"], (acceptance_id,)).fetchone()
             )
             if found is None:
                 raise StoreError(f"acceptance {acceptance_id} is not in the store")
@@ -1334,41 +829,26 @@ class SQLiteStore(OutboxStore):
             if not (ours or late):
                 return found
             if state == "booked":
-                holder = conn.execute(
-                    "UPDATE cmi_offers SET accepted_by = ? WHERE id = ?"
-                    " AND (accepted_by IS NULL OR accepted_by = ?)",
-                    (acceptance_id, found.offer_id, acceptance_id),
+                held = conn.execute(
+                    _Q["hold_offer"], (acceptance_id, found.offer_id, acceptance_id)
                 ).rowcount
-                if holder == 0:  # released, and another acceptance holds the offer now
+                if held == 0:  # released, and another acceptance holds the offer now
                     return found
             else:
-                conn.execute(
-                    "UPDATE cmi_offers SET accepted_by = NULL WHERE id = ? AND accepted_by = ?",
-                    (found.offer_id, acceptance_id),
-                )
-            conn.execute(
-                "UPDATE cmi_acceptances SET state = ?, result = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                (state, result, now, acceptance_id),
-            )
-            conn.executemany(_INSERT, [_params(r) for r in rows])
-            conn.executemany(_INSERT_PROBLEM, [p.row() for p in problems])
+                conn.execute(_Q["release_offer"], (found.offer_id, acceptance_id))
+            conn.execute(_Q["finish_acceptance"], (state, result, now, acceptance_id))
+            conn.executemany(_Q["insert_row"], [row_params(r) for r in rows])
+            conn.executemany(_Q["insert_problem"], [p.row() for p in problems])
         return None
 
     def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
         """The acceptance with that id, or None."""
-        found = self._read(
-            f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE id = ?", (acceptance_id,)
-        )
+        found = self._read(_Q["get_acceptance"], (acceptance_id,))
         return AcceptanceRecord.of_row(found[0]) if found else None
 
     def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
         """``processing`` acceptances whose lease expired before ``now``, oldest first."""
-        found = self._read(
-            f"SELECT {_ACCEPTANCE_COLUMNS} FROM cmi_acceptances WHERE state = 'processing'"
-            " AND (lease_until IS NULL OR lease_until < ?) ORDER BY created_at, id LIMIT ?",
-            (now, limit),
-        )
+        found = self._read(_Q["stalled_acceptances"], (now, limit))
         return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
 
     def add_emission_problems(
@@ -1379,26 +859,15 @@ class SQLiteStore(OutboxStore):
         if not params:
             return
         if connection is not None:
-            self._caller(connection).executemany(_INSERT_PROBLEM, params)
+            self._caller(connection).executemany(_Q["insert_problem"], params)
             return
         with self._write() as conn:
-            conn.executemany(_INSERT_PROBLEM, params)
+            conn.executemany(_Q["insert_problem"], params)
 
     def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
         """Emission problems, newest first."""
-        found = self._read(
-            "SELECT transaction_id, terms_id, customer_ref, standard, reason, created_at,"
-            " transaction_json FROM cmi_emission_problems ORDER BY seq DESC LIMIT ?",
-            (limit,),
-        )
-        return [EmissionProblem(*r) for r in found]
+        return [EmissionProblem(*r) for r in self._read(_Q["emission_problems"], (limit,))]
 
     def count_emission_problems(self) -> int:
         """How many emission problems are kept."""
-        return int(self._read("SELECT COUNT(*) FROM cmi_emission_problems")[0][0])
-
-
-_INSERT_PROBLEM = (
-    "INSERT INTO cmi_emission_problems (transaction_id, terms_id, customer_ref, standard,"
-    " reason, created_at, transaction_json) VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
+        return int(self._read(_Q["count_emission_problems"])[0][0])
