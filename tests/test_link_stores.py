@@ -19,6 +19,12 @@ import pytest
 from cmi_sdk import Adapter, LinkError, LinkNotFoundError, StoreError
 from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.contract.legacy import (
+    as_legacy_postgres,
+    as_legacy_sqlite,
+    postgres_versions,
+    sqlite_versions,
+)
 from tests.support import Clock, link, make_adapter, register, ticket
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
@@ -159,14 +165,14 @@ def test_an_sqlite_store_made_before_links_gains_their_tables(tmp_path: Path) ->
     with sqlite3.connect(path) as conn:  # as version 4 left it
         conn.execute("DROP TABLE cmi_links")
         conn.execute("DROP TABLE cmi_link_codes")
-        conn.execute("UPDATE cmi_meta SET value = '4' WHERE key = 'schema_version'")
+        as_legacy_sqlite(conn, 4)
     reopened = SQLiteStore(path)
     reopened.add_link_code("h", ACCOUNT, created_at=NOW, expires_at=NOW + 60)
     assert reopened.redeem_link_code(
         "h", intermediary="acme", link_id="link_1", customer_ref="cus_1abc", now=NOW
     )
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM cmi_meta").fetchone() == (str(SCHEMA_VERSION),)
+        assert sqlite_versions(conn) == list(range(1, SCHEMA_VERSION + 1))
     reopened.close()
 
 
@@ -174,22 +180,22 @@ def test_an_sqlite_store_made_before_links_gains_their_tables(tmp_path: Path) ->
 def test_a_postgres_store_made_before_links_gains_their_tables() -> None:
     import psycopg
 
-    from cmi_sdk.outbox.postgres import SCHEMA_VERSION, PostgresStore
+    from cmi_sdk.outbox.postgres import PostgresStore
 
     schema = f"{SCHEMA}_old"
     PostgresStore(DSN, schema=schema).close()
     try:
         with psycopg.connect(DSN, autocommit=True) as conn:
             conn.execute(f'DROP TABLE "{schema}".links, "{schema}".link_codes')
-            conn.execute(f"UPDATE \"{schema}\".meta SET value = '3'")  # noqa: S608
+            as_legacy_postgres(conn, schema, 3)
         pg = PostgresStore(DSN, schema=schema)
         pg.add_link_code("h", ACCOUNT, created_at=NOW, expires_at=NOW + 60)
         assert pg.redeem_link_code(
             "h", intermediary="acme", link_id="link_1", customer_ref="cus_1abc", now=NOW
         )
         with psycopg.connect(DSN, autocommit=True) as conn:
-            version = conn.execute(f'SELECT value FROM "{schema}".meta').fetchone()  # noqa: S608
-        assert version == (str(SCHEMA_VERSION),)
+            versions = postgres_versions(conn, schema)
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
         pg.close()
     finally:
         _drop(schema)

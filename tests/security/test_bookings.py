@@ -53,6 +53,7 @@ from cmi_sdk.client import CMIClient
 from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
+from tests.contract.legacy import as_legacy_postgres, as_legacy_sqlite
 from tests.support import CUSTOMER, register, serve_app, signer, ticket
 from tests.test_offers import Shop, flight_request
 
@@ -856,7 +857,7 @@ def _as_before(store_url: str, offer_id: str) -> None:
             for table, column in _NEW_COLUMNS:
                 conn.execute(f"ALTER TABLE cmi_{table} DROP COLUMN {column}")
             conn.execute("DROP TABLE cmi_emission_problems")
-            conn.execute("UPDATE cmi_meta SET value = '5' WHERE key = 'schema_version'")
+            as_legacy_sqlite(conn, 5)
             conn.executemany(
                 "INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at,"
                 " updated_at) VALUES (?, ?, 'booked', ?, ?, ?)",
@@ -871,7 +872,7 @@ def _as_before(store_url: str, offer_id: str) -> None:
         for table, column in _NEW_COLUMNS:
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("DROP TABLE emission_problems")
-        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        as_legacy_postgres(conn, schema, 4)
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO acceptances (id, offer_id, state, result, created_at,"

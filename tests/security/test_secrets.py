@@ -47,6 +47,7 @@ from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
+from tests.contract.legacy import as_legacy_sqlite
 from tests.support import ROOT, Clock, make_adapter, register, signer
 
 with warnings.catch_warnings():
@@ -608,7 +609,7 @@ def test_an_sqlite_store_of_version_4_is_upgraded_in_place(tmp_path: Path) -> No
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:  # as version 4 left it
         conn.execute("ALTER TABLE cmi_intermediaries DROP COLUMN revoked_at")
         conn.execute("ALTER TABLE cmi_intermediaries DROP COLUMN generation")
-        conn.execute("UPDATE cmi_meta SET value = '4' WHERE key = 'schema_version'")
+        as_legacy_sqlite(conn, 4)
         conn.execute(
             "INSERT INTO cmi_intermediaries VALUES ('relay', ?, 1.0)", (json.dumps([secret]),)
         )
