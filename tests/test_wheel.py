@@ -118,6 +118,11 @@ def test_installed_wheel_renders_and_validates(wheel: Path, tmp_path: Path) -> N
     )
     assert str(env_dir) in where.stdout, "cmi_sdk must come from the installed wheel"
 
+    # The store's named queries and migrations are read from the installed package.
+    ddl = cmi("db", "sql", "--dialect", "sqlite")
+    assert ddl.returncode == 0, ddl.stderr
+    assert "CREATE TABLE IF NOT EXISTS cmi_outbox" in ddl.stdout
+
     listing = cmi("standards")
     assert listing.returncode == 0, listing.stderr
     assert "cmi-ticket" in listing.stdout

@@ -44,54 +44,31 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     ConfigurationError,
-    IntermediaryNotFoundError,
-    LinkError,
-    LinkNotFoundError,
     OfferNotFoundError,
     OutboxRowNotFoundError,
-    ReplayedMessageError,
     StoreError,
-    TermsError,
-    TermsNotFoundError,
 )
-from cmi_sdk._models import ConsentRecord, Link, SharingTerms
+from cmi_sdk._models import Link, SharingTerms
 from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk.outbox import (
     AcceptanceClaim,
     AcceptanceRecord,
-    AcceptanceState,
-    AttemptResult,
-    DigestGroup,
     EmissionProblem,
     NewRow,
     OutboxRow,
-    OutboxStatus,
     OutboxStore,
-    SeenMessage,
-    StoredOffer,
 )
-from cmi_sdk.outbox import _intermediaries as intermediaries
-from cmi_sdk.outbox._intermediaries import Intermediary
+from cmi_sdk.outbox._base import Run, SQLStore
 from cmi_sdk.outbox._migrations import SCHEMA_VERSION, pending
-from cmi_sdk.outbox._params import CompletionParams, offer_row
-from cmi_sdk.outbox._queries import filtered, queries
+from cmi_sdk.outbox._queries import queries
 from cmi_sdk.outbox._rows import (
-    ATTEMPT_OUTCOMES,
-    attempt_of_row,
     claim_params,
-    consent_params,
-    digest_groups,
-    intermediary_of_row,
     link_of_row,
     need_keyring,
     outbox_row,
-    revoked_terms_json,
     row_fields,
     row_params,
-    status_of,
-    stored_offer_of_row,
     terms_of_row,
-    terms_params,
 )
 from cmi_sdk.outbox.ddl import SCHEMA_NAME
 
@@ -249,7 +226,23 @@ def _configure(conn: _Conn) -> None:
     conn.execute(_QUERIES["jit_off"])
 
 
-class PostgresStore(OutboxStore):
+class _Run:
+    """Runs named statements on a cursor inside its transaction."""
+
+    __slots__ = ("_cur", "_q")
+
+    def __init__(self, cur: _Cursor, q: dict[str, str]) -> None:
+        self._cur = cur
+        self._q = q
+
+    def __call__(self, name: str, params: Any = ()) -> _Cursor:
+        return self._cur.execute(self._q[name], params)
+
+    def many(self, name: str, params: Sequence[Any]) -> None:
+        self._cur.executemany(self._q[name], params)
+
+
+class PostgresStore(SQLStore, OutboxStore):
     """An :class:`~cmi_sdk.outbox.OutboxStore` in a PostgreSQL schema, for many processes.
 
     :param dsn: a libpq connection string or ``postgresql://`` URL.
@@ -277,6 +270,8 @@ class PostgresStore(OutboxStore):
     All workers of one store must claim with the same ``per_destination``: the limit is
     kept by the workers that ask for it.
     """
+
+    _MARKER = "%s"
 
     nonblocking: ClassVar[bool] = False
     """Every call is a round trip to the server: requests are answered on worker threads."""
@@ -412,6 +407,27 @@ class PostgresStore(OutboxStore):
         statement = self._q[name]
         return self._run(what, lambda cur: cur.execute(statement, params).fetchall())
 
+    # What the shared methods (SQLStore) run on: named queries, this store's transactions.
+
+    def _query(self, name: str) -> str:
+        return self._q[name]
+
+    def _fetch(self, what: str, name: str, params: Any = ()) -> list[Any]:
+        return self._read(what, name, params)
+
+    def _text(self, what: str, statement: str, params: Any) -> list[Any]:
+        return self._run(what, lambda cur: cur.execute(statement, params).fetchall())
+
+    def _transaction(self, what: str, body: Callable[[Run], _T], *, durable: bool = True) -> _T:
+        q = self._q
+        return self._run(what, lambda cur: body(_Run(cur, q)), write=True, durable=durable)
+
+    def _insert_rows(self, run: Run, rows: Sequence[NewRow]) -> None:
+        """Write rows and wake the workers on commit (when a row is pending)."""
+        run.many("insert_row", [self._insert_params(r) for r in rows])
+        if self._notify and any(r.state == "pending" for r in rows):
+            run("notify_work")
+
     def _error(self, exc: psycopg.Error, what: str, *, lost: bool, committing: bool) -> StoreError:
         if lost and committing:
             return StoreError(
@@ -516,41 +532,6 @@ class PostgresStore(OutboxStore):
 
     # -- terms and consent ----------------------------------------------------------------
 
-    def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
-        """Keep accepted terms and their consent record, in one transaction."""
-        terms_row = terms_params(terms, self.keyring)
-        consent_row = consent_params(consent, consent_xml)
-
-        def body(cur: _Cursor) -> None:
-            cur.execute(self._q["insert_terms"], terms_row)
-            cur.execute(self._q["insert_consent"], consent_row)
-
-        self._run("writing terms", body, write=True)
-
-    def get_terms(self, terms_id: str) -> SharingTerms:
-        """The terms with that id, revoked or not; raises TermsNotFoundError."""
-        rows = self._read("reading terms", "get_terms", (terms_id,))
-        if not rows:
-            raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-        return terms_of_row(rows[0], self.keyring)
-
-    def list_terms(
-        self,
-        *,
-        customer_ref: str | None = None,
-        intermediary: str | None = None,
-        include_revoked: bool = False,
-    ) -> list[SharingTerms]:
-        """Terms, oldest first."""
-        statement, params = filtered(
-            self._q["list_terms"],
-            "%s",
-            (("customer_ref", customer_ref), ("intermediary", intermediary)),
-            include_revoked=include_revoked,
-        )
-        found = self._run("listing terms", lambda cur: cur.execute(statement, params).fetchall())
-        return [terms_of_row(r, self.keyring) for r in found]
-
     def active_terms(
         self,
         customer_ref: str,
@@ -575,49 +556,7 @@ class PostgresStore(OutboxStore):
             rows = self._run("reading the active terms", body)
         return [terms_of_row(r, self.keyring) for r in rows]
 
-    def revoke_terms(
-        self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
-    ) -> int:
-        """Revoke terms, keep the consent record, cancel their undelivered rows; return how
-        many rows were cancelled. Raises TermsNotFoundError, or TermsError if revoked."""
-
-        def body(cur: _Cursor) -> int:
-            found = cur.execute(self._q["terms_to_revoke"], (terms_id,)).fetchone()
-            if found is None:
-                raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-            if found[0] is not None:
-                raise TermsError(f"terms {terms_id} are already revoked")
-            return self._revoke(cur, found[1], at, consent, consent_xml)
-
-        return self._run("revoking terms", body, write=True)
-
-    def _revoke(
-        self, cur: _Cursor, text: str, at: float, consent: ConsentRecord, xml: bytes
-    ) -> int:
-        """Mark terms revoked, keep the record, and cancel their rows; how many were."""
-        terms_json = revoked_terms_json(text, consent)
-        cur.execute(self._q["revoke_terms"], (at, terms_json, consent.terms_id))
-        cur.execute(self._q["insert_consent"], consent_params(consent, xml))
-        cur.execute(self._q["cancel_terms_rows"], (consent.terms_id,))
-        return cur.rowcount
-
-    def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
-        """The consent records of the terms, oldest first, with their signed documents."""
-        rows = self._read("reading consent records", "consent_records", (terms_id,))
-        return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
-
     # -- service links --------------------------------------------------------------------
-
-    def add_link_code(
-        self, code_hash: str, account: str, *, created_at: float, expires_at: float
-    ) -> None:
-        """Keep a link code's hash; codes that expired unredeemed are dropped meanwhile."""
-
-        def body(cur: _Cursor) -> None:
-            cur.execute(self._q["drop_expired_link_codes"], (created_at,))
-            cur.execute(self._q["insert_link_code"], (code_hash, account, created_at, expires_at))
-
-        self._run("writing a link code", body, write=True)
 
     def redeem_link_code(
         self, code_hash: str, *, intermediary: str, link_id: str, customer_ref: str, now: float
@@ -634,58 +573,6 @@ class PostgresStore(OutboxStore):
             return link_of_row(values)
 
         return self._run("redeeming a link code", body, write=True)
-
-    def get_link(self, link_id: str) -> Link:
-        """The link with that id, revoked or not; raises LinkNotFoundError."""
-        found = self._read("reading a link", "get_link", (link_id,))
-        if not found:
-            raise LinkNotFoundError(f"no link {link_id!r}")
-        return link_of_row(found[0])
-
-    def links(
-        self,
-        *,
-        account: str | None = None,
-        intermediary: str | None = None,
-        include_revoked: bool = False,
-    ) -> list[Link]:
-        """Links, oldest first."""
-        statement, params = filtered(
-            self._q["list_links"],
-            "%s",
-            (("account", account), ("intermediary", intermediary)),
-            include_revoked=include_revoked,
-        )
-        found = self._run("listing links", lambda cur: cur.execute(statement, params).fetchall())
-        return [link_of_row(r) for r in found]
-
-    def revoke_link(
-        self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
-    ) -> tuple[int, list[str]]:
-        """Revoke the link and its terms named by ``revocations``, in one transaction."""
-
-        def body(cur: _Cursor) -> tuple[int, list[str]]:
-            found = cur.execute(self._q["link_to_revoke"], (link_id,)).fetchone()
-            if found is None:
-                raise LinkNotFoundError(f"no link {link_id!r}")
-            if found[0] is not None:
-                raise LinkError(f"link {link_id} is already revoked")
-            _, intermediary, customer_ref = found
-            cur.execute(self._q["revoke_link"], (at, link_id))
-            cancelled = 0
-            for consent, xml in revocations:
-                terms = cur.execute(
-                    self._q["linked_terms_to_revoke"],
-                    (consent.terms_id, intermediary, customer_ref),
-                ).fetchone()
-                if terms is not None:  # else revoked meanwhile, with its own record
-                    cancelled += self._revoke(cur, terms[0], at, consent, xml)
-            late = cur.execute(
-                self._q["linked_terms_left"], (intermediary, customer_ref)
-            ).fetchall()
-            return cancelled, [r[0] for r in late]
-
-        return self._run("revoking a link", body, write=True)
 
     # -- outbox ---------------------------------------------------------------------------
 
@@ -786,29 +673,6 @@ class PostgresStore(OutboxStore):
 
         return self._run("cancelling rows", body, write=True)
 
-    def complete(self, results: Sequence[AttemptResult]) -> None:
-        """Record attempts and outcomes in one transaction (a group commit)."""
-        if not results:
-            return
-        params = CompletionParams.of(results)
-        q = self._q
-
-        def body(cur: _Cursor) -> None:
-            cur.executemany(q["insert_attempt"], params.attempts)
-            for name, rows in (
-                ("mark_delivered", params.delivered),
-                ("mark_retry", params.retry),
-                ("mark_dead", params.dead),
-            ):
-                if rows:
-                    cur.executemany(q[name], rows)
-
-        self._run("recording delivery outcomes", body, write=True, durable=False)
-
-    def due_digests(self, now: float) -> list[DigestGroup]:
-        """The ``digest`` rows whose window ended by ``now``, by terms and window."""
-        return digest_groups(self._read("reading due digests", "due_digests", (now,)))
-
     def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
         """Write the window's digest row and mark its sources merged (or release them);
         workers racing for one window write it once (the sources are locked first)."""
@@ -829,18 +693,6 @@ class PostgresStore(OutboxStore):
 
         return self._run("merging a digest", body, write=True)
 
-    def next_due(self) -> float | None:
-        """When the next pending or retrying row is due, or the next lease expires."""
-        rows = self._read("reading the next due time", "next_due")
-        value = rows[0][0] if rows else None
-        return None if value is None else float(value)
-
-    def status(self, now: float) -> OutboxStatus:
-        """Counts by state and the oldest pending row's age."""
-        counts = self._read("counting rows", "count_states")
-        oldest = self._read("reading the oldest pending row", "oldest_waiting")[0][0]
-        return status_of(counts, oldest, self.disabled_destinations(), now)
-
     def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
         """Rows, newest first, optionally in one state."""
         if state is None:
@@ -855,17 +707,6 @@ class PostgresStore(OutboxStore):
         if not found:
             raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
         return outbox_row(found[0])
-
-    def attempt_counts(self) -> dict[str, int]:
-        """Delivery attempts ever recorded, by outcome."""
-        counts = dict.fromkeys(ATTEMPT_OUTCOMES, 0)
-        rows = self._read("counting attempts", "attempt_counts")
-        counts.update((outcome, int(n)) for outcome, n in rows)
-        return counts
-
-    def attempts(self, msg_id: str) -> list[AttemptResult]:
-        """Every recorded attempt of a row, in order."""
-        return [attempt_of_row(r) for r in self._read("reading attempts", "attempts", (msg_id,))]
 
     def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
         """Make dead rows pending again, due now (attempts start again from zero), and wake
@@ -952,204 +793,17 @@ class PostgresStore(OutboxStore):
 
     # -- destinations, intermediaries, replay ---------------------------------------------
 
-    def disable_destination(self, url: str, *, reason: str, at: float) -> None:
-        """Stop delivering to ``url`` (it answered 410 Gone)."""
-        statement = self._q["disable_destination"]
-        self._run(
-            "disabling a destination",
-            lambda cur: cur.execute(statement, (url, at, reason)),
-            write=True,
-        )
-
-    def enable_destination(self, url: str) -> bool:
-        """Deliver to ``url`` again; True if it was disabled."""
-        statement = self._q["enable_destination"]
-        return self._run(
-            "enabling a destination",
-            lambda cur: cur.execute(statement, (url,)).rowcount > 0,
-            write=True,
-        )
-
-    def disabled_destinations(self) -> dict[str, str]:
-        """Disabled destinations and why."""
-        return dict(self._read("reading destinations", "disabled_destinations"))
-
-    def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
-        """Register an intermediary, or add a secret to it (kept alongside the others, with
-        no end). A revoked intermediary registered again starts afresh: its old secrets
-        stay gone. The row is locked meanwhile, so two processes adding secrets at once
-        both keep theirs."""
-
-        def body(cur: _Cursor) -> None:
-            cur.execute(self._q["add_intermediary"], (name, at))
-            found = cur.execute(self._q["intermediary_secrets"], (name,)).fetchone()
-            held = [] if found is None or found[1] is not None else self._secrets_of(found, name)
-            self._put_intermediary(cur, name, intermediaries.with_secret(held, secret))
-
-        self._run("registering an intermediary", body, write=True)
-
-    def _secrets_of(
-        self, found: Sequence[Any], name: str
-    ) -> list[intermediaries.IntermediarySecret]:
-        return intermediaries.decode(found[0], name, self.keyring)
-
-    def _put_intermediary(
-        self, cur: _Cursor, name: str, secrets: Sequence[intermediaries.IntermediarySecret]
-    ) -> None:
-        encoded = intermediaries.encode(secrets, name, self.keyring)
-        cur.execute(self._q["put_intermediary"], (encoded, name))
-
-    def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
-        """Give an intermediary a new secret; its others work until ``grace_until``.
-
-        :raises IntermediaryNotFoundError: no such intermediary, or it is revoked."""
-
-        def body(cur: _Cursor) -> None:
-            found = cur.execute(self._q["intermediary_secrets"], (name,)).fetchone()
-            if found is None or found[1] is not None:
-                raise IntermediaryNotFoundError(
-                    intermediaries.not_active(name, known=found is not None)
-                )
-            secrets = intermediaries.rotated(
-                self._secrets_of(found, name), secret, at=at, grace_until=grace_until
-            )
-            self._put_intermediary(cur, name, secrets)
-
-        self._run("rotating an intermediary's secret", body, write=True)
-
-    def revoke_intermediary(self, name: str, *, at: float) -> bool:
-        """Refuse the intermediary's requests from now on, and forget its secrets; False
-        when it was revoked already.
-
-        :raises IntermediaryNotFoundError: no such intermediary."""
-
-        def body(cur: _Cursor) -> bool:
-            found = cur.execute(self._q["intermediary_secrets"], (name,)).fetchone()
-            if found is None:
-                raise IntermediaryNotFoundError(intermediaries.not_active(name, known=False))
-            if found[1] is not None:
-                return False
-            cur.execute(self._q["revoke_intermediary"], (at, name))
-            return True
-
-        return self._run("revoking an intermediary", body, write=True)
-
-    def intermediary(self, name: str) -> Intermediary | None:
-        """The intermediary with its secrets (opened), or None when unknown."""
-        found = self._read("reading an intermediary", "get_intermediary", (name,))
-        return intermediary_of_row(found[0], self.keyring) if found else None
-
-    def list_intermediaries(self) -> list[Intermediary]:
-        """Every intermediary, revoked ones too, by name."""
-        found = self._read("listing intermediaries", "list_intermediaries")
-        return [intermediary_of_row(r, self.keyring) for r in found]
-
-    def intermediary_generation(self, name: str) -> int | None:
-        """How many times the intermediary's row has changed (None when unknown): one read
-        of a key, without opening any secret, for the endpoint to check on every request."""
-        found = self._read("reading an intermediary", "intermediary_generation", (name,))
-        return int(found[0][0]) if found else None
-
-    def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
-        """The secrets the intermediary's requests may be signed with at ``now`` (the
-        current time by default); empty when unknown or revoked."""
-        found = self.intermediary(name)
-        if found is None:
-            return ()
-        return found.valid_secrets(time.time() if now is None else now)
-
     def reseal_secrets(self) -> int:
         """Seal every secret kept here with the keyring's first key (stored as plain text,
         or sealed with an older key), in one transaction; return how many rows changed.
 
         :raises ConfigurationError: the store has no keyring, or a secret does not open."""
         keyring = need_keyring(self.keyring)
-        q = self._q
-
-        def body(cur: _Cursor) -> int:
-            changed = 0
-            for terms_id, stored in cur.execute(q["all_terms_secrets"]).fetchall():
-                if keyring.is_current(stored):
-                    continue
-                where = f"terms:{terms_id}"
-                sealed = keyring.seal(keyring.open(stored, context=where), context=where)
-                cur.execute(q["update_terms_secret"], (sealed, terms_id))
-                changed += 1
-            for name, text in cur.execute(q["all_intermediary_secrets"]).fetchall():
-                resealed = intermediaries.reseal(text, name, keyring)
-                if resealed is not None:
-                    cur.execute(q["update_intermediary_secrets"], (resealed, name))
-                    changed += 1
-            return changed
-
-        return self._run("sealing the stored secrets", body, write=True)
-
-    def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
-        """Record a message id accepted from ``party``; False when already seen (and not
-        yet expired). Committed without waiting for the disk, like the SQLite store's."""
-        message = SeenMessage(party, msg_id, expires_at, now)
-        return self._run(
-            "remembering a message id",
-            lambda cur: self._remember(cur, message),
-            write=True,
-            durable=False,
-        )
-
-    def _remember(self, cur: _Cursor, message: SeenMessage) -> bool:
-        # Expired ids are purged at most once a second (per process), through their index:
-        # a purge per request would cost more as traffic grows.
-        if message.now - self._purged >= 1.0:
-            self._purged = message.now
-            cur.execute(self._q["purge_seen"], (message.now,))
-        params = (message.party, message.msg_id, message.expires_at, message.now)
-        return cur.execute(self._q["remember_message"], params).rowcount == 1
-
-    def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
-        """Whether a message id from ``party`` is remembered and not expired at ``now``."""
-        statement = self._q["message_seen"]
-        return self._run(
-            "reading a message id",
-            lambda cur: cur.execute(statement, (party, msg_id, now)).fetchone() is not None,
-        )
-
-    def forget_message(self, party: str, msg_id: str) -> None:
-        """Drop a message id: the request it came with was refused, and stores nothing."""
-        statement = self._q["forget_message"]
-        self._run(
-            "forgetting a message id",
-            lambda cur: cur.execute(statement, (party, msg_id)),
-            write=True,
-            durable=False,
+        return self._transaction(
+            "sealing the stored secrets", lambda run: self._reseal(run, keyring)
         )
 
     # -- offers and acceptances -----------------------------------------------------------
-
-    def add_offers(
-        self, offers: Sequence[StoredOffer], *, message: SeenMessage | None = None
-    ) -> None:
-        """Keep offers, with the requests they answer and their signed documents (committed
-        without waiting for the disk: a lost offer is a quote asked for again); with
-        ``message``, remember it in the same transaction.
-
-        :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
-        params = [offer_row(o) for o in offers]
-        statement = self._q["insert_offer"]
-
-        def body(cur: _Cursor) -> None:
-            if message is not None and not self._remember(cur, message):
-                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
-            if params:
-                cur.executemany(statement, params)
-
-        if params or message is not None:
-            self._run("writing offers", body, write=True, durable=False)
-
-    def get_offer(self, offer_id: str) -> StoredOffer:
-        """The offer with that id; raises OfferNotFoundError."""
-        found = self._read("reading an offer", "get_offer", (offer_id,))
-        if not found:
-            raise OfferNotFoundError(f"no offer {offer_id!r}")
-        return stored_offer_of_row(found[0])
 
     def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
         """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
@@ -1203,91 +857,6 @@ class PostgresStore(OutboxStore):
 
         return self._run("claiming an acceptance", body, write=True)
 
-    def renew_acceptance(
-        self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
-    ) -> bool:
-        """Extend ``owner``'s lease and record the hold; False when the lease was lost."""
-        statement = self._q["renew_acceptance"]
-        # Without waiting for the disk, as the SQLite store's: a lost hold expires by itself.
-        return self._run(
-            "renewing an acceptance's lease",
-            lambda cur: (
-                cur.execute(statement, (lease_until, hold, acceptance_id, owner)).rowcount == 1
-            ),
-            write=True,
-            durable=False,
-        )
-
-    def take_over_acceptance(
-        self, acceptance_id: str, owner: str, now: float, lease_until: float
-    ) -> bool:
-        """Take a ``processing`` acceptance whose lease expired over for ``owner``."""
-        statement = self._q["take_over_acceptance"]
-        return self._run(
-            "taking an acceptance over",
-            lambda cur: (
-                cur.execute(statement, (owner, lease_until, acceptance_id, now)).rowcount == 1
-            ),
-            write=True,
-        )
-
-    def finish_acceptance(
-        self,
-        acceptance_id: str,
-        owner: str,
-        state: AcceptanceState,
-        result: str,
-        now: float,
-        *,
-        rows: Sequence[NewRow] = (),
-        problems: Sequence[EmissionProblem] = (),
-    ) -> AcceptanceRecord | None:
-        """Record the outcome, and for a booking its documents (waking the workers on
-        commit) and emission problems, in one transaction, while ``owner`` holds the lease;
-        else return the record."""
-        params = [self._insert_params(r) for r in rows]
-        wake = self._notify and any(r.state == "pending" for r in rows)
-        q = self._q
-
-        def body(cur: _Cursor) -> AcceptanceRecord | None:
-            found = AcceptanceRecord.of_row(
-                cur.execute(q["lock_acceptance"], (acceptance_id,)).fetchone()
-            )
-            if found is None:
-                raise StoreError(f"acceptance {acceptance_id} is not in the store")
-            ours = found.state == "processing" and found.lease_owner == owner
-            late = state == "booked" and found.state == "released"
-            if not (ours or late):
-                return found
-            if state == "booked":
-                held = cur.execute(
-                    q["hold_offer"], (acceptance_id, found.offer_id, acceptance_id)
-                ).rowcount
-                if held == 0:  # released, and another acceptance holds the offer now
-                    return found
-            else:
-                cur.execute(q["release_offer"], (found.offer_id, acceptance_id))
-            cur.execute(q["finish_acceptance"], (state, result, now, acceptance_id))
-            if params:
-                cur.executemany(q["insert_row"], params)
-                if wake:
-                    cur.execute(q["notify_work"])
-            if problems:
-                cur.executemany(q["insert_problem"], [p.row() for p in problems])
-            return None
-
-        return self._run("recording an acceptance", body, write=True)
-
-    def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
-        """The acceptance with that id, or None."""
-        found = self._read("reading an acceptance", "get_acceptance", (acceptance_id,))
-        return AcceptanceRecord.of_row(found[0]) if found else None
-
-    def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
-        """``processing`` acceptances whose lease expired before ``now``, oldest first."""
-        found = self._read("reading stalled acceptances", "stalled_acceptances", (now, limit))
-        return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
-
     def add_emission_problems(
         self, problems: Sequence[EmissionProblem], *, connection: object | None = None
     ) -> None:
@@ -1304,15 +873,6 @@ class PostgresStore(OutboxStore):
             self._in_caller(connection, "writing emission problems", body)
         else:
             self._run("writing emission problems", body, write=True)
-
-    def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
-        """Emission problems, newest first."""
-        found = self._read("reading emission problems", "emission_problems", (limit,))
-        return [EmissionProblem(*r) for r in found]
-
-    def count_emission_problems(self) -> int:
-        """How many emission problems are kept."""
-        return int(self._read("counting emission problems", "count_emission_problems")[0][0])
 
 
 def _sqlalchemy_driver(connection: object) -> object:

@@ -13,67 +13,45 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from cmi_sdk._exceptions import (
     AcceptanceConflictError,
     ConfigurationError,
-    IntermediaryNotFoundError,
-    LinkError,
-    LinkNotFoundError,
     OfferNotFoundError,
     OutboxRowNotFoundError,
-    ReplayedMessageError,
     StoreError,
-    TermsError,
-    TermsNotFoundError,
 )
 from cmi_sdk._files import create_private_file, private_directory, warn_if_shared
-from cmi_sdk._models import ConsentRecord, Link, SharingTerms
+from cmi_sdk._models import Link, SharingTerms
 from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk.outbox import (
     AcceptanceClaim,
     AcceptanceRecord,
-    AcceptanceState,
-    AttemptResult,
-    DigestGroup,
     EmissionProblem,
     NewRow,
     OutboxRow,
-    OutboxStatus,
     OutboxStore,
-    SeenMessage,
-    StoredOffer,
 )
-from cmi_sdk.outbox import _intermediaries as intermediaries
-from cmi_sdk.outbox._intermediaries import Intermediary
+from cmi_sdk.outbox._base import Run, SQLStore
 from cmi_sdk.outbox._migrations import SCHEMA_VERSION, pending, statements
-from cmi_sdk.outbox._params import CompletionParams, offer_row
-from cmi_sdk.outbox._queries import filtered, queries
+from cmi_sdk.outbox._queries import queries
 from cmi_sdk.outbox._rows import (
-    ATTEMPT_OUTCOMES,
-    attempt_of_row,
     claim_params,
-    consent_params,
-    digest_groups,
-    intermediary_of_row,
     link_of_row,
     need_keyring,
     outbox_row,
-    revoked_terms_json,
     row_params,
-    status_of,
-    stored_offer_of_row,
     terms_of_row,
-    terms_params,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 _Q = queries("sqlite")
+_T = TypeVar("_T")
 
 _MAX_INTEGER = 2**63 - 1  # SQLite's largest integer: no seq is beyond it
 
@@ -92,7 +70,22 @@ def path_from_url(url: str) -> Path:
     return Path(url[len(prefix) :])
 
 
-class SQLiteStore(OutboxStore):
+class _Run:
+    """Runs named statements on a connection inside its transaction."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __call__(self, name: str, params: Any = ()) -> sqlite3.Cursor:
+        return self._conn.execute(_Q[name], params)
+
+    def many(self, name: str, params: Sequence[Any]) -> None:
+        self._conn.executemany(_Q[name], params)
+
+
+class SQLiteStore(SQLStore, OutboxStore):
     """The embedded :class:`~cmi_sdk.outbox.OutboxStore`: one SQLite file.
 
     :param path: the database file (created with its tables when missing).
@@ -107,6 +100,8 @@ class SQLiteStore(OutboxStore):
     missing folders above it with mode 0700; an existing file that others may read is
     left as it is, with a warning in the log.
     """
+
+    _MARKER = "?"
 
     nonblocking: ClassVar[bool] = True
     """What a request for offers calls here never waits on a network: reads in WAL mode
@@ -176,9 +171,9 @@ class SQLiteStore(OutboxStore):
         # Threads of this process queue here, not in SQLite's busy handler, which sleeps
         # in growing steps (1, 2, 5, 10 ms ...) while another connection writes.
         with self._write_lock:
-            yield from self._transaction(conn)
+            yield from self._begin(conn)
 
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    def _begin(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -199,6 +194,24 @@ class SQLiteStore(OutboxStore):
             return self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"read failed on {self.path}: {exc}") from exc
+
+    # What the shared methods (SQLStore) run on: named queries, this store's transactions.
+
+    def _query(self, name: str) -> str:
+        return _Q[name]
+
+    def _fetch(self, what: str, name: str, params: Any = ()) -> list[Any]:  # noqa: ARG002
+        return self._read(_Q[name], params)
+
+    def _text(self, what: str, statement: str, params: Any) -> list[Any]:  # noqa: ARG002
+        return self._read(statement, params)
+
+    def _transaction(self, what: str, body: Callable[[Run], _T], *, durable: bool = True) -> _T:  # noqa: ARG002
+        with self._write(durable=durable) as conn:
+            return body(_Run(conn))
+
+    def _insert_rows(self, run: Run, rows: Sequence[NewRow]) -> None:
+        run.many("insert_row", [row_params(r) for r in rows])
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
@@ -294,35 +307,6 @@ class SQLiteStore(OutboxStore):
 
     # -- terms and consent ----------------------------------------------------------------
 
-    def add_terms(self, terms: SharingTerms, consent: ConsentRecord, consent_xml: bytes) -> None:
-        """Keep accepted terms and their consent record, in one transaction."""
-        with self._write() as conn:
-            conn.execute(_Q["insert_terms"], terms_params(terms, self.keyring))
-            conn.execute(_Q["insert_consent"], consent_params(consent, consent_xml))
-
-    def get_terms(self, terms_id: str) -> SharingTerms:
-        """The terms with that id, revoked or not."""
-        rows = self._read(_Q["get_terms"], (terms_id,))
-        if not rows:
-            raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-        return terms_of_row(rows[0], self.keyring)
-
-    def list_terms(
-        self,
-        *,
-        customer_ref: str | None = None,
-        intermediary: str | None = None,
-        include_revoked: bool = False,
-    ) -> list[SharingTerms]:
-        """Terms, oldest first."""
-        sql, params = filtered(
-            _Q["list_terms"],
-            "?",
-            (("customer_ref", customer_ref), ("intermediary", intermediary)),
-            include_revoked=include_revoked,
-        )
-        return [terms_of_row(r, self.keyring) for r in self._read(sql, params)]
-
     def active_terms(
         self,
         customer_ref: str,
@@ -340,43 +324,7 @@ class SQLiteStore(OutboxStore):
             rows = self._read(_Q["recipients"], params)
         return [terms_of_row(r, self.keyring) for r in rows]
 
-    def revoke_terms(
-        self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
-    ) -> int:
-        """Revoke terms, keep the consent record, cancel their undelivered rows."""
-        with self._write() as conn:
-            found = conn.execute(_Q["terms_to_revoke"], (terms_id,)).fetchone()
-            if found is None:
-                raise TermsNotFoundError(f"no sharing terms with id {terms_id!r}")
-            if found[0] is not None:
-                raise TermsError(f"terms {terms_id} are already revoked")
-            return self._revoke(conn, found[1], at, consent, consent_xml)
-
-    @staticmethod
-    def _revoke(
-        conn: sqlite3.Connection, text: str, at: float, consent: ConsentRecord, xml: bytes
-    ) -> int:
-        """Mark terms revoked, keep the record, and cancel their rows; how many were."""
-        terms_json = revoked_terms_json(text, consent)
-        conn.execute(_Q["revoke_terms"], (at, terms_json, consent.terms_id))
-        conn.execute(_Q["insert_consent"], consent_params(consent, xml))
-        cancelled: int = conn.execute(_Q["cancel_terms_rows"], (consent.terms_id,)).rowcount
-        return cancelled
-
-    def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
-        """The consent records of the terms, oldest first, with their signed documents."""
-        rows = self._read(_Q["consent_records"], (terms_id,))
-        return [(ConsentRecord.model_validate_json(r[0]), bytes(r[1])) for r in rows]
-
     # -- service links --------------------------------------------------------------------
-
-    def add_link_code(
-        self, code_hash: str, account: str, *, created_at: float, expires_at: float
-    ) -> None:
-        """Keep a link code's hash; codes that expired unredeemed are dropped meanwhile."""
-        with self._write() as conn:
-            conn.execute(_Q["drop_expired_link_codes"], (created_at,))
-            conn.execute(_Q["insert_link_code"], (code_hash, account, created_at, expires_at))
 
     def redeem_link_code(
         self, code_hash: str, *, intermediary: str, link_id: str, customer_ref: str, now: float
@@ -395,51 +343,6 @@ class SQLiteStore(OutboxStore):
             except sqlite3.IntegrityError as exc:  # the code stays unused (rolled back)
                 raise StoreError(f"cannot make link {link_id}: {exc}") from None
         return link_of_row(values)
-
-    def get_link(self, link_id: str) -> Link:
-        """The link with that id, revoked or not."""
-        found = self._read(_Q["get_link"], (link_id,))
-        if not found:
-            raise LinkNotFoundError(f"no link {link_id!r}")
-        return link_of_row(found[0])
-
-    def links(
-        self,
-        *,
-        account: str | None = None,
-        intermediary: str | None = None,
-        include_revoked: bool = False,
-    ) -> list[Link]:
-        """Links, oldest first."""
-        sql, params = filtered(
-            _Q["list_links"],
-            "?",
-            (("account", account), ("intermediary", intermediary)),
-            include_revoked=include_revoked,
-        )
-        return [link_of_row(r) for r in self._read(sql, params)]
-
-    def revoke_link(
-        self, link_id: str, at: float, revocations: Sequence[tuple[ConsentRecord, bytes]]
-    ) -> tuple[int, list[str]]:
-        """Revoke the link and its terms named by ``revocations``, in one transaction."""
-        cancelled = 0
-        with self._write() as conn:
-            found = conn.execute(_Q["link_to_revoke"], (link_id,)).fetchone()
-            if found is None:
-                raise LinkNotFoundError(f"no link {link_id!r}")
-            if found[0] is not None:
-                raise LinkError(f"link {link_id} is already revoked")
-            _, intermediary, customer_ref = found
-            conn.execute(_Q["revoke_link"], (at, link_id))
-            for consent, xml in revocations:
-                terms = conn.execute(
-                    _Q["linked_terms_to_revoke"], (consent.terms_id, intermediary, customer_ref)
-                ).fetchone()
-                if terms is not None:  # else revoked meanwhile, with its own record
-                    cancelled += self._revoke(conn, terms[0], at, consent, xml)
-            late = conn.execute(_Q["linked_terms_left"], (intermediary, customer_ref)).fetchall()
-        return cancelled, [r[0] for r in late]
 
     # -- outbox ---------------------------------------------------------------------------
 
@@ -493,21 +396,6 @@ class SQLiteStore(OutboxStore):
                 conn.execute(_Q["cancel_leased"], (reason, m, owner)).rowcount for m in msg_ids
             )
 
-    def complete(self, results: Sequence[AttemptResult]) -> None:
-        """Record attempts and outcomes in one transaction (a group commit)."""
-        if not results:
-            return
-        params = CompletionParams.of(results)
-        with self._write(durable=False) as conn:
-            conn.executemany(_Q["insert_attempt"], params.attempts)
-            conn.executemany(_Q["mark_delivered"], params.delivered)
-            conn.executemany(_Q["mark_retry"], params.retry)
-            conn.executemany(_Q["mark_dead"], params.dead)
-
-    def due_digests(self, now: float) -> list[DigestGroup]:
-        """The ``digest`` rows whose window ended by ``now``, by terms and window."""
-        return digest_groups(self._read(_Q["due_digests"], (now,)))
-
     def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
         """Write the window's digest row and mark its sources merged (or release them)."""
         marks = [(m,) for m in msg_ids]
@@ -519,18 +407,6 @@ class SQLiteStore(OutboxStore):
             conn.execute(_Q["insert_row"], row_params(row))
             conn.executemany(_Q["merge_digest_row"], marks)
             return conn.total_changes - before
-
-    def next_due(self) -> float | None:
-        """When the next pending or retrying row is due, or the next lease expires."""
-        rows = self._read(_Q["next_due"])
-        value = rows[0][0] if rows else None
-        return None if value is None else float(value)
-
-    def status(self, now: float) -> OutboxStatus:
-        """Counts by state and the oldest pending row's age."""
-        counts = self._read(_Q["count_states"])
-        oldest = self._read(_Q["oldest_waiting"])[0][0]
-        return status_of(counts, oldest, self.disabled_destinations(), now)
 
     def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:
         """Rows, newest first, optionally in one state."""
@@ -546,16 +422,6 @@ class SQLiteStore(OutboxStore):
         if not found:
             raise OutboxRowNotFoundError(f"no outbox row {msg_id!r}")
         return outbox_row(found[0])
-
-    def attempt_counts(self) -> dict[str, int]:
-        """Delivery attempts ever recorded, by outcome."""
-        counts = dict.fromkeys(ATTEMPT_OUTCOMES, 0)
-        counts.update(self._read(_Q["attempt_counts"]))
-        return counts
-
-    def attempts(self, msg_id: str) -> list[AttemptResult]:
-        """Every recorded attempt of a row, in order."""
-        return [attempt_of_row(r) for r in self._read(_Q["attempts"], (msg_id,))]
 
     def redrive(self, *, msg_id: str | None = None, since: float | None = None, now: float) -> int:
         """Make dead rows pending again, due now; attempts start again from zero."""
@@ -579,184 +445,27 @@ class SQLiteStore(OutboxStore):
 
     # -- destinations, intermediaries, replay ---------------------------------------------
 
-    def disable_destination(self, url: str, *, reason: str, at: float) -> None:
-        """Stop delivering to ``url``."""
-        with self._write() as conn:
-            conn.execute(_Q["disable_destination"], (url, at, reason))
-
-    def enable_destination(self, url: str) -> bool:
-        """Deliver to ``url`` again; True if it was disabled."""
-        with self._write() as conn:
-            return conn.execute(_Q["enable_destination"], (url,)).rowcount > 0
-
-    def disabled_destinations(self) -> dict[str, str]:
-        """Disabled destinations and why."""
-        return dict(self._read(_Q["disabled_destinations"]))
-
-    def add_intermediary(self, name: str, secret: str, *, at: float) -> None:
-        """Register an intermediary, or add a secret to it (kept alongside the others, with
-        no end). A revoked intermediary registered again starts afresh: its old secrets
-        stay gone."""
-        with self._write() as conn:
-            found = conn.execute(_Q["intermediary_secrets"], (name,)).fetchone()
-            held = [] if found is None or found[1] is not None else self._secrets_of(found, name)
-            self._put_intermediary(conn, name, intermediaries.with_secret(held, secret), at)
-
-    def _secrets_of(
-        self, found: Sequence[Any], name: str
-    ) -> list[intermediaries.IntermediarySecret]:
-        return intermediaries.decode(found[0], name, self.keyring)
-
-    def _put_intermediary(
-        self,
-        conn: sqlite3.Connection,
-        name: str,
-        secrets: Sequence[intermediaries.IntermediarySecret],
-        at: float,
-    ) -> None:
-        encoded = intermediaries.encode(secrets, name, self.keyring)
-        conn.execute(_Q["put_intermediary"], (name, encoded, at))
-
-    def rotate_intermediary(self, name: str, secret: str, *, at: float, grace_until: float) -> None:
-        """Give an intermediary a new secret; its others work until ``grace_until``.
-
-        :raises IntermediaryNotFoundError: no such intermediary, or it is revoked."""
-        with self._write() as conn:
-            found = conn.execute(_Q["intermediary_secrets"], (name,)).fetchone()
-            if found is None or found[1] is not None:
-                raise IntermediaryNotFoundError(
-                    intermediaries.not_active(name, known=found is not None)
-                )
-            secrets = intermediaries.rotated(
-                self._secrets_of(found, name), secret, at=at, grace_until=grace_until
-            )
-            self._put_intermediary(conn, name, secrets, at)
-
-    def revoke_intermediary(self, name: str, *, at: float) -> bool:
-        """Refuse the intermediary's requests from now on, and forget its secrets; False
-        when it was revoked already.
-
-        :raises IntermediaryNotFoundError: no such intermediary."""
-        with self._write() as conn:
-            found = conn.execute(_Q["intermediary_revoked"], (name,)).fetchone()
-            if found is None:
-                raise IntermediaryNotFoundError(intermediaries.not_active(name, known=False))
-            if found[0] is not None:
-                return False
-            conn.execute(_Q["revoke_intermediary"], (at, name))
-            return True
-
-    def intermediary(self, name: str) -> Intermediary | None:
-        """The intermediary with its secrets (opened), or None when unknown."""
-        found = self._read(_Q["get_intermediary"], (name,))
-        return intermediary_of_row(found[0], self.keyring) if found else None
-
-    def list_intermediaries(self) -> list[Intermediary]:
-        """Every intermediary, revoked ones too, by name."""
-        found = self._read(_Q["list_intermediaries"])
-        return [intermediary_of_row(r, self.keyring) for r in found]
-
-    def intermediary_generation(self, name: str) -> int | None:
-        """How many times the intermediary's row has changed (None when unknown): one read
-        of a key, without opening any secret, for the endpoint to check on every request."""
-        found = self._read(_Q["intermediary_generation"], (name,))
-        return int(found[0][0]) if found else None
-
-    def intermediary_secrets(self, name: str, *, now: float | None = None) -> tuple[str, ...]:
-        """The secrets the intermediary's requests may be signed with at ``now`` (the
-        current time by default); empty when unknown or revoked."""
-        found = self.intermediary(name)
-        if found is None:
-            return ()
-        return found.valid_secrets(time.time() if now is None else now)
-
     def reseal_secrets(self) -> int:
         """Seal every secret kept here with the keyring's first key (stored as plain text,
         or sealed with an older key); return how many rows changed.
 
         :raises ConfigurationError: the store has no keyring, or a secret does not open."""
         keyring = need_keyring(self.keyring)
-        changed = 0
         # The plain text a row held must not stay on disk in freed space: zero it, and
         # empty the WAL afterwards, so the file no longer holds any old copy.
         own = self._conn()
         secure = own.execute(_Q["secure_delete"]).fetchone()[0]
         own.execute("PRAGMA secure_delete=ON")
         try:
-            changed = self._reseal(keyring)
+            changed = self._transaction(
+                "sealing the stored secrets", lambda run: self._reseal(run, keyring)
+            )
         finally:
             own.execute(f"PRAGMA secure_delete={int(secure)}")
         own.execute(_Q["checkpoint_wal"])
         return changed
 
-    def _reseal(self, keyring: SecretsKeyring) -> int:
-        changed = 0
-        with self._write() as conn:
-            for terms_id, stored in conn.execute(_Q["all_terms_secrets"]).fetchall():
-                if keyring.is_current(stored):
-                    continue
-                where = f"terms:{terms_id}"
-                sealed = keyring.seal(keyring.open(stored, context=where), context=where)
-                conn.execute(_Q["update_terms_secret"], (sealed, terms_id))
-                changed += 1
-            for name, text in conn.execute(_Q["all_intermediary_secrets"]).fetchall():
-                resealed = intermediaries.reseal(text, name, keyring)
-                if resealed is not None:
-                    conn.execute(_Q["update_intermediary_secrets"], (resealed, name))
-                    changed += 1
-        return changed
-
-    def remember_message(self, party: str, msg_id: str, *, expires_at: float, now: float) -> bool:
-        """Record a message id accepted from ``party``; False when already seen.
-
-        Committed without waiting for the disk (the ids live minutes; a power cut's loss
-        reopens at most the last few, inside their timestamp window)."""
-        with self._write(durable=False) as conn:
-            return self._remember(conn, SeenMessage(party, msg_id, expires_at, now))
-
-    def _remember(self, conn: sqlite3.Connection, message: SeenMessage) -> bool:
-        # Expired ids are purged at most once a second, through their index: a purge per
-        # request would cost more as traffic grows.
-        if message.now - self._purged >= 1.0:
-            conn.execute(_Q["purge_seen"], (message.now,))
-            self._purged = message.now
-        params = (message.party, message.msg_id, message.expires_at, message.now)
-        inserted: int = conn.execute(_Q["remember_message"], params).rowcount
-        return inserted == 1
-
-    def message_seen(self, party: str, msg_id: str, *, now: float) -> bool:
-        """Whether a message id from ``party`` is remembered and not expired at ``now``."""
-        return bool(self._read(_Q["message_seen"], (party, msg_id, now)))
-
-    def forget_message(self, party: str, msg_id: str) -> None:
-        """Drop a message id: the request it came with was refused, and stores nothing."""
-        with self._write(durable=False) as conn:
-            conn.execute(_Q["forget_message"], (party, msg_id))
-
     # -- offers and acceptances -----------------------------------------------------------
-
-    def add_offers(
-        self, offers: Sequence[StoredOffer], *, message: SeenMessage | None = None
-    ) -> None:
-        """Keep offers, with the requests they answer and their signed documents; with
-        ``message``, remember it in the same transaction (one commit a request).
-
-        Committed without waiting for the disk: an offer lost in a power cut is a quote the
-        customer asks for again, never a booking or a document.
-
-        :raises ReplayedMessageError: ``message`` was already seen; nothing is stored."""
-        rows = [offer_row(o) for o in offers]
-        with self._write(durable=False) as conn:
-            if message is not None and not self._remember(conn, message):
-                raise ReplayedMessageError(f"message id {message.msg_id} was already used")
-            conn.executemany(_Q["insert_offer"], rows)
-
-    def get_offer(self, offer_id: str) -> StoredOffer:
-        """The offer with that id; raises OfferNotFoundError."""
-        found = self._read(_Q["get_offer"], (offer_id,))
-        if not found:
-            raise OfferNotFoundError(f"no offer {offer_id!r}")
-        return stored_offer_of_row(found[0])
 
     def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
         """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
@@ -786,71 +495,6 @@ class SQLiteStore(OutboxStore):
             conn.execute(_Q["claim_acceptance"], claim_params(claim, now))
         return None
 
-    def renew_acceptance(
-        self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
-    ) -> bool:
-        """Extend ``owner``'s lease and record the hold; False when the lease was lost.
-
-        Committed without waiting for the disk: a power cut's loss leaves the hold
-        unrecorded (it expires by itself in the firm's system) and the lease shorter."""
-        params = (lease_until, hold, acceptance_id, owner)
-        with self._write(durable=False) as conn:
-            return conn.execute(_Q["renew_acceptance"], params).rowcount == 1
-
-    def take_over_acceptance(
-        self, acceptance_id: str, owner: str, now: float, lease_until: float
-    ) -> bool:
-        """Take a ``processing`` acceptance whose lease expired over for ``owner``."""
-        params = (owner, lease_until, acceptance_id, now)
-        with self._write() as conn:
-            return conn.execute(_Q["take_over_acceptance"], params).rowcount == 1
-
-    def finish_acceptance(
-        self,
-        acceptance_id: str,
-        owner: str,
-        state: AcceptanceState,
-        result: str,
-        now: float,
-        *,
-        rows: Sequence[NewRow] = (),
-        problems: Sequence[EmissionProblem] = (),
-    ) -> AcceptanceRecord | None:
-        """Record the outcome, and for a booking its documents and emission problems, in
-        one transaction, while ``owner`` holds the lease; else return the record."""
-        with self._write() as conn:
-            found = AcceptanceRecord.of_row(
-                conn.execute(_Q["get_acceptance"], (acceptance_id,)).fetchone()
-            )
-            if found is None:
-                raise StoreError(f"acceptance {acceptance_id} is not in the store")
-            ours = found.state == "processing" and found.lease_owner == owner
-            late = state == "booked" and found.state == "released"
-            if not (ours or late):
-                return found
-            if state == "booked":
-                held = conn.execute(
-                    _Q["hold_offer"], (acceptance_id, found.offer_id, acceptance_id)
-                ).rowcount
-                if held == 0:  # released, and another acceptance holds the offer now
-                    return found
-            else:
-                conn.execute(_Q["release_offer"], (found.offer_id, acceptance_id))
-            conn.execute(_Q["finish_acceptance"], (state, result, now, acceptance_id))
-            conn.executemany(_Q["insert_row"], [row_params(r) for r in rows])
-            conn.executemany(_Q["insert_problem"], [p.row() for p in problems])
-        return None
-
-    def get_acceptance(self, acceptance_id: str) -> AcceptanceRecord | None:
-        """The acceptance with that id, or None."""
-        found = self._read(_Q["get_acceptance"], (acceptance_id,))
-        return AcceptanceRecord.of_row(found[0]) if found else None
-
-    def stalled_acceptances(self, now: float, limit: int = 100) -> list[AcceptanceRecord]:
-        """``processing`` acceptances whose lease expired before ``now``, oldest first."""
-        found = self._read(_Q["stalled_acceptances"], (now, limit))
-        return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
-
     def add_emission_problems(
         self, problems: Sequence[EmissionProblem], *, connection: object | None = None
     ) -> None:
@@ -863,11 +507,3 @@ class SQLiteStore(OutboxStore):
             return
         with self._write() as conn:
             conn.executemany(_Q["insert_problem"], params)
-
-    def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
-        """Emission problems, newest first."""
-        return [EmissionProblem(*r) for r in self._read(_Q["emission_problems"], (limit,))]
-
-    def count_emission_problems(self) -> int:
-        """How many emission problems are kept."""
-        return int(self._read(_Q["count_emission_problems"])[0][0])

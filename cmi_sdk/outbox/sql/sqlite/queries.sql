@@ -331,16 +331,15 @@ SELECT url, reason FROM cmi_destinations;
 -- An intermediary's secrets (as stored) and whether it is revoked.
 SELECT secrets, revoked_at FROM cmi_intermediaries WHERE name = ?;
 
--- name: put_intermediary
--- Register an intermediary, or replace its secrets; either counts as a change.
-INSERT INTO cmi_intermediaries (name, secrets, created_at, revoked_at, generation)
-VALUES (?, ?, ?, NULL, 1)
-ON CONFLICT (name) DO UPDATE SET secrets = excluded.secrets, revoked_at = NULL,
-    generation = cmi_intermediaries.generation + 1;
+-- name: add_intermediary
+-- Register an intermediary with no secrets yet, unless it is there.
+INSERT OR IGNORE INTO cmi_intermediaries (name, secrets, created_at, generation)
+VALUES (?, '[]', ?, 0);
 
--- name: intermediary_revoked
--- Whether an intermediary is revoked (no row: unknown).
-SELECT revoked_at FROM cmi_intermediaries WHERE name = ?;
+-- name: put_intermediary
+-- Replace an intermediary's secrets; counts as a change.
+UPDATE cmi_intermediaries SET secrets = ?, revoked_at = NULL, generation = generation + 1
+WHERE name = ?;
 
 -- name: revoke_intermediary
 -- Revoke an intermediary and forget its secrets.
@@ -411,6 +410,10 @@ SELECT offer, request, xml, intermediary FROM cmi_offers WHERE id = ?;
 
 -- name: get_acceptance
 -- The acceptance with that id.
+SELECT {acceptance_columns} FROM cmi_acceptances WHERE id = ?;
+
+-- name: lock_acceptance
+-- The acceptance with that id (the write transaction holds the file: nothing to lock).
 SELECT {acceptance_columns} FROM cmi_acceptances WHERE id = ?;
 
 -- name: take_offer
