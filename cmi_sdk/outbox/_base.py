@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from cmi_sdk._exceptions import (
+    AcceptanceConflictError,
     IntermediaryNotFoundError,
     LinkError,
     LinkNotFoundError,
@@ -28,6 +29,7 @@ from cmi_sdk._exceptions import (
 from cmi_sdk._models import ConsentRecord, Link, SharingTerms
 from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk.outbox import (
+    AcceptanceClaim,
     AcceptanceRecord,
     AcceptanceState,
     AttemptResult,
@@ -45,6 +47,7 @@ from cmi_sdk.outbox._queries import filtered
 from cmi_sdk.outbox._rows import (
     ATTEMPT_OUTCOMES,
     attempt_of_row,
+    claim_params,
     consent_params,
     digest_groups,
     intermediary_of_row,
@@ -110,6 +113,11 @@ class SQLStore:
         for the disk (leases, heartbeats, outcomes: a loss costs a resend)."""
         raise NotImplementedError
 
+    def _with_caller(self, connection: object, what: str, body: Callable[[Run], _T]) -> _T:
+        """Run ``body`` in the caller's open transaction (``connection``), which the
+        caller commits or rolls back."""
+        raise NotImplementedError
+
     def _insert_rows(self, run: Run, rows: Sequence[NewRow]) -> None:
         """Write outbox rows inside ``run``'s transaction."""
         raise NotImplementedError
@@ -166,6 +174,28 @@ class SQLStore:
             self._query(name), self._MARKER, equal, include_revoked=include_revoked
         )
         return self._text(what, statement, params)
+
+    def active_terms(
+        self,
+        customer_ref: str,
+        now: float,
+        *,
+        intermediary: str | None = None,
+        connection: object | None = None,
+    ) -> list[SharingTerms]:
+        """The terms a document for the account ``customer_ref`` (or, with
+        ``intermediary``, for that intermediary's reference) goes out under at ``now``;
+        with ``connection``, read in the caller's transaction (it sees the caller's own
+        writes)."""
+        params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
+        what = "reading the active terms"
+        if connection is not None:
+            rows = self._with_caller(
+                connection, what, lambda run: run("recipients", params).fetchall()
+            )
+        else:
+            rows = self._fetch(what, "recipients", params)
+        return [terms_of_row(r, self.keyring) for r in rows]
 
     def revoke_terms(
         self, terms_id: str, at: float, consent: ConsentRecord, consent_xml: bytes
@@ -493,6 +523,52 @@ class SQLStore:
             raise OfferNotFoundError(f"no offer {offer_id!r}")
         return stored_offer_of_row(found[0])
 
+    def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
+        """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
+        else the record in the way (itself, or the acceptance that holds the offer).
+
+        Safe across processes: the acceptance's row is locked (PostgreSQL; SQLite has one
+        writer at a time), or its insert waits on a concurrent one, and the offer's
+        ``accepted_by`` is set only while empty, so of concurrent claims of one offer the
+        first to commit holds it, and the others wait for that commit and then read its
+        record. The acceptance's row and the offer's ``accepted_by`` change together."""
+        retake = (
+            now,
+            claim.intermediary,
+            claim.acceptance,
+            claim.owner,
+            claim.lease_until,
+            claim.acceptance_id,
+        )
+
+        def body(run: Run) -> AcceptanceRecord | None:
+            for _ in range(8):  # each round ends, or a concurrent change made it start over
+                found = AcceptanceRecord.of_row(
+                    run("lock_acceptance", (claim.acceptance_id,)).fetchone()
+                )
+                if self._in_the_way(found, claim):
+                    return found
+                if run("take_offer", (claim.acceptance_id, claim.offer_id)).rowcount == 0:
+                    other = AcceptanceRecord.of_row(
+                        run("offer_holder", (claim.offer_id,)).fetchone()
+                    )
+                    if other is not None:
+                        return other
+                    if run("offer_exists", (claim.offer_id,)).fetchone() is None:
+                        raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
+                    continue  # its holder let it go meanwhile
+                if found is not None:
+                    run("reclaim_acceptance", retake)
+                    return None
+                if run("claim_acceptance", claim_params(claim, now)).rowcount == 1:
+                    return None
+                # The same id was claimed concurrently, and committed first: give the offer
+                # back and read what that claim made.
+                run("release_offer", (claim.offer_id, claim.acceptance_id))
+            raise StoreError(f"acceptance {claim.acceptance_id} kept changing while claimed")
+
+        return self._transaction("claiming an acceptance", body)
+
     def renew_acceptance(
         self, acceptance_id: str, owner: str, lease_until: float, *, hold: str | None = None
     ) -> bool:
@@ -516,6 +592,20 @@ class SQLStore:
             "taking an acceptance over",
             lambda run: run("take_over_acceptance", params).rowcount == 1,
         )
+
+    @staticmethod
+    def _in_the_way(found: AcceptanceRecord | None, claim: AcceptanceClaim) -> bool:
+        """Whether the acceptance's own record answers the claim (it is processing,
+        booked or refused); False when it is new or released.
+
+        :raises AcceptanceConflictError: the id was given for another offer."""
+        if found is None:
+            return False
+        if found.offer_id != claim.offer_id:
+            raise AcceptanceConflictError(
+                f"acceptance {claim.acceptance_id} was given for another offer"
+            )
+        return found.state != "released"
 
     def finish_acceptance(
         self,
@@ -565,6 +655,19 @@ class SQLStore:
         return [a for a in map(AcceptanceRecord.of_row, found) if a is not None]
 
     # -- emission problems ----------------------------------------------------------------
+
+    def add_emission_problems(
+        self, problems: Sequence[EmissionProblem], *, connection: object | None = None
+    ) -> None:
+        """Keep emission problems; with ``connection``, in the caller's transaction."""
+        params = [p.row() for p in problems]
+        if not params:
+            return
+        what = "writing emission problems"
+        if connection is not None:
+            self._with_caller(connection, what, lambda run: run.many("insert_problem", params))
+        else:
+            self._transaction(what, lambda run: run.many("insert_problem", params))
 
     def emission_problems(self, *, limit: int = 100) -> list[EmissionProblem]:
         """Emission problems, newest first."""

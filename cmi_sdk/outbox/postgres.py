@@ -42,33 +42,22 @@ from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cmi_sdk._exceptions import (
-    AcceptanceConflictError,
     ConfigurationError,
-    OfferNotFoundError,
     OutboxRowNotFoundError,
     StoreError,
 )
-from cmi_sdk._models import Link, SharingTerms
+from cmi_sdk._models import Link
 from cmi_sdk._secrets import SecretsKeyring
-from cmi_sdk.outbox import (
-    AcceptanceClaim,
-    AcceptanceRecord,
-    EmissionProblem,
-    NewRow,
-    OutboxRow,
-    OutboxStore,
-)
+from cmi_sdk.outbox import NewRow, OutboxRow, OutboxStore
 from cmi_sdk.outbox._base import Run, SQLStore
 from cmi_sdk.outbox._migrations import SCHEMA_VERSION, pending
 from cmi_sdk.outbox._queries import queries
 from cmi_sdk.outbox._rows import (
-    claim_params,
     link_of_row,
     need_keyring,
     outbox_row,
     row_fields,
     row_params,
-    terms_of_row,
 )
 from cmi_sdk.outbox.ddl import SCHEMA_NAME
 
@@ -422,6 +411,10 @@ class PostgresStore(SQLStore, OutboxStore):
         q = self._q
         return self._run(what, lambda cur: body(_Run(cur, q)), write=True, durable=durable)
 
+    def _with_caller(self, connection: object, what: str, body: Callable[[Run], _T]) -> _T:
+        q = self._q
+        return self._in_caller(connection, what, lambda cur: body(_Run(cur, q)))
+
     def _insert_rows(self, run: Run, rows: Sequence[NewRow]) -> None:
         """Write rows and wake the workers on commit (when a row is pending)."""
         run.many("insert_row", [self._insert_params(r) for r in rows])
@@ -531,30 +524,6 @@ class PostgresStore(SQLStore, OutboxStore):
         self._run(f"migrating the tables in schema {self.schema!r}", apply, write=True)
 
     # -- terms and consent ----------------------------------------------------------------
-
-    def active_terms(
-        self,
-        customer_ref: str,
-        now: float,
-        *,
-        intermediary: str | None = None,
-        connection: object | None = None,
-    ) -> list[SharingTerms]:
-        """The terms a document for the account ``customer_ref`` (or, with
-        ``intermediary``, for that intermediary's reference) goes out under at ``now``;
-        with ``connection``, read in the caller's transaction (it sees the caller's own
-        writes)."""
-        statement = self._q["recipients"]
-        params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
-
-        def body(cur: _Cursor) -> list[TupleRow]:
-            return cur.execute(statement, params).fetchall()
-
-        if connection is not None:
-            rows = self._in_caller(connection, "reading the active terms", body)
-        else:
-            rows = self._run("reading the active terms", body)
-        return [terms_of_row(r, self.keyring) for r in rows]
 
     # -- service links --------------------------------------------------------------------
 
@@ -804,75 +773,6 @@ class PostgresStore(SQLStore, OutboxStore):
         )
 
     # -- offers and acceptances -----------------------------------------------------------
-
-    def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
-        """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
-        else the record in the way (itself, or the acceptance that holds the offer).
-
-        Safe across processes: the acceptance's row is locked (or its insert waits on a
-        concurrent one), and the offer's ``accepted_by`` is set only while empty, so of
-        concurrent claims of one offer the first to commit holds it, and the others wait
-        for that commit and then read its record."""
-        q = self._q
-        retake = (
-            now,
-            claim.intermediary,
-            claim.acceptance,
-            claim.owner,
-            claim.lease_until,
-            claim.acceptance_id,
-        )
-
-        def body(cur: _Cursor) -> AcceptanceRecord | None:
-            for _ in range(8):  # each round ends, or a concurrent change made it start over
-                found = AcceptanceRecord.of_row(
-                    cur.execute(q["lock_acceptance"], (claim.acceptance_id,)).fetchone()
-                )
-                if found is not None:
-                    if found.offer_id != claim.offer_id:
-                        raise AcceptanceConflictError(
-                            f"acceptance {claim.acceptance_id} was given for another offer"
-                        )
-                    if found.state != "released":
-                        return found
-                taken = cur.execute(q["take_offer"], (claim.acceptance_id, claim.offer_id))
-                if taken.rowcount == 0:
-                    other = AcceptanceRecord.of_row(
-                        cur.execute(q["offer_holder"], (claim.offer_id,)).fetchone()
-                    )
-                    if other is not None:
-                        return other
-                    if cur.execute(q["offer_exists"], (claim.offer_id,)).fetchone() is None:
-                        raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
-                    continue  # its holder let it go meanwhile
-                if found is not None:
-                    cur.execute(q["reclaim_acceptance"], retake)
-                    return None
-                if cur.execute(q["claim_acceptance"], claim_params(claim, now)).rowcount == 1:
-                    return None
-                # The same id was claimed concurrently, and committed first: give the offer
-                # back and read what that claim made.
-                cur.execute(q["release_offer"], (claim.offer_id, claim.acceptance_id))
-            raise StoreError(f"acceptance {claim.acceptance_id} kept changing while claimed")
-
-        return self._run("claiming an acceptance", body, write=True)
-
-    def add_emission_problems(
-        self, problems: Sequence[EmissionProblem], *, connection: object | None = None
-    ) -> None:
-        """Keep emission problems; with ``connection``, in the caller's transaction."""
-        params = [p.row() for p in problems]
-        if not params:
-            return
-        statement = self._q["insert_problem"]
-
-        def body(cur: _Cursor) -> None:
-            cur.executemany(statement, params)
-
-        if connection is not None:
-            self._in_caller(connection, "writing emission problems", body)
-        else:
-            self._run("writing emission problems", body, write=True)
 
 
 def _sqlalchemy_driver(connection: object) -> object:

@@ -19,34 +19,18 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cmi_sdk._exceptions import (
-    AcceptanceConflictError,
     ConfigurationError,
-    OfferNotFoundError,
     OutboxRowNotFoundError,
     StoreError,
 )
 from cmi_sdk._files import create_private_file, private_directory, warn_if_shared
-from cmi_sdk._models import Link, SharingTerms
+from cmi_sdk._models import Link
 from cmi_sdk._secrets import SecretsKeyring
-from cmi_sdk.outbox import (
-    AcceptanceClaim,
-    AcceptanceRecord,
-    EmissionProblem,
-    NewRow,
-    OutboxRow,
-    OutboxStore,
-)
+from cmi_sdk.outbox import NewRow, OutboxRow, OutboxStore
 from cmi_sdk.outbox._base import Run, SQLStore
 from cmi_sdk.outbox._migrations import SCHEMA_VERSION, pending, statements
 from cmi_sdk.outbox._queries import queries
-from cmi_sdk.outbox._rows import (
-    claim_params,
-    link_of_row,
-    need_keyring,
-    outbox_row,
-    row_params,
-    terms_of_row,
-)
+from cmi_sdk.outbox._rows import link_of_row, need_keyring, outbox_row, row_params
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -210,6 +194,9 @@ class SQLiteStore(SQLStore, OutboxStore):
         with self._write(durable=durable) as conn:
             return body(_Run(conn))
 
+    def _with_caller(self, connection: object, what: str, body: Callable[[Run], _T]) -> _T:  # noqa: ARG002
+        return body(_Run(self._caller(connection)))
+
     def _insert_rows(self, run: Run, rows: Sequence[NewRow]) -> None:
         run.many("insert_row", [row_params(r) for r in rows])
 
@@ -306,23 +293,6 @@ class SQLiteStore(SQLStore, OutboxStore):
         conn.execute(statement)
 
     # -- terms and consent ----------------------------------------------------------------
-
-    def active_terms(
-        self,
-        customer_ref: str,
-        now: float,
-        *,
-        intermediary: str | None = None,
-        connection: object | None = None,
-    ) -> list[SharingTerms]:
-        """The terms a document for the account ``customer_ref`` (or, with
-        ``intermediary``, for that intermediary's reference) goes out under at ``now``."""
-        params = {"ref": customer_ref, "intermediary": intermediary, "now": now}
-        if connection is not None:
-            rows = self._caller(connection).execute(_Q["recipients"], params).fetchall()
-        else:
-            rows = self._read(_Q["recipients"], params)
-        return [terms_of_row(r, self.keyring) for r in rows]
 
     # -- service links --------------------------------------------------------------------
 
@@ -466,44 +436,3 @@ class SQLiteStore(SQLStore, OutboxStore):
         return changed
 
     # -- offers and acceptances -----------------------------------------------------------
-
-    def begin_acceptance(self, claim: AcceptanceClaim, now: float) -> AcceptanceRecord | None:
-        """Claim an acceptance; None when it is now ``processing`` under ``claim.owner``,
-        else the record in the way (itself, or the acceptance that holds the offer).
-
-        One write transaction (SQLite has one writer at a time): the acceptance's row and
-        the offer's ``accepted_by`` change together or not at all."""
-        with self._write() as conn:
-            found = AcceptanceRecord.of_row(
-                conn.execute(_Q["get_acceptance"], (claim.acceptance_id,)).fetchone()
-            )
-            if found is not None:
-                if found.offer_id != claim.offer_id:
-                    raise AcceptanceConflictError(
-                        f"acceptance {claim.acceptance_id} was given for another offer"
-                    )
-                if found.state != "released":
-                    return found
-            taken = conn.execute(_Q["take_offer"], (claim.acceptance_id, claim.offer_id))
-            if taken.rowcount == 0:
-                other = AcceptanceRecord.of_row(
-                    conn.execute(_Q["offer_holder"], (claim.offer_id,)).fetchone()
-                )
-                if other is not None:
-                    return other
-                raise OfferNotFoundError(f"no offer {claim.offer_id!r}")
-            conn.execute(_Q["claim_acceptance"], claim_params(claim, now))
-        return None
-
-    def add_emission_problems(
-        self, problems: Sequence[EmissionProblem], *, connection: object | None = None
-    ) -> None:
-        """Keep emission problems; with ``connection``, in the caller's transaction."""
-        params = [p.row() for p in problems]
-        if not params:
-            return
-        if connection is not None:
-            self._caller(connection).executemany(_Q["insert_problem"], params)
-            return
-        with self._write() as conn:
-            conn.executemany(_Q["insert_problem"], params)

@@ -425,15 +425,22 @@ UPDATE cmi_offers SET accepted_by = ? WHERE id = ? AND accepted_by IS NULL;
 SELECT {acceptance_columns} FROM cmi_acceptances
 WHERE id = (SELECT accepted_by FROM cmi_offers WHERE id = ?);
 
+-- name: offer_exists
+-- Whether there is an offer with that id.
+SELECT 1 FROM cmi_offers WHERE id = ?;
+
 -- name: claim_acceptance
--- Start an acceptance, or start a released one again, processing under a lease.
+-- Start an acceptance, processing under a lease (nothing when the id is taken).
 INSERT INTO cmi_acceptances (id, offer_id, state, result, created_at, updated_at,
     intermediary, acceptance, hold, lease_owner, lease_until)
 VALUES (?, ?, 'processing', NULL, ?, ?, ?, ?, NULL, ?, ?)
-ON CONFLICT (id) DO UPDATE SET state = 'processing', result = NULL,
-    updated_at = excluded.updated_at, intermediary = excluded.intermediary,
-    acceptance = excluded.acceptance, hold = NULL, lease_owner = excluded.lease_owner,
-    lease_until = excluded.lease_until;
+ON CONFLICT (id) DO NOTHING;
+
+-- name: reclaim_acceptance
+-- Start a released acceptance again, processing under a lease.
+UPDATE cmi_acceptances SET state = 'processing', result = NULL, updated_at = ?,
+    intermediary = ?, acceptance = ?, hold = NULL, lease_owner = ?, lease_until = ?
+WHERE id = ? AND state = 'released';
 
 -- name: renew_acceptance
 -- Extend the owner's lease on an acceptance and record its hold.
