@@ -55,13 +55,16 @@ def schema_sql(dialect: str, *, schema: str = "cmi") -> str:
 
 def _script(dialect: Literal["sqlite", "postgres"], place: Callable[[str], str]) -> str:
     named = queries(dialect)
-    parts = [named[q] for q in ("create_schema", "create_migrations_table") if q in named]
+    setup = [named[q] for q in ("create_schema", "create_migrations_table") if q in named]
+    out = [f"{place(statement)};\n" for statement in setup]
     table = "cmi_migrations" if dialect == "sqlite" else "{s}.migrations"
     for migration in migrations(dialect):
-        parts.extend(statements(migration.script))
+        out.append(f"-- migration {migration.version}: {migration.name}\n")
+        out.extend(f"{place(statement)};\n" for statement in statements(migration.script))
         # Versions and names are the package's own constants (checked file names).
-        parts.append(
+        record = (
             f"INSERT INTO {table} (version, name, applied_at)"  # noqa: S608
             f" VALUES ({migration.version}, '{migration.name}', {_NOW[dialect]})"
         )
-    return "".join(f"{place(part)};\n" for part in parts)
+        out.append(f"{place(record)};\n")
+    return "".join(out)

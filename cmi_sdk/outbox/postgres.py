@@ -1,8 +1,10 @@
 """The PostgreSQL store: for firms whose own data lives in PostgreSQL, and for several
 delivery workers in several processes.
 
-Its semantics are :class:`~cmi_sdk.outbox.sqlite.SQLiteStore`'s, method by method. What
-PostgreSQL adds:
+Its semantics are :class:`~cmi_sdk.outbox.sqlite.SQLiteStore`'s, method by method: the
+methods whose logic is the same are written once (:mod:`cmi_sdk.outbox._base`), its SQL
+is in ``sql/postgres/queries.sql`` and ``sql/postgres/migrations/``, and the contract
+suite (``tests/contract``) runs both. What PostgreSQL adds:
 
 - **The caller's transaction.** ``insert`` and ``active_terms`` take the firm's open
   psycopg ``Connection``, or a SQLAlchemy ``Connection`` or ``Session`` on the

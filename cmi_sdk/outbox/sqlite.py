@@ -4,6 +4,9 @@ A firm that keeps its own tables in the same file passes its ``sqlite3`` connect
 :meth:`~cmi_sdk.Adapter.emit`, and the outbox row is written inside its open transaction:
 the row commits or rolls back with the firm's own write. Otherwise the SDK commits on its
 own connection (one per thread), batching rows into one commit wherever it can.
+
+Its SQL is in ``sql/sqlite/queries.sql`` and ``sql/sqlite/migrations/``; the methods it
+shares with the PostgreSQL store are in :mod:`cmi_sdk.outbox._base`.
 """
 
 from __future__ import annotations
