@@ -525,8 +525,6 @@ class PostgresStore(SQLStore, OutboxStore):
 
         self._run(f"migrating the tables in schema {self.schema!r}", apply, write=True)
 
-    # -- terms and consent ----------------------------------------------------------------
-
     # -- service links --------------------------------------------------------------------
 
     def redeem_link_code(
@@ -762,7 +760,7 @@ class PostgresStore(SQLStore, OutboxStore):
                 return True
             return woken
 
-    # -- destinations, intermediaries, replay ---------------------------------------------
+    # -- the stored secrets ---------------------------------------------------------------
 
     def reseal_secrets(self) -> int:
         """Seal every secret kept here with the keyring's first key (stored as plain text,
@@ -773,8 +771,6 @@ class PostgresStore(SQLStore, OutboxStore):
         return self._transaction(
             "sealing the stored secrets", lambda run: self._reseal(run, keyring)
         )
-
-    # -- offers and acceptances -----------------------------------------------------------
 
 
 def _sqlalchemy_driver(connection: object) -> object:

@@ -295,8 +295,6 @@ class SQLiteStore(SQLStore, OutboxStore):
                 return
         conn.execute(statement)
 
-    # -- terms and consent ----------------------------------------------------------------
-
     # -- service links --------------------------------------------------------------------
 
     def redeem_link_code(
@@ -416,7 +414,7 @@ class SQLiteStore(SQLStore, OutboxStore):
         found = self._read(_Q["documents_since"], (terms_id, min(after, _MAX_INTEGER), limit))
         return [outbox_row(r) for r in found]
 
-    # -- destinations, intermediaries, replay ---------------------------------------------
+    # -- the stored secrets ---------------------------------------------------------------
 
     def reseal_secrets(self) -> int:
         """Seal every secret kept here with the keyring's first key (stored as plain text,
@@ -437,5 +435,3 @@ class SQLiteStore(SQLStore, OutboxStore):
             own.execute(f"PRAGMA secure_delete={int(secure)}")
         own.execute(_Q["checkpoint_wal"])
         return changed
-
-    # -- offers and acceptances -----------------------------------------------------------
