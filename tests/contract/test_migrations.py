@@ -5,6 +5,7 @@ kept. The old tables come from the DDL those versions ran (``data/``)."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -239,3 +240,30 @@ def _open(kind: str, location: str) -> OutboxStore:
     from cmi_sdk.outbox.postgres import PostgresStore
 
     return PostgresStore(DSN, schema=location)
+
+
+def test_every_statement_the_stores_call_by_name_is_in_their_query_file() -> None:
+    """A name misspelled in a path the other tests do not take fails here, not in a firm's
+    process."""
+    outbox = Path(__file__).resolve().parents[2] / "cmi_sdk" / "outbox"
+    by_run = r'\brun(?:\.many)?\(\s*"(\w+)"'
+    shared = _names(outbox / "_base.py", by_run)
+    shared |= _names(outbox / "_base.py", r'_(?:fetch|filtered)\(\s*"[^"]+",\s*"(\w+)"')
+    shared |= _names(outbox / "_base.py", r'\("(\w+)", params\.\w+\)')  # outcomes
+    called = {
+        "sqlite": _names(outbox / "sqlite.py", r'_Q\["(\w+)"\]')
+        | _names(outbox / "sqlite.py", by_run),
+        "postgres": _names(outbox / "postgres.py", r'\bq\["(\w+)"\]|_q\["(\w+)"\]')
+        | _names(outbox / "postgres.py", by_run)
+        | _names(outbox / "postgres.py", r'_read\(\s*"[^"]+",\s*"(\w+)"'),
+    }
+    assert {"mark_dead", "recipients", "list_links", "insert_offer"} <= shared
+    assert {"claim", "insert_row"} <= called["sqlite"] & called["postgres"]
+    for dialect, names in called.items():
+        missing = (names | shared) - set(queries(dialect))
+        assert not missing, f"{dialect}: {sorted(missing)}"
+
+
+def _names(path: Path, pattern: str) -> set[str]:
+    found = re.findall(pattern, path.read_text())
+    return {n for match in found for n in ([match] if isinstance(match, str) else match) if n}
