@@ -8,12 +8,20 @@ lets others read one is logged as a warning, for the firm to decide.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["create_private_file", "private_directory", "warn_if_shared", "write_private_file"]
+__all__ = [
+    "create_private_file",
+    "private_directory",
+    "replace_file",
+    "warn_if_shared",
+    "write_private_file",
+]
 
 log = logging.getLogger("cmi_sdk.files")
 
@@ -72,6 +80,49 @@ def write_private_file(path: str | Path, data: bytes) -> None:
         Path(path).unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def replace_file(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically and durably: a reader sees the old file or the
+    whole new one, never a part, and a crash leaves no half-written ``path``.
+
+    The data goes to a temporary file beside ``path`` (its name starts with ``.`` and ends
+    with ``.tmp``, so a folder listing that skips those never takes it for a document),
+    which is synced, renamed over ``path``, and the folder synced. ``mode`` sets the
+    file's mode (:data:`PRIVATE_FILE` for customer data); None gives the mode an ordinary
+    new file gets under the process's umask.
+
+    :raises OSError: the file cannot be written."""
+    target = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # not mkstemp's 0600
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # A rename is durable only once its directory is; Windows cannot open a directory, and
+    # makes renames durable on its own.
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def warn_if_shared(path: str | Path, what: str) -> bool:

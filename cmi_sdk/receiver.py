@@ -73,10 +73,8 @@ import datetime
 import json
 import logging
 import math
-import os
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -96,7 +94,7 @@ from starlette.routing import Route
 from uvicorn.config import LOGGING_CONFIG
 
 from cmi_sdk._exceptions import ConfigurationError, SignatureVerificationError, XMLInputError
-from cmi_sdk._files import private_directory, warn_if_shared
+from cmi_sdk._files import PRIVATE_FILE, private_directory, replace_file, warn_if_shared
 from cmi_sdk._serving import (
     DEFAULT_BODY_TIMEOUT,
     BodyTimeoutError,
@@ -207,36 +205,6 @@ def _problem(slug: str, detail: str, headers: Mapping[str, str] | None = None) -
 
 def _utc_text(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _fsync_directory(directory: Path) -> None:
-    # A rename is durable only once its directory is; Windows cannot open a directory, and
-    # makes renames durable on its own.
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # The temporary name starts with '.' and ends with '.tmp', so documents() never takes a
-    # half-written file (or one left by a crash) for a document.
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)  # mkstemp's mode, whatever the umask
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(path.parent)
 
 
 class CustomerStore:
@@ -468,10 +436,14 @@ class CustomerStore:
                 # (and a .sig) without its document, which the sender's retry overwrites,
                 # and never a document without its .json, which the existence check would
                 # call a duplicate.
-                _write_atomically(self._directory / f"{webhook_id}.json", text.encode())
+                replace_file(
+                    self._directory / f"{webhook_id}.json", text.encode(), mode=PRIVATE_FILE
+                )
                 if received.signature is not None:
-                    _write_atomically(path.with_name(f"{path.name}.sig"), received.signature)
-                _write_atomically(path, body)
+                    replace_file(
+                        path.with_name(f"{path.name}.sig"), received.signature, mode=PRIVATE_FILE
+                    )
+                replace_file(path, body, mode=PRIVATE_FILE)
         doc = StoredDocument(
             webhook_id=webhook_id,
             path=path,
