@@ -48,7 +48,7 @@ from cmi_sdk.config import Settings
 from cmi_sdk.receiver import CustomerStore, running
 from cmi_sdk.webhooks import WebhookSigner, WebhookVerifier, generate_secret
 from tests.support import CUSTOMER, make_adapter, register, ticket
-from tests.test_offers import Shop
+from tests.unit.test_offers import Shop
 
 START_TIMEOUT = 30.0
 XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<note>hello</note>\n'

@@ -27,7 +27,7 @@ from cmi_sdk.client import signed_headers
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
 from tests.support import CUSTOMER, make_adapter, register
-from tests.test_offers import Shop
+from tests.unit.test_offers import Shop
 
 XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<note>hello</note>\n'
 

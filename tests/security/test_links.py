@@ -39,7 +39,7 @@ from cmi_sdk import (
 from cmi_sdk.client import CMIClient
 from cmi_sdk.webhooks import generate_secret
 from tests.support import Clock, link, make_adapter, register, serve_app, ticket
-from tests.test_offers import Shop
+from tests.unit.test_offers import Shop
 
 ACCOUNT = "acct-alice-0001"
 

@@ -35,7 +35,7 @@ from cmi_sdk import Acceptance, Adapter, LinkError, Request, TermsProposal, load
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
 from tests.support import Clock, make_adapter, ticket
-from tests.test_offers import Shop
+from tests.unit.test_offers import Shop
 
 ACCOUNTS = ("acct-alice", "acct-bob")
 INTERMEDIARIES = ("acme", "beta", "gamma")

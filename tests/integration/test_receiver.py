@@ -32,7 +32,7 @@ from cmi_sdk.receiver import CustomerStore, StoredDocument, format_line, running
 from cmi_sdk.signing import DocumentSigner, self_signed_certificate
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<note>hello</note>\n'
 
 

@@ -11,7 +11,7 @@ import cmi_ticket.plugin
 from cmi_sdk import Adapter, Transaction, load_model
 from cmi_sdk.testing import assert_round_trip, assert_schema_valid, make_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TICKET = load_model(Transaction, (ROOT / "examples" / "ticket.json").read_text())
 
 pytest_plugins = ["pytester"]

@@ -13,7 +13,7 @@ import pytest
 from cmi_sdk import Transaction, load_model
 from cmi_sdk.cli import EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TICKET_JSON = EXAMPLES / "ticket.json"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "cmi_sdk"
+PACKAGE = Path(__file__).resolve().parents[2] / "cmi_sdk"
 
 
 def _module_name(path: Path, package: Path = PACKAGE) -> str:

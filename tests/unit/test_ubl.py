@@ -50,7 +50,7 @@ from cmi_sdk import (
 from cmi_sdk.signing import DocumentSigner, self_signed_certificate, verify_document
 from tests import strategies as s
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("cmi_ubl") is None:  # not installed yet: the checkout's copy
     sys.path.insert(0, str(ROOT / "plugins"))
 

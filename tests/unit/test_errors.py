@@ -51,7 +51,7 @@ from cmi_sdk.client import CMIClient
 from cmi_sdk.webhooks import generate_secret
 from tests.support import make_adapter, serve_app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _usd(amount: str) -> Money:

@@ -33,7 +33,7 @@ from cmi_sdk.client import CMIClient, signed_headers
 from cmi_sdk.signing import DocumentSigner, generate_development_keys
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TICKET_JSON = EXAMPLES / "ticket.json"
 CUSTOMER = "cust-7f3a9c"  # the customer_ref of examples/ticket.json
 TICKET_NS = "urn:cmi:ticket:1.0"

@@ -34,7 +34,7 @@ from cmi_sdk import (
     load_model,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 try:
     import cmi_lender

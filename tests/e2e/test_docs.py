@@ -14,7 +14,7 @@ import cmi_sdk
 import cmi_sdk._exceptions
 from mkdocs_hooks import MARKER, hookspecs, render_hooks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from mkdocs_hooks import hookspecs
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 SPECS = hookspecs()
 NAMES = [f.__name__ for f in SPECS]
 

@@ -22,7 +22,7 @@ from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import generate_secret
 from tests.support import CUSTOMER, make_adapter, register, serve_app, signer
-from tests.test_offers import Shop
+from tests.unit.test_offers import Shop
 
 
 @dataclass

@@ -40,7 +40,7 @@ from cmi_sdk.outbox.postgres import PostgresStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
 from tests.support import make_adapter, serve_app
-from tests.test_offers import seat_on
+from tests.unit.test_offers import seat_on
 
 FARE = Money(amount="451.89", currency="USD")
 

@@ -44,7 +44,7 @@ def rsa_signer() -> DocumentSigner:
 
 @pytest.fixture(scope="module")
 def ticket_xml() -> bytes:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     tx = load_model(Transaction, (root / "examples" / "ticket.json").read_text())
     return Adapter().render(tx, standard="cmi-ticket")
 

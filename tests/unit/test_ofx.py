@@ -45,7 +45,7 @@ from cmi_sdk import (
 from cmi_sdk.testing import make_adapter
 from tests import strategies as s
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 try:
     import cmi_ofx
 except ImportError:  # until pyproject registers the package
@@ -61,7 +61,7 @@ from cmi_ofx import (  # noqa: E402
 )
 
 EXAMPLE = ROOT / "examples" / "bank-transaction.json"
-DATA = Path(__file__).resolve().parent / "data" / "ofx"
+DATA = Path(__file__).resolve().parents[1] / "data" / "ofx"
 CUSTOMER = "cust-7f3a9c"
 UTC = dt.UTC
 

@@ -42,7 +42,7 @@ from cmi_sdk import (
 try:
     import cmi_airline
 except ImportError:  # not installed yet: the plugin's source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
     import cmi_airline
 
 from cmi_airline import (
@@ -57,7 +57,7 @@ from cmi_airline import (
     protection_levels,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Talluri & van Ryzin, The Theory and Practice of Revenue Management, table 2.3.
 FARES = [1050, 567, 534, 520]

@@ -51,7 +51,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CUSTOMER = "cust-7f3a9c"
 DESTINATION = "http://127.0.0.1:9/inbox"
 RFC7807 = "{urn:ietf:rfc:7807}"
