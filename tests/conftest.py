@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def adapter() -> Adapter:
+def default_adapter() -> Adapter:
     """The default adapter: default and entry-point plugins (immutable once built)."""
     return Adapter()
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from typing import get_args
 
 from hypothesis import strategies as st
+from ofxtools.models.i18n import ISO4217
 
+import cmi_ofx
 from cmi_sdk import (
     Acceptance,
     Advice,
@@ -357,4 +360,59 @@ def offer_sets(draw: st.DrawFn) -> OfferSet:
         answered_at=draw(utc_datetimes),
         offers=tuple(answered),
         declined=None if answered else draw(st.none() | text(max_size=256)),
+    )
+
+
+# -- OFX statement lines --------------------------------------------------------------------
+
+TRNTYPES: tuple[str, ...] = get_args(
+    BankStatementLineDetails.model_fields["transaction_type"].annotation
+)
+# ofxtools 1.1 follows OFX 2.0.3: it has no HOLD (OFX 2.2), nor currencies newer than its
+# ISO 4217 table.
+OFXTOOLS_TRNTYPES = tuple(t for t in TRNTYPES if t != "HOLD")
+OFXTOOLS_CURRENCIES = [c for c in CURRENCIES if c in ISO4217]
+
+ms_datetimes = utc_datetimes.map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000))
+
+
+def trimmed_text(max_size: int) -> st.SearchStrategy[str]:
+    """Markup-rich text as OFX readers return it: without CR and edge whitespace, which
+    OFX readers strip (the specification asks them to)."""
+    return (
+        text(max_size=max_size)
+        .map(lambda t: t.replace("\r", "").strip())
+        .filter(lambda t: len(t) >= 1)
+    )
+
+
+@st.composite
+def ofx_transactions(draw: st.DrawFn, *, interop: bool = False) -> Transaction:
+    """A bank statement line an OFX statement carries: millisecond times, a sign that fits
+    DEBIT and CREDIT, a memo OFX's MEMO holds. ``interop``: what ofxtools knows, as it
+    reads it."""
+    trntype = draw(st.sampled_from(OFXTOOLS_TRNTYPES if interop else TRNTYPES))
+    currency = draw(st.sampled_from(OFXTOOLS_CURRENCIES if interop else CURRENCIES))
+    amount = draw(money(currency)).amount
+    if trntype == "DEBIT":
+        amount = -abs(amount)
+    elif trntype == "CREDIT":
+        amount = abs(amount)
+    texts = trimmed_text if interop else lambda n: text(max_size=n)
+    posted = draw(ms_datetimes)
+    fitid = draw(st.from_regex(r"[\x21-\x7e]{1,40}", fullmatch=True))
+    return Transaction(
+        id=draw(st.just(cmi_ofx.transaction_id(fitid)) | identifiers),
+        kind="bank_statement_line",
+        occurred_at=draw(st.just(posted) | ms_datetimes),
+        firm=draw(identifiers),
+        customer_ref=draw(customer_refs),
+        total=Money(amount=amount, currency=currency),
+        details=BankStatementLineDetails(
+            transaction_type=trntype,
+            posted_at=posted,
+            payee=draw(texts(64)),
+            memo=draw(st.none() | texts(255)),
+            fitid=fitid,
+        ),
     )

@@ -1,11 +1,12 @@
-"""Shared builders for the emission tests: a signer, an adapter on its own store, terms."""
+"""Builders of real objects the tests share: a signer, an emitting adapter on its own
+store, the seed's ticket, registered terms, links, an app served on loopback. The fakes
+(a clock, a tiny airline, a failing wrapper) are in ``tests/fakes.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def signer() -> DocumentSigner:
     return DocumentSigner(key=key, certificate=self_signed_certificate(key, common_name="firm"))
 
 
-def make_adapter(tmp_path: Path, **options: Any) -> Adapter:
+def emitting_adapter(tmp_path: Path, **options: Any) -> Adapter:
     """An adapter with its own SQLite store in ``tmp_path``, signing, loopback allowed."""
     options.setdefault("store", SQLiteStore(tmp_path / "cmi.db"))
     options.setdefault("signer", signer())
@@ -80,57 +81,3 @@ def serve_app(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
     """Serve any ASGI app on a free loopback port; yield its base URL, ending in ``/``."""
     with serving(app, timeout=timeout) as url:
         yield url + "/"
-
-
-class Clock:
-    """A settable clock in POSIX seconds, for adapters, stores and plugins."""
-
-    def __init__(self, now: float = 1_900_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-Plan = Callable[[int], "int | tuple[int, dict[str, str]] | None"]
-
-
-class Faulty:
-    """An ASGI wrapper that answers the n-th request (1-based) as ``plan(n)`` says: a
-    status (with optional headers) instead of the wrapped app, or None to pass it on."""
-
-    def __init__(self, inner: Any, plan: Plan) -> None:
-        self.inner = inner
-        self.plan = plan
-        self.requests = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.delay = 0.0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.inner(scope, receive, send)
-            return
-        self.requests += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            answer = self.plan(self.requests)
-            if answer is None:
-                await self.inner(scope, receive, send)
-                return
-            status, headers = answer if isinstance(answer, tuple) else (answer, {})
-            while (await receive()).get("more_body"):
-                pass
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            self.in_flight -= 1

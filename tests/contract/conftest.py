@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from cmi_sdk import Adapter
 from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
+from tests.contract.rows import NOW
+from tests.fakes import Clock
+from tests.support import emitting_adapter
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
 KINDS = ("sqlite", "postgres")
@@ -79,3 +83,9 @@ def other(kind: str, location: str, store: OutboxStore) -> Iterator[OutboxStore]
         yield opened
     finally:
         opened.close()
+
+
+@pytest.fixture
+def store_adapter(store: OutboxStore, tmp_path: Path) -> Adapter:
+    """An emitting adapter on ``store`` (the firm's side of it), its clock at ``NOW``."""
+    return emitting_adapter(tmp_path, store=store, clock=Clock(NOW))

@@ -25,7 +25,7 @@ from tests.contract.legacy import (
     postgres_versions,
     sqlite_versions,
 )
-from tests.support import Clock, link, make_adapter, register, ticket
+from tests.support import link, register, ticket
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
 SCHEMA = f"cmi_links_{secrets.token_hex(4)}"
@@ -58,11 +58,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OutboxStor
     finally:
         pg.close()
         _drop(schema)
-
-
-@pytest.fixture
-def adapter(store: OutboxStore, tmp_path: Path) -> Adapter:
-    return make_adapter(tmp_path, store=store, clock=Clock(NOW))
 
 
 def _ids(terms: list[Any]) -> set[str]:
@@ -116,14 +111,14 @@ def test_a_reference_is_unique_per_intermediary_only(store: OutboxStore) -> None
 
 
 def test_documents_for_an_account_go_to_its_direct_terms_and_its_links(
-    adapter: Adapter, store: OutboxStore
+    store_adapter: Adapter, store: OutboxStore
 ) -> None:
-    direct = register(adapter, customer_ref=ACCOUNT)
-    acme = link(adapter, ACCOUNT, "acme")
-    at_acme = register(adapter, customer_ref=acme.customer_ref, intermediary="acme")
-    beta_guess = register(adapter, customer_ref=acme.customer_ref, intermediary="beta")
-    beta_account = register(adapter, customer_ref=ACCOUNT, intermediary="beta")
-    own = register(adapter, customer_ref="pseudo-123", intermediary="acme")
+    direct = register(store_adapter, customer_ref=ACCOUNT)
+    acme = link(store_adapter, ACCOUNT, "acme")
+    at_acme = register(store_adapter, customer_ref=acme.customer_ref, intermediary="acme")
+    beta_guess = register(store_adapter, customer_ref=acme.customer_ref, intermediary="beta")
+    beta_account = register(store_adapter, customer_ref=ACCOUNT, intermediary="beta")
+    own = register(store_adapter, customer_ref="pseudo-123", intermediary="acme")
     everyone = {direct.id, at_acme.id}
     assert _ids(store.active_terms(ACCOUNT, NOW)) == everyone
     assert _ids(store.active_terms(acme.customer_ref, NOW, intermediary="acme")) == everyone
@@ -132,21 +127,21 @@ def test_documents_for_an_account_go_to_its_direct_terms_and_its_links(
     assert _ids(store.active_terms(ACCOUNT, NOW, intermediary="beta")) == {beta_account.id}
     assert _ids(store.active_terms("pseudo-123", NOW, intermediary="acme")) == {own.id}
     assert store.active_terms(acme.customer_ref, NOW) == []  # not an account
-    adapter.revoke_link(acme.id)
+    store_adapter.revoke_link(acme.id)
     assert _ids(store.active_terms(ACCOUNT, NOW)) == {direct.id}
     assert _ids(store.active_terms(acme.customer_ref, NOW, intermediary="acme")) == set()
 
 
 def test_revoking_a_link_revokes_its_terms_in_one_step(
-    adapter: Adapter, store: OutboxStore
+    store_adapter: Adapter, store: OutboxStore
 ) -> None:
-    acme = link(adapter, ACCOUNT, "acme")
-    first = register(adapter, customer_ref=acme.customer_ref, intermediary="acme")
-    second = register(adapter, customer_ref=acme.customer_ref, intermediary="acme")
-    kept = register(adapter, customer_ref=acme.customer_ref, intermediary="beta")
-    emitted = adapter.emit(ticket(customer_ref=ACCOUNT))
+    acme = link(store_adapter, ACCOUNT, "acme")
+    first = register(store_adapter, customer_ref=acme.customer_ref, intermediary="acme")
+    second = register(store_adapter, customer_ref=acme.customer_ref, intermediary="acme")
+    kept = register(store_adapter, customer_ref=acme.customer_ref, intermediary="beta")
+    emitted = store_adapter.emit(ticket(customer_ref=ACCOUNT))
     assert {e.terms_id for e in emitted} == {first.id, second.id}
-    consent = adapter._emitter.consent(first, "revoked", adapter.now())
+    consent = store_adapter._emitter.consent(first, "revoked", store_adapter.now())
     # A caller that read only the first terms: the second is named back as still active.
     cancelled, late = store.revoke_link(acme.id, NOW, [(consent.record, consent.xml)])
     assert (cancelled, late) == (1, [second.id])

@@ -23,7 +23,8 @@ from cmi_sdk.webhooks import generate_secret
 from tests.contract.conftest import DSN
 from tests.contract.legacy import postgres_versions, sqlite_versions
 from tests.contract.rows import ACCOUNT, NOW, new_row, stored_offer
-from tests.support import Clock, make_adapter, register
+from tests.fakes import Clock
+from tests.support import emitting_adapter, register
 
 DATA = Path(__file__).parent / "data"
 ALL = list(range(1, SCHEMA_VERSION + 1))
@@ -98,7 +99,7 @@ def test_a_store_made_before_numbered_migrations_upgrades_with_its_rows(
     tmp_path: Path,
 ) -> None:
     execute, versions = old_store
-    scratch = make_adapter(tmp_path / "scratch", clock=Clock(NOW))
+    scratch = emitting_adapter(tmp_path / "scratch", clock=Clock(NOW))
     terms = register(scratch, customer_ref=ACCOUNT)
     [(record, xml)] = scratch.store.consent_records(terms.id)
     scratch.close()

@@ -7,8 +7,6 @@ use two store instances on the same tables, as two processes would.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cmi_sdk import (
@@ -28,13 +26,7 @@ from cmi_sdk.outbox import (
 )
 from cmi_sdk.webhooks import generate_secret
 from tests.contract.rows import ACCOUNT, NOW, claim, new_row, outcome, race, stored_offer
-from tests.support import CUSTOMER, Clock, make_adapter, register
-
-
-@pytest.fixture
-def adapter(store: OutboxStore, tmp_path: Path) -> Adapter:
-    return make_adapter(tmp_path, store=store, clock=Clock(NOW))
-
+from tests.support import CUSTOMER, register
 
 # -- the store itself ---------------------------------------------------------------------
 
@@ -57,13 +49,13 @@ def test_capabilities_are_declared(store: OutboxStore) -> None:
 # -- terms and consent --------------------------------------------------------------------
 
 
-def test_terms_and_their_consent_records(adapter: Adapter, store: OutboxStore) -> None:
-    terms = register(adapter, customer_ref=ACCOUNT)
+def test_terms_and_their_consent_records(store_adapter: Adapter, store: OutboxStore) -> None:
+    terms = register(store_adapter, customer_ref=ACCOUNT)
     assert store.get_terms(terms.id) == terms
     assert [t.id for t in store.list_terms(customer_ref=ACCOUNT)] == [terms.id]
     assert [t.id for t in store.active_terms(ACCOUNT, NOW)] == [terms.id]
     store.insert([new_row(1, terms_id=terms.id, customer_ref=ACCOUNT)])
-    adapter.revoke_terms(terms.id)
+    store_adapter.revoke_terms(terms.id)
     assert store.get_terms(terms.id).revoked_at is not None
     assert store.list_terms(customer_ref=ACCOUNT) == []
     assert [t.id for t in store.list_terms(include_revoked=True)] == [terms.id]

@@ -22,7 +22,7 @@ from cmi_sdk import Transaction, load_model
 from cmi_sdk.cli import main
 from cmi_sdk.webhooks import generate_secret
 from tests.integration.ofx_readers import IN_CI, ofxdump, ofxdump_values, ofxparse, ofxtools
-from tests.support import CUSTOMER, ROOT, make_adapter, register, signer
+from tests.support import CUSTOMER, ROOT, emitting_adapter, register, signer
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_delivered_valid_readable_and_verified(  # noqa: PLR0917  (pytest's para
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, secret, store, cert = listener
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     try:
         register(
             adapter,

@@ -32,7 +32,8 @@ from cmi_sdk._delivery import DEFAULT_SCHEDULE, parse_retry_after
 from cmi_sdk.outbox import DeliveryReport
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import WebhookVerifier, generate_secret, public_key_for
-from tests.support import Faulty, make_adapter, register, serve_app, signer, ticket
+from tests.fakes import Faulty
+from tests.support import emitting_adapter, register, serve_app, signer, ticket
 
 FAST = RetrySchedule(delays=(0, 0, 0, 0, 0), jitter=0)
 
@@ -80,7 +81,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     faulty = Faulty(store.app, lambda _n: None)
     hooks = Hooks()
     clock = [time.time()]
-    adapter = make_adapter(tmp_path, plugins=[hooks], clock=lambda: clock[0])
+    adapter = emitting_adapter(tmp_path, plugins=[hooks], clock=lambda: clock[0])
     with serve_app(faulty) as url:
         yield Setup(adapter, store, secret, hooks, faulty, url + "inbox", clock)
 

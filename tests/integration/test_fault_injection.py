@@ -51,7 +51,7 @@ from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.receiver import CustomerStore, StoredDocument
 from cmi_sdk.webhooks import generate_secret
-from tests.support import ROOT, make_adapter, register, signer, ticket
+from tests.support import ROOT, emitting_adapter, register, signer, ticket
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -514,7 +514,7 @@ def test_postgres_workers_killed_and_cut_off_lose_nothing(
     store = PostgresStore(DSN, schema=schema)
     control = psycopg.connect(DSN, autocommit=True, application_name=f"cmi_fault_c_{token}")
     fleet = Fleet(worker_env(url), tmp_path, size=3, seed=11)
-    adapter = make_adapter(tmp_path, store=store)
+    adapter = emitting_adapter(tmp_path, store=store)
 
     def in_firms_transaction(txs: list[Transaction]) -> list[Emission]:
         with psycopg.connect(DSN) as conn:  # committed on leaving the block
@@ -581,7 +581,7 @@ def test_sqlite_worker_killed_loses_nothing(
     url = f"sqlite:///{db}"
     store = SQLiteStore(db)
     fleet = Fleet(worker_env(url), tmp_path, size=1, seed=17)
-    adapter = make_adapter(tmp_path, store=store)
+    adapter = emitting_adapter(tmp_path, store=store)
     waves = Waves(adapter.emit_many, count=150)
     try:
         with faulty_receiver(tmp_path, seed=19) as (secret_list, rx):
@@ -667,7 +667,7 @@ def test_claims_that_never_posted_do_not_spend_the_retry_schedule(tmp_path: Path
         "CMI_HTTP_TIMEOUT": "10",
         "CMI_PER_DESTINATION": "1",
     }
-    adapter = make_adapter(tmp_path, store=SQLiteStore(db))
+    adapter = emitting_adapter(tmp_path, store=SQLiteStore(db))
     secret = generate_secret()
     try:
         app = HoldFirst("")
@@ -735,7 +735,7 @@ class _NextDueFailsOnce:
 
 
 def test_a_store_error_between_rounds_does_not_end_the_worker(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     worker = adapter.delivery_worker()
     flaky = _NextDueFailsOnce(adapter.store)
     worker.store = flaky  # a proxy: the store's methods, through __getattr__

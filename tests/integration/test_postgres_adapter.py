@@ -17,7 +17,7 @@ from cmi_sdk import Adapter, RetrySchedule
 from cmi_sdk.client import CMIClient
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import generate_secret
-from tests.support import make_adapter, register, serve_app, ticket
+from tests.support import emitting_adapter, register, serve_app, ticket
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
 if not DSN:
@@ -45,42 +45,42 @@ def store() -> Iterator[PostgresStore]:
 
 
 @pytest.fixture
-def adapter(tmp_path: Path, store: PostgresStore) -> Iterator[Adapter]:
-    adapter = make_adapter(tmp_path, store=store)
+def pg_adapter(tmp_path: Path, store: PostgresStore) -> Iterator[Adapter]:
+    adapter = emitting_adapter(tmp_path, store=store)
     yield adapter
     adapter.close()
 
 
 def test_emit_in_the_firms_psycopg_transaction_and_deliver(
-    tmp_path: Path, adapter: Adapter, store: PostgresStore
+    tmp_path: Path, pg_adapter: Adapter, store: PostgresStore
 ) -> None:
     secret = generate_secret()
     inbox = CustomerStore(directory=tmp_path / "inbox", secrets=[secret])
     with serve_app(inbox.app) as url:
-        register(adapter, destination=url + "inbox", secret=secret)
+        register(pg_adapter, destination=url + "inbox", secret=secret)
         with psycopg.connect(DSN) as conn:
             conn.execute(f'SET search_path TO "{store.schema}", public')
             conn.execute("CREATE TEMP TABLE sales (id text primary key)")
             conn.execute("INSERT INTO sales VALUES ('DL-1')")
-            (emission,) = adapter.emit(ticket(), connection=conn)
-            assert adapter.store.rows() == []  # not committed yet
+            (emission,) = pg_adapter.emit(ticket(), connection=conn)
+            assert pg_adapter.store.rows() == []  # not committed yet
             conn.rollback()
-        assert adapter.store.rows() == []  # rolled back with the firm's write
+        assert pg_adapter.store.rows() == []  # rolled back with the firm's write
         with psycopg.connect(DSN) as conn:
-            (emission,) = adapter.emit(ticket(), connection=conn)
+            (emission,) = pg_adapter.emit(ticket(), connection=conn)
             conn.commit()
-        with adapter.delivery_worker(schedule=RetrySchedule(delays=(0,), jitter=0)) as worker:
+        with pg_adapter.delivery_worker(schedule=RetrySchedule(delays=(0,), jitter=0)) as worker:
             assert worker.run_once().delivered == 1
     assert inbox.documents() == [emission.msg_id]
     assert store.get_row(emission.msg_id).state == "delivered"
 
 
-def test_the_endpoint_on_postgresql(adapter: Adapter) -> None:
+def test_the_endpoint_on_postgresql(pg_adapter: Adapter) -> None:
     secret = generate_secret()
-    adapter.store.add_intermediary("relay", secret, at=time.time())
-    terms = register(adapter, when="pull", destination=None)
-    adapter.emit_many([ticket(id=f"DL-{i}") for i in range(3)])
-    with serve_app(adapter.asgi_app()) as url:
+    pg_adapter.store.add_intermediary("relay", secret, at=time.time())
+    terms = register(pg_adapter, when="pull", destination=None)
+    pg_adapter.emit_many([ticket(id=f"DL-{i}") for i in range(3)])
+    with serve_app(pg_adapter.asgi_app()) as url:
         with CMIClient(url, secret=terms.secret, terms_id=terms.id) as client:
             first = client.documents(limit=2).json()
             assert len(first["documents"]) == 2
@@ -93,12 +93,12 @@ def test_the_endpoint_on_postgresql(adapter: Adapter) -> None:
             assert answer.status_code == 200
 
 
-def test_a_destination_lease_limit_holds_across_workers(adapter: Adapter) -> None:
-    register(adapter, destination="http://127.0.0.1:9/inbox")
-    adapter.emit_many([ticket(id=f"DL-{i}") for i in range(10)])
-    first = adapter.delivery_worker(destination_lease_limit=2)
-    second = adapter.delivery_worker(destination_lease_limit=2)
-    now = adapter.clock()
+def test_a_destination_lease_limit_holds_across_workers(pg_adapter: Adapter) -> None:
+    register(pg_adapter, destination="http://127.0.0.1:9/inbox")
+    pg_adapter.emit_many([ticket(id=f"DL-{i}") for i in range(10)])
+    first = pg_adapter.delivery_worker(destination_lease_limit=2)
+    second = pg_adapter.delivery_worker(destination_lease_limit=2)
+    now = pg_adapter.clock()
     taken = first.store.claim(owner="a", now=now, lease_seconds=30, limit=64, per_destination=2)
     assert len(taken) == 2
     assert (
@@ -108,16 +108,16 @@ def test_a_destination_lease_limit_holds_across_workers(adapter: Adapter) -> Non
     second.close()
     # Through the worker: each round leases at most the limit for the destination.
     for_worker = httpx.MockTransport(lambda _request: httpx.Response(200))
-    with adapter.delivery_worker(destination_lease_limit=3, transport=for_worker) as worker:
-        adapter.clock = lambda: now + 60  # past the leases taken above
-        worker._clock = adapter.clock
+    with pg_adapter.delivery_worker(destination_lease_limit=3, transport=for_worker) as worker:
+        pg_adapter.clock = lambda: now + 60  # past the leases taken above
+        worker._clock = pg_adapter.clock
         assert worker.run_round().delivered == 3
 
 
 def test_a_destination_lease_limit_needs_postgresql(tmp_path: Path) -> None:
     from cmi_sdk import ConfigurationError
 
-    sqlite_adapter = make_adapter(tmp_path)
+    sqlite_adapter = emitting_adapter(tmp_path)
     with pytest.raises(ConfigurationError, match="use the PostgreSQL store"):
         sqlite_adapter.delivery_worker(destination_lease_limit=2)
 

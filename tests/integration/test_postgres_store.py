@@ -58,7 +58,7 @@ from cmi_sdk.outbox.postgres import (
     encode_cursor,
 )
 from tests.contract.rows import outcome
-from tests.support import CUSTOMER, ROOT, make_adapter, register, ticket
+from tests.support import CUSTOMER, ROOT, emitting_adapter, register, ticket
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
 if not DSN:
@@ -151,8 +151,8 @@ def other(store: PostgresStore) -> Iterator[PostgresStore]:
 
 
 @pytest.fixture
-def adapter(store: PostgresStore, tmp_path: Path) -> Adapter:
-    return make_adapter(tmp_path, store=store)
+def pg_adapter(store: PostgresStore, tmp_path: Path) -> Adapter:
+    return emitting_adapter(tmp_path, store=store)
 
 
 def run_threads(count: int, target: Callable[[int], None]) -> None:
@@ -259,30 +259,30 @@ def test_a_closed_store_opens_a_new_pool_when_used_again(store: PostgresStore) -
 # -- terms and consent --------------------------------------------------------------------
 
 
-def test_terms_and_consent_records_round_trip(adapter: Adapter, store: PostgresStore) -> None:
-    terms = register(adapter, fields=["origin", "total"])
-    other_customer = register(adapter, customer_ref="payer-1234")
+def test_terms_and_consent_records_round_trip(pg_adapter: Adapter, store: PostgresStore) -> None:
+    terms = register(pg_adapter, fields=["origin", "total"])
+    other_customer = register(pg_adapter, customer_ref="payer-1234")
     assert store.get_terms(terms.id) == terms
     assert [t.id for t in store.list_terms()] == [terms.id, other_customer.id]
     assert [t.id for t in store.list_terms(customer_ref="payer-1234")] == [other_customer.id]
     assert store.list_terms(intermediary="acme") == []
     ((record, xml),) = store.consent_records(terms.id)
     assert (record.event, record.terms_id) == ("granted", terms.id)
-    assert adapter.parse(xml) == record
+    assert pg_adapter.parse(xml) == record
     assert [t.id for t in store.active_terms(CUSTOMER, time.time())] == [terms.id]
     with pytest.raises(TermsNotFoundError):
         store.get_terms("terms_nope")
 
 
 def test_revocation_cancels_undelivered_rows_and_keeps_a_record(
-    adapter: Adapter, store: PostgresStore
+    pg_adapter: Adapter, store: PostgresStore
 ) -> None:
-    terms = register(adapter)
-    emitted = [adapter.emit(ticket(id=f"DL-{i}"))[0] for i in range(3)]
+    terms = register(pg_adapter)
+    emitted = [pg_adapter.emit(ticket(id=f"DL-{i}"))[0] for i in range(3)]
     (leased,) = store.claim(owner="w", now=time.time(), lease_seconds=30, limit=1)
     store.complete([outcome(leased.msg_id, "w", "delivered")])
     store.claim(owner="w", now=time.time(), lease_seconds=30, limit=1)  # one in flight
-    adapter.revoke_terms(terms.id)
+    pg_adapter.revoke_terms(terms.id)
     states = Counter(store.get_row(e.msg_id).state for e in emitted)
     assert states == {"cancelled": 2, "delivered": 1}
     assert store.get_terms(terms.id).revoked_at is not None
@@ -291,22 +291,22 @@ def test_revocation_cancels_undelivered_rows_and_keeps_a_record(
     assert [t.id for t in store.list_terms(include_revoked=True)] == [terms.id]
     assert store.active_terms(CUSTOMER, time.time()) == []
     with pytest.raises(TermsError, match="already revoked"):
-        adapter.revoke_terms(terms.id)
+        pg_adapter.revoke_terms(terms.id)
     with pytest.raises(TermsNotFoundError):
-        adapter.revoke_terms("terms_nope")
+        pg_adapter.revoke_terms("terms_nope")
 
 
 def test_lapsed_terms_emit_nothing(store: PostgresStore, tmp_path: Path) -> None:
     clock = [NOW]
-    adapter = make_adapter(tmp_path, store=store, clock=lambda: clock[0])
+    adapter = emitting_adapter(tmp_path, store=store, clock=lambda: clock[0])
     register(adapter, until="2030-03-18T00:00:00Z")  # NOW is 2030-03-17
     assert len(adapter.emit(ticket())) == 1
     clock[0] += 86400 * 2
     assert adapter.emit(ticket(id="DL-late")) == []
 
 
-def test_terms_written_twice_are_a_store_error(adapter: Adapter, store: PostgresStore) -> None:
-    terms = register(adapter)
+def test_terms_written_twice_are_a_store_error(pg_adapter: Adapter, store: PostgresStore) -> None:
+    terms = register(pg_adapter)
     ((record, xml),) = store.consent_records(terms.id)
     with pytest.raises(StoreError, match="writing terms: 23505"):
         store.add_terms(terms, record, xml)
@@ -315,12 +315,12 @@ def test_terms_written_twice_are_a_store_error(adapter: Adapter, store: Postgres
 # -- emitting -----------------------------------------------------------------------------
 
 
-def test_emit_writes_each_document_once(adapter: Adapter, store: PostgresStore) -> None:
-    terms = register(adapter)
-    register(adapter, standard="cmi", when="pull", destination=None)
-    emissions = adapter.emit(ticket())
+def test_emit_writes_each_document_once(pg_adapter: Adapter, store: PostgresStore) -> None:
+    terms = register(pg_adapter)
+    register(pg_adapter, standard="cmi", when="pull", destination=None)
+    emissions = pg_adapter.emit(ticket())
     assert sorted(e.state for e in emissions) == ["pending", "pull"]
-    assert [e.msg_id for e in adapter.emit(ticket())] == [e.msg_id for e in emissions]
+    assert [e.msg_id for e in pg_adapter.emit(ticket())] == [e.msg_id for e in emissions]
     assert len(store.rows()) == 2
     pushed = next(e for e in emissions if e.state == "pending")
     row = store.get_row(pushed.msg_id)
@@ -335,22 +335,22 @@ def test_emit_writes_each_document_once(adapter: Adapter, store: PostgresStore) 
 
 
 def test_the_row_commits_with_the_callers_psycopg_transaction(
-    adapter: Adapter, store: PostgresStore
+    pg_adapter: Adapter, store: PostgresStore
 ) -> None:
-    register(adapter)
+    register(pg_adapter)
     with psycopg.connect(DSN) as conn:
         conn.execute("CREATE TEMP TABLE sales (id text PRIMARY KEY)")
         conn.commit()
         with conn.transaction():
             conn.execute("INSERT INTO sales VALUES ('DL-12524057')")
-            (emission,) = adapter.emit(ticket(), connection=conn)
+            (emission,) = pg_adapter.emit(ticket(), connection=conn)
             assert store.rows() == []  # not committed yet
         assert store.get_row(emission.msg_id).state == "pending"
 
         def sale() -> None:
             with conn.transaction():
                 conn.execute("INSERT INTO sales VALUES ('DL-1')")
-                adapter.emit(ticket(id="DL-1"), connection=conn)
+                pg_adapter.emit(ticket(id="DL-1"), connection=conn)
                 conn.execute("INSERT INTO sales VALUES ('DL-1')")  # the firm's own write fails
 
         with pytest.raises(psycopg.errors.UniqueViolation):
@@ -360,23 +360,23 @@ def test_the_row_commits_with_the_callers_psycopg_transaction(
 
 
 def test_the_row_commits_with_the_callers_sqlalchemy_connection(
-    adapter: Adapter, store: PostgresStore
+    pg_adapter: Adapter, store: PostgresStore
 ) -> None:
-    register(adapter)
+    register(pg_adapter)
     engine = sqlalchemy.create_engine(sqlalchemy_url())
     try:
         with engine.begin() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
-            (first,) = adapter.emit(ticket(), connection=conn)
+            (first,) = pg_adapter.emit(ticket(), connection=conn)
             assert store.rows() == []
         assert store.get_row(first.msg_id).state == "pending"
         # Nothing run yet on the connection: the emit begins SQLAlchemy's transaction.
         with engine.connect() as conn:
-            (second,) = adapter.emit(ticket(id="DL-2"), connection=conn)
+            (second,) = pg_adapter.emit(ticket(id="DL-2"), connection=conn)
             conn.commit()
         assert store.get_row(second.msg_id).state == "pending"
         with engine.connect() as conn:
-            adapter.emit(ticket(id="DL-3"), connection=conn)
+            pg_adapter.emit(ticket(id="DL-3"), connection=conn)
             conn.rollback()
         assert len(store.rows()) == 2
     finally:
@@ -384,17 +384,17 @@ def test_the_row_commits_with_the_callers_sqlalchemy_connection(
 
 
 def test_the_row_commits_with_the_callers_sqlalchemy_session(
-    adapter: Adapter, store: PostgresStore
+    pg_adapter: Adapter, store: PostgresStore
 ) -> None:
-    register(adapter)
+    register(pg_adapter)
     engine = sqlalchemy.create_engine(sqlalchemy_url())
     try:
         with Session(engine) as session:
-            (kept,) = adapter.emit(ticket(), connection=session)
+            (kept,) = pg_adapter.emit(ticket(), connection=session)
             assert store.rows() == []
             session.commit()
         with Session(engine) as session:
-            adapter.emit(ticket(id="DL-2"), connection=session)
+            pg_adapter.emit(ticket(id="DL-2"), connection=session)
             session.rollback()
         assert [r.msg_id for r in store.rows()] == [kept.msg_id]
     finally:
@@ -402,25 +402,25 @@ def test_the_row_commits_with_the_callers_sqlalchemy_session(
 
 
 def test_connections_that_cannot_carry_the_row_are_refused(
-    adapter: Adapter, store: PostgresStore, tmp_path: Path
+    pg_adapter: Adapter, store: PostgresStore, tmp_path: Path
 ) -> None:
-    register(adapter)
+    register(pg_adapter)
     lite = sqlite3.connect(tmp_path / "other.db")
     for wrong in (object(), lite):
         with pytest.raises(ConfigurationError, match="takes a psycopg Connection"):
-            adapter.emit(ticket(), connection=wrong)
+            pg_adapter.emit(ticket(), connection=wrong)
     lite.close()
     with admin() as conn, pytest.raises(ConfigurationError, match="autocommit"):
-        adapter.emit(ticket(), connection=conn)
+        pg_adapter.emit(ticket(), connection=conn)
     with psycopg.connect(DSN) as conn:
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1 / 0")
         with pytest.raises(StoreError, match="roll it back"):
-            adapter.emit(ticket(), connection=conn)
+            pg_adapter.emit(ticket(), connection=conn)
         conn.rollback()
         conn.close()
         with pytest.raises(ConfigurationError, match="closed"):
-            adapter.emit(ticket(), connection=conn)
+            pg_adapter.emit(ticket(), connection=conn)
     assert store.rows() == []
 
 
@@ -524,7 +524,9 @@ def test_dead_rows_are_kept_and_redriven(store: PostgresStore) -> None:
     assert len(store.claim(owner="b", now=NOW + 30, lease_seconds=30, limit=10)) == 2
 
 
-def test_the_worker_delivers_retries_and_gives_up(adapter: Adapter, store: PostgresStore) -> None:
+def test_the_worker_delivers_retries_and_gives_up(
+    pg_adapter: Adapter, store: PostgresStore
+) -> None:
     answers = {"ok": 0, "flaky": 0}
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -536,11 +538,13 @@ def test_the_worker_delivers_retries_and_gives_up(adapter: Adapter, store: Postg
         answers["ok"] += 1
         return httpx.Response(204)
 
-    register(adapter)
-    (ok,) = adapter.emit(ticket())
-    (flaky,) = adapter.emit(ticket(id="DL-flaky"))
-    (bad,) = adapter.emit(ticket(id="DL-bad"))
-    with adapter.delivery_worker(schedule=FAST, transport=httpx.MockTransport(handler)) as worker:
+    register(pg_adapter)
+    (ok,) = pg_adapter.emit(ticket())
+    (flaky,) = pg_adapter.emit(ticket(id="DL-flaky"))
+    (bad,) = pg_adapter.emit(ticket(id="DL-bad"))
+    with pg_adapter.delivery_worker(
+        schedule=FAST, transport=httpx.MockTransport(handler)
+    ) as worker:
         stats = worker.run_once()
     assert (stats.delivered, stats.retried, stats.dead) == (2, 5, 1)
     assert store.get_row(ok.msg_id).state == "delivered"

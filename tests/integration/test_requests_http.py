@@ -21,8 +21,8 @@ from cmi_sdk.client import CMIClient, signed_headers
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import generate_secret
-from tests.support import CUSTOMER, make_adapter, register, serve_app, signer
-from tests.unit.test_offers import Shop
+from tests.fakes import Shop
+from tests.support import CUSTOMER, emitting_adapter, register, serve_app, signer
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Firm:
 @pytest.fixture
 def firm(tmp_path: Path) -> Iterator[Firm]:
     shop = Shop()
-    adapter = make_adapter(tmp_path, plugins=[shop])
+    adapter = emitting_adapter(tmp_path, plugins=[shop])
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     with serve_app(adapter.asgi_app(max_body_bytes=16 * 1024)) as url:
@@ -340,7 +340,7 @@ def test_a_copy_sent_while_the_original_is_answered_is_refused_at_once(
     gate = Gate()
     # The original waits at the gate while the copy goes and comes back: a budget no busy
     # machine misses, so the original is answered, not timed out.
-    adapter = make_adapter(tmp_path, plugins=[Shop(), gate], request_budget=30.0)
+    adapter = emitting_adapter(tmp_path, plugins=[Shop(), gate], request_budget=30.0)
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     body = _request_xml(adapter)
@@ -398,7 +398,7 @@ class OlderStore:
 
 def test_a_store_without_message_seen_still_refuses_replays(tmp_path: Path) -> None:
     store = OlderStore(SQLiteStore(tmp_path / "cmi.db"))
-    adapter = make_adapter(tmp_path, plugins=[Shop()], store=store)
+    adapter = emitting_adapter(tmp_path, plugins=[Shop()], store=store)
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     body = _request_xml(adapter)

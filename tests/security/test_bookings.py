@@ -54,8 +54,8 @@ from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
 from tests.contract.legacy import as_legacy_postgres, as_legacy_sqlite
+from tests.fakes import Shop, flight_request
 from tests.support import CUSTOMER, register, serve_app, signer, ticket
-from tests.unit.test_offers import Shop, flight_request
 
 try:
     from cmi_airline import ReferenceAirline
@@ -656,7 +656,7 @@ def test_a_recovery_finds_a_loan_booked_by_the_lender(tmp_path: Path) -> None:
     its booking): an acceptance it booked is found, another is not."""
     from cmi_lender import ReferenceLender
     from cmi_sdk import Money
-    from tests.unit.test_lender import loan_request
+    from tests.fakes import loan_request
 
     lender = ReferenceLender(
         database=tmp_path / "lender.db",

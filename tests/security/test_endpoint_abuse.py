@@ -47,8 +47,8 @@ from cmi_sdk.client import CMIClient, signed_headers, signing_payload
 from cmi_sdk.config import Settings
 from cmi_sdk.receiver import CustomerStore, running
 from cmi_sdk.webhooks import WebhookSigner, WebhookVerifier, generate_secret
-from tests.support import CUSTOMER, make_adapter, register, ticket
-from tests.unit.test_offers import Shop
+from tests.fakes import Shop
+from tests.support import CUSTOMER, emitting_adapter, register, ticket
 
 START_TIMEOUT = 30.0
 XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<note>hello</note>\n'
@@ -447,7 +447,7 @@ class Firm:
 
 @pytest.fixture
 def firm(tmp_path: Path) -> Iterator[Firm]:
-    adapter = make_adapter(tmp_path, plugins=[Shop()])
+    adapter = emitting_adapter(tmp_path, plugins=[Shop()])
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     with serving(adapter.asgi_app()) as url:
@@ -702,7 +702,7 @@ TOKEN = secrets.token_urlsafe(24)
 
 
 def test_metrics_ask_for_the_bearer_token(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     with serving(adapter.asgi_app(metrics=True, metrics_token=TOKEN)) as url:
         for given in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", TOKEN, "Bearer"):
             headers = {} if given is None else {"authorization": given}
@@ -720,7 +720,7 @@ def test_metrics_ask_for_the_bearer_token(tmp_path: Path) -> None:
 
 
 def test_a_short_metrics_token_is_refused(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     with pytest.raises(ConfigurationError):
         adapter.asgi_app(metrics=True, metrics_token=TOKEN[:8])
     adapter.close()
@@ -784,7 +784,7 @@ def test_a_client_that_disconnects_mid_body_is_logged_in_one_line_without_a_trac
     tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Today the endpoint logs "the CMI endpoint failed" with a ClientDisconnect traceback.
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     secret = generate_secret()
     if kind == "firm":
         adapter.store.add_intermediary("relay", secret, at=time.time())

@@ -26,8 +26,8 @@ from cmi_sdk import Request, load_model
 from cmi_sdk.client import signed_headers
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
-from tests.support import CUSTOMER, make_adapter, register
-from tests.unit.test_offers import Shop
+from tests.fakes import Shop
+from tests.support import CUSTOMER, emitting_adapter, register
 
 XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<note>hello</note>\n'
 
@@ -114,7 +114,7 @@ def call(
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Target]:
     root: Path = tmp_path_factory.mktemp("fuzz")
-    adapter = make_adapter(root, plugins=[Shop()])
+    adapter = emitting_adapter(root, plugins=[Shop()])
     request = load_model(
         Request,
         {

@@ -38,8 +38,8 @@ from cmi_sdk import (
 )
 from cmi_sdk.client import CMIClient
 from cmi_sdk.webhooks import generate_secret
-from tests.support import Clock, link, make_adapter, register, serve_app, ticket
-from tests.unit.test_offers import Shop
+from tests.fakes import Clock, Shop
+from tests.support import emitting_adapter, link, register, serve_app, ticket
 
 ACCOUNT = "acct-alice-0001"
 
@@ -92,7 +92,7 @@ class Firm:
 @pytest.fixture
 def firm(tmp_path: Path) -> Iterator[Firm]:
     shop = Shop(seats=10)
-    adapter = make_adapter(tmp_path, plugins=[shop])
+    adapter = emitting_adapter(tmp_path, plugins=[shop])
     inboxes = Inboxes()
     with serve_app(inboxes.app()) as inbox_url, serve_app(adapter.asgi_app()) as url:
         yield Firm(adapter, url.rstrip("/"), inboxes, inbox_url, shop)
@@ -254,7 +254,7 @@ def test_an_intermediary_cannot_see_or_accept_anothers_offer(firm: Firm) -> None
 
 def test_a_link_code_redeems_once_and_every_refusal_is_the_same(tmp_path: Path) -> None:
     clock = Clock(time.time())
-    adapter = make_adapter(tmp_path, clock=clock)
+    adapter = emitting_adapter(tmp_path, clock=clock)
     used = adapter.create_link_code(ACCOUNT)
     adapter.redeem_link_code(used.code, intermediary="acme")
     expired = adapter.create_link_code(ACCOUNT, ttl=dt.timedelta(minutes=10))
@@ -276,7 +276,7 @@ def test_a_link_code_redeems_once_and_every_refusal_is_the_same(tmp_path: Path) 
 
 
 def test_a_code_is_stored_only_as_a_hash(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     code = adapter.create_link_code(ACCOUNT)
     assert code.code not in repr(code)
     for path in tmp_path.glob("cmi.db*"):  # the file, its WAL and shared memory
@@ -323,7 +323,7 @@ def test_bad_link_requests_get_a_problem_and_change_nothing(firm: Firm) -> None:
 
 
 def test_concurrent_redemptions_of_one_code_make_one_link(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     code = adapter.create_link_code(ACCOUNT).code
     made: list[str] = []
     refused: list[str] = []
@@ -405,7 +405,7 @@ def test_revoking_a_link_revokes_its_terms_with_consent_and_stops_emission(firm:
 def test_the_firms_direct_terms_and_every_link_get_the_accounts_documents(
     tmp_path: Path,
 ) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     direct = register(adapter, customer_ref=ACCOUNT)
     acme = link(adapter, ACCOUNT, "acme")
     beta = link(adapter, ACCOUNT, "beta")

@@ -34,8 +34,8 @@ from hypothesis.stateful import (
 from cmi_sdk import Acceptance, Adapter, LinkError, Request, TermsProposal, load_model
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
-from tests.support import Clock, make_adapter, ticket
-from tests.unit.test_offers import Shop
+from tests.fakes import Clock, Shop
+from tests.support import emitting_adapter, ticket
 
 ACCOUNTS = ("acct-alice", "acct-bob")
 INTERMEDIARIES = ("acme", "beta", "gamma")
@@ -85,7 +85,7 @@ class LinksMachine(RuleBasedStateMachine):
         self.clock = Clock(1_900_000_000.0)
         self.shop = Shop(seats=10_000)
         self.store = SQLiteStore(self.tmp / "cmi.db")
-        self.adapter: Adapter = make_adapter(
+        self.adapter: Adapter = emitting_adapter(
             self.tmp, store=self.store, clock=self.clock, plugins=[self.shop]
         )
         self.model = Model()

@@ -46,7 +46,7 @@ from cmi_sdk.cli import main
 from cmi_sdk.client import signed_headers
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
-from tests.support import ROOT, make_adapter, serve_app, signer, ticket
+from tests.support import ROOT, emitting_adapter, serve_app, signer, ticket
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="FIFOs and inotify"),
@@ -260,7 +260,7 @@ def test_a_doctype_that_breaks_the_parse_later_is_still_the_one_refusal(
 
 
 def test_no_location_hint_or_include_is_followed(
-    targets: dict[str, Path], watch: Watch, adapter: Adapter
+    targets: dict[str, Path], watch: Watch, default_adapter: Adapter
 ) -> None:
     """XInclude, xsi:schemaLocation and xml-stylesheet are not DTDs: the document may carry
     them, and nothing they name is read, even when the document fails its schema."""
@@ -274,7 +274,7 @@ def test_no_location_hint_or_include_is_followed(
         f'<xi:include href="{fifo}" parse="text"/></ticket>'
     )
     with pytest.raises(Exception, match="ticket"):
-        adapter.parse(data.encode())
+        default_adapter.parse(data.encode())
 
 
 def test_the_refusing_resolver_holds_even_if_the_options_would_load(
@@ -437,7 +437,7 @@ def test_cmi_listen_refuses_them_all_the_same_way(
 def test_post_cmi_requests_refuses_them_all_the_same_way(
     tmp_path: Path, targets: dict[str, Path], watch: Watch
 ) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     secret = generate_secret()
     adapter.store.add_intermediary("acme", secret, at=time.time())
     request = (ROOT / "examples" / "request.json").read_text()

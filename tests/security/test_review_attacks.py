@@ -24,7 +24,8 @@ from cmi_sdk.outbox import Intermediary, OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.testing import link_customer
 from cmi_sdk.webhooks import generate_secret
-from tests.support import Clock, make_adapter, register, ticket
+from tests.fakes import Clock
+from tests.support import emitting_adapter, register, ticket
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2; the SDK depends on httpx.
@@ -36,7 +37,7 @@ SECRET = generate_secret()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]:
+def relay_adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]:
     store: OutboxStore
     schema = f"cmi_review_{secrets.token_hex(4)}"
     if request.param == "sqlite":
@@ -47,7 +48,7 @@ def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]
         from cmi_sdk.outbox.postgres import PostgresStore
 
         store = PostgresStore(DSN, schema=schema)
-    adapter = make_adapter(tmp_path, store=store)
+    adapter = emitting_adapter(tmp_path, store=store)
     adapter.add_intermediary("relay", SECRET)
     try:
         yield adapter
@@ -75,16 +76,16 @@ def _send(
 
 
 def test_a_link_code_nested_past_the_json_decoders_depth_gets_a_problem(
-    adapter: Adapter, caplog: pytest.LogCaptureFixture
+    relay_adapter: Adapter, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``POST /cmi/links`` with ``[[[[...`` used to end in the JSON decoder's
     RecursionError: a 500 and a traceback for a 60 kB body."""
-    with TestClient(adapter.asgi_app(), raise_server_exceptions=False) as client:
+    with TestClient(relay_adapter.asgi_app(), raise_server_exceptions=False) as client:
         for body in (b"[" * 60_000, b'{"code": ' + b"[" * 60_000):
             status, problem = _send(client, "POST", "/cmi/links", body)
             assert (status, problem["type"]) == (422, "urn:cmi:problem:invalid-input")
     assert not [r for r in caplog.records if r.exc_info]
-    assert adapter.links(include_revoked=True) == []
+    assert relay_adapter.links(include_revoked=True) == []
 
 
 # Ids as the endpoint reads them (percent-decoded): a NUL, which PostgreSQL cannot hold in
@@ -94,7 +95,7 @@ BAD_IDS = ["\x00", "terms_\x00", "x" * 300, "a b", "é"]
 
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_an_id_no_store_could_hold_is_answered_as_a_missing_one(
-    adapter: Adapter, bad: str, caplog: pytest.LogCaptureFixture
+    relay_adapter: Adapter, bad: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every route taking an id or a reference answers an impossible one as it answers
     a missing one (404), or as invalid input (the ``customer`` filter), never 500."""
@@ -110,7 +111,7 @@ def test_an_id_no_store_could_hold_is_answered_as_a_missing_one(
         ("GET", f"/cmi/documents?terms={wire}", None, 404),
         ("GET", f"/cmi/terms?customer={wire}", None, 422),
     ]
-    with TestClient(adapter.asgi_app(), raise_server_exceptions=False) as client:
+    with TestClient(relay_adapter.asgi_app(), raise_server_exceptions=False) as client:
         for method, target, signed, wanted in routes:
             status, problem = _send(client, method, target, signed=signed)
             assert status == wanted, (method, target, problem)
@@ -119,7 +120,7 @@ def test_an_id_no_store_could_hold_is_answered_as_a_missing_one(
 
 
 def test_a_revoked_intermediary_cannot_pull_with_the_terms_secrets_it_chose(
-    adapter: Adapter,
+    relay_adapter: Adapter,
 ) -> None:
     """An intermediary chooses the secret of the terms it registers, so it holds every
     one of them. Revoking it used to leave that door open: signing as ``cmi-terms`` with
@@ -127,19 +128,19 @@ def test_a_revoked_intermediary_cannot_pull_with_the_terms_secrets_it_chose(
     kept getting them. Its links and terms are now revoked with it (signed consent
     records), and stay so when it is registered anew."""
     account = "acct-alice-0001"
-    link = link_customer(adapter, account, "relay")
+    link = link_customer(relay_adapter, account, "relay")
     terms_secret = generate_secret()
     pull_terms = register(
-        adapter,
+        relay_adapter,
         intermediary="relay",
         customer_ref=link.customer_ref,
         destination=None,
         when="pull",
         secret=terms_secret,
     )
-    push_terms = register(adapter, intermediary="relay", customer_ref=link.customer_ref)
-    own_terms = register(adapter, intermediary="relay", customer_ref="relay-pseudonym-1")
-    adapter.emit(ticket(id="DL-1", customer_ref=account))
+    push_terms = register(relay_adapter, intermediary="relay", customer_ref=link.customer_ref)
+    own_terms = register(relay_adapter, intermediary="relay", customer_ref="relay-pseudonym-1")
+    relay_adapter.emit(ticket(id="DL-1", customer_ref=account))
 
     def pull(client: TestClient) -> tuple[int, dict[str, Any]]:
         headers = signed_headers(
@@ -148,25 +149,25 @@ def test_a_revoked_intermediary_cannot_pull_with_the_terms_secrets_it_chose(
         response = client.get("/cmi/documents", headers=headers)
         return response.status_code, response.json()
 
-    with TestClient(adapter.asgi_app(), raise_server_exceptions=False) as client:
+    with TestClient(relay_adapter.asgi_app(), raise_server_exceptions=False) as client:
         status, answer = pull(client)
         assert status == 200
         assert len(answer["documents"]) == 1
-        assert adapter.revoke_intermediary("relay")
+        assert relay_adapter.revoke_intermediary("relay")
         status, answer = pull(client)
         assert (status, answer["type"]) == (403, "urn:cmi:problem:forbidden"), answer
         # Registered again (a new secret): what it registered before stays revoked.
-        adapter.add_intermediary("relay", generate_secret())
+        relay_adapter.add_intermediary("relay", generate_secret())
         status, answer = pull(client)
         assert status == 403, answer
-    assert adapter.links(intermediary="relay") == []
-    assert adapter.emit(ticket(id="DL-2", customer_ref=account)) == []
+    assert relay_adapter.links(intermediary="relay") == []
+    assert relay_adapter.emit(ticket(id="DL-2", customer_ref=account)) == []
     for terms in (pull_terms, push_terms, own_terms):
-        events = [r.event for r, _ in adapter.store.consent_records(terms.id)]
+        events = [r.event for r, _ in relay_adapter.store.consent_records(terms.id)]
         assert events == ["granted", "revoked"]
-    assert {r.state for r in adapter.store.rows(limit=100) if r.terms_id == push_terms.id} == {
-        "cancelled"
-    }
+    assert {
+        r.state for r in relay_adapter.store.rows(limit=100) if r.terms_id == push_terms.id
+    } == {"cancelled"}
 
 
 class _CountingStore(SQLiteStore):
@@ -187,7 +188,7 @@ def test_a_secret_past_its_grace_does_not_make_every_request_open_the_secrets(
     opened (decrypted) the intermediary's secrets again on every request."""
     clock = Clock(dt.datetime.now(dt.UTC).timestamp())
     store = _CountingStore(tmp_path / "cmi.db")
-    adapter = make_adapter(tmp_path, store=store, clock=clock)
+    adapter = emitting_adapter(tmp_path, store=store, clock=clock)
     adapter.add_intermediary("relay", SECRET)
     new = adapter.rotate_intermediary("relay", grace=dt.timedelta(minutes=5))
     clock.now += 600  # the old secret ended
@@ -224,7 +225,7 @@ class _RacedStore(SQLiteStore):
         kind, self.race = self.race, None
         if kind is None:
             return
-        other = make_adapter(self.path.parent, store=SQLiteStore(self.path))
+        other = emitting_adapter(self.path.parent, store=SQLiteStore(self.path))
         try:
             if kind.startswith("link_"):
                 other.revoke_link(kind)
@@ -250,7 +251,7 @@ def test_a_revocation_that_loses_a_race_is_a_conflict(tmp_path: Path) -> None:
     with the link-code (or terms registration) refusal, a 422 whose title speaks of
     something else; it is the 409 conflict a revoked link or terms gets."""
     store = _RacedStore(tmp_path / "cmi.db")
-    adapter = make_adapter(tmp_path, store=store)
+    adapter = emitting_adapter(tmp_path, store=store)
     adapter.add_intermediary("relay", SECRET)
     link = link_customer(adapter, "acct-alice-0001", "relay")
     terms = register(adapter, intermediary="relay", customer_ref="relay-pseudonym-1")

@@ -48,7 +48,8 @@ from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
 from tests.contract.legacy import as_legacy_sqlite
-from tests.support import ROOT, Clock, make_adapter, register, signer
+from tests.fakes import Clock
+from tests.support import ROOT, emitting_adapter, register, signer
 
 with warnings.catch_warnings():
     # Starlette 1.x would rather its test client ran on httpx2; the SDK depends on httpx.
@@ -80,7 +81,7 @@ def mode(path: Path) -> int:
 def test_sqlite_store_and_its_wal_are_private_whatever_the_umask(tmp_path: Path) -> None:
     folder = tmp_path / "data" / "firm"
     with permissive_umask():
-        adapter = make_adapter(tmp_path, store=SQLiteStore(folder / "cmi.db"))
+        adapter = emitting_adapter(tmp_path, store=SQLiteStore(folder / "cmi.db"))
         register(adapter)  # a webhook secret in the file, and a write through the WAL
         database = folder / "cmi.db"
         try:
@@ -373,7 +374,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 
 def adapter_on(tmp_path: Path, store: OutboxStore, **options: Any) -> Adapter:
-    return make_adapter(tmp_path, store=store, **options)
+    return emitting_adapter(tmp_path, store=store, **options)
 
 
 def stored_text(backend: Backend) -> str:

@@ -133,25 +133,27 @@ def test_a_standard_needs_document_types() -> None:
         dataclasses.replace(TICKET_STANDARD, document_types=())
 
 
-def test_render_checks_the_model_type(adapter: Adapter, examples_dir: Path) -> None:
+def test_render_checks_the_model_type(default_adapter: Adapter, examples_dir: Path) -> None:
     from cmi_sdk import Request
 
     request = load_model(Request, (examples_dir / "request.json").read_text())
     with pytest.raises(MappingError, match="made from a Transaction, not a Request"):
-        adapter.render(request, standard="cmi-ticket")
+        default_adapter.render(request, standard="cmi-ticket")
 
 
-def test_render_refuses_what_a_ticket_cannot_carry(adapter: Adapter, examples_dir: Path) -> None:
+def test_render_refuses_what_a_ticket_cannot_carry(
+    default_adapter: Adapter, examples_dir: Path
+) -> None:
     data = (examples_dir / "ticket.json").read_text()
     tx = load_model(Transaction, data)
     purchase = tx.model_copy(update={"kind": "purchase", "details": None})
     with pytest.raises(MappingError, match="flight transaction"):
-        adapter.render(purchase, standard="cmi-ticket")
+        default_adapter.render(purchase, standard="cmi-ticket")
 
 
-def test_several_document_types_need_a_name(adapter: Adapter, examples_dir: Path) -> None:
+def test_several_document_types_need_a_name(default_adapter: Adapter, examples_dir: Path) -> None:
     from cmi_sdk import DocumentTypeNotFoundError
 
     tx = load_model(Transaction, (examples_dir / "ticket.json").read_text())
     with pytest.raises(DocumentTypeNotFoundError, match="choose one of transaction, request"):
-        adapter.render(tx, standard="cmi")
+        default_adapter.render(tx, standard="cmi")

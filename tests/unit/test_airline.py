@@ -56,6 +56,7 @@ from cmi_airline import (
     marginal_seat_revenue,
     protection_levels,
 )
+from tests.fakes import Clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -243,19 +244,9 @@ def test_floor_never_exceeds_the_fare_of_an_open_class(
 # -- the airline through an adapter ---------------------------------------------------------
 
 
-class Clock:
-    """A settable clock in POSIX seconds."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture
@@ -266,13 +257,13 @@ def airline(tmp_path: Path, clock: Clock) -> Iterator[ReferenceAirline]:
 
 
 @pytest.fixture
-def adapter(airline: ReferenceAirline, clock: Clock) -> Adapter:
+def airline_adapter(airline: ReferenceAirline, clock: Clock) -> Adapter:
     return Adapter(plugins=[airline], clock=clock)
 
 
 @pytest.fixture
-def hook(adapter: Adapter) -> Any:
-    return adapter.plugin_manager.hook
+def hook(airline_adapter: Adapter) -> Any:
+    return airline_adapter.plugin_manager.hook
 
 
 def make_request(
@@ -629,7 +620,7 @@ def test_offers_are_valid_for_ten_minutes(airline: ReferenceAirline, hook: Any) 
 
 
 def test_hold_and_book_issue_a_valid_ticket(
-    airline: ReferenceAirline, adapter: Adapter, hook: Any, clock: Clock
+    airline: ReferenceAirline, airline_adapter: Adapter, hook: Any, clock: Clock
 ) -> None:
     offer = offer_for(hook, passengers=2)
     acceptance = accept(offer)
@@ -662,7 +653,7 @@ def test_hold_and_book_issue_a_valid_ticket(
     )
     assert airline.sold(FLIGHT) == 2
     assert hook.cmi_check_capacity(request=make_request()).available == 14
-    xml = adapter.render(tx, standard="cmi-ticket")
+    xml = airline_adapter.render(tx, standard="cmi-ticket")
     assert b"<ticketnumber>0060000000001</ticketnumber>" in xml
     # A retried acceptance gets the same booking, not more seats.
     assert hook.cmi_book(offer=offer, acceptance=acceptance, hold=hold) == tx

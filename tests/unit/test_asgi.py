@@ -196,7 +196,7 @@ def document_signer() -> DocumentSigner:
 
 
 @pytest.fixture
-def make_adapter(
+def adapter_factory(
     tmp_path: Path, document_signer: DocumentSigner
 ) -> Iterator[Callable[..., Adapter]]:
     """Adapters for delta.com, each with its own store in ``tmp_path``."""
@@ -217,19 +217,19 @@ def make_adapter(
 
 
 @pytest.fixture
-def adapter(make_adapter: Callable[..., Adapter]) -> Adapter:
-    return make_adapter()
+def endpoint_adapter(adapter_factory: Callable[..., Adapter]) -> Adapter:
+    return adapter_factory()
 
 
 @pytest.fixture
-def client(adapter: Adapter) -> Iterator[TestClient]:
-    with TestClient(adapter.asgi_app()) as test_client:
+def client(endpoint_adapter: Adapter) -> Iterator[TestClient]:
+    with TestClient(endpoint_adapter.asgi_app()) as test_client:
         yield test_client
 
 
 @pytest.fixture
-def acme(adapter: Adapter, client: TestClient) -> Caller:
-    return add_intermediary(adapter, client, "acme")
+def acme(endpoint_adapter: Adapter, client: TestClient) -> Caller:
+    return add_intermediary(endpoint_adapter, client, "acme")
 
 
 # -- GET /.well-known/cmi ----------------------------------------------------------------
@@ -273,19 +273,19 @@ def test_well_known_publishes_firm_standards_policy_and_certificate(
     }
 
 
-def test_well_known_lists_the_v1a_public_key(make_adapter: Callable[..., Adapter]) -> None:
+def test_well_known_lists_the_v1a_public_key(adapter_factory: Callable[..., Adapter]) -> None:
     key = "whsk_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    adapter = make_adapter(webhook_ed25519_key=key)
+    adapter = adapter_factory(webhook_ed25519_key=key)
     with TestClient(adapter.asgi_app()) as client:
         document = client.get("/.well-known/cmi").json()
     assert document["keys"]["webhooks_v1a"] == [public_key_for(key)]
 
 
 def test_well_known_publishes_the_policy_as_configured(
-    make_adapter: Callable[..., Adapter],
+    adapter_factory: Callable[..., Adapter],
 ) -> None:
     policy = TermsPolicy(standards=("cmi-ticket",), timings=("pull",), purposes=("records",))
-    adapter = make_adapter(policy=policy, signer=None)
+    adapter = adapter_factory(policy=policy, signer=None)
     with TestClient(adapter.asgi_app()) as client:
         document = client.get("/.well-known/cmi").json()
     assert document["terms_policy"]["standards"] == ["cmi-ticket"]
@@ -298,7 +298,7 @@ def test_well_known_publishes_the_policy_as_configured(
 
 
 def test_intermediary_registers_terms(
-    adapter: Adapter, acme: Caller, document_signer: DocumentSigner
+    endpoint_adapter: Adapter, acme: Caller, document_signer: DocumentSigner
 ) -> None:
     body = proposal(fields=["total", "origin", "destination"])
     response = acme.send(
@@ -315,13 +315,13 @@ def test_intermediary_registers_terms(
     assert body["secret"] not in response.text
     consent_xml = answer["consent_xml"].encode()
     verify_document(consent_xml, document_signer.certificate)
-    record = adapter.parse(consent_xml)
+    record = endpoint_adapter.parse(consent_xml)
     assert isinstance(record, ConsentRecord)
     assert record.terms_id == terms["id"] == answer["consent"]["terms_id"]
     assert record.event == "granted"
     assert record.firm == "delta.com"
     assert record.intermediary == "acme"
-    (registered,) = adapter.list_terms()
+    (registered,) = endpoint_adapter.list_terms()
     assert registered.id == terms["id"]
     assert registered.intermediary == "acme"
     assert registered.secret == body["secret"]
@@ -330,9 +330,9 @@ def test_intermediary_registers_terms(
 
 
 def test_policy_offers_one_alternative_and_registers_nothing(
-    make_adapter: Callable[..., Adapter],
+    adapter_factory: Callable[..., Adapter],
 ) -> None:
-    adapter = make_adapter(policy=TermsPolicy(max_digest_hours=24))
+    adapter = adapter_factory(policy=TermsPolicy(max_digest_hours=24))
     with TestClient(adapter.asgi_app()) as client:
         acme = add_intermediary(adapter, client, "acme")
         response = acme.send("POST", "/cmi/terms", json_body=proposal(when="digest:48h"))
@@ -352,9 +352,9 @@ def test_policy_offers_one_alternative_and_registers_nothing(
 
 
 def test_policy_rejects_a_purpose_it_does_not_accept(
-    make_adapter: Callable[..., Adapter],
+    adapter_factory: Callable[..., Adapter],
 ) -> None:
-    adapter = make_adapter(policy=TermsPolicy(purposes=("records",)))
+    adapter = adapter_factory(policy=TermsPolicy(purposes=("records",)))
     with TestClient(adapter.asgi_app()) as client:
         acme = add_intermediary(adapter, client, "acme")
         body = proposal(purpose={"code": "marketing", "text": "offers"})
@@ -371,81 +371,87 @@ def test_policy_rejects_a_purpose_it_does_not_accept(
 # -- refusals ----------------------------------------------------------------------------
 
 
-def test_unsigned_request_is_unauthorized(adapter: Adapter, client: TestClient) -> None:
-    before = stored(adapter)
+def test_unsigned_request_is_unauthorized(endpoint_adapter: Adapter, client: TestClient) -> None:
+    before = stored(endpoint_adapter)
     response = client.post("/cmi/terms", json=proposal())
     assert_problem(response, "unauthorized")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
 
 
-def test_naming_two_signers_is_unauthorized(adapter: Adapter, acme: Caller) -> None:
-    before = stored(adapter)
+def test_naming_two_signers_is_unauthorized(endpoint_adapter: Adapter, acme: Caller) -> None:
+    before = stored(endpoint_adapter)
     response = acme.send("POST", "/cmi/terms", json_body=proposal(), headers={"cmi-terms": "x"})
     assert_problem(response, "unauthorized")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
 
 
 def test_unknown_intermediary_is_refused_as_a_bad_signature(
-    adapter: Adapter, client: TestClient
+    endpoint_adapter: Adapter, client: TestClient
 ) -> None:
     # Not "unknown-party": the answer must not tell which names are registered.
-    before = stored(adapter)
+    before = stored(endpoint_adapter)
     stranger = Caller(client, generate_secret(), intermediary="stranger")
     assert_problem(stranger.send("POST", "/cmi/terms", json_body=proposal()), "bad-signature")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
 
 
 def test_unknown_terms_holder_is_refused_as_a_bad_signature(
-    adapter: Adapter, client: TestClient
+    endpoint_adapter: Adapter, client: TestClient
 ) -> None:
     holder = Caller(client, generate_secret(), terms_id="terms_0000")
     assert_problem(holder.send("GET", "/cmi/documents"), "bad-signature")
-    assert stored(adapter) == ([], [])
+    assert stored(endpoint_adapter) == ([], [])
 
 
-def test_wrong_secret_is_bad_signature(adapter: Adapter, acme: Caller) -> None:
+def test_wrong_secret_is_bad_signature(endpoint_adapter: Adapter, acme: Caller) -> None:
     impostor = Caller(acme.client, generate_secret(), intermediary="acme")
     assert_problem(impostor.send("POST", "/cmi/terms", json_body=proposal()), "bad-signature")
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
-def test_tampered_body_is_bad_signature(adapter: Adapter, acme: Caller) -> None:
+def test_tampered_body_is_bad_signature(endpoint_adapter: Adapter, acme: Caller) -> None:
     signed = json.dumps(proposal(customer_ref="cust-aaaa")).encode()
     sent = json.dumps(proposal(customer_ref="cust-bbbb")).encode()
     headers = acme.headers("POST", "/cmi/terms", signed)
     headers["content-type"] = "application/json"
     response = acme.client.post("/cmi/terms", content=sent, headers=headers)
     assert_problem(response, "bad-signature")
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
-def test_missing_signature_headers_are_bad_signature(adapter: Adapter, acme: Caller) -> None:
+def test_missing_signature_headers_are_bad_signature(
+    endpoint_adapter: Adapter, acme: Caller
+) -> None:
     response = acme.client.get("/cmi/terms", headers={"cmi-intermediary": "acme"})
     assert_problem(response, "bad-signature")
 
 
 @pytest.mark.parametrize("offset", [-3600, 3600])
-def test_timestamp_outside_the_window_is_stale(adapter: Adapter, acme: Caller, offset: int) -> None:
+def test_timestamp_outside_the_window_is_stale(
+    endpoint_adapter: Adapter, acme: Caller, offset: int
+) -> None:
     body = proposal()
     response = acme.send("POST", "/cmi/terms", json_body=body, timestamp=int(time.time()) + offset)
     assert_problem(response, "stale-timestamp")
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
-def test_the_same_signed_request_twice_is_replayed(adapter: Adapter, acme: Caller) -> None:
+def test_the_same_signed_request_twice_is_replayed(endpoint_adapter: Adapter, acme: Caller) -> None:
     body = json.dumps(proposal()).encode()
     headers = {**acme.headers("POST", "/cmi/terms", body), "content-type": "application/json"}
     first = acme.client.post("/cmi/terms", content=body, headers=headers)
     assert first.status_code == 201
-    before = stored(adapter)
+    before = stored(endpoint_adapter)
     second = acme.client.post("/cmi/terms", content=body, headers=headers)
     assert_problem(second, "replayed")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
     assert len(before[0]) == 1
 
 
-def test_message_ids_are_single_use_per_signer_only(adapter: Adapter, acme: Caller) -> None:
-    beta = add_intermediary(adapter, acme.client, "beta")
+def test_message_ids_are_single_use_per_signer_only(
+    endpoint_adapter: Adapter, acme: Caller
+) -> None:
+    beta = add_intermediary(endpoint_adapter, acme.client, "beta")
     msg_id = "req_shared"
     for caller in (acme, beta):
         headers = signed_headers(
@@ -459,9 +465,9 @@ def test_message_ids_are_single_use_per_signer_only(adapter: Adapter, acme: Call
 
 
 def test_body_over_the_declared_limit_is_too_large(
-    make_adapter: Callable[..., Adapter],
+    adapter_factory: Callable[..., Adapter],
 ) -> None:
-    adapter = make_adapter()
+    adapter = adapter_factory()
     with TestClient(adapter.asgi_app(max_body_bytes=1024)) as client:
         acme = add_intermediary(adapter, client, "acme")
         big = proposal(purpose={"code": "records", "text": "x" * 1500})
@@ -472,8 +478,8 @@ def test_body_over_the_declared_limit_is_too_large(
     assert len(adapter.list_terms()) == 1
 
 
-def test_chunked_body_over_the_limit_is_too_large(make_adapter: Callable[..., Adapter]) -> None:
-    adapter = make_adapter()
+def test_chunked_body_over_the_limit_is_too_large(adapter_factory: Callable[..., Adapter]) -> None:
+    adapter = adapter_factory()
     with TestClient(adapter.asgi_app(max_body_bytes=1024)) as client:
         acme = add_intermediary(adapter, client, "acme")
         body = json.dumps(proposal(purpose={"code": "records", "text": "x" * 1500})).encode()
@@ -490,26 +496,26 @@ def test_chunked_body_over_the_limit_is_too_large(make_adapter: Callable[..., Ad
     assert adapter.list_terms(include_revoked=True) == []
 
 
-def test_chunked_body_under_the_limit_is_read(acme: Caller, adapter: Adapter) -> None:
+def test_chunked_body_under_the_limit_is_read(acme: Caller, endpoint_adapter: Adapter) -> None:
     body = json.dumps(proposal()).encode()
     headers = {**acme.headers("POST", "/cmi/terms", body), "content-type": "application/json"}
     response = acme.client.post("/cmi/terms", content=iter([body[:10], body[10:]]), headers=headers)
     assert response.status_code == 201, response.text
-    assert len(adapter.list_terms()) == 1
+    assert len(endpoint_adapter.list_terms()) == 1
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", None])
 def test_terms_not_in_json_are_unsupported_media_type(
-    adapter: Adapter, acme: Caller, content_type: str | None
+    endpoint_adapter: Adapter, acme: Caller, content_type: str | None
 ) -> None:
     response = acme.send("POST", "/cmi/terms", json_body=proposal(), content_type=content_type)
     assert_problem(response, "unsupported-media-type")
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b""])
 def test_a_body_that_is_not_json_is_invalid_input(
-    adapter: Adapter, acme: Caller, body: bytes
+    endpoint_adapter: Adapter, acme: Caller, body: bytes
 ) -> None:
     response = acme.send(
         "POST", "/cmi/terms", body=body, headers={"content-type": "application/json"}
@@ -517,7 +523,7 @@ def test_a_body_that_is_not_json_is_invalid_input(
     problem = assert_problem(response, "invalid-input")
     assert problem["errors"]
     assert all(error["reason"] for error in problem["errors"])
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
 @pytest.mark.parametrize(
@@ -534,15 +540,15 @@ def test_a_body_that_is_not_json_is_invalid_input(
     ],
 )
 def test_terms_that_break_the_model_are_invalid_input_naming_the_field(
-    adapter: Adapter, acme: Caller, changes: dict[str, Any], path: str
+    endpoint_adapter: Adapter, acme: Caller, changes: dict[str, Any], path: str
 ) -> None:
     response = acme.send("POST", "/cmi/terms", json_body=proposal(**changes))
     problem = assert_problem(response, "invalid-input")
     assert path in [error["path"] for error in problem["errors"]], problem
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
-def test_a_json_array_is_invalid_input(adapter: Adapter, acme: Caller) -> None:
+def test_a_json_array_is_invalid_input(endpoint_adapter: Adapter, acme: Caller) -> None:
     problem = assert_problem(acme.send("POST", "/cmi/terms", json_body=[1]), "invalid-input")
     assert [e["path"] for e in problem["errors"]] == ["(root)"]
 
@@ -558,12 +564,12 @@ def test_a_json_array_is_invalid_input(adapter: Adapter, acme: Caller) -> None:
     ],
 )
 def test_terms_the_firm_cannot_take_are_refused(
-    adapter: Adapter, acme: Caller, changes: dict[str, Any], words: str
+    endpoint_adapter: Adapter, acme: Caller, changes: dict[str, Any], words: str
 ) -> None:
     response = acme.send("POST", "/cmi/terms", json_body=proposal(**changes))
     problem = assert_problem(response, "terms-refused")
     assert words in problem["detail"]
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
 @pytest.mark.parametrize(
@@ -576,9 +582,9 @@ def test_terms_the_firm_cannot_take_are_refused(
     ],
 )
 def test_a_destination_the_egress_guard_refuses(
-    make_adapter: Callable[..., Adapter], destination: str
+    adapter_factory: Callable[..., Adapter], destination: str
 ) -> None:
-    adapter = make_adapter(egress=EgressGuard())
+    adapter = adapter_factory(egress=EgressGuard())
     with TestClient(adapter.asgi_app()) as client:
         acme = add_intermediary(adapter, client, "acme")
         response = acme.send("POST", "/cmi/terms", json_body=proposal(destination=destination))
@@ -586,12 +592,12 @@ def test_a_destination_the_egress_guard_refuses(
     assert adapter.list_terms(include_revoked=True) == []
 
 
-def test_a_terms_holder_may_not_proffer_terms(adapter: Adapter, acme: Caller) -> None:
+def test_a_terms_holder_may_not_proffer_terms(endpoint_adapter: Adapter, acme: Caller) -> None:
     holder = register_terms(acme, pull_proposal())
-    before = stored(adapter)
+    before = stored(endpoint_adapter)
     response = holder.send("POST", "/cmi/terms", json_body=proposal())
     assert_problem(response, "forbidden")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
 
 
 # -- problem details as XML --------------------------------------------------------------
@@ -599,7 +605,7 @@ def test_a_terms_holder_may_not_proffer_terms(adapter: Adapter, acme: Caller) ->
 
 @pytest.mark.parametrize("accept", ["application/xml", "text/xml", "application/problem+xml"])
 def test_xml_only_clients_get_problems_as_xml(
-    adapter: Adapter, client: TestClient, accept: str
+    endpoint_adapter: Adapter, client: TestClient, accept: str
 ) -> None:
     response = client.post("/cmi/terms", json=proposal(), headers={"accept": accept})
     assert response.status_code == 401
@@ -609,7 +615,7 @@ def test_xml_only_clients_get_problems_as_xml(
     assert root.findtext(f"{RFC7807}type") == "urn:cmi:problem:unauthorized"
     assert root.findtext(f"{RFC7807}status") == "401"
     assert root.findtext(f"{RFC7807}title") == PROBLEM_TYPES["unauthorized"][1]
-    assert adapter.list_terms(include_revoked=True) == []
+    assert endpoint_adapter.list_terms(include_revoked=True) == []
 
 
 def test_xml_problem_escapes_the_detail(client: TestClient) -> None:
@@ -629,8 +635,8 @@ def test_other_clients_get_problems_as_json(client: TestClient, accept: str) -> 
 # -- GET /cmi/terms ----------------------------------------------------------------------
 
 
-def test_an_intermediary_lists_only_its_own_terms(adapter: Adapter, acme: Caller) -> None:
-    beta = add_intermediary(adapter, acme.client, "beta")
+def test_an_intermediary_lists_only_its_own_terms(endpoint_adapter: Adapter, acme: Caller) -> None:
+    beta = add_intermediary(endpoint_adapter, acme.client, "beta")
     mine = register_terms(acme, pull_proposal())
     other = register_terms(acme, pull_proposal(customer_ref="cust-0b1c2d"))
     theirs = register_terms(beta, pull_proposal())
@@ -652,8 +658,8 @@ def test_a_terms_holder_lists_only_its_own_terms(acme: Caller) -> None:
     assert [t["id"] for t in listed.json()["terms"]] == [holder.terms_id]
 
 
-def test_another_intermediarys_terms_are_not_found(adapter: Adapter, acme: Caller) -> None:
-    beta = add_intermediary(adapter, acme.client, "beta")
+def test_another_intermediarys_terms_are_not_found(endpoint_adapter: Adapter, acme: Caller) -> None:
+    beta = add_intermediary(endpoint_adapter, acme.client, "beta")
     holder = register_terms(acme, pull_proposal())
     hidden = assert_problem(beta.send("GET", f"/cmi/terms/{holder.terms_id}"), "not-found")
     absent = assert_problem(beta.send("GET", "/cmi/terms/terms_0000"), "not-found")
@@ -691,10 +697,10 @@ def test_the_terms_holder_reads_its_terms_and_consent_records(
 
 
 def test_the_customer_revokes_terms_and_queued_documents_are_cancelled(
-    adapter: Adapter, acme: Caller, document_signer: DocumentSigner
+    endpoint_adapter: Adapter, acme: Caller, document_signer: DocumentSigner
 ) -> None:
-    holder = register_terms(acme, proposal(customer_ref=linked(adapter, acme)))
-    emitted = adapter.emit(ticket())
+    holder = register_terms(acme, proposal(customer_ref=linked(endpoint_adapter, acme)))
+    emitted = endpoint_adapter.emit(ticket())
     assert [e.state for e in emitted] == ["pending"]
     response = holder.send("DELETE", f"/cmi/terms/{holder.terms_id}")
     assert response.status_code == 200, response.text
@@ -704,17 +710,17 @@ def test_the_customer_revokes_terms_and_queued_documents_are_cancelled(
     assert answer["consent"]["terms_id"] == holder.terms_id
     consent_xml = answer["consent_xml"].encode()
     verify_document(consent_xml, document_signer.certificate)
-    record = adapter.parse(consent_xml)
+    record = endpoint_adapter.parse(consent_xml)
     assert isinstance(record, ConsentRecord)
     assert record.event == "revoked"
-    assert [r.state for r in adapter.store.rows()] == ["cancelled"]
-    assert adapter.get_terms(holder.held).revoked_at is not None
-    assert adapter.emit(ticket(2)) == []
+    assert [r.state for r in endpoint_adapter.store.rows()] == ["cancelled"]
+    assert endpoint_adapter.get_terms(holder.held).revoked_at is not None
+    assert endpoint_adapter.emit(ticket(2)) == []
 
-    before = stored(adapter)
+    before = stored(endpoint_adapter)
     again = holder.send("DELETE", f"/cmi/terms/{holder.terms_id}")
     assert_problem(again, "conflict")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
     # The customer still sees both records.
     events = [
         c["record"]["event"]
@@ -724,17 +730,17 @@ def test_the_customer_revokes_terms_and_queued_documents_are_cancelled(
 
 
 def test_the_intermediary_revokes_its_terms_and_no_other_may(
-    adapter: Adapter, acme: Caller
+    endpoint_adapter: Adapter, acme: Caller
 ) -> None:
-    beta = add_intermediary(adapter, acme.client, "beta")
+    beta = add_intermediary(endpoint_adapter, acme.client, "beta")
     holder = register_terms(acme, pull_proposal())
-    before = stored(adapter)
+    before = stored(endpoint_adapter)
     assert_problem(beta.send("DELETE", f"/cmi/terms/{holder.terms_id}"), "not-found")
-    assert stored(adapter) == before
+    assert stored(endpoint_adapter) == before
     response = acme.send("DELETE", f"/cmi/terms/{holder.terms_id}")
     assert response.status_code == 200
     assert response.json()["outcome"] == "revoked"
-    assert adapter.list_terms() == []
+    assert endpoint_adapter.list_terms() == []
 
 
 def test_revoking_unknown_terms_is_not_found(acme: Caller) -> None:
@@ -745,11 +751,11 @@ def test_revoking_unknown_terms_is_not_found(acme: Caller) -> None:
 
 
 def test_the_customer_pulls_documents_page_by_page(
-    adapter: Adapter, acme: Caller, document_signer: DocumentSigner
+    endpoint_adapter: Adapter, acme: Caller, document_signer: DocumentSigner
 ) -> None:
-    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(endpoint_adapter, acme)))
     for number in (1001, 1002, 1003):
-        (emission,) = adapter.emit(ticket(number))
+        (emission,) = endpoint_adapter.emit(ticket(number))
         assert emission.state == "pull"
 
     first = holder.send("GET", "/cmi/documents?limit=2")
@@ -771,27 +777,27 @@ def test_the_customer_pulls_documents_page_by_page(
         assert document["document_type"] == "ticket"
         assert document["id"].startswith("msg_")
         verify_document(document["xml"].encode(), document_signer.certificate)
-    parsed = adapter.parse(second["documents"][0]["xml"].encode())
+    parsed = endpoint_adapter.parse(second["documents"][0]["xml"].encode())
     assert isinstance(parsed, Transaction)
     assert parsed.id == "DL-1003"
 
 
 def test_a_pulled_statement_carries_its_detached_signature(
-    adapter: Adapter, acme: Caller, document_signer: DocumentSigner
+    endpoint_adapter: Adapter, acme: Caller, document_signer: DocumentSigner
 ) -> None:
     """OFX has no place for a signature: the statement is pulled as rendered, and its
     detached signature over those exact bytes comes beside it."""
     holder = register_terms(
         acme,
         pull_proposal(
-            customer_ref=linked(adapter, acme),
+            customer_ref=linked(endpoint_adapter, acme),
             standard="ofx",
             document_type="statement-sgml",
         ),
     )
     data = json.loads((ROOT / "examples" / "bank-transaction.json").read_text(encoding="utf-8"))
     data["customer_ref"] = CUSTOMER
-    (emission,) = adapter.emit(load_model(Transaction, data))
+    (emission,) = endpoint_adapter.emit(load_model(Transaction, data))
     (document,) = holder.send("GET", "/cmi/documents").json()["documents"]
     assert document["xml"].encode() == emission.document
     assert document["xml"].startswith("OFXHEADER:100")
@@ -802,18 +808,22 @@ def test_a_pulled_statement_carries_its_detached_signature(
         verify_detached(emission.document + b"\n", signature, document_signer.certificate)
 
 
-def test_without_since_the_pull_starts_at_the_beginning(adapter: Adapter, acme: Caller) -> None:
-    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
-    adapter.emit(ticket())
+def test_without_since_the_pull_starts_at_the_beginning(
+    endpoint_adapter: Adapter, acme: Caller
+) -> None:
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(endpoint_adapter, acme)))
+    endpoint_adapter.emit(ticket())
     answer = holder.send("GET", "/cmi/documents").json()
     assert len(answer["documents"]) == 1
     assert answer["more"] is False
 
 
-def test_a_customer_pulls_only_documents_of_its_own_terms(adapter: Adapter, acme: Caller) -> None:
-    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
+def test_a_customer_pulls_only_documents_of_its_own_terms(
+    endpoint_adapter: Adapter, acme: Caller
+) -> None:
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(endpoint_adapter, acme)))
     neighbour = register_terms(acme, pull_proposal(customer_ref="cust-0b1c2d"))
-    adapter.emit(ticket())
+    endpoint_adapter.emit(ticket())
     assert len(holder.send("GET", "/cmi/documents").json()["documents"]) == 1
     # Naming other terms in the query does not widen what the holder sees.
     answer = neighbour.send("GET", f"/cmi/documents?terms={holder.terms_id}").json()
@@ -839,21 +849,23 @@ def test_a_bad_cursor_or_limit_is_invalid_input(acme: Caller, query: str) -> Non
     assert_problem(holder.send("GET", f"/cmi/documents?{query}"), "invalid-input")
 
 
-def test_an_intermediary_pulls_only_for_terms_it_names(adapter: Adapter, acme: Caller) -> None:
-    holder = register_terms(acme, pull_proposal(customer_ref=linked(adapter, acme)))
-    adapter.emit(ticket())
+def test_an_intermediary_pulls_only_for_terms_it_names(
+    endpoint_adapter: Adapter, acme: Caller
+) -> None:
+    holder = register_terms(acme, pull_proposal(customer_ref=linked(endpoint_adapter, acme)))
+    endpoint_adapter.emit(ticket())
     assert_problem(acme.send("GET", "/cmi/documents"), "forbidden")
     response = acme.send("GET", f"/cmi/documents?terms={holder.terms_id}")
     assert response.status_code == 200
     assert len(response.json()["documents"]) == 1
-    beta = add_intermediary(adapter, acme.client, "beta")
+    beta = add_intermediary(endpoint_adapter, acme.client, "beta")
     assert_problem(beta.send("GET", f"/cmi/documents?terms={holder.terms_id}"), "not-found")
 
 
-def test_nothing_is_pulled_after_revocation(adapter: Adapter, acme: Caller) -> None:
+def test_nothing_is_pulled_after_revocation(endpoint_adapter: Adapter, acme: Caller) -> None:
     holder = register_terms(acme, pull_proposal())
-    adapter.emit(ticket())
-    adapter.revoke_terms(holder.held)
+    endpoint_adapter.emit(ticket())
+    endpoint_adapter.revoke_terms(holder.held)
     assert_problem(holder.send("GET", "/cmi/documents"), "forbidden")
     assert_problem(acme.send("GET", f"/cmi/documents?terms={holder.terms_id}"), "forbidden")
 
@@ -876,10 +888,10 @@ def test_the_signature_covers_the_path_and_method(acme: Caller) -> None:
 # -- mounted in the firm's own app -------------------------------------------------------
 
 
-def test_the_endpoint_works_mounted_under_a_prefix(adapter: Adapter) -> None:
-    app = Starlette(routes=[Mount("/api", app=adapter.asgi_app())])
+def test_the_endpoint_works_mounted_under_a_prefix(endpoint_adapter: Adapter) -> None:
+    app = Starlette(routes=[Mount("/api", app=endpoint_adapter.asgi_app())])
     with TestClient(app) as client:
-        acme = add_intermediary(adapter, client, "acme")
+        acme = add_intermediary(endpoint_adapter, client, "acme")
         response = acme.send("POST", "/api/cmi/terms", json_body=pull_proposal())
         assert response.status_code == 201, response.text
         terms_id = response.json()["terms"]["id"]
@@ -887,10 +899,10 @@ def test_the_endpoint_works_mounted_under_a_prefix(adapter: Adapter) -> None:
         assert client.get("/api/.well-known/cmi").json()["firm"] == "delta.com"
 
 
-def test_location_points_inside_the_mounted_endpoint(adapter: Adapter) -> None:
-    app = Starlette(routes=[Mount("/api", app=adapter.asgi_app())])
+def test_location_points_inside_the_mounted_endpoint(endpoint_adapter: Adapter) -> None:
+    app = Starlette(routes=[Mount("/api", app=endpoint_adapter.asgi_app())])
     with TestClient(app) as client:
-        acme = add_intermediary(adapter, client, "acme")
+        acme = add_intermediary(endpoint_adapter, client, "acme")
         response = acme.send("POST", "/api/cmi/terms", json_body=pull_proposal())
         assert response.status_code == 201
         terms = response.json()["terms"]
@@ -911,7 +923,7 @@ def test_odd_digits_in_the_query_are_invalid_input(acme: Caller, query: str) -> 
     "body", [b'{"customer_ref": ' + b"1" * 5000 + b"}", b"[" * 30000], ids=["long-int", "deep"]
 )
 def test_json_the_decoder_chokes_on_is_invalid_input(
-    adapter: Adapter, acme: Caller, body: bytes
+    endpoint_adapter: Adapter, acme: Caller, body: bytes
 ) -> None:
     response = acme.send(
         "POST", "/cmi/terms", body=body, headers={"content-type": "application/json"}
@@ -920,7 +932,7 @@ def test_json_the_decoder_chokes_on_is_invalid_input(
 
 
 def test_a_signature_for_one_request_does_not_authorize_another(
-    adapter: Adapter, acme: Caller
+    endpoint_adapter: Adapter, acme: Caller
 ) -> None:
     holder = register_terms(acme, pull_proposal())
     body = json.dumps(proposal()).encode()
@@ -929,4 +941,4 @@ def test_a_signature_for_one_request_does_not_authorize_another(
         "DELETE", f"/cmi/terms/{holder.terms_id}", content=body, headers=headers
     )
     assert_problem(response, "bad-signature")
-    assert adapter.get_terms(holder.held).revoked_at is None
+    assert endpoint_adapter.get_terms(holder.held).revoked_at is None

@@ -15,7 +15,8 @@ import pytest
 
 from cmi_sdk import Adapter, RetrySchedule, Transaction, load_model
 from cmi_sdk.signing import DETACHED_SIGNATURE_HEADER, verify_detached
-from tests.support import CUSTOMER, ROOT, Clock, make_adapter, register, signer, ticket
+from tests.fakes import Clock
+from tests.support import CUSTOMER, ROOT, emitting_adapter, register, signer, ticket
 
 BANK_LINE = load_model(Transaction, (ROOT / "examples" / "bank-transaction.json").read_text())
 START = 1_900_000_000.0
@@ -35,8 +36,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def adapter(tmp_path: Path, clock: Clock) -> Iterator[Adapter]:
-    adapter = make_adapter(tmp_path, clock=clock)
+def digest_adapter(tmp_path: Path, clock: Clock) -> Iterator[Adapter]:
+    adapter = emitting_adapter(tmp_path, clock=clock)
     yield adapter
     adapter.close()
 
@@ -55,14 +56,14 @@ def _deliver(adapter: Adapter) -> list[httpx.Request]:
     return sent
 
 
-def test_an_ofx_digest_window_is_one_statement(adapter: Adapter, clock: Clock) -> None:
+def test_an_ofx_digest_window_is_one_statement(digest_adapter: Adapter, clock: Clock) -> None:
     ofxtools = pytest.importorskip("ofxtools")
-    register(adapter, standard="ofx", when="digest:6h")
-    emissions = [adapter.emit(bank_line(n, f"-{n}.25"))[0] for n in range(1, 4)]
+    register(digest_adapter, standard="ofx", when="digest:6h")
+    emissions = [digest_adapter.emit(bank_line(n, f"-{n}.25"))[0] for n in range(1, 4)]
     assert {e.state for e in emissions} == {"digest"}
-    assert _deliver(adapter) == []  # the window is still open
+    assert _deliver(digest_adapter) == []  # the window is still open
     clock.now += 6 * 3600
-    (request,) = _deliver(adapter)
+    (request,) = _deliver(digest_adapter)
     # OFX is signed detached: the signature over the exact body is in a header.
     assert request.headers["content-type"] == "application/x-ofx"
     signature = base64.b64decode(request.headers[DETACHED_SIGNATURE_HEADER])
@@ -77,43 +78,43 @@ def test_an_ofx_digest_window_is_one_statement(adapter: Adapter, clock: Clock) -
     amounts = sorted(t.trnamt for t in statement.transactions)
     assert amounts == [Decimal("-3.25"), Decimal("-2.25"), Decimal("-1.25")]
     assert statement.balance.balamt == Decimal("-6.75")
-    rows = {r.msg_id: r for r in adapter.store.rows()}
+    rows = {r.msg_id: r for r in digest_adapter.store.rows()}
     assert {rows[e.msg_id].state for e in emissions} == {"merged"}
     (digest,) = [r for r in rows.values() if r.state == "delivered"]
     assert digest.body == request.content
-    assert _deliver(adapter) == []  # nothing goes out twice
+    assert _deliver(digest_adapter) == []  # nothing goes out twice
 
 
 def test_a_standard_without_a_digest_form_sends_the_window_one_by_one(
-    adapter: Adapter, clock: Clock
+    digest_adapter: Adapter, clock: Clock
 ) -> None:
-    register(adapter, when="digest:6h")  # cmi-ticket: no digest form
-    first, second = (adapter.emit(ticket(id=f"DL-{n}"))[0] for n in range(2))
+    register(digest_adapter, when="digest:6h")  # cmi-ticket: no digest form
+    first, second = (digest_adapter.emit(ticket(id=f"DL-{n}"))[0] for n in range(2))
     assert {first.state, second.state} == {"pending"}
-    assert _deliver(adapter) == []
+    assert _deliver(digest_adapter) == []
     clock.now += 6 * 3600
-    assert len(_deliver(adapter)) == 2
+    assert len(_deliver(digest_adapter)) == 2
 
 
 def test_a_window_that_cannot_be_merged_goes_out_one_by_one(
-    adapter: Adapter, clock: Clock, caplog: pytest.LogCaptureFixture
+    digest_adapter: Adapter, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    register(adapter, standard="ofx", when="digest:1h", customer_ref=CUSTOMER)
-    adapter.emit(bank_line(1))
-    adapter.emit(bank_line(2, "-1.00", "EUR"))  # one statement has one currency
+    register(digest_adapter, standard="ofx", when="digest:1h", customer_ref=CUSTOMER)
+    digest_adapter.emit(bank_line(1))
+    digest_adapter.emit(bank_line(2, "-1.00", "EUR"))  # one statement has one currency
     clock.now += 3600
-    sent = _deliver(adapter)
+    sent = _deliver(digest_adapter)
     assert len(sent) == 2
     assert "cannot be merged, sending them one by one" in caplog.text
 
 
-def test_revocation_cancels_a_window_in_progress(adapter: Adapter, clock: Clock) -> None:
-    terms = register(adapter, standard="ofx", when="digest:6h")
-    adapter.emit(bank_line(1))
-    adapter.revoke_terms(terms.id)
+def test_revocation_cancels_a_window_in_progress(digest_adapter: Adapter, clock: Clock) -> None:
+    terms = register(digest_adapter, standard="ofx", when="digest:6h")
+    digest_adapter.emit(bank_line(1))
+    digest_adapter.revoke_terms(terms.id)
     clock.now += 6 * 3600
-    assert _deliver(adapter) == []
-    assert {r.state for r in adapter.store.rows()} == {"cancelled"}
+    assert _deliver(digest_adapter) == []
+    assert {r.state for r in digest_adapter.store.rows()} == {"cancelled"}
 
 
 def _bytes_io(data: bytes) -> Any:

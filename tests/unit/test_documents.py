@@ -24,7 +24,7 @@ from cmi_sdk import (
 )
 from cmi_sdk.signing import verify_document
 from cmi_ticket.plugin import STANDARD as TICKET_STANDARD
-from tests.support import make_adapter, register, signer, ticket
+from tests.support import emitting_adapter, register, signer, ticket
 
 NS = "urn:test:pair"
 # One schema, two global elements: a <wrong/> document is valid against it, and is not a
@@ -75,7 +75,7 @@ class _Pair:
 
 
 def test_an_emitted_document_of_another_root_is_a_problem_not_sent(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path, plugins=[_Pair(_pair(tmp_path))])
+    adapter = emitting_adapter(tmp_path, plugins=[_Pair(_pair(tmp_path))])
     register(adapter, standard="pair")
     assert adapter.emit(ticket()) == []
     (problem,) = adapter.store.emission_problems()

@@ -20,7 +20,7 @@ from cmi_sdk import (
     hookimpl,
 )
 from cmi_sdk.signing import verify_document
-from tests.support import CUSTOMER, make_adapter, register, signer, ticket
+from tests.support import CUSTOMER, emitting_adapter, register, signer, ticket
 
 TICKET_NS = "{urn:cmi:ticket:1.0}"
 TICKET_FIELDS = {
@@ -44,7 +44,7 @@ def _children(xml: bytes) -> set[str]:
 def test_no_terms_no_document_logged_not_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     with caplog.at_level(logging.INFO, logger="cmi_sdk.emit"):
         assert adapter.emit(ticket()) == []
     assert "no active sharing terms for customer cust-7f3a9c" in caplog.text
@@ -52,7 +52,7 @@ def test_no_terms_no_document_logged_not_raised(
 
 
 def test_emit_writes_a_signed_valid_document(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     terms = register(adapter)
     (emission,) = adapter.emit(ticket())
     assert (emission.terms_id, emission.standard, emission.document_type) == (
@@ -73,7 +73,7 @@ def test_emit_writes_a_signed_valid_document(tmp_path: Path) -> None:
 
 
 def test_the_signed_bytes_are_the_rendered_bytes(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     (emission,) = adapter.emit(ticket())
     rendered = adapter.render(ticket(), standard="cmi-ticket")
@@ -84,7 +84,7 @@ def test_the_signed_bytes_are_the_rendered_bytes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("position", [60, 180, 260, 330, 390])
 def test_any_changed_byte_of_the_signed_content_fails(tmp_path: Path, position: int) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     (emission,) = adapter.emit(ticket())
     doc = emission.document
@@ -101,7 +101,7 @@ def test_any_changed_byte_of_the_signed_content_fails(tmp_path: Path, position: 
 def test_minimization_removes_exactly_the_fields_not_allowed(
     tmp_path: Path, allowed: list[str]
 ) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter, fields=allowed)
     (emission,) = adapter.emit(ticket())
     withheld = sorted(set(TICKET_FIELDS) - set(allowed))
@@ -121,7 +121,7 @@ def test_minimization_removes_exactly_the_fields_not_allowed(
 
 
 def test_all_fields_allowed_is_the_full_document(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter, fields=[*TICKET_FIELDS, "ticket_number", "id"])
     (emission,) = adapter.emit(ticket())
     assert emission.withheld == ()
@@ -129,7 +129,7 @@ def test_all_fields_allowed_is_the_full_document(tmp_path: Path) -> None:
 
 
 def test_minimization_of_the_core_transaction(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter, standard="cmi", fields=["total", "seat"])
     (emission,) = adapter.emit(ticket())
     assert emission.document_type == "transaction"
@@ -141,7 +141,7 @@ def test_minimization_of_the_core_transaction(tmp_path: Path) -> None:
 
 
 def test_each_customer_of_a_transaction_gets_their_own_document(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     payer = register(adapter, customer_ref="payer-1234")
     traveller = register(adapter, customer_ref=CUSTOMER)
     emissions = adapter.emit(ticket(), customer_refs=["payer-1234", CUSTOMER])
@@ -153,7 +153,7 @@ def test_each_customer_of_a_transaction_gets_their_own_document(tmp_path: Path) 
 
 
 def test_several_terms_of_one_customer_each_get_a_document(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     register(adapter, standard="cmi", when="pull", destination=None)
     emissions = adapter.emit(ticket())
@@ -164,7 +164,7 @@ def test_several_terms_of_one_customer_each_get_a_document(tmp_path: Path) -> No
 
 
 def test_emitting_the_same_document_twice_stores_it_once(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     first = adapter.emit(ticket())
     second = adapter.emit(ticket())
@@ -176,7 +176,7 @@ def test_emitting_the_same_document_twice_stores_it_once(tmp_path: Path) -> None
 
 
 def test_the_row_commits_with_the_callers_transaction(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     conn = sqlite3.connect(tmp_path / "cmi.db")
     conn.execute("CREATE TABLE sales (id TEXT PRIMARY KEY)")
@@ -191,7 +191,7 @@ def test_the_row_commits_with_the_callers_transaction(tmp_path: Path) -> None:
 
 
 def test_the_row_rolls_back_with_the_callers_transaction(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     conn = sqlite3.connect(tmp_path / "cmi.db")
     conn.execute("CREATE TABLE sales (id TEXT PRIMARY KEY)")
@@ -211,7 +211,7 @@ def test_the_row_rolls_back_with_the_callers_transaction(tmp_path: Path) -> None
 
 
 def test_a_connection_to_another_database_is_refused(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     other = sqlite3.connect(tmp_path / "other.db")
     with pytest.raises(ConfigurationError, match="same database"):
@@ -223,7 +223,7 @@ def test_a_connection_to_another_database_is_refused(tmp_path: Path) -> None:
 
 
 def test_emit_many_is_one_commit(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     register(adapter)
     txs = [ticket(id=f"DL-{i}") for i in range(20)]
     emissions = adapter.emit_many(txs)
@@ -234,7 +234,7 @@ def test_emit_many_is_one_commit(tmp_path: Path) -> None:
 def test_unsigned_when_no_signer_is_configured(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    adapter = make_adapter(tmp_path, signer=None)
+    adapter = emitting_adapter(tmp_path, signer=None)
     register(adapter)
     with caplog.at_level(logging.WARNING, logger="cmi_sdk.emit"):
         (emission,) = adapter.emit(ticket())
@@ -246,7 +246,7 @@ def test_unsigned_when_no_signer_is_configured(
 
 def test_revoked_or_lapsed_terms_emit_nothing(tmp_path: Path) -> None:
     clock = [1_900_000_000.0]
-    adapter = make_adapter(tmp_path, clock=lambda: clock[0])
+    adapter = emitting_adapter(tmp_path, clock=lambda: clock[0])
     terms = register(adapter, until="2030-03-18T00:00:00Z")  # 1_900_000_000 is 2030-03-17
     assert len(adapter.emit(ticket())) == 1
     clock[0] += 86400 * 2
@@ -258,7 +258,7 @@ def test_revoked_or_lapsed_terms_emit_nothing(tmp_path: Path) -> None:
 
 def test_digest_terms_hold_documents_to_the_end_of_the_window(tmp_path: Path) -> None:
     clock = [1_900_000_000.0]
-    adapter = make_adapter(tmp_path, clock=lambda: clock[0])
+    adapter = emitting_adapter(tmp_path, clock=lambda: clock[0])
     terms = register(adapter, when="digest:6h")
     clock[0] += 3600
     (first,) = adapter.emit(ticket())
@@ -284,7 +284,7 @@ class _PreferCoreForLoans:
 
 
 def test_cmi_select_standard_can_override_the_terms(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path, plugins=[_PreferCoreForLoans()])
+    adapter = emitting_adapter(tmp_path, plugins=[_PreferCoreForLoans()])
     register(adapter, customer_ref="core-lover")
     register(adapter)
     by_customer = {
@@ -305,7 +305,7 @@ def test_the_first_emit_inside_the_callers_write_does_not_wait_for_itself(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "cmi.db"
-    register(make_adapter(tmp_path))  # the tables exist, with terms
+    register(emitting_adapter(tmp_path))  # the tables exist, with terms
     # A new adapter opens its store lazily, here inside the firm's open write transaction.
     fresh = Adapter(database_url=f"sqlite:///{db}", signer=signer())
     conn = sqlite3.connect(db, timeout=0.5)

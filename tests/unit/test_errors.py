@@ -49,7 +49,7 @@ from cmi_sdk._offers import _TIMEOUT_OF, DEFAULT_STAGE_SHARES
 from cmi_sdk.asgi import PROBLEM_TYPES
 from cmi_sdk.client import CMIClient
 from cmi_sdk.webhooks import generate_secret
-from tests.support import make_adapter, serve_app
+from tests.support import emitting_adapter, serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,7 +155,7 @@ def seats() -> Seats:
 
 @pytest.fixture
 def firm(tmp_path: Path, seats: Seats) -> Iterator[Adapter]:
-    adapter = make_adapter(tmp_path, plugins=[seats], request_budget=0.4)
+    adapter = emitting_adapter(tmp_path, plugins=[seats], request_budget=0.4)
     yield adapter
     adapter.close()
 
@@ -243,7 +243,7 @@ def test_no_pricing_system_is_an_outage(tmp_path: Path, seats: Seats) -> None:
     class NoPrice(Seats):
         cmi_price = None  # type: ignore[assignment]
 
-    adapter = make_adapter(tmp_path, plugins=[NoPrice()])
+    adapter = emitting_adapter(tmp_path, plugins=[NoPrice()])
     with pytest.raises(NoAnswerError) as info:
         firms_own_code(adapter, _request())
     assert (info.value.problem, info.value.hook) == (Problem.NO_PRICE, "cmi_price")
@@ -404,7 +404,7 @@ def test_the_errors_page_lists_every_problem_with_its_status() -> None:
 
 @pytest.fixture
 def served(tmp_path: Path, seats: Seats) -> Iterator[tuple[Adapter, CMIClient]]:
-    adapter = make_adapter(tmp_path, plugins=[seats], request_budget=0.4)
+    adapter = emitting_adapter(tmp_path, plugins=[seats], request_budget=0.4)
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     with (

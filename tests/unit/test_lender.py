@@ -33,6 +33,7 @@ from cmi_sdk import (
     Transaction,
     load_model,
 )
+from tests.fakes import CREDIT_KEY, CUSTOMER, Clock, band_claim, loan_request
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,8 +48,6 @@ RiskTier = cmi_lender.RiskTier
 LimitReached = cmi_lender.LimitReached
 credit_evidence = cmi_lender.credit_evidence
 
-KEY = b"bureau-and-lender-shared-key"
-CUSTOMER = "cust-7f3a9c"
 T0 = dt.datetime(2026, 6, 1, 9, 0, tzinfo=dt.UTC)
 LIMIT = "100000.00"
 
@@ -57,28 +56,15 @@ def usd(amount: str) -> Money:
     return Money(amount=Decimal(amount), currency="USD")
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, at: dt.datetime) -> None:
-        self.now = at.timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock(T0)
+    return Clock(T0.timestamp())
 
 
 @pytest.fixture
 def lender(tmp_path: Path, clock: Clock) -> Iterator[Any]:
     with ReferenceLender(
-        database=tmp_path / "lender.db", daily_limit=usd(LIMIT), credit_key=KEY, clock=clock
+        database=tmp_path / "lender.db", daily_limit=usd(LIMIT), credit_key=CREDIT_KEY, clock=clock
     ) as lender:
         yield lender
 
@@ -86,35 +72,6 @@ def lender(tmp_path: Path, clock: Clock) -> Iterator[Any]:
 @pytest.fixture
 def bank(lender: Any) -> Adapter:
     return Adapter(plugins=[lender])
-
-
-def band_claim(band: str, *, customer: str = CUSTOMER, key: bytes = KEY) -> dict[str, str]:
-    return {"type": "credit-band", "value": band, "evidence": credit_evidence(key, customer, band)}
-
-
-def loan_request(
-    amount: str = "30000.00",
-    term: int = 60,
-    *,
-    band: str | None = "A",
-    currency: str = "USD",
-    claims: list[dict[str, str]] | None = None,
-    request_id: str = "req-loan-1",
-) -> Request:
-    if claims is None:
-        claims = [] if band is None else [band_claim(band)]
-    return load_model(
-        Request,
-        {
-            "id": request_id,
-            "kind": "loan",
-            "customer_ref": CUSTOMER,
-            "reply_to": "relay-8841",
-            "created_at": "2026-06-01T09:00:00Z",
-            "wanted": {"amount": {"amount": amount, "currency": currency}, "term_months": term},
-            "claims": claims,
-        },
-    )
 
 
 def quote(bank: Adapter, request: Request) -> tuple[Availability, Any, Quote | None]:

@@ -39,8 +39,8 @@ from cmi_sdk.outbox import SeenMessage
 from cmi_sdk.outbox.postgres import PostgresStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
-from tests.support import make_adapter, serve_app
-from tests.unit.test_offers import seat_on
+from tests.fakes import seat_on
+from tests.support import emitting_adapter, serve_app
 
 FARE = Money(amount="451.89", currency="USD")
 
@@ -155,8 +155,8 @@ def quick() -> Quick:
 
 
 @pytest.fixture
-def adapter(tmp_path: Path, quick: Quick) -> Generator[Adapter, None, None]:
-    adapter = make_adapter(tmp_path, plugins=[quick])
+def quick_adapter(tmp_path: Path, quick: Quick) -> Generator[Adapter, None, None]:
+    adapter = emitting_adapter(tmp_path, plugins=[quick])
     yield adapter
     adapter.close()
 
@@ -182,30 +182,30 @@ def test_nonblocking_marks_a_plain_function_and_refuses_a_coroutine() -> None:
 
 
 def test_a_marked_pipeline_runs_on_the_callers_thread(
-    adapter: Adapter, quick: Quick, tmp_path: Path
+    quick_adapter: Adapter, quick: Quick, tmp_path: Path
 ) -> None:
-    assert adapter.answers_inline
-    assert adapter.threaded_by == []
-    (offer,) = adapter.answer_request(a_request()).offers.offers
+    assert quick_adapter.answers_inline
+    assert quick_adapter.threaded_by == []
+    (offer,) = quick_adapter.answer_request(a_request()).offers.offers
     assert quick.threads == {threading.get_ident()}
     assert offer.price == FARE
-    assert adapter.get_offer(offer.id).offer == offer
+    assert quick_adapter.get_offer(offer.id).offer == offer
     assert _offer_count(tmp_path / "cmi.db") == 1
 
 
 def test_one_unmarked_implementation_sends_requests_to_a_worker_thread(
-    adapter: Adapter, quick: Quick
+    quick_adapter: Adapter, quick: Quick
 ) -> None:
-    adapter.plugin_manager.register(Audit(), name="audit")
-    assert not adapter.answers_inline
-    assert adapter.threaded_by == ["audit.cmi_price"]
-    adapter.answer_request(a_request())
+    quick_adapter.plugin_manager.register(Audit(), name="audit")
+    assert not quick_adapter.answers_inline
+    assert quick_adapter.threaded_by == ["audit.cmi_price"]
+    quick_adapter.answer_request(a_request())
     assert threading.get_ident() not in quick.threads
     assert all(name.startswith("cmi-offers") for name in quick.names)
     # Unregistered, the fast path is back at the next request.
-    adapter.plugin_manager.unregister(name="audit")
+    quick_adapter.plugin_manager.unregister(name="audit")
     quick.threads.clear()
-    adapter.answer_request(a_request("req-2"))
+    quick_adapter.answer_request(a_request("req-2"))
     assert quick.threads == {threading.get_ident()}
 
 
@@ -213,7 +213,7 @@ def test_a_store_that_may_wait_sends_requests_to_a_worker_thread(
     tmp_path: Path, quick: Quick
 ) -> None:
     assert PostgresStore.nonblocking is False
-    adapter = make_adapter(tmp_path, plugins=[quick], store=WaitingStore(tmp_path / "cmi.db"))
+    adapter = emitting_adapter(tmp_path, plugins=[quick], store=WaitingStore(tmp_path / "cmi.db"))
     assert adapter.threaded_by == ["store"]
     assert adapter.answer_request(a_request()).offers.offers
     assert threading.get_ident() not in quick.threads
@@ -224,7 +224,7 @@ def test_a_marked_stage_past_its_budget_makes_no_offer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     late = Quick(price_seconds=0.3)
-    adapter = make_adapter(tmp_path, plugins=[late], request_budget=0.2)
+    adapter = emitting_adapter(tmp_path, plugins=[late], request_budget=0.2)
     name = adapter.plugin_manager.get_name(late)
     with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(a_request())
@@ -239,7 +239,7 @@ def test_a_marked_stage_past_its_budget_makes_no_offer(
 
 
 def test_answer_request_async_runs_a_marked_pipeline_on_the_loop(
-    adapter: Adapter, quick: Quick
+    quick_adapter: Adapter, quick: Quick
 ) -> None:
     now = time.time()
     message = SeenMessage("intermediary:relay", "msg_1", now + 600, now)
@@ -251,7 +251,7 @@ def test_answer_request_async_runs_a_marked_pipeline_on_the_loop(
             prepared.append(threading.get_ident())
             return a_request(), "relay", message
 
-        answer = await adapter.answer_request_async(prepare)
+        answer = await quick_adapter.answer_request_async(prepare)
         assert answer.offers.offers[0].price == FARE
         return threading.get_ident(), prepared[0]
 
@@ -259,23 +259,23 @@ def test_answer_request_async_runs_a_marked_pipeline_on_the_loop(
     assert quick.threads == {loop_thread}
     assert prepared_on == loop_thread
     # Remembered in the commit that stored the offer: a replay is refused.
-    assert adapter.store.message_seen("intermediary:relay", "msg_1", now=now)
+    assert quick_adapter.store.message_seen("intermediary:relay", "msg_1", now=now)
 
 
 def test_a_marked_hook_returning_an_awaitable_is_refused_on_a_loop(
-    adapter: Adapter, caplog: pytest.LogCaptureFixture
+    quick_adapter: Adapter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    adapter.plugin_manager.register(AwaitableAdvice(), name="awaitable")
+    quick_adapter.plugin_manager.register(AwaitableAdvice(), name="awaitable")
 
     async def main() -> None:
-        await adapter.answer_request_async(lambda: (a_request(), None))
+        await quick_adapter.answer_request_async(lambda: (a_request(), None))
 
     with pytest.raises(PluginFailedError) as info:
         asyncio.run(main())
     assert info.value.problem == "plugin-failed"
     assert "marked nonblocking returned an awaitable" in caplog.text
     # Off a loop, the same plugin's coroutine is run to its end.
-    (offer,) = adapter.answer_request(a_request("req-2")).offers.offers
+    (offer,) = quick_adapter.answer_request(a_request("req-2")).offers.offers
     assert [a.code for a in offer.advice] == ["later"]
 
 
@@ -289,7 +289,7 @@ def test_the_reference_firms_answer_inline(tmp_path: Path) -> None:
         credit_key=b"k" * 32,
     )
     airline = ReferenceAirline(database=tmp_path / "airline.db")
-    adapter = make_adapter(tmp_path, plugins=[airline, lender])
+    adapter = emitting_adapter(tmp_path, plugins=[airline, lender])
     assert adapter.threaded_by == []
     adapter.close()
 
@@ -298,7 +298,7 @@ def test_over_http_a_marked_pipeline_answers_refuses_replays_and_fails_closed(
     tmp_path: Path,
 ) -> None:
     quick = Quick()
-    adapter = make_adapter(tmp_path, plugins=[quick], request_budget=0.2)
+    adapter = emitting_adapter(tmp_path, plugins=[quick], request_budget=0.2)
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
     body = adapter.render(a_request(), standard="cmi", document_type="request")

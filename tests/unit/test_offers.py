@@ -22,13 +22,7 @@ from cmi_sdk import (
     AcceptanceError,
     Adapter,
     Advice,
-    Availability,
-    ClaimCheck,
-    FlightProduct,
-    FlightWanted,
-    Hold,
     LineItem,
-    Money,
     Offer,
     OfferExpiredError,
     OfferNotFoundError,
@@ -38,154 +32,17 @@ from cmi_sdk import (
     Request,
     RequestRefusedError,
     RevenueDecision,
-    Reward,
     StageTimeoutError,
     Transaction,
     hookimpl,
-    load_model,
 )
 from cmi_sdk._offers import Prepared
 from cmi_sdk.outbox import SeenMessage
 from cmi_sdk.signing import verify_document
-from tests.support import make_adapter, register, signer
+from tests.fakes import Shop, flight_request, usd
+from tests.support import emitting_adapter, register, signer
 
 NOW = time.time()
-
-
-def usd(amount: str) -> Money:
-    return Money(amount=amount, currency="USD")
-
-
-def flight_request(**changes: Any) -> Request:
-    created = dt.datetime.now(dt.UTC)
-    data: dict[str, Any] = {
-        "id": "req-1",
-        "kind": "flight",
-        "customer_ref": "cust-7f3a9c",
-        "reply_to": "relay-1",
-        "created_at": created.isoformat(),
-        "wanted": {"origin": "ATL", "destination": "CDG", "date": "2026-12-01", "passengers": 1},
-        "claims": [{"type": "loyalty-tier", "value": "gold"}],
-    }
-    data.update(changes)
-    return load_model(Request, data)
-
-
-def seat_on(request: Request) -> FlightProduct:
-    """The shop's product for a flight request: a class B seat on Delta 2231."""
-    wanted = request.wanted
-    assert isinstance(wanted, FlightWanted)
-    return FlightProduct(
-        origin=wanted.origin,
-        destination=wanted.destination,
-        date=wanted.date,
-        airline="Delta",
-        flight="2231",
-        fare_class="B",
-    )
-
-
-class Shop:
-    """A tiny airline: a few seats of one flight, a fixed fare and floor."""
-
-    def __init__(self, seats: int = 3, fare: str = "451.89", floor: str = "400.00") -> None:
-        self.seats = seats
-        self.fare = fare
-        self.floor = floor
-        self.lock = threading.Lock()
-        self.held: dict[str, int] = {}
-        self.booked: list[str] = []
-        self.released: list[str] = []
-        self.expired: list[str] = []
-        self.calls: list[str] = []
-
-    @hookimpl
-    def cmi_validate_request(self, request: Request) -> list[str]:
-        self.calls.append("validate")
-        wanted = request.wanted
-        if isinstance(wanted, FlightWanted) and wanted.origin != "ATL":
-            return ["we only fly from ATL"]
-        return []
-
-    @hookimpl
-    def cmi_verify_claims(self, request: Request) -> list[ClaimCheck]:
-        self.calls.append("claims")
-        return [ClaimCheck(claim=c, verified=c.value == "gold") for c in request.claims]
-
-    @hookimpl
-    def cmi_check_capacity(self, request: Request) -> Availability | None:
-        self.calls.append("capacity")
-        if request.kind != "flight":
-            return None
-        free = self.seats - len(self.booked) - sum(self.held.values())
-        return Availability(product=seat_on(request), available=max(free, 0))
-
-    @hookimpl
-    def cmi_revenue_decision(self, availability: Availability) -> RevenueDecision:
-        self.calls.append("revenue")
-        return RevenueDecision(accept=availability.available > 0, floor=usd(self.floor))
-
-    @hookimpl
-    def cmi_price(self) -> Quote:
-        self.calls.append("price")
-        fare = usd(self.fare)
-        return Quote(items=(LineItem(description="Seat ATL-CDG", unit_price=fare, amount=fare),))
-
-    @hookimpl
-    def cmi_rewards(self, claims: list[ClaimCheck]) -> list[Reward]:
-        self.calls.append("rewards")
-        if any(c.verified for c in claims):
-            return [
-                Reward(code="gold", description="Gold member", amount=usd("20.00")),
-                Reward(code="anniversary", description="Our 100th year", amount=usd("50.00")),
-            ]
-        return []
-
-    @hookimpl
-    def cmi_advise(self) -> list[Advice]:
-        self.calls.append("advice")
-        return [Advice(code="alt-date", text="2026-12-02 is cheaper")]
-
-    @hookimpl
-    def cmi_offer_validity(self) -> dt.timedelta:
-        self.calls.append("validity")
-        return dt.timedelta(minutes=10)
-
-    @hookimpl
-    def cmi_hold(self, acceptance: Acceptance) -> Hold:
-        with self.lock:
-            if self.seats - len(self.booked) - sum(self.held.values()) < 1:
-                # A refusal, as cmi_hold documents it; any other exception is an outage.
-                raise AcceptanceError("sold out", problem="no-longer-available")
-            self.held[acceptance.id] = 1
-        return Hold(id=f"hold-{acceptance.id}", expires_at=dt.datetime.now(dt.UTC))
-
-    @hookimpl
-    def cmi_book(self, offer: Offer, acceptance: Acceptance) -> Transaction:
-        with self.lock:
-            self.held.pop(acceptance.id, None)
-            self.booked.append(acceptance.id)
-            number = str(1000 + len(self.booked))
-        product = offer.product
-        return Transaction.model_validate(
-            {
-                "id": f"DL-{number}",
-                "kind": "flight",
-                "occurred_at": dt.datetime.now(dt.UTC),
-                "firm": "delta.com",
-                "customer_ref": acceptance.customer_ref,
-                "total": offer.price,
-                "details": {**product.model_dump(), "ticket_number": number},
-            }
-        )
-
-    @hookimpl
-    def cmi_release(self, hold: Hold) -> None:
-        self.released.append(hold.id)
-
-    @hookimpl
-    def cmi_on_offer_expired(self, offer: Offer) -> None:
-        self.expired.append(offer.id)
 
 
 @pytest.fixture
@@ -194,8 +51,8 @@ def shop() -> Shop:
 
 
 @pytest.fixture
-def adapter(tmp_path: Path, shop: Shop) -> Generator[Adapter, None, None]:
-    adapter = make_adapter(tmp_path, plugins=[shop], request_budget=2.0)
+def shop_adapter(tmp_path: Path, shop: Shop) -> Generator[Adapter, None, None]:
+    adapter = emitting_adapter(tmp_path, plugins=[shop], request_budget=2.0)
     yield adapter
     adapter.close()
 
@@ -209,8 +66,8 @@ def _accept(offer: Offer, acceptance_id: str = "acc-1") -> Acceptance:
     )
 
 
-def test_the_pipeline_runs_every_stage_in_order(adapter: Adapter, shop: Shop) -> None:
-    answer = adapter.answer_request(flight_request())
+def test_the_pipeline_runs_every_stage_in_order(shop_adapter: Adapter, shop: Shop) -> None:
+    answer = shop_adapter.answer_request(flight_request())
     (offer,) = answer.offers.offers
     assert shop.calls == [
         "validate", "claims", "capacity", "revenue", "price", "rewards", "advice", "validity",
@@ -230,58 +87,60 @@ def test_the_pipeline_runs_every_stage_in_order(adapter: Adapter, shop: Shop) ->
     assert offer.valid_until - offer.valid_from == dt.timedelta(minutes=10)  # shortest wins
     # The answer and the offer are signed, and the offer is kept with its request.
     verify_document(answer.xml, signer().certificate)
-    assert adapter.parse(answer.xml) == answer.offers
-    stored = adapter.get_offer(offer.id)
+    assert shop_adapter.parse(answer.xml) == answer.offers
+    stored = shop_adapter.get_offer(offer.id)
     assert stored.offer == offer
     assert stored.request.id == "req-1"
     verify_document(stored.xml, signer().certificate)
 
 
-def test_an_offer_reserves_nothing(adapter: Adapter, shop: Shop) -> None:
+def test_an_offer_reserves_nothing(shop_adapter: Adapter, shop: Shop) -> None:
     for i in range(5):  # more offers than seats
-        assert adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers
+        assert shop_adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers
     assert shop.booked == []
     assert shop.held == {}
 
 
-def test_validation_problems_refuse_the_request(adapter: Adapter, shop: Shop) -> None:
+def test_validation_problems_refuse_the_request(shop_adapter: Adapter, shop: Shop) -> None:
     request = flight_request(wanted={"origin": "JFK", "destination": "CDG", "date": "2026-12-01"})
     with pytest.raises(RequestRefusedError, match="we only fly from ATL") as info:
-        adapter.answer_request(request)
+        shop_adapter.answer_request(request)
     assert info.value.problem == "invalid-request"
     assert "capacity" not in shop.calls
 
 
-def test_sold_out_and_refused_by_revenue_management_decline(adapter: Adapter, shop: Shop) -> None:
+def test_sold_out_and_refused_by_revenue_management_decline(
+    shop_adapter: Adapter, shop: Shop
+) -> None:
     shop.seats = 0
-    answer = adapter.answer_request(flight_request())
+    answer = shop_adapter.answer_request(flight_request())
     assert answer.offers.offers == ()
     assert answer.offers.declined == "sold out"
     verify_document(answer.xml, signer().certificate)
 
 
-def test_not_the_firms_product_declines(adapter: Adapter) -> None:
+def test_not_the_firms_product_declines(shop_adapter: Adapter) -> None:
     loan = flight_request(
         kind="loan", wanted={"amount": {"amount": "1000.00", "currency": "USD"}, "term_months": 12}
     )
-    answer = adapter.answer_request(loan)
+    answer = shop_adapter.answer_request(loan)
     assert answer.offers.declined == "the firm has nothing to offer for this request"
 
 
-def test_the_customers_maximum_price_is_honoured(adapter: Adapter) -> None:
+def test_the_customers_maximum_price_is_honoured(shop_adapter: Adapter) -> None:
     request = flight_request(
         claims=[], constraints={"max_price": {"amount": "300.00", "currency": "USD"}}
     )
-    answer = adapter.answer_request(request)
+    answer = shop_adapter.answer_request(request)
     assert answer.offers.declined == "the best price, 451.89 USD, is above 300.00 USD"
 
 
 def test_a_price_below_the_floor_makes_no_offer(
-    adapter: Adapter, shop: Shop, caplog: pytest.LogCaptureFixture
+    shop_adapter: Adapter, shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
     shop.fare = "350.00"
     with pytest.raises(PluginFailedError, match="below the floor") as info:
-        adapter.answer_request(flight_request())
+        shop_adapter.answer_request(flight_request())
     assert info.value.problem == "price-below-floor"
     assert "priced 350.00 USD below the floor" in caplog.text
 
@@ -301,7 +160,7 @@ class SlowPricing:
 
 def test_a_slow_pricing_plugin_fails_closed_within_its_budget(tmp_path: Path, shop: Shop) -> None:
     slow = SlowPricing(3.0)
-    adapter = make_adapter(tmp_path, plugins=[shop, slow], request_budget=0.5)
+    adapter = emitting_adapter(tmp_path, plugins=[shop, slow], request_budget=0.5)
     started = time.monotonic()
     with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(flight_request())
@@ -315,7 +174,7 @@ def test_a_slow_pricing_plugin_fails_closed_within_its_budget(tmp_path: Path, sh
 
 def test_the_deadline_comes_from_respond_by(tmp_path: Path, shop: Shop) -> None:
     slow = SlowPricing(0.5)
-    adapter = make_adapter(tmp_path, plugins=[shop, slow], request_budget=10.0)
+    adapter = emitting_adapter(tmp_path, plugins=[shop, slow], request_budget=10.0)
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=300)
     with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(flight_request(respond_by=soon.isoformat()))
@@ -338,7 +197,7 @@ class SlowCapacity:
 
 
 def test_a_slow_capacity_system_fails_closed(tmp_path: Path, shop: Shop) -> None:
-    adapter = make_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
+    adapter = emitting_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
     with pytest.raises(StageTimeoutError) as info:
         adapter.answer_request(flight_request())
     assert info.value.problem == "capacity-timeout"
@@ -350,7 +209,7 @@ def test_a_slow_capacity_system_fails_closed_at_its_own_deadline_on_a_loop(
 ) -> None:
     # The loop's wait began before the worker entered the capacity stage: it must still
     # refuse at the stage's deadline, not wait for the slow system or the longest budget.
-    adapter = make_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
+    adapter = emitting_adapter(tmp_path, plugins=[shop, SlowCapacity()], request_budget=0.4)
 
     def prepare() -> tuple[Request, None]:
         time.sleep(0.05)  # parsing and authentication take a while on the worker
@@ -373,7 +232,7 @@ class Broken:
 def test_a_failing_plugin_is_named_and_nothing_crashes(
     tmp_path: Path, shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
-    adapter = make_adapter(tmp_path, plugins=[shop, Broken()])
+    adapter = emitting_adapter(tmp_path, plugins=[shop, Broken()])
     name = adapter.plugin_manager.get_name(
         next(p for p in adapter.plugin_manager.get_plugins() if isinstance(p, Broken))
     )
@@ -403,7 +262,7 @@ class AsyncFirm:
 
 
 def test_async_hook_implementations_work(tmp_path: Path, shop: Shop) -> None:
-    adapter = make_adapter(tmp_path, plugins=[shop, AsyncFirm()])
+    adapter = emitting_adapter(tmp_path, plugins=[shop, AsyncFirm()])
     (offer,) = adapter.answer_request(flight_request(claims=[])).offers.offers
     assert offer.price == usd("480.00")
     assert {a.code for a in offer.advice} == {"alt-date", "async"}
@@ -431,7 +290,7 @@ def test_an_async_plugins_loop_bound_resources_outlive_one_request(
 ) -> None:
     firm = PooledAsyncFirm()
     # A budget no busy machine misses: this test is about the loop, not the deadline.
-    adapter = make_adapter(tmp_path, plugins=[shop, firm], request_budget=60.0)
+    adapter = emitting_adapter(tmp_path, plugins=[shop, firm], request_budget=60.0)
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(
@@ -463,22 +322,22 @@ class Timing:
 
 def test_wrappers_see_every_pricing_call(tmp_path: Path, shop: Shop) -> None:
     timing = Timing()
-    adapter = make_adapter(tmp_path, plugins=[shop, timing])
+    adapter = emitting_adapter(tmp_path, plugins=[shop, timing])
     adapter.answer_request(flight_request())
     assert [request_id for request_id, _ in timing.seen] == ["req-1"]
     adapter.close()
 
 
-def test_acceptance_books_once_and_emits(adapter: Adapter, shop: Shop) -> None:
-    register(adapter, destination="http://127.0.0.1:9/inbox")
-    (offer,) = adapter.answer_request(flight_request()).offers.offers
-    result = adapter.accept_offer(offer.id, _accept(offer))
+def test_acceptance_books_once_and_emits(shop_adapter: Adapter, shop: Shop) -> None:
+    register(shop_adapter, destination="http://127.0.0.1:9/inbox")
+    (offer,) = shop_adapter.answer_request(flight_request()).offers.offers
+    result = shop_adapter.accept_offer(offer.id, _accept(offer))
     assert result.outcome == "booked"
     assert result.transaction is not None
     assert result.transaction.total == offer.price
     assert len(result.documents) == 1  # the ticket, under the customer's terms
-    assert adapter.store.get_row(result.documents[0]).transaction_id == result.transaction_id
-    again = adapter.accept_offer(offer.id, _accept(offer))
+    assert shop_adapter.store.get_row(result.documents[0]).transaction_id == result.transaction_id
+    again = shop_adapter.accept_offer(offer.id, _accept(offer))
     assert again.replayed
     assert again.transaction_id == result.transaction_id
     assert shop.booked == ["acc-1"]
@@ -486,7 +345,7 @@ def test_acceptance_books_once_and_emits(adapter: Adapter, shop: Shop) -> None:
 
 def test_an_expired_offer_is_refused(tmp_path: Path, shop: Shop) -> None:
     clock = [time.time()]
-    adapter = make_adapter(tmp_path, plugins=[shop], clock=lambda: clock[0])
+    adapter = emitting_adapter(tmp_path, plugins=[shop], clock=lambda: clock[0])
     (offer,) = adapter.answer_request(flight_request()).offers.offers
     clock[0] += 11 * 60
     with pytest.raises(OfferExpiredError):
@@ -499,14 +358,15 @@ def test_an_expired_offer_is_refused(tmp_path: Path, shop: Shop) -> None:
     adapter.close()
 
 
-def test_a_failed_hold_books_nothing(adapter: Adapter, shop: Shop) -> None:
+def test_a_failed_hold_books_nothing(shop_adapter: Adapter, shop: Shop) -> None:
     first, second = (
-        adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers[0] for i in range(2)
+        shop_adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers[0]
+        for i in range(2)
     )
     shop.seats = 1
-    adapter.accept_offer(first.id, _accept(first, "acc-a"))
+    shop_adapter.accept_offer(first.id, _accept(first, "acc-a"))
     with pytest.raises(AcceptanceError) as info:
-        adapter.accept_offer(second.id, _accept(second, "acc-b"))
+        shop_adapter.accept_offer(second.id, _accept(second, "acc-b"))
     assert info.value.problem == "no-longer-available"
     assert shop.booked == ["acc-a"]
 
@@ -518,7 +378,7 @@ class FailingBooking:
 
 
 def test_a_failed_booking_releases_its_hold(tmp_path: Path, shop: Shop) -> None:
-    adapter = make_adapter(tmp_path, plugins=[shop, FailingBooking()])
+    adapter = emitting_adapter(tmp_path, plugins=[shop, FailingBooking()])
     (offer,) = adapter.answer_request(flight_request()).offers.offers
     with pytest.raises(PluginFailedError) as info:
         adapter.accept_offer(offer.id, _accept(offer))
@@ -527,30 +387,33 @@ def test_a_failed_booking_releases_its_hold(tmp_path: Path, shop: Shop) -> None:
     adapter.close()
 
 
-def test_acceptances_are_checked_against_the_offer(adapter: Adapter) -> None:
-    (offer,) = adapter.answer_request(flight_request()).offers.offers
+def test_acceptances_are_checked_against_the_offer(shop_adapter: Adapter) -> None:
+    (offer,) = shop_adapter.answer_request(flight_request()).offers.offers
     with pytest.raises(OfferNotFoundError):
-        adapter.accept_offer("off_nope", _accept(offer))
+        shop_adapter.accept_offer("off_nope", _accept(offer))
     stranger = _accept(offer).model_copy(update={"customer_ref": "someone-else"})
     with pytest.raises(AcceptanceError, match="not from the customer"):
-        adapter.accept_offer(offer.id, stranger)
-    adapter.accept_offer(offer.id, _accept(offer, "acc-x"))
-    (other,) = adapter.answer_request(flight_request(id="req-2")).offers.offers
+        shop_adapter.accept_offer(offer.id, stranger)
+    shop_adapter.accept_offer(offer.id, _accept(offer, "acc-x"))
+    (other,) = shop_adapter.answer_request(flight_request(id="req-2")).offers.offers
     with pytest.raises(AcceptanceError, match="was given for another offer") as info:
-        adapter.accept_offer(other.id, _accept(other, "acc-x"))  # the same id, another offer
+        shop_adapter.accept_offer(other.id, _accept(other, "acc-x"))  # the same id, another offer
     assert info.value.problem == "acceptance-conflict"
 
 
-def test_concurrent_acceptances_of_the_last_seat_book_once(adapter: Adapter, shop: Shop) -> None:
+def test_concurrent_acceptances_of_the_last_seat_book_once(
+    shop_adapter: Adapter, shop: Shop
+) -> None:
     offers = [
-        adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers[0] for i in range(6)
+        shop_adapter.answer_request(flight_request(id=f"req-{i}")).offers.offers[0]
+        for i in range(6)
     ]
     shop.seats = 1
     outcomes: list[str] = []
 
     def accept(offer: Offer, n: int) -> None:
         try:
-            outcomes.append(adapter.accept_offer(offer.id, _accept(offer, f"acc-{n}")).outcome)
+            outcomes.append(shop_adapter.accept_offer(offer.id, _accept(offer, f"acc-{n}")).outcome)
         except AcceptanceError as exc:
             outcomes.append(exc.problem)
 
@@ -568,45 +431,45 @@ def _asked(request: Request, message: SeenMessage) -> Callable[[], Prepared]:
 
 
 def test_a_requests_message_id_is_kept_in_the_commit_of_its_offers(
-    adapter: Adapter, tmp_path: Path
+    shop_adapter: Adapter, tmp_path: Path
 ) -> None:
     now = time.time()
     seen = SeenMessage("intermediary:relay", "msg_1", now + 600, now)
-    answer = asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+    answer = asyncio.run(shop_adapter.answer_request_async(_asked(flight_request(), seen)))
     (offer,) = answer.offers.offers
-    assert adapter.store.message_seen("intermediary:relay", "msg_1", now=now)
-    assert adapter.get_offer(offer.id).intermediary == "relay"
+    assert shop_adapter.store.message_seen("intermediary:relay", "msg_1", now=now)
+    assert shop_adapter.get_offer(offer.id).intermediary == "relay"
     # A replay that raced past the endpoint's check: refused at the commit, nothing kept.
     with sqlite3.connect(tmp_path / "cmi.db") as conn:
         before = conn.execute("SELECT COUNT(*) FROM cmi_offers").fetchone()[0]
     with pytest.raises(ReplayedMessageError):
-        asyncio.run(adapter.answer_request_async(_asked(flight_request(id="req-2"), seen)))
+        asyncio.run(shop_adapter.answer_request_async(_asked(flight_request(id="req-2"), seen)))
     with sqlite3.connect(tmp_path / "cmi.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM cmi_offers").fetchone()[0] == before
 
 
-def test_a_declined_answer_remembers_its_message_id_too(adapter: Adapter, shop: Shop) -> None:
+def test_a_declined_answer_remembers_its_message_id_too(shop_adapter: Adapter, shop: Shop) -> None:
     shop.seats = 0  # sold out: an answer without offers
     now = time.time()
     seen = SeenMessage("intermediary:relay", "msg_declined", now + 600, now)
-    answer = asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+    answer = asyncio.run(shop_adapter.answer_request_async(_asked(flight_request(), seen)))
     assert answer.offers.declined == "sold out"
-    assert adapter.store.message_seen("intermediary:relay", "msg_declined", now=now)
+    assert shop_adapter.store.message_seen("intermediary:relay", "msg_declined", now=now)
     with pytest.raises(ReplayedMessageError):
-        asyncio.run(adapter.answer_request_async(_asked(flight_request(), seen)))
+        asyncio.run(shop_adapter.answer_request_async(_asked(flight_request(), seen)))
 
 
-def test_a_refused_request_remembers_nothing(adapter: Adapter) -> None:
+def test_a_refused_request_remembers_nothing(shop_adapter: Adapter) -> None:
     now = time.time()
     seen = SeenMessage("intermediary:relay", "msg_refused", now + 600, now)
     request = flight_request(wanted={"origin": "JFK", "destination": "CDG", "date": "2026-12-01"})
     with pytest.raises(RequestRefusedError):
-        asyncio.run(adapter.answer_request_async(_asked(request, seen)))
-    assert not adapter.store.message_seen("intermediary:relay", "msg_refused", now=now)
+        asyncio.run(shop_adapter.answer_request_async(_asked(request, seen)))
+    assert not shop_adapter.store.message_seen("intermediary:relay", "msg_refused", now=now)
 
 
-def test_an_expired_message_id_counts_as_new(adapter: Adapter) -> None:
-    store = adapter.store
+def test_an_expired_message_id_counts_as_new(shop_adapter: Adapter) -> None:
+    store = shop_adapter.store
     store.add_offers([], message=SeenMessage("intermediary:relay", "msg_old", NOW + 10, NOW))
     assert store.message_seen("intermediary:relay", "msg_old", now=NOW + 5)
     assert not store.message_seen("intermediary:relay", "msg_old", now=NOW + 11)
@@ -621,7 +484,7 @@ def test_an_expired_message_id_counts_as_new(adapter: Adapter) -> None:
 def test_a_request_late_in_its_last_stage_stores_nothing_and_leaves_its_id_free(
     tmp_path: Path, shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    adapter = make_adapter(tmp_path, plugins=[shop], request_budget=0.4)
+    adapter = emitting_adapter(tmp_path, plugins=[shop], request_budget=0.4)
     documents = adapter.documents
     render = documents.render_signed
     rendered = threading.Event()
@@ -650,7 +513,7 @@ def test_a_request_late_in_its_last_stage_stores_nothing_and_leaves_its_id_free(
 def test_a_request_refused_during_its_commit_leaves_its_message_id_free(
     tmp_path: Path, shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    adapter = make_adapter(tmp_path, plugins=[shop], request_budget=0.4)
+    adapter = emitting_adapter(tmp_path, plugins=[shop], request_budget=0.4)
     store = adapter.store
     add_offers = store.add_offers
 

@@ -15,14 +15,13 @@ import sys
 import warnings
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 from ofxtools.models.base import PrivateTagWarning
-from ofxtools.models.i18n import ISO4217
 from ofxtools.Parser import OFXTree
 
 from cmi_sdk import (
@@ -43,7 +42,7 @@ from cmi_sdk import (
     load_model,
 )
 from cmi_sdk.testing import make_adapter
-from tests import strategies as s
+from tests.strategies import ms_datetimes, ofx_transactions
 
 ROOT = Path(__file__).resolve().parents[2]
 try:
@@ -108,58 +107,6 @@ def xpath(xml: bytes, path: str) -> list[str]:
 
 
 # -- strategies ---------------------------------------------------------------------------
-
-TRNTYPES: tuple[str, ...] = get_args(
-    BankStatementLineDetails.model_fields["transaction_type"].annotation
-)
-# ofxtools 1.1 follows OFX 2.0.3: it has no HOLD (OFX 2.2), nor currencies newer than its
-# ISO 4217 table.
-OFXTOOLS_TRNTYPES = tuple(t for t in TRNTYPES if t != "HOLD")
-OFXTOOLS_CURRENCIES = [c for c in s.CURRENCIES if c in ISO4217]
-
-ms_datetimes = s.utc_datetimes.map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000))
-
-
-def trimmed_text(max_size: int) -> st.SearchStrategy[str]:
-    """Markup-rich text as OFX readers return it: without CR and edge whitespace, which
-    OFX readers strip (the specification asks them to)."""
-    return (
-        s.text(max_size=max_size)
-        .map(lambda t: t.replace("\r", "").strip())
-        .filter(lambda t: len(t) >= 1)
-    )
-
-
-@st.composite
-def ofx_transactions(draw: st.DrawFn, *, interop: bool = False) -> Transaction:
-    """A bank statement line an OFX statement carries: millisecond times, a sign that fits
-    DEBIT and CREDIT, a memo OFX's MEMO holds. ``interop``: what ofxtools knows, as it
-    reads it."""
-    trntype = draw(st.sampled_from(OFXTOOLS_TRNTYPES if interop else TRNTYPES))
-    currency = draw(st.sampled_from(OFXTOOLS_CURRENCIES if interop else s.CURRENCIES))
-    amount = draw(s.money(currency)).amount
-    if trntype == "DEBIT":
-        amount = -abs(amount)
-    elif trntype == "CREDIT":
-        amount = abs(amount)
-    text = trimmed_text if interop else lambda n: s.text(max_size=n)
-    posted = draw(ms_datetimes)
-    fitid = draw(st.from_regex(r"[\x21-\x7e]{1,40}", fullmatch=True))
-    return Transaction(
-        id=draw(st.just(cmi_ofx.transaction_id(fitid)) | s.identifiers),
-        kind="bank_statement_line",
-        occurred_at=draw(st.just(posted) | ms_datetimes),
-        firm=draw(s.identifiers),
-        customer_ref=draw(s.customer_refs),
-        total=Money(amount=amount, currency=currency),
-        details=BankStatementLineDetails(
-            transaction_type=trntype,
-            posted_at=posted,
-            payee=draw(text(64)),
-            memo=draw(st.none() | text(255)),
-            fitid=fitid,
-        ),
-    )
 
 
 # -- the seed's statement line ------------------------------------------------------------
@@ -1015,8 +962,7 @@ def test_a_statement_signed_earlier_inside_still_reads() -> None:
 
 def test_emitted_under_ofx_terms(tmp_path: Path) -> None:
     from cmi_sdk.webhooks import generate_secret
-    from tests.support import make_adapter as emitting_adapter
-    from tests.support import register
+    from tests.support import emitting_adapter, register
 
     adapter = emitting_adapter(tmp_path, plugins=[cmi_ofx.plugin], entry_points=False)
     try:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from cmi_sdk import Adapter, RenderError, Transaction, load_model
 from tests import strategies as s
-from tests.unit.test_ofx import ofx_transactions
+from tests.strategies import ofx_transactions
 
 CASES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("cmi-ticket", "ticket"): s.tickets(),

@@ -25,7 +25,7 @@ from cmi_sdk import (
 )
 from cmi_sdk.signing import verify_document
 from cmi_sdk.webhooks import generate_secret
-from tests.support import CUSTOMER, make_adapter, register, signer
+from tests.support import CUSTOMER, emitting_adapter, register, signer
 
 NOW = 1_900_000_000.0  # 2030-03-17T17:46:40Z
 
@@ -43,31 +43,31 @@ def _proposal(**fields: Any) -> TermsProposal:
 
 
 @pytest.fixture
-def adapter(tmp_path: Path) -> Adapter:
-    return make_adapter(tmp_path, egress=EgressGuard(), clock=lambda: NOW)
+def terms_adapter(tmp_path: Path) -> Adapter:
+    return emitting_adapter(tmp_path, egress=EgressGuard(), clock=lambda: NOW)
 
 
-def test_accepted_terms_are_registered_with_a_signed_consent_record(adapter: Adapter) -> None:
-    decision = adapter.propose_terms(_proposal(fields=["origin", "total"]))
+def test_accepted_terms_are_registered_with_a_signed_consent_record(terms_adapter: Adapter) -> None:
+    decision = terms_adapter.propose_terms(_proposal(fields=["origin", "total"]))
     assert decision.outcome == "accepted"
     terms, consent, xml = decision.terms, decision.consent, decision.consent_xml
     assert terms is not None
     assert consent is not None
     assert xml is not None
-    assert adapter.get_terms(terms.id) == terms
+    assert terms_adapter.get_terms(terms.id) == terms
     assert terms.created_at == dt.datetime.fromtimestamp(NOW, dt.UTC)
     assert (consent.event, consent.terms_id, consent.firm) == ("granted", terms.id, "delta.com")
     assert consent.terms_digest == terms.digest()
     assert consent.fields == ("origin", "total")
     assert consent.purpose.code == "records"
     verify_document(xml, signer().certificate)
-    assert adapter.parse(xml) == consent  # the signed document is the record
-    assert adapter.store.consent_records(terms.id) == [(consent, xml)]
+    assert terms_adapter.parse(xml) == consent  # the signed document is the record
+    assert terms_adapter.store.consent_records(terms.id) == [(consent, xml)]
 
 
-def test_the_secret_never_shows(adapter: Adapter) -> None:
+def test_the_secret_never_shows(terms_adapter: Adapter) -> None:
     proposal = _proposal()
-    decision = adapter.propose_terms(proposal)
+    decision = terms_adapter.propose_terms(proposal)
     assert decision.terms is not None
     assert proposal.secret not in repr(decision.terms)
     assert "secret" not in decision.terms.public_dict()
@@ -75,27 +75,27 @@ def test_the_secret_never_shows(adapter: Adapter) -> None:
     assert proposal.secret.encode() not in decision.consent_xml
 
 
-def test_revocation_makes_a_revoked_consent_record(adapter: Adapter) -> None:
-    terms = register(adapter, destination="https://store.example/inbox")
-    consent = adapter.revoke_terms(terms.id)
+def test_revocation_makes_a_revoked_consent_record(terms_adapter: Adapter) -> None:
+    terms = register(terms_adapter, destination="https://store.example/inbox")
+    consent = terms_adapter.revoke_terms(terms.id)
     assert consent.record.event == "revoked"
     assert consent.record.terms_id == terms.id
     verify_document(consent.xml, signer().certificate)
-    assert adapter.get_terms(terms.id).revoked_at is not None
-    assert [r.event for r, _ in adapter.store.consent_records(terms.id)] == [
+    assert terms_adapter.get_terms(terms.id).revoked_at is not None
+    assert [r.event for r, _ in terms_adapter.store.consent_records(terms.id)] == [
         "granted",
         "revoked",
     ]
-    assert adapter.list_terms() == []
-    assert [t.id for t in adapter.list_terms(include_revoked=True)] == [terms.id]
+    assert terms_adapter.list_terms() == []
+    assert [t.id for t in terms_adapter.list_terms(include_revoked=True)] == [terms.id]
     with pytest.raises(TermsError, match="already revoked"):
-        adapter.revoke_terms(terms.id)
+        terms_adapter.revoke_terms(terms.id)
     with pytest.raises(TermsNotFoundError):
-        adapter.revoke_terms("terms_nope")
+        terms_adapter.revoke_terms("terms_nope")
 
 
 def test_a_policy_outside_digest_interval_gets_one_alternative(tmp_path: Path) -> None:
-    adapter = make_adapter(
+    adapter = emitting_adapter(
         tmp_path,
         egress=EgressGuard(),
         clock=lambda: NOW,
@@ -112,7 +112,7 @@ def test_a_policy_outside_digest_interval_gets_one_alternative(tmp_path: Path) -
 
 
 def test_open_ended_terms_get_a_bounded_alternative(tmp_path: Path) -> None:
-    adapter = make_adapter(
+    adapter = emitting_adapter(
         tmp_path, egress=EgressGuard(), clock=lambda: NOW, policy=TermsPolicy(max_duration_days=30)
     )
     decision = adapter.propose_terms(_proposal())
@@ -123,7 +123,7 @@ def test_open_ended_terms_get_a_bounded_alternative(tmp_path: Path) -> None:
 
 
 def test_timings_the_firm_does_not_offer(tmp_path: Path) -> None:
-    digest_only = make_adapter(
+    digest_only = emitting_adapter(
         tmp_path, egress=EgressGuard(), policy=TermsPolicy(timings=("digest",))
     )
     decision = digest_only.propose_terms(_proposal(when="now"))
@@ -134,7 +134,7 @@ def test_timings_the_firm_does_not_offer(tmp_path: Path) -> None:
 
 
 def test_a_purpose_the_firm_does_not_accept_is_rejected(tmp_path: Path) -> None:
-    adapter = make_adapter(
+    adapter = emitting_adapter(
         tmp_path, egress=EgressGuard(), policy=TermsPolicy(purposes=("records", "tax"))
     )
     decision = adapter.propose_terms(
@@ -156,20 +156,20 @@ def test_a_purpose_the_firm_does_not_accept_is_rejected(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_terms_are_errors_and_change_nothing(
-    adapter: Adapter, fields: dict[str, Any], match: str
+    terms_adapter: Adapter, fields: dict[str, Any], match: str
 ) -> None:
     with pytest.raises(TermsError, match=match):
-        adapter.propose_terms(_proposal(**fields))
-    assert adapter.list_terms(include_revoked=True) == []
+        terms_adapter.propose_terms(_proposal(**fields))
+    assert terms_adapter.list_terms(include_revoked=True) == []
 
 
 @pytest.mark.parametrize(
     "destination", ["http://store.example/", "https://10.0.0.1/", "https://user:pw@store.example/"]
 )
-def test_destinations_pass_the_egress_guard(adapter: Adapter, destination: str) -> None:
+def test_destinations_pass_the_egress_guard(terms_adapter: Adapter, destination: str) -> None:
     with pytest.raises(DestinationNotAllowedError):
-        adapter.propose_terms(_proposal(destination=destination))
-    assert adapter.list_terms(include_revoked=True) == []
+        terms_adapter.propose_terms(_proposal(destination=destination))
+    assert terms_adapter.list_terms(include_revoked=True) == []
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ class _FirmDesk:
 
 def test_cmi_review_terms_is_the_firms_to_override(tmp_path: Path) -> None:
     desk = _FirmDesk()
-    adapter = make_adapter(
+    adapter = emitting_adapter(
         tmp_path,
         egress=EgressGuard(),
         plugins=[desk],

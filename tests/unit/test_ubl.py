@@ -825,8 +825,7 @@ def test_signed_documents_pass_both_checks(official: dict[str, etree.XMLSchema])
 def test_emitted_under_ubl_terms(tmp_path: Path, official: dict[str, etree.XMLSchema]) -> None:
     from cmi_sdk import TermsError, TermsProposal
     from cmi_sdk.webhooks import generate_secret
-    from tests.support import make_adapter as emitting_adapter
-    from tests.support import register
+    from tests.support import emitting_adapter, register
 
     adapter = emitting_adapter(tmp_path, plugins=[cmi_ubl.plugin], entry_points=False)
     tx = example("Invoice")

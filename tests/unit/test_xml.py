@@ -101,28 +101,28 @@ def test_error_hierarchy(error: type[Exception]) -> None:
 
 
 @pytest.fixture
-def ticket_xml(adapter: Adapter, examples_dir: Path) -> bytes:
+def ticket_xml(default_adapter: Adapter, examples_dir: Path) -> bytes:
     tx = load_model(Transaction, (examples_dir / "ticket.json").read_text())
-    return adapter.render(tx, standard="cmi-ticket")
+    return default_adapter.render(tx, standard="cmi-ticket")
 
 
-def test_adapter_validate_uses_the_hardened_parser(adapter: Adapter) -> None:
+def test_adapter_validate_uses_the_hardened_parser(default_adapter: Adapter) -> None:
     with pytest.raises(ForbiddenXMLError):
-        adapter.validate(HOSTILE["xxe file"])
+        default_adapter.validate(HOSTILE["xxe file"])
     small = Adapter(max_document_bytes=64)
     with pytest.raises(DocumentTooLargeError):
         small.validate(b"<t>" + b"x" * 100 + b"</t>")
 
 
-def test_unknown_root_is_not_found(adapter: Adapter) -> None:
+def test_unknown_root_is_not_found(default_adapter: Adapter) -> None:
     with pytest.raises(DocumentTypeNotFoundError, match="no installed standard"):
-        adapter.validate(b"<x xmlns='urn:example:unknown'/>")
+        default_adapter.validate(b"<x xmlns='urn:example:unknown'/>")
 
 
-def test_schema_errors_are_located(adapter: Adapter, ticket_xml: bytes) -> None:
+def test_schema_errors_are_located(default_adapter: Adapter, ticket_xml: bytes) -> None:
     bad = ticket_xml.replace(b"<origin>ATL", b"<origin>atl").replace(b"<row>27", b"<row>0")
     with pytest.raises(DocumentValidationError) as info:
-        adapter.validate(bad)
+        default_adapter.validate(bad)
     err = info.value
     assert (err.standard, err.document_type, err.document) == ("cmi-ticket", "ticket", bad)
     by_path = {issue.path.rsplit("/", 1)[-1]: issue for issue in err.issues}
@@ -133,61 +133,61 @@ def test_schema_errors_are_located(adapter: Adapter, ticket_xml: bytes) -> None:
     assert isinstance(err, ValueError)
 
 
-def test_missing_element_is_reported(adapter: Adapter, ticket_xml: bytes) -> None:
+def test_missing_element_is_reported(default_adapter: Adapter, ticket_xml: bytes) -> None:
     bad = ticket_xml.replace(b"  <ticketnumber>12524057</ticketnumber>\n", b"")
     with pytest.raises(DocumentValidationError) as info:
-        adapter.validate(bad)
+        default_adapter.validate(bad)
     assert any(issue.line is not None for issue in info.value.issues)
 
 
 def test_a_field_missing_without_being_withheld_is_reported_on_parse(
-    adapter: Adapter, ticket_xml: bytes
+    default_adapter: Adapter, ticket_xml: bytes
 ) -> None:
     # Withholdable fields are optional in the XSD; absent without a withheld list, the
     # document cannot be read back, and the error names the element.
     bad = ticket_xml.replace(b"  <currency>USD</currency>\n", b"")
-    adapter.validate(bad)
+    default_adapter.validate(bad)
     with pytest.raises(DocumentValidationError, match="currency"):
-        adapter.parse(bad)
+        default_adapter.parse(bad)
 
 
 def test_a_minimized_document_says_what_was_withheld_on_parse(
-    adapter: Adapter, ticket_xml: bytes
+    default_adapter: Adapter, ticket_xml: bytes
 ) -> None:
     minimized = ticket_xml.replace(b"  <seat>E</seat>\n", b"").replace(
         b'customer="cust-7f3a9c"', b'customer="cust-7f3a9c" withheld="seat"'
     )
-    doc = adapter.validate(minimized)
+    doc = default_adapter.validate(minimized)
     assert doc.withheld == ("seat",)
     with pytest.raises(DocumentValidationError, match="withheld under the customer's terms: seat"):
         doc.to_model()
 
 
-def test_currency_digits_are_checked_on_parse(adapter: Adapter, ticket_xml: bytes) -> None:
+def test_currency_digits_are_checked_on_parse(default_adapter: Adapter, ticket_xml: bytes) -> None:
     finer = ticket_xml.replace(b"451.89", b"451.891")
-    adapter.validate(finer)  # XSD 1.0 cannot tie decimals to the currency
+    default_adapter.validate(finer)  # XSD 1.0 cannot tie decimals to the currency
     with pytest.raises(DocumentValidationError, match="more decimal places than USD allows"):
-        adapter.parse(finer)
+        default_adapter.parse(finer)
 
 
-def test_named_standard_and_type(adapter: Adapter, ticket_xml: bytes) -> None:
-    doc = adapter.validate(ticket_xml, standard="cmi-ticket", document_type="ticket")
+def test_named_standard_and_type(default_adapter: Adapter, ticket_xml: bytes) -> None:
+    doc = default_adapter.validate(ticket_xml, standard="cmi-ticket", document_type="ticket")
     assert doc.document_type.name == "ticket"
     with pytest.raises(DocumentTypeNotFoundError):
-        adapter.validate(ticket_xml, standard="cmi-ticket", document_type="nope")
+        default_adapter.validate(ticket_xml, standard="cmi-ticket", document_type="nope")
     with pytest.raises(DocumentTypeNotFoundError, match="has no document whose root"):
-        adapter.validate(ticket_xml, standard="cmi")
+        default_adapter.validate(ticket_xml, standard="cmi")
     with pytest.raises(DocumentTypeNotFoundError, match="not a transaction"):
-        adapter.validate(ticket_xml, document_type="transaction")
+        default_adapter.validate(ticket_xml, document_type="transaction")
 
 
-def test_wrong_root_for_a_named_type(adapter: Adapter, ticket_xml: bytes) -> None:
+def test_wrong_root_for_a_named_type(default_adapter: Adapter, ticket_xml: bytes) -> None:
     with pytest.raises(DocumentValidationError, match="expected"):
-        adapter.validate(ticket_xml, standard="cmi", document_type="transaction")
+        default_adapter.validate(ticket_xml, standard="cmi", document_type="transaction")
 
 
 def test_validated_document_gives_the_model(
-    adapter: Adapter, ticket_xml: bytes, examples_dir: Any
+    default_adapter: Adapter, ticket_xml: bytes, examples_dir: Any
 ) -> None:
-    doc = adapter.validate(ticket_xml)
+    doc = default_adapter.validate(ticket_xml)
     assert doc.to_model() == load_model(Transaction, (examples_dir / "ticket.json").read_text())
