@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -203,13 +201,11 @@ def test_internal_errors_are_reported_without_traceback(
         main(["--debug", "standards"])
 
 
-def test_help_everywhere() -> None:
+def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    # In process: `python -m cmi_sdk.cli` itself is run by the README's tests.
     for argv in (["--help"], ["render", "--help"], ["validate", "--help"], ["parse", "--help"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "cmi_sdk.cli", *argv],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        assert "usage: cmi" in result.stdout
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        out, err = capsys.readouterr()
+        assert done.value.code == 0, err
+        assert "usage: cmi" in out

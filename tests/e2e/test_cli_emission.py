@@ -1,8 +1,10 @@
 """The ``cmi`` emission commands end to end: terms, emit, deliver, outbox, listen.
 
-Every command runs as a subprocess, as a firm's operator would run it: in a temporary
-working folder, configured through ``CMI_*`` variables (or a ``cmi.toml``), with a real
-``cmi listen`` as the customer's store on a loopback port.
+Every command runs as a firm's operator would run it: in a temporary working folder,
+configured through ``CMI_*`` variables (or a ``cmi.toml``), with a real ``cmi listen`` as the
+customer's store on a loopback port. Commands that end run in this process through
+:func:`cmi_sdk.cli.main` (a new interpreter per command would only add its start-up time);
+the servers (``cmi listen``, ``cmi serve``) and one whole loop run as real processes.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +32,7 @@ import pytest
 from lxml import etree
 
 from cmi_sdk import Adapter, Request, Transaction, load_model
-from cmi_sdk.cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE
+from cmi_sdk.cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 from cmi_sdk.client import CMIClient, signed_headers
 from cmi_sdk.signing import DocumentSigner, generate_development_keys
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
@@ -55,6 +59,7 @@ class Project:
     root: Path
     env: dict[str, str]
     secret: str = field(default_factory=generate_secret)
+    in_process: bool = True
 
     def run(self, *argv: str, env: Mapping[str, str | None] | None = None) -> Result:
         """Run ``cmi argv...`` here; ``env`` sets (or, with None, removes) variables."""
@@ -64,6 +69,8 @@ class Project:
                 environ.pop(name, None)
             else:
                 environ[name] = value
+        if self.in_process:
+            return run_in_process(argv, cwd=self.root, environ=environ)
         done = subprocess.run(
             [sys.executable, "-m", "cmi_sdk.cli", *argv],
             cwd=self.root,
@@ -114,6 +121,38 @@ class Project:
         return ids
 
 
+def run_in_process(argv: Sequence[str], *, cwd: Path, environ: Mapping[str, str]) -> Result:
+    """``cmi argv...`` through :func:`cmi_sdk.cli.main`, in ``cwd`` with exactly ``environ``
+    as its environment, its output captured; the process's own state is restored after."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    saved = dict(os.environ)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        with (
+            contextlib.chdir(cwd),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:  # argparse's usage errors and --help
+                code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        signal.signal(signal.SIGTERM, sigterm)
+    return Result(code, _text(out), _text(err))
+
+
+def _text(stream: io.TextIOWrapper) -> str:
+    buffer = stream.buffer
+    assert isinstance(buffer, io.BytesIO)
+    return buffer.getvalue().decode("utf-8")
+
+
 def base_env() -> dict[str, str]:
     """This environment without PYTHONPATH and without any CMI_* setting of the caller's."""
     return {k: v for k, v in os.environ.items() if not k.startswith("CMI_") and k != "PYTHONPATH"}
@@ -123,15 +162,10 @@ def base_env() -> dict[str, str]:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One development key pair for the module (made with ``cmi keys generate``)."""
     directory = tmp_path_factory.mktemp("keys")
-    done = subprocess.run(
-        [sys.executable, "-m", "cmi_sdk.cli", "keys", "generate", str(directory / "keys")],
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
+    done = run_in_process(
+        ["keys", "generate", str(directory / "keys")], cwd=directory, environ=base_env()
     )
-    assert done.returncode == EXIT_OK, done.stderr
+    assert done.code == EXIT_OK, done.err
     return directory / "keys"
 
 
@@ -250,12 +284,14 @@ def counts(project: Project) -> dict[str, int]:
 # -- the whole loop -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_keys_listen_terms_emit_deliver_verify(tmp_path: Path) -> None:
     env = base_env() | {
         "CMI_ALLOW_LOOPBACK": "1",
         "CMI_DATABASE_URL": f"sqlite:///{tmp_path / 'cmi.db'}",
     }
-    project = Project(tmp_path, env)
+    # Every command a process of its own here, as an operator runs them.
+    project = Project(tmp_path, env, in_process=False)
     out = project.ok("keys", "generate", "keys")
     assert out.splitlines() == ["keys/key.pem", "keys/cert.pem"]
     assert (tmp_path / "keys" / "key.pem").is_file()
@@ -637,7 +673,7 @@ def test_intermediaries_add(project: Project) -> None:
 # -- serving --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_serve_answers_requests_from_one_or_several_processes(
     project: Project, workers: int
 ) -> None:

@@ -598,6 +598,7 @@ def wait_for_the_lease(store: OutboxStore, acceptance_id: str) -> None:
     time.sleep(max(0.0, record.lease_until - time.time()) + 0.05)
 
 
+@pytest.mark.slow
 def test_a_process_killed_before_booking_is_released_and_the_retry_books(
     tmp_path: Path, store_url: str, airline: ReferenceAirline
 ) -> None:
@@ -625,6 +626,7 @@ def test_a_process_killed_before_booking_is_released_and_the_retry_books(
         closing(adapter)
 
 
+@pytest.mark.slow
 def test_a_process_killed_after_booking_is_completed_by_a_recovery_pass(
     tmp_path: Path, store_url: str, airline: ReferenceAirline
 ) -> None:

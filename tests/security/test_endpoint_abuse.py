@@ -222,6 +222,7 @@ BODY_TIMEOUT = 1.5
 HEADER_TIMEOUT = 1.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["serve", "listen"])
 def test_a_dripped_body_gets_408_within_the_deadline_and_its_connection_closes(
     tmp_path: Path, kind: str
@@ -248,6 +249,7 @@ def test_a_dripped_body_gets_408_within_the_deadline_and_its_connection_closes(
         assert httpx.get(server.base + server.health, timeout=3).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["serve", "listen"])
 @pytest.mark.parametrize("sent", [b"", b"POST /cmi/requ", b"GET / HTTP/1.1\r\nHost: x\r\n"])
 def test_a_request_whose_head_does_not_arrive_is_closed_after_the_header_deadline(
@@ -283,6 +285,7 @@ def test_a_head_over_the_cap_gets_431_and_its_connection_closes(tmp_path: Path, 
         assert httpx.get(server.base + server.health, timeout=3).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["serve", "listen"])
 def test_the_command_line_options_override_the_settings(tmp_path: Path, kind: str) -> None:
     # The setting says 60 s; the option, 1.5 s. Under `cmi serve --workers 2` too, where
@@ -336,6 +339,7 @@ def test_limits_and_their_settings_are_checked(tmp_path: Path) -> None:
         CustomerStore(directory=tmp_path / "inbox", secrets=[generate_secret()], body_timeout=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["serve", "listen"])
 def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
     tmp_path: Path, kind: str
@@ -374,6 +378,7 @@ def test_idle_connections_past_the_descriptor_budget_do_not_stop_a_legitimate_re
                 sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["serve", "listen"])
 def test_idle_connections_past_the_connection_limit_yield_to_a_legitimate_request(
     tmp_path: Path, kind: str
@@ -401,6 +406,7 @@ def test_idle_connections_past_the_connection_limit_yield_to_a_legitimate_reques
                 sock.close()
 
 
+@pytest.mark.slow
 def test_idle_connections_are_all_closed_by_the_server_after_the_header_deadline(
     tmp_path: Path,
 ) -> None:
