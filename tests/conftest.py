@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cmi_sdk import Adapter
+from cmi_sdk import Adapter, Transaction, load_model
 
 settings.register_profile(
     "ci",
@@ -35,6 +35,13 @@ def default_adapter() -> Adapter:
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     return ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def ticket_xml(default_adapter: Adapter, examples_dir: Path) -> bytes:
+    """The seed's ticket (examples/ticket.json) as cmi-ticket XML, unsigned."""
+    tx = load_model(Transaction, (examples_dir / "ticket.json").read_text())
+    return default_adapter.render(tx, standard="cmi-ticket")
 
 
 # The PostgreSQL store's pull cursor holds back rows newer than the oldest transaction open

@@ -22,7 +22,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def ticket_xml(tmp_path: Path) -> Path:
+def ticket_file(tmp_path: Path) -> Path:
     path = tmp_path / "ticket.xml"
     assert main(["render", "--standard", "cmi-ticket", str(TICKET_JSON), "-o", str(path)]) == 0
     return path
@@ -43,15 +43,15 @@ def test_standards_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_render_validate_parse_round_trip(
-    capsys: pytest.CaptureFixture[str], ticket_xml: Path
+    capsys: pytest.CaptureFixture[str], ticket_file: Path
 ) -> None:
-    xml = ticket_xml.read_text(encoding="utf-8")
+    xml = ticket_file.read_text(encoding="utf-8")
     assert "<ticketnumber>12524057</ticketnumber>" in xml
     assert "<price>451.89</price>" in xml
-    code, out, err = run(capsys, "validate", str(ticket_xml))
+    code, out, err = run(capsys, "validate", str(ticket_file))
     assert (code, err) == (EXIT_OK, "")
     assert "valid cmi-ticket ticket" in out
-    code, out, _ = run(capsys, "parse", str(ticket_xml))
+    code, out, _ = run(capsys, "parse", str(ticket_file))
     assert code == EXIT_OK
     assert load_model(Transaction, out) == load_model(Transaction, TICKET_JSON.read_text())
 
@@ -62,17 +62,17 @@ def test_render_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith('<?xml version="1.0" encoding="UTF-8"?>\n<ticket xmlns="urn:cmi:ticket')
 
 
-def test_output_file_has_ordinary_permissions(ticket_xml: Path) -> None:
+def test_output_file_has_ordinary_permissions(ticket_file: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
-    assert ticket_xml.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert ticket_file.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_validate_reports_line_path_reason(
-    capsys: pytest.CaptureFixture[str], ticket_xml: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], ticket_file: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.xml"
-    bad.write_text(ticket_xml.read_text().replace("ATL", "atl").replace("<class>B", "<class>BB"))
+    bad.write_text(ticket_file.read_text().replace("ATL", "atl").replace("<class>B", "<class>BB"))
     code, out, err = run(capsys, "validate", str(bad))
     assert code == EXIT_INVALID
     assert out == ""
@@ -83,21 +83,21 @@ def test_validate_reports_line_path_reason(
 
 
 def test_validate_checks_currency_digits(
-    capsys: pytest.CaptureFixture[str], ticket_xml: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], ticket_file: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.xml"
-    bad.write_text(ticket_xml.read_text().replace("451.89", "451.891"))
+    bad.write_text(ticket_file.read_text().replace("451.89", "451.891"))
     code, _, err = run(capsys, "validate", str(bad))
     assert code == EXIT_INVALID
     assert "more decimal places than USD allows (2)" in err
 
 
 def test_validate_several_files_fails_if_one_does(
-    capsys: pytest.CaptureFixture[str], ticket_xml: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], ticket_file: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.xml"
     bad.write_bytes(b"<ticket>")
-    code, out, err = run(capsys, "validate", str(ticket_xml), str(bad))
+    code, out, err = run(capsys, "validate", str(ticket_file), str(bad))
     assert code == EXIT_INVALID
     assert "valid cmi-ticket ticket" in out
     assert f"{bad}:1: not well-formed XML" in err

@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cmi_sdk import Adapter, ConfigurationError, Transaction, load_model
+from cmi_sdk import ConfigurationError
 from cmi_sdk.receiver import CustomerStore, StoredDocument, format_line, running, serve
 from cmi_sdk.signing import DocumentSigner, self_signed_certificate
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
@@ -48,12 +48,6 @@ def _pem(signer: DocumentSigner) -> bytes:
 @pytest.fixture(scope="module")
 def firm() -> DocumentSigner:
     return _signer()
-
-
-@pytest.fixture(scope="module")
-def ticket_xml() -> bytes:
-    tx = load_model(Transaction, (ROOT / "examples" / "ticket.json").read_text())
-    return Adapter().render(tx, standard="cmi-ticket")
 
 
 @dataclass

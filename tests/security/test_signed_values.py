@@ -92,7 +92,7 @@ def test_cmi_parse_with_a_certificate_parses_what_was_verified(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+def customer_store(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
     secret = generate_secret()
     inbox = tmp_path / "inbox"
     pem = signer().certificate.public_bytes(serialization.Encoding.PEM)
@@ -107,8 +107,8 @@ def _deliver(url: str, secret: str, msg_id: str, body: bytes) -> httpx.Response:
         return client.post(url, content=body, headers=headers)
 
 
-def test_the_receiver_keeps_only_what_was_verified(store: tuple[str, str, Path]) -> None:
-    url, secret, inbox = store
+def test_the_receiver_keeps_only_what_was_verified(customer_store: tuple[str, str, Path]) -> None:
+    url, secret, inbox = customer_store
     response = _deliver(url, secret, "msg_split", SPLIT)
     assert response.status_code == 422
     assert response.json()["type"] == "urn:cmi:problem:document-signature"

@@ -11,12 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from lxml import etree
 
 from cmi_sdk import (
-    Adapter,
     ConfigurationError,
     SignatureVerificationError,
-    Transaction,
     XMLInputError,
-    load_model,
 )
 from cmi_sdk.signing import (
     DSIG_NAMESPACE,
@@ -40,13 +37,6 @@ def ec_signer() -> DocumentSigner:
 def rsa_signer() -> DocumentSigner:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return DocumentSigner(key=key, certificate=_certificate(key))
-
-
-@pytest.fixture(scope="module")
-def ticket_xml() -> bytes:
-    root = Path(__file__).resolve().parents[2]
-    tx = load_model(Transaction, (root / "examples" / "ticket.json").read_text())
-    return Adapter().render(tx, standard="cmi-ticket")
 
 
 @pytest.mark.parametrize("signer_name", ["ec_signer", "rsa_signer"])

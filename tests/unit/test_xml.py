@@ -100,12 +100,6 @@ def test_error_hierarchy(error: type[Exception]) -> None:
         assert issubclass(error, base)
 
 
-@pytest.fixture
-def ticket_xml(default_adapter: Adapter, examples_dir: Path) -> bytes:
-    tx = load_model(Transaction, (examples_dir / "ticket.json").read_text())
-    return default_adapter.render(tx, standard="cmi-ticket")
-
-
 def test_adapter_validate_uses_the_hardened_parser(default_adapter: Adapter) -> None:
     with pytest.raises(ForbiddenXMLError):
         default_adapter.validate(HOSTILE["xxe file"])
