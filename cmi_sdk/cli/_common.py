@@ -4,10 +4,12 @@ adapter, exit codes and error reporting."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,16 +236,82 @@ def _until(text: str | None) -> str | None:
 def _client(args: argparse.Namespace) -> Any:
     from cmi_sdk.client import CMIClient  # noqa: PLC0415
 
+    if not re.match(r"https?://[^/]", args.to):
+        raise UsageError(f"--to {args.to!r} is not an http(s) URL, such as https://firm.example")
     return CMIClient(args.to, secret=_read_secret(args), intermediary=args.intermediary)
 
 
-def _answer_problem(response: Any) -> InputError:
+#: Said with an answer that is not the endpoint's own: the usual cause is the mount prefix.
+_PREFIX_HINT = (
+    "if the firm mounts its endpoint under a prefix, give it in --to"
+    " (--to https://firm.example/partners); GET {base}/.well-known/cmi answers where the"
+    " endpoint is"
+)
+
+
+@contextlib.contextmanager
+def _reaching(base: str) -> Iterator[None]:
+    """Report a request that got no HTTP answer (nothing listening, an unknown host, a TLS
+    failure, a timeout) as what it is: the firm's endpoint could not be reached, exit 1,
+    with the URL and the cause, never as a bug of the SDK."""
+    import httpx  # noqa: PLC0415
+
     try:
-        data = response.json()
-        detail = f"{data.get('type', '')}: {data.get('detail', '')}"
-    except ValueError:
-        detail = response.text[:500]
-    return InputError(f"the firm answered {response.status_code}: {detail}")
+        yield
+    except httpx.HTTPError as exc:
+        url = base
+        with contextlib.suppress(RuntimeError):  # an error raised before a request was made
+            url = str(exc.request.url)
+        raise InputError(f"cannot reach {url}: {_network_cause(exc)}") from None
+
+
+def _network_cause(exc: BaseException) -> str:
+    """The root cause of a failed request, in words (the deepest exception explains)."""
+    import socket  # noqa: PLC0415
+    import ssl  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = "; ".join(dict.fromkeys(str(e) for e in chain if str(e))) or type(exc).__name__
+    if any(isinstance(e, ssl.SSLError) for e in chain) or "SSL" in text:
+        return (
+            f"the TLS handshake failed ({text}); is it an https endpoint, with a trusted"
+            " certificate?"
+        )
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in text.lower():
+        return "the connection was refused: nothing listens there (is the firm's endpoint running?)"
+    if any(isinstance(e, socket.gaierror) for e in chain):
+        return f"the host name is unknown ({text})"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__})"
+    return text
+
+
+def _answer_problem(response: Any) -> InputError:
+    """What a refusal (or an answer that is not the endpoint's) says, with the URL, and a
+    hint where one helps."""
+    url = str(response.request.url)
+    base = url.split("/cmi/", 1)[0]
+    status = f"{response.status_code} {response.reason_phrase}".strip()
+    data: Any = None
+    if "json" in response.headers.get("content-type", ""):
+        with contextlib.suppress(ValueError):
+            data = response.json()
+    kind = data.get("type", "") if isinstance(data, dict) else ""
+    if not isinstance(kind, str) or not kind.startswith("urn:cmi:problem:"):
+        hint = f"; {_PREFIX_HINT.format(base=base)}" if response.status_code == 404 else ""
+        return InputError(f"{url} answered {status}, not a CMI answer{hint}")
+    slug = kind.removeprefix("urn:cmi:problem:")
+    detail = str(data.get("detail", ""))
+    hint = ""
+    if slug == "not-found" and "no such route" in detail:
+        hint = f"; {_PREFIX_HINT.format(base=base)}"
+    return InputError(f"the firm answered {status} {slug} at {url}: {detail}{hint}")
 
 
 class _ReportedError(Exception):

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 
 from cmi_sdk._display import format_offers
-from cmi_sdk._exceptions import (
-    ModelValidationError,
-)
+from cmi_sdk._exceptions import CMIError, ModelValidationError
 from cmi_sdk._models import load_model
 from cmi_sdk.cli._common import (
     EXIT_OK,
+    InputError,
     _adapter,
     _answer_problem,
     _client,
     _located,
+    _reaching,
     _read,
     _write,
 )
@@ -35,11 +36,17 @@ def cmd_request(args: argparse.Namespace) -> int:
         except ModelValidationError as exc:
             raise _located(args.file, exc) from None
         xml = adapter.render(model, standard="cmi", document_type="request")
-    with _client(args) as client:
+    with _client(args) as client, _reaching(args.to):
         response = client.post_request(xml)
     if response.status_code != 200:
         raise _answer_problem(response)
-    answer = adapter.parse(response.content, standard="cmi", document_type="offers")
+    try:
+        answer = adapter.parse(response.content, standard="cmi", document_type="offers")
+    except CMIError as exc:
+        raise InputError(
+            f"{response.request.url} answered {response.status_code}, but not with CMI"
+            f" offers: {str(exc).splitlines()[0]}"
+        ) from None
     if args.xml:
         _write(response.content, args.output)
     else:
@@ -53,7 +60,6 @@ def cmd_accept(args: argparse.Namespace) -> int:
     Without ``--id``, the acceptance id is derived from the intermediary, the offer and
     the customer, so running the command again is a retry of the same acceptance: it gets
     the first answer and books nothing more."""
-    import datetime as dt  # noqa: PLC0415
 
     from cmi_sdk._models import Acceptance  # noqa: PLC0415
 
@@ -75,11 +81,17 @@ def cmd_accept(args: argparse.Namespace) -> int:
     except ModelValidationError as exc:
         raise _located("acceptance", exc) from None
     xml = adapter.render(acceptance, standard="cmi", document_type="acceptance")
-    with _client(args) as client:
+    with _client(args) as client, _reaching(args.to):
         response = client.accept(args.offer_id, xml)
     if response.status_code != 201:
         raise _answer_problem(response)
-    result = response.json()
+    try:
+        result = response.json()
+        result["outcome"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(
+            f"{response.request.url} answered {response.status_code}, but not with a CMI booking"
+        ) from None
     documents = ", ".join(result.get("documents", [])) or "none"
     if result.get("replayed"):
         line = (
