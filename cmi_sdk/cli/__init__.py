@@ -56,7 +56,7 @@ from cmi_sdk.cli.outbox import (
     cmd_outbox,
     cmd_outbox_problems,
 )
-from cmi_sdk.cli.requests import cmd_accept, cmd_request
+from cmi_sdk.cli.requests import cmd_accept, cmd_request, travel_date
 from cmi_sdk.cli.serving import cmd_listen, cmd_serve, serve_app
 from cmi_sdk.cli.terms import (
     cmd_links_create,
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standard", "-s", required=True, help="the standard, such as cmi-ticket")
     p.add_argument("--type", "-t", metavar="DOCTYPE", help="the document type, if several")
     p.add_argument("--output", "-o", metavar="FILE", help="write here (atomically), not stdout")
+    p.add_argument(
+        "--sign",
+        action="store_true",
+        help="sign the document with the configured key (CMI_SIGNING_KEY, CMI_SIGNING_CERT)",
+    )
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="validate XML documents against their schemas")
@@ -167,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--purpose", default="Keep the customer's records of their transactions", metavar="TEXT"
     )
     t.add_argument("--purpose-code", default="records", metavar="CODE", help="default: records")
-    t.add_argument("--until", metavar="DATE", help="when the terms lapse (date or ISO time)")
+    t.add_argument(
+        "--until",
+        metavar="DATE|+Nd",
+        help="when the terms lapse: a date, an ISO time, or days from now (+365d)",
+    )
     t.set_defaults(func=cmd_terms_add)
     t = terms.add_parser("list", help="list terms")
     t.add_argument("--customer", metavar="REF")
@@ -379,7 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("request", help="as an intermediary: post a request, print the offers")
     p.add_argument("file", metavar="FILE", help="a canonical request (JSON) or request XML")
     intermediary_options(p)
+    p.add_argument(
+        "--date",
+        type=travel_date,
+        metavar="DATE|+Nd",
+        help="the wanted travel date: a date or days from today (+30d); over the file's",
+    )
     p.add_argument("--xml", action="store_true", help="print the signed offers XML")
+    p.add_argument(
+        "--ids", action="store_true", help="print only the offer ids, one a line (for scripts)"
+    )
     p.add_argument("--output", "-o", metavar="FILE", help="with --xml: write it here")
     p.set_defaults(func=cmd_request)
 

@@ -221,11 +221,15 @@ def _print_json(data: object) -> None:
 
 
 def _until(text: str | None) -> str | None:
-    """``--until``: a date (the terms lapse at its start, UTC) or an ISO 8601 time."""
+    """``--until``: a date (the terms lapse at its start, UTC), days from now (``+365d``)
+    or an ISO 8601 time."""
     if text is None:
         return None
     import datetime as dt  # noqa: PLC0415
 
+    days = re.fullmatch(r"\+(\d{1,5})d?", text.strip())
+    if days is not None:
+        return (dt.datetime.now(dt.UTC) + dt.timedelta(days=int(days.group(1)))).isoformat()
     try:
         day = dt.date.fromisoformat(text)
     except ValueError:

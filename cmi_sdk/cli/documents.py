@@ -19,6 +19,7 @@ from cmi_sdk.cli._common import (
     InputError,
     UsageError,
     _adapter,
+    _emitting_adapter,
     _located,
     _read,
     _report,
@@ -48,7 +49,8 @@ def cmd_standards(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Render a canonical JSON model as a document of a standard."""
-    adapter = _adapter(args)
+    # Signing reads the configured key (CMI_SIGNING_KEY, CMI_SIGNING_CERT); refused without.
+    adapter = _emitting_adapter(args) if getattr(args, "sign", False) else _adapter(args)
     doc_type = _resolve_names(adapter, args.standard, args.type)
     if doc_type is None:  # argparse requires --standard; kept for callers of cmd_render
         raise UsageError("render needs --standard")
@@ -57,7 +59,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         model = load_model(doc_type.model, text)
     except ModelValidationError as exc:
         raise _located(args.input, exc) from None
-    xml = adapter.render(model, standard=args.standard, document_type=args.type)
+    if getattr(args, "sign", False):
+        xml = adapter.render_signed(model, standard=args.standard, document_type=args.type)
+    else:
+        xml = adapter.render(model, standard=args.standard, document_type=args.type)
     _write(xml, args.output)
     return EXIT_OK
 

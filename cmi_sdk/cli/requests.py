@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import re
+import secrets
+from typing import Any
 
 from cmi_sdk._display import format_offers
 from cmi_sdk._exceptions import CMIError, ModelValidationError
@@ -11,6 +15,7 @@ from cmi_sdk._models import load_model
 from cmi_sdk.cli._common import (
     EXIT_OK,
     InputError,
+    UsageError,
     _adapter,
     _answer_problem,
     _client,
@@ -28,11 +33,13 @@ def cmd_request(args: argparse.Namespace) -> int:
     adapter = _adapter(args)
     data = _read(args.file, adapter.parser.max_bytes)
     if data.lstrip()[:1] == b"<":
+        if args.date is not None:
+            raise UsageError("--date applies to a canonical request (JSON), not to XML")
         xml = data
         adapter.validate(xml, standard="cmi", document_type="request")
     else:
         try:
-            model = load_model(Request, data)
+            model = load_model(Request, _filled_in(args.file, data, args.date))
         except ModelValidationError as exc:
             raise _located(args.file, exc) from None
         xml = adapter.render(model, standard="cmi", document_type="request")
@@ -47,7 +54,10 @@ def cmd_request(args: argparse.Namespace) -> int:
             f"{response.request.url} answered {response.status_code}, but not with CMI"
             f" offers: {str(exc).splitlines()[0]}"
         ) from None
-    if args.xml:
+    if args.ids:
+        offers = getattr(answer, "offers", ())  # an OfferSet, as the document type says
+        _write("".join(f"{offer.id}\n" for offer in offers).encode(), None)
+    elif args.xml:
         _write(response.content, args.output)
     else:
         _write(("\n".join(format_offers(answer)) + "\n").encode(), None)
@@ -114,3 +124,37 @@ def _acceptance_id(intermediary: str, offer_id: str, customer: str) -> str:
 
     digest = hashlib.sha256("\x1f".join((intermediary, offer_id, customer)).encode())
     return f"acc_{digest.hexdigest()[:24]}"
+
+
+def travel_date(text: str, *, today: dt.date | None = None) -> dt.date:
+    """``--date``: a date (``2027-03-01``) or days from today, UTC (``+30d``, ``+30``)."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    match = re.fullmatch(r"\+(\d{1,4})d?", text.strip())
+    if match is not None:
+        return today + dt.timedelta(days=int(match.group(1)))
+    try:
+        return dt.date.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date (2027-03-01) or days from today (+30d)"
+        ) from None
+
+
+def _filled_in(source: str, data: bytes, date: dt.date | None) -> dict[str, Any]:
+    """The request of ``data`` with what a file may leave out filled in at send time: a
+    fresh ``id`` and ``created_at`` (now); and ``--date`` as the wanted date. A file that
+    gives them keeps them: an example never expires, and a file sent again is a retry."""
+    try:
+        request = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{source}: not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise InputError(f"{source}: a request is a JSON object")
+    request.setdefault("id", f"req_{secrets.token_hex(8)}")
+    request.setdefault("created_at", dt.datetime.now(dt.UTC).isoformat())
+    if date is not None:
+        wanted = request.get("wanted")
+        if request.get("kind") != "flight" or not isinstance(wanted, dict):
+            raise UsageError("--date applies to a flight request (its wanted date)")
+        request["wanted"] = {**wanted, "date": date.isoformat()}
+    return request

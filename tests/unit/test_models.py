@@ -155,7 +155,7 @@ def test_request_rules(examples_dir: Any) -> None:
     data = json.loads((examples_dir / "request.json").read_text())
     request = load_model(Request, data)
     assert request.wanted.kind == "flight"
-    assert request.constraints.max_price == Money(amount="500", currency="USD")
+    assert request.constraints.max_price == Money(amount="600", currency="USD")
     bad = {**data, "respond_by": data["created_at"]}
     with pytest.raises(ModelValidationError, match="respond_by must be after created_at"):
         load_model(Request, bad)
