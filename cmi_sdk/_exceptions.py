@@ -177,6 +177,11 @@ class Problem(StrEnum):
     INVALID_REQUEST = "invalid-request", 422, "The firm's systems cannot serve the request as it is"
     DECLINED = "declined", 422, "The firm makes no offer for this request"
     DEADLINE_PASSED = "deadline-passed", 422, "The request's respond_by has passed"
+    REQUEST_CONFLICT = (
+        "request-conflict",
+        409,
+        "The request id was used for another request, whose offers are still valid",
+    )
     # The firm's systems failed answering a request: no offer.
     VALIDATION_TIMEOUT = (
         "validation-timeout",
@@ -544,7 +549,8 @@ class RequestRefusedError(InvalidInputError):
     (``cmi_validate_request``), or its ``respond_by`` has passed. No offer is made. An
     outage while answering is a :class:`FirmSystemError` instead.
 
-    :ivar problem: the :class:`Problem` (a 4xx): ``invalid-request``, ``deadline-passed``.
+    :ivar problem: the :class:`Problem` (a 4xx): ``invalid-request``, ``deadline-passed``,
+        ``request-conflict``.
     :ivar plugin: the plugin that refused, when one is known.
     """
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import hashlib
 import inspect
 import json
 import logging
@@ -51,6 +52,7 @@ from cmi_sdk._exceptions import (
     OfferNotFoundError,
     PluginFailedError,
     Problem,
+    ReplayedMessageError,
     RequestRefusedError,
     StageTimeoutError,
 )
@@ -251,6 +253,27 @@ def _plugin_of(caller: pluggy.HookCaller, exc: BaseException) -> str | None:
 _STAGE_OF = dict(zip(PIPELINE_HOOKS, list(DEFAULT_STAGE_SHARES)[:-1], strict=True))
 
 
+REQUEST_ID_GENERATIONS = 8
+"""How many times one intermediary may use one request id, each once the offer of the one
+before has expired."""
+
+
+def request_offer_id(intermediary: str, request_id: str, generation: int = 0) -> str:
+    """The id of the offer answering ``request_id`` from ``intermediary`` (the
+    ``generation``-th time the id is used): the same request sent again finds it."""
+    digest = hashlib.sha256(
+        "\x1f".join(("cmi-offer-id/v1", intermediary, request_id, str(generation))).encode()
+    )
+    return f"off_{digest.hexdigest()[:20]}"
+
+
+def _same_request(first: Request, again: Request) -> bool:
+    """Whether ``again`` asks what ``first`` asked: the same request sent again may carry
+    new timestamps (a client stamps each send), nothing else."""
+    moments = {"created_at", "respond_by"}
+    return first.model_dump(exclude=moments) == again.model_dump(exclude=moments)
+
+
 def _only_plugin(caller: pluggy.HookCaller) -> str:
     names = [impl.plugin_name for impl in caller.get_hookimpls()]
     return ", ".join(names) or "none"
@@ -312,7 +335,7 @@ class OfferPipeline:
         """
         run = self._new_run()
         self._begin(run, Prepared(request, intermediary))
-        return self._execute(run, lambda: self._pipeline(request, run, intermediary))
+        return self._execute(run, lambda: self._respond(request, run, intermediary))
 
     async def answer_async(self, prepare: Callable[[], Prepared | tuple[Any, ...]]) -> Answer:
         """:meth:`answer` for an event loop, with the request's preparation (the endpoint's
@@ -328,7 +351,7 @@ class OfferPipeline:
         def job() -> Answer:
             prepared = _prepared(prepare())
             self._begin(run, prepared)
-            return self._pipeline(prepared.request, run, prepared.intermediary)
+            return self._respond(prepared.request, run, prepared.intermediary)
 
         return await self._execute_async(run, job)
 
@@ -507,8 +530,20 @@ class OfferPipeline:
             )
         return self._hook_loop.run(value)
 
-    def _pipeline(self, request: Request, run: _Run, intermediary: str | None) -> Answer:
+    def _respond(self, request: Request, run: _Run, intermediary: str | None) -> Answer:
+        """The answer given before to the same request id, still valid; else the pipeline's."""
         self._enter(run, "validation")
+        if intermediary is None:
+            return self._pipeline(request, run, None, f"off_{secrets.token_hex(10)}")
+        offer_id, earlier = self._earlier_answer(request, intermediary)
+        if earlier is not None:
+            self._remember_alone(run)
+            return earlier
+        return self._pipeline(request, run, intermediary, offer_id)
+
+    def _pipeline(
+        self, request: Request, run: _Run, intermediary: str | None, offer_id: str
+    ) -> Answer:
         problems = [
             p
             for ps in self._call("cmi_validate_request", first=False, request=request)
@@ -579,7 +614,7 @@ class OfferPipeline:
         self._enter(run, "validity")
         now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
         offer = Offer(
-            id=f"off_{secrets.token_hex(10)}",
+            id=offer_id,
             request_id=request.id,
             kind=request.kind,
             firm=self.firm,
@@ -628,10 +663,81 @@ class OfferPipeline:
         xml = self._documents.render_signed(answer, standard="cmi", document_type="offers")
         # Kept with the signed answer it went out in; GET /cmi/offers/{id} signs the offer
         # alone when asked, so answering costs one signature.
-        self._keep(
-            run, [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)]
-        )
+        try:
+            self._keep(
+                run,
+                [StoredOffer(offer=offer, request=request, xml=xml, intermediary=intermediary)],
+            )
+        except CMIError:
+            raise
+        except Exception:
+            # The same request id, answered meanwhile by another process or thread: its
+            # offer took the id this one was to take. That answer is this one's.
+            if intermediary is None:
+                raise
+            taken, earlier = self._earlier_answer(request, intermediary)
+            if earlier is None or taken != offer.id:
+                raise
+            self._remember_alone(run)
+            return earlier
         return Answer(answer, xml)
+
+    # -- a request id sent again ----------------------------------------------------------
+
+    def _earlier_answer(self, request: Request, intermediary: str) -> tuple[str, Answer | None]:
+        """The id the request's offer takes, and the answer the same intermediary was given
+        for the same request id while its offer is still valid (None: answer afresh).
+
+        The offer id is derived from the intermediary, the request id and a generation:
+        a request sent again finds the offer its first answer stored (an idempotency key,
+        kept by the store's primary key across processes, with no table of its own). Once
+        that offer has expired, the next generation answers afresh.
+
+        :raises RequestRefusedError: ``request-conflict``: the id was used for another
+            request (other wants, constraints or claims) whose offer is still valid, or
+            too many times.
+        """
+        store = self._store()
+        now = self._clock()
+        for generation in range(REQUEST_ID_GENERATIONS):
+            offer_id = request_offer_id(intermediary, request.id, generation)
+            try:
+                stored = store.get_offer(offer_id)
+            except OfferNotFoundError:
+                return offer_id, None
+            if stored.offer.valid_until.timestamp() <= now:
+                continue  # the first answer has lapsed: the id may ask again
+            if stored.intermediary != intermediary or not _same_request(stored.request, request):
+                raise RequestRefusedError(
+                    f"request id {request.id} was used for another request, whose offer is"
+                    f" valid until {stored.offer.valid_until:%Y-%m-%d %H:%M:%S} UTC; send"
+                    " this request with a new id",
+                    problem=Problem.REQUEST_CONFLICT,
+                )
+            answer = OfferSet(
+                request_id=stored.offer.request_id,
+                firm=stored.offer.firm,
+                reply_to=stored.offer.reply_to,
+                answered_at=stored.offer.created_at,
+                offers=(stored.offer,),
+            )
+            return offer_id, Answer(answer, stored.xml)
+        raise RequestRefusedError(
+            f"request id {request.id} was used {REQUEST_ID_GENERATIONS} times; send the"
+            " request with a new id",
+            problem=Problem.REQUEST_CONFLICT,
+        )
+
+    def _remember_alone(self, run: _Run) -> None:
+        """Remember the message id of a request answered from its first answer: a message
+        id is used once, whatever it asked."""
+        message = run.message
+        if message is None:
+            return
+        if not self._store().remember_message(
+            message.party, message.msg_id, expires_at=message.expires_at, now=message.now
+        ):
+            raise ReplayedMessageError(f"message id {message.msg_id} was already used")
 
     def _keep(self, run: _Run, stored: list[StoredOffer]) -> None:
         """Store an answer's offers (none for a declined answer) and, in the same commit,

@@ -290,6 +290,7 @@ BEFORE = {
         ("invalid-input", "terms-refused", "link-refused", "destination-not-allowed"), 422
     ),
     "conflict": 409,
+    "request-conflict": 409,
     **dict.fromkeys(("bad-request", "malformed-xml", "forbidden-xml", "too-deep"), 400),
     **dict.fromkeys(("invalid-document", "invalid-request", "declined", "deadline-passed"), 422),
     **{f"{stage}-timeout": 503 for stage in DEFAULT_STAGE_SHARES},

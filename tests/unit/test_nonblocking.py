@@ -301,9 +301,11 @@ def test_over_http_a_marked_pipeline_answers_refuses_replays_and_fails_closed(
     adapter = emitting_adapter(tmp_path, plugins=[quick], request_budget=0.2)
     secret = generate_secret()
     adapter.store.add_intermediary("relay", secret, at=time.time())
-    body = adapter.render(a_request(), standard="cmi", document_type="request")
+    first = adapter.render(a_request(), standard="cmi", document_type="request")
+    # Another request (a request id sent again gets the first answer).
+    other = adapter.render(a_request("req-2"), standard="cmi", document_type="request")
 
-    def post(url: str, msg_id: str) -> httpx.Response:
+    def post(url: str, msg_id: str, body: bytes = first) -> httpx.Response:
         headers = signed_headers(
             secret=secret,
             method="POST",
@@ -325,11 +327,11 @@ def test_over_http_a_marked_pipeline_answers_refuses_replays_and_fails_closed(
         assert replay.status_code == 401
         assert replay.json()["type"] == "urn:cmi:problem:replayed"
         quick.price_seconds = 0.3  # past pricing's 40 ms
-        late = post(url, "msg_late")
+        late = post(url, "msg_late", other)
         assert late.status_code == 503
         assert late.json()["type"] == "urn:cmi:problem:pricing-timeout"
         assert _offer_count(tmp_path / "cmi.db") == 1
         # Refused, the request left its message id free.
         quick.price_seconds = 0.0
-        assert post(url, "msg_late").status_code == 200
+        assert post(url, "msg_late", other).status_code == 200
     adapter.close()
