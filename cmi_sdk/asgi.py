@@ -3,7 +3,8 @@
 Routes:
 
 - ``GET /.well-known/cmi``: capabilities, the standards and fields the firm offers, the
-  terms it accepts, and its public keys;
+  terms it accepts, and its public keys; every link carries the mount prefix;
+- ``GET /cmi/openapi.json``: the endpoint's OpenAPI 3.1 description, to generate clients;
 - ``POST /cmi/terms``: an intermediary proffers terms for a customer; the answer is
   accepted (with the signed consent record), one alternative, or rejected;
 - ``GET /cmi/terms`` and ``GET /cmi/terms/{id}``: the terms an intermediary registered, or
@@ -84,6 +85,7 @@ from cmi_sdk._models import (
 )
 from cmi_sdk._models import Request as CustomerRequest
 from cmi_sdk._offers import Answer, Prepared
+from cmi_sdk._openapi import OPENAPI_PATH, openapi_document
 from cmi_sdk._replay import RequestIds
 from cmi_sdk._serving import (
     DEFAULT_BODY_TIMEOUT,
@@ -305,6 +307,7 @@ def create_app(
     routes = [
         Route("/cmi/requests", endpoint.post_request, methods=["POST"]),
         Route("/.well-known/cmi", endpoint.well_known, methods=["GET"]),
+        Route(OPENAPI_PATH, endpoint.openapi, methods=["GET"]),
         Route("/cmi/terms", endpoint.guarded(endpoint.post_terms), methods=["POST"]),
         Route("/cmi/terms", endpoint.guarded(endpoint.list_terms), methods=["GET"]),
         Route("/cmi/terms/{terms_id}", endpoint.guarded(endpoint.get_terms), methods=["GET"]),
@@ -320,6 +323,7 @@ def create_app(
             methods=["POST"],
         ),
     ]
+    endpoint.serves_metrics = metrics
     if metrics:
         routes.append(Route("/metrics", endpoint.metrics, methods=["GET"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_problem})
@@ -337,9 +341,16 @@ async def _http_problem(request: Request, exc: Exception) -> Response:
     return problem_response(request, ProblemError(problem, detail))
 
 
+def _prefix(request: Request) -> str:
+    """The path the endpoint is mounted under in the firm's app (empty when served alone):
+    every link it gives carries it."""
+    root: str = request.scope.get("root_path", "")
+    return root.rstrip("/")
+
+
 def _href(request: Request, terms: SharingTerms) -> str:
     # Mounted inside a firm's app, links carry the mount's prefix.
-    return f"{request.scope.get('root_path', '')}/cmi/terms/{terms.id}"
+    return f"{_prefix(request)}/cmi/terms/{terms.id}"
 
 
 def _terms_json(request: Request, terms: SharingTerms) -> dict[str, Any]:
@@ -347,7 +358,7 @@ def _terms_json(request: Request, terms: SharingTerms) -> dict[str, Any]:
 
 
 def _link_href(request: Request, link_id: str) -> str:
-    return f"{request.scope.get('root_path', '')}/cmi/links/{link_id}"
+    return f"{_prefix(request)}/cmi/links/{link_id}"
 
 
 def _link_json(request: Request, link: Link) -> dict[str, Any]:
@@ -400,6 +411,7 @@ class _Endpoint:
         self.page_size = page_size
         self.body_timeout = DEFAULT_BODY_TIMEOUT
         self.metrics_token: str | None = None
+        self.serves_metrics = False
         # Checks the signature of a request naming a signer the firm does not know, so
         # that it is refused exactly as a bad signature is (same answer, same work).
         self._decoy = WebhookVerifier(secrets=(generate_secret(),), tolerance=tolerance)
@@ -567,8 +579,18 @@ class _Endpoint:
         text = await run_in_threadpool(prometheus_text, self.adapter)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def well_known(self, _request: Request) -> Response:
-        document = await run_in_threadpool(well_known_document, self.adapter, self.tolerance)
+    async def well_known(self, request: Request) -> Response:
+        document = await run_in_threadpool(
+            functools.partial(
+                well_known_document, self.adapter, self.tolerance, prefix=_prefix(request)
+            )
+        )
+        return JSONResponse(document)
+
+    async def openapi(self, request: Request) -> Response:
+        document = openapi_document(
+            self.adapter, prefix=_prefix(request), metrics=self.serves_metrics
+        )
         return JSONResponse(document)
 
     def post_terms(self, request: Request, principal: Principal, body: bytes) -> Response:
@@ -909,8 +931,11 @@ def prometheus_text(adapter: Adapter) -> str:
     return "\n".join(lines) + "\n"
 
 
-def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) -> dict[str, Any]:
-    """What ``GET /.well-known/cmi`` publishes."""
+def well_known_document(
+    adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE, *, prefix: str = ""
+) -> dict[str, Any]:
+    """What ``GET /.well-known/cmi`` publishes; its links carry ``prefix``, the path the
+    endpoint is mounted under (``/partners``)."""
     keys: dict[str, Any] = {"documents": [], "webhooks_v1a": []}
     signer = adapter.signer
     if signer is not None:
@@ -931,12 +956,13 @@ def well_known_document(adapter: Adapter, tolerance: int = DEFAULT_TOLERANCE) ->
         "firm": adapter.firm,
         "software": f"cmi-sdk/{__version__}",
         "capabilities": {
-            "terms": "/cmi/terms",
-            "documents": "/cmi/documents",
-            "requests": "/cmi/requests",
-            "offers": "/cmi/offers/{id}",
-            "acceptance": "/cmi/offers/{id}/acceptance",
-            "links": "/cmi/links",
+            "terms": f"{prefix}/cmi/terms",
+            "documents": f"{prefix}/cmi/documents",
+            "requests": f"{prefix}/cmi/requests",
+            "offers": f"{prefix}/cmi/offers/{{id}}",
+            "acceptance": f"{prefix}/cmi/offers/{{id}}/acceptance",
+            "links": f"{prefix}/cmi/links",
+            "openapi": f"{prefix}{OPENAPI_PATH}",
             "timings": list(adapter.policy.timings),
         },
         "authentication": {

@@ -249,6 +249,7 @@ def test_well_known_publishes_firm_standards_policy_and_certificate(
         "offers": "/cmi/offers/{id}",
         "acceptance": "/cmi/offers/{id}/acceptance",
         "links": "/cmi/links",
+        "openapi": "/cmi/openapi.json",
         "timings": ["now", "digest", "pull"],
     }
     ticket_standard = next(s for s in document["standards"] if s["name"] == "cmi-ticket")
