@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -123,6 +126,14 @@ class ValidatedDocument:
         return model
 
 
+REQUIRED_TO_ANSWER: dict[str, str] = {
+    "cmi_revenue_decision": "no-revenue-decision",
+    "cmi_price": "no-price",
+}
+"""The hooks a firm that answers requests must implement, with the problem every request
+gets without them."""
+
+
 class Adapter:
     """The firm's side of customer-managed interactions: one per process is typical.
 
@@ -162,7 +173,9 @@ class Adapter:
         together. An acceptance whose process died is recovered once it runs out.
     :raises PluginError: a plugin failed to load, implements an unknown ``cmi_`` hook, or
         registers a standard that clashes with another.
-    :raises ConfigurationError: ``block`` names the core vocabulary.
+    :raises ConfigurationError: ``block`` names the core vocabulary; or a plugin answers
+        requests (``cmi_check_capacity``) but none implements ``cmi_revenue_decision`` or
+        ``cmi_price`` (see :meth:`missing_hooks`).
     """
 
     def __init__(
@@ -212,6 +225,14 @@ class Adapter:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(str(exc), plugin=self._pm.get_name(exc.plugin)) from exc
+        if missing := self.missing_hooks():
+            raise ConfigurationError(
+                "the firm answers requests for offers (cmi_check_capacity:"
+                f" {', '.join(self._implementers('cmi_check_capacity'))}), but no plugin"
+                f" implements {' or '.join(missing)}: every request would be refused"
+                f" ({', '.join(REQUIRED_TO_ANSWER[h] for h in missing)}). Implement"
+                " them (docs: Connect your systems)"
+            )
         self.parser = HardenedParser(max_bytes=max_document_bytes, max_depth=max_depth)
         """The hardened parser for every incoming document."""
         self.standards = StandardRegistry()
@@ -260,6 +281,23 @@ class Adapter:
             self._pm.register(plugin, name)
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from exc
+
+    def _implementers(self, hook: str) -> list[str]:
+        caller: pluggy.HookCaller = getattr(self._pm.hook, hook)
+        return [impl.plugin_name for impl in caller.get_hookimpls()]
+
+    def missing_hooks(self) -> list[str]:
+        """The hooks a firm that answers requests for offers must implement, and does not.
+
+        A firm answers requests when a plugin implements ``cmi_check_capacity``; then
+        ``cmi_revenue_decision`` and ``cmi_price`` must be implemented too, or every request
+        is refused (fail closed). An adapter that only emits documents needs neither. The
+        adapter refuses to be built with one missing; this says which, for plugins
+        registered later through :attr:`plugin_manager`.
+        """
+        if not self._implementers("cmi_check_capacity"):
+            return []
+        return [hook for hook in REQUIRED_TO_ANSWER if not self._implementers(hook)]
 
     @property
     def plugin_manager(self) -> pluggy.PluginManager:
@@ -625,6 +663,42 @@ class Adapter:
         from cmi_sdk.asgi import create_app  # noqa: PLC0415
 
         return create_app(self, **options)
+
+    def lifespan(
+        self, *, deliver: bool = True, close: bool = True, **worker_options: Any
+    ) -> Callable[[object], AbstractAsyncContextManager[None]]:
+        """A lifespan for the firm's Starlette or FastAPI app that mounts the endpoint:
+        ``FastAPI(lifespan=adapter.lifespan())``. A mounted app's own lifespan is not run
+        by its host, so the host's runs this one.
+
+        At startup it starts the delivery worker (a background thread; ``worker_options``
+        go to :meth:`delivery_worker`, ``poll_interval`` to its ``start``); at shutdown it
+        stops the worker, letting deliveries in flight finish, and closes the adapter.
+
+        :param deliver: start a delivery worker (False: the firm runs ``cmi deliver``
+            elsewhere).
+        :param close: close the adapter at shutdown.
+        """
+        options = dict(worker_options)
+        poll_interval = float(options.pop("poll_interval", 1.0))
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: object) -> AsyncIterator[None]:
+            worker = None
+            if deliver:
+                worker = self.delivery_worker(**options).start(poll_interval=poll_interval)
+            try:
+                yield
+            finally:
+                try:
+                    if worker is not None:
+                        # Stopping waits for deliveries in flight: not on the event loop.
+                        await asyncio.to_thread(worker.stop)
+                finally:
+                    if close:
+                        self.close()
+
+        return lifespan
 
     def close(self) -> None:
         """Stop the adapter's worker threads (the request pipeline's) and close the store

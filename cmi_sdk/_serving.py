@@ -298,9 +298,11 @@ def serving(
     host: str = "127.0.0.1",
     timeout: float = 15.0,
     limits: ServerLimits | None = None,
+    lifespan: bool = False,
 ) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a background thread on a free port of ``host``; yield
-    the base URL (``http://127.0.0.1:PORT``, no trailing slash); stop it on exit.
+    the base URL (``http://127.0.0.1:PORT``, no trailing slash); stop it on exit. With
+    ``lifespan``, the app's lifespan runs (its startup before the URL is yielded).
 
     :raises ConfigurationError: the server did not start within ``timeout`` seconds.
     """
@@ -312,7 +314,7 @@ def serving(
         log_level="warning",
         access_log=False,
         log_config=None,  # the host process keeps its own logging configuration
-        lifespan="off",
+        lifespan="on" if lifespan else "off",
         ws="none",
     )
     server = uvicorn.Server(config)
