@@ -29,6 +29,7 @@ from cmi_sdk.cli._common import (
     _ReportedError,
     _secret_options,
 )
+from cmi_sdk.cli._help import document
 from cmi_sdk.cli.demo import cmd_demo
 from cmi_sdk.cli.documents import (
     cmd_keys_generate,
@@ -169,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fields", metavar="a,b,c", help="the fields that may be shared")
     t.add_argument("--when", default="now", metavar="now|digest:6h|pull", help="default: now")
     t.add_argument(
-        "--purpose", default="Keep the customer's records of their transactions", metavar="TEXT"
+        "--purpose",
+        default="Keep the customer's records of their transactions",
+        metavar="TEXT",
+        help="why the customer shares, in their words (default: keeping their records)",
     )
     t.add_argument("--purpose-code", default="records", metavar="CODE", help="default: records")
     t.add_argument(
@@ -179,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_terms_add)
     t = terms.add_parser("list", help="list terms")
-    t.add_argument("--customer", metavar="REF")
+    t.add_argument("--customer", metavar="REF", help="only this customer's terms")
     t.add_argument("--all", action="store_true", help="include revoked terms")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--json", action="store_true", help="print JSON, for scripts")
     t.set_defaults(func=cmd_terms_list)
     t = terms.add_parser("revoke", help="revoke terms: nothing more goes out under them")
-    t.add_argument("id", metavar="ID")
+    t.add_argument("id", metavar="ID", help="the terms' id, as cmi terms add printed it")
     t.set_defaults(func=cmd_terms_revoke)
 
     p = sub.add_parser("links", help="customers' links to their intermediaries")
@@ -195,16 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lk.add_argument("--account", required=True, metavar="ACCOUNT", help="the firm's account id")
     lk.add_argument("--ttl", type=int, default=10, metavar="MINUTES", help="default: 10")
-    lk.add_argument("--json", action="store_true")
+    lk.add_argument("--json", action="store_true", help="print JSON, for scripts")
     lk.set_defaults(func=cmd_links_create)
     lk = links.add_parser("list", help="list links")
-    lk.add_argument("--account", metavar="ACCOUNT")
-    lk.add_argument("--intermediary", metavar="NAME")
+    lk.add_argument("--account", metavar="ACCOUNT", help="only this account's links")
+    lk.add_argument("--intermediary", metavar="NAME", help="only this intermediary's links")
     lk.add_argument("--all", action="store_true", help="include revoked links")
-    lk.add_argument("--json", action="store_true")
+    lk.add_argument("--json", action="store_true", help="print JSON, for scripts")
     lk.set_defaults(func=cmd_links_list)
     lk = links.add_parser("revoke", help="revoke a link and every terms of its reference")
-    lk.add_argument("id", metavar="ID")
+    lk.add_argument("id", metavar="ID", help="the link's id (cmi links list)")
     lk.set_defaults(func=cmd_links_revoke)
 
     p = sub.add_parser("emit", help="emit a canonical transaction under its customer's terms")
@@ -226,24 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = p.add_subparsers(dest="outbox_command", metavar="ACTION", parser_class=_Parser)
     outbox.required = True
     o = outbox.add_parser("status", help="counts by state, oldest pending, disabled")
-    o.add_argument("--json", action="store_true")
+    o.add_argument("--json", action="store_true", help="print JSON, for monitoring")
     o.set_defaults(func=cmd_outbox)
     o = outbox.add_parser("list", help="rows, newest first")
     o.add_argument(
-        "--state", choices=["pending", "leased", "retry", "delivered", "dead", "pull", "cancelled"]
+        "--state",
+        choices=["pending", "leased", "retry", "delivered", "dead", "pull", "cancelled"],
+        help="only rows in this state",
     )
-    o.add_argument("--limit", type=int, default=50)
-    o.add_argument("--json", action="store_true")
+    o.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows (50)")
+    o.add_argument("--json", action="store_true", help="print JSON, for scripts")
     o.set_defaults(func=cmd_outbox)
     o = outbox.add_parser("redrive", help="make a dead row (or all dead since T) pending")
-    o.add_argument("id", nargs="?", metavar="ID")
+    o.add_argument("id", nargs="?", metavar="ID", help="the dead row's id (msg_...)")
     o.add_argument("--since", metavar="T", help="an ISO 8601 time with a timezone")
     o.set_defaults(func=cmd_outbox)
     o = outbox.add_parser(
         "problems", help="documents that could not be made for a customer's terms"
     )
-    o.add_argument("--limit", type=int, default=50)
-    o.add_argument("--json", action="store_true")
+    o.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (50)")
+    o.add_argument("--json", action="store_true", help="print JSON, for scripts")
     o.set_defaults(func=cmd_outbox_problems)
 
     p = sub.add_parser("acceptances", help="recover acceptances whose booking process died")
@@ -254,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = acceptances.add_parser(
         "recover", help="complete or release acceptances whose lease ran out"
     )
-    a.add_argument("--limit", type=int, default=100)
+    a.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (100)")
     a.add_argument(
         "--reference-firms",
         action="store_true",
@@ -296,13 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     inter = p.add_subparsers(dest="intermediaries_command", metavar="ACTION", parser_class=_Parser)
     inter.required = True
     i = inter.add_parser("add", help="register NAME with its secret (again: add a secret)")
-    i.add_argument("name", metavar="NAME")
+    i.add_argument("name", metavar="NAME", help="the name it signs its requests with")
     _secret_options(i, "CMI_INTERMEDIARY_SECRET")
     i.set_defaults(func=cmd_intermediaries_add)
     i = inter.add_parser(
         "rotate", help="give NAME a new secret (shown once); the old ones work for --grace"
     )
-    i.add_argument("name", metavar="NAME")
+    i.add_argument("name", metavar="NAME", help="the intermediary")
     i.add_argument(
         "--grace",
         type=_duration,
@@ -315,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = inter.add_parser(
         "revoke", help="refuse NAME's requests from now on; revoke its links and terms"
     )
-    i.add_argument("name", metavar="NAME")
+    i.add_argument("name", metavar="NAME", help="the intermediary")
     i.set_defaults(func=cmd_intermediaries_revoke)
     i = inter.add_parser("list", help="intermediaries and when their secrets end")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print JSON, for scripts")
     i.set_defaults(func=cmd_intermediaries_list)
 
     p = sub.add_parser(
@@ -373,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("listen", help="run a customer's store (tests and demos)")
     p.add_argument("--port", type=int, required=True, help="0 picks a free port")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (127.0.0.1)")
     p.add_argument("--store", required=True, metavar="DIR", help="where documents are saved")
     _secret_options(p, "CMI_DESTINATION_SECRET", several=True)
     p.add_argument("--cert", metavar="cert.pem", help="also verify the firm's XML-DSig")
@@ -382,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def intermediary_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--to", required=True, metavar="URL", help="the firm's endpoint base")
-        p.add_argument("--intermediary", required=True, metavar="NAME")
+        p.add_argument(
+            "--intermediary",
+            required=True,
+            metavar="NAME",
+            help="act as this intermediary, as the firm registered it",
+        )
         _secret_options(p, "CMI_INTERMEDIARY_SECRET")
 
     p = sub.add_parser("request", help="as an intermediary: post a request, print the offers")
@@ -402,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_request)
 
     p = sub.add_parser("accept", help="as an intermediary: accept an offer for a customer")
-    p.add_argument("offer_id", metavar="OFFER_ID")
+    p.add_argument("offer_id", metavar="OFFER_ID", help="the offer, as cmi request printed it")
     intermediary_options(p)
     p.add_argument("--customer", required=True, metavar="REF", help="the offer's customer")
     p.add_argument(
@@ -430,8 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="plug in the reference airline and lender (their data in the working folder)",
     )
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on (8000)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (127.0.0.1; 0.0.0.0: every interface)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -453,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify the signature first, and parse only what it covers",
     )
     p.set_defaults(func=cmd_parse)
+    document(parser)
     return parser
 
 
