@@ -397,6 +397,11 @@ class Emitter:
             raise TermsError(str(exc)) from None
         if proposal.fields is not None:
             unknown = sorted(set(proposal.fields) - doc_type.field_names)
+            if unknown and not doc_type.field_names:
+                raise TermsError(
+                    f"{std.name} {doc_type.name} documents are shared whole: terms cannot"
+                    f" choose their fields (no field {', '.join(unknown)}; leave fields out)"
+                )
             if unknown:
                 raise TermsError(
                     f"{std.name} {doc_type.name} documents have no field "

@@ -173,6 +173,11 @@ class Problem(StrEnum):
     )
     TOO_DEEP = "too-deep", 400, "The XML nests too deeply"
     INVALID_DOCUMENT = "invalid-document", 422, "The document breaks its schema"
+    UNSUPPORTED_STANDARD = (
+        "unsupported-standard",
+        422,
+        "The document's standard (its root element) is not one the firm reads",
+    )
     # A request for offers the firm cannot serve as it is.
     INVALID_REQUEST = "invalid-request", 422, "The firm's systems cannot serve the request as it is"
     DECLINED = "declined", 422, "The firm makes no offer for this request"

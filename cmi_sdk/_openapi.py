@@ -55,6 +55,7 @@ _AUTH_PROBLEMS = (
 )
 _XML_PROBLEMS = (
     Problem.UNSUPPORTED_MEDIA_TYPE,
+    Problem.UNSUPPORTED_STANDARD,
     Problem.MALFORMED_XML,
     Problem.FORBIDDEN_XML,
     Problem.TOO_DEEP,

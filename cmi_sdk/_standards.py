@@ -552,15 +552,39 @@ def parse_model(
             issues = [ValidationIssue(str(exc), "/", root.sourceline)]
         elif isinstance(exc, ValidationError):
             issues = [
-                ValidationIssue(
-                    reason=err["msg"].removeprefix("Value error, "),
-                    path=".".join(str(p) for p in err["loc"]) or "/",
-                    line=root.sourceline,
+                _in_document(
+                    doc_type,
+                    root,
+                    err["msg"].removeprefix("Value error, "),
+                    ".".join(str(p) for p in err["loc"]) or "/",
                 )
                 for err in exc.errors(include_url=False)
             ]
         else:
-            issues = [ValidationIssue(i.reason, i.path, root.sourceline) for i in exc.issues]
+            issues = [_in_document(doc_type, root, i.reason, i.path) for i in exc.issues]
         raise DocumentValidationError(
             issues, document=document, standard=standard.name, document_type=doc_type.name
         ) from None
+
+
+def _in_document(
+    doc_type: DocumentType[Any], root: etree._Element, reason: str, field: str
+) -> ValidationIssue:
+    """An issue the model found in ``field`` (``total``, ``total.amount``), placed where
+    the reader of the document can find it: the element that carries the field (its path
+    and line, from the document type's ``fields``; for an amount, the value after its
+    currency), else the root."""
+    namespaces = {"d": root.nsmap[None]} if root.nsmap.get(None) else {}
+    elements: list[etree._Element] = []
+    for xpath in doc_type.fields.get(field.split(".", maxsplit=1)[0], ()):
+        try:
+            found = root.xpath(xpath, namespaces=namespaces)
+        except etree.XPathError:
+            continue
+        if isinstance(found, list):
+            elements += [e for e in found if isinstance(e, etree._Element)]
+    if not elements:
+        return ValidationIssue(reason, field, root.sourceline)
+    element = elements[-1]
+    steps = [etree.QName(e).localname for e in (*reversed(list(element.iterancestors())), element)]
+    return ValidationIssue(f"{reason} ({field})", "/" + "/".join(steps), element.sourceline)

@@ -55,6 +55,7 @@ from cmi_sdk._exceptions import (
     DestinationNotAllowedError,
     DocumentTooDeepError,
     DocumentTooLargeError,
+    DocumentTypeNotFoundError,
     DocumentValidationError,
     FirmSystemError,
     ForbiddenXMLError,
@@ -730,7 +731,14 @@ class _Endpoint:
             raise ProblemError(
                 Problem.UNSUPPORTED_MEDIA_TYPE, "send the document as application/xml"
             )
-        doc = self.adapter.validate(body)  # the hardened parser, then the XSD
+        try:
+            doc = self.adapter.validate(body)  # the hardened parser, then the XSD
+        except DocumentTypeNotFoundError as exc:
+            # Not a missing resource (404): a document the firm cannot read.
+            raise ProblemError(
+                Problem.UNSUPPORTED_STANDARD,
+                f"{exc}; GET /.well-known/cmi lists the standards the firm reads",
+            ) from None
         if doc.document_type.model is not model:
             raise ProblemError(
                 Problem.INVALID_DOCUMENT,

@@ -92,7 +92,8 @@ _RANGES: Final = (
     # Connecting to 0.0.0.0 reaches the local host on Linux, like loopback (RFC 1122, 4291).
     _range("an unspecified address (0.0.0.0/8, ::)", "0.0.0.0/8", "::/128"),
     _range(
-        "a loopback address (127.0.0.0/8, ::1), permitted only with allow_loopback=True",
+        "a loopback address (127.0.0.0/8, ::1), permitted only with CMI_ALLOW_LOOPBACK=1"
+        " (allow_loopback=True in Python)",
         "127.0.0.0/8",
         "::1/128",
         kind="loopback",
@@ -434,7 +435,7 @@ class EgressGuard:
                 if not self.allow_loopback:
                     raise _RefusedError(
                         f"{host} names the firm's own machine, permitted only with"
-                        " allow_loopback=True"
+                        " CMI_ALLOW_LOOPBACK=1 (allow_loopback=True in Python)"
                     )
             elif "." not in host:
                 # The resolver completes a single label with its search domains: internal.
@@ -450,7 +451,8 @@ class EgressGuard:
             if not (self.allow_loopback and loopback):
                 raise _RefusedError(
                     "the destination must use https; plain http is accepted only to"
-                    " loopback addresses, with allow_loopback=True"
+                    " loopback addresses, with CMI_ALLOW_LOOPBACK=1 (allow_loopback=True in"
+                    " Python)"
                 )
 
         netloc_out = f"[{host}]" if isinstance(ip, ipaddress.IPv6Address) else host

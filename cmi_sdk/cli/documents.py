@@ -36,13 +36,16 @@ def cmd_standards(args: argparse.Namespace) -> int:
         listing = adapter.standards.describe()
         _write((json.dumps(listing, indent=2) + "\n").encode(), None)
         return EXIT_OK
+    # Names run as long as UBL's (RequestForQuotation), roots longer: a column as wide as
+    # the longest name, and the root on a line of its own, so nothing runs over another.
+    width = max((len(d.name) for s in adapter.standards for d in s.document_types), default=0)
     lines = []
     for std in adapter.standards:
         title = f"  {std.title}" if std.title else ""
         lines.append(f"{std.name} {std.version}{title}")
-        lines.extend(
-            f"  {d.name:<14} {d.root}  (from {d.model.__name__})" for d in std.document_types
-        )
+        for d in std.document_types:
+            lines.append(f"  {d.name:<{width}}  from {d.model.__name__}")
+            lines.append(f"  {'':<{width}}  root {d.root}")
     _write(("\n".join(lines) + "\n").encode(), None)
     return EXIT_OK
 

@@ -243,7 +243,9 @@ def test_no_pricing_system_is_an_outage(tmp_path: Path, seats: Seats) -> None:
     class NoPrice(Seats):
         cmi_price = None  # type: ignore[assignment]
 
-    adapter = emitting_adapter(tmp_path, plugins=[NoPrice()])
+    # Refused when the adapter is built with it; registered later, it fails closed.
+    adapter = emitting_adapter(tmp_path)
+    adapter.plugin_manager.register(NoPrice())
     with pytest.raises(NoAnswerError) as info:
         firms_own_code(adapter, _request())
     assert (info.value.problem, info.value.hook) == (Problem.NO_PRICE, "cmi_price")
@@ -291,6 +293,7 @@ BEFORE = {
     ),
     "conflict": 409,
     "request-conflict": 409,
+    "unsupported-standard": 422,
     **dict.fromkeys(("bad-request", "malformed-xml", "forbidden-xml", "too-deep"), 400),
     **dict.fromkeys(("invalid-document", "invalid-request", "declined", "deadline-passed"), 422),
     **{f"{stage}-timeout": 503 for stage in DEFAULT_STAGE_SHARES},

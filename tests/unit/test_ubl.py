@@ -106,7 +106,12 @@ def example(doc_type: str) -> BaseModel:
     if doc_type == "Order":
         return ACCEPTANCE
     model, name = EXAMPLE_FILES[doc_type]
-    return load_model(model, (EXAMPLES / name).read_text(encoding="utf-8"))
+    loaded = load_model(model, (EXAMPLES / name).read_text(encoding="utf-8"))
+    if doc_type == "RequestForQuotation":
+        # The example file has no deadline (one would expire); how one maps is shown here.
+        deadline = dt.datetime(2026, 6, 1, 9, 0, 30, tzinfo=dt.UTC)
+        return loaded.model_copy(update={"respond_by": deadline})
+    return loaded
 
 
 def render(model: BaseModel, doc_type: str) -> bytes:
