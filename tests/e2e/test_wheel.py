@@ -75,6 +75,7 @@ def test_wheel_contents(wheel: Path) -> None:
         "cmi_ticket/plugin.py",
         "cmi_ticket/schemas/ticket-1.0.xsd",
         "cmi_ticket/templates/ticket.xml.j2",
+        "cmi_sdk_pytest/__init__.py",
     ):
         assert required in names, f"{required} is missing from the wheel"
     assert any(n.startswith("cmi_core/schemas/") and n.endswith(".xsd") for n in names)
