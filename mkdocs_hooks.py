@@ -78,3 +78,15 @@ def on_page_markdown(markdown: str, **_kwargs: Any) -> str:
     if MARKER in markdown:
         return markdown.replace(MARKER, render_hooks())
     return markdown
+
+
+def on_post_build(config: Any, **_: Any) -> None:
+    """Write the stylesheet of Pygments' highlighting (the classes pymdownx.highlight
+    puts on code blocks) into the site: made by the Pygments that highlighted it."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from pygments.formatters import HtmlFormatter  # noqa: PLC0415
+
+    css = Path(config["site_dir"]) / "css" / "pygments.css"
+    css.parent.mkdir(parents=True, exist_ok=True)
+    css.write_text(HtmlFormatter(style="default").get_style_defs(".highlight"), encoding="utf-8")
