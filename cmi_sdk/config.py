@@ -1,7 +1,9 @@
 """Configuration from ``CMI_*`` environment variables or a ``cmi.toml`` file.
 
 The ``cmi`` command reads it; a firm's code may too (``Settings.load().adapter()``).
-Environment variables win over the file. The names, with their defaults:
+Environment variables win over the file. A value that is not valid is refused with the
+setting, where it came from (the variable, or the key in the file) and why. The names,
+with their defaults:
 
 =============================  ==============================  =============================
 variable                       ``cmi.toml`` key                default
@@ -51,15 +53,22 @@ terms policy is the ``[policy]`` table of ``cmi.toml``, with the fields of
 
 from __future__ import annotations
 
-import math
+import contextvars
 import os
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from cmi_sdk._adapter import DEFAULT_DATABASE_URL, Adapter
 from cmi_sdk._delivery import DEFAULT_SCHEDULE, RetrySchedule
@@ -70,55 +79,138 @@ from cmi_sdk._models import TermsPolicy
 from cmi_sdk._secrets import SecretsKeyring
 from cmi_sdk.egress import EgressGuard
 
-__all__ = ["CONFIG_FILE", "Settings"]
+__all__ = ["CONFIG_FILE", "ENV_PREFIX", "Settings"]
 
 CONFIG_FILE = "cmi.toml"
 """The configuration file looked for in the working directory."""
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+ENV_PREFIX = "CMI_"
+"""The prefix of the settings' environment variables (``CMI_DATABASE_URL``)."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The adapter's and the delivery worker's settings."""
+def _not_a_boolean(value: Any) -> Any:
+    # A count or a number of seconds given as true or false is a mistake, not 1 or 0.
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    # As a shell writes them: " on ", "" (unset) is off.
+    if isinstance(value, str):
+        value = value.strip()
+        return value or False
+    return value
+
+
+def _listed(value: Any) -> Any:
+    """A comma-separated string (an environment variable) as a list; anything else as is."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _none_if_empty(value: Any) -> Any:
+    return value if value not in ("", None, ()) and value != [] else None
+
+
+Flag = Annotated[bool, BeforeValidator(_boolean)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_not_a_boolean)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_not_a_boolean)]
+Delay = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_not_a_boolean)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_none_if_empty)]
+OptionalText = Annotated[str | None, BeforeValidator(_none_if_empty)]
+
+#: The sources of the settings being loaded (by :meth:`Settings.load`); none otherwise, so
+#: that ``Settings(...)`` holds what it is given and nothing else.
+_LOADING: contextvars.ContextVar[tuple[PydanticBaseSettingsSource, ...]] = contextvars.ContextVar(
+    "cmi_settings_sources", default=()
+)
+
+
+class _Environment(EnvSettingsSource):
+    """The ``CMI_*`` variables of a given mapping (``os.environ`` by default); never
+    ``CMI_POLICY``: the policy is a table of ``cmi.toml``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # Names are matched without regard to case, as the source does. An empty value is
+        # kept: it unsets what the file says (the fields read it as their empty value).
+        policy = f"{ENV_PREFIX}POLICY".lower()
+        return {
+            name.lower(): value for name, value in self._environ.items() if name.lower() != policy
+        }
+
+
+class Settings(BaseSettings):
+    """The adapter's and the delivery worker's settings (pydantic-settings: each field's
+    variable is ``CMI_`` and its name in capitals)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=False,
+    )
 
     database_url: str = DEFAULT_DATABASE_URL
-    allow_loopback: bool = False
+    allow_loopback: Flag = False
     """Accept loopback destinations, over plain http too (tests and demos only)."""
-    allow_private: bool = False
-    signing_key: Path | None = None
-    signing_cert: Path | None = None
+    allow_private: Flag = False
+    signing_key: OptionalPath = None
+    signing_cert: OptionalPath = None
     firm: str = "firm.example"
-    webhook_ed25519_key: str | None = None
-    delivery_concurrency: int = 4
-    per_destination: int = 1
-    destination_leases: int | None = None
+    webhook_ed25519_key: OptionalText = None
+    delivery_concurrency: Count = 4
+    per_destination: Count = 1
+    destination_leases: Annotated[Count | None, BeforeValidator(_none_if_empty)] = None
     """With PostgreSQL: the most rows leased to one destination across all workers."""
-    lease_seconds: float = 60.0
-    retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
-    http_timeout: float = 10.0
-    transaction_kinds: tuple[str, ...] | None = None
+    lease_seconds: Seconds = 60.0
+    retry_schedule: Annotated[tuple[Delay, ...], NoDecode, BeforeValidator(_listed)] = (
+        DEFAULT_SCHEDULE
+    )
+    http_timeout: Seconds = 10.0
+    transaction_kinds: Annotated[
+        tuple[str, ...] | None,
+        NoDecode,
+        BeforeValidator(lambda v: _none_if_empty(_listed(v))),
+    ] = None
     """The kinds of transaction the firm emits; None: every kind."""
-    acceptance_lease: float = 300.0
-    header_timeout: float = 10.0
+    acceptance_lease: Seconds = 300.0
+    header_timeout: Seconds = 10.0
     """Seconds a client may take to send a request's head; then its connection is closed."""
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    body_timeout: Seconds = DEFAULT_BODY_TIMEOUT
     """Seconds a request's body may take to arrive in full; then the answer is 408."""
-    keep_alive_timeout: float = 5.0
+    keep_alive_timeout: Seconds = 5.0
     """Seconds an idle connection is kept open after a response."""
-    max_connections: int = 1000
+    max_connections: Count = 1000
     """The most connections open at once (fewer if the descriptor limit is lower)."""
-    max_header_bytes: int = 32 * 1024
+    max_header_bytes: Count = 32 * 1024
     """The most bytes a request's line and headers may hold; larger is answered 431."""
-    metrics_token: str | None = None
+    metrics_token: OptionalText = None
     """The bearer token ``GET /metrics`` asks for (``cmi serve --metrics``)."""
-    secrets_key: str | None = field(default=None, repr=False)
+    secrets_key: Annotated[OptionalText, Field(repr=False)] = None
     """``cmisk_`` keys that seal the stored secrets (encryption at rest), the sealing key
     first."""
-    secrets_key_file: Path | None = None
+    secrets_key_file: OptionalPath = None
     """Or a file of them (mode 0600), one a line."""
-    policy: TermsPolicy = field(default_factory=TermsPolicy)
+    policy: TermsPolicy = Field(default_factory=TermsPolicy)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],  # noqa: ARG003  (always this class)
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,  # noqa: ARG003  (see load)
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """What a ``Settings(...)`` holds: the values given, then (inside :meth:`load`)
+        the environment and ``cmi.toml``."""
+        return (init_settings, *_LOADING.get())
 
     @classmethod
     def load(
@@ -127,36 +219,25 @@ class Settings:
         """Read ``cmi.toml`` in ``directory`` (the working directory by default), then the
         ``CMI_*`` environment variables over it.
 
-        :raises ConfigurationError: a value of the wrong type, an unknown key in the file.
+        :raises ConfigurationError: a value of the wrong type, an unknown key in the file;
+            the message names each setting, its variable or key, and the reason.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
         path = (directory or Path.cwd()) / CONFIG_FILE
-        if path.is_file():
-            try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigurationError(f"{path}: {exc}") from None
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(data) - known)
-            if unknown:
-                raise ConfigurationError(f"{path}: unknown settings {', '.join(unknown)}")
-            values.update(data)
-        for f in fields(cls):
-            name = f"CMI_{f.name.upper()}"
-            if f.name != "policy" and name in env:
-                values[f.name] = env[name]
-        return cls._coerce(values)
-
-    @classmethod
-    def _coerce(cls, values: dict[str, Any]) -> Settings:
-        out: dict[str, Any] = {}
-        for key, value in values.items():
-            try:
-                out[key] = _convert(key, value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigurationError(f"setting {key}: {exc}") from None
-        return cls(**out)
+        try:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (
+                _Environment(cls, env),
+                TomlConfigSettingsSource(cls, toml_file=path if path.is_file() else None),
+            )
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{path}: {exc}") from None
+        token = _LOADING.set(sources)
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise _configuration_error(exc, env, path) from None
+        finally:
+            _LOADING.reset(token)
 
     def signer(self) -> Any:
         """The :class:`~cmi_sdk.signing.DocumentSigner` of the configured key, or None."""
@@ -228,91 +309,22 @@ class Settings:
         }
 
 
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{value!r} is not a boolean (1/0, true/false)")
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{value!r} is not a whole number")
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a number of seconds")
-    seconds = float(value)
-    if not 0 < seconds < math.inf:
-        raise ValueError("must be a positive, finite number of seconds")
-    return seconds
-
-
-def _schedule(value: Any) -> tuple[float, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    delays = tuple(float(item) for item in items if str(item).strip())
-    if not all(0 <= d < math.inf for d in delays):
-        raise ValueError("delays are finite seconds >= 0")
-    return delays
-
-
-def _kinds(value: Any) -> tuple[str, ...] | None:
-    items = value.split(",") if isinstance(value, str) else value
-    kinds = tuple(str(item).strip() for item in items if str(item).strip())
-    return kinds or None
-
-
-def _path(value: Any) -> Path | None:
-    return Path(str(value)) if value else None
-
-
-def _optional_text(value: Any) -> str | None:
-    return str(value) if value else None
-
-
-def _policy(value: Any) -> TermsPolicy:
-    try:
-        return TermsPolicy.model_validate(value)
-    except ValidationError as exc:
-        raise ValueError(str(exc)) from None
-
-
-_CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "database_url": str,
-    "allow_loopback": _boolean,
-    "allow_private": _boolean,
-    "signing_key": _path,
-    "signing_cert": _path,
-    "firm": str,
-    "webhook_ed25519_key": _optional_text,
-    "delivery_concurrency": _count,
-    "per_destination": _count,
-    "destination_leases": lambda v: None if v in ("", None) else _count(v),
-    "lease_seconds": _seconds,
-    "retry_schedule": _schedule,
-    "http_timeout": _seconds,
-    "transaction_kinds": _kinds,
-    "acceptance_lease": _seconds,
-    "header_timeout": _seconds,
-    "body_timeout": _seconds,
-    "keep_alive_timeout": _seconds,
-    "max_connections": _count,
-    "max_header_bytes": _count,
-    "metrics_token": _optional_text,
-    "secrets_key": _optional_text,
-    "secrets_key_file": _path,
-    "policy": _policy,
-}
-
-
-def _convert(key: str, value: Any) -> Any:
-    return _CONVERTERS[key](value)
+def _configuration_error(
+    exc: ValidationError, env: Mapping[str, str], path: Path
+) -> ConfigurationError:
+    """One line for each bad setting: its name, where its value came from, and why."""
+    unknown: list[str] = []
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            unknown.append(name)
+            continue
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        where = variable if env.get(variable) else f"{name} in {path}"
+        inner = ".".join(str(p) for p in error["loc"][1:])
+        reason = error["msg"].removeprefix("Value error, ")
+        lines.append(f"setting {name} ({where}): {f'{inner}: ' if inner else ''}{reason}")
+    if unknown:
+        lines.insert(0, f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    return ConfigurationError("; ".join(lines))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -57,7 +56,7 @@ def _server_settings(args: argparse.Namespace) -> Any:
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "max_connections")
         if getattr(args, name, None) is not None
     }
-    return dataclasses.replace(settings, **given) if given else settings
+    return settings.model_copy(update=given) if given else settings
 
 
 #: How ``cmi serve --workers N`` hands its options to the worker processes it starts.

@@ -4,7 +4,6 @@ parses, and the CMI_* variables it reads (each one the SDK knows)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def _commands(
 
 
 COMMANDS = _commands(build_parser())
-KNOWN = {f"CMI_{f.name.upper()}" for f in dataclasses.fields(Settings)} | ONLY_FROM_ENVIRONMENT
+KNOWN = {f"CMI_{name.upper()}" for name in Settings.model_fields} | ONLY_FROM_ENVIRONMENT
 
 
 def test_every_command_has_a_guide_entry_and_no_entry_is_stale() -> None:
