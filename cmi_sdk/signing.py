@@ -319,9 +319,9 @@ def verify_document(
     never parses the bytes itself. Everything in the document must be what the signature
     covers: a comment anywhere (the signature's canonical form leaves comments out, so a
     comment could split a value without breaking the signature), or a processing
-    instruction inside or after the root element, is refused. Processing instructions
-    before the root (the OFX header) are outside the signature, and the SDK reads no value
-    from them.
+    instruction anywhere, is refused; the one exception is an OFX root's own ``<?OFX?>``
+    header before it (statements earlier releases signed inside), from which the SDK reads
+    no value.
 
     :param certificate: the expected signer's certificate, as an object or PEM bytes.
     :returns: the signed document's canonical form, without the signature: what is
@@ -471,7 +471,7 @@ def _hardened(max_bytes: int) -> HardenedParser:
 
 def _refuse_uncovered(tree: etree._ElementTree) -> None:
     """Refuse what a signature over the root does not cover, or covers but the SDK would
-    not read: comments anywhere, processing instructions inside or after the root."""
+    not read: comments anywhere, processing instructions anywhere but the OFX header."""
     root = tree.getroot()
     before = list(root.itersiblings(preceding=True))
     after = list(root.itersiblings())
@@ -483,4 +483,18 @@ def _refuse_uncovered(tree: etree._ElementTree) -> None:
     if inside or after:
         raise SignatureVerificationError(
             "the document holds a processing instruction inside or after its root element: refused"
+        )
+    # Before the root, outside the signature: only an OFX root's own header, once (OFX 2
+    # statements signed inside by earlier releases). Anything else, such as an
+    # xml-stylesheet a viewer would fetch, would ride along unsigned with verified content.
+    header = (
+        root.tag == "OFX"
+        and len(before) == 1
+        and isinstance(before[0], etree._ProcessingInstruction)
+        and before[0].target == "OFX"
+    )
+    if before and not header:
+        raise SignatureVerificationError(
+            "the document holds a processing instruction before its root element, which its"
+            " signature does not cover: refused"
         )
