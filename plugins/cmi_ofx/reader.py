@@ -58,7 +58,6 @@ __all__ = ["ParsedOFX", "parse_ofx", "read_ofx"]
 _TRNTYPES: Final = frozenset(
     get_args(BankStatementLineDetails.model_fields["transaction_type"].annotation)
 )
-_OFX_PI: Final = re.compile(rb"<\?OFX\b[^>]*\?>")
 _NOT_IDENTIFIER: Final = re.compile(r"[^A-Za-z0-9._:\-]+")
 _IDENTIFIER: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}")
 _PAYEE_CHARS: Final = 64
@@ -102,12 +101,12 @@ def read_ofx(
     try:
         root = parser.parse(stripped).getroot()
     except MalformedXMLError as exc:
-        header = _OFX_PI.search(stripped)
-        if header is None:
+        header_end = _ofx_header_end(stripped)
+        if header_end is None:
             raise
         try:
             root = parse_sgml_body(
-                stripped[header.end() :].decode("utf-8", errors="strict").lstrip(),
+                stripped[header_end:].decode("utf-8", errors="strict").lstrip(),
                 max_depth=max_depth,
             )
         except (MalformedXMLError, UnicodeDecodeError):
@@ -118,6 +117,28 @@ def read_ofx(
     if root.tag != "OFX":
         raise MalformedXMLError(f"not an OFX document: the root element is <{root.tag!s}>")
     return ParsedOFX(2, root)
+
+
+def _ofx_header_end(data: bytes) -> int | None:
+    """Where the first ``<?OFX ...?>`` header in ``data`` ends, if there is one.
+
+    One pass: a regular expression searched from each ``<?OFX`` would scan again to the
+    next ``>`` every time, quadratic in a file of ``<?OFX<?OFX...``.
+    """
+    position = 0
+    while (start := data.find(b"<?OFX", position)) >= 0:
+        end = data.find(b">", start)
+        if end < 0:
+            return None
+        if data[end - 1 : end] == b"?":
+            # Every '<?OFX' before this '>' ends at it: the first that is a whole word.
+            while 0 <= start < end:
+                after = data[start + 5 : start + 6]
+                if not (after.isalnum() or after == b"_"):
+                    return end + 1
+                start = data.find(b"<?OFX", start + 1, end)
+        position = end + 1
+    return None
 
 
 def _text(element: etree._Element | None, path: str) -> str | None:

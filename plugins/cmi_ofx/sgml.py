@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -137,7 +138,9 @@ AGGREGATES: Final = frozenset(
     ]
 )
 
-_HEADER_FIELD: Final = re.compile(r"([A-Za-z]+)[ \t]*:[ \t]*([^\s<]*)")
+# A name starts where no letter precedes it: without the look-behind, a long run of letters
+# with no colon is retried from each of its letters, quadratic in the header's length.
+_HEADER_FIELD: Final = re.compile(r"(?<![A-Za-z])([A-Za-z]+)[ \t]*:[ \t]*([^\s<]*)")
 _TOKEN: Final = re.compile(r"<([^<>]*)>|[^<]+|<")
 _DECLARATION: Final = re.compile(r"<[!?]")
 _TAG_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
@@ -204,7 +207,7 @@ def read_sgml(
     body = data[start:]
     try:
         text = body.decode(encoding)
-    except UnicodeDecodeError:
+    except UnicodeError:
         # Banks say UTF-8 or NONE and send Windows-1252; latin-1 decodes any byte at all.
         encoding = "cp1252"
         try:
@@ -219,7 +222,13 @@ def read_sgml(
 def _header(text: str) -> dict[str, str]:
     if not text.strip():
         return {}
-    fields = {name.upper(): value for name, value in _HEADER_FIELD.findall(text)}
+    fields: dict[str, str] = {}
+    for name, value in _HEADER_FIELD.findall(text):
+        # Said twice, a field could be read one way here and the other way elsewhere.
+        if fields.setdefault(name.upper(), value) != value:
+            raise MalformedXMLError(
+                f"the OFX header gives {name.upper()} twice, differently", line=1
+            )
     if "OFXHEADER" not in fields:
         raise MalformedXMLError(
             "not an OFX 1 file: text before the first tag is not an OFXHEADER header", line=1
@@ -241,10 +250,36 @@ def _codec(header: Mapping[str, str]) -> str:
     codec = _CHARSETS.get(charset)
     if codec is None:
         try:
-            codec = codecs.lookup(charset).name
+            info = codecs.lookup(charset)
         except LookupError:
             raise MalformedXMLError(f"unknown OFX CHARSET {charset!r}") from None
+        codec = info.name
+        if not _reads_ascii_as_ascii(codec):
+            # UTF-7 or an escape codec would turn text other readers show into markup;
+            # rot13, hex, UTF-16 or EBCDIC are not what an OFX body is written in.
+            raise MalformedXMLError(
+                f"OFX CHARSET {charset!r} is not a character set OFX files are written in"
+            )
     return codec
+
+
+# ASCII, and the sequences that decode to something else in UTF-7, IDNA and escape codecs.
+_ASCII_PROBE: Final = bytes(range(128)) + b"\\u003c\\x3c+ADw-&#60; xn--ls8h.xn--ls8h"
+
+
+def _reads_ascii_as_ascii(codec: str) -> bool:
+    """Whether ``codec`` is a text encoding that reads every ASCII byte, alone or in a
+    run, as that character: the markup then means the same to every reader."""
+    if not getattr(codecs.lookup(codec), "_is_text_encoding", True):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # escape codecs warn about the probe's backslashes
+        try:
+            return _ASCII_PROBE.decode(codec) == _ASCII_PROBE.decode("ascii") and all(
+                bytes([byte]).decode(codec) == chr(byte) for byte in range(128)
+            )
+        except (UnicodeError, LookupError, ValueError, Warning):
+            return False
 
 
 def _line(text: str, position: int) -> int:
