@@ -15,7 +15,7 @@ import sys
 import pytest
 
 import cmi_ofx
-from cmi_sdk import Adapter, MalformedXMLError, XMLInputError
+from cmi_sdk import Adapter, DocumentTooDeepError, MalformedXMLError, XMLInputError
 
 HEADER = (
     b"OFXHEADER:100\r\nDATA:OFXSGML\r\nVERSION:102\r\nSECURITY:NONE\r\nENCODING:USASCII\r\n"
@@ -128,3 +128,31 @@ def test_a_header_field_given_twice_differently_is_refused(header: bytes) -> Non
     """Read one way here and another way by the customer's software: refused."""
     with pytest.raises(MalformedXMLError, match="twice"):
         cmi_ofx.read_sgml(header + BODY % b"")
+
+
+# -- references and nesting ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reference", [b"&#xD800;", b"&#55296;", b"&#x110000;", b"&#1114112;", b"&#x1;", b"&#0;"]
+)
+def test_a_reference_to_a_character_xml_cannot_carry_is_refused(reference: bytes) -> None:
+    with pytest.raises(MalformedXMLError, match="character"):
+        cmi_ofx.read_sgml(HEADER % b"1252" + BODY % (b"<MEMO>a" + reference + b"b"))
+
+
+def test_a_reference_never_becomes_markup() -> None:
+    doc = cmi_ofx.read_sgml(
+        HEADER % b"1252" + BODY % b"<MEMO>&#60;/OFX&#62;&lt;STMTTRN&gt;&LT;x&GT;&xxe;&NBSP;"
+    )
+    memo = doc.root.find("MEMO")
+    assert memo is not None
+    assert memo.text == "</OFX><STMTTRN><x>&xxe; "
+    assert [child.tag for child in doc.root] == ["SIGNONMSGSRSV1", "MEMO"]
+
+
+def test_unclosed_aggregates_nest_no_deeper_than_the_limit() -> None:
+    # Unknown tags with no text are aggregates, each one deeper: the limit stops them
+    # before the tree grows.
+    with pytest.raises(DocumentTooDeepError):
+        cmi_ofx.read_sgml(HEADER % b"1252" + b"<OFX>" + b"<A>" * 200_000)
