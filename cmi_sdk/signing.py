@@ -329,13 +329,15 @@ def verify_document(
         :meth:`cmi_sdk.Adapter.parse`).
     :raises DocumentNotSignedError: the document has no signature.
     :raises SignatureVerificationError: another signer, other algorithms than the pinned
-        ones, a signature elsewhere or twice, content changed after signing, or content the
-        signature does not cover.
+        ones, a signature elsewhere or twice, a signature over less than the whole document
+        (a reference by ID, other transforms), content changed after signing, or content
+        the signature does not cover.
     :raises XMLInputError: the hardened parser refused the document.
     """
     tree = _hardened(max_bytes).parse(xml, lossless=True)
     _refuse_uncovered(tree)
     location = _signature_location(tree.getroot())
+    _require_whole_document(tree.getroot())
     result = _verify(tree.getroot(), certificate, location=location)
     signed: bytes = result.signed_data
     return signed
@@ -434,6 +436,33 @@ def _verify(
     if isinstance(result, list):  # one reference is expected, so one result comes back
         result = result[0]
     return result
+
+
+def _require_whole_document(root: etree._Element) -> None:
+    """Refuse an enveloped signature of any other shape than the SDK makes: one reference,
+    ``URI=""``, the enveloped-signature then exclusive canonicalization transforms.
+
+    A reference to an element by ID (or a transform that picks part of the document)
+    vouches for that part only, and everything around it would pass as verified: a
+    signature the same key made over something else could be carried into a forged
+    document (signature wrapping).
+    """
+    signature = next(root.iter(f"{{{DSIG_NAMESPACE}}}Signature"))
+    references = signature.findall(f"{{{DSIG_NAMESPACE}}}SignedInfo/{{{DSIG_NAMESPACE}}}Reference")
+    transforms = [
+        transform.get("Algorithm")
+        for reference in references
+        for transform in reference.iterfind(f"{{{DSIG_NAMESPACE}}}Transforms/*")
+    ]
+    if (
+        len(references) != 1
+        or references[0].get("URI") != ""
+        or transforms != [_ENVELOPED, _EXC_C14N]
+    ):
+        raise SignatureVerificationError(
+            'an enveloped signature covers the whole document (one reference, URI="",'
+            " enveloped and exclusive canonicalization): this one covers something else"
+        )
 
 
 def _signature_location(root: etree._Element) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import os
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -183,6 +185,65 @@ def test_keyinfo_naming_another_certificate_is_ignored() -> None:
     xml = ADAPTER.render(bank_transaction(), standard="ofx")
     with pytest.raises(SignatureVerificationError):
         verify_detached(xml, forger.sign_detached(xml), cert())
+
+
+def signed_elsewhere(root: etree._Element, parent: etree._Element) -> etree._Element:
+    """``root`` carrying, inside ``parent``, an element the firm's key signed by ID for some
+    other purpose (a key used for more than documents), and that signature at the place the
+    SDK accepts: the rest of the document is the forger's."""
+    carried = etree.SubElement(parent, "{urn:example:other}Assertion", ID="a1")
+    carried.text = "signed for something else"
+    canonical = etree.tostring(carried, method="c14n", exclusive=True)
+    digest = base64.b64encode(hashlib.sha256(canonical).digest()).decode()
+    exc = "http://www.w3.org/2001/10/xml-exc-c14n#"
+    signed_info = (
+        f'<SignedInfo xmlns="{DSIG_NAMESPACE}">'
+        f'<CanonicalizationMethod Algorithm="{exc}"></CanonicalizationMethod>'
+        '<SignatureMethod Algorithm="http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256">'
+        '</SignatureMethod><Reference URI="#a1"><Transforms>'
+        f'<Transform Algorithm="{exc}"></Transform></Transforms>'
+        '<DigestMethod Algorithm="http://www.w3.org/2001/04/xmlenc#sha256"></DigestMethod>'
+        f"<DigestValue>{digest}</DigestValue></Reference></SignedInfo>"
+    )
+    return etree.fromstring(signer()._signature(signed_info))
+
+
+def test_a_signature_over_part_of_the_document_is_refused(tmp_path: Path) -> None:
+    """Signature wrapping: a reference to an element by ID vouches for that element only.
+    The SDK's signatures cover the whole document (``URI=""``, enveloped): nothing else
+    verifies, so a signature the firm's key made elsewhere cannot lend its name to a
+    forged invoice."""
+    forged = invoice().replace(b">-5.72<", b">-9999.00<")
+    root = etree.fromstring(forged)
+    old = next(root.iter(f"{DS}Signature"))
+    information = old.getparent()
+    assert information is not None
+    information.remove(old)
+    # The carried element sits in a UBL extension of its own (ExtensionContent takes any
+    # element, so the forgery stays valid UBL); its signature where UBL keeps one.
+    extensions = root[0]
+    extension = etree.SubElement(extensions, extensions[0].tag)
+    content = etree.SubElement(extension, f"{{{extensions.nsmap['ext']}}}ExtensionContent")
+    information.append(signed_elsewhere(root, content))
+    wrapped = etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+    parsed = ADAPTER.parse(wrapped)
+    assert isinstance(parsed, Transaction)
+    assert parsed.total.amount == Decimal("-9999.00")
+    with pytest.raises(SignatureVerificationError, match="whole document"):
+        verify_document(wrapped, cert())
+    # At the root's end of the SDK's own vocabulary too.
+    unsigned = ADAPTER.render(bank_transaction(), standard="cmi", document_type="transaction")
+    root = etree.fromstring(unsigned.replace(b"-5.72", b"-9999.00"))
+    root.append(signed_elsewhere(root, root))
+    with pytest.raises(SignatureVerificationError, match="whole document"):
+        verify_document(etree.tostring(root), cert())
+    # The customer's store keeps nothing of it.
+    secret = generate_secret()
+    store = CustomerStore(directory=tmp_path / "store", secrets=[secret], certificate=cert())
+    with running(store) as url:
+        refused = deliver(url, secret, "msg_w", wrapped, {"content-type": "application/xml"})
+        assert refused.status_code == 422, refused.text
+    assert store.documents() == []
 
 
 # -- a detached reference opens nothing ---------------------------------------------------------
