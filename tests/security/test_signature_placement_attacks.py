@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import hmac
 import os
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -343,3 +345,40 @@ def test_two_signature_headers_or_one_for_other_bytes_store_nothing(tmp_path: Pa
         "msg_1.ofx",
         "msg_1.ofx.sig",
     ]
+
+
+@pytest.mark.parametrize(
+    "msg_id", ["../outside", "..", "a/../../b", "x\\..\\y", "NUL", "id\n", "%2e%2e%2fx"]
+)
+def test_a_signature_file_is_never_written_outside_the_store(tmp_path: Path, msg_id: str) -> None:
+    """The ``.ofx.sig`` beside a statement is named by the delivery's id, as the statement
+    is: an id that could leave the folder is refused before anything is written."""
+    secret = generate_secret()
+    xml = ADAPTER.render(bank_transaction(), standard="ofx")
+    signature = documents().detached_signature(xml, standard="ofx", name="x.ofx")
+    assert signature is not None
+    folder = tmp_path / "deep" / "store"
+    store = CustomerStore(directory=folder, secrets=[secret])
+    headers = {
+        "content-type": "application/x-ofx",
+        DETACHED_SIGNATURE_HEADER: base64.b64encode(signature).decode(),
+    }
+    with running(store) as url:
+        # Signed by hand: the SDK's own signer refuses such ids before sending.
+        timestamp = str(int(time.time()))
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + xml, hashlib.sha256)
+        webhook = {
+            "webhook-id": msg_id,
+            "webhook-timestamp": timestamp,
+            "webhook-signature": "v1," + base64.b64encode(mac.digest()).decode(),
+        }
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            try:
+                refused = client.post(url, content=xml, headers={**webhook, **headers})
+            except httpx.LocalProtocolError:
+                return  # not even sendable
+        # Refused by the webhook check (an id with '.') or as a file name.
+        assert refused.status_code in (400, 401), refused.text
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == []

@@ -129,6 +129,7 @@ def disguised_invoices(draw: st.DrawFn) -> bytes:
     return text.encode()
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(disguised_invoices())
 def test_a_disguised_ubl_invoice_verifies_to_the_signed_values_or_not_at_all(
