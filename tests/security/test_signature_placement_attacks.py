@@ -45,7 +45,7 @@ from cmi_sdk.signing import (
     verify_document,
 )
 from cmi_sdk.webhooks import WebhookSigner, generate_secret
-from tests.security.test_parser_opens_nothing import Watch
+from tests.security.watch import Watch
 from tests.support import ROOT, signer
 
 DS = f"{{{DSIG_NAMESPACE}}}"

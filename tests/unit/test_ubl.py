@@ -857,7 +857,9 @@ def test_emitted_under_ubl_terms(tmp_path: Path, official: dict[str, etree.XMLSc
                 "purpose": {"code": "records", "text": "Keep my invoices"},
             }
         )
-        with pytest.raises(TermsError, match="ubl Invoice documents are shared whole.*no field total"):
+        with pytest.raises(
+            TermsError, match=r"ubl Invoice documents are shared whole.*no field total"
+        ):
             adapter.propose_terms(proposal)
     finally:
         adapter.close()
