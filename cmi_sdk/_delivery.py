@@ -1,54 +1,105 @@
-"""The delivery worker: from the outbox to the customers' destinations, reliably.
+"""The delivery engine: from the outbox to the customers' destinations, reliably.
 
-Each round claims a batch of due rows (a lease, kept alive by a heartbeat), posts each
-document with the Standard Webhooks headers, and records every outcome of the batch in one
-commit. Delivery is at-least-once: a worker killed after a POST but before recording it
-leaves a lease that expires, and the row goes out again with the same ``webhook-id``.
+Customers' stores are many hosts across the internet, each tens to hundreds of
+milliseconds away, some slow, some down for days, some that accept a connection and never
+answer. The engine is one asyncio loop that keeps many documents in flight:
 
-Concurrency model, chosen by measurement: each batch is split into lanes, one per
-destination by default (``per_destination`` lanes at most), each sent in order over its own
-thread's keep-alive ``httpx.Client``; lanes of different destinations run in parallel on a
-small thread pool, so a slow customer store does not hold up the others. Sequential
-keep-alive posts beat both httpx's ``AsyncClient`` with many requests in flight and several
-threads posting to one receiver, since the sender is CPU-bound and the GIL serializes it
-(the figures, and the commands that measure them: ``docs/performance.md``).
+- **Claims continuously.** Rows are leased from the outbox as slots free, with no batch
+  barrier: a slow store holds its own slot, never a round. Leases of every row held (in
+  flight, queued behind its destination, or waiting for its outcome to commit) are renewed
+  by a heartbeat; outcomes are recorded in group commits as they come.
+- **One at a time per destination** (``per_destination``), so each customer's documents
+  arrive in order and a small store is not flooded; many destinations at once
+  (``concurrency``, sized for WAN latency: 256 in flight hide 100 ms answers at over
+  2,000 documents a second).
+- **A circuit per destination.** After ``circuit_threshold`` consecutive failures
+  (timeouts, refused or reset connections, 5xx) a destination's circuit opens: its
+  documents no longer take a slot each; one probe goes out per ``circuit_interval``, and
+  the others are recorded as failed attempts at once and wait for the next probe (the
+  retry schedule still applies to each document). An answer closes the circuit.
+- **Connects to what the egress guard checked** (:meth:`EgressGuard.pin`): the client's
+  resolver answers only with the addresses the guard judged, so a name that answers a
+  public address to the guard and a private one a moment later (DNS rebinding) never gets
+  a connection to the private one. The host name stays in the URL, so the ``Host`` header,
+  TLS SNI and certificate verification use it.
+- **Explicit timeouts per attempt**: connect, read (between bytes) and total.
+
+Delivery is at-least-once: a worker killed after a POST but before recording it leaves a
+lease that expires, and the row goes out again with the same ``webhook-id``.
+
+The transport, chosen by measurement (``python bench/transports.py``; the figures are in
+``docs/performance.md``): one ``aiohttp`` session whose connector keeps one keep-alive
+connection per origin. httpx's ``AsyncClient`` fell to about 90 requests a second with 64
+in flight (its pool scans every connection per request, encode/httpx#3215); httpx over
+the ``httpx-aiohttp`` transport kept the rate but cost 2.5 times aiohttp's CPU per request;
+a session per origin cost as much CPU as one session, and more memory per store. aiohttp
+also lets the engine give the connector its own resolver, which is how addresses are
+pinned. An ``httpx`` transport can still be passed (``transport=``): tests use
+``httpx.MockTransport`` to see exactly what is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import email.utils
 import logging
 import math
 import random
+import socket
+import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
+import aiohttp.abc
 import httpx
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
 from cmi_sdk._models import SharingTerms
 from cmi_sdk._version import __version__ as _version
-from cmi_sdk.egress import EgressGuard, EgressResolutionError
+from cmi_sdk.egress import EgressGuard, EgressResolutionError, PinnedDestination
 from cmi_sdk.outbox import AttemptResult, DeliveryReport, OutboxRow, OutboxStore
 from cmi_sdk.webhooks import WebhookSigner
 
 if TYPE_CHECKING:
     import pluggy
 
-__all__ = ["DEFAULT_SCHEDULE", "DeliveryStats", "DeliveryWorker", "RetrySchedule"]
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "DeliveryMetrics",
+    "DeliveryProgress",
+    "DeliveryStats",
+    "DeliveryWorker",
+    "RetrySchedule",
+    "Timeouts",
+]
 
 log = logging.getLogger("cmi_sdk.delivery")
+
+_T = TypeVar("_T")
 
 DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 """Seconds before each retry: the Standard Webhooks example schedule (immediately, then
 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h): eight attempts over about 27.6 hours."""
+
+DEFAULT_CONCURRENCY = 256
+"""Documents in flight at once by default: 100 ms answers need 200 in flight for 2,000
+documents a second; a slot costs a socket and a few kilobytes."""
+
+USER_AGENT = f"cmi-sdk/{_version}"
+CIRCUIT_OPEN = "circuit open:"
+"""How the error of an attempt not made for an open circuit begins (``cmi outbox status``
+finds open circuits by it)."""
+_MAX_ANSWER_BYTES = 64 * 1024  # read of an answer's body, for keep-alive; the rest is dropped
 
 
 @dataclass(frozen=True)
@@ -90,6 +141,38 @@ class RetrySchedule:
         return delay
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """The limits of one delivery attempt, in seconds.
+
+    :param connect: to open the connection (TCP and TLS).
+    :param read: between two reads of the answer (a store that stops talking).
+    :param total: for the whole attempt, connection included.
+    """
+
+    connect: float = 5.0
+    read: float = 10.0
+    total: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not all(0 < t < math.inf for t in (self.connect, self.read, self.total)):
+            raise ConfigurationError("timeouts must be positive and finite")
+
+    @classmethod
+    def of(cls, value: Timeouts | httpx.Timeout | float | None) -> Timeouts:
+        """Timeouts from an ``httpx.Timeout`` (connect, read; the total is connect + write
+        + read), a number (every limit), or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Timeouts):
+            return value
+        if isinstance(value, int | float):
+            return cls(connect=float(value), read=float(value), total=float(value))
+        connect = value.connect or cls.connect
+        read = value.read or cls.read
+        return cls(connect=connect, read=read, total=connect + (value.write or read) + read)
+
+
 @dataclass
 class DeliveryStats:
     """What a worker did: counts of attempts by outcome."""
@@ -114,6 +197,102 @@ class DeliveryStats:
         self.skipped += other.skipped
         self.outcomes.extend(other.outcomes)
 
+    def retry_reasons(self) -> Counter[str]:
+        """Why attempts failed and are tried again later, with how many each."""
+        return Counter(r.error or "?" for r in self.outcomes if r.outcome == "retry")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryProgress:
+    """A running worker's figures, reported about once a second (``progress=``)."""
+
+    delivered: int
+    retried: int
+    dead: int
+    in_flight: int
+    held: int
+    """Rows leased by this worker: in flight, queued behind their destination, or waiting
+    for their outcome to be recorded."""
+    open_circuits: int
+    delivered_per_second: float
+    """Over the last interval."""
+    oldest_pending_age: float | None
+    """Seconds since the oldest row waiting to go out was created (from the store)."""
+
+    def line(self) -> str:
+        """One line for a terminal."""
+        oldest = "-" if self.oldest_pending_age is None else f"{self.oldest_pending_age:,.0f} s"
+        return (
+            f"{self.delivered_per_second:,.0f} delivered/s  in flight {self.in_flight}"
+            f"  delivered {self.delivered}  retries {self.retried}  dead {self.dead}"
+            f"  open circuits {self.open_circuits}  oldest pending {oldest}"
+        )
+
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class DeliveryMetrics:
+    """Delivery figures of this process's workers, for ``/metrics``: attempt latency by
+    outcome (a histogram) and attempts by outcome and reason. Thread-safe; one per
+    adapter, shared by the workers it makes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self.in_flight = 0
+        self.open_circuits = 0
+
+    def observe(self, outcome: str, reason: str, seconds: float | None) -> None:
+        """Count one attempt; ``seconds`` is None for one that sent nothing."""
+        with self._lock:
+            self._counts[outcome, reason] += 1
+            if seconds is None:
+                return
+            buckets = self._buckets.setdefault(outcome, [0] * (len(_BUCKETS) + 1))
+            for i, bound in enumerate(_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+            buckets[-1] += 1
+            self._sums[outcome] = self._sums.get(outcome, 0.0) + seconds
+
+    def prometheus_lines(self) -> list[str]:
+        """The figures in the Prometheus text exposition format."""
+        with self._lock:
+            lines = [
+                "# HELP cmi_delivery_seconds Delivery attempts' duration, by outcome.",
+                "# TYPE cmi_delivery_seconds histogram",
+            ]
+            for outcome, buckets in sorted(self._buckets.items()):
+                for bound, count in zip(_BUCKETS, buckets, strict=False):
+                    lines.append(
+                        f'cmi_delivery_seconds_bucket{{outcome="{outcome}",le="{bound:g}"}} {count}'
+                    )
+                lines.append(
+                    f'cmi_delivery_seconds_bucket{{outcome="{outcome}",le="+Inf"}} {buckets[-1]}'
+                )
+                lines.append(
+                    f'cmi_delivery_seconds_sum{{outcome="{outcome}"}} {self._sums[outcome]:.6f}'
+                )
+                lines.append(f'cmi_delivery_seconds_count{{outcome="{outcome}"}} {buckets[-1]}')
+            lines += [
+                "# HELP cmi_delivery_results_total Delivery attempts by outcome and reason.",
+                "# TYPE cmi_delivery_results_total counter",
+                *(
+                    f'cmi_delivery_results_total{{outcome="{o}",reason="{r}"}} {n}'
+                    for (o, r), n in sorted(self._counts.items())
+                ),
+                "# HELP cmi_delivery_in_flight Documents being sent now.",
+                "# TYPE cmi_delivery_in_flight gauge",
+                f"cmi_delivery_in_flight {self.in_flight}",
+                "# HELP cmi_delivery_open_circuits Destinations whose circuit is open.",
+                "# TYPE cmi_delivery_open_circuits gauge",
+                f"cmi_delivery_open_circuits {self.open_circuits}",
+            ]
+        return lines
+
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """``Retry-After`` as seconds from now: delta-seconds or an HTTP date (RFC 9110)."""
@@ -136,38 +315,235 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+# -- the transport ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    retry_after: str | None
+
+
+class _SendError(Exception):
+    """An attempt got no answer; the message says why."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+class _Sender(Protocol):
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer: ...
+
+    async def close(self) -> None: ...
+
+
+class _PinnedResolver(aiohttp.abc.AbstractResolver):
+    """Answers only with the addresses the egress guard checked for a host and port;
+    never asks DNS. A host the guard has not checked gets no address at all."""
+
+    def __init__(self, pins: dict[tuple[str, int], tuple[str, ...]]) -> None:
+        self._pins = pins
+
+    async def resolve(
+        self,
+        host: str,
+        port: int = 0,
+        family: socket.AddressFamily = socket.AF_INET,  # noqa: ARG002  (the pins decide)
+    ) -> list[aiohttp.abc.ResolveResult]:
+        addresses = self._pins.get((host, port))
+        if not addresses:
+            raise OSError(f"{host}:{port} has not been checked by the egress guard")
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class _AiohttpSender:
+    """One aiohttp session: a keep-alive pool keyed by origin, the pinned resolver, no
+    cookies, no proxy from the environment, no redirects."""
+
+    def __init__(
+        self,
+        *,
+        pins: dict[tuple[str, int], tuple[str, ...]],
+        per_destination: int,
+        timeouts: Timeouts,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # the engine bounds what is in flight
+            limit_per_host=per_destination,
+            resolver=_PinnedResolver(pins),
+            use_dns_cache=False,  # the pins are the cache: the guard's answers, nobody else's
+            ssl=ssl_context if ssl_context is not None else True,
+            keepalive_timeout=30.0,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a store's cookies never reach another
+            trust_env=False,  # no proxy from the environment sees customers' data
+            auto_decompress=False,
+            headers={"user-agent": USER_AGENT},
+        )
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer:
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
+            ) as response:
+                # Read the answer to its end: one cut short raises here, and a 2xx that
+                # never finished is not a delivery. Bounded: past the bound, the status
+                # stands and the connection is dropped.
+                remaining = _MAX_ANSWER_BYTES
+                while remaining > 0:
+                    chunk = await response.content.read(remaining)
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                return _Answer(response.status, response.headers.get("retry-after"))
+        except aiohttp.ConnectionTimeoutError:
+            raise _SendError("timed out: ConnectTimeout", timed_out=True) from None
+        except TimeoutError:  # aiohttp's read timeouts are TimeoutErrors too
+            raise _SendError("timed out: ReadTimeout", timed_out=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _SendError(_reason(exc)) from None
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request got no answer, in words that do not depend on the client library
+    (the names httpx uses, which operators and earlier records already know)."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        kind = "TLSError"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        kind = "ConnectError"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        kind = "RemoteProtocolError"
+    elif isinstance(exc, OSError):
+        kind = "NetworkError"
+    else:
+        kind = type(exc).__name__
+    return f"{kind}: {exc}"
+
+
+class _HttpxSender:
+    """An ``httpx`` transport (tests pass ``httpx.MockTransport``)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeouts: Timeouts) -> None:
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            follow_redirects=False,  # a 3xx is a failure: never follow a redirect
+            trust_env=False,
+            headers={"user-agent": USER_AGENT},
+            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
+        )
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer:
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise _SendError(f"timed out: {type(exc).__name__}", timed_out=True) from None
+        except httpx.HTTPError as exc:
+            raise _SendError(f"{type(exc).__name__}: {exc}") from None
+        return _Answer(response.status_code, response.headers.get("retry-after"))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+# -- the engine's state -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Job:
+    row: OutboxRow
+    terms: SharingTerms
+
+
+@dataclass
+class _Origin:
+    """One destination origin (scheme, host, port): its queue, its slots, its circuit."""
+
+    key: str
+    queue: deque[_Job] = field(default_factory=deque)
+    in_flight: int = 0
+    failures: int = 0
+    """Consecutive attempts with no answer, or a 5xx."""
+    probe_at: float | None = None
+    """Circuit open: when the next probe may go; None while closed."""
+    probing: bool = False
+    logged_at: float = -math.inf
+    unlogged: int = 0
+
+
+@dataclass
+class _Run:
+    """What one run of the engine keeps: its stats and what it waits for."""
+
+    stats: DeliveryStats
+    keep_outcomes: bool
+    wake: asyncio.Event
+    sender: _Sender
+    results: list[tuple[_Job, AttemptResult]] = field(default_factory=list)
+    flushed: asyncio.Event = field(default_factory=asyncio.Event)
+    committed_since_claim: bool = False
+    disable: list[tuple[str, str, float]] = field(default_factory=list)
+    """Destinations that answered 410, to disable in the next commit."""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 class DeliveryWorker:
-    """Delivers the outbox's due documents.
+    """Delivers the outbox's due documents (see the module's notes for how).
 
     :param store: the outbox.
     :param hook: the adapter's hook relay (for ``cmi_on_delivered`` and
         ``cmi_on_dead_letter``).
-    :param egress: the egress guard every destination passes before each attempt.
-    :param concurrency: documents in flight at once (threads), across destinations.
+    :param egress: the egress guard every destination passes; the engine connects only to
+        the addresses it checked.
+    :param concurrency: documents in flight at once, across destinations.
     :param per_destination: documents in flight at once to one destination (origin). One,
         the default, sends each destination's documents in order over one keep-alive
-        connection: what a customer's small store can take, and the fastest for a single
-        destination (see the module's notes).
-    :param batch: rows claimed per round.
+        connection.
+    :param batch: the most rows claimed at once.
     :param lease_seconds: how long a claim holds without a heartbeat.
-    :param timeout: the HTTP timeouts: connect, write, read and pool.
+    :param timeout: the limits of each attempt: a :class:`Timeouts`, an ``httpx.Timeout``
+        (its connect and read; the total is connect + write + read) or seconds.
     :param schedule: the retry schedule.
     :param ed25519_key: a ``whsk_`` key: adds a ``v1a`` signature to every delivery.
-    :param transport: an httpx transport (tests and benchmarks).
+    :param transport: an ``httpx`` async transport to send with instead of the engine's
+        own client (tests: ``httpx.MockTransport``). It connects as it likes: the egress
+        guard still checks each destination, but addresses are pinned only without it.
+    :param ssl_context: the TLS settings for destinations (default: the system's trusted
+        certificates, hostnames verified).
+    :param circuit_threshold: consecutive failures (no answer, or a 5xx) that open a
+        destination's circuit.
+    :param circuit_interval: seconds between probes of an open circuit.
     :param clock: the scheduling clock (POSIX seconds); tests inject one to simulate
         days. The ``webhook-timestamp`` header always uses the real time, so receivers can
         judge it.
     :param seed: seeds the jitter (tests).
-    :param digests: called before each round to turn ended digest windows into
-        documents (the adapter's; see :meth:`~cmi_sdk.Adapter.delivery_worker`).
+    :param digests: called now and then to turn ended digest windows into documents (the
+        adapter's; see :meth:`~cmi_sdk.Adapter.delivery_worker`).
     :param destination_lease_limit: with a store that can enforce it (PostgreSQL), the
-        most rows leased to one destination at once across *all* workers; None: no limit
-        beyond each worker's own lanes. Rows are leased in batches and sent one after the
-        other, so this bounds a destination's backlog in flight, not its parallel posts.
-    :param document_headers: the headers a row's document goes with, beside the webhook
-        ones: its ``content-type``, and a detached signature for a standard with no place
-        for one (the adapter's :meth:`~cmi_sdk.Documents.delivery_headers`); by default
-        ``content-type: application/xml`` alone.
+        most rows leased to one destination at once across *all* workers.
+    :param metrics: where to count attempts for ``/metrics`` (the adapter's).
     """
 
     def __init__(
@@ -176,39 +552,54 @@ class DeliveryWorker:
         store: OutboxStore,
         hook: pluggy.HookRelay,
         egress: EgressGuard,
-        concurrency: int = 4,
+        concurrency: int = DEFAULT_CONCURRENCY,
         per_destination: int = 1,
         batch: int = 64,
         lease_seconds: float = 60.0,
-        timeout: httpx.Timeout | None = None,
+        timeout: Timeouts | httpx.Timeout | float | None = None,
         schedule: RetrySchedule | None = None,
         ed25519_key: str | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        circuit_threshold: int = 5,
+        circuit_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
         digests: Callable[[], int] | None = None,
         destination_lease_limit: int | None = None,
-        document_headers: Callable[[OutboxRow], Mapping[str, str]] | None = None,
+        metrics: DeliveryMetrics | None = None,
     ) -> None:
-        if concurrency < 1 or per_destination < 1 or batch < 1:
-            raise ConfigurationError("concurrency, per_destination and batch must be >= 1")
+        if concurrency < 1 or per_destination < 1 or batch < 1 or circuit_threshold < 1:
+            raise ConfigurationError(
+                "concurrency, per_destination, batch and circuit_threshold must be >= 1"
+            )
         if not 0 < lease_seconds < math.inf:
             raise ConfigurationError("lease_seconds must be positive and finite")
+        if not 0 <= circuit_interval < math.inf:
+            raise ConfigurationError("circuit_interval must be finite and >= 0")
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+            raise ConfigurationError("transport must be an httpx async transport")
         self.store = store
         self._hook = hook
         self.egress = egress
         self.concurrency = concurrency
         self.per_destination = per_destination
         self.batch = batch
+        self.capacity = max(2 * concurrency, batch)
+        """The most rows held at once (leased, in flight or queued)."""
         self.lease_seconds = lease_seconds
-        self.timeout = timeout or httpx.Timeout(10.0, connect=5.0)
+        self.timeouts = Timeouts.of(timeout)
         self.schedule = schedule or RetrySchedule()
+        self.circuit_threshold = circuit_threshold
+        self.circuit_interval = circuit_interval
+        self.metrics = metrics or DeliveryMetrics()
         self._ed25519_key = ed25519_key
         self._transport = transport
+        self._ssl_context = ssl_context
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311  (jitter, not a secret)
         self._digests = digests
-        self._document_headers = document_headers
+        self._digests_at = -math.inf
         self._claim_options: dict[str, Any] = {}
         if destination_lease_limit is not None:
             if destination_lease_limit < 1:
@@ -220,91 +611,60 @@ class DeliveryWorker:
                 )
             self._claim_options["per_destination"] = destination_lease_limit
         self.owner = f"worker-{uuid.uuid4().hex[:12]}"
-        self._local = threading.local()
-        self._clients: list[httpx.Client] = []
-        self._clients_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         # Destinations checked by the egress guard recently: resolving and checking once a
         # few seconds per destination, not once per document, still catches a name that
-        # turns private (DNS rebinding) within that window.
-        self._egress_checked: dict[str, float] = {}
+        # turns private (DNS rebinding) within that window; what is connected to is always
+        # an address the guard checked (the pins).
         self.egress_ttl = 5.0
+        self._checked: dict[str, tuple[PinnedDestination, float]] = {}
+        self._pins: dict[tuple[str, int], tuple[str, ...]] = {}
         self._signers: dict[str, WebhookSigner] = {}
+        self._origins: dict[str, _Origin] = {}
+        self._held: dict[str, _Job] = {}
+        self._in_flight = 0
+        self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._running = threading.Lock()
 
-    # -- running --------------------------------------------------------------------------
+    # -- running, from synchronous code ------------------------------------------------
 
     def run_once(self, *, max_rounds: int | None = None) -> DeliveryStats:
-        """Deliver every row due now, round after round, then return.
+        """Deliver every row due now (and retries that fall due meanwhile), then return.
 
-        Rows that fail are scheduled for later and are not waited for.
+        :param max_rounds: claim at most this many times.
         """
-        total = DeliveryStats()
-        rounds = 0
-        while max_rounds is None or rounds < max_rounds:
-            stats = self.run_round()
-            rounds += 1
-            total.add(stats)
-            if stats.attempts + stats.skipped == 0:
-                break
-        return total
+        return self._run_sync(self.deliver_due(max_claims=max_rounds))
 
     def run_round(self) -> DeliveryStats:
-        """Claim one batch of due rows and deliver it (after merging ended digests)."""
-        if self._digests is not None:
-            try:
-                self._digests()
-            except CMIError:
-                log.exception("merging digests failed; their documents wait for the next round")
-        rows = self.store.claim(
-            owner=self.owner,
-            now=self._clock(),
-            lease_seconds=self.lease_seconds,
-            limit=self.batch,
-            **self._claim_options,
-        )
-        if not rows:
-            return DeliveryStats()
-        done = threading.Event()
-        beat = threading.Thread(
-            target=self._heartbeat, args=([r.msg_id for r in rows], done), daemon=True
-        )
-        beat.start()
-        try:
-            return self._deliver_batch(rows)
-        finally:
-            done.set()
-            beat.join()
+        """Claim once, deliver what was claimed, and return."""
+        return self._run_sync(self.deliver_due(max_claims=1))
 
-    def run(self, *, poll_interval: float = 1.0, stop: threading.Event | None = None) -> None:
-        """Deliver until ``stop`` (or :meth:`stop`) is set, sleeping while nothing is due."""
+    def run(
+        self,
+        *,
+        poll_interval: float = 1.0,
+        stop: threading.Event | None = None,
+        progress: Callable[[DeliveryProgress], None] | None = None,
+    ) -> None:
+        """Deliver until ``stop`` (or :meth:`stop`) is set, waiting while nothing is due."""
         stopper = stop or self._stop
-        while not stopper.is_set():
-            try:
-                stats = self.run_once()
-            except CMIError:
-                log.exception("delivery round failed; trying again")
-                stats = DeliveryStats()
-            if stats.attempts:
-                continue
-            try:
-                self._idle(stopper, poll_interval)
-            except CMIError:
-                # The store is away (a database restart): wait a poll, then try again; a
-                # worker never ends because its store blinked.
-                log.exception("waiting for work failed; trying again")
-                stopper.wait(poll_interval)
 
-    def _idle(self, stopper: threading.Event, poll_interval: float) -> None:
-        due = self.store.next_due()
-        wait = poll_interval if due is None else min(poll_interval, due - self._clock())
-        if self.store.notifies_work and wait > 0.01:
-            # LISTEN/NOTIFY (PostgreSQL) wakes the worker as soon as a row commits;
-            # polling stays the fallback, in slices short enough to notice a stop.
-            self.store.wait_for_work(min(wait, 1.0))
-        else:
-            stopper.wait(max(0.01, wait))
+        async def main() -> None:
+            halt = asyncio.Event()
+
+            async def watch() -> None:
+                while not stopper.is_set():
+                    await asyncio.sleep(0.05)
+                halt.set()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                await self.deliver(stop=halt, poll_interval=poll_interval, progress=progress)
+            finally:
+                watcher.cancel()
+
+        self._run_sync(main())
 
     def start(self, *, poll_interval: float = 1.0) -> DeliveryWorker:
         """Run in a background thread (daemon) until :meth:`stop`; returns self."""
@@ -321,7 +681,7 @@ class DeliveryWorker:
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the background thread after its current round, and close the clients."""
+        """Stop the background thread (what is in flight finishes first), and close."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -329,14 +689,10 @@ class DeliveryWorker:
         self.close()
 
     def close(self) -> None:
-        """Close the HTTP clients and the thread pool."""
+        """Let go of the worker's threads; it makes new ones if used again."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        with self._clients_lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.close()
 
     def __enter__(self) -> DeliveryWorker:
         return self
@@ -344,26 +700,267 @@ class DeliveryWorker:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- one batch ------------------------------------------------------------------------
+    def _run_sync(self, coro: Awaitable[_T]) -> _T:
+        async def main() -> _T:
+            return await coro
 
-    def _heartbeat(self, msg_ids: list[str], done: threading.Event) -> None:
-        interval = self.lease_seconds / 3
-        while not done.wait(interval):
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(main())
+
+    # -- running, on the caller's event loop -------------------------------------------
+
+    async def deliver_due(self, *, max_claims: int | None = None) -> DeliveryStats:
+        """Deliver every row due now (and retries that fall due meanwhile), then return:
+        :meth:`run_once` on the caller's event loop."""
+        return await self._serve(max_claims=max_claims, until_idle=True, keep_outcomes=True)
+
+    async def deliver(
+        self,
+        *,
+        stop: asyncio.Event | None = None,
+        poll_interval: float = 1.0,
+        progress: Callable[[DeliveryProgress], None] | None = None,
+    ) -> DeliveryStats:
+        """Deliver until ``stop`` is set: :meth:`run` on the caller's event loop.
+
+        :param stop: set it to stop; what is in flight finishes (within the total
+            timeout), and rows claimed but not started are let go at once.
+        :param poll_interval: the longest wait before looking for due rows again.
+        :param progress: called about once a second with the worker's figures.
+        """
+        return await self._serve(
+            stop=stop,
+            poll_interval=poll_interval,
+            progress=progress,
+            until_idle=False,
+            keep_outcomes=False,
+        )
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _serve(
+        self,
+        *,
+        until_idle: bool,
+        keep_outcomes: bool,
+        max_claims: int | None = None,
+        stop: asyncio.Event | None = None,
+        poll_interval: float = 1.0,
+        progress: Callable[[DeliveryProgress], None] | None = None,
+    ) -> DeliveryStats:
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError("this worker is already running")
+        run = _Run(
+            stats=DeliveryStats(),
+            keep_outcomes=keep_outcomes,
+            wake=asyncio.Event(),
+            sender=self._sender(),
+        )
+        helpers = [
+            asyncio.create_task(self._heartbeats()),
+            asyncio.create_task(self._flusher(run)),
+        ]
+        if progress is not None:
+            helpers.append(asyncio.create_task(self._progress(run, progress)))
+        try:
+            await self._loop(run, until_idle, max_claims, stop, poll_interval)
+        finally:
+            await self._wind_down(run, helpers)
+            self._running.release()
+        return run.stats
+
+    async def _loop(
+        self,
+        run: _Run,
+        until_idle: bool,
+        max_claims: int | None,
+        stop: asyncio.Event | None,
+        poll_interval: float,
+    ) -> None:
+        claims = 0
+        exhausted = False  # the last claim found fewer due rows than it asked for
+        refill = max(1, min(self.batch, self.capacity // 8))
+        while stop is None or not stop.is_set():
+            room = self.capacity - len(self._held)
+            may_claim = max_claims is None or claims < max_claims
+            if (
+                may_claim
+                and room > 0
+                and (not exhausted or run.committed_since_claim)
+                and (room >= refill or not self._held or run.committed_since_claim)
+            ):
+                run.committed_since_claim = False
+                limit = min(self.batch, room)
+                try:
+                    got = await self._claim(run, limit)
+                except CMIError:
+                    log.exception("claiming rows failed; trying again")
+                    got = 0
+                    await self._sleep(run, stop, poll_interval)
+                claims += 1
+                exhausted = got < limit
+                self._dispatch(run)
+                if not exhausted:
+                    continue
+            if until_idle and not self._held and (exhausted or not may_claim):
+                return
+            run.wake.clear()
+            if self._held or not exhausted:
+                # Something will finish: a send, a commit.
+                await self._wait(run, stop, poll_interval)
+            else:
+                await self._idle(run, stop, poll_interval)
+                exhausted = False
+
+    async def _wait(self, run: _Run, stop: asyncio.Event | None, timeout: float) -> None:
+        waits = [asyncio.ensure_future(run.wake.wait())]
+        if stop is not None:
+            waits.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    async def _sleep(self, run: _Run, stop: asyncio.Event | None, seconds: float) -> None:
+        await self._wait(run, stop, seconds)
+
+    async def _idle(self, run: _Run, stop: asyncio.Event | None, poll_interval: float) -> None:
+        """Nothing held and nothing due: wait for the next due row, a notification, or
+        the poll interval."""
+        try:
+            due = await self._call(self.store.next_due)
+        except CMIError:
+            # The store is away (a database restart): wait a poll, then try again; a
+            # worker never ends because its store blinked.
+            log.exception("waiting for work failed; trying again")
+            await self._wait(run, stop, poll_interval)
+            return
+        wait = poll_interval if due is None else min(poll_interval, due - self._clock())
+        if wait <= 0.01:
+            return
+        if self.store.notifies_work:
+            # LISTEN/NOTIFY (PostgreSQL) wakes the worker as soon as a row commits; polling
+            # stays the fallback, in slices short enough to notice a stop.
+            listen = asyncio.ensure_future(
+                asyncio.get_running_loop().run_in_executor(
+                    None, self.store.wait_for_work, min(wait, 1.0)
+                )
+            )
+            waits: list[asyncio.Future[Any]] = [listen]
+            if stop is not None:
+                waits.append(asyncio.ensure_future(stop.wait()))
             try:
-                self.store.heartbeat(
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits[1:]:
+                    waiting.cancel()
+                if listen.done() and not listen.cancelled() and listen.exception() is not None:
+                    log.error("waiting for work failed: %s", listen.exception())
+        else:
+            await self._wait(run, stop, wait)
+
+    async def _wind_down(self, run: _Run, helpers: list[asyncio.Task[None]]) -> None:
+        # Rows not started yet go back at once: another worker may take them now.
+        waiting = [job for origin in self._origins.values() for job in origin.queue]
+        for origin in self._origins.values():
+            origin.queue.clear()
+        if waiting:
+            for job in waiting:
+                self._held.pop(job.row.msg_id, None)
+            try:
+                await self._call(
+                    self.store.heartbeat,
                     owner=self.owner,
-                    msg_ids=msg_ids,
-                    lease_until=self._clock() + self.lease_seconds,
+                    msg_ids=[j.row.msg_id for j in waiting],
+                    lease_until=self._clock(),
                 )
             except CMIError:
-                log.exception("lease heartbeat failed")
+                log.exception("letting claimed rows go failed; their leases will run out")
+        if run.tasks:
+            await asyncio.wait(run.tasks, timeout=self.timeouts.total + 1)
+        for task in run.tasks:
+            task.cancel()
+        # The last outcomes.
+        while run.results:
+            run.flushed.clear()
+            run.wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.flushed.wait(), timeout=30)
+            if helpers[1].done():
+                break
+        for helper in helpers:
+            helper.cancel()
+        for helper in helpers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await helper
+        await run.sender.close()
+        self._held.clear()
+        self._origins.clear()
+        self._in_flight = 0
+        self.metrics.in_flight = 0
 
-    def _deliver_batch(self, rows: Sequence[OutboxRow]) -> DeliveryStats:
-        stats = DeliveryStats()
+    def _sender(self) -> _Sender:
+        if self._transport is not None:
+            return _HttpxSender(self._transport, self.timeouts)
+        return _AiohttpSender(
+            pins=self._pins,
+            per_destination=self.per_destination,
+            timeouts=self.timeouts,
+            ssl_context=self._ssl_context,
+        )
+
+    async def _call(self, func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Run a store call (or a hook) on the worker's threads, off the event loop."""
+        if self._pool is None:
+            # Two: a claim and a commit can run at once.
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="cmi-deliver-store")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: func(*args, **kwargs))
+
+    # -- claiming ----------------------------------------------------------------------
+
+    async def _claim(self, run: _Run, limit: int) -> int:
+        """Lease up to ``limit`` due rows and queue them by destination; returns how many
+        were claimed."""
+        rows, results, revoked = await self._call(self._claim_sync, limit)
+        run.stats.skipped += revoked
+        for row, terms in rows:
+            self._held[row.msg_id] = job = _Job(row, terms)
+            key = _origin(row.destination or "")
+            origin = self._origins.get(key)
+            if origin is None:
+                origin = self._origins[key] = _Origin(key)
+            origin.queue.append(job)
+        for job, result in results:
+            self._held[job.row.msg_id] = job
+            self._record(run, job, result, reason="not sent", seconds=None)
+        return len(rows) + len(results) + revoked
+
+    def _claim_sync(
+        self, limit: int
+    ) -> tuple[list[tuple[OutboxRow, SharingTerms]], list[tuple[_Job, AttemptResult]], int]:
+        """The store's part of a claim, on a worker thread: digests, the claim, the terms
+        of each row; rows that must not be sent are settled here."""
+        if self._digests is not None and time.monotonic() - self._digests_at >= 1.0:
+            self._digests_at = time.monotonic()
+            try:
+                self._digests()
+            except CMIError:
+                log.exception("merging digests failed; their documents wait for the next claim")
+        rows = self.store.claim(
+            owner=self.owner,
+            now=self._clock(),
+            lease_seconds=self.lease_seconds,
+            limit=limit,
+            **self._claim_options,
+        )
+        if not rows:
+            return [], [], 0
         disabled = self.store.disabled_destinations()
         terms_by_id: dict[str, SharingTerms | None] = {}
         work: list[tuple[OutboxRow, SharingTerms]] = []
-        results: list[AttemptResult] = []
+        settled: list[tuple[_Job, AttemptResult]] = []
         revoked: list[str] = []
         now = self._clock()
         for row in rows:
@@ -376,113 +973,134 @@ class DeliveryWorker:
             if terms is None or terms.revoked_at is not None:
                 # Revoked meanwhile: the revocation cancelled the row, unless the row was
                 # written just after it (from terms read just before); cancel it here.
-                stats.skipped += 1
                 revoked.append(row.msg_id)
                 continue
             if row.destination is None:
-                results.append(self._dead(row, now, None, "a pull-only row has no destination"))
+                result = self._dead(row, now, None, "a pull-only row has no destination")
+                settled.append((_Job(row, terms), result))
                 continue
             reason = disabled.get(row.destination)
             if reason is not None:
-                results.append(self._dead(row, now, None, f"destination disabled: {reason}"))
+                result = self._dead(row, now, None, f"destination disabled: {reason}")
+                settled.append((_Job(row, terms), result))
                 continue
             work.append((row, terms))
-        self._cancel(revoked)
-        if work:
-            lanes = self._lanes(work)
-            if len(lanes) == 1 or self.concurrency == 1:
-                for lane in lanes:
-                    results.extend(self._attempt(row, terms) for row, terms in lane)
-            else:
-                for done in self._executor().map(self._send_lane, lanes):
-                    results.extend(done)
-        self.store.complete(results)
-        for result in results:
-            self._count(stats, result)
-        self._notify(rows, results)
-        return stats
-
-    def _cancel(self, msg_ids: Sequence[str]) -> None:
-        """Cancel claimed rows whose terms were revoked (else each lease expiry would claim
-        them again)."""
-        if not msg_ids:
-            return
-        try:
-            self.store.cancel(owner=self.owner, msg_ids=msg_ids, reason="terms revoked")
-        except CMIError:
-            log.exception("cancelling rows of revoked terms failed")
-
-    def _lanes(
-        self, work: Sequence[tuple[OutboxRow, SharingTerms]]
-    ) -> list[list[tuple[OutboxRow, SharingTerms]]]:
-        """Split the batch into sequential lanes: at most ``per_destination`` for one
-        destination (origin), each sent over one keep-alive connection, in order."""
-        by_origin: dict[str, list[tuple[OutboxRow, SharingTerms]]] = {}
-        for item in work:
-            by_origin.setdefault(_origin(item[0].destination or ""), []).append(item)
-        lanes: list[list[tuple[OutboxRow, SharingTerms]]] = []
-        for items in by_origin.values():
-            count = min(self.per_destination, len(items))
-            lanes.extend(items[i::count] for i in range(count))
-        return lanes
-
-    def _send_lane(self, lane: list[tuple[OutboxRow, SharingTerms]]) -> list[AttemptResult]:
-        return [self._attempt(row, terms) for row, terms in lane]
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="cmi-deliver")
-        return self._pool
-
-    def _client(self) -> httpx.Client:
-        client: httpx.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = httpx.Client(
-                timeout=self.timeout,
-                follow_redirects=False,  # a 3xx is a failure: never follow a redirect
-                transport=self._transport,
-                headers={"user-agent": f"cmi-sdk/{_version}"},
-                trust_env=False,  # no proxy from the environment sees customers' data
-            )
-            self._local.client = client
-            with self._clients_lock:
-                self._clients.append(client)
-        return client
-
-    def _signer(self, terms: SharingTerms) -> WebhookSigner:
-        signer = self._signers.get(terms.id)
-        if signer is None:
-            signer = WebhookSigner(secret=terms.secret, ed25519_key=self._ed25519_key)
-            self._signers[terms.id] = signer
-        return signer
-
-    def _attempt(self, row: OutboxRow, terms: SharingTerms) -> AttemptResult:  # noqa: PLR0911
-        url = row.destination or ""  # never empty here: pull-only rows are not attempted
-        started = self._clock()
-        checked = self._egress_checked.get(url)
-        if checked is None or time.monotonic() - checked > self.egress_ttl:
+        if revoked:
+            # Else each lease expiry would claim them again.
             try:
-                self.egress.resolve(url)
-            except EgressResolutionError as exc:
-                return self._failed(row, started, None, f"cannot resolve the destination: {exc}")
-            except DestinationNotAllowedError as exc:
-                return self._dead(row, started, None, f"egress guard: {exc}")
-            self._egress_checked[url] = time.monotonic()
-        signer = self._signer(terms)
-        headers = signer.headers(row.msg_id, row.body, timestamp=int(time.time()))
-        if self._document_headers is None:
-            headers["content-type"] = "application/xml"
-        else:
-            headers.update(self._document_headers(row))
+                self.store.cancel(owner=self.owner, msg_ids=revoked, reason="terms revoked")
+            except CMIError:
+                log.exception("cancelling rows of revoked terms failed")
+        return work, settled, len(revoked)
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _dispatch(self, run: _Run) -> None:
+        """Start what may start: free slots, destinations under their limit, circuits."""
+        now = self._clock()
+        for origin in list(self._origins.values()):
+            while origin.queue and self._in_flight < self.concurrency:
+                if origin.in_flight >= self.per_destination:
+                    break
+                if origin.probe_at is not None:  # the circuit is open
+                    if origin.probing:
+                        break  # the probe's answer decides for the rest
+                    if now < origin.probe_at:
+                        self._fail_fast(run, origin, now)
+                        break
+                    origin.probing = True
+                job = origin.queue.popleft()
+                origin.in_flight += 1
+                self._in_flight += 1
+                task = asyncio.create_task(self._send(run, origin, job))
+                run.tasks.add(task)
+                task.add_done_callback(run.tasks.discard)
+            if not (origin.queue or origin.in_flight or origin.failures):
+                del self._origins[origin.key]  # forget idle, healthy destinations
+        self.metrics.in_flight = self._in_flight
+        self.metrics.open_circuits = sum(
+            1 for o in self._origins.values() if o.probe_at is not None
+        )
+
+    def _fail_fast(self, run: _Run, origin: _Origin, now: float) -> None:
+        """An open circuit: its queued documents are failed attempts now, due again no
+        sooner than the next probe."""
+        wait = (origin.probe_at or now) - now
+        reason = (
+            f"{CIRCUIT_OPEN} {origin.failures} failures in a row at this destination;"
+            f" next probe in {wait:.0f} s"
+        )
+        while origin.queue:
+            job = origin.queue.popleft()
+            result = self._failed(job.row, now, None, reason, retry_after=wait)
+            self._record(run, job, result, reason="circuit open", seconds=None)
+
+    async def _send(self, run: _Run, origin: _Origin, job: _Job) -> None:
+        row = job.row
+        started = self._clock()
+        began = time.monotonic()
+        category = "answered"
+        health: bool | None = None  # None: says nothing of the destination's health
         try:
-            response = self._client().post(url, content=row.body, headers=headers)
-        except httpx.TimeoutException as exc:
-            return self._failed(row, started, None, f"timed out: {type(exc).__name__}")
-        except httpx.HTTPError as exc:
-            return self._failed(row, started, None, f"{type(exc).__name__}: {exc}")
-        status = response.status_code
+            result, category, health = await self._attempt(run, row, job.terms, started)
+        except Exception as exc:  # a bug must not lose the row: it is retried
+            log.exception("delivering %s failed unexpectedly", row.msg_id)
+            result = self._failed(row, started, None, f"{type(exc).__name__}: {exc}")
+            category = "error"
+        finally:
+            origin.in_flight -= 1
+            self._in_flight -= 1
+        if origin.probing:
+            origin.probing = False
+        if health is True:
+            if origin.probe_at is not None:
+                log.info("%s answered again: its circuit is closed", origin.key)
+            origin.failures = 0
+            origin.probe_at = None
+        elif health is False:
+            origin.failures += 1
+            if origin.failures >= self.circuit_threshold:
+                if origin.probe_at is None:
+                    log.warning(
+                        "%s failed %d times in a row: its circuit is open, one probe every %g s",
+                        origin.key,
+                        origin.failures,
+                        self.circuit_interval,
+                    )
+                origin.probe_at = self._clock() + self.circuit_interval
+        if result.outcome == "retry":  # a dead letter is logged as such, each one
+            self._log_failure(origin, row, result)
+        if result.outcome == "dead" and result.status == 410:
+            self._gone(run, origin, row)
+        self._record(run, job, result, reason=category, seconds=time.monotonic() - began)
+        self._dispatch(run)
+        run.wake.set()
+
+    async def _attempt(  # noqa: PLR0911  (one return per kind of outcome)
+        self, run: _Run, row: OutboxRow, terms: SharingTerms, started: float
+    ) -> tuple[AttemptResult, str, bool | None]:
+        """One attempt: the outcome, its reason for the metrics, and what it says of the
+        destination's health (True: it answered; False: no answer or 5xx)."""
+        url = row.destination or ""  # never empty here: pull-only rows are not attempted
+        try:
+            pinned = await self._pinned(url)
+        except EgressResolutionError as exc:
+            failed = self._failed(row, started, None, f"cannot resolve the destination: {exc}")
+            return failed, "unresolved", False
+        except DestinationNotAllowedError as exc:
+            return self._dead(row, started, None, f"egress guard: {exc}"), "refused", None
+        headers = self._request_headers(row, terms)
+        try:
+            async with asyncio.timeout(self.timeouts.total):
+                answer = await run.sender.post(pinned.url, row.body, headers)
+        except TimeoutError:
+            return self._failed(row, started, None, "timed out: total"), "timeout", False
+        except _SendError as exc:
+            category = "timeout" if exc.timed_out else "connection"
+            return self._failed(row, started, None, str(exc)), category, False
+        status = answer.status
         if 200 <= status < 300:
-            return AttemptResult(
+            delivered = AttemptResult(
                 msg_id=row.msg_id,
                 owner=self.owner,
                 attempt=row.attempts + 1,
@@ -491,18 +1109,192 @@ class DeliveryWorker:
                 outcome="delivered",
                 status=status,
             )
+            return delivered, "2xx", True
         if status == 410:
-            self.store.disable_destination(
-                url, reason=f"410 Gone at message {row.msg_id}", at=self._clock()
+            return (
+                self._dead(row, started, status, "410 Gone: the destination is disabled"),
+                ("410"),
+                True,
             )
-            log.warning("destination %s answered 410 Gone: disabled", url)
-            return self._dead(row, started, status, "410 Gone: the destination is disabled")
         if 300 <= status < 400:
             error = f"HTTP {status}: redirects are not followed"
         else:
             error = f"HTTP {status}"
-        retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
-        return self._failed(row, started, status, error, retry_after)
+        retry_after = parse_retry_after(answer.retry_after, time.time())
+        failed = self._failed(row, started, status, error, retry_after)
+        return failed, f"{status // 100}xx", status < 500
+
+    async def _pinned(self, url: str) -> PinnedDestination:
+        """The destination as the guard checked it within :attr:`egress_ttl`; its
+        addresses become the only ones the client may connect to for its host."""
+        checked = self._checked.get(url)
+        if checked is not None and time.monotonic() - checked[1] <= self.egress_ttl:
+            return checked[0]
+        loop = asyncio.get_running_loop()
+        try:
+            pinned = await loop.run_in_executor(None, self.egress.pin, url)
+        except DestinationNotAllowedError:
+            if checked is not None:
+                # What the host was pinned to before is no longer trusted either.
+                del self._checked[url]
+                self._pins.pop((checked[0].host, checked[0].port), None)
+            raise
+        self._checked[url] = (pinned, time.monotonic())
+        self._pins[pinned.host, pinned.port] = pinned.addresses
+        return pinned
+
+    def _request_headers(self, row: OutboxRow, terms: SharingTerms) -> dict[str, str]:
+        """The headers of a delivery request: the one place a header is added."""
+        signer = self._signers.get(terms.id)
+        if signer is None:
+            signer = WebhookSigner(secret=terms.secret, ed25519_key=self._ed25519_key)
+            self._signers[terms.id] = signer
+        headers = signer.headers(row.msg_id, row.body, timestamp=int(time.time()))
+        headers["content-type"] = "application/xml"
+        return headers
+
+    def _gone(self, run: _Run, origin: _Origin, row: OutboxRow) -> None:
+        """410: the destination is disabled (by the flusher, before this outcome commits);
+        its queued documents are dead letters now, unsent."""
+        url = row.destination or ""
+        run.disable.append((url, f"410 Gone at message {row.msg_id}", self._clock()))
+        log.warning("destination %s answered 410 Gone: disabled", url)
+        keep: deque[_Job] = deque()
+        now = self._clock()
+        while origin.queue:
+            job = origin.queue.popleft()
+            if job.row.destination == url:
+                result = self._dead(
+                    job.row, now, None, f"destination disabled: 410 Gone at message {row.msg_id}"
+                )
+                self._record(run, job, result, reason="disabled", seconds=None)
+            else:
+                keep.append(job)
+        origin.queue = keep
+
+    def _log_failure(self, origin: _Origin, row: OutboxRow, result: AttemptResult) -> None:
+        """Each failure once, with destination and reason; at most one line a minute per
+        destination (the rest are counted in the next line)."""
+        now = time.monotonic()
+        if now - origin.logged_at < 60.0:
+            origin.unlogged += 1
+            return
+        more = (
+            f" ({origin.unlogged} more failures since the last report)" if origin.unlogged else ""
+        )
+        log.warning(
+            "delivery of %s to %s failed, tried again later: %s%s",
+            row.msg_id,
+            row.destination,
+            result.error,
+            more,
+        )
+        origin.logged_at = now
+        origin.unlogged = 0
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _record(
+        self, run: _Run, job: _Job, result: AttemptResult, *, reason: str, seconds: float | None
+    ) -> None:
+        run.results.append((job, result))
+        self.metrics.observe(result.outcome, reason, seconds)
+        run.wake.set()
+
+    async def _flusher(self, run: _Run) -> None:
+        """Commits outcomes as they come: whatever finished while the last commit ran goes
+        in the next one (a group commit)."""
+        while True:
+            if not run.results:
+                await run.wake.wait()
+                await asyncio.sleep(0)  # let the outcomes of the same moment gather
+                if not run.results:
+                    run.flushed.set()
+                    continue
+            batch, run.results = run.results, []
+            disable, run.disable = run.disable, []
+            try:
+                await self._call(self._commit, disable, batch)
+            except CMIError:
+                # Unrecorded: the leases run out and the rows go out again (same
+                # webhook-id); at-least-once holds.
+                log.exception("recording %d delivery outcomes failed", len(batch))
+                committed = False
+            else:
+                committed = True
+            for job, result in batch:
+                self._held.pop(job.row.msg_id, None)
+                if committed:
+                    self._count(run, result)
+            run.committed_since_claim = True
+            run.flushed.set()
+            run.wake.set()
+
+    def _commit(
+        self, disable: list[tuple[str, str, float]], batch: list[tuple[_Job, AttemptResult]]
+    ) -> None:
+        for url, reason, at in disable:
+            self.store.disable_destination(url, reason=reason, at=at)
+        self.store.complete([result for _, result in batch])
+        self._notify([job.row for job, _ in batch], [result for _, result in batch])
+
+    def _count(self, run: _Run, result: AttemptResult) -> None:
+        stats = run.stats
+        if run.keep_outcomes:
+            stats.outcomes.append(result)
+        if result.outcome == "delivered":
+            stats.delivered += 1
+        elif result.outcome == "retry":
+            stats.retried += 1
+        else:
+            stats.dead += 1
+
+    async def _heartbeats(self) -> None:
+        interval = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            if not self._held:
+                continue
+            try:
+                await self._call(
+                    self.store.heartbeat,
+                    owner=self.owner,
+                    msg_ids=list(self._held),
+                    lease_until=self._clock() + self.lease_seconds,
+                )
+            except CMIError:
+                log.exception("lease heartbeat failed")
+
+    async def _progress(self, run: _Run, report: Callable[[DeliveryProgress], None]) -> None:
+        last, last_at = 0, time.monotonic()
+        oldest: float | None = None
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            if tick % 5 == 0:
+                with contextlib.suppress(CMIError):
+                    status = await self._call(self.store.status, self._clock())
+                    oldest = status.oldest_pending_age
+            tick += 1
+            now = time.monotonic()
+            stats = run.stats
+            rate = (stats.delivered - last) / max(1e-9, now - last_at)
+            last, last_at = stats.delivered, now
+            try:
+                report(
+                    DeliveryProgress(
+                        delivered=stats.delivered,
+                        retried=stats.retried,
+                        dead=stats.dead,
+                        in_flight=self._in_flight,
+                        held=len(self._held),
+                        open_circuits=self.metrics.open_circuits,
+                        delivered_per_second=rate,
+                        oldest_pending_age=oldest,
+                    )
+                )
+            except Exception:
+                log.exception("the progress callback failed")
 
     def _failed(
         self,
@@ -548,16 +1340,6 @@ class DeliveryWorker:
             error=error,
         )
 
-    @staticmethod
-    def _count(stats: DeliveryStats, result: AttemptResult) -> None:
-        stats.outcomes.append(result)
-        if result.outcome == "delivered":
-            stats.delivered += 1
-        elif result.outcome == "retry":
-            stats.retried += 1
-        else:
-            stats.dead += 1
-
     def _notify(self, rows: Iterable[OutboxRow], results: Sequence[AttemptResult]) -> None:
         by_id = {r.msg_id: r for r in rows}
         for result in results:
@@ -586,7 +1368,22 @@ class DeliveryWorker:
                 # A notification must not undo or repeat a recorded delivery.
                 log.exception("a %s hook failed for %s", hook.name, row.msg_id)
             if result.outcome == "dead":
-                log.warning("document %s is a dead letter: %s", row.msg_id, result.error)
+                log.warning(
+                    "document %s to %s is a dead letter: %s",
+                    row.msg_id,
+                    row.destination,
+                    result.error,
+                )
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn[standard] brings it): less CPU per request
+    for loops the worker runs itself; a firm's own loop is the firm's choice."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux
+        return None
+    return uvloop.new_event_loop
 
 
 def _utc(timestamp: float) -> datetime.datetime:

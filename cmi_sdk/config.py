@@ -15,7 +15,7 @@ variable                       ``cmi.toml`` key                default
 ``CMI_SIGNING_CERT``           ``signing_cert``                none
 ``CMI_FIRM``                   ``firm``                        ``firm.example``
 ``CMI_WEBHOOK_ED25519_KEY``    ``webhook_ed25519_key``         none (v1 HMAC only)
-``CMI_DELIVERY_CONCURRENCY``   ``delivery_concurrency``        4
+``CMI_DELIVERY_CONCURRENCY``   ``delivery_concurrency``        256 (documents in flight)
 ``CMI_PER_DESTINATION``        ``per_destination``             1
 ``CMI_DESTINATION_LEASES``     ``destination_leases``          none (PostgreSQL only)
 ``CMI_LEASE_SECONDS``          ``lease_seconds``               60
@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     signing_cert: OptionalPath = None
     firm: str = "firm.example"
     webhook_ed25519_key: OptionalText = None
-    delivery_concurrency: Count = 4
+    delivery_concurrency: Count = 256
     per_destination: Count = 1
     destination_leases: Annotated[Count | None, BeforeValidator(_none_if_empty)] = None
     """With PostgreSQL: the most rows leased to one destination across all workers."""

@@ -12,9 +12,9 @@ Two checks, two moments:
   destination, so a bad URL is refused while they are still there to fix it.
 - :meth:`EgressGuard.resolve` resolves the host and checks every address: run it right before
   each delivery. A name that resolved to a public address yesterday may resolve to a private
-  one today (DNS rebinding); resolving right before each delivery narrows the window between
-  check and connect to one request. A transport that connects to one of the returned
-  addresses (rather than resolving again) closes it.
+  one today (DNS rebinding). :meth:`EgressGuard.pin` returns the checked addresses with the
+  normalized URL, and the delivery engine connects only to those addresses (its client
+  never resolves a name itself), so the answer that was checked is the one connected to.
 
 The delivery client never follows redirects: a public host could otherwise answer ``302
 Location: http://10.0.0.5/`` and send the request where the guard would not.
@@ -45,6 +45,7 @@ __all__ = [
     "DestinationNotAllowedError",
     "EgressGuard",
     "EgressResolutionError",
+    "PinnedDestination",
 ]
 
 MAX_URL_LENGTH = 2048
@@ -258,6 +259,18 @@ def _system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+class PinnedDestination(NamedTuple):
+    """A destination as the egress guard checked it (:meth:`EgressGuard.pin`)."""
+
+    url: str
+    """The URL normalized (:meth:`EgressGuard.check_url`): what to send the request to."""
+    host: str
+    """The host: lowercase A-labels, or an address without brackets."""
+    port: int
+    addresses: tuple[str, ...]
+    """Every address the host resolved to, each checked: the only ones to connect to."""
+
+
 class _Target(NamedTuple):
     url: str  # normalized
     scheme: str
@@ -372,9 +385,25 @@ class EgressGuard:
         :raises DestinationNotAllowedError: :meth:`check_url` refuses the URL, or an address
             is refused: permanent.
         """
+        return list(self.pin(url).addresses)
+
+    def pin(self, url: str) -> PinnedDestination:
+        """Check ``url``, resolve its host and check every address, like :meth:`resolve`,
+        and return what a client needs to connect to exactly what was checked: the
+        normalized URL, its host and port, and the addresses.
+
+        A client that resolves the host again may get another answer (DNS rebinding: a
+        public address for the check, a private one for the connection). Connect to one
+        of :attr:`PinnedDestination.addresses` instead, and keep the host name for the
+        ``Host`` header and TLS (SNI and certificate verification).
+
+        :raises EgressResolutionError: as :meth:`resolve`.
+        :raises DestinationNotAllowedError: as :meth:`resolve`.
+        """
         target = self._target(url)
         if target.ip is not None:
-            return [target.ip.compressed]  # check_url has judged it
+            # check_url has judged it
+            return PinnedDestination(target.url, target.host, target.port, (target.ip.compressed,))
         resolver = self.resolver or _system_resolver
         try:
             answers = resolver(target.host, target.port)
@@ -403,7 +432,7 @@ class EgressGuard:
                     url=url,
                 )
             addresses[str(addr)] = None
-        return list(addresses)
+        return PinnedDestination(target.url, target.host, target.port, tuple(addresses))
 
     def _refusal(self, addr: _IPAddress, *, trusted: bool = False) -> str | None:
         """Why ``addr`` is refused under this guard's options, or None when it is not.

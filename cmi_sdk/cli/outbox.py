@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import sys
 
+from cmi_sdk._delivery import CIRCUIT_OPEN, DeliveryProgress
 from cmi_sdk._exceptions import (
     ModelValidationError,
 )
@@ -22,6 +23,7 @@ from cmi_sdk.cli._common import (
     _settings,
     _write,
 )
+from cmi_sdk.outbox import OutboxRow
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
@@ -61,22 +63,37 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     try:
         if args.once:
             stats = worker.run_once()
-            _write(
+            skipped = f", skipped {stats.skipped}" if stats.skipped else ""
+            lines = [
                 f"delivered {stats.delivered}, retry later {stats.retried}, dead {stats.dead}"
-                f"{f', skipped {stats.skipped}' if stats.skipped else ''}\n".encode(),
-                None,
+                + skipped
+            ]
+            # Why rows wait for a retry, most frequent first: what an operator acts on.
+            lines.extend(
+                f"  retry: {count} x {reason}"
+                for reason, count in stats.retry_reasons().most_common(20)
             )
+            _write(("\n".join(lines) + "\n").encode(), None)
             return EXIT_OK
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         print(f"cmi: delivering from {adapter.database_url} (Ctrl-C stops)", file=sys.stderr)
+        progress = _progress_line if sys.stderr.isatty() else None
         try:
-            worker.run(stop=stop, poll_interval=args.poll)
+            worker.run(stop=stop, poll_interval=args.poll, progress=progress)
         except KeyboardInterrupt:
             stop.set()
+        if progress is not None:
+            print(file=sys.stderr)
         return EXIT_OK
     finally:
         worker.close()
+
+
+def _progress_line(progress: DeliveryProgress) -> None:
+    """The worker's figures on one terminal line, rewritten in place."""
+    sys.stderr.write(f"\r\x1b[K{progress.line()}")
+    sys.stderr.flush()
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -88,10 +105,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     now = adapter.clock()
     if args.outbox_command == "status":
         status = store.status(now)
+        circuits = open_circuits(store.rows(state="retry", limit=5000))
         data = {
             "counts": status.counts,
             "oldest_pending_age_seconds": status.oldest_pending_age,
             "disabled_destinations": list(status.disabled_destinations),
+            "open_circuits": circuits,
         }
         if args.json:
             _print_json(data)
@@ -100,6 +119,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             if status.oldest_pending_age is not None:
                 lines.append(f"oldest pending: {status.oldest_pending_age:.0f} s")
             lines.extend(f"disabled: {url}" for url in status.disabled_destinations)
+            lines.extend(
+                f"open circuit: {url} ({count} documents waiting for its probe)"
+                for url, count in circuits.items()
+            )
             _write(("\n".join(lines) + "\n").encode(), None)
         return EXIT_OK
     if args.outbox_command == "list":
@@ -129,6 +152,17 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         count = store.redrive(since=since.timestamp(), now=now)
     _write(f"redriven {count}\n".encode(), None)
     return EXIT_OK
+
+
+def open_circuits(rows: list[OutboxRow]) -> dict[str, int]:
+    """Destinations whose circuit a worker opened, with their documents waiting for it:
+    read from the rows a worker failed at once for an open circuit (their last error
+    says so), so every worker's circuits show, from any process."""
+    found: dict[str, int] = {}
+    for row in rows:
+        if row.destination and (row.last_error or "").startswith(CIRCUIT_OPEN):
+            found[row.destination] = found.get(row.destination, 0) + 1
+    return found
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)

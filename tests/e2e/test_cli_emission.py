@@ -419,7 +419,10 @@ def test_revoke_cancels_what_has_not_gone_out(project: Project) -> None:
     project.env["CMI_RETRY_SCHEDULE"] = "3600"  # one retry, an hour away
     terms_id = project.terms(REFUSED_PORT)
     [msg_id] = project.emit(project.transaction())
-    assert project.ok("deliver", "--once") == "delivered 0, retry later 1, dead 0\n"
+    first, why = project.ok("deliver", "--once").splitlines()
+    assert first == "delivered 0, retry later 1, dead 0"
+    assert why.startswith("  retry: 1 x ")  # why the row waits: the refused connection
+    assert "Connect" in why
 
     out = project.ok("terms", "revoke", terms_id)
     assert re.fullmatch(rf"{terms_id} revoked; consent record consent_\w+\n", out)

@@ -42,7 +42,7 @@ def test_nothing_configured_gives_the_defaults(tmp_path: Path) -> None:
     assert settings.signing_cert is None
     assert settings.firm == "firm.example"
     assert settings.webhook_ed25519_key is None
-    assert settings.delivery_concurrency == 4
+    assert settings.delivery_concurrency == 256
     assert settings.per_destination == 1
     assert settings.lease_seconds == 60.0
     assert settings.http_timeout == 10.0
