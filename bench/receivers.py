@@ -76,7 +76,7 @@ class _Store(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(ANSWER)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
         self.transport = None
 
 
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     addresses = store_addresses(args.stores + args.hang)
     hang = set(addresses[args.stores :])
     try:
-        import uvloop  # noqa: PLC0415  (the receiver's own CPU is not what is measured)
+        import uvloop  # the receiver's own CPU is not what is measured
     except ImportError:  # pragma: no cover
         asyncio.run(serve(args.port, addresses, args.delay, hang))
     else:

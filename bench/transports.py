@@ -46,8 +46,10 @@ Post = Callable[[str], Awaitable[int]]
 def receivers(port: int, stores: int, delay: float, hang: int = 0) -> Iterator[list[str]]:
     """A receiver process on ``stores`` (+ ``hang``) loopback addresses; yields their URLs."""
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "receivers.py"), "--port", str(port)]
-        + ["--stores", str(stores), "--delay", str(delay), "--hang", str(hang)],
+        [
+            *(sys.executable, str(HERE / "receivers.py"), "--port", str(port)),
+            *("--stores", str(stores), "--delay", str(delay), "--hang", str(hang)),
+        ],
         stdout=subprocess.PIPE,
     )
     try:
@@ -115,9 +117,7 @@ async def aiohttp_one_session(urls: Sequence[str], count: int, in_flight: int) -
 
 
 async def aiohttp_per_origin(urls: Sequence[str], count: int, in_flight: int) -> int:
-    sessions = {
-        url: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for url in urls
-    }
+    sessions = {url: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for url in urls}
 
     async def post(url: str) -> int:
         async with sessions[url].post(url, data=BODY, headers=HEADERS) as response:

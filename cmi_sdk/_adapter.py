@@ -58,7 +58,7 @@ from cmi_sdk.outbox import Intermediary, OutboxRow, OutboxStore, StoredOffer
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from cmi_sdk._delivery import DeliveryWorker
+    from cmi_sdk._delivery import DeliveryMetrics, DeliveryWorker
     from cmi_sdk.signing import DocumentSigner
 
 __all__ = ["CORE_PLUGINS", "DEFAULT_PLUGINS", "Adapter", "ValidatedDocument"]
@@ -244,6 +244,9 @@ class Adapter:
         self._owns_store = store is None
         """Whether the adapter opens its store (at ``database_url``) and so closes it."""
         self._store_lock = threading.Lock()
+        self.delivery_metrics: DeliveryMetrics | None = None
+        """The figures of the delivery workers this adapter made (``/metrics``); None
+        until it makes one."""
         self.database_url = database_url
         """The default store's location (unused when a store was given)."""
         self.webhook_ed25519_key = webhook_ed25519_key
@@ -649,8 +652,11 @@ class Adapter:
     def delivery_worker(self, **options: Any) -> DeliveryWorker:
         """A :class:`~cmi_sdk.DeliveryWorker` for this adapter's outbox; ``options`` go to
         its constructor (concurrency, timeouts, retry schedule, ...)."""
-        from cmi_sdk._delivery import DeliveryWorker  # noqa: PLC0415
+        from cmi_sdk._delivery import DeliveryMetrics, DeliveryWorker  # noqa: PLC0415
 
+        if self.delivery_metrics is None:
+            self.delivery_metrics = DeliveryMetrics()
+        options.setdefault("metrics", self.delivery_metrics)
         options.setdefault("egress", self.egress)
         options.setdefault("document_headers", self._document_headers)
         options.setdefault("ed25519_key", self.webhook_ed25519_key)

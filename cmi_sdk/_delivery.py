@@ -418,8 +418,10 @@ class _AiohttpSender:
                 return _Answer(response.status, response.headers.get("retry-after"))
         except aiohttp.ConnectionTimeoutError:
             raise _SendError("timed out: ConnectTimeout", timed_out=True) from None
-        except TimeoutError:  # aiohttp's read timeouts are TimeoutErrors too
+        except aiohttp.SocketTimeoutError:
             raise _SendError("timed out: ReadTimeout", timed_out=True) from None
+        except TimeoutError:  # the attempt's total
+            raise _SendError("timed out: TotalTimeout", timed_out=True) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _SendError(_reason(exc)) from None
 
@@ -454,10 +456,14 @@ class _HttpxSender:
             headers={"user-agent": USER_AGENT},
             timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
         )
+        self._total = timeouts.total
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer:
         try:
-            response = await self._client.post(url, content=body, headers=headers)
+            async with asyncio.timeout(self._total):  # httpx has no total of its own
+                response = await self._client.post(url, content=body, headers=headers)
+        except TimeoutError:
+            raise _SendError("timed out: TotalTimeout", timed_out=True) from None
         except httpx.TimeoutException as exc:
             raise _SendError(f"timed out: {type(exc).__name__}", timed_out=True) from None
         except httpx.HTTPError as exc:
@@ -611,6 +617,10 @@ class DeliveryWorker:
                 )
             self._claim_options["per_destination"] = destination_lease_limit
         self.owner = f"worker-{uuid.uuid4().hex[:12]}"
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """What the engine keeps between runs: checked destinations, signers, circuits."""
         # Destinations checked by the egress guard recently: resolving and checking once a
         # few seconds per destination, not once per document, still catches a name that
         # turns private (DNS rebinding) within that window; what is connected to is always
@@ -620,6 +630,13 @@ class DeliveryWorker:
         self._pins: dict[tuple[str, int], tuple[str, ...]] = {}
         self._signers: dict[str, WebhookSigner] = {}
         self._origins: dict[str, _Origin] = {}
+        self._waiting: dict[str, None] = {}
+        """Destinations with documents waiting for a free slot, in order (a set)."""
+        self._open: set[str] = set()
+        """Destinations whose circuit is open."""
+        self._gone_at: dict[str, tuple[str, float]] = {}
+        """Destinations that answered 410 lately (why, when): rows claimed before the
+        store recorded it are not sent either."""
         self._held: dict[str, _Job] = {}
         self._in_flight = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -799,7 +816,6 @@ class DeliveryWorker:
                     await self._sleep(run, stop, poll_interval)
                 claims += 1
                 exhausted = got < limit
-                self._dispatch(run)
                 if not exhausted:
                     continue
             if until_idle and not self._held and (exhausted or not may_claim):
@@ -897,6 +913,7 @@ class DeliveryWorker:
         await run.sender.close()
         self._held.clear()
         self._origins.clear()
+        self._waiting.clear()
         self._in_flight = 0
         self.metrics.in_flight = 0
 
@@ -925,16 +942,25 @@ class DeliveryWorker:
         were claimed."""
         rows, results, revoked = await self._call(self._claim_sync, limit)
         run.stats.skipped += revoked
+        touched: dict[str, _Origin] = {}
         for row, terms in rows:
             self._held[row.msg_id] = job = _Job(row, terms)
+            gone = self._gone_at.get(row.destination or "")
+            if gone is not None and time.monotonic() - gone[1] < 60.0:
+                # Claimed before the store recorded the 410 it answered: not sent either.
+                result = self._dead(row, self._clock(), None, f"destination disabled: {gone[0]}")
+                self._record(run, job, result, reason="disabled", seconds=None)
+                continue
             key = _origin(row.destination or "")
             origin = self._origins.get(key)
             if origin is None:
                 origin = self._origins[key] = _Origin(key)
             origin.queue.append(job)
+            touched[key] = origin
         for job, result in results:
             self._held[job.row.msg_id] = job
             self._record(run, job, result, reason="not sent", seconds=None)
+        self._dispatch(run, touched.values())
         return len(rows) + len(results) + revoked
 
     def _claim_sync(
@@ -995,32 +1021,46 @@ class DeliveryWorker:
 
     # -- sending -----------------------------------------------------------------------
 
-    def _dispatch(self, run: _Run) -> None:
-        """Start what may start: free slots, destinations under their limit, circuits."""
+    def _dispatch(self, run: _Run, origins: Iterable[_Origin] = ()) -> None:
+        """Start what may start, for ``origins`` first, then for destinations that wait
+        for a free slot: never a scan of every destination (there may be thousands)."""
         now = self._clock()
-        for origin in list(self._origins.values()):
-            while origin.queue and self._in_flight < self.concurrency:
-                if origin.in_flight >= self.per_destination:
-                    break
-                if origin.probe_at is not None:  # the circuit is open
-                    if origin.probing:
-                        break  # the probe's answer decides for the rest
-                    if now < origin.probe_at:
-                        self._fail_fast(run, origin, now)
-                        break
-                    origin.probing = True
-                job = origin.queue.popleft()
-                origin.in_flight += 1
-                self._in_flight += 1
-                task = asyncio.create_task(self._send(run, origin, job))
-                run.tasks.add(task)
-                task.add_done_callback(run.tasks.discard)
-            if not (origin.queue or origin.in_flight or origin.failures):
-                del self._origins[origin.key]  # forget idle, healthy destinations
+        for origin in origins:
+            self._pump(run, origin, now)
+        while self._waiting and self._in_flight < self.concurrency:
+            key = next(iter(self._waiting))
+            del self._waiting[key]
+            waiting = self._origins.get(key)
+            if waiting is not None:
+                self._pump(run, waiting, now)
         self.metrics.in_flight = self._in_flight
-        self.metrics.open_circuits = sum(
-            1 for o in self._origins.values() if o.probe_at is not None
-        )
+        self.metrics.open_circuits = len(self._open)
+
+    def _pump(self, run: _Run, origin: _Origin, now: float) -> None:
+        """Start the documents of one destination that its limit, its circuit and the
+        free slots allow."""
+        while origin.queue:
+            if origin.in_flight >= self.per_destination:
+                break  # its next completion pumps it again
+            if origin.probe_at is not None:  # the circuit is open
+                if origin.probing:
+                    break  # the probe's answer decides for the rest
+                if now < origin.probe_at:
+                    self._fail_fast(run, origin, now)
+                    break
+            if self._in_flight >= self.concurrency:
+                self._waiting[origin.key] = None
+                break
+            if origin.probe_at is not None:
+                origin.probing = True
+            job = origin.queue.popleft()
+            origin.in_flight += 1
+            self._in_flight += 1
+            task = asyncio.create_task(self._send(run, origin, job))
+            run.tasks.add(task)
+            task.add_done_callback(run.tasks.discard)
+        if not (origin.queue or origin.in_flight or origin.failures):
+            del self._origins[origin.key]  # forget idle, healthy destinations
 
     def _fail_fast(self, run: _Run, origin: _Origin, now: float) -> None:
         """An open circuit: its queued documents are failed attempts now, due again no
@@ -1057,6 +1097,7 @@ class DeliveryWorker:
                 log.info("%s answered again: its circuit is closed", origin.key)
             origin.failures = 0
             origin.probe_at = None
+            self._open.discard(origin.key)
         elif health is False:
             origin.failures += 1
             if origin.failures >= self.circuit_threshold:
@@ -1068,15 +1109,15 @@ class DeliveryWorker:
                         self.circuit_interval,
                     )
                 origin.probe_at = self._clock() + self.circuit_interval
+                self._open.add(origin.key)
         if result.outcome == "retry":  # a dead letter is logged as such, each one
             self._log_failure(origin, row, result)
         if result.outcome == "dead" and result.status == 410:
             self._gone(run, origin, row)
         self._record(run, job, result, reason=category, seconds=time.monotonic() - began)
-        self._dispatch(run)
-        run.wake.set()
+        self._dispatch(run, (origin,))
 
-    async def _attempt(  # noqa: PLR0911  (one return per kind of outcome)
+    async def _attempt(
         self, run: _Run, row: OutboxRow, terms: SharingTerms, started: float
     ) -> tuple[AttemptResult, str, bool | None]:
         """One attempt: the outcome, its reason for the metrics, and what it says of the
@@ -1091,10 +1132,7 @@ class DeliveryWorker:
             return self._dead(row, started, None, f"egress guard: {exc}"), "refused", None
         headers = self._request_headers(row, terms)
         try:
-            async with asyncio.timeout(self.timeouts.total):
-                answer = await run.sender.post(pinned.url, row.body, headers)
-        except TimeoutError:
-            return self._failed(row, started, None, "timed out: total"), "timeout", False
+            answer = await run.sender.post(pinned.url, row.body, headers)
         except _SendError as exc:
             category = "timeout" if exc.timed_out else "connection"
             return self._failed(row, started, None, str(exc)), category, False
@@ -1157,7 +1195,9 @@ class DeliveryWorker:
         """410: the destination is disabled (by the flusher, before this outcome commits);
         its queued documents are dead letters now, unsent."""
         url = row.destination or ""
-        run.disable.append((url, f"410 Gone at message {row.msg_id}", self._clock()))
+        reason = f"410 Gone at message {row.msg_id}"
+        run.disable.append((url, reason, self._clock()))
+        self._gone_at[url] = (reason, time.monotonic())
         log.warning("destination %s answered 410 Gone: disabled", url)
         keep: deque[_Job] = deque()
         now = self._clock()

@@ -912,7 +912,9 @@ class _Endpoint:
 def prometheus_text(adapter: Adapter) -> str:
     """The outbox's health in the Prometheus text exposition format: rows by state, the
     age of the oldest row waiting to go out, delivery attempts by outcome, dead letters,
-    emission problems and disabled destinations."""
+    emission problems and disabled destinations; with a delivery worker in this process,
+    also its attempts' latency (a histogram by outcome), its attempts by outcome and
+    reason, what it has in flight and its open circuits."""
     store = adapter.store
     status = store.status(adapter.clock())
     attempts = store.attempt_counts()
@@ -936,6 +938,9 @@ def prometheus_text(adapter: Adapter) -> str:
         "# TYPE cmi_destinations_disabled gauge",
         f"cmi_destinations_disabled {len(status.disabled_destinations)}",
     ]
+    if adapter.delivery_metrics is not None:
+        # Attempt latency and outcomes by reason, from the workers running in this process.
+        lines.extend(adapter.delivery_metrics.prometheus_lines())
     return "\n".join(lines) + "\n"
 
 

@@ -436,6 +436,12 @@ def test_metrics_in_the_prometheus_text_format(setup: Setup) -> None:
     assert "cmi_outbox_dead_letters 0" in text
     age = next(line for line in text.splitlines() if line.startswith("cmi_outbox_oldest"))
     assert float(age.split()[1]) == pytest.approx(10, abs=0.5)
+    # The worker's own figures: latency by outcome, outcomes by reason.
+    assert 'cmi_delivery_results_total{outcome="retry",reason="5xx"} 1' in text
+    assert 'cmi_delivery_results_total{outcome="delivered",reason="2xx"} 1' in text
+    assert 'cmi_delivery_seconds_count{outcome="delivered"} 1' in text
+    assert 'cmi_delivery_seconds_bucket{outcome="delivered",le="+Inf"} 1' in text
+    assert "cmi_delivery_open_circuits 0" in text
     with serve_app(setup.adapter.asgi_app(metrics=True)) as url:
         response = httpx.get(url + "metrics", timeout=10)
         assert response.headers["content-type"].startswith("text/plain; version=0.0.4")

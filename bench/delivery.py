@@ -1,0 +1,411 @@
+"""The delivery engine against many stores: latency hidden, dead stores isolated, reach.
+
+Usage::
+
+    python bench/delivery.py              # every figure, targets judged (about 2 minutes)
+    python bench/delivery.py --quick      # a smoke run (CI, a few seconds): not judged
+    python bench/delivery.py latency isolation reach cpu postgres   # some of them
+    python bench/delivery.py cpu --against d27f62c   # CPU per document against the
+                                                     # worker of an older commit
+
+The stores are a :mod:`receivers` process: one loopback address per store (127.0.0.2
+upwards, each a distinct origin), answering 204 after a delay, and optionally one more
+address that reads requests and never answers. One worker with default settings
+(``adapter.delivery_worker()``) runs in this process, on a SQLite outbox filled before the
+clock starts; the clock stops when the documents counted are delivered. Every figure is a
+ratio between runs of the same process, except reach (documents a second) and the CPU
+per delivered document, which is this process's CPU time (``time.process_time``) over the
+documents delivered.
+
+- latency: 100 stores, 1,000 documents: documents/s with 100 ms answers over documents/s
+  with immediate answers (target >= 0.8);
+- isolation: 100 ms answers; one more store never answers and gets its share of the
+  documents: the other 100 stores' documents/s over their rate without it (>= 0.8);
+- reach: 1,000 stores, 100 ms answers, the worker pinned to one core (>= 2,000 docs/s);
+- cpu: CPU per delivered document, immediate answers, 100 stores;
+- postgres: 1, 2 and 4 ``cmi deliver`` processes on one PostgreSQL store (a fresh schema,
+  dropped after), 1,000 stores answering after 100 ms: documents/s and the cores used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from transports import receivers
+
+from cmi_sdk import Adapter, EgressGuard, TermsProposal, Transaction, load_model
+from cmi_sdk.outbox.sqlite import SQLiteStore
+from cmi_sdk.signing import DocumentSigner, self_signed_certificate
+from cmi_sdk.webhooks import generate_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 18477
+DSN = (
+    os.environ.get("CMI_BENCH_POSTGRES_DSN")
+    or os.environ.get("CMI_TEST_POSTGRES_DSN")
+    or "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    unit: str
+    target: float | None = None
+
+    @property
+    def met(self) -> bool:
+        return self.target is None or self.value >= self.target
+
+    def line(self) -> str:
+        shown = f"{self.value:.2f}" if abs(self.value) < 100 else f"{self.value:,.0f}"
+        goal = f" (target >= {self.target:g})" if self.target is not None else ""
+        return f"{self.name}: {shown} {self.unit}{goal}"
+
+
+# -- the firm and its customers --------------------------------------------------------------
+
+
+def firm(store: Any, urls: Sequence[str]) -> tuple[Adapter, list[str]]:
+    """A signing adapter with one customer per store URL; returns it and the customers."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer = DocumentSigner(key=key, certificate=self_signed_certificate(key))
+    adapter = Adapter(store=store, signer=signer, egress=EgressGuard(allow_loopback=True))
+    customers = []
+    for i, url in enumerate(urls):
+        customer = f"cust-bench-{i:05d}"
+        proposal = TermsProposal.model_validate(
+            {
+                "customer_ref": customer,
+                "destination": url,
+                "secret": generate_secret(),
+                "standard": "cmi-ticket",
+                "purpose": {"code": "records", "text": "delivery benchmark"},
+            }
+        )
+        if adapter.propose_terms(proposal).outcome != "accepted":
+            raise SystemExit("the benchmark's terms were not accepted")
+        customers.append(customer)
+    return adapter, customers
+
+
+def emit(adapter: Adapter, customers: Sequence[str], count: int, prefix: str, **kw: Any) -> None:
+    """``count`` signed documents, dealt to the customers in turn."""
+    base = load_model(Transaction, (ROOT / "examples" / "ticket.json").read_text())
+    txs = [
+        base.model_copy(
+            update={"id": f"{prefix}-{i}", "customer_ref": customers[i % len(customers)]}
+        )
+        for i in range(count)
+    ]
+    for start in range(0, count, 500):
+        adapter.emit_many(txs[start : start + 500], **kw)
+
+
+def delivered_to(db: sqlite3.Connection, urls: set[str] | None) -> int:
+    """Rows delivered (to ``urls`` only, when given), read on a connection of its own."""
+    sql = "SELECT count(*) FROM cmi_outbox WHERE state = 'delivered'"
+    if urls is None:
+        return int(db.execute(sql).fetchone()[0])
+    marks = ",".join("?" * len(urls))
+    found = db.execute(f"{sql} AND destination IN ({marks})", sorted(urls))
+    return int(found.fetchone()[0])
+
+
+@dataclass
+class Run:
+    rate: float
+    cpu_per_doc: float
+    """Seconds of this process's CPU per document delivered."""
+
+
+def deliver(
+    stores: int,
+    docs: int,
+    delay: float,
+    *,
+    hang: int = 0,
+    worker_module: Any = None,
+    options: dict[str, Any] | None = None,
+) -> Run:
+    """Fill an outbox, start one worker, and time it until the answering stores' documents
+    are all delivered."""
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        stop = stack.enter_context(_stopping())  # runs after the receivers are gone
+        urls = stack.enter_context(receivers(PORT, stores, delay, hang))
+        store = SQLiteStore(tmp / "cmi.db")
+        adapter, customers = firm(store, urls)
+        stack.callback(store.close)
+        stack.callback(adapter.close)
+        emit(adapter, customers, docs, "B")
+        answering = set(urls[:stores])
+        expected = sum(1 for i in range(docs) if urls[i % len(urls)] in answering)
+        options = dict(options or {})
+        if worker_module is None:
+            worker = adapter.delivery_worker(**options)
+        else:  # an older worker, for the CPU comparison
+            options.setdefault("egress", adapter.egress)
+            worker = worker_module.DeliveryWorker(
+                store=store, hook=adapter.plugin_manager.hook, **options
+            )
+        db = sqlite3.connect(tmp / "cmi.db")
+        stack.callback(db.close)
+        wall, cpu = time.perf_counter(), time.process_time()
+        worker.start(poll_interval=0.05)
+        stop.append(worker)
+        deadline = time.monotonic() + 300
+        while delivered_to(db, answering if hang else None) < expected:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not delivered within 300 s ({stores} stores, {delay} s)")
+            time.sleep(0.05)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        # Stopping waits for what is in flight: a store that never answers holds its
+        # request until the receivers are gone, which the stack does first.
+        worker._stop.set()
+        return Run(expected / wall, cpu / expected)
+
+
+@contextlib.contextmanager
+def _stopping() -> Iterator[list[Any]]:
+    """Workers appended to the yielded list are stopped on exit."""
+    started: list[Any] = []
+    try:
+        yield started
+    finally:
+        for worker in started:
+            worker.stop(timeout=60)
+
+
+def best(func: Callable[[], Run], rounds: int) -> Run:
+    runs = [func() for _ in range(rounds)]
+    return max(runs, key=lambda r: r.rate)
+
+
+# -- the figures -----------------------------------------------------------------------------
+
+
+def bench_latency(quick: bool) -> list[Figure]:
+    stores, docs, rounds = (20, 200, 1) if quick else (100, 1000, 3)
+    immediate, slow = Run(0, 0), Run(0, 0)
+    for _ in range(rounds):  # alternated, so a busy machine slows both
+        run = deliver(stores, docs, 0.0)
+        immediate = run if run.rate > immediate.rate else immediate
+        run = deliver(stores, docs, 0.1)
+        slow = run if run.rate > slow.rate else slow
+    return [
+        Figure("delivery_immediate", immediate.rate, "docs/s"),
+        Figure("delivery_100ms", slow.rate, "docs/s"),
+        Figure("latency_hidden", slow.rate / immediate.rate, "x immediate", target=0.8),
+    ]
+
+
+def bench_isolation(quick: bool) -> list[Figure]:
+    stores, docs, rounds = (20, 200, 1) if quick else (100, 1000, 2)
+    clean, hung = Run(0, 0), Run(0, 0)
+    for _ in range(rounds):
+        run = deliver(stores, docs, 0.1)
+        clean = run if run.rate > clean.rate else clean
+        # One more store that never answers gets its share of the same documents.
+        run = deliver(stores, docs + docs // stores, 0.1, hang=1)
+        hung = run if run.rate > hung.rate else hung
+    return [
+        Figure("delivery_100ms_all_answer", clean.rate, "docs/s"),
+        Figure("delivery_100ms_one_never_answers", hung.rate, "docs/s (the others')"),
+        Figure("isolation", hung.rate / clean.rate, "x all answer", target=0.8),
+    ]
+
+
+def bench_reach(quick: bool) -> list[Figure]:
+    stores, docs = (200, 600) if quick else (1000, 4000)
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # one core for the worker (the receiver is apart)
+    try:
+        run = best(lambda: deliver(stores, docs, 0.1), 1 if quick else 2)
+    finally:
+        os.sched_setaffinity(0, cores)
+    return [
+        Figure("reach_1000_stores_100ms_one_core", run.rate, "docs/s", target=2000),
+        Figure("reach_cpu_per_doc", run.cpu_per_doc * 1e6, "us"),
+    ]
+
+
+def _older_worker(commit: str) -> Any:
+    """The delivery module of an older commit, loaded beside today's."""
+    git = ["git", "show", f"{commit}:cmi_sdk/_delivery.py"]
+    source = subprocess.run(
+        git,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "older_delivery.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("cmi_sdk._older_delivery", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_cpu(quick: bool, against: str | None = None) -> list[Figure]:
+    stores, docs, rounds = (20, 200, 1) if quick else (100, 2000, 3)
+    figures = []
+    engine = best(lambda: deliver(stores, docs, 0.0), rounds)
+    figures.append(Figure("engine_cpu_per_doc", engine.cpu_per_doc * 1e6, "us"))
+    if against is not None:
+        older = _older_worker(against)
+        old = best(lambda: deliver(stores, docs, 0.0, worker_module=older), rounds)
+        figures += [
+            Figure(f"worker_{against}_cpu_per_doc", old.cpu_per_doc * 1e6, "us"),
+            Figure(f"worker_{against}_rate", old.rate, "docs/s"),
+            Figure("engine_rate", engine.rate, "docs/s"),
+            Figure(
+                "cpu_per_doc_ratio",
+                old.cpu_per_doc / engine.cpu_per_doc,
+                f"x {against}'s (>1: less)",
+            ),
+        ]
+    return figures
+
+
+# -- PostgreSQL, several worker processes ----------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def _workers(count: int, database_url: str, cwd: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
+    env |= {"CMI_DATABASE_URL": database_url, "CMI_ALLOW_LOOPBACK": "1", "PYTHONPATH": str(ROOT)}
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        started.extend(
+            subprocess.Popen(
+                [sys.executable, "-m", "cmi_sdk.cli", "deliver", "--poll", "0.2"],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(count)
+        )
+        yield started
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+def bench_postgres(quick: bool) -> list[Figure]:
+    import psycopg
+
+    from cmi_sdk.outbox.postgres import PostgresStore
+
+    stores, docs = (100, 400) if quick else (1000, 4000)
+    schema = f"cmi_dlv_{secrets.token_hex(4)}"
+    store = PostgresStore(DSN, schema=schema)
+    figures: list[Figure] = []
+    sep = "&" if "?" in DSN else "?"
+    database_url = f"{DSN}{sep}schema={schema}"
+    try:
+        with receivers(PORT, stores, 0.1) as urls, tempfile.TemporaryDirectory() as tmp:
+            adapter, customers = firm(store, urls)
+            control = psycopg.connect(DSN, autocommit=True)
+            sql = f"SELECT count(*) FROM \"{schema}\".outbox WHERE state = 'delivered'"  # noqa: S608
+            total = 0
+            for n in (1, 2, 4):
+                with _workers(n, database_url, Path(tmp)) as procs:
+                    time.sleep(2.0)  # they start and wait for work
+                    with psycopg.connect(DSN) as conn:
+                        emit(adapter, customers, docs, f"P{n}", connection=conn)
+                        cpu = sum(_cpu_seconds(p.pid) for p in procs)
+                        conn.commit()  # NOTIFY: the workers wake now
+                    start = time.perf_counter()
+                    total += docs
+                    deadline = time.monotonic() + 300
+                    while (control.execute(sql).fetchone() or (0,))[0] < total:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"{n} workers did not deliver {docs} rows")
+                        time.sleep(0.02)
+                    elapsed = time.perf_counter() - start
+                    cores = (sum(_cpu_seconds(p.pid) for p in procs) - cpu) / elapsed
+                    figures += [
+                        Figure(f"postgres_{n}_workers_100ms", docs / elapsed, "docs/s"),
+                        Figure(f"postgres_{n}_workers_cores", cores, "cores (workers)"),
+                    ]
+            control.close()
+            adapter.close()
+    finally:
+        store.close()
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return figures
+
+
+BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
+    "latency": bench_latency,
+    "isolation": bench_isolation,
+    "reach": bench_reach,
+    "cpu": bench_cpu,
+    "postgres": bench_postgres,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a smoke run; targets not judged")
+    parser.add_argument("--against", help="cpu: also measure the worker of this commit")
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], metavar="NAME")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)", flush=True)
+    missed = []
+    for name in args.names or list(BENCHMARKS):
+        if name == "cpu":
+            figures = bench_cpu(args.quick, args.against)
+        else:
+            figures = BENCHMARKS[name](args.quick)
+        for figure in figures:
+            print(figure.line(), flush=True)
+            if not figure.met:
+                missed.append(figure.name)
+    print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
+    if missed and not args.quick:
+        print(f"missed: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
