@@ -912,8 +912,14 @@ class DeliveryWorker:
                 await helper
         await run.sender.close()
         self._held.clear()
-        self._origins.clear()
         self._waiting.clear()
+        # Circuits (and failure counts) outlive a run: run_once after run_once, a
+        # destination that failed keeps its record.
+        for key, origin in list(self._origins.items()):
+            origin.in_flight = 0
+            origin.probing = False
+            if not origin.failures:
+                del self._origins[key]
         self._in_flight = 0
         self.metrics.in_flight = 0
 

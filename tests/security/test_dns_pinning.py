@@ -134,7 +134,8 @@ def servers(tmp_path: Path) -> Iterator[tuple[int, Seen, Tls]]:
     try:
         deadline = time.monotonic() + 10
         while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the store did not start"
+            assert thread.is_alive(), "the store did not start"
+            assert time.monotonic() < deadline, "the store did not start in time"
             time.sleep(0.01)
         port: int = server.servers[0].sockets[0].getsockname()[1]
         internal.bind((INTERNAL_ADDRESS, port))
