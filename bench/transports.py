@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import socket
 import subprocess
 import sys
 import time
@@ -42,9 +43,19 @@ HEADERS = {"content-type": "application/xml", "webhook-id": "msg_bench"}
 Post = Callable[[str], Awaitable[int]]
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.2 now (the receivers take it on every address)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @contextlib.contextmanager
 def receivers(port: int, stores: int, delay: float, hang: int = 0) -> Iterator[list[str]]:
-    """A receiver process on ``stores`` (+ ``hang``) loopback addresses; yields their URLs."""
+    """A receiver process on ``stores`` (+ ``hang``) loopback addresses; yields their URLs.
+    ``port`` 0 picks a free one."""
+    port = port or free_port()
     process = subprocess.Popen(
         [
             *(sys.executable, str(HERE / "receivers.py"), "--port", str(port)),
@@ -160,7 +171,7 @@ def measure(urls: Sequence[str], count: int, in_flight: int, rounds: int) -> dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--port", type=int, default=18461)
+    parser.add_argument("--port", type=int, default=0, help="default: a free one")
     args = parser.parse_args(argv)
     count, rounds = (400, 1) if args.quick else (3000, 3)
     for delay in (0.0, 0.02):

@@ -10,8 +10,8 @@ answer. The engine is one asyncio loop that keeps many documents in flight:
   by a heartbeat; outcomes are recorded in group commits as they come.
 - **One at a time per destination** (``per_destination``), so each customer's documents
   arrive in order and a small store is not flooded; many destinations at once
-  (``concurrency``, sized for WAN latency: 256 in flight hide 100 ms answers at over
-  2,000 documents a second).
+  (``concurrency``, sized for WAN latency: what is in flight, divided by the answer time,
+  bounds the rate).
 - **A circuit per destination.** After ``circuit_threshold`` consecutive failures
   (timeouts, refused or reset connections, 5xx) a destination's circuit opens: its
   documents no longer take a slot each; one probe goes out per ``circuit_interval``, and
@@ -29,12 +29,12 @@ lease that expires, and the row goes out again with the same ``webhook-id``.
 
 The transport, chosen by measurement (``python bench/transports.py``; the figures are in
 ``docs/performance.md``): one ``aiohttp`` session whose connector keeps one keep-alive
-connection per origin. httpx's ``AsyncClient`` fell to about 90 requests a second with 64
-in flight (its pool scans every connection per request, encode/httpx#3215); httpx over
-the ``httpx-aiohttp`` transport kept the rate but cost 2.5 times aiohttp's CPU per request;
-a session per origin cost as much CPU as one session, and more memory per store. aiohttp
-also lets the engine give the connector its own resolver, which is how addresses are
-pinned. An ``httpx`` transport can still be passed (``transport=``): tests use
+connection per origin. httpx's ``AsyncClient`` collapsed with many requests in flight (its
+pool scans every connection per request, encode/httpx#3215); httpx over the
+``httpx-aiohttp`` transport kept the rate but cost several times aiohttp's CPU per
+request; a session per origin cost as much CPU as one session, and more memory per store.
+aiohttp also lets the engine give the connector its own resolver, which is how addresses
+are pinned. An ``httpx`` transport can still be passed (``transport=``): tests use
 ``httpx.MockTransport`` to see exactly what is sent.
 """
 
@@ -62,6 +62,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import aiohttp.abc
 import httpx
+import yarl
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
 from cmi_sdk._models import SharingTerms
@@ -92,8 +93,8 @@ DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h): eight attempts over about 27.6 hours."""
 
 DEFAULT_CONCURRENCY = 256
-"""Documents in flight at once by default: 100 ms answers need 200 in flight for 2,000
-documents a second; a slot costs a socket and a few kilobytes."""
+"""Documents in flight at once by default: with answers 100 ms away, the rate is at most
+ten times this a second; a slot costs a socket and a few kilobytes."""
 
 USER_AGENT = f"cmi-sdk/{_version}"
 CIRCUIT_OPEN = "circuit open:"
@@ -395,16 +396,23 @@ class _AiohttpSender:
             cookie_jar=aiohttp.DummyCookieJar(),  # a store's cookies never reach another
             trust_env=False,  # no proxy from the environment sees customers' data
             auto_decompress=False,
-            headers={"user-agent": USER_AGENT},
         )
         self._timeout = aiohttp.ClientTimeout(
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
+        # Parsed once per destination: parsing a URL is a good part of a request's CPU.
+        self._urls: dict[str, yarl.URL] = {}
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) > 10_000:
+                self._urls.clear()
+            parsed = self._urls[url] = yarl.URL(url)
+        headers["user-agent"] = USER_AGENT
         try:
             async with self._session.post(
-                url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
+                parsed, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:
                 # Read the answer to its end: one cut short raises here, and a 2xx that
                 # never finished is not a delivery. Bounded: past the bound, the status
