@@ -448,6 +448,11 @@ class Emitter:
             return decision
         if decision.outcome == "rejected":
             return decision
+        if proposal.destination is not None:
+            # Kept as the egress guard normalized it: the URL checked, recorded in the
+            # consent and delivered to is one string.
+            normalized = self.egress.check_url(proposal.destination)
+            proposal = proposal.model_copy(update={"destination": normalized})
         terms = SharingTerms.model_validate(
             {
                 **proposal.model_dump(),

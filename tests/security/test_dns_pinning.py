@@ -181,7 +181,9 @@ def test_the_engine_connects_to_the_address_the_guard_checked(
     monkeypatch.setattr(socket, "getaddrinfo", system_resolver)
     guard = PublicLoopbackGuard(resolver=resolver)
     adapter = make_adapter(tmp_path, egress=guard)
-    register(adapter, destination=f"https://STORE.example.:{port}/inbox")
+    terms = register(adapter, destination=f"https://STORE.example.:{port}/inbox")
+    # Stored as the guard normalized it: what was checked is what is delivered to.
+    assert terms.destination == f"https://store.example:{port}/inbox"
     first, second = (adapter.emit(ticket(id=f"DL-{i}"))[0] for i in range(2))
     with adapter.delivery_worker(
         ssl_context=tls.context, schedule=RetrySchedule(delays=(3600,), jitter=0)
