@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -558,6 +558,10 @@ class DeliveryWorker:
     :param destination_lease_limit: with a store that can enforce it (PostgreSQL), the
         most rows leased to one destination at once across *all* workers.
     :param metrics: where to count attempts for ``/metrics`` (the adapter's).
+    :param document_headers: the headers a row's document goes with, beside the webhook
+        ones: its ``content-type``, and a detached signature for a standard with no place
+        for one (the adapter's :meth:`~cmi_sdk.Documents.delivery_headers`); by default
+        ``content-type: application/xml`` alone.
     """
 
     def __init__(
@@ -582,6 +586,7 @@ class DeliveryWorker:
         digests: Callable[[], int] | None = None,
         destination_lease_limit: int | None = None,
         metrics: DeliveryMetrics | None = None,
+        document_headers: Callable[[OutboxRow], Mapping[str, str]] | None = None,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1 or circuit_threshold < 1:
             raise ConfigurationError(
@@ -613,6 +618,7 @@ class DeliveryWorker:
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311  (jitter, not a secret)
         self._digests = digests
+        self._document_headers = document_headers
         self._digests_at = -math.inf
         self._claim_options: dict[str, Any] = {}
         if destination_lease_limit is not None:
@@ -1204,7 +1210,10 @@ class DeliveryWorker:
             signer = WebhookSigner(secret=terms.secret, ed25519_key=self._ed25519_key)
             self._signers[terms.id] = signer
         headers = signer.headers(row.msg_id, row.body, timestamp=int(time.time()))
-        headers["content-type"] = "application/xml"
+        if self._document_headers is None:
+            headers["content-type"] = "application/xml"
+        else:
+            headers.update(self._document_headers(row))
         return headers
 
     def _gone(self, run: _Run, origin: _Origin, row: OutboxRow) -> None:
