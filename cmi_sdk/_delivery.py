@@ -68,7 +68,13 @@ from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllo
 from cmi_sdk._models import SharingTerms
 from cmi_sdk._version import __version__ as _version
 from cmi_sdk.egress import EgressGuard, EgressResolutionError, PinnedDestination
-from cmi_sdk.outbox import AttemptResult, DeliveryReport, OutboxRow, OutboxStore
+from cmi_sdk.outbox import (
+    AttemptResult,
+    DeliveryReport,
+    OutboxRow,
+    OutboxStore,
+    RetentionStore,
+)
 from cmi_sdk.webhooks import WebhookSigner
 
 if TYPE_CHECKING:
@@ -97,6 +103,12 @@ DEFAULT_CONCURRENCY = 256
 ten times this a second; a slot costs a socket and a few kilobytes."""
 
 USER_AGENT = f"cmi-sdk/{_version}"
+DEFAULT_KEEP_DELIVERED = 30 * 86400.0
+"""Delivered documents are kept this long (the pull window), then purged."""
+DEFAULT_KEEP_DEAD = 90 * 86400.0
+"""Dead letters not redriven are kept this long, then purged."""
+PURGE_INTERVAL = 60.0  # seconds between two purge batches of a worker
+PURGE_BATCH = 500
 CIRCUIT_OPEN = "circuit open:"
 """How the error of an attempt not made for an open circuit begins (``cmi outbox status``
 finds open circuits by it)."""
@@ -558,6 +570,9 @@ class DeliveryWorker:
     :param destination_lease_limit: with a store that can enforce it (PostgreSQL), the
         most rows leased to one destination at once across *all* workers.
     :param metrics: where to count attempts for ``/metrics`` (the adapter's).
+    :param keep_delivered: seconds a delivered document is kept (the pull window: 30
+        days); then the worker purges it, with its attempts, a batch a minute. None: kept.
+    :param keep_dead: seconds a dead letter is kept unless redriven (90 days). None: kept.
     :param document_headers: the headers a row's document goes with, beside the webhook
         ones: its ``content-type``, and a detached signature for a standard with no place
         for one (the adapter's :meth:`~cmi_sdk.Documents.delivery_headers`); by default
@@ -587,6 +602,8 @@ class DeliveryWorker:
         destination_lease_limit: int | None = None,
         metrics: DeliveryMetrics | None = None,
         document_headers: Callable[[OutboxRow], Mapping[str, str]] | None = None,
+        keep_delivered: float | None = DEFAULT_KEEP_DELIVERED,
+        keep_dead: float | None = DEFAULT_KEEP_DEAD,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1 or circuit_threshold < 1:
             raise ConfigurationError(
@@ -619,6 +636,9 @@ class DeliveryWorker:
         self._rng = random.Random(seed)  # noqa: S311  (jitter, not a secret)
         self._digests = digests
         self._document_headers = document_headers
+        self.keep_delivered = keep_delivered
+        self.keep_dead = keep_dead
+        self._purged_at = -math.inf
         self._digests_at = -math.inf
         self._claim_options: dict[str, Any] = {}
         if destination_lease_limit is not None:
@@ -996,6 +1016,7 @@ class DeliveryWorker:
                 self._digests()
             except CMIError:
                 log.exception("merging digests failed; their documents wait for the next claim")
+        self._purge_sync()
         rows = self.store.claim(
             owner=self.owner,
             now=self._clock(),
@@ -1040,6 +1061,31 @@ class DeliveryWorker:
             except CMIError:
                 log.exception("cancelling rows of revoked terms failed")
         return work, settled, len(revoked)
+
+    def _purge_sync(self) -> None:
+        """Finished documents past their window go, a small batch at a time, at most once
+        a minute: claims stay quick, and every document holds customer data."""
+        if self.keep_delivered is None and self.keep_dead is None:
+            return
+        if time.monotonic() - self._purged_at < PURGE_INTERVAL:
+            return
+        if not isinstance(self.store, RetentionStore):
+            return
+        self._purged_at = time.monotonic()
+        now = self._clock()
+        try:
+            done = self.store.purge(
+                delivered_before=0.0 if self.keep_delivered is None else now - self.keep_delivered,
+                dead_before=0.0 if self.keep_dead is None else now - self.keep_dead,
+                limit=PURGE_BATCH,
+            )
+        except CMIError:
+            log.exception("purging finished documents failed; trying again later")
+            return
+        if any(done.values()):
+            log.info(
+                "purged %d delivered documents and %d dead letters", done["delivered"], done["dead"]
+            )
 
     # -- sending -----------------------------------------------------------------------
 

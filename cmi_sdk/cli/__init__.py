@@ -56,6 +56,7 @@ from cmi_sdk.cli.outbox import (
     cmd_emit,
     cmd_outbox,
     cmd_outbox_problems,
+    cmd_outbox_purge,
 )
 from cmi_sdk.cli.requests import cmd_accept, cmd_request, travel_date
 from cmi_sdk.cli.serving import cmd_listen, cmd_serve, serve_app
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (50)")
     o.add_argument("--json", action="store_true", help="print JSON, for scripts")
     o.set_defaults(func=cmd_outbox_problems)
+    o = outbox.add_parser("purge", help="delete finished documents past their window")
+    o.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
+    o.add_argument("--keep-days", type=float, default=30.0, help="delivered documents (30)")
+    o.add_argument("--keep-dead-days", type=float, default=90.0, help="dead letters (90)")
+    o.set_defaults(func=cmd_outbox_purge)
 
     p = sub.add_parser("acceptances", help="recover acceptances whose booking process died")
     acceptances = p.add_subparsers(

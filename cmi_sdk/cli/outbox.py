@@ -165,6 +165,37 @@ def open_circuits(rows: list[OutboxRow]) -> dict[str, int]:
     return found
 
 
+def cmd_outbox_purge(args: argparse.Namespace) -> int:
+    """Delete delivered documents and dead letters past their window (``--dry-run``:
+    count them); the delivery worker does the same in small batches as it runs."""
+    from cmi_sdk.outbox import RetentionStore  # noqa: PLC0415
+
+    if args.keep_days < 0 or args.keep_dead_days < 0:
+        raise UsageError("--keep-days and --keep-dead-days must be >= 0")
+    adapter = _emitting_adapter(args, require_signer=False)
+    store = adapter.store
+    if not isinstance(store, RetentionStore):
+        raise UsageError(f"{type(store).__name__} cannot purge")
+    now = adapter.clock()
+    window = {
+        "delivered_before": now - args.keep_days * 86400,
+        "dead_before": now - args.keep_dead_days * 86400,
+    }
+    if args.dry_run:
+        counts = store.purgeable(**window)
+        verb = "would purge"
+    else:
+        counts = {"delivered": 0, "dead": 0}
+        for _ in range(100_000):  # bounded: batches of 1,000 until none is left
+            done = store.purge(**window, limit=1000)
+            counts = {k: counts[k] + done[k] for k in counts}
+            if not any(done.values()):
+                break
+        verb = "purged"
+    _write(f"{verb} {counts['delivered']} delivered, {counts['dead']} dead\n".encode(), None)
+    return EXIT_OK
+
+
 def cmd_db_migrate(args: argparse.Namespace) -> int:  # noqa: ARG001  (no options)
     """Create or upgrade the store's tables (SQLite or PostgreSQL); idempotent."""
     from cmi_sdk._adapter import open_store  # noqa: PLC0415

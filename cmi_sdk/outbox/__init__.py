@@ -61,6 +61,7 @@ __all__ = [
     "OutboxStatus",
     "OutboxStore",
     "ReplayCache",
+    "RetentionStore",
     "SeenMessage",
     "State",
     "StoredOffer",
@@ -495,6 +496,21 @@ class OutboxQueue(Protocol):
         """Wait up to ``timeout`` seconds for a row to commit: True when one may have.
         Called only where :attr:`notifies_work`; this default returns False at once."""
         return False
+
+
+@runtime_checkable
+class RetentionStore(Protocol):
+    """Finished documents purged after their window: delivered ones after the pull window,
+    dead letters after theirs (a redriven row is pending again, and stays)."""
+
+    def purge(self, *, delivered_before: float, dead_before: float, limit: int) -> dict[str, int]:
+        """Delete up to ``limit`` delivered rows that finished before ``delivered_before``
+        and up to ``limit`` dead rows that died before ``dead_before``, oldest first, with
+        their attempts, in one transaction; return how many of each (``delivered``,
+        ``dead``)."""
+
+    def purgeable(self, *, delivered_before: float, dead_before: float) -> dict[str, int]:
+        """How many rows :meth:`purge` would delete with no limit, of each kind."""
 
 
 @runtime_checkable

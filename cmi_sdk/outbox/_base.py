@@ -336,6 +336,34 @@ class SQLStore:
         """Every recorded attempt of a row, in order."""
         return [attempt_of_row(r) for r in self._fetch("reading attempts", "attempts", (msg_id,))]
 
+    # -- retention ------------------------------------------------------------------------
+
+    def purge(self, *, delivered_before: float, dead_before: float, limit: int) -> dict[str, int]:
+        """Delete finished rows past their window, oldest first, with their attempts."""
+
+        def body(run: Run) -> dict[str, int]:
+            done = {"delivered": 0, "dead": 0}
+            for kind, before in (("delivered", delivered_before), ("dead", dead_before)):
+                found = run(f"purgeable_{kind}", (before, limit)).fetchall()
+                for (msg_id,) in found:
+                    if run("purge_row", (msg_id,)).rowcount:
+                        run("purge_attempts", (msg_id,))
+                        done[kind] += 1
+            return done
+
+        return self._transaction("purging finished rows", body, durable=False)
+
+    def purgeable(self, *, delivered_before: float, dead_before: float) -> dict[str, int]:
+        """How many finished rows :meth:`purge` would delete, of each kind."""
+        return {
+            kind: int(
+                self._fetch(f"counting {kind} rows to purge", f"count_purgeable_{kind}", (before,))[
+                    0
+                ][0]
+            )
+            for kind, before in (("delivered", delivered_before), ("dead", dead_before))
+        }
+
     # -- destinations ---------------------------------------------------------------------
 
     def disable_destination(self, url: str, *, reason: str, at: float) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from cmi_sdk import Adapter, RetrySchedule
+from cmi_sdk import Adapter, OutboxRowNotFoundError, RetrySchedule
 from cmi_sdk._delivery import DeliveryProgress, Timeouts
 from cmi_sdk.cli.outbox import open_circuits
 from cmi_sdk.receiver import CustomerStore
@@ -237,3 +237,36 @@ def test_each_failure_is_logged_once_per_destination_and_interval(
     assert url in lines[0]
     assert "HTTP 503" in lines[0]
     assert stats.retry_reasons() == {"HTTP 503": 4}
+
+
+def test_the_worker_purges_finished_documents_after_their_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cmi_sdk.cli import main
+
+    clock = Clock(time.time())
+    adapter = make_adapter(tmp_path, clock=clock)
+    secret = generate_secret()
+    with customer_store(tmp_path, secret) as (url, _store):
+        register(adapter, destination=url, secret=secret)
+        old, recent = _emit(adapter, "cust-7f3a9c", 2, "P")
+        with adapter.delivery_worker() as worker:
+            worker.run_once()  # both delivered now
+            clock.now += 20 * 86400
+            assert worker.run_once().attempts == 0
+            assert adapter.store.get_row(old).state == "delivered"  # inside the window
+    # The operator's view (the real clock): what would go with no window at all.
+    monkeypatch.setenv("CMI_DATABASE_URL", f"sqlite:///{tmp_path}/cmi.db")
+    assert main(["outbox", "purge", "--dry-run", "--keep-days", "0"]) == 0
+    assert "would purge 2 delivered, 0 dead" in capsys.readouterr().out
+    assert adapter.store.get_row(old).state == "delivered"  # a dry run deletes nothing
+    # The worker's own purge, once the window (30 days) has passed.
+    clock.now += 11 * 86400
+    with adapter.delivery_worker() as worker:
+        worker.run_once()
+    for msg_id in (old, recent):
+        with pytest.raises(OutboxRowNotFoundError):
+            adapter.store.get_row(msg_id)
+        assert adapter.store.attempts(msg_id) == []
+    assert main(["outbox", "purge"]) == 0
+    assert "purged 0 delivered, 0 dead" in capsys.readouterr().out

@@ -424,6 +424,32 @@ UPDATE {s}.outbox SET state = 'pending', attempts = 0, next_attempt_at = %s,
     dead_at = NULL
 WHERE state = 'dead' AND dead_at >= %s;
 
+-- name: purgeable_delivered
+-- Delivered rows finished before a time, oldest first (the retention purge).
+SELECT msg_id FROM {s}.outbox WHERE state = 'delivered' AND delivered_at < %s
+ORDER BY delivered_at LIMIT %s;
+
+-- name: purgeable_dead
+-- Dead rows that died before a time, oldest first (the retention purge).
+SELECT msg_id FROM {s}.outbox WHERE state = 'dead' AND dead_at < %s
+ORDER BY dead_at LIMIT %s;
+
+-- name: count_purgeable_delivered
+-- How many delivered rows finished before a time.
+SELECT count(*) FROM {s}.outbox WHERE state = 'delivered' AND delivered_at < %s;
+
+-- name: count_purgeable_dead
+-- How many dead rows died before a time.
+SELECT count(*) FROM {s}.outbox WHERE state = 'dead' AND dead_at < %s;
+
+-- name: purge_row
+-- Delete a finished row (one redriven meanwhile is pending, and stays).
+DELETE FROM {s}.outbox WHERE msg_id = %s AND state IN ('delivered', 'dead');
+
+-- name: purge_attempts
+-- Delete the attempts of a purged row.
+DELETE FROM {s}.attempts WHERE msg_id = %s;
+
 -- name: documents_since
 -- Documents of the terms after a cursor (a transaction id and a seq). Rows of
 -- transactions older than every transaction still running are all there is below that

@@ -302,6 +302,32 @@ WHERE msg_id = ? AND state = 'dead';
 UPDATE cmi_outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, dead_at = NULL
 WHERE state = 'dead' AND dead_at >= ?;
 
+-- name: purgeable_delivered
+-- Delivered rows finished before a time, oldest first (the retention purge).
+SELECT msg_id FROM cmi_outbox WHERE state = 'delivered' AND delivered_at < ?
+ORDER BY delivered_at LIMIT ?;
+
+-- name: purgeable_dead
+-- Dead rows that died before a time, oldest first (the retention purge).
+SELECT msg_id FROM cmi_outbox WHERE state = 'dead' AND dead_at < ?
+ORDER BY dead_at LIMIT ?;
+
+-- name: count_purgeable_delivered
+-- How many delivered rows finished before a time.
+SELECT count(*) FROM cmi_outbox WHERE state = 'delivered' AND delivered_at < ?;
+
+-- name: count_purgeable_dead
+-- How many dead rows died before a time.
+SELECT count(*) FROM cmi_outbox WHERE state = 'dead' AND dead_at < ?;
+
+-- name: purge_row
+-- Delete a finished row (one redriven meanwhile is pending, and stays).
+DELETE FROM cmi_outbox WHERE msg_id = ? AND state IN ('delivered', 'dead');
+
+-- name: purge_attempts
+-- Delete the attempts of a purged row.
+DELETE FROM cmi_attempts WHERE msg_id = ?;
+
 -- name: documents_since
 -- Documents of the terms after a cursor (a seq): one writer at a time commits rows in
 -- seq order, so the cursor never skips a row that commits late.
