@@ -21,7 +21,8 @@ from cmi_sdk._delivery import DeliveryProgress, Timeouts
 from cmi_sdk.cli.outbox import open_circuits
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.webhooks import generate_secret
-from tests.support import Clock, Faulty, make_adapter, register, serve_app, signer, ticket
+from tests.fakes import Clock, Faulty
+from tests.support import emitting_adapter, register, serve_app, signer, ticket
 
 SHORT = Timeouts(connect=1.0, read=0.3, total=2.0)
 
@@ -105,7 +106,7 @@ def test_a_store_that_never_answers_opens_its_circuit_and_holds_up_no_one(
     tmp_path: Path,
 ) -> None:
     clock = Clock(time.time())
-    adapter = make_adapter(tmp_path, clock=clock)
+    adapter = emitting_adapter(tmp_path, clock=clock)
     secret = generate_secret()
     with (
         RawServer(answer=None).running() as silent,
@@ -145,7 +146,7 @@ def test_a_store_that_never_answers_opens_its_circuit_and_holds_up_no_one(
 
 
 def test_a_slow_store_holds_no_batch(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     adapter.clock = time.time
     slow_secret, fast_secret = generate_secret(), generate_secret()
     with (
@@ -173,7 +174,7 @@ def test_a_slow_store_holds_no_batch(tmp_path: Path) -> None:
 
 
 def test_an_answer_cut_short_is_not_a_delivery(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     cut = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n<ok/>"
     with RawServer(answer=cut).running() as server:
         register(adapter, destination=server.url)
@@ -186,7 +187,7 @@ def test_an_answer_cut_short_is_not_a_delivery(tmp_path: Path) -> None:
 
 
 def test_the_engine_runs_on_the_firms_event_loop(tmp_path: Path) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     adapter.clock = time.time
     secret = generate_secret()
     with customer_store(tmp_path, secret) as (url, store):
@@ -222,7 +223,7 @@ def test_the_engine_runs_on_the_firms_event_loop(tmp_path: Path) -> None:
 def test_each_failure_is_logged_once_per_destination_and_interval(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    adapter = make_adapter(tmp_path)
+    adapter = emitting_adapter(tmp_path)
     secret = generate_secret()
     with customer_store(tmp_path, secret) as (url, store):
         store.plan = lambda _n: 503
@@ -245,7 +246,7 @@ def test_the_worker_purges_finished_documents_after_their_window(
     from cmi_sdk.cli import main
 
     clock = Clock(time.time())
-    adapter = make_adapter(tmp_path, clock=clock)
+    adapter = emitting_adapter(tmp_path, clock=clock)
     secret = generate_secret()
     with customer_store(tmp_path, secret) as (url, _store):
         register(adapter, destination=url, secret=secret)

@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from cmi_sdk import EgressGuard, RetrySchedule
 from cmi_sdk.egress import _IPAddress
-from tests.support import make_adapter, register, ticket
+from tests.support import emitting_adapter, register, ticket
 
 HOST = "store.example"
 STORE_ADDRESS = "127.0.0.2"  # "public" to the guard below
@@ -180,7 +180,7 @@ def test_the_engine_connects_to_the_address_the_guard_checked(
 
     monkeypatch.setattr(socket, "getaddrinfo", system_resolver)
     guard = PublicLoopbackGuard(resolver=resolver)
-    adapter = make_adapter(tmp_path, egress=guard)
+    adapter = emitting_adapter(tmp_path, egress=guard)
     terms = register(adapter, destination=f"https://STORE.example.:{port}/inbox")
     # Stored as the guard normalized it: what was checked is what is delivered to.
     assert terms.destination == f"https://store.example:{port}/inbox"
