@@ -60,6 +60,7 @@ GUIDE: dict[str, tuple[str, tuple[str, ...]]] = {
     "outbox list": ("cmi outbox list --state dead --limit 20", _STORE),
     "outbox redrive": ("cmi outbox redrive --since 2026-11-24T00:00:00Z", _STORE),
     "outbox problems": ("cmi outbox problems --limit 20", _STORE),
+    "outbox purge": ("cmi outbox purge --dry-run --keep-days 30", _STORE),
     "acceptances recover": (
         "cmi acceptances recover --reference-firms",
         (*_STORE, *_SIGNING, "CMI_ACCEPTANCE_LEASE"),
