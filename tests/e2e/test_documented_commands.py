@@ -43,6 +43,7 @@ _BLOCK = re.compile(
 #: The blocks that do not run here, by page: each needs something a fresh machine lacks.
 NOT_RUN = {
     "README.md": {"the test suite itself"},
+    "performance.md": {"benchmarks of minutes, judged by their own targets"},
     "scale.md": {"needs a PostgreSQL server"},
     "stores.md": {"the test suite itself"},
     "verify.md": {"needs an OFX statement and its signature, as a store received them"},
