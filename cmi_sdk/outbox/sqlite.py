@@ -129,11 +129,33 @@ class SQLiteStore(SQLStore, OutboxStore):
     def connect(self) -> sqlite3.Connection:
         """A new connection to the store's file, configured as the store's own are (WAL,
         the store's ``synchronous``): what a firm uses for its own writes in the file."""
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout)
+            self._use_wal(conn)
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode, waiting for other connections' setup if need be.
+
+        Changing the journal mode takes the file's exclusive lock, and SQLite answers
+        "database is locked" at once, without its busy handler, while another process
+        holds a lock on a new file (several processes opening it together): wait as a
+        write would, up to the busy timeout. A file already in WAL needs no change."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+                if str(mode).lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
