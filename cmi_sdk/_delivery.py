@@ -312,7 +312,9 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: str.isdigit also says yes to "²" (which float refuses, and the
+    # attempt failed as a bug, uncounted by the circuit) and to other scripts' digits.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
