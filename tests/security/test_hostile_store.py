@@ -393,3 +393,44 @@ def test_a_200_after_the_total_timeout_is_no_delivery(
     assert state == "retry"
     assert error == "timed out: TotalTimeout"
     assert took < 3
+
+
+# -- 410 Gone ------------------------------------------------------------------------------
+
+
+def test_a_410_disables_only_the_destination_that_answered_it(
+    tmp_path: Path, raw_store: Callable[[str, Script], RawStore]
+) -> None:
+    # One store serves two customers at two paths; the hostile one answers 410 for the
+    # other's path too, from a redirect it hopes the engine follows.
+    def store_script(conn: socket.socket) -> None:
+        for _ in range(20):
+            head = read_request(conn)
+            if not head:
+                return
+            if head.startswith(b"POST /gone "):
+                store.send(conn, b"HTTP/1.1 410 Gone\r\nContent-Length: 0\r\n\r\n")
+            else:
+                location = store.url("/gone").encode()
+                store.send(
+                    conn,
+                    b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\n"
+                    b"Content-Length: 0\r\n\r\n" % location,
+                )
+
+    store = raw_store("127.0.0.2", store_script)
+    adapter = emitting_adapter(tmp_path)
+    register(adapter, destination=store.url("/gone"))
+    register(adapter, destination=store.url("/other"))
+    emitted = adapter.emit(ticket())
+    with adapter.delivery_worker(
+        timeout=Timeouts(connect=2, read=2, total=3),
+        schedule=RetrySchedule(delays=(3600,), jitter=0),
+    ) as worker:
+        worker.run_once(max_rounds=1)
+    assert set(adapter.store.disabled_destinations()) == {store.url("/gone")}
+    states = {
+        adapter.store.get_row(e.msg_id).destination: adapter.store.get_row(e.msg_id).state
+        for e in emitted
+    }
+    assert states == {store.url("/gone"): "dead", store.url("/other"): "retry"}

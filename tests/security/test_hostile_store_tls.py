@@ -1,0 +1,275 @@
+"""A hostile store or name server against the engine's TLS and address pinning.
+
+The store listens with TLS on 127.0.0.2, which the test's guard counts as public; the
+firm's "internal service" listens on 127.0.0.1 and counts every connection offered to it.
+Every server loop is bounded in count and time, and every listener stops with its test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cmi_sdk import EgressGuard, RetrySchedule
+from cmi_sdk._delivery import Timeouts
+from cmi_sdk.egress import _IPAddress
+from tests.support import emitting_adapter, register, ticket
+
+HOST = "store.example"
+STORE_ADDRESS = "127.0.0.2"
+INTERNAL_ADDRESS = "127.0.0.1"
+
+
+class PublicLoopbackGuard(EgressGuard):
+    """The default guard (https only, public addresses only), except that 127.0.0.2
+    stands for a public address."""
+
+    def _refusal(self, addr: _IPAddress, *, trusted: bool = False) -> str | None:
+        if addr == ipaddress.ip_address(STORE_ADDRESS):
+            return None
+        return super()._refusal(addr, trusted=trusted)
+
+
+def answering(*addresses: str) -> Callable[[str, int], list[str]]:
+    def resolver(host: str, port: int) -> list[str]:
+        return list(addresses)
+
+    return resolver
+
+
+@dataclass
+class Certificate:
+    cert: Path
+    key: Path
+
+    def trusted(self) -> ssl.SSLContext:
+        """A client context that trusts this certificate alone, names verified."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+def certificate(folder: Path, name: str) -> Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    paths = Certificate(folder / f"{name}.pem", folder / f"{name}.key")
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@dataclass
+class TlsStore:
+    """A TLS listener answering 204 to each request; it records the SNI it was offered,
+    the Host headers it read, and the connections made to it."""
+
+    port: int
+    server_names: list[str | None] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    connections: int = 0
+
+
+@dataclass
+class Listeners:
+    store: TlsStore
+    internal_connections: list[int]
+
+
+@pytest.fixture
+def listeners(tmp_path: Path) -> Iterator[Callable[[Certificate], Listeners]]:
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    sockets: list[socket.socket] = []
+
+    def start(cert: Certificate) -> Listeners:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert.cert, cert.key)
+        store_socket = socket.socket()
+        store_socket.bind((STORE_ADDRESS, 0))
+        port = store_socket.getsockname()[1]
+        store = TlsStore(port)
+
+        def sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            store.server_names.append(name)
+
+        context.sni_callback = sni
+        internal = socket.socket()
+        internal.bind((INTERNAL_ADDRESS, port))  # same port: only the address differs
+        counted: list[int] = [0]
+
+        def answer(conn: socket.socket) -> None:
+            conn.settimeout(3)
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+                for _ in range(20):
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = tls.recv(65536)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                        if name.strip().lower() == b"host":
+                            store.hosts.append(value.strip().decode())
+                    while len(body) < length:
+                        body += tls.recv(65536)
+                    tls.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+        def serve(listener: socket.socket, on_accept: Callable[[socket.socket], None]) -> None:
+            listener.listen(16)
+            listener.settimeout(0.05)
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                on_accept(conn)
+
+        def on_store(conn: socket.socket) -> None:
+            store.connections += 1
+            worker = threading.Thread(target=answer, args=(conn,), daemon=True)
+            threads.append(worker)
+            worker.start()
+
+        def on_internal(conn: socket.socket) -> None:
+            counted[0] += 1
+            conn.close()
+
+        for listener, on_accept in ((store_socket, on_store), (internal, on_internal)):
+            sockets.append(listener)
+            thread = threading.Thread(target=serve, args=(listener, on_accept), daemon=True)
+            threads.append(thread)
+            thread.start()
+        return Listeners(store, counted)
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    for listener in sockets:
+        listener.close()
+
+
+def deliver(
+    tmp_path: Path, guard: EgressGuard, url: str, ssl_context: ssl.SSLContext | None
+) -> tuple[str, str | None]:
+    adapter = emitting_adapter(tmp_path, egress=guard)
+    register(adapter, destination=url)
+    emitted = adapter.emit(ticket())[0]
+    options: dict[str, object] = {} if ssl_context is None else {"ssl_context": ssl_context}
+    with adapter.delivery_worker(
+        timeout=Timeouts(connect=2, read=2, total=3),
+        schedule=RetrySchedule(delays=(3600,), jitter=0),
+        **options,
+    ) as worker:
+        worker.run_once(max_rounds=1)
+    row = adapter.store.get_row(emitted.msg_id)
+    return row.state, row.last_error
+
+
+def test_sni_and_host_are_the_destinations_name_and_its_certificate_is_verified(
+    tmp_path: Path, listeners: Callable[[Certificate], Listeners]
+) -> None:
+    cert = certificate(tmp_path, HOST)
+    seen = listeners(cert)
+    guard = PublicLoopbackGuard(resolver=answering(STORE_ADDRESS))
+    url = f"https://{HOST}:{seen.store.port}/inbox"
+    assert deliver(tmp_path, guard, url, cert.trusted()) == ("delivered", None)
+    assert seen.store.server_names == [HOST]
+    assert seen.store.hosts == [f"{HOST}:{seen.store.port}"]
+
+
+def test_a_self_signed_store_is_refused_unless_configured(
+    tmp_path: Path, listeners: Callable[[Certificate], Listeners]
+) -> None:
+    seen = listeners(certificate(tmp_path, HOST))
+    guard = PublicLoopbackGuard(resolver=answering(STORE_ADDRESS))
+    url = f"https://{HOST}:{seen.store.port}/inbox"
+    state, error = deliver(tmp_path, guard, url, None)  # the system's trusted roots
+    assert state == "retry"
+    assert (error or "").startswith("TLSError"), error
+    assert seen.store.hosts == []  # nothing was sent
+
+
+def test_a_certificate_for_another_name_is_refused(
+    tmp_path: Path, listeners: Callable[[Certificate], Listeners]
+) -> None:
+    # Trusted as an authority, but issued to another name: a store may not present the
+    # certificate of someone else's host it happens to hold.
+    other = certificate(tmp_path, "other.example")
+    seen = listeners(other)
+    guard = PublicLoopbackGuard(resolver=answering(STORE_ADDRESS))
+    url = f"https://{HOST}:{seen.store.port}/inbox"
+    state, error = deliver(tmp_path, guard, url, other.trusted())
+    assert state == "retry"
+    assert (error or "").startswith("TLSError"), error
+    assert seen.store.hosts == []
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        (STORE_ADDRESS, INTERNAL_ADDRESS),  # a public address and a private one
+        (INTERNAL_ADDRESS, STORE_ADDRESS),
+        ("::ffff:127.0.0.1",),
+        (STORE_ADDRESS, "::ffff:127.0.0.1"),
+        (STORE_ADDRESS, "0.0.0.0"),  # noqa: S104  (an answer, not a bind)
+    ],
+)
+def test_a_name_answering_any_internal_address_gets_no_connection_at_all(
+    tmp_path: Path, listeners: Callable[[Certificate], Listeners], answers: tuple[str, ...]
+) -> None:
+    cert = certificate(tmp_path, HOST)
+    seen = listeners(cert)
+    guard = PublicLoopbackGuard(resolver=answering(*answers))
+    url = f"https://{HOST}:{seen.store.port}/inbox"
+    adapter = emitting_adapter(tmp_path, egress=guard)
+    register(adapter, destination=url)  # checked without DNS
+    emitted = adapter.emit(ticket())[0]
+    with adapter.delivery_worker(
+        ssl_context=cert.trusted(), timeout=Timeouts(connect=2, read=2, total=3)
+    ) as worker:
+        worker.run_once(max_rounds=1)
+    row = adapter.store.get_row(emitted.msg_id)
+    assert row.state == "dead"
+    assert (row.last_error or "").startswith("egress guard:")
+    assert seen.internal_connections == [0]
+    assert seen.store.connections == 0
