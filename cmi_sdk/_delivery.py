@@ -854,10 +854,12 @@ class DeliveryWorker:
                 exhausted = got < limit
                 if not exhausted:
                     continue
+            # Outcomes recorded while the last claim ran (its rows were still leased then)
+            # may have made retries due: claim again before deciding there is no work.
+            if run.committed_since_claim and may_claim and self.capacity > len(self._held):
+                continue
             if until_idle and not self._held and (exhausted or not may_claim):
                 return
-            if run.committed_since_claim and may_claim and self.capacity > len(self._held):
-                continue  # outcomes were recorded meanwhile: retries may be due now
             run.wake.clear()
             if self._held or not exhausted:
                 # Something will finish: a send, a commit.
