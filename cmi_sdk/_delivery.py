@@ -66,6 +66,7 @@ import yarl
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
 from cmi_sdk._models import SharingTerms
+from cmi_sdk._retention import check_offer_windows, purge_windows
 from cmi_sdk._version import __version__ as _version
 from cmi_sdk.egress import EgressGuard, EgressResolutionError, PinnedDestination
 from cmi_sdk.outbox import (
@@ -107,6 +108,12 @@ DEFAULT_KEEP_DELIVERED = 30 * 86400.0
 """Delivered documents are kept this long (the pull window), then purged."""
 DEFAULT_KEEP_DEAD = 90 * 86400.0
 """Dead letters not redriven are kept this long, then purged."""
+DEFAULT_KEEP_OFFERS = 30 * 86400.0
+"""Offers are kept this long after they stop being valid, then purged with their
+acceptances (see :data:`DEFAULT_KEEP_ACCEPTANCES`)."""
+DEFAULT_KEEP_ACCEPTANCES = 30 * 86400.0
+"""Finished acceptances are kept this long, answering retries as they were; then they go
+with their offer once it has expired (never a ``processing`` one)."""
 PURGE_INTERVAL = 60.0  # seconds between two purge batches of a worker
 PURGE_BATCH = 500
 CIRCUIT_OPEN = "circuit open:"
@@ -575,6 +582,10 @@ class DeliveryWorker:
     :param keep_delivered: seconds a delivered document is kept (the pull window: 30
         days); then the worker purges it, with its attempts, a batch a minute. None: kept.
     :param keep_dead: seconds a dead letter is kept unless redriven (90 days). None: kept.
+    :param keep_offers: seconds an offer is kept once no longer valid (30 days; at least
+        a day), then purged with its acceptances. None: kept.
+    :param keep_acceptances: seconds a finished acceptance is kept (30 days; at least a
+        day); its offer (and it) go once both windows passed. None: kept.
     :param document_headers: the headers a row's document goes with, beside the webhook
         ones: its ``content-type``, and a detached signature for a standard with no place
         for one (the adapter's :meth:`~cmi_sdk.Documents.delivery_headers`); by default
@@ -606,6 +617,8 @@ class DeliveryWorker:
         document_headers: Callable[[OutboxRow], Mapping[str, str]] | None = None,
         keep_delivered: float | None = DEFAULT_KEEP_DELIVERED,
         keep_dead: float | None = DEFAULT_KEEP_DEAD,
+        keep_offers: float | None = DEFAULT_KEEP_OFFERS,
+        keep_acceptances: float | None = DEFAULT_KEEP_ACCEPTANCES,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1 or circuit_threshold < 1:
             raise ConfigurationError(
@@ -615,6 +628,7 @@ class DeliveryWorker:
             raise ConfigurationError("lease_seconds must be positive and finite")
         if not 0 <= circuit_interval < math.inf:
             raise ConfigurationError("circuit_interval must be finite and >= 0")
+        check_offer_windows(keep_offers, keep_acceptances)
         if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
             raise ConfigurationError("transport must be an httpx async transport")
         self.store = store
@@ -640,6 +654,8 @@ class DeliveryWorker:
         self._document_headers = document_headers
         self.keep_delivered = keep_delivered
         self.keep_dead = keep_dead
+        self.keep_offers = keep_offers
+        self.keep_acceptances = keep_acceptances
         self._purged_at = -math.inf
         self._digests_at = -math.inf
         self._claim_options: dict[str, Any] = {}
@@ -1067,10 +1083,8 @@ class DeliveryWorker:
         return work, settled, len(revoked)
 
     def _purge_sync(self) -> None:
-        """Finished documents past their window go, a small batch at a time, at most once
+        """What is finished goes after its window, a small batch at a time, at most once
         a minute: claims stay quick, and every document holds customer data."""
-        if self.keep_delivered is None and self.keep_dead is None:
-            return
         if time.monotonic() - self._purged_at < PURGE_INTERVAL:
             return
         if not isinstance(self.store, RetentionStore):
@@ -1079,17 +1093,20 @@ class DeliveryWorker:
         now = self._clock()
         try:
             done = self.store.purge(
-                delivered_before=0.0 if self.keep_delivered is None else now - self.keep_delivered,
-                dead_before=0.0 if self.keep_dead is None else now - self.keep_dead,
+                **purge_windows(
+                    now,
+                    delivered=self.keep_delivered,
+                    dead=self.keep_dead,
+                    offers=self.keep_offers,
+                    acceptances=self.keep_acceptances,
+                ),
                 limit=PURGE_BATCH,
             )
         except CMIError:
-            log.exception("purging finished documents failed; trying again later")
+            log.exception("purging finished rows failed; trying again later")
             return
         if any(done.values()):
-            log.info(
-                "purged %d delivered documents and %d dead letters", done["delivered"], done["dead"]
-            )
+            log.info("purged %s", ", ".join(f"{n} {kind}" for kind, n in done.items() if n))
 
     # -- sending -----------------------------------------------------------------------
 

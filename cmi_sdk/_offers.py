@@ -69,6 +69,7 @@ from cmi_sdk._models import (
     Transaction,
 )
 from cmi_sdk._quotes import Availability, ClaimCheck, Hold, Quote, RevenueDecision
+from cmi_sdk._retention import ACCEPTANCE_SKEW
 from cmi_sdk.hookspecs import NONBLOCKING_ATTRIBUTE
 from cmi_sdk.outbox import (
     AcceptanceClaim,
@@ -832,6 +833,9 @@ class OfferPipeline:
             raise AcceptanceError(f"the acceptance is for offer {acceptance.offer_id}")
         if acceptance.customer_ref != offer.customer_ref:
             raise AcceptanceError("the acceptance is not from the customer the offer was for")
+        if acceptance.accepted_at.timestamp() < offer.created_at.timestamp() - ACCEPTANCE_SKEW:
+            # Made for a purged offer whose id this one has (see cmi_sdk._retention).
+            raise AcceptanceError(f"the acceptance was made before offer {offer.id} was")
         # Each round claims the acceptance, or recovers the one in its way whose lease ran
         # out (a crashed booking) and claims again.
         for _ in range(3):

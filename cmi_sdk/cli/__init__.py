@@ -252,10 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (50)")
     o.add_argument("--json", action="store_true", help="print JSON, for scripts")
     o.set_defaults(func=cmd_outbox_problems)
-    o = outbox.add_parser("purge", help="delete finished documents past their window")
+    o = outbox.add_parser(
+        "purge", help="delete finished documents, offers and acceptances past their window"
+    )
     o.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
     o.add_argument("--keep-days", type=float, default=30.0, help="delivered documents (30)")
     o.add_argument("--keep-dead-days", type=float, default=90.0, help="dead letters (90)")
+    o.add_argument(
+        "--keep-offer-days", type=float, default=30.0, help="offers, once expired (30; >= 1)"
+    )
+    o.add_argument(
+        "--keep-acceptance-days",
+        type=float,
+        default=30.0,
+        help="finished acceptances; they go with their offer (30; >= 1)",
+    )
     o.set_defaults(func=cmd_outbox_purge)
 
     p = sub.add_parser("acceptances", help="recover acceptances whose booking process died")

@@ -9,6 +9,7 @@ import sys
 
 from cmi_sdk._delivery import CIRCUIT_OPEN, DeliveryProgress
 from cmi_sdk._exceptions import (
+    ConfigurationError,
     ModelValidationError,
 )
 from cmi_sdk._models import load_model
@@ -166,33 +167,42 @@ def open_circuits(rows: list[OutboxRow]) -> dict[str, int]:
 
 
 def cmd_outbox_purge(args: argparse.Namespace) -> int:
-    """Delete delivered documents and dead letters past their window (``--dry-run``:
-    count them); the delivery worker does the same in small batches as it runs."""
+    """Delete what is finished past its window: delivered documents, dead letters, expired
+    offers with their finished acceptances, expired message ids (``--dry-run``: count
+    them); the delivery worker does the same in small batches as it runs."""
+    from cmi_sdk._retention import RETAINED, check_offer_windows, purge_windows  # noqa: PLC0415
     from cmi_sdk.outbox import RetentionStore  # noqa: PLC0415
 
     if args.keep_days < 0 or args.keep_dead_days < 0:
         raise UsageError("--keep-days and --keep-dead-days must be >= 0")
+    try:
+        check_offer_windows(args.keep_offer_days * 86400, args.keep_acceptance_days * 86400)
+    except ConfigurationError:
+        raise UsageError("--keep-offer-days and --keep-acceptance-days must be >= 1") from None
     adapter = _emitting_adapter(args, require_signer=False)
     store = adapter.store
     if not isinstance(store, RetentionStore):
         raise UsageError(f"{type(store).__name__} cannot purge")
-    now = adapter.clock()
-    window = {
-        "delivered_before": now - args.keep_days * 86400,
-        "dead_before": now - args.keep_dead_days * 86400,
-    }
+    window = purge_windows(
+        adapter.clock(),
+        delivered=args.keep_days * 86400,
+        dead=args.keep_dead_days * 86400,
+        offers=args.keep_offer_days * 86400,
+        acceptances=args.keep_acceptance_days * 86400,
+    )
     if args.dry_run:
         counts = store.purgeable(**window)
         verb = "would purge"
     else:
-        counts = {"delivered": 0, "dead": 0}
+        counts = dict.fromkeys(RETAINED, 0)
         for _ in range(100_000):  # bounded: batches of 1,000 until none is left
             done = store.purge(**window, limit=1000)
             counts = {k: counts[k] + done[k] for k in counts}
             if not any(done.values()):
                 break
         verb = "purged"
-    _write(f"{verb} {counts['delivered']} delivered, {counts['dead']} dead\n".encode(), None)
+    said = ", ".join(f"{counts[kind]} {name}" for kind, name in RETAINED.items())
+    _write(f"{verb} {said}\n".encode(), None)
     return EXIT_OK
 
 

@@ -500,17 +500,43 @@ class OutboxQueue(Protocol):
 
 @runtime_checkable
 class RetentionStore(Protocol):
-    """Finished documents purged after their window: delivered ones after the pull window,
-    dead letters after theirs (a redriven row is pending again, and stays)."""
+    """What is finished goes after its window: delivered documents after the pull window,
+    dead letters after theirs (a redriven row is pending again, and stays), offers no
+    longer valid together with their finished acceptances, and message ids past their
+    time. A time of 0 (the default) purges nothing of that kind.
 
-    def purge(self, *, delivered_before: float, dead_before: float, limit: int) -> dict[str, int]:
-        """Delete up to ``limit`` delivered rows that finished before ``delivered_before``
-        and up to ``limit`` dead rows that died before ``dead_before``, oldest first, with
-        their attempts, in one transaction; return how many of each (``delivered``,
-        ``dead``)."""
+    An offer and its acceptances go together, in one transaction, and only when the
+    offer expired before ``offers_before`` and every acceptance of it finished before
+    ``acceptances_before``: a retried acceptance then finds no offer and can book
+    nothing, where a purged acceptance beside a kept offer would start afresh. A
+    ``processing`` acceptance (its lease may be recovered) keeps its offer however old."""
 
-    def purgeable(self, *, delivered_before: float, dead_before: float) -> dict[str, int]:
-        """How many rows :meth:`purge` would delete with no limit, of each kind."""
+    def purge(
+        self,
+        *,
+        delivered_before: float = 0.0,
+        dead_before: float = 0.0,
+        offers_before: float = 0.0,
+        acceptances_before: float = 0.0,
+        seen_before: float = 0.0,
+        limit: int,
+    ) -> dict[str, int]:
+        """Delete up to ``limit`` of each kind, oldest first, in one transaction: delivered
+        rows that finished before ``delivered_before`` and dead rows that died before
+        ``dead_before`` (with their attempts), offers as above (with their acceptances),
+        message ids that expired before ``seen_before``. Return how many of each
+        (``delivered``, ``dead``, ``offers``, ``acceptances``, ``seen``)."""
+
+    def purgeable(
+        self,
+        *,
+        delivered_before: float = 0.0,
+        dead_before: float = 0.0,
+        offers_before: float = 0.0,
+        acceptances_before: float = 0.0,
+        seen_before: float = 0.0,
+    ) -> dict[str, int]:
+        """How many :meth:`purge` would delete with no limit, of each kind."""
 
 
 @runtime_checkable

@@ -338,30 +338,59 @@ class SQLStore:
 
     # -- retention ------------------------------------------------------------------------
 
-    def purge(self, *, delivered_before: float, dead_before: float, limit: int) -> dict[str, int]:
-        """Delete finished rows past their window, oldest first, with their attempts."""
+    def purge(
+        self,
+        *,
+        delivered_before: float = 0.0,
+        dead_before: float = 0.0,
+        offers_before: float = 0.0,
+        acceptances_before: float = 0.0,
+        seen_before: float = 0.0,
+        limit: int,
+    ) -> dict[str, int]:
+        """Delete what is finished past its window, oldest first, a batch of each kind."""
+        keep = (offers_before, acceptances_before)
 
         def body(run: Run) -> dict[str, int]:
-            done = {"delivered": 0, "dead": 0}
+            done = dict.fromkeys(("delivered", "dead", "offers", "acceptances", "seen"), 0)
             for kind, before in (("delivered", delivered_before), ("dead", dead_before)):
                 found = run(f"purgeable_{kind}", (before, limit)).fetchall()
                 for (msg_id,) in found:
                     if run("purge_row", (msg_id,)).rowcount:
                         run("purge_attempts", (msg_id,))
                         done[kind] += 1
+            for (offer_id,) in run("purgeable_offers", (*keep, limit)).fetchall():
+                # Locked, then checked again: an acceptance that began meanwhile keeps it.
+                run("lock_offer", (offer_id,))
+                if run("purge_offer", (offer_id, *keep)).rowcount:
+                    done["offers"] += 1
+                    done["acceptances"] += run("purge_offer_acceptances", (offer_id,)).rowcount
+            done["seen"] = run("purge_seen_batch", (seen_before, limit)).rowcount
             return done
 
         return self._transaction("purging finished rows", body, durable=False)
 
-    def purgeable(self, *, delivered_before: float, dead_before: float) -> dict[str, int]:
+    def purgeable(
+        self,
+        *,
+        delivered_before: float = 0.0,
+        dead_before: float = 0.0,
+        offers_before: float = 0.0,
+        acceptances_before: float = 0.0,
+        seen_before: float = 0.0,
+    ) -> dict[str, int]:
         """How many finished rows :meth:`purge` would delete, of each kind."""
+
+        def count(name: str, *params: float) -> list[Any]:
+            return list(self._fetch(f"counting {name[6:]} to purge", name, params)[0])
+
+        offers, acceptances = count("count_purgeable_offers", offers_before, acceptances_before)
         return {
-            kind: int(
-                self._fetch(f"counting {kind} rows to purge", f"count_purgeable_{kind}", (before,))[
-                    0
-                ][0]
-            )
-            for kind, before in (("delivered", delivered_before), ("dead", dead_before))
+            "delivered": int(count("count_purgeable_delivered", delivered_before)[0]),
+            "dead": int(count("count_purgeable_dead", dead_before)[0]),
+            "offers": int(offers),
+            "acceptances": int(acceptances),
+            "seen": int(count("count_purgeable_seen", seen_before)[0]),
         }
 
     # -- destinations ---------------------------------------------------------------------

@@ -450,6 +450,46 @@ DELETE FROM {s}.outbox WHERE msg_id = %s AND state IN ('delivered', 'dead');
 -- Delete the attempts of a purged row.
 DELETE FROM {s}.attempts WHERE msg_id = %s;
 
+-- name: purgeable_offers
+-- Offers no longer valid before a time whose acceptances all finished before another,
+-- oldest first (the retention purge). A processing acceptance keeps its offer forever:
+-- its lease may be recovered.
+SELECT o.id FROM {s}.offers o WHERE o.valid_until < %s AND NOT EXISTS (
+    SELECT 1 FROM {s}.acceptances a
+    WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= %s))
+ORDER BY o.valid_until LIMIT %s;
+
+-- name: count_purgeable_offers
+-- How many offers the purge would delete, and how many acceptances with them.
+SELECT count(*), coalesce(sum(
+    (SELECT count(*) FROM {s}.acceptances a WHERE a.offer_id = o.id)), 0)
+FROM {s}.offers o WHERE o.valid_until < %s AND NOT EXISTS (
+    SELECT 1 FROM {s}.acceptances a
+    WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= %s));
+
+-- name: lock_offer
+-- Hold an offer while it is purged: no acceptance takes it meanwhile.
+SELECT id FROM {s}.offers WHERE id = %s FOR UPDATE;
+
+-- name: purge_offer
+-- Delete an offer, checked again under its lock (an acceptance may have begun).
+DELETE FROM {s}.offers AS o WHERE o.id = %s AND o.valid_until < %s AND NOT EXISTS (
+    SELECT 1 FROM {s}.acceptances a
+    WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= %s));
+
+-- name: purge_offer_acceptances
+-- Delete a purged offer's acceptances, in the same transaction.
+DELETE FROM {s}.acceptances WHERE offer_id = %s;
+
+-- name: purge_seen_batch
+-- Forget message ids whose time is up, oldest first, a batch at a time.
+DELETE FROM {s}.seen WHERE (party, msg_id) IN (
+    SELECT party, msg_id FROM {s}.seen WHERE expires_at < %s ORDER BY expires_at LIMIT %s);
+
+-- name: count_purgeable_seen
+-- How many message ids are past their time.
+SELECT count(*) FROM {s}.seen WHERE expires_at < %s;
+
 -- name: documents_since
 -- Documents of the terms after a cursor (a transaction id and a seq). Rows of
 -- transactions older than every transaction still running are all there is below that

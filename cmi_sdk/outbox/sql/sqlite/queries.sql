@@ -328,6 +328,46 @@ DELETE FROM cmi_outbox WHERE msg_id = ? AND state IN ('delivered', 'dead');
 -- Delete the attempts of a purged row.
 DELETE FROM cmi_attempts WHERE msg_id = ?;
 
+-- name: purgeable_offers
+-- Offers no longer valid before a time whose acceptances all finished before another,
+-- oldest first (the retention purge). A processing acceptance keeps its offer forever:
+-- its lease may be recovered.
+SELECT o.id FROM cmi_offers o WHERE o.valid_until < ? AND NOT EXISTS (
+    SELECT 1 FROM cmi_acceptances a
+    WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= ?))
+ORDER BY o.valid_until LIMIT ?;
+
+-- name: count_purgeable_offers
+-- How many offers the purge would delete, and how many acceptances with them.
+SELECT count(*), coalesce(sum(
+    (SELECT count(*) FROM cmi_acceptances a WHERE a.offer_id = o.id)), 0)
+FROM cmi_offers o WHERE o.valid_until < ? AND NOT EXISTS (
+    SELECT 1 FROM cmi_acceptances a
+    WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= ?));
+
+-- name: lock_offer
+-- Hold an offer while it is purged: no acceptance takes it meanwhile.
+SELECT id FROM cmi_offers WHERE id = ?;
+
+-- name: purge_offer
+-- Delete an offer, checked again under its lock (an acceptance may have begun).
+DELETE FROM cmi_offers AS o WHERE o.id = ? AND o.valid_until < ? AND NOT EXISTS (
+    SELECT 1 FROM cmi_acceptances a
+    WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= ?));
+
+-- name: purge_offer_acceptances
+-- Delete a purged offer's acceptances, in the same transaction.
+DELETE FROM cmi_acceptances WHERE offer_id = ?;
+
+-- name: purge_seen_batch
+-- Forget message ids whose time is up, oldest first, a batch at a time.
+DELETE FROM cmi_seen WHERE (party, msg_id) IN (
+    SELECT party, msg_id FROM cmi_seen WHERE expires_at < ? ORDER BY expires_at LIMIT ?);
+
+-- name: count_purgeable_seen
+-- How many message ids are past their time.
+SELECT count(*) FROM cmi_seen WHERE expires_at < ?;
+
 -- name: documents_since
 -- Documents of the terms after a cursor (a seq): one writer at a time commits rows in
 -- seq order, so the cursor never skips a row that commits late.

@@ -1,0 +1,74 @@
+"""How long finished records are kept: the windows the delivery worker and
+``cmi outbox purge`` turn into the times a :class:`~cmi_sdk.outbox.RetentionStore` purges
+before, and the rule that keeps a purged offer from being booked through its old
+acceptance.
+
+An offer's id comes from the intermediary's request id, so once an offer is purged the
+same request id may be answered with an offer of the same id. An acceptance records when
+it was made; one made well before the offer it names was made for the purged one, and is
+refused (:data:`ACCEPTANCE_SKEW`). That holds while an acceptance outlives its purge by
+more than the skew it is allowed, hence :data:`MIN_OFFER_WINDOW`.
+"""
+
+from __future__ import annotations
+
+from cmi_sdk._exceptions import ConfigurationError
+
+__all__ = [
+    "ACCEPTANCE_SKEW",
+    "MIN_OFFER_WINDOW",
+    "RETAINED",
+    "check_offer_windows",
+    "purge_windows",
+]
+
+RETAINED = {
+    "delivered": "delivered",
+    "dead": "dead",
+    "offers": "offers",
+    "acceptances": "acceptances",
+    "seen": "message ids",
+}
+"""The kinds a purge counts, with the words ``cmi outbox purge`` says them in."""
+
+ACCEPTANCE_SKEW = 3600.0
+"""Seconds an acceptance may say it was made before its offer was (the two clocks differ);
+earlier, it was made for another offer that had the same id."""
+
+MIN_OFFER_WINDOW = 86400.0
+"""The shortest an expired offer or a finished acceptance is kept (a day): far longer
+than :data:`ACCEPTANCE_SKEW` plus any clock's error."""
+
+
+def check_offer_windows(*windows: float | None) -> None:
+    """Refuse an offer or acceptance window shorter than :data:`MIN_OFFER_WINDOW`.
+
+    :raises ConfigurationError: one is."""
+    if any(w is not None and not w >= MIN_OFFER_WINDOW for w in windows):
+        raise ConfigurationError(
+            "offers and acceptances must be kept at least a day (86400 seconds)"
+        )
+
+
+def purge_windows(
+    now: float,
+    *,
+    delivered: float | None,
+    dead: float | None,
+    offers: float | None,
+    acceptances: float | None,
+) -> dict[str, float]:
+    """The times :meth:`~cmi_sdk.outbox.RetentionStore.purge` deletes before, at ``now``,
+    for windows in seconds (None: that kind is kept). Message ids go once expired."""
+
+    def before(window: float | None) -> float:
+        return 0.0 if window is None else now - window
+
+    return {
+        "delivered_before": before(delivered),
+        "dead_before": before(dead),
+        "offers_before": before(offers),
+        # An offer goes only with its acceptances: with them kept, so is it.
+        "acceptances_before": before(acceptances),
+        "seen_before": now,
+    }
