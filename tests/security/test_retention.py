@@ -62,3 +62,22 @@ def test_the_offer_windows_cannot_be_shorter_than_a_day(store_url: str) -> None:
                 adapter.delivery_worker(**{option: DAY - 1})
     finally:
         closing(adapter)
+
+
+def test_the_operator_sees_what_would_go_and_cannot_shorten_the_offer_windows(
+    store_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cmi_sdk.cli import EXIT_USAGE, main
+
+    adapter = firm(store_url, Shop())
+    try:
+        offer = an_offer(adapter, intermediary="relay")
+        adapter.accept_offer(offer.id, accepting(offer, "acc-1"), intermediary="relay")
+    finally:
+        closing(adapter)
+    monkeypatch.setenv("CMI_DATABASE_URL", store_url)
+    assert main(["outbox", "purge", "--dry-run", "--keep-offer-days", "0.5"]) == EXIT_USAGE
+    assert "--keep-offer-days and --keep-acceptance-days must be >= 1" in capsys.readouterr().err
+    # Within its windows the booked offer stays, and a dry run says so.
+    assert main(["outbox", "purge", "--dry-run"]) == 0
+    assert "0 offers, 0 acceptances" in capsys.readouterr().out
