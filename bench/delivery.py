@@ -23,7 +23,8 @@ documents delivered.
   documents: the other 100 stores' documents/s over their rate without it (>= 0.8);
 - reach: 1,000 stores, 100 ms answers, the worker pinned to one core (>= 2,000 docs/s);
 - cpu: CPU per delivered document, immediate answers, 100 stores;
-- claim: claim latency (SQLite) with 10,000 and with 1,000,000 delivered rows kept;
+- claim: claim latency (SQLite, then PostgreSQL in a schema of its own, dropped after) with
+  10,000 and with 1,000,000 delivered rows kept;
 - postgres: 1, 2 and 4 ``cmi deliver`` processes on one PostgreSQL store (a fresh schema,
   dropped after), 1,000 stores answering after 100 ms: documents/s and the cores used.
 """
@@ -410,7 +411,7 @@ def _queued(n: int, state: Any, now: float) -> Any:
 
 
 def bench_claim(quick: bool) -> list[Figure]:
-    """Claim latency (SQLite) with many finished rows present: 100 due rows among N
+    """Claim latency (SQLite, then PostgreSQL) with many finished rows present: 100 due rows among N
     delivered ones (small bodies), claimed 10 at a time; the median of the claims."""
     sizes = (1_000, 10_000) if quick else (10_000, 1_000_000)
     figures = []
@@ -432,7 +433,47 @@ def bench_claim(quick: bool) -> list[Figure]:
             store.close()
         took.sort()
         figures.append(Figure(f"claim_10_with_{size}_finished_rows", took[5] * 1e3, "ms (median)"))
-    return figures
+    return figures + [_claim_postgres(size) for size in sizes]
+
+
+def _claim_postgres(size: int) -> Figure:
+    """The same on PostgreSQL, in a schema of its own (dropped after): the delivered rows
+    are made by one INSERT over generate_series, each statement bounded in time."""
+    import psycopg
+
+    from cmi_sdk.outbox.postgres import PostgresStore
+
+    schema = f"cmi_claim_{secrets.token_hex(4)}"
+    store = PostgresStore(DSN, schema=schema)
+    now = time.time()
+    try:
+        store.migrate()
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute("SET statement_timeout = '600s'")
+            conn.execute(
+                f"""INSERT INTO "{schema}".outbox (msg_id, terms_id, customer_ref,
+                    transaction_id, standard, document_type, destination, body, created_at,
+                    state, next_attempt_at, delivered_at, attempts)
+                SELECT 'msg_' || lpad(g::text, 8, '0'), 'terms_bench', 'cust-bench',
+                    'tx-' || g, 'cmi-ticket', 'ticket', 'https://store.example/inbox',
+                    '<ticket/>'::bytea, %(then)s, 'delivered', %(then)s, %(then)s, 1
+                FROM generate_series(0, %(size)s - 1) g""",  # noqa: S608  (a schema made here)
+                {"then": now - 86400, "size": size},
+            )
+            conn.execute(f'ANALYZE "{schema}".outbox')
+        store.insert([_queued(size + n, "pending", now) for n in range(100)])
+        took = []
+        for _ in range(10):
+            t = time.perf_counter()
+            got = store.claim(owner="bench", now=now, lease_seconds=60, limit=10)
+            took.append(time.perf_counter() - t)
+            assert len(got) == 10
+    finally:
+        store.close()
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    took.sort()
+    return Figure(f"claim_10_with_{size}_finished_rows_postgres", took[5] * 1e3, "ms (median)")
 
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
