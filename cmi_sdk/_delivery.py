@@ -114,6 +114,9 @@ acceptances (see :data:`DEFAULT_KEEP_ACCEPTANCES`)."""
 DEFAULT_KEEP_ACCEPTANCES = 30 * 86400.0
 """Finished acceptances are kept this long, answering retries as they were; then they go
 with their offer once it has expired (never a ``processing`` one)."""
+DEFAULT_KEEP_ATTEMPTS = 7 * 86400.0
+"""The attempts of a delivered document are kept this long; the document stays for the
+pull window."""
 PURGE_INTERVAL = 60.0  # seconds between two purge batches of a worker
 PURGE_BATCH = 500
 CIRCUIT_OPEN = "circuit open:"
@@ -586,6 +589,8 @@ class DeliveryWorker:
         a day), then purged with its acceptances. None: kept.
     :param keep_acceptances: seconds a finished acceptance is kept (30 days; at least a
         day); its offer (and it) go once both windows passed. None: kept.
+    :param keep_attempts: seconds the attempts of a delivered document are kept (7 days;
+        the document stays for the pull window). None: kept with the document.
     :param document_headers: the headers a row's document goes with, beside the webhook
         ones: its ``content-type``, and a detached signature for a standard with no place
         for one (the adapter's :meth:`~cmi_sdk.Documents.delivery_headers`); by default
@@ -619,6 +624,7 @@ class DeliveryWorker:
         keep_dead: float | None = DEFAULT_KEEP_DEAD,
         keep_offers: float | None = DEFAULT_KEEP_OFFERS,
         keep_acceptances: float | None = DEFAULT_KEEP_ACCEPTANCES,
+        keep_attempts: float | None = DEFAULT_KEEP_ATTEMPTS,
     ) -> None:
         if concurrency < 1 or per_destination < 1 or batch < 1 or circuit_threshold < 1:
             raise ConfigurationError(
@@ -656,6 +662,7 @@ class DeliveryWorker:
         self.keep_dead = keep_dead
         self.keep_offers = keep_offers
         self.keep_acceptances = keep_acceptances
+        self.keep_attempts = keep_attempts
         self._purged_at = -math.inf
         self._digests_at = -math.inf
         self._claim_options: dict[str, Any] = {}
@@ -1099,6 +1106,7 @@ class DeliveryWorker:
                     dead=self.keep_dead,
                     offers=self.keep_offers,
                     acceptances=self.keep_acceptances,
+                    attempts=self.keep_attempts,
                 ),
                 limit=PURGE_BATCH,
             )

@@ -28,6 +28,7 @@ RETAINED = {
     "offers": "offers",
     "acceptances": "acceptances",
     "seen": "message ids",
+    "attempts": "attempts of delivered documents",
 }
 """The kinds a purge counts, with the words ``cmi outbox purge`` says them in."""
 
@@ -57,6 +58,7 @@ def purge_windows(
     dead: float | None,
     offers: float | None,
     acceptances: float | None,
+    attempts: float | None,
 ) -> dict[str, float]:
     """The times :meth:`~cmi_sdk.outbox.RetentionStore.purge` deletes before, at ``now``,
     for windows in seconds (None: that kind is kept). Message ids go once expired."""
@@ -71,4 +73,5 @@ def purge_windows(
         # An offer goes only with its acceptances: with them kept, so is it.
         "acceptances_before": before(acceptances),
         "seen_before": now,
+        "attempts_before": before(attempts),
     }

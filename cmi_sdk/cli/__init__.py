@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="finished acceptances; they go with their offer (30; >= 1)",
     )
+    o.add_argument(
+        "--keep-attempt-days", type=float, default=7.0, help="attempts of delivered ones (7)"
+    )
     o.set_defaults(func=cmd_outbox_purge)
 
     p = sub.add_parser("acceptances", help="recover acceptances whose booking process died")

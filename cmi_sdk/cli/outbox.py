@@ -173,8 +173,8 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
     from cmi_sdk._retention import RETAINED, check_offer_windows, purge_windows  # noqa: PLC0415
     from cmi_sdk.outbox import RetentionStore  # noqa: PLC0415
 
-    if args.keep_days < 0 or args.keep_dead_days < 0:
-        raise UsageError("--keep-days and --keep-dead-days must be >= 0")
+    if min(args.keep_days, args.keep_dead_days, args.keep_attempt_days) < 0:
+        raise UsageError("--keep-days, --keep-dead-days and --keep-attempt-days must be >= 0")
     try:
         check_offer_windows(args.keep_offer_days * 86400, args.keep_acceptance_days * 86400)
     except ConfigurationError:
@@ -189,6 +189,7 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
         dead=args.keep_dead_days * 86400,
         offers=args.keep_offer_days * 86400,
         acceptances=args.keep_acceptance_days * 86400,
+        attempts=args.keep_attempt_days * 86400,
     )
     if args.dry_run:
         counts = store.purgeable(**window)

@@ -502,8 +502,9 @@ class OutboxQueue(Protocol):
 class RetentionStore(Protocol):
     """What is finished goes after its window: delivered documents after the pull window,
     dead letters after theirs (a redriven row is pending again, and stays), offers no
-    longer valid together with their finished acceptances, and message ids past their
-    time. A time of 0 (the default) purges nothing of that kind.
+    longer valid together with their finished acceptances, message ids past their time,
+    and the attempts of delivered documents before the documents go. A time of 0 (the
+    default) purges nothing of that kind.
 
     An offer and its acceptances go together, in one transaction, and only when the
     offer expired before ``offers_before`` and every acceptance of it finished before
@@ -519,13 +520,16 @@ class RetentionStore(Protocol):
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
+        attempts_before: float = 0.0,
         limit: int,
     ) -> dict[str, int]:
         """Delete up to ``limit`` of each kind, oldest first, in one transaction: delivered
         rows that finished before ``delivered_before`` and dead rows that died before
         ``dead_before`` (with their attempts), offers as above (with their acceptances),
-        message ids that expired before ``seen_before``. Return how many of each
-        (``delivered``, ``dead``, ``offers``, ``acceptances``, ``seen``)."""
+        message ids that expired before ``seen_before``, attempts of delivered rows (still
+        kept for pulling) that finished before ``attempts_before``. Return how many of
+        each (``delivered``, ``dead``, ``offers``, ``acceptances``, ``seen``,
+        ``attempts``: the last counts only those, not the attempts of purged rows)."""
 
     def purgeable(
         self,
@@ -535,6 +539,7 @@ class RetentionStore(Protocol):
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
+        attempts_before: float = 0.0,
     ) -> dict[str, int]:
         """How many :meth:`purge` would delete with no limit, of each kind."""
 

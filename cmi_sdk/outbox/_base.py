@@ -346,13 +346,16 @@ class SQLStore:
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
+        attempts_before: float = 0.0,
         limit: int,
     ) -> dict[str, int]:
         """Delete what is finished past its window, oldest first, a batch of each kind."""
         keep = (offers_before, acceptances_before)
 
         def body(run: Run) -> dict[str, int]:
-            done = dict.fromkeys(("delivered", "dead", "offers", "acceptances", "seen"), 0)
+            done = dict.fromkeys(
+                ("delivered", "dead", "offers", "acceptances", "seen", "attempts"), 0
+            )
             for kind, before in (("delivered", delivered_before), ("dead", dead_before)):
                 found = run(f"purgeable_{kind}", (before, limit)).fetchall()
                 for (msg_id,) in found:
@@ -366,6 +369,8 @@ class SQLStore:
                     done["offers"] += 1
                     done["acceptances"] += run("purge_offer_acceptances", (offer_id,)).rowcount
             done["seen"] = run("purge_seen_batch", (seen_before, limit)).rowcount
+            purged = run("purge_delivered_attempts", (attempts_before, limit))
+            done["attempts"] = purged.rowcount
             return done
 
         return self._transaction("purging finished rows", body, durable=False)
@@ -378,6 +383,7 @@ class SQLStore:
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
+        attempts_before: float = 0.0,
     ) -> dict[str, int]:
         """How many finished rows :meth:`purge` would delete, of each kind."""
 
@@ -391,6 +397,7 @@ class SQLStore:
             "offers": int(offers),
             "acceptances": int(acceptances),
             "seen": int(count("count_purgeable_seen", seen_before)[0]),
+            "attempts": int(count("count_purgeable_attempts", attempts_before)[0]),
         }
 
     # -- destinations ---------------------------------------------------------------------

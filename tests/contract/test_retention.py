@@ -127,3 +127,26 @@ def test_expired_offers_and_message_ids_go_in_batches(store: OutboxStore) -> Non
     for offer_id in (first, "off-second"):
         with pytest.raises(OfferNotFoundError):
             store.get_offer(offer_id)
+
+
+def test_a_delivered_rows_attempts_go_before_it(store: OutboxStore) -> None:
+    assert isinstance(store, RetentionStore)
+    store.insert([new_row(n) for n in range(1, 4)])
+    store.claim(owner="w", now=NOW, lease_seconds=30, limit=10)
+    store.complete(
+        [
+            outcome("msg_0001", "w", "delivered", finished_at=NOW + 1),
+            outcome("msg_0002", "w", "delivered", finished_at=NOW + 2),
+            outcome("msg_0003", "w", "retry", finished_at=NOW + 1),
+        ]
+    )
+    window = {"attempts_before": NOW + 10}
+    assert store.purgeable(**window)["attempts"] == 2
+    assert store.purge(**window, limit=1)["attempts"] == 1  # oldest first
+    assert store.attempts("msg_0001") == []
+    assert [a.outcome for a in store.attempts("msg_0002")] == ["delivered"]
+    assert store.purge(**window, limit=10)["attempts"] == 1
+    assert store.purge(**window, limit=10)["attempts"] == 0
+    # The documents stay for pulling; a row still being retried keeps its history.
+    assert store.get_row("msg_0001").state == "delivered"
+    assert [a.outcome for a in store.attempts("msg_0003")] == ["retry"]

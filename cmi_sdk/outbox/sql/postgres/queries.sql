@@ -481,6 +481,19 @@ DELETE FROM {s}.offers AS o WHERE o.id = %s AND o.valid_until < %s AND NOT EXIST
 -- Delete a purged offer's acceptances, in the same transaction.
 DELETE FROM {s}.acceptances WHERE offer_id = %s;
 
+-- name: purge_delivered_attempts
+-- Forget attempts of delivered rows (kept for pulling) that finished before a time,
+-- oldest first, a batch at a time.
+DELETE FROM {s}.attempts WHERE id IN (
+    SELECT a.id FROM {s}.attempts a WHERE a.finished_at < %s AND EXISTS (
+    SELECT 1 FROM {s}.outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered')
+    ORDER BY a.finished_at LIMIT %s);
+
+-- name: count_purgeable_attempts
+-- How many attempts of delivered rows finished before a time.
+SELECT count(*) FROM {s}.attempts a WHERE a.finished_at < %s AND EXISTS (
+    SELECT 1 FROM {s}.outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered');
+
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.
 DELETE FROM {s}.seen WHERE (party, msg_id) IN (

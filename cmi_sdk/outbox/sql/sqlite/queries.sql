@@ -359,6 +359,19 @@ DELETE FROM cmi_offers AS o WHERE o.id = ? AND o.valid_until < ? AND NOT EXISTS 
 -- Delete a purged offer's acceptances, in the same transaction.
 DELETE FROM cmi_acceptances WHERE offer_id = ?;
 
+-- name: purge_delivered_attempts
+-- Forget attempts of delivered rows (kept for pulling) that finished before a time,
+-- oldest first, a batch at a time.
+DELETE FROM cmi_attempts WHERE rowid IN (
+    SELECT a.rowid FROM cmi_attempts a WHERE a.finished_at < ? AND EXISTS (
+    SELECT 1 FROM cmi_outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered')
+    ORDER BY a.finished_at LIMIT ?);
+
+-- name: count_purgeable_attempts
+-- How many attempts of delivered rows finished before a time.
+SELECT count(*) FROM cmi_attempts a WHERE a.finished_at < ? AND EXISTS (
+    SELECT 1 FROM cmi_outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered');
+
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.
 DELETE FROM cmi_seen WHERE (party, msg_id) IN (
