@@ -363,7 +363,9 @@ class SQLStore:
                         run("purge_attempts", (msg_id,))
                         done[kind] += 1
             for (offer_id,) in run("purgeable_offers", (*keep, limit)).fetchall():
-                # Locked, then checked again: an acceptance that began meanwhile keeps it.
+                # Locked (its acceptances first, as an acceptance takes them), then checked
+                # again: an acceptance that began or finished meanwhile keeps it.
+                run("lock_offer_acceptances", (offer_id,))
                 run("lock_offer", (offer_id,))
                 if run("purge_offer", (offer_id, *keep)).rowcount:
                     done["offers"] += 1

@@ -467,6 +467,11 @@ FROM {s}.offers o WHERE o.valid_until < %s AND NOT EXISTS (
     SELECT 1 FROM {s}.acceptances a
     WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= %s));
 
+-- name: lock_offer_acceptances
+-- Hold an offer's acceptances while it is purged, before the offer: the order in which
+-- claiming and finishing an acceptance take them.
+SELECT id FROM {s}.acceptances WHERE offer_id = %s FOR UPDATE;
+
 -- name: lock_offer
 -- Hold an offer while it is purged: no acceptance takes it meanwhile.
 SELECT id FROM {s}.offers WHERE id = %s FOR UPDATE;

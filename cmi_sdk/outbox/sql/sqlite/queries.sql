@@ -345,6 +345,11 @@ FROM cmi_offers o WHERE o.valid_until < ? AND NOT EXISTS (
     SELECT 1 FROM cmi_acceptances a
     WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= ?));
 
+-- name: lock_offer_acceptances
+-- Hold an offer's acceptances while it is purged, before the offer: the order in which
+-- claiming and finishing an acceptance take them.
+SELECT id FROM cmi_acceptances WHERE offer_id = ?;
+
 -- name: lock_offer
 -- Hold an offer while it is purged: no acceptance takes it meanwhile.
 SELECT id FROM cmi_offers WHERE id = ?;
