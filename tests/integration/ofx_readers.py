@@ -21,15 +21,21 @@ import pytest
 IN_CI = os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
 
 
-def need_ofxdump() -> str:
-    """The path of ``ofxdump``, or skip (fail in CI)."""
-    found = shutil.which("ofxdump")
+def need_program(name: str, package: str) -> str:
+    """The path of the program ``name`` (Debian's ``package``), or skip; in CI, which
+    installs it, fail instead."""
+    found = shutil.which(name)
     if found is None:
-        reason = "libofx's ofxdump is not installed (Debian: apt-get install ofx)"
+        reason = f"{name} is not installed (Debian: apt-get install {package})"
         if IN_CI:
             pytest.fail(f"{reason}; CI (CI is set) requires it")
         pytest.skip(reason)
     return found
+
+
+def need_ofxdump() -> str:
+    """The path of libofx's ``ofxdump``, or skip (fail in CI)."""
+    return need_program("ofxdump", "ofx")
 
 
 def ofxdump(data: bytes, folder: Path) -> list[str]:

@@ -6,7 +6,6 @@ xmlsec1 runs where it is installed (Debian: xmlsec1)."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from cmi_sdk import Adapter, Documents, Transaction, load_model
-from tests.integration.ofx_readers import IN_CI
+from tests.integration.ofx_readers import need_program
 from tests.support import ROOT, signer
 
 VERIFY_DOC = ROOT / "docs" / "verify.md"
@@ -54,13 +53,7 @@ def test_the_docs_signxml_example_verifies_and_refuses_a_changed_byte(store: Pat
 
 def need_xmlsec1() -> str:
     """The path of ``xmlsec1``, or skip (fail in CI, which installs it)."""
-    found = shutil.which("xmlsec1")
-    if found is None:
-        reason = "xmlsec1 is not installed (Debian: apt-get install xmlsec1)"
-        if IN_CI:
-            pytest.fail(f"{reason}; CI (CI is set) requires it")
-        pytest.skip(reason)
-    return found
+    return need_program("xmlsec1", "xmlsec1")
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ from cmi_sdk.outbox.postgres import (
     decode_cursor,
     encode_cursor,
 )
+from tests.contract.rows import new_row as contract_row
 from tests.contract.rows import outcome
 from tests.support import CUSTOMER, ROOT, emitting_adapter, register, ticket
 
@@ -102,21 +103,8 @@ def sqlalchemy_url() -> str:
 
 
 def new_row(n: int, **changes: Any) -> NewRow:
-    data: dict[str, Any] = {
-        "msg_id": f"msg_{n:04d}",
-        "terms_id": "terms_a",
-        "customer_ref": CUSTOMER,
-        "transaction_id": f"tx-{n}",
-        "standard": "cmi",
-        "document_type": "transaction",
-        "destination": "https://a.example/inbox",
-        "body": f"<doc n='{n}'/>".encode(),
-        "created_at": NOW,
-        "state": "pending",
-        "next_attempt_at": NOW,
-    }
-    data.update(changes)
-    return NewRow(**data)
+    """The contract suite's row ``n``, all to one destination."""
+    return contract_row(n, **{"destination": "https://a.example/inbox", **changes})
 
 
 @pytest.fixture(scope="module")
