@@ -169,16 +169,25 @@ def test_a_redirect_to_an_internal_address_is_never_followed(
 # -- answers that never end, or end too slowly -------------------------------------------
 
 
+def pour(store: RawStore, conn: socket.socket, head: bytes, piece: Callable[[int], bytes]) -> None:
+    """Answer a request with ``head``, then ``piece(0)``, ``piece(1)``, ... for up to 10 s
+    (or until the store stops)."""
+    read_request(conn)
+    store.send(conn, head)
+    conn.settimeout(1.0)
+    deadline = time.monotonic() + 10
+    n = 0
+    while not store.stopping and time.monotonic() < deadline:
+        store.send(conn, piece(n))
+        n += 1
+
+
 def test_an_endless_body_is_read_to_a_small_cap_and_the_connection_dropped(
     tmp_path: Path, raw_store: Callable[[str, Script], RawStore]
 ) -> None:
     def endless(conn: socket.socket) -> None:
-        read_request(conn)
-        store.send(conn, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-        conn.settimeout(1.0)
-        deadline = time.monotonic() + 10
-        while not store.stopping and time.monotonic() < deadline:
-            store.send(conn, b"x" * 65536)
+        head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+        pour(store, conn, head, lambda _: b"x" * 65536)
 
     store = raw_store("127.0.0.2", endless)
     state, _, status, took = deliver_one(tmp_path, store.url())
@@ -193,14 +202,9 @@ def test_endless_headers_are_refused_at_aiohttps_limits(
     tmp_path: Path, raw_store: Callable[[str, Script], RawStore]
 ) -> None:
     def headers(conn: socket.socket) -> None:
-        read_request(conn)
-        store.send(conn, b"HTTP/1.1 200 OK\r\n")
-        conn.settimeout(1.0)
-        deadline = time.monotonic() + 10
-        n = 0
-        while not store.stopping and time.monotonic() < deadline:
-            store.send(conn, b"x-filler-%d: %s\r\n" % (n, b"y" * 1000))
-            n += 1
+        pour(
+            store, conn, b"HTTP/1.1 200 OK\r\n", lambda n: b"x-filler-%d: %s\r\n" % (n, b"y" * 1000)
+        )
 
     store = raw_store("127.0.0.2", headers)
     state, error, status, took = deliver_one(tmp_path, store.url())
@@ -221,12 +225,8 @@ def test_an_endless_chunk_extension_is_cut_off_like_an_endless_body(
     tmp_path: Path, raw_store: Callable[[str, Script], RawStore]
 ) -> None:
     def extension(conn: socket.socket) -> None:
-        read_request(conn)
-        store.send(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;")
-        conn.settimeout(1.0)
-        deadline = time.monotonic() + 10
-        while not store.stopping and time.monotonic() < deadline:
-            store.send(conn, b"a" * 65536)
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;"
+        pour(store, conn, head, lambda _: b"a" * 65536)
 
     store = raw_store("127.0.0.2", extension)
     deliver_one(tmp_path, store.url(), timeout=Timeouts(connect=1, read=1, total=2))
