@@ -677,6 +677,7 @@ def test_intermediaries_add(project: Project) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_serve_answers_requests_from_one_or_several_processes(
     project: Project, workers: int
 ) -> None:

@@ -65,6 +65,7 @@ def test_nav_lists_every_page() -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_mkdocs_builds_strict(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path)],

@@ -145,6 +145,7 @@ def test_a_store_that_never_answers_opens_its_circuit_and_holds_up_no_one(
             assert [adapter.store.get_row(m).attempts for m in waiting] == [2] * 8
 
 
+@pytest.mark.slow
 def test_a_slow_store_holds_no_batch(tmp_path: Path) -> None:
     adapter = emitting_adapter(tmp_path)
     adapter.clock = time.time

@@ -55,6 +55,7 @@ def test_served_alone_the_links_have_no_prefix(adapter: Adapter) -> None:
 
 
 @pytest.mark.parametrize("metrics", [False, True])
+@pytest.mark.slow
 def test_every_route_and_method_is_described(adapter: Adapter, metrics: bool) -> None:
     app = adapter.asgi_app(metrics=metrics)
     served = {

@@ -267,6 +267,7 @@ def test_a_request_whose_head_does_not_arrive_is_closed_after_the_header_deadlin
 
 
 @pytest.mark.parametrize("kind", ["serve", "listen"])
+@pytest.mark.slow
 def test_a_head_over_the_cap_gets_431_and_its_connection_closes(tmp_path: Path, kind: str) -> None:
     # Today the server takes header lines as fast as they come: 200 MB in 0.4 s, and the
     # process grows by as much, well inside the head deadline.
@@ -360,6 +361,7 @@ IDLE = 300
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
 @pytest.mark.parametrize("kind", ["serve", "listen"])
+@pytest.mark.slow
 def test_idle_connections_past_the_descriptor_budget_do_not_stop_a_legitimate_request(
     tmp_path: Path, kind: str
 ) -> None:

@@ -266,6 +266,7 @@ def test_cmi_validate_refuses_them_all_the_same_way(
 
 
 @pytest.mark.parametrize("command", ["parse", "verify"])
+@pytest.mark.slow
 def test_cmi_parse_and_verify_refuse_them_all_the_same_way(  # noqa: PLR0917 (fixtures)
     command: str,
     tmp_path: Path,
@@ -284,6 +285,7 @@ def test_cmi_parse_and_verify_refuse_them_all_the_same_way(  # noqa: PLR0917 (fi
 
 
 @pytest.mark.parametrize("command", ["validate", "parse", "verify"])
+@pytest.mark.slow
 def test_the_reported_hang_in_a_real_process(
     command: str, tmp_path: Path, targets: dict[str, Path], watch: Watch, signed_ticket: bytes
 ) -> None:

@@ -107,6 +107,7 @@ COMMAND_MODULES = sorted(
 
 
 @pytest.mark.parametrize("module", COMMAND_MODULES)
+@pytest.mark.slow
 def test_each_command_module_imports_on_its_own(module: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", f"import {module}"],

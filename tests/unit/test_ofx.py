@@ -1003,6 +1003,7 @@ def _ofx_entry_point_installed() -> bool:
     not _ofx_entry_point_installed(),
     reason="the ofx entry point is not installed yet (pyproject's cmi_sdk group)",
 )
+@pytest.mark.slow
 def test_cli_renders_the_example(tmp_path: Path) -> None:
     out = tmp_path / "statement.ofx"
     rendered = subprocess.run(

@@ -54,6 +54,7 @@ def _round_trip(model: BaseModel, standard: str, doc_type: str) -> None:
 
 
 @pytest.mark.parametrize(("standard", "doc_type"), list(CASES), ids=[f"{a}/{b}" for a, b in CASES])
+@pytest.mark.slow
 def test_round_trip_is_identity(standard: str, doc_type: str) -> None:
     @given(CASES[standard, doc_type])
     def check(model: BaseModel) -> None:

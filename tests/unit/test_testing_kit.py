@@ -65,6 +65,7 @@ def test_schema_valid_fails_with_located_issues() -> None:
         assert_schema_valid(adapter, bad)
 
 
+@pytest.mark.slow
 def test_the_fixtures_are_there_without_an_import(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

@@ -186,6 +186,7 @@ def test_standard_coexists_with_the_installed_ones() -> None:
 
 
 @pytest.mark.parametrize("doc_type", list(CASES))
+@pytest.mark.slow
 def test_round_trip_is_identity(doc_type: str) -> None:
     profile = ADAPTER.standards.resolve("ubl", doc_type)[1]
     assert isinstance(profile, cmi_ubl.UblDocumentType)
@@ -202,6 +203,7 @@ def test_round_trip_is_identity(doc_type: str) -> None:
 
 
 @pytest.mark.parametrize("doc_type", list(CASES))
+@pytest.mark.slow
 def test_generated_documents_are_valid_against_the_official_schemas(
     doc_type: str, official: dict[str, etree.XMLSchema]
 ) -> None:
@@ -226,6 +228,7 @@ def test_examples_round_trip_and_are_officially_valid(
 
 @pytest.mark.parametrize("kind", ["flight", "bank_statement_line", "loan", "purchase"])
 @pytest.mark.parametrize("items", [True, False], ids=["items", "no-items"])
+@pytest.mark.slow
 def test_every_transaction_kind_with_and_without_items(
     kind: str, items: bool, official: dict[str, etree.XMLSchema]
 ) -> None:
@@ -893,6 +896,7 @@ def test_examples_render_in_process(
     "(pyproject.toml); test_examples_render_in_process covers the same renders",
 )
 @pytest.mark.parametrize(("doc_type", "file"), CLI_RENDERS)
+@pytest.mark.slow
 def test_cmi_render_ubl(doc_type: str, file: str, official: dict[str, etree.XMLSchema]) -> None:
     done = subprocess.run(
         [
