@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import email.utils
 import logging
 import math
@@ -65,7 +64,7 @@ import httpx
 import yarl
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
-from cmi_sdk._models import SharingTerms
+from cmi_sdk._models import SharingTerms, utc_at
 from cmi_sdk._retention import check_offer_windows, purge_windows
 from cmi_sdk._version import __version__ as _version
 from cmi_sdk.egress import EgressGuard, EgressResolutionError, PinnedDestination
@@ -1495,7 +1494,7 @@ class DeliveryWorker:
                 attempts=result.attempt,
                 status=result.status,
                 error=result.error,
-                at=_utc(result.finished_at),
+                at=utc_at(result.finished_at),
             )
             hook = (
                 self._hook.cmi_on_delivered
@@ -1524,7 +1523,3 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux
         return None
     return uvloop.new_event_loop
-
-
-def _utc(timestamp: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC)

@@ -37,6 +37,7 @@ from cmi_sdk._models import (
     TermsPolicy,
     TermsProposal,
     Transaction,
+    utc_at,
 )
 from cmi_sdk._standards import (
     DocumentType,
@@ -90,10 +91,6 @@ class SignedConsent:
 
     record: ConsentRecord
     xml: bytes
-
-
-def _utc(timestamp: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
 def _msg_id(*parts: str) -> str:
@@ -311,7 +308,7 @@ class Emitter:
             state=state,
             withheld=withheld,
             signed=self._documents.signer is not None,
-            due=_utc(due),
+            due=utc_at(due),
             document=signed,
         )
         return row, emission
@@ -407,7 +404,7 @@ class Emitter:
                     f"{std.name} {doc_type.name} documents have no field "
                     f"{', '.join(unknown)} (fields: {', '.join(sorted(doc_type.field_names))})"
                 )
-        if proposal.until is not None and proposal.until <= _utc(self._clock()):
+        if proposal.until is not None and proposal.until <= utc_at(self._clock()):
             raise TermsError("the terms' until is in the past")
         if proposal.destination is not None:
             self.egress.check_url(proposal.destination)
@@ -431,7 +428,7 @@ class Emitter:
     def propose(self, proposal: TermsProposal, *, intermediary: str | None) -> TermsDecision:
         self.check_kinds(proposal)  # first: it says why the standard is not offered
         self.check_proposal(proposal)
-        now = _utc(self._clock())
+        now = utc_at(self._clock())
         policy = self.effective_policy()
         decision = self._hook.cmi_review_terms(proposal=proposal, policy=policy, now=now)
         if decision is None:
@@ -477,7 +474,7 @@ class Emitter:
         terms = store.get_terms(terms_id)
         if terms.revoked_at is not None:
             raise TermsError(f"terms {terms_id} are already revoked")
-        now = _utc(self._clock())
+        now = utc_at(self._clock())
         consent = self.consent(terms, "revoked", now)
         cancelled = store.revoke_terms(terms_id, now.timestamp(), consent.record, consent.xml)
         log.info("terms %s revoked: %d undelivered documents cancelled", terms_id, cancelled)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cmi_sdk._exceptions import LinkError, TermsError
-from cmi_sdk._models import Link, _pseudonymous
+from cmi_sdk._models import Link, _pseudonymous, utc_at
 
 if TYPE_CHECKING:
     from cmi_sdk._emit import Emitter, SignedConsent
@@ -125,8 +125,8 @@ class LinkService:
         self._store().add_link_code(
             link_code_hash(code), account, created_at=now, expires_at=expires
         )
-        log.info("link code created for an account, valid until %s", _utc(expires))
-        return LinkCode(code=code, account=account, expires_at=_utc(expires))
+        log.info("link code created for an account, valid until %s", utc_at(expires))
+        return LinkCode(code=code, account=account, expires_at=utc_at(expires))
 
     def redeem(self, code: str, *, intermediary: str) -> Link:
         """Turn ``code`` into a link of ``intermediary`` with a fresh pairwise reference."""
@@ -154,7 +154,7 @@ class LinkService:
         link = store.get_link(link_id)
         if link.revoked_at is not None:
             raise LinkError(f"link {link_id} is already revoked")
-        now = _utc(self._clock())
+        now = utc_at(self._clock())
         terms = store.list_terms(customer_ref=link.customer_ref, intermediary=link.intermediary)
         consents = [self._emitter.consent(t, "revoked", now) for t in terms]
         cancelled, late = store.revoke_link(
@@ -214,7 +214,3 @@ class LinkService:
             terms,
         )
         return links, terms
-
-
-def _utc(timestamp: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC)

@@ -84,6 +84,11 @@ def _refuse_float(value: object) -> object:
     return value
 
 
+def utc_at(timestamp: float) -> dt.datetime:
+    """A POSIX timestamp (the stores' and clocks' times) as an aware UTC datetime."""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
 def _utc(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
         raise ValueError("must be timezone-aware (for example 2003-07-01T12:00:00Z)")

@@ -4,13 +4,12 @@ order and take parameters in the same order, so one function turns a row into it
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from cmi_sdk._exceptions import ConfigurationError
-from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms
+from cmi_sdk._models import ConsentRecord, Link, Offer, Request, SharingTerms, utc_at
 from cmi_sdk._secrets import SecretsKeyring, open_secret, seal_secret
 from cmi_sdk.outbox import (
     STATES,
@@ -43,7 +42,6 @@ __all__ = [
     "stored_offer_of_row",
     "terms_of_row",
     "terms_params",
-    "utc",
 ]
 
 ATTEMPT_OUTCOMES = ("delivered", "retry", "dead")
@@ -96,8 +94,8 @@ def link_of_row(values: Sequence[Any]) -> Link:
             "account": values[1],
             "intermediary": values[2],
             "customer_ref": values[3],
-            "created_at": utc(values[4]),
-            "revoked_at": None if values[5] is None else utc(values[5]),
+            "created_at": utc_at(values[4]),
+            "revoked_at": None if values[5] is None else utc_at(values[5]),
         }
     )
 
@@ -240,8 +238,3 @@ def need_keyring(keyring: SecretsKeyring | None) -> SecretsKeyring:
             " (make a key with `cmi secrets generate-key`)"
         )
     return keyring
-
-
-def utc(timestamp: float) -> dt.datetime:
-    """A POSIX timestamp as an aware UTC datetime."""
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
