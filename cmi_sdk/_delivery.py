@@ -23,6 +23,11 @@ answer. The engine is one asyncio loop that keeps many documents in flight:
   a connection to the private one. The host name stays in the URL, so the ``Host`` header,
   TLS SNI and certificate verification use it.
 - **Explicit timeouts per attempt**: connect, read (between bytes) and total.
+- **Connections within the open-files limit** (``max_connections``): those in flight
+  and those kept alive for a destination's next document. aiohttp bounds neither the
+  idle ones nor closes one on request, so the engine keeps the count: past its share for
+  idle connections, a destination with none kept opens one that is closed after its
+  answer (a second session, whose connections are never pooled).
 
 Delivery is at-least-once: a worker killed after a POST but before recording it leaves a
 lease that expires, and the row goes out again with the same ``webhook-id``.
@@ -43,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import ipaddress
 import logging
 import math
 import random
@@ -64,6 +70,7 @@ import httpx
 import yarl
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
+from cmi_sdk._limits import RESERVED_DESCRIPTORS, open_files_limit
 from cmi_sdk._models import SharingTerms, utc_at
 from cmi_sdk._retention import check_offer_windows, purge_windows
 from cmi_sdk._version import __version__ as _version
@@ -98,9 +105,12 @@ DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
 """Seconds before each retry: the Standard Webhooks example schedule (immediately, then
 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h): eight attempts over about 27.6 hours."""
 
-DEFAULT_CONCURRENCY = 256
+DEFAULT_CONCURRENCY = 512
 """Documents in flight at once by default: with answers 100 ms away, the rate is at most
-ten times this a second; a slot costs a socket and a few kilobytes."""
+ten times this a second (with 300 ms, over 1,700); a slot costs a socket and a few
+kilobytes."""
+KEEPALIVE_SECONDS = 30.0
+"""How long an idle connection to a destination is kept for its next document."""
 
 USER_AGENT = f"cmi-sdk/{_version}"
 DEFAULT_KEEP_DELIVERED = 30 * 86400.0
@@ -334,6 +344,16 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+def _literal_address(url: str) -> bool:
+    """Whether ``url``'s host is an IP address (which the guard judges without DNS)."""
+    try:
+        host = urlsplit(url).hostname
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
@@ -357,7 +377,11 @@ class _SendError(Exception):
 
 
 class _Sender(Protocol):
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer: ...
+    async def post(
+        self, url: str, body: bytes, headers: dict[str, str], *, close: bool = False
+    ) -> _Answer:
+        """POST; with ``close``, ask the store to close the connection after its answer
+        (``Connection: close``, which RFC 9112 obliges it to honour), not keep it."""
 
     async def close(self) -> None: ...
 
@@ -396,7 +420,10 @@ class _PinnedResolver(aiohttp.abc.AbstractResolver):
 
 class _AiohttpSender:
     """One aiohttp session: a keep-alive pool keyed by origin, the pinned resolver, no
-    cookies, no proxy from the environment, no redirects."""
+    cookies, no proxy from the environment, no redirects. A second one, alike but closing
+    each connection after its answer, sends what must not leave a connection open (the
+    engine's bound on connections kept alive): asking the store to close is not enough,
+    since a store that ignores it would leave the connection in the pool."""
 
     def __init__(
         self,
@@ -406,27 +433,34 @@ class _AiohttpSender:
         timeouts: Timeouts,
         ssl_context: ssl.SSLContext | None,
     ) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # the engine bounds what is in flight
-            limit_per_host=per_destination,
-            resolver=_PinnedResolver(pins),
-            use_dns_cache=False,  # the pins are the cache: the guard's answers, nobody else's
-            ssl=ssl_context if ssl_context is not None else True,
-            keepalive_timeout=30.0,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # a store's cookies never reach another
-            trust_env=False,  # no proxy from the environment sees customers' data
-            auto_decompress=False,
-        )
+        def session(force_close: bool) -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                limit=0,  # the engine bounds what is in flight
+                limit_per_host=per_destination,
+                resolver=_PinnedResolver(pins),
+                use_dns_cache=False,  # the pins are the cache: the guard's answers only
+                ssl=ssl_context if ssl_context is not None else True,
+                keepalive_timeout=None if force_close else KEEPALIVE_SECONDS,
+                force_close=force_close,
+            )
+            return aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # a store's cookies never reach another
+                trust_env=False,  # no proxy from the environment sees customers' data
+                auto_decompress=False,
+            )
+
+        self._session = session(force_close=False)
+        self._closing = session(force_close=True)
         self._timeout = aiohttp.ClientTimeout(
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
         # Parsed once per destination: parsing a URL is a good part of a request's CPU.
         self._urls: dict[str, yarl.URL] = {}
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer:
+    async def post(
+        self, url: str, body: bytes, headers: dict[str, str], *, close: bool = False
+    ) -> _Answer:
         parsed = self._urls.get(url)
         if parsed is None:
             if len(self._urls) > 10_000:
@@ -434,7 +468,7 @@ class _AiohttpSender:
             parsed = self._urls[url] = yarl.URL(url)
         headers["user-agent"] = USER_AGENT
         try:
-            async with self._session.post(
+            async with (self._closing if close else self._session).post(
                 parsed, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:
                 # Read the answer to its end: one cut short raises here, and a 2xx that
@@ -458,6 +492,7 @@ class _AiohttpSender:
 
     async def close(self) -> None:
         await self._session.close()
+        await self._closing.close()
 
 
 def _reason(exc: BaseException) -> str:
@@ -489,7 +524,16 @@ class _HttpxSender:
         )
         self._total = timeouts.total
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _Answer:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        close: bool = False,
+    ) -> _Answer:
+        if close:
+            headers["connection"] = "close"
         try:
             async with asyncio.timeout(self._total):  # httpx has no total of its own
                 response = await self._client.post(url, content=body, headers=headers)
@@ -554,7 +598,13 @@ class DeliveryWorker:
         ``cmi_on_dead_letter``).
     :param egress: the egress guard every destination passes; the engine connects only to
         the addresses it checked.
-    :param concurrency: documents in flight at once, across destinations.
+    :param concurrency: documents in flight at once, across destinations (fewer when
+        ``max_connections`` is lower).
+    :param max_connections: the most connections open at once, in flight or kept alive
+        for a destination's next document. By default, what the process's descriptor
+        limit allows, less a reserve for the store and logs (``cmi deliver`` raises the
+        soft limit toward four times ``concurrency`` first). Past it, a destination's last
+        queued document closes its connection after the answer instead of keeping it.
     :param per_destination: documents in flight at once to one destination (origin). One,
         the default, sends each destination's documents in order over one keep-alive
         connection.
@@ -603,6 +653,7 @@ class DeliveryWorker:
         hook: pluggy.HookRelay,
         egress: EgressGuard,
         concurrency: int = DEFAULT_CONCURRENCY,
+        max_connections: int | None = None,
         per_destination: int = 1,
         batch: int = 64,
         lease_seconds: float = 60.0,
@@ -629,6 +680,8 @@ class DeliveryWorker:
             raise ConfigurationError(
                 "concurrency, per_destination, batch and circuit_threshold must be >= 1"
             )
+        if max_connections is not None and max_connections < 1:
+            raise ConfigurationError("max_connections must be at least 1")
         if not 0 < lease_seconds < math.inf:
             raise ConfigurationError("lease_seconds must be positive and finite")
         if not 0 <= circuit_interval < math.inf:
@@ -640,6 +693,7 @@ class DeliveryWorker:
         self._hook = hook
         self.egress = egress
         self.concurrency = concurrency
+        self.max_connections = max_connections
         self.per_destination = per_destination
         self.batch = batch
         self.capacity = max(2 * concurrency, batch)
@@ -697,6 +751,16 @@ class DeliveryWorker:
         store recorded it are not sent either."""
         self._held: dict[str, _Job] = {}
         self._in_flight = 0
+        self._slots = self.concurrency
+        """Documents in flight at once: ``concurrency``, or fewer connections allowed."""
+        self._kept_at_most = math.inf
+        """The most connections kept alive while idle: the bound on connections open at
+        once, less one a document in flight."""
+        self._kept: dict[str, float] = {}
+        """Destinations whose last answered connection was kept alive, when (monotonic),
+        oldest first: the connections open but idle, give or take one a destination."""
+        self._keeping = 0
+        """Documents in flight on a connection that will be kept alive after."""
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -825,6 +889,7 @@ class DeliveryWorker:
     ) -> DeliveryStats:
         if not self._running.acquire(blocking=False):
             raise RuntimeError("this worker is already running")
+        self._size_connections()
         run = _Run(
             stats=DeliveryStats(),
             keep_outcomes=keep_outcomes,
@@ -983,7 +1048,49 @@ class DeliveryWorker:
             if not origin.failures:
                 del self._origins[key]
         self._in_flight = 0
+        self._kept.clear()  # the session closed them
+        self._keeping = 0
         self.metrics.in_flight = 0
+
+    def _size_connections(self) -> None:
+        """How many documents go at once and how many connections stay open: within the
+        descriptors the process may open, so that a connection to a store is never
+        refused for want of one (``EMFILE``) and the store's own file can still open."""
+        cap: float = math.inf
+        if self.max_connections is not None:
+            cap = self.max_connections
+        elif self._transport is None:
+            limit = open_files_limit()
+            if limit is not None:
+                cap = max(1, limit - RESERVED_DESCRIPTORS)
+        # What is in flight holds a connection each; the rest may be kept alive. When the
+        # limit is tight, a quarter stays for those: without any, every destination's
+        # next document would open a connection anew.
+        slots = self.concurrency if self.concurrency <= cap * 3 / 4 else max(1, int(cap) * 3 // 4)
+        self._kept_at_most = cap - slots
+        if slots < self.concurrency and slots != self._slots:
+            log.warning(
+                "%d documents in flight at once, not %d: at most %d connections may be open"
+                " (raise the open-files limit, ulimit -n, or lower the concurrency)",
+                slots,
+                self.concurrency,
+                int(cap),
+            )
+        self._slots = slots
+
+    def _kept_full(self) -> bool:
+        """Whether the connections kept alive, with those in flight that will be, have
+        reached their bound: then a new connection is closed after its answer."""
+        if self._kept_at_most == math.inf:
+            return False
+        expired = time.monotonic() - KEEPALIVE_SECONDS
+        kept = self._kept
+        while kept:  # the pool has closed those idle longer than the keep-alive
+            oldest = next(iter(kept))
+            if kept[oldest] > expired:
+                break
+            del kept[oldest]
+        return len(kept) * self.per_destination + self._keeping >= self._kept_at_most
 
     def _sender(self) -> _Sender:
         if self._transport is not None:
@@ -1123,7 +1230,7 @@ class DeliveryWorker:
         now = self._clock()
         for origin in origins:
             self._pump(run, origin, now)
-        while self._waiting and self._in_flight < self.concurrency:
+        while self._waiting and self._in_flight < self._slots:
             key = next(iter(self._waiting))
             del self._waiting[key]
             waiting = self._origins.get(key)
@@ -1144,15 +1251,21 @@ class DeliveryWorker:
                 if now < origin.probe_at:
                     self._fail_fast(run, origin, now)
                     break
-            if self._in_flight >= self.concurrency:
+            if self._in_flight >= self._slots:
                 self._waiting[origin.key] = None
                 break
             if origin.probe_at is not None:
                 origin.probing = True
             job = origin.queue.popleft()
+            # A destination with a connection kept alive sends on it, and keeps it; one
+            # without opens one, and closes it after when those kept would pass the bound.
+            kept = self._kept.pop(origin.key, None) is not None
+            close = not kept and self._kept_full()
+            if not close:
+                self._keeping += 1
             origin.in_flight += 1
             self._in_flight += 1
-            task = asyncio.create_task(self._send(run, origin, job))
+            task = asyncio.create_task(self._send(run, origin, job, close))
             run.tasks.add(task)
             task.add_done_callback(run.tasks.discard)
         if not (origin.queue or origin.in_flight or origin.failures):
@@ -1171,14 +1284,14 @@ class DeliveryWorker:
             result = self._failed(job.row, now, None, reason, retry_after=wait)
             self._record(run, job, result, reason="circuit open", seconds=None)
 
-    async def _send(self, run: _Run, origin: _Origin, job: _Job) -> None:
+    async def _send(self, run: _Run, origin: _Origin, job: _Job, close: bool = False) -> None:
         row = job.row
         started = self._clock()
         began = time.monotonic()
         category = "answered"
         health: bool | None = None  # None: says nothing of the destination's health
         try:
-            result, category, health = await self._attempt(run, row, job.terms, started)
+            result, category, health = await self._attempt(run, row, job.terms, started, close)
         except Exception as exc:  # a bug must not lose the row: it is retried
             log.exception("delivering %s failed unexpectedly", row.msg_id)
             result = self._failed(row, started, None, f"{type(exc).__name__}: {exc}")
@@ -1186,8 +1299,12 @@ class DeliveryWorker:
         finally:
             origin.in_flight -= 1
             self._in_flight -= 1
+            if not close:
+                self._keeping -= 1
         if origin.probing:
             origin.probing = False
+        if health is True and not close:
+            self._kept[origin.key] = time.monotonic()  # the newest, last in the order
         if health is True:
             if origin.probe_at is not None:
                 log.info("%s answered again: its circuit is closed", origin.key)
@@ -1214,7 +1331,7 @@ class DeliveryWorker:
         self._dispatch(run, (origin,))
 
     async def _attempt(
-        self, run: _Run, row: OutboxRow, terms: SharingTerms, started: float
+        self, run: _Run, row: OutboxRow, terms: SharingTerms, started: float, close: bool
     ) -> tuple[AttemptResult, str, bool | None]:
         """One attempt: the outcome, its reason for the metrics, and what it says of the
         destination's health (True: it answered; False: no answer or 5xx)."""
@@ -1228,7 +1345,7 @@ class DeliveryWorker:
             return self._dead(row, started, None, f"egress guard: {exc}"), "refused", None
         headers = self._request_headers(row, terms)
         try:
-            answer = await run.sender.post(pinned.url, row.body, headers)
+            answer = await run.sender.post(pinned.url, row.body, headers, close=close)
         except _SendError as exc:
             category = "timeout" if exc.timed_out else "connection"
             return self._failed(row, started, None, str(exc)), category, False
@@ -1264,9 +1381,12 @@ class DeliveryWorker:
         checked = self._checked.get(url)
         if checked is not None and time.monotonic() - checked[1] <= self.egress_ttl:
             return checked[0]
-        loop = asyncio.get_running_loop()
         try:
-            pinned = await loop.run_in_executor(None, self.egress.pin, url)
+            if _literal_address(url):  # nothing to resolve: judged here, not on a thread
+                pinned = self.egress.pin(url)
+            else:
+                loop = asyncio.get_running_loop()
+                pinned = await loop.run_in_executor(None, self.egress.pin, url)
         except DestinationNotAllowedError:
             if checked is not None:
                 # What the host was pinned to before is no longer trusted either.

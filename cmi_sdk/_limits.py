@@ -9,13 +9,19 @@ from dataclasses import dataclass
 
 from cmi_sdk._exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_BODY_TIMEOUT", "ServerLimits"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "RESERVED_DESCRIPTORS",
+    "ServerLimits",
+    "open_files_limit",
+    "raise_open_files_limit",
+]
 
 DEFAULT_BODY_TIMEOUT = 30.0
 """Seconds a request's body may take to arrive in full, by default."""
 
-#: Descriptors kept back from the connection cap for the store, logs and worker threads.
-_RESERVED_DESCRIPTORS = 64
+RESERVED_DESCRIPTORS = 64
+"""Descriptors kept back from a connection cap for the store, logs and worker threads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +54,45 @@ class ServerLimits:
 
     def connection_cap(self) -> int:
         """:attr:`max_connections`, or fewer when the descriptor limit is lower."""
-        try:
-            import resource  # noqa: PLC0415  (POSIX only)
-        except ImportError:  # pragma: no cover - Windows
+        soft = open_files_limit()
+        if soft is None:
             return self.max_connections
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return self.max_connections
-        return max(1, min(self.max_connections, soft - _RESERVED_DESCRIPTORS))
+        return max(1, min(self.max_connections, soft - RESERVED_DESCRIPTORS))
+
+
+def open_files_limit() -> int | None:
+    """The process's soft limit on open descriptors; None where there is none."""
+    try:
+        import resource  # noqa: PLC0415  (POSIX only)
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_open_files_limit(wanted: int) -> int | None:
+    """Raise the soft limit on open descriptors toward ``wanted``, never above the hard
+    limit and never down; returns the limit in force (None: there is none).
+
+    A process that talks to thousands of hosts needs a descriptor per connection, and the
+    usual soft limit (1,024) is a default for interactive shells, not a decision: the hard
+    limit is the system's. Called by ``cmi deliver``, not by the library, whose process is
+    the firm's to configure.
+    """
+    try:
+        import resource  # noqa: PLC0415  (POSIX only)
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if soft >= wanted:
+        return soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target <= soft:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):  # pragma: no cover - a platform that refuses
+        return soft
+    return target

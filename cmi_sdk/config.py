@@ -15,7 +15,8 @@ variable                       ``cmi.toml`` key                default
 ``CMI_SIGNING_CERT``           ``signing_cert``                none
 ``CMI_FIRM``                   ``firm``                        ``firm.example``
 ``CMI_WEBHOOK_ED25519_KEY``    ``webhook_ed25519_key``         none (v1 HMAC only)
-``CMI_DELIVERY_CONCURRENCY``   ``delivery_concurrency``        256 (documents in flight)
+``CMI_DELIVERY_CONCURRENCY``   ``delivery_concurrency``        512 (documents in flight)
+``CMI_DELIVERY_CONNECTIONS``   ``delivery_connections``        what ``ulimit -n`` allows
 ``CMI_PER_DESTINATION``        ``per_destination``             1
 ``CMI_DESTINATION_LEASES``     ``destination_leases``          none (PostgreSQL only)
 ``CMI_LEASE_SECONDS``          ``lease_seconds``               60
@@ -164,7 +165,10 @@ class Settings(BaseSettings):
     signing_cert: OptionalPath = None
     firm: str = "firm.example"
     webhook_ed25519_key: OptionalText = None
-    delivery_concurrency: Count = 256
+    delivery_concurrency: Count = 512
+    delivery_connections: Annotated[Count | None, BeforeValidator(_none_if_empty)] = None
+    """The delivery worker's most open connections (in flight and kept alive); by
+    default, what the open-files limit allows."""
     per_destination: Count = 1
     destination_leases: Annotated[Count | None, BeforeValidator(_none_if_empty)] = None
     """With PostgreSQL: the most rows leased to one destination across all workers."""
@@ -301,6 +305,7 @@ class Settings(BaseSettings):
 
         return {
             "concurrency": self.delivery_concurrency,
+            "max_connections": self.delivery_connections,
             "per_destination": self.per_destination,
             "destination_lease_limit": self.destination_leases,
             "lease_seconds": self.lease_seconds,

@@ -58,9 +58,14 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
+    from cmi_sdk._limits import raise_open_files_limit  # noqa: PLC0415
+
     settings = _settings()
     adapter = _emitting_adapter(args, require_signer=False)
-    worker = adapter.delivery_worker(**settings.worker_options())
+    options = settings.worker_options()
+    # A connection a store: room for those in flight and as many kept alive.
+    raise_open_files_limit(4 * options["concurrency"] + 256)
+    worker = adapter.delivery_worker(**options)
     try:
         if args.once:
             stats = worker.run_once()

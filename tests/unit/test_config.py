@@ -16,6 +16,7 @@ from cmi_sdk import (
     RetrySchedule,
     TermsPolicy,
 )
+from cmi_sdk._delivery import DEFAULT_CONCURRENCY
 from cmi_sdk.config import CONFIG_FILE, Settings
 from cmi_sdk.signing import DocumentSigner, generate_development_keys
 from cmi_sdk.webhooks import public_key_for
@@ -42,7 +43,7 @@ def test_nothing_configured_gives_the_defaults(tmp_path: Path) -> None:
     assert settings.signing_cert is None
     assert settings.firm == "firm.example"
     assert settings.webhook_ed25519_key is None
-    assert settings.delivery_concurrency == 256
+    assert settings.delivery_concurrency == DEFAULT_CONCURRENCY == 512
     assert settings.per_destination == 1
     assert settings.lease_seconds == 60.0
     assert settings.http_timeout == 10.0
@@ -334,6 +335,7 @@ def test_adapter_options_override_the_settings(tmp_path: Path) -> None:
 def test_worker_options_reflect_the_settings() -> None:
     settings = Settings(
         delivery_concurrency=8,
+        delivery_connections=40,
         per_destination=3,
         lease_seconds=45.0,
         retry_schedule=(1.0, 2.0),
@@ -341,6 +343,8 @@ def test_worker_options_reflect_the_settings() -> None:
     )
     options = settings.worker_options()
     assert options["concurrency"] == 8
+    assert options["max_connections"] == 40
+    assert Settings().worker_options()["max_connections"] is None  # the descriptor limit's
     assert options["per_destination"] == 3
     assert options["lease_seconds"] == 45.0
     assert isinstance(options["schedule"], RetrySchedule)
