@@ -132,6 +132,11 @@ CIRCUIT_OPEN = "circuit open:"
 """How the error of an attempt not made for an open circuit begins (``cmi outbox status``
 finds open circuits by it)."""
 _MAX_ANSWER_BYTES = 64 * 1024  # read of an answer's body, for keep-alive; the rest is dropped
+_MAX_AFTER_HEAD_BYTES = 1024 * 1024
+"""What a connection may bring after an answer's head while its body is read: the body's
+cap, with room for the framing of a legitimate chunked body (one-byte chunks with a short
+extension take about eight bytes a byte) and for what the client buffers. Past it the
+attempt fails and the connection is dropped."""
 
 
 @dataclass(frozen=True)
@@ -418,6 +423,79 @@ class _PinnedResolver(aiohttp.abc.AbstractResolver):
         return None
 
 
+class _AnswerTooLarge(aiohttp.ClientPayloadError):
+    """An answer brought more bytes after its head than its body's cap allows for."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"answer too large: more than {_MAX_AFTER_HEAD_BYTES >> 10} KiB after its head"
+            f" for under {_MAX_ANSWER_BYTES >> 10} KiB of body"
+        )
+
+
+class _Meter(asyncio.Protocol):
+    """Stands between a connection's transport and aiohttp's protocol and counts the bytes
+    an answer brings after its head.
+
+    The cap on the body bounds only what the parser yields as body. Bytes that are neither
+    head nor body, such as an endless chunk extension (``1;aaaa...``), the parser consumes
+    at a core's speed and yields nothing, so without a count of the raw bytes a store
+    keeps the worker's CPU busy until the attempt's total timeout. Asyncio lets a
+    transport's protocol be swapped (``set_protocol``), which needs nothing private of
+    aiohttp; one meter stays on a connection for its life, armed only while an answer's
+    body is read.
+    """
+
+    __slots__ = ("_inner", "_transport", "budget", "tripped")
+
+    def __init__(self, inner: asyncio.Protocol, transport: asyncio.Transport) -> None:
+        self._inner = inner
+        self._transport = transport
+        self.budget: int | None = None  # None: not counting (between answers)
+        self.tripped = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.budget is not None:
+            self.budget -= len(data)
+            if self.budget < 0:
+                # Not parsed: the read waiting on the body fails as the connection drops.
+                self.budget = None
+                self.tripped = True
+                self._transport.abort()
+                return
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _metered(response: aiohttp.ClientResponse) -> _Meter | None:
+    """The meter of the connection an answer's body comes on, armed; None when the body
+    came with the head (the connection has gone back to the pool)."""
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    if connection is None or transport is None or connection.protocol is None:
+        return None
+    meter = transport.get_protocol()
+    if meter is connection.protocol:  # a new connection
+        meter = _Meter(connection.protocol, transport)
+        transport.set_protocol(meter)
+    elif not isinstance(meter, _Meter):  # never seen: leave another layer alone
+        return None
+    meter.budget = _MAX_AFTER_HEAD_BYTES
+    meter.tripped = False
+    return meter
+
+
 class _AiohttpSender:
     """One aiohttp session: a keep-alive pool keyed by origin, the pinned resolver, no
     cookies, no proxy from the environment, no redirects. A second one, alike but closing
@@ -467,19 +545,27 @@ class _AiohttpSender:
                 self._urls.clear()
             parsed = self._urls[url] = yarl.URL(url)
         headers["user-agent"] = USER_AGENT
+        meter = None
         try:
             async with (self._closing if close else self._session).post(
                 parsed, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:
                 # Read the answer to its end: one cut short raises here, and a 2xx that
                 # never finished is not a delivery. Bounded: past the bound, the status
-                # stands and the connection is dropped.
-                remaining = _MAX_ANSWER_BYTES
-                while remaining > 0:
-                    chunk = await response.content.read(remaining)
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
+                # stands and the connection is dropped; past the meter's, it fails.
+                meter = _metered(response)
+                try:
+                    remaining = _MAX_ANSWER_BYTES
+                    while remaining > 0:
+                        chunk = await response.content.read(remaining)
+                        if not chunk:
+                            break
+                        remaining -= len(chunk)
+                finally:
+                    if meter is not None:
+                        meter.budget = None
+                if meter is not None and meter.tripped:
+                    raise _AnswerTooLarge
                 return _Answer(response.status, response.headers.get("retry-after"))
         except aiohttp.ConnectionTimeoutError:
             raise _SendError("timed out: ConnectTimeout", timed_out=True) from None
@@ -488,7 +574,9 @@ class _AiohttpSender:
         except TimeoutError:  # the attempt's total
             raise _SendError("timed out: TotalTimeout", timed_out=True) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _SendError(_reason(exc)) from None
+            # Whatever the parser made of a connection the meter dropped, the meter says why.
+            tripped = meter is not None and meter.tripped
+            raise _SendError(_reason(_AnswerTooLarge() if tripped else exc)) from None
 
     async def close(self) -> None:
         await self._session.close()
