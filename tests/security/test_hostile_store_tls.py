@@ -98,6 +98,9 @@ class TlsStore:
     server_names: list[str | None] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
     connections: int = 0
+    flood: bool = False
+    """Answer with a chunk extension that never ends (16 MiB at most), not a 204."""
+    poured: int = 0
 
 
 @dataclass
@@ -112,13 +115,13 @@ def listeners(tmp_path: Path) -> Iterator[Callable[[Certificate], Listeners]]:
     threads: list[threading.Thread] = []
     sockets: list[socket.socket] = []
 
-    def start(cert: Certificate) -> Listeners:
+    def start(cert: Certificate, *, flood: bool = False) -> Listeners:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert.cert, cert.key)
         store_socket = socket.socket()
         store_socket.bind((STORE_ADDRESS, 0))
         port = store_socket.getsockname()[1]
-        store = TlsStore(port)
+        store = TlsStore(port, flood=flood)
 
         def sni(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
             store.server_names.append(name)
@@ -148,6 +151,14 @@ def listeners(tmp_path: Path) -> Iterator[Callable[[Certificate], Listeners]]:
                             store.hosts.append(value.strip().decode())
                     while len(body) < length:
                         body += tls.recv(65536)
+                    if store.flood:
+                        tls.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;")
+                        for _ in range(256):
+                            if stop.is_set():
+                                return
+                            tls.sendall(b"a" * 65536)  # fails once the client drops it
+                            store.poured += 65536
+                        return
                     tls.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
 
         def serve(listener: socket.socket, on_accept: Callable[[socket.socket], None]) -> None:
@@ -273,3 +284,20 @@ def test_a_name_answering_any_internal_address_gets_no_connection_at_all(
     assert (row.last_error or "").startswith("egress guard:")
     assert seen.internal_connections == [0]
     assert seen.store.connections == 0
+
+
+def test_an_endless_chunk_extension_over_tls_is_cut_off(
+    tmp_path: Path, listeners: Callable[..., Listeners]
+) -> None:
+    # The meter that bounds what an answer brings after its head sits on the TLS
+    # transport (the engine's own event loop), not on the socket under it.
+    cert = certificate(tmp_path, HOST)
+    seen = listeners(cert, flood=True)
+    guard = PublicLoopbackGuard(resolver=answering(STORE_ADDRESS))
+    url = f"https://{HOST}:{seen.store.port}/inbox"
+    started = time.monotonic()
+    state, error = deliver(tmp_path, guard, url, cert.trusted())
+    assert state == "retry"
+    assert (error or "").startswith("RemoteProtocolError: answer too large"), error
+    assert time.monotonic() - started < 2.5  # the total timeout is 3 s
+    assert seen.store.poured < 16 * 1024 * 1024
