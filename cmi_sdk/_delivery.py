@@ -114,7 +114,8 @@ KEEPALIVE_SECONDS = 30.0
 
 USER_AGENT = f"cmi-sdk/{_version}"
 DEFAULT_KEEP_DELIVERED = 30 * 86400.0
-"""Delivered documents are kept this long (the pull window), then purged."""
+"""Delivered documents are kept this long (the pull window), then purged; pull-only,
+merged and cancelled ones too."""
 DEFAULT_KEEP_DEAD = 90 * 86400.0
 """Dead letters not redriven are kept this long, then purged."""
 DEFAULT_KEEP_OFFERS = 30 * 86400.0
@@ -720,7 +721,9 @@ class DeliveryWorker:
         most rows leased to one destination at once across *all* workers.
     :param metrics: where to count attempts for ``/metrics`` (the adapter's).
     :param keep_delivered: seconds a delivered document is kept (the pull window: 30
-        days); then the worker purges it, with its attempts, a batch a minute. None: kept.
+        days); then the worker purges it, with its attempts, a batch a minute. The same
+        window, from when each ended, holds pull-only, merged and cancelled documents
+        (see :func:`cmi_sdk._retention.purge_windows`). None: kept.
     :param keep_dead: seconds a dead letter is kept unless redriven (90 days). None: kept.
     :param keep_offers: seconds an offer is kept once no longer valid (30 days; at least
         a day), then purged with its acceptances. None: kept.

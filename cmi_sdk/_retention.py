@@ -25,6 +25,9 @@ __all__ = [
 RETAINED = {
     "delivered": "delivered",
     "dead": "dead",
+    "pull": "pull-only",
+    "merged": "merged into digests",
+    "cancelled": "cancelled",
     "offers": "offers",
     "acceptances": "acceptances",
     "seen": "message ids",
@@ -61,7 +64,16 @@ def purge_windows(
     attempts: float | None,
 ) -> dict[str, float]:
     """The times :meth:`~cmi_sdk.outbox.RetentionStore.purge` deletes before, at ``now``,
-    for windows in seconds (None: that kind is kept). Message ids go once expired."""
+    for windows in seconds (None: that kind is kept). Message ids go once expired.
+
+    The ``delivered`` window (the pull window) is every finished document's but a dead
+    letter's: a pull-only document's from when it was written (it could be pulled from
+    then), a document merged into a digest's from the merge (its content went out in the
+    digest document, itself kept for the pull window once delivered), a cancelled one's
+    from its cancellation (nobody may pull it: pulls under revoked terms are refused; it
+    shows the operator what a revocation stopped, and the consent records keep the
+    revocation itself). Each is also the time a document emitted again is stored
+    afresh, so one window keeps that the same for all of them."""
 
     def before(window: float | None) -> float:
         return 0.0 if window is None else now - window
@@ -69,6 +81,9 @@ def purge_windows(
     return {
         "delivered_before": before(delivered),
         "dead_before": before(dead),
+        "pull_before": before(delivered),
+        "merged_before": before(delivered),
+        "cancelled_before": before(delivered),
         "offers_before": before(offers),
         # An offer goes only with its acceptances: with them kept, so is it.
         "acceptances_before": before(acceptances),

@@ -256,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "purge", help="delete finished documents, offers and acceptances past their window"
     )
     o.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
-    o.add_argument("--keep-days", type=float, default=30.0, help="delivered documents (30)")
+    o.add_argument(
+        "--keep-days",
+        type=float,
+        default=30.0,
+        help="delivered, pull-only, merged and cancelled documents (30)",
+    )
     o.add_argument("--keep-dead-days", type=float, default=90.0, help="dead letters (90)")
     o.add_argument(
         "--keep-offer-days", type=float, default=30.0, help="offers, once expired (30; >= 1)"

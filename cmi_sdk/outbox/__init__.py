@@ -455,7 +455,8 @@ class OutboxQueue(Protocol):
 
     def cancel(self, *, owner: str, msg_ids: Sequence[str], reason: str) -> int:
         """Cancel the rows of ``msg_ids`` that ``owner`` leases (their terms were revoked
-        after they were written); return how many."""
+        after they were written), as ended when their terms were revoked (for the
+        retention purge); return how many."""
 
     def complete(self, results: Sequence[AttemptResult]) -> None:
         """Record attempts and their outcomes, in one transaction."""
@@ -465,8 +466,9 @@ class OutboxQueue(Protocol):
 
     def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
         """In one transaction: write ``row`` (the window's digest document) and mark the
-        ``digest`` rows ``msg_ids`` merged; with ``row`` None, make them ``pending`` to go
-        out one by one. Return how many rows changed."""
+        ``digest`` rows ``msg_ids`` merged, as ended at ``row.created_at`` (for the
+        retention purge); with ``row`` None, make them ``pending`` to go out one by one.
+        Return how many rows changed."""
 
     def next_due(self) -> float | None:
         """When the next pending or retrying row is due, or None."""
@@ -501,10 +503,11 @@ class OutboxQueue(Protocol):
 @runtime_checkable
 class RetentionStore(Protocol):
     """What is finished goes after its window: delivered documents after the pull window,
-    dead letters after theirs (a redriven row is pending again, and stays), offers no
-    longer valid together with their finished acceptances, message ids past their time,
-    and the attempts of delivered documents before the documents go. A time of 0 (the
-    default) purges nothing of that kind.
+    dead letters after theirs (a redriven row is pending again, and stays), pull-only
+    documents, documents merged into a digest document and cancelled ones (their terms
+    revoked) after theirs, offers no longer valid together with their finished
+    acceptances, message ids past their time, and the attempts of delivered documents
+    before the documents go. A time of 0 (the default) purges nothing of that kind.
 
     An offer and its acceptances go together, in one transaction, and only when the
     offer expired before ``offers_before`` and every acceptance of it finished before
@@ -517,6 +520,9 @@ class RetentionStore(Protocol):
         *,
         delivered_before: float = 0.0,
         dead_before: float = 0.0,
+        pull_before: float = 0.0,
+        merged_before: float = 0.0,
+        cancelled_before: float = 0.0,
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
@@ -524,18 +530,24 @@ class RetentionStore(Protocol):
         limit: int,
     ) -> dict[str, int]:
         """Delete up to ``limit`` of each kind, oldest first, in one transaction: delivered
-        rows that finished before ``delivered_before`` and dead rows that died before
-        ``dead_before`` (with their attempts), offers as above (with their acceptances),
-        message ids that expired before ``seen_before``, attempts of delivered rows (still
-        kept for pulling) that finished before ``attempts_before``. Return how many of
-        each (``delivered``, ``dead``, ``offers``, ``acceptances``, ``seen``,
-        ``attempts``: the last counts only those, not the attempts of purged rows)."""
+        rows that finished before ``delivered_before``, dead rows that died before
+        ``dead_before``, ``pull`` rows written before ``pull_before``, rows merged into a
+        digest document before ``merged_before`` and rows cancelled before
+        ``cancelled_before`` (each with its attempts), offers as above (with their
+        acceptances), message ids that expired before ``seen_before``, attempts of
+        delivered rows (still kept for pulling) that finished before ``attempts_before``.
+        Return how many of each (``delivered``, ``dead``, ``pull``, ``merged``,
+        ``cancelled``, ``offers``, ``acceptances``, ``seen``, ``attempts``: the last
+        counts only those, not the attempts of purged rows)."""
 
     def purgeable(
         self,
         *,
         delivered_before: float = 0.0,
         dead_before: float = 0.0,
+        pull_before: float = 0.0,
+        merged_before: float = 0.0,
+        cancelled_before: float = 0.0,
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,

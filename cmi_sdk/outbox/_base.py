@@ -218,7 +218,7 @@ class SQLStore:
         """Mark terms revoked, keep the record, and cancel their rows; how many were."""
         run("revoke_terms", (at, revoked_terms_json(text, consent), consent.terms_id))
         run("insert_consent", consent_params(consent, xml))
-        cancelled: int = run("cancel_terms_rows", (consent.terms_id,)).rowcount
+        cancelled: int = run("cancel_terms_rows", (at, consent.terms_id)).rowcount
         return cancelled
 
     def consent_records(self, terms_id: str) -> list[tuple[ConsentRecord, bytes]]:
@@ -343,6 +343,9 @@ class SQLStore:
         *,
         delivered_before: float = 0.0,
         dead_before: float = 0.0,
+        pull_before: float = 0.0,
+        merged_before: float = 0.0,
+        cancelled_before: float = 0.0,
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
@@ -351,17 +354,22 @@ class SQLStore:
     ) -> dict[str, int]:
         """Delete what is finished past its window, oldest first, a batch of each kind."""
         keep = (offers_before, acceptances_before)
+        documents = {
+            "delivered": delivered_before,
+            "dead": dead_before,
+            "pull": pull_before,
+            "merged": merged_before,
+            "cancelled": cancelled_before,
+        }
 
         def body(run: Run) -> dict[str, int]:
-            done = dict.fromkeys(
-                ("delivered", "dead", "offers", "acceptances", "seen", "attempts"), 0
-            )
-            for kind, before in (("delivered", delivered_before), ("dead", dead_before)):
-                found = run(f"purgeable_{kind}", (before, limit)).fetchall()
+            done = dict.fromkeys((*documents, "offers", "acceptances", "seen", "attempts"), 0)
+            for state, before in documents.items():
+                found = run(f"purgeable_{state}", (before, limit)).fetchall()
                 for (msg_id,) in found:
-                    if run("purge_row", (msg_id,)).rowcount:
+                    if run("purge_row", (msg_id, state)).rowcount:
                         run("purge_attempts", (msg_id,))
-                        done[kind] += 1
+                        done[state] += 1
             for (offer_id,) in run("purgeable_offers", (*keep, limit)).fetchall():
                 # Locked (its acceptances first, as an acceptance takes them), then checked
                 # again: an acceptance that began or finished meanwhile keeps it.
@@ -382,6 +390,9 @@ class SQLStore:
         *,
         delivered_before: float = 0.0,
         dead_before: float = 0.0,
+        pull_before: float = 0.0,
+        merged_before: float = 0.0,
+        cancelled_before: float = 0.0,
         offers_before: float = 0.0,
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
@@ -396,6 +407,9 @@ class SQLStore:
         return {
             "delivered": int(count("count_purgeable_delivered", delivered_before)[0]),
             "dead": int(count("count_purgeable_dead", dead_before)[0]),
+            "pull": int(count("count_purgeable_pull", pull_before)[0]),
+            "merged": int(count("count_purgeable_merged", merged_before)[0]),
+            "cancelled": int(count("count_purgeable_cancelled", cancelled_before)[0]),
             "offers": int(offers),
             "acceptances": int(acceptances),
             "seen": int(count("count_purgeable_seen", seen_before)[0]),

@@ -654,7 +654,7 @@ class PostgresStore(SQLStore, OutboxStore):
             if row is None:
                 return cur.execute(q["release_digest_rows"], (ids,)).rowcount
             cur.execute(q["insert_row"], self._insert_params(row))
-            merged = cur.execute(q["merge_digest_rows"], (ids,)).rowcount
+            merged = cur.execute(q["merge_digest_rows"], (row.created_at, ids)).rowcount
             # Counted before NOTIFY, which has no count of its own.
             if self._notify:
                 cur.execute(q["notify_work"])

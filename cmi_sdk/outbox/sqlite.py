@@ -391,14 +391,14 @@ class SQLiteStore(SQLStore, OutboxStore):
 
     def merge_digest(self, msg_ids: Sequence[str], row: NewRow | None) -> int:
         """Write the window's digest row and mark its sources merged (or release them)."""
-        marks = [(m,) for m in msg_ids]
         with self._write() as conn:
             before = conn.total_changes
             if row is None:
-                conn.executemany(_Q["release_digest_row"], marks)
+                conn.executemany(_Q["release_digest_row"], [(m,) for m in msg_ids])
                 return conn.total_changes - before  # those still in the window only
             conn.execute(_Q["insert_row"], row_params(row))
-            conn.executemany(_Q["merge_digest_row"], marks)
+            # Merged when the digest document was made.
+            conn.executemany(_Q["merge_digest_row"], [(row.created_at, m) for m in msg_ids])
             return conn.total_changes - before
 
     def rows(self, *, state: str | None = None, limit: int = 100) -> list[OutboxRow]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cmi_sdk import ConfigurationError
-from cmi_sdk.outbox import OutboxStore
+from cmi_sdk.outbox import OutboxStore, RetentionStore
 from cmi_sdk.outbox._migrations import SCHEMA_VERSION, migrations, statements
 from cmi_sdk.outbox._queries import QueryFileError, parse, queries
 from cmi_sdk.outbox.sqlite import SQLiteStore
@@ -233,6 +233,78 @@ def test_a_migration_that_fails_changes_nothing(tmp_path: Path) -> None:
         SQLiteStore(path)
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT value FROM cmi_meta").fetchone() == ("7",)
+
+
+@pytest.fixture
+def store_at_6(kind: str, location: str) -> Iterator[Execute]:
+    """Tables as migrations 1 to 6 made them, and a way to write rows into them."""
+    if kind == "sqlite":
+        conn = sqlite3.connect(location, isolation_level=None)
+        with closing(conn):
+            conn.execute(queries("sqlite")["create_migrations_table"])
+            for m in migrations("sqlite")[:6]:
+                for statement in statements(m.script):
+                    conn.execute(statement)
+                conn.execute(queries("sqlite")["record_migration"], (m.version, m.name, NOW))
+
+            def execute_sqlite(sql: str, params: Sequence[Any]) -> None:
+                conn.execute(sql.replace("{t}", "cmi_"), params)
+
+            yield execute_sqlite
+        return
+    import psycopg
+
+    with psycopg.connect(DSN, autocommit=True) as pg:
+        quoted = f'"{location}"'
+        q = {name: text.replace("{s}", quoted) for name, text in queries("postgres").items()}
+        pg.execute(q["create_schema"].encode())
+        pg.execute(q["create_migrations_table"].encode())
+        for m in migrations("postgres")[:6]:
+            pg.execute(m.script.replace("{s}", quoted).encode())
+            pg.execute(q["record_migration"].encode(), (m.version, m.name, NOW))
+
+        def execute_postgres(sql: str, params: Sequence[Any]) -> None:
+            pg.execute(sql.replace("{t}", f"{quoted}.").replace("?", "%s").encode(), params)
+
+        yield execute_postgres
+
+
+def test_rows_cancelled_or_merged_before_migration_7_go_after_their_window(
+    kind: str, location: str, store_at_6: Execute
+) -> None:
+    # Until migration 7 a row did not record when it was cancelled or merged: a
+    # cancelled row's time is its terms' revocation (else when it was written), a merged
+    # row's the end of its digest window (it was merged as that window ended).
+    execute = store_at_6
+    execute(
+        "INSERT INTO {t}terms (id, customer_ref, terms, secret, created_at, revoked_at)"
+        " VALUES ('terms_r', ?, '{}', 's', ?, ?)",
+        (ACCOUNT, NOW, NOW + 50),
+    )
+    for n, terms_id, state, created_at, due in (
+        (1, "terms_r", "cancelled", NOW, NOW),
+        (2, "terms_gone", "cancelled", NOW + 10, NOW + 10),
+        (3, "terms_r", "merged", NOW, NOW + 60),
+        (4, "terms_r", "pending", NOW, NOW),
+    ):
+        execute(
+            "INSERT INTO {t}outbox (msg_id, terms_id, customer_ref, transaction_id, standard,"
+            " document_type, body, created_at, state, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, 'cmi', 'transaction', ?, ?, ?, ?)",
+            (f"msg_{n:04d}", terms_id, ACCOUNT, f"tx-{n}", b"<doc/>", created_at, state, due),
+        )
+    store = _open(kind, location)
+    try:
+        assert isinstance(store, RetentionStore)
+        for before, cancelled in ((NOW + 10, 0), (NOW + 11, 1), (NOW + 50, 1), (NOW + 51, 2)):
+            assert store.purgeable(cancelled_before=before)["cancelled"] == cancelled, before
+        assert store.purgeable(merged_before=NOW + 60)["merged"] == 0
+        assert store.purgeable(merged_before=NOW + 61)["merged"] == 1
+        done = store.purge(cancelled_before=NOW + 51, merged_before=NOW + 61, limit=10)
+        assert (done["cancelled"], done["merged"]) == (2, 1)
+        assert [r.msg_id for r in store.rows()] == ["msg_0004"]
+    finally:
+        store.close()
 
 
 def _open(kind: str, location: str) -> OutboxStore:

@@ -3,11 +3,18 @@ attempts, oldest first and in batches; nothing that can still be sent goes."""
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+
 import pytest
 
-from cmi_sdk import OfferNotFoundError, OutboxRowNotFoundError
+from cmi_sdk import Adapter, OfferNotFoundError, OutboxRowNotFoundError
+from cmi_sdk._retention import RETAINED, purge_windows
 from cmi_sdk.outbox import OutboxStore, RetentionStore, StoredOffer
-from tests.contract.rows import NOW, claim, new_row, outcome, stored_offer
+from cmi_sdk.outbox._queries import queries
+from tests.contract.conftest import DSN
+from tests.contract.rows import ACCOUNT, NOW, claim, new_row, outcome, stored_offer
+from tests.support import register
 
 
 def test_finished_rows_are_purged_after_their_window(store: OutboxStore) -> None:
@@ -38,6 +45,11 @@ def test_finished_rows_are_purged_after_their_window(store: OutboxStore) -> None
     left = {r.msg_id: r.state for r in store.rows(limit=10)}
     assert left == {"msg_0004": "pending", "msg_0005": "retry"}
     assert [a.outcome for a in store.attempts("msg_0005")] == ["retry"]
+
+
+def test_the_store_counts_the_kinds_the_command_names(store: OutboxStore) -> None:
+    assert isinstance(store, RetentionStore)
+    assert list(store.purge(limit=1)) == list(store.purgeable()) == list(RETAINED)
 
 
 def _documents(counts: dict[str, int]) -> tuple[int, int]:
@@ -150,3 +162,159 @@ def test_a_delivered_rows_attempts_go_before_it(store: OutboxStore) -> None:
     # The documents stay for pulling; a row still being retried keeps its history.
     assert store.get_row("msg_0001").state == "delivered"
     assert [a.outcome for a in store.attempts("msg_0003")] == ["retry"]
+
+
+def _gone(store: OutboxStore, *msg_ids: str) -> bool:
+    for msg_id in msg_ids:
+        try:
+            store.get_row(msg_id)
+        except OutboxRowNotFoundError:
+            continue
+        return False
+    return True
+
+
+def test_cancelled_rows_go_a_window_after_their_terms_were_revoked(
+    store_adapter: Adapter, store: OutboxStore
+) -> None:
+    # A revoked customer's undelivered documents go nowhere and nobody pulls them (a pull
+    # under revoked terms is refused): kept for ever, they were customer data kept for
+    # nothing.
+    assert isinstance(store, RetentionStore)
+    terms = register(store_adapter, customer_ref=ACCOUNT)
+    mine = {"terms_id": terms.id, "customer_ref": ACCOUNT}
+    held = {"state": "digest", "next_attempt_at": NOW + 600, "model": "{}"}
+    store.insert([new_row(1, **mine), new_row(2, **mine, **held), new_row(3, **mine)])
+    store.claim(owner="w", now=NOW, lease_seconds=30, limit=1)  # msg_0001, being sent
+    store_adapter.revoke_terms(terms.id)  # at NOW: cancels all three
+    # Written from terms read just before the revocation: the worker cancels it.
+    store.insert([new_row(4, **mine)])
+    assert [r.msg_id for r in store.claim(owner="w", now=NOW, lease_seconds=30, limit=9)] == [
+        "msg_0004"
+    ]
+    assert store.cancel(owner="w", msg_ids=["msg_0004"], reason="terms revoked") == 1
+    assert {store.get_row(f"msg_{n:04d}").state for n in range(1, 5)} == {"cancelled"}
+    store.insert([new_row(5)])  # another customer's, pending: it stays
+
+    assert store.purgeable(cancelled_before=NOW)["cancelled"] == 0  # inside the window
+    assert store.purge(cancelled_before=NOW, limit=10)["cancelled"] == 0
+    assert store.purgeable(cancelled_before=NOW + 1)["cancelled"] == 4
+    assert store.purge(cancelled_before=NOW + 1, limit=3)["cancelled"] == 3
+    assert store.purge(cancelled_before=NOW + 1, limit=10)["cancelled"] == 1
+    assert _gone(store, "msg_0001", "msg_0002", "msg_0003", "msg_0004")
+    assert store.get_row("msg_0005").state == "pending"
+    # The revocation itself stays on record.
+    assert [r.event for r, _ in store.consent_records(terms.id)] == ["granted", "revoked"]
+
+
+def test_merged_rows_go_a_window_after_their_digest_was_made(store: OutboxStore) -> None:
+    # Their content went out inside the digest document; that one is an ordinary
+    # document, kept for the pull window after its delivery.
+    assert isinstance(store, RetentionStore)
+    held = {"state": "digest", "next_attempt_at": NOW + 60, "model": "{}"}
+    store.insert([new_row(1, **held), new_row(2, **held), new_row(3, **held)])
+    digest = new_row(9, created_at=NOW + 100, next_attempt_at=NOW + 100)
+    assert store.merge_digest(["msg_0001", "msg_0002"], digest) == 3
+    assert store.purgeable(merged_before=NOW + 100)["merged"] == 0
+    assert store.purgeable(merged_before=NOW + 101)["merged"] == 2
+    assert store.purge(merged_before=NOW + 101, limit=1)["merged"] == 1
+    assert store.purge(merged_before=NOW + 101, limit=10)["merged"] == 1
+    assert store.purge(merged_before=NOW + 101, limit=10)["merged"] == 0
+    assert _gone(store, "msg_0001", "msg_0002")
+    # A row still held for its window, and the digest document, stay.
+    assert store.get_row("msg_0003").state == "digest"
+    assert store.get_row("msg_0009").state == "pending"
+
+
+def test_pull_only_documents_go_after_the_pull_window(store: OutboxStore) -> None:
+    assert isinstance(store, RetentionStore)
+    pull = {"state": "pull", "destination": None}
+    store.insert(
+        [
+            new_row(1, **pull),
+            new_row(2, **pull, created_at=NOW + 5, next_attempt_at=NOW + 5),
+            new_row(3),
+        ]
+    )
+    assert [r.msg_id for r in store.documents_since("terms_a", 0, 10)] == [
+        "msg_0001",
+        "msg_0002",
+        "msg_0003",
+    ]
+    assert store.purgeable(pull_before=NOW)["pull"] == 0
+    assert store.purgeable(pull_before=NOW + 1)["pull"] == 1
+    assert store.purge(pull_before=NOW + 1, limit=10)["pull"] == 1
+    assert [r.msg_id for r in store.documents_since("terms_a", 0, 10)] == [
+        "msg_0002",
+        "msg_0003",
+    ]
+    assert store.purge(pull_before=NOW + 10, limit=10)["pull"] == 1
+    assert store.get_row("msg_0003").state == "pending"  # not pull-only: not this window
+
+
+def test_the_delivered_window_is_the_window_of_every_finished_document(
+    store: OutboxStore,
+) -> None:
+    # The worker's and the command's windows: a pull-only, merged or cancelled document
+    # goes when a delivered one would, dead letters keep their own window.
+    assert isinstance(store, RetentionStore)
+    held = {"state": "digest", "next_attempt_at": NOW, "model": "{}"}
+    store.insert(
+        [
+            new_row(1),
+            new_row(2, state="pull", destination=None),
+            new_row(3, **held),
+            new_row(4, **held),
+        ]
+    )
+    store.merge_digest(["msg_0003", "msg_0004"], new_row(5, created_at=NOW + 1))
+    store.claim(owner="w", now=NOW, lease_seconds=30, limit=1)  # msg_0001
+    store.complete([outcome("msg_0001", "w", "delivered", finished_at=NOW + 1)])
+
+    def windows(now: float) -> dict[str, float]:
+        return purge_windows(
+            now, delivered=100, dead=1000, offers=86400, acceptances=86400, attempts=None
+        )
+
+    assert sum(store.purgeable(**windows(NOW + 100)).values()) == 0
+    counts = store.purgeable(**windows(NOW + 102))
+    assert (counts["delivered"], counts["pull"], counts["merged"]) == (1, 1, 2)
+    done = store.purge(**windows(NOW + 102), limit=10)
+    assert {k: n for k, n in done.items() if n} == {"delivered": 1, "pull": 1, "merged": 2}
+    # Nothing is purged with the window None (kept).
+    store.insert([new_row(6, state="pull", destination=None)])
+    kept = purge_windows(
+        NOW + 1e9, delivered=None, dead=None, offers=None, acceptances=None, attempts=None
+    )
+    assert store.purge(**kept, limit=10)["pull"] == 0
+
+
+@pytest.mark.parametrize("kind_of_row", ["delivered", "dead", "pull", "merged", "cancelled"])
+def test_each_kind_of_document_is_found_through_an_index(
+    kind: str, location: str, store: OutboxStore, kind_of_row: str
+) -> None:
+    # However many rows are kept, a purge batch reads only the oldest of its kind: no
+    # scan of the table, no sort of every row of that state.
+    assert isinstance(store, RetentionStore)
+    name = f"purgeable_{kind_of_row}"
+    if kind == "sqlite":
+        with closing(sqlite3.connect(location)) as conn:
+            found = conn.execute(
+                f"EXPLAIN QUERY PLAN {queries('sqlite')[name]}", (NOW, 10)
+            ).fetchall()
+        plan = "\n".join(str(step[-1]) for step in found)
+        assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+        return
+    import psycopg
+
+    statement = queries("postgres")[name].replace("{s}", f'"{location}"')
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        # Disabled, not forbidden: without an index that fits, the plan still shows them.
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+            conn.execute(f"SET {setting} = off")
+        found = conn.execute(f"EXPLAIN {statement}", (NOW, 10)).fetchall()
+    plan = "\n".join(str(line[0]) for line in found)
+    assert "Index" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    assert "Sort" not in plan, plan

@@ -43,10 +43,11 @@ FROM picked WHERE t.seq = picked.picked_seq
 RETURNING {row_columns}
 
 -- fragment: cancel_rows
--- Rows of terms being revoked, cancelled; rows being sent right now too, so that their
--- result is not recorded over the cancellation (see mark_delivered and the others).
+-- Rows of terms being revoked, cancelled at the revocation's time; rows being sent right
+-- now too, so that their result is not recorded over the cancellation (see
+-- mark_delivered and the others).
 UPDATE {s}.outbox SET state = 'cancelled', last_error = 'terms revoked',
-    lease_owner = NULL, lease_until = NULL
+    lease_owner = NULL, lease_until = NULL, ended_at = %s
 WHERE terms_id = %s AND state IN ('pending', 'retry', 'leased', 'digest')
 
 -- ---------------------------------------------------------------------------------------
@@ -323,10 +324,12 @@ UPDATE {s}.outbox SET lease_until = %s
 WHERE msg_id = ANY(%s) AND lease_owner = %s AND state = 'leased';
 
 -- name: cancel_leased
--- Cancel rows the worker leases.
-UPDATE {s}.outbox SET state = 'cancelled', last_error = %s, lease_owner = NULL,
-    lease_until = NULL
-WHERE msg_id = ANY(%s) AND lease_owner = %s AND state = 'leased';
+-- Cancel rows the worker leases: their terms were revoked (they ended then), or are gone
+-- (they end about now, as the lease they were just claimed under would).
+UPDATE {s}.outbox o SET state = 'cancelled', last_error = %s, lease_owner = NULL,
+    lease_until = NULL, ended_at = coalesce(
+        (SELECT t.revoked_at FROM {s}.terms t WHERE t.id = o.terms_id), o.lease_until)
+WHERE o.msg_id = ANY(%s) AND o.lease_owner = %s AND o.state = 'leased';
 
 -- name: insert_attempt
 -- Record a delivery attempt.
@@ -368,8 +371,9 @@ SELECT msg_id FROM {s}.outbox WHERE msg_id = ANY(%s) AND state = 'digest' FOR UP
 UPDATE {s}.outbox SET state = 'pending' WHERE msg_id = ANY(%s) AND state = 'digest';
 
 -- name: merge_digest_rows
--- Mark rows held for a digest as gone out inside the digest document.
-UPDATE {s}.outbox SET state = 'merged' WHERE msg_id = ANY(%s) AND state = 'digest';
+-- Mark rows held for a digest as gone out inside the digest document made at a time.
+UPDATE {s}.outbox SET state = 'merged', ended_at = %s
+WHERE msg_id = ANY(%s) AND state = 'digest';
 
 -- name: next_due
 -- When the next pending or retrying row is due, or the next lease expires.
@@ -434,6 +438,21 @@ ORDER BY delivered_at LIMIT %s;
 SELECT msg_id FROM {s}.outbox WHERE state = 'dead' AND dead_at < %s
 ORDER BY dead_at LIMIT %s;
 
+-- name: purgeable_pull
+-- Pull-only rows written before a time, oldest first (the retention purge).
+SELECT msg_id FROM {s}.outbox WHERE state = 'pull' AND created_at < %s
+ORDER BY created_at LIMIT %s;
+
+-- name: purgeable_merged
+-- Rows merged into a digest document before a time, oldest first (the retention purge).
+SELECT msg_id FROM {s}.outbox WHERE state = 'merged' AND ended_at < %s
+ORDER BY ended_at LIMIT %s;
+
+-- name: purgeable_cancelled
+-- Rows cancelled before a time, oldest first (the retention purge).
+SELECT msg_id FROM {s}.outbox WHERE state = 'cancelled' AND ended_at < %s
+ORDER BY ended_at LIMIT %s;
+
 -- name: count_purgeable_delivered
 -- How many delivered rows finished before a time.
 SELECT count(*) FROM {s}.outbox WHERE state = 'delivered' AND delivered_at < %s;
@@ -442,9 +461,22 @@ SELECT count(*) FROM {s}.outbox WHERE state = 'delivered' AND delivered_at < %s;
 -- How many dead rows died before a time.
 SELECT count(*) FROM {s}.outbox WHERE state = 'dead' AND dead_at < %s;
 
+-- name: count_purgeable_pull
+-- How many pull-only rows were written before a time.
+SELECT count(*) FROM {s}.outbox WHERE state = 'pull' AND created_at < %s;
+
+-- name: count_purgeable_merged
+-- How many rows were merged into a digest document before a time.
+SELECT count(*) FROM {s}.outbox WHERE state = 'merged' AND ended_at < %s;
+
+-- name: count_purgeable_cancelled
+-- How many rows were cancelled before a time.
+SELECT count(*) FROM {s}.outbox WHERE state = 'cancelled' AND ended_at < %s;
+
 -- name: purge_row
--- Delete a finished row (one redriven meanwhile is pending, and stays).
-DELETE FROM {s}.outbox WHERE msg_id = %s AND state IN ('delivered', 'dead');
+-- Delete a row still in the state it was found in (a dead row redriven meanwhile is
+-- pending, and stays).
+DELETE FROM {s}.outbox WHERE msg_id = %s AND state = %s;
 
 -- name: purge_attempts
 -- Delete the attempts of a purged row.

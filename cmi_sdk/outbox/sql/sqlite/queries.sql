@@ -25,10 +25,11 @@ name, created_at, secrets, revoked_at, generation
 t.revoked_at IS NULL AND (t.until IS NULL OR t.until > :now)
 
 -- fragment: cancel_rows
--- Rows of terms being revoked, cancelled; rows being sent right now too, so that their
--- result is not recorded over the cancellation (see mark_delivered and the others).
+-- Rows of terms being revoked, cancelled at the revocation's time; rows being sent right
+-- now too, so that their result is not recorded over the cancellation (see
+-- mark_delivered and the others).
 UPDATE cmi_outbox SET state = 'cancelled', last_error = 'terms revoked',
-    lease_owner = NULL, lease_until = NULL
+    lease_owner = NULL, lease_until = NULL, ended_at = ?
 WHERE terms_id = ? AND state IN ('pending', 'retry', 'leased', 'digest')
 
 -- ---------------------------------------------------------------------------------------
@@ -206,9 +207,12 @@ UPDATE cmi_outbox SET lease_until = ?
 WHERE msg_id = ? AND lease_owner = ? AND state = 'leased';
 
 -- name: cancel_leased
--- Cancel a row the worker leases.
+-- Cancel a row the worker leases: its terms were revoked (it ended then), or are gone
+-- (it ends about now, as the lease it was just claimed under would).
 UPDATE cmi_outbox SET state = 'cancelled', last_error = ?, lease_owner = NULL,
-    lease_until = NULL
+    lease_until = NULL, ended_at = coalesce(
+        (SELECT t.revoked_at FROM cmi_terms t WHERE t.id = cmi_outbox.terms_id),
+        lease_until)
 WHERE msg_id = ? AND lease_owner = ? AND state = 'leased';
 
 -- name: insert_attempt
@@ -247,8 +251,8 @@ ORDER BY terms_id, next_attempt_at, seq;
 UPDATE cmi_outbox SET state = 'pending' WHERE msg_id = ? AND state = 'digest';
 
 -- name: merge_digest_row
--- Mark a row held for a digest as gone out inside the digest document.
-UPDATE cmi_outbox SET state = 'merged' WHERE msg_id = ? AND state = 'digest';
+-- Mark a row held for a digest as gone out inside the digest document made at a time.
+UPDATE cmi_outbox SET state = 'merged', ended_at = ? WHERE msg_id = ? AND state = 'digest';
 
 -- name: next_due
 -- When the next pending or retrying row is due, or the next lease expires.
@@ -312,6 +316,21 @@ ORDER BY delivered_at LIMIT ?;
 SELECT msg_id FROM cmi_outbox WHERE state = 'dead' AND dead_at < ?
 ORDER BY dead_at LIMIT ?;
 
+-- name: purgeable_pull
+-- Pull-only rows written before a time, oldest first (the retention purge).
+SELECT msg_id FROM cmi_outbox WHERE state = 'pull' AND created_at < ?
+ORDER BY created_at LIMIT ?;
+
+-- name: purgeable_merged
+-- Rows merged into a digest document before a time, oldest first (the retention purge).
+SELECT msg_id FROM cmi_outbox WHERE state = 'merged' AND ended_at < ?
+ORDER BY ended_at LIMIT ?;
+
+-- name: purgeable_cancelled
+-- Rows cancelled before a time, oldest first (the retention purge).
+SELECT msg_id FROM cmi_outbox WHERE state = 'cancelled' AND ended_at < ?
+ORDER BY ended_at LIMIT ?;
+
 -- name: count_purgeable_delivered
 -- How many delivered rows finished before a time.
 SELECT count(*) FROM cmi_outbox WHERE state = 'delivered' AND delivered_at < ?;
@@ -320,9 +339,22 @@ SELECT count(*) FROM cmi_outbox WHERE state = 'delivered' AND delivered_at < ?;
 -- How many dead rows died before a time.
 SELECT count(*) FROM cmi_outbox WHERE state = 'dead' AND dead_at < ?;
 
+-- name: count_purgeable_pull
+-- How many pull-only rows were written before a time.
+SELECT count(*) FROM cmi_outbox WHERE state = 'pull' AND created_at < ?;
+
+-- name: count_purgeable_merged
+-- How many rows were merged into a digest document before a time.
+SELECT count(*) FROM cmi_outbox WHERE state = 'merged' AND ended_at < ?;
+
+-- name: count_purgeable_cancelled
+-- How many rows were cancelled before a time.
+SELECT count(*) FROM cmi_outbox WHERE state = 'cancelled' AND ended_at < ?;
+
 -- name: purge_row
--- Delete a finished row (one redriven meanwhile is pending, and stays).
-DELETE FROM cmi_outbox WHERE msg_id = ? AND state IN ('delivered', 'dead');
+-- Delete a row still in the state it was found in (a dead row redriven meanwhile is
+-- pending, and stays).
+DELETE FROM cmi_outbox WHERE msg_id = ? AND state = ?;
 
 -- name: purge_attempts
 -- Delete the attempts of a purged row.
