@@ -724,7 +724,8 @@ class DeliveryWorker:
         days); then the worker purges it, with its attempts, a batch a minute. The same
         window, from when each ended, holds pull-only, merged and cancelled documents
         (see :func:`cmi_sdk._retention.purge_windows`). None: kept.
-    :param keep_dead: seconds a dead letter is kept unless redriven (90 days). None: kept.
+    :param keep_dead: seconds a dead letter is kept unless redriven (90 days), and an
+        emission problem. None: kept.
     :param keep_offers: seconds an offer is kept once no longer valid (30 days; at least
         a day), then purged with its acceptances. None: kept.
     :param keep_acceptances: seconds a finished acceptance is kept (30 days; at least a

@@ -32,6 +32,7 @@ RETAINED = {
     "acceptances": "acceptances",
     "seen": "message ids",
     "attempts": "attempts of delivered documents",
+    "problems": "emission problems",
 }
 """The kinds a purge counts, with the words ``cmi outbox purge`` says them in."""
 
@@ -73,7 +74,9 @@ def purge_windows(
     from its cancellation (nobody may pull it: pulls under revoked terms are refused; it
     shows the operator what a revocation stopped, and the consent records keep the
     revocation itself). Each is also the time a document emitted again is stored
-    afresh, so one window keeps that the same for all of them."""
+    afresh, so one window keeps that the same for all of them. Emission problems (each
+    keeps its transaction, for the operator to emit again) go after the ``dead``
+    window."""
 
     def before(window: float | None) -> float:
         return 0.0 if window is None else now - window
@@ -89,4 +92,6 @@ def purge_windows(
         "acceptances_before": before(acceptances),
         "seen_before": now,
         "attempts_before": before(attempts),
+        # The operator's to-do list, as dead letters are: kept as long.
+        "problems_before": before(dead),
     }

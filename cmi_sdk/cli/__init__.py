@@ -262,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="delivered, pull-only, merged and cancelled documents (30)",
     )
-    o.add_argument("--keep-dead-days", type=float, default=90.0, help="dead letters (90)")
+    o.add_argument(
+        "--keep-dead-days",
+        type=float,
+        default=90.0,
+        help="dead letters and emission problems (90)",
+    )
     o.add_argument(
         "--keep-offer-days", type=float, default=30.0, help="offers, once expired (30; >= 1)"
     )

@@ -173,9 +173,9 @@ def open_circuits(rows: list[OutboxRow]) -> dict[str, int]:
 
 def cmd_outbox_purge(args: argparse.Namespace) -> int:
     """Delete what is finished past its window: delivered, pull-only, merged and
-    cancelled documents (``--keep-days``), dead letters, expired offers with their
-    finished acceptances, expired message ids (``--dry-run``: count them); the delivery
-    worker does the same in small batches as it runs."""
+    cancelled documents (``--keep-days``), dead letters and emission problems, expired
+    offers with their finished acceptances, expired message ids (``--dry-run``: count
+    them); the delivery worker does the same in small batches as it runs."""
     from cmi_sdk._retention import RETAINED, check_offer_windows, purge_windows  # noqa: PLC0415
     from cmi_sdk.outbox import RetentionStore  # noqa: PLC0415
 

@@ -506,8 +506,9 @@ class RetentionStore(Protocol):
     dead letters after theirs (a redriven row is pending again, and stays), pull-only
     documents, documents merged into a digest document and cancelled ones (their terms
     revoked) after theirs, offers no longer valid together with their finished
-    acceptances, message ids past their time, and the attempts of delivered documents
-    before the documents go. A time of 0 (the default) purges nothing of that kind.
+    acceptances, message ids past their time, the attempts of delivered documents
+    before the documents go, and emission problems after their window. A time of 0 (the
+    default) purges nothing of that kind.
 
     An offer and its acceptances go together, in one transaction, and only when the
     offer expired before ``offers_before`` and every acceptance of it finished before
@@ -527,6 +528,7 @@ class RetentionStore(Protocol):
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
         attempts_before: float = 0.0,
+        problems_before: float = 0.0,
         limit: int,
     ) -> dict[str, int]:
         """Delete up to ``limit`` of each kind, oldest first, in one transaction: delivered
@@ -535,10 +537,11 @@ class RetentionStore(Protocol):
         digest document before ``merged_before`` and rows cancelled before
         ``cancelled_before`` (each with its attempts), offers as above (with their
         acceptances), message ids that expired before ``seen_before``, attempts of
-        delivered rows (still kept for pulling) that finished before ``attempts_before``.
-        Return how many of each (``delivered``, ``dead``, ``pull``, ``merged``,
-        ``cancelled``, ``offers``, ``acceptances``, ``seen``, ``attempts``: the last
-        counts only those, not the attempts of purged rows)."""
+        delivered rows (still kept for pulling) that finished before ``attempts_before``,
+        emission problems kept since before ``problems_before``. Return how many of each
+        (``delivered``, ``dead``, ``pull``, ``merged``, ``cancelled``, ``offers``,
+        ``acceptances``, ``seen``, ``attempts``, which counts only those, not the
+        attempts of purged rows, and ``problems``)."""
 
     def purgeable(
         self,
@@ -552,6 +555,7 @@ class RetentionStore(Protocol):
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
         attempts_before: float = 0.0,
+        problems_before: float = 0.0,
     ) -> dict[str, int]:
         """How many :meth:`purge` would delete with no limit, of each kind."""
 

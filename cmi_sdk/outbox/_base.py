@@ -350,6 +350,7 @@ class SQLStore:
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
         attempts_before: float = 0.0,
+        problems_before: float = 0.0,
         limit: int,
     ) -> dict[str, int]:
         """Delete what is finished past its window, oldest first, a batch of each kind."""
@@ -381,6 +382,7 @@ class SQLStore:
             done["seen"] = run("purge_seen_batch", (seen_before, limit)).rowcount
             purged = run("purge_delivered_attempts", (attempts_before, limit))
             done["attempts"] = purged.rowcount
+            done["problems"] = run("purge_problems", (problems_before, limit)).rowcount
             return done
 
         return self._transaction("purging finished rows", body, durable=False)
@@ -397,6 +399,7 @@ class SQLStore:
         acceptances_before: float = 0.0,
         seen_before: float = 0.0,
         attempts_before: float = 0.0,
+        problems_before: float = 0.0,
     ) -> dict[str, int]:
         """How many finished rows :meth:`purge` would delete, of each kind."""
 
@@ -414,6 +417,7 @@ class SQLStore:
             "acceptances": int(acceptances),
             "seen": int(count("count_purgeable_seen", seen_before)[0]),
             "attempts": int(count("count_purgeable_attempts", attempts_before)[0]),
+            "problems": int(count("count_purgeable_problems", problems_before)[0]),
         }
 
     # -- destinations ---------------------------------------------------------------------

@@ -10,11 +10,11 @@ import pytest
 
 from cmi_sdk import Adapter, OfferNotFoundError, OutboxRowNotFoundError
 from cmi_sdk._retention import RETAINED, purge_windows
-from cmi_sdk.outbox import OutboxStore, RetentionStore, StoredOffer
+from cmi_sdk.outbox import EmissionProblem, OutboxStore, RetentionStore, StoredOffer
 from cmi_sdk.outbox._queries import queries
 from tests.contract.conftest import DSN
 from tests.contract.rows import ACCOUNT, NOW, claim, new_row, outcome, stored_offer
-from tests.support import register
+from tests.support import CUSTOMER, register
 
 
 def test_finished_rows_are_purged_after_their_window(store: OutboxStore) -> None:
@@ -164,6 +164,29 @@ def test_a_delivered_rows_attempts_go_before_it(store: OutboxStore) -> None:
     assert [a.outcome for a in store.attempts("msg_0003")] == ["retry"]
 
 
+def test_emission_problems_go_after_the_dead_letters_window(store: OutboxStore) -> None:
+    # Each keeps a whole transaction (customer data) for the operator to emit again once
+    # the cause is fixed: the operator's to-do list, as dead letters are, and as long.
+    assert isinstance(store, RetentionStore)
+    store.add_emission_problems(
+        [
+            EmissionProblem(f"tx-{n}", "terms_a", CUSTOMER, "cmi", "bad mapping", NOW + n, "{}")
+            for n in range(3)
+        ]
+    )
+    assert store.purgeable(problems_before=NOW)["problems"] == 0
+    assert store.purgeable(problems_before=NOW + 2)["problems"] == 2
+    assert store.purge(problems_before=NOW + 2, limit=1)["problems"] == 1  # oldest first
+    assert [p.transaction_id for p in store.emission_problems()] == ["tx-2", "tx-1"]
+    assert store.purge(problems_before=NOW + 2, limit=10)["problems"] == 1
+    assert store.count_emission_problems() == 1
+    windows = purge_windows(
+        NOW + 1000, delivered=None, dead=500, offers=None, acceptances=None, attempts=None
+    )
+    assert store.purge(**windows, limit=10)["problems"] == 1
+    assert store.count_emission_problems() == 0
+
+
 def _gone(store: OutboxStore, *msg_ids: str) -> bool:
     for msg_id in msg_ids:
         try:
@@ -289,14 +312,19 @@ def test_the_delivered_window_is_the_window_of_every_finished_document(
     assert store.purge(**kept, limit=10)["pull"] == 0
 
 
-@pytest.mark.parametrize("kind_of_row", ["delivered", "dead", "pull", "merged", "cancelled"])
-def test_each_kind_of_document_is_found_through_an_index(
-    kind: str, location: str, store: OutboxStore, kind_of_row: str
+@pytest.mark.parametrize(
+    "name",
+    [
+        *(f"purgeable_{state}" for state in ("delivered", "dead", "pull", "merged", "cancelled")),
+        "purge_problems",
+    ],
+)
+def test_each_kind_is_found_through_an_index(
+    kind: str, location: str, store: OutboxStore, name: str
 ) -> None:
     # However many rows are kept, a purge batch reads only the oldest of its kind: no
     # scan of the table, no sort of every row of that state.
     assert isinstance(store, RetentionStore)
-    name = f"purgeable_{kind_of_row}"
     if kind == "sqlite":
         with closing(sqlite3.connect(location)) as conn:
             found = conn.execute(

@@ -540,6 +540,16 @@ DELETE FROM {s}.seen WHERE (party, msg_id) IN (
 -- How many message ids are past their time.
 SELECT count(*) FROM {s}.seen WHERE expires_at < %s;
 
+-- name: purge_problems
+-- Forget emission problems kept since before a time, oldest first, a batch at a time.
+DELETE FROM {s}.emission_problems WHERE seq IN (
+    SELECT seq FROM {s}.emission_problems WHERE created_at < %s
+    ORDER BY created_at LIMIT %s);
+
+-- name: count_purgeable_problems
+-- How many emission problems were kept since before a time.
+SELECT count(*) FROM {s}.emission_problems WHERE created_at < %s;
+
 -- name: documents_since
 -- Documents of the terms after a cursor (a transaction id and a seq). Rows of
 -- transactions older than every transaction still running are all there is below that

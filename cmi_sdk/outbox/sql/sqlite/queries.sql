@@ -418,6 +418,16 @@ DELETE FROM cmi_seen WHERE (party, msg_id) IN (
 -- How many message ids are past their time.
 SELECT count(*) FROM cmi_seen WHERE expires_at < ?;
 
+-- name: purge_problems
+-- Forget emission problems kept since before a time, oldest first, a batch at a time.
+DELETE FROM cmi_emission_problems WHERE seq IN (
+    SELECT seq FROM cmi_emission_problems WHERE created_at < ?
+    ORDER BY created_at LIMIT ?);
+
+-- name: count_purgeable_problems
+-- How many emission problems were kept since before a time.
+SELECT count(*) FROM cmi_emission_problems WHERE created_at < ?;
+
 -- name: documents_since
 -- Documents of the terms after a cursor (a seq): one writer at a time commits rows in
 -- seq order, so the cursor never skips a row that commits late.

@@ -1,6 +1,7 @@
 -- Migration 7: a row records when it was cancelled or merged into a digest document
--- (ended_at), and pull-only, cancelled and merged rows are indexed by their time, so the
--- purge of those past the pull window finds the oldest through an index. The indexes
+-- (ended_at), and pull-only, cancelled and merged rows are indexed by their time, as are
+-- emission problems, so the purge of those past their window finds the oldest through an
+-- index. The indexes
 -- are partial, so writing a pending row costs nothing more; their first column is the
 -- state, so SQLite's planner takes them over the other indexes on the state.
 -- Rows cancelled or merged before take the best time they kept: a cancelled row its
@@ -17,3 +18,4 @@ CREATE INDEX IF NOT EXISTS outbox_pull ON {s}.outbox (state, created_at)
     WHERE state = 'pull';
 CREATE INDEX IF NOT EXISTS outbox_ended ON {s}.outbox (state, ended_at)
     WHERE ended_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS emission_problems_created ON {s}.emission_problems (created_at);
