@@ -1,9 +1,9 @@
 -- Migration 7: a row records when it was cancelled or merged into a digest document
 -- (ended_at), and pull-only, cancelled and merged rows are indexed by their time, as are
--- emission problems, so the purge of those past their window finds the oldest through an
--- index. The indexes
--- are partial, so writing a pending row costs nothing more; their first column is the
--- state, so SQLite's planner takes them over the other indexes on the state.
+-- emission problems, so the purge of those past their window finds the oldest through
+-- an index. The outbox's are partial, so writing a pending row costs nothing more; they
+-- lead with the state, or the planner prefers the other indexes on the state (and sorts
+-- all they find).
 -- Rows cancelled or merged before take the best time they kept: a cancelled row its
 -- terms' revocation (else when it was written), a merged row the end of its digest
 -- window (it was merged as the window ended).
