@@ -410,9 +410,24 @@ def _queued(n: int, state: Any, now: float) -> Any:
     )
 
 
+def _purge_batches(store: Any, now: float, size: int, name: str) -> Figure:
+    """A purge batch (500 delivered rows past their window, with their attempts) among
+    ``size`` such rows: the median of up to five batches."""
+    took = []
+    for _ in range(min(5, size // 500)):
+        t = time.perf_counter()
+        done = store.purge(delivered_before=now - 3600, limit=500)
+        took.append(time.perf_counter() - t)
+        assert done["delivered"] == 500, done
+    took.sort()
+    median = took[len(took) // 2]
+    return Figure(f"purge_500_of_{size}_finished_rows{name}", median * 1e3, "ms (median)")
+
+
 def bench_claim(quick: bool) -> list[Figure]:
     """Claim latency (SQLite, then PostgreSQL) with many finished rows present: 100 due rows among N
-    delivered ones (small bodies), claimed 10 at a time; the median of the claims."""
+    delivered ones (small bodies), claimed 10 at a time; the median of the claims. Then a
+    purge batch among them: the worker runs one a minute, on the thread that claims."""
     sizes = (1_000, 10_000) if quick else (10_000, 1_000_000)
     figures = []
     for size in sizes:
@@ -424,19 +439,29 @@ def bench_claim(quick: bool) -> list[Figure]:
                 chunk = range(start, min(size, start + 20_000))
                 store.insert([_queued(n, "delivered", now) for n in chunk])
             store.insert([_queued(size + n, "pending", now) for n in range(100)])
+            with sqlite3.connect(Path(tmp) / "cmi.db") as db:  # delivered a day ago
+                db.execute(
+                    "UPDATE cmi_outbox SET delivered_at = ? WHERE state = 'delivered'",
+                    (now - 86400,),
+                )
+            db.close()
             took = []
             for _ in range(10):
                 t = time.perf_counter()
                 got = store.claim(owner="bench", now=now, lease_seconds=60, limit=10)
                 took.append(time.perf_counter() - t)
                 assert len(got) == 10
+            purge = _purge_batches(store, now, size, "")
             store.close()
         took.sort()
         figures.append(Figure(f"claim_10_with_{size}_finished_rows", took[5] * 1e3, "ms (median)"))
-    return figures + [_claim_postgres(size) for size in sizes]
+        figures.append(purge)
+    for size in sizes:
+        figures += _claim_postgres(size)
+    return figures
 
 
-def _claim_postgres(size: int) -> Figure:
+def _claim_postgres(size: int) -> list[Figure]:
     """The same on PostgreSQL, in a schema of its own (dropped after): the delivered rows
     are made by one INSERT over generate_series, each statement bounded in time."""
     import psycopg
@@ -468,12 +493,14 @@ def _claim_postgres(size: int) -> Figure:
             got = store.claim(owner="bench", now=now, lease_seconds=60, limit=10)
             took.append(time.perf_counter() - t)
             assert len(got) == 10
+        purge = _purge_batches(store, now, size, "_postgres")
     finally:
         store.close()
         with psycopg.connect(DSN, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     took.sort()
-    return Figure(f"claim_10_with_{size}_finished_rows_postgres", took[5] * 1e3, "ms (median)")
+    claim = Figure(f"claim_10_with_{size}_finished_rows_postgres", took[5] * 1e3, "ms (median)")
+    return [claim, purge]
 
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {

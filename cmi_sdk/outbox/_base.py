@@ -122,6 +122,10 @@ class SQLStore:
         """Write outbox rows inside ``run``'s transaction."""
         raise NotImplementedError
 
+    def _id_list(self, ids: Sequence[str]) -> Any:
+        """A list of ids as one statement parameter (an array, or JSON text)."""
+        raise NotImplementedError
+
     def _text(self, what: str, name: str, params: Any) -> list[Any]:
         """The rows of a statement built here from the query ``name``."""
         raise NotImplementedError
@@ -366,11 +370,14 @@ class SQLStore:
         def body(run: Run) -> dict[str, int]:
             done = dict.fromkeys((*documents, "offers", "acceptances", "seen", "attempts"), 0)
             for state, before in documents.items():
-                found = run(f"purgeable_{state}", (before, limit)).fetchall()
-                for (msg_id,) in found:
-                    if run("purge_row", (msg_id, state)).rowcount:
-                        run("purge_attempts", (msg_id,))
-                        done[state] += 1
+                found = [m for (m,) in run(f"purgeable_{state}", (before, limit)).fetchall()]
+                if not found:
+                    continue
+                # One statement a batch, not one a row (a round trip each on PostgreSQL).
+                gone = [m for (m,) in run("purge_rows", (state, self._id_list(found))).fetchall()]
+                if gone:
+                    run("purge_attempts", (self._id_list(gone),))
+                done[state] += len(gone)
             for (offer_id,) in run("purgeable_offers", (*keep, limit)).fetchall():
                 # Locked (its acceptances first, as an acceptance takes them), then checked
                 # again: an acceptance that began or finished meanwhile keeps it.

@@ -403,6 +403,9 @@ class PostgresStore(SQLStore, OutboxStore):
     def _query(self, name: str) -> str:
         return self._q[name]
 
+    def _id_list(self, ids: Sequence[str]) -> list[str]:
+        return list(ids)  # a text[] for = ANY(...)
+
     def _fetch(self, what: str, name: str, params: Any = ()) -> list[Any]:
         return self._read(what, name, params)
 

@@ -11,6 +11,7 @@ shares with the PostgreSQL store are in :mod:`cmi_sdk.outbox._base`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -208,6 +209,9 @@ class SQLiteStore(SQLStore, OutboxStore):
 
     def _query(self, name: str) -> str:
         return _Q[name]
+
+    def _id_list(self, ids: Sequence[str]) -> str:
+        return json.dumps(list(ids))  # read by json_each()
 
     def _fetch(self, what: str, name: str, params: Any = ()) -> list[Any]:  # noqa: ARG002
         return self._read(_Q[name], params)

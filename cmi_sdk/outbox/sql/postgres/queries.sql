@@ -473,14 +473,14 @@ SELECT count(*) FROM {s}.outbox WHERE state = 'merged' AND ended_at < %s;
 -- How many rows were cancelled before a time.
 SELECT count(*) FROM {s}.outbox WHERE state = 'cancelled' AND ended_at < %s;
 
--- name: purge_row
--- Delete a row still in the state it was found in (a dead row redriven meanwhile is
--- pending, and stays).
-DELETE FROM {s}.outbox WHERE msg_id = %s AND state = %s;
+-- name: purge_rows
+-- Delete rows still in the state they were found in (a dead row redriven meanwhile is
+-- pending, and stays); the ids of those deleted.
+DELETE FROM {s}.outbox WHERE state = %s AND msg_id = ANY(%s) RETURNING msg_id;
 
 -- name: purge_attempts
--- Delete the attempts of a purged row.
-DELETE FROM {s}.attempts WHERE msg_id = %s;
+-- Delete the attempts of purged rows.
+DELETE FROM {s}.attempts WHERE msg_id = ANY(%s);
 
 -- name: purgeable_offers
 -- Offers no longer valid before a time whose acceptances all finished before another,

@@ -351,14 +351,15 @@ SELECT count(*) FROM cmi_outbox WHERE state = 'merged' AND ended_at < ?;
 -- How many rows were cancelled before a time.
 SELECT count(*) FROM cmi_outbox WHERE state = 'cancelled' AND ended_at < ?;
 
--- name: purge_row
--- Delete a row still in the state it was found in (a dead row redriven meanwhile is
--- pending, and stays).
-DELETE FROM cmi_outbox WHERE msg_id = ? AND state = ?;
+-- name: purge_rows
+-- Delete rows still in the state they were found in (a dead row redriven meanwhile is
+-- pending, and stays); the ids of those deleted. The ids come as a JSON array.
+DELETE FROM cmi_outbox WHERE state = ? AND msg_id IN (SELECT value FROM json_each(?))
+RETURNING msg_id;
 
 -- name: purge_attempts
--- Delete the attempts of a purged row.
-DELETE FROM cmi_attempts WHERE msg_id = ?;
+-- Delete the attempts of purged rows (their ids as a JSON array).
+DELETE FROM cmi_attempts WHERE msg_id IN (SELECT value FROM json_each(?));
 
 -- name: purgeable_offers
 -- Offers no longer valid before a time whose acceptances all finished before another,
