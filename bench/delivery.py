@@ -204,11 +204,19 @@ def best(func: Callable[[], Run], rounds: int) -> Run:
 
 
 def bench_latency(quick: bool) -> list[Figure]:
-    """The issue's figure, and what bounds it: one document at a time per store (the
-    default, which keeps each customer's documents in order) cannot deliver a store's
-    ten documents with 100 ms answers in less than a second, whatever the rate with
-    immediate answers. Also measured: how close the default comes to that floor, and the
-    ratio with ten in flight per store (``per_destination=10``, order not kept)."""
+    """The issue's figure, and what bounds it.
+
+    One document at a time per store (the default, which keeps each customer's documents
+    in order) means at most one in flight per store: with 100 stores and 100 ms answers,
+    at most 100 / 0.1 s = 1,000 documents a second (Little's law), whatever the rate
+    with immediate answers; the issue's 0.8 of that rate is out of reach once it passes
+    1,250 a second. Measured against that bound instead: how close the default comes.
+
+    With the order let go (``per_destination=10``), a run of 1,000 documents is still too
+    short to judge: its last answer comes 100 ms after the last send, so the ratio is at
+    most T / (T + 0.1 s), T the run with immediate answers (0.27 s at 3,700 a second:
+    0.73). The same ratio over 10,000 documents shows what the engine hides when it may.
+    """
     stores, docs, rounds = (10, 100, 1) if quick else (100, 1000, 3)
     immediate, slow, unordered = Run(0, 0), Run(0, 0), Run(0, 0)
     for _ in range(rounds):  # alternated, so a busy machine slows all alike
@@ -218,17 +226,33 @@ def bench_latency(quick: bool) -> list[Figure]:
         slow = run if run.rate > slow.rate else slow
         run = deliver(stores, docs, 0.1, options={"per_destination": 10})
         unordered = run if run.rate > unordered.rate else unordered
-    floor = docs / (docs / stores * 0.1)  # each store's documents one after the other
-    return [
+    bound = stores / 0.1  # one in flight a store, each for 100 ms
+    figures = [
         Figure("delivery_immediate", immediate.rate, "docs/s"),
         Figure("delivery_100ms", slow.rate, "docs/s"),
         Figure("latency_hidden", slow.rate / immediate.rate, "x immediate", target=0.8),
-        Figure("delivery_100ms_in_order_bound", floor, "docs/s (one at a time per store)"),
-        Figure("latency_hidden_of_bound", slow.rate / floor, "x the in-order bound", target=0.7),
+        Figure("delivery_100ms_in_order_bound", bound, "docs/s (one at a time per store)"),
+        Figure("latency_hidden_of_bound", slow.rate / bound, "x the in-order bound", target=0.8),
         Figure("delivery_100ms_per_destination_10", unordered.rate, "docs/s"),
+        Figure("latency_hidden_per_destination_10", unordered.rate / immediate.rate, "x immediate"),
+    ]
+    if quick:
+        return figures
+    long_docs = 10_000
+    options = {"per_destination": 10}
+    fast, slow_long = Run(0, 0), Run(0, 0)
+    for _ in range(2):
+        run = deliver(stores, long_docs, 0.0, options=options)
+        fast = run if run.rate > fast.rate else fast
+        run = deliver(stores, long_docs, 0.1, options=options)
+        slow_long = run if run.rate > slow_long.rate else slow_long
+    return [
+        *figures,
+        Figure("delivery_immediate_10000_per_destination_10", fast.rate, "docs/s"),
+        Figure("delivery_100ms_10000_per_destination_10", slow_long.rate, "docs/s"),
         Figure(
-            "latency_hidden_per_destination_10",
-            unordered.rate / immediate.rate,
+            "latency_hidden_10000_per_destination_10",
+            slow_long.rate / fast.rate,
             "x immediate",
             target=0.8,
         ),
