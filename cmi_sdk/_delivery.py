@@ -127,6 +127,11 @@ with their offer once it has expired (never a ``processing`` one)."""
 DEFAULT_KEEP_ATTEMPTS = 7 * 86400.0
 """The attempts of a delivered document are kept this long; the document stays for the
 pull window."""
+EGRESS_TTL = 30.0
+"""Seconds a destination stays checked by the egress guard before it is resolved and
+checked again."""
+RESOLVER_THREADS = 32
+"""Threads resolving destinations' host names at once (the system resolver blocks)."""
 PURGE_INTERVAL = 60.0  # seconds between two purge batches of a worker
 PURGE_BATCH = 500
 CIRCUIT_OPEN = "circuit open:"
@@ -825,11 +830,13 @@ class DeliveryWorker:
 
     def _init_state(self) -> None:
         """What the engine keeps between runs: checked destinations, signers, circuits."""
-        # Destinations checked by the egress guard recently: resolving and checking once a
-        # few seconds per destination, not once per document, still catches a name that
-        # turns private (DNS rebinding) within that window; what is connected to is always
-        # an address the guard checked (the pins).
-        self.egress_ttl = 5.0
+        # Destinations checked by the egress guard recently: resolved and checked once
+        # every EGRESS_TTL per destination, not once per document. What is connected to is
+        # always an address the guard checked (the pins), so the window decides only how
+        # soon a store that moved (or turned private) is followed, never whether an
+        # unchecked address gets a connection.
+        self.egress_ttl = EGRESS_TTL
+        self._resolvers: ThreadPoolExecutor | None = None
         self._checked: dict[str, tuple[PinnedDestination, float]] = {}
         self._pins: dict[tuple[str, int], tuple[str, ...]] = {}
         self._signers: dict[str, WebhookSigner] = {}
@@ -924,6 +931,10 @@ class DeliveryWorker:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._resolvers is not None:
+            # A lookup that outlived its timeout finishes on its own: not waited for.
+            self._resolvers.shutdown(wait=False, cancel_futures=True)
+            self._resolvers = None
 
     def __enter__(self) -> DeliveryWorker:
         return self
@@ -1477,8 +1488,7 @@ class DeliveryWorker:
             if _literal_address(url):  # nothing to resolve: judged here, not on a thread
                 pinned = self.egress.pin(url)
             else:
-                loop = asyncio.get_running_loop()
-                pinned = await loop.run_in_executor(None, self.egress.pin, url)
+                pinned = await self._resolve(url)
         except DestinationNotAllowedError:
             if checked is not None:
                 # What the host was pinned to before is no longer trusted either.
@@ -1488,6 +1498,25 @@ class DeliveryWorker:
         self._checked[url] = (pinned, time.monotonic())
         self._pins[pinned.host, pinned.port] = pinned.addresses
         return pinned
+
+    async def _resolve(self, url: str) -> PinnedDestination:
+        """:meth:`EgressGuard.pin` on the engine's resolver threads, within the connect
+        timeout. The system resolver blocks, for seconds when a name server is slow or
+        gone: on threads of their own (many, as each mostly waits), thousands of new
+        destinations resolve side by side, and a lookup that hangs frees its slot at the
+        timeout while its thread finishes alone."""
+        if self._resolvers is None:
+            self._resolvers = ThreadPoolExecutor(
+                RESOLVER_THREADS, thread_name_prefix="cmi-deliver-dns"
+            )
+        lookup = asyncio.get_running_loop().run_in_executor(self._resolvers, self.egress.pin, url)
+        try:
+            return await asyncio.wait_for(lookup, self.timeouts.connect)
+        except TimeoutError:
+            host = urlsplit(url).hostname or url
+            raise EgressResolutionError(
+                f"{host} did not resolve within {self.timeouts.connect:g} s", url=url
+            ) from None
 
     def _request_headers(self, row: OutboxRow, terms: SharingTerms) -> dict[str, str]:
         """The headers of a delivery request: the one place a header is added."""

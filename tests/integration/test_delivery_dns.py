@@ -1,0 +1,85 @@
+"""Resolving destinations' host names: a name server that never answers costs a failed
+attempt within the connect timeout, not a slot for the resolver's own timeouts, and many
+new destinations resolve side by side rather than a few at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cmi_sdk import EgressGuard, RetrySchedule
+from cmi_sdk._delivery import Timeouts
+from tests.support import emitting_adapter, register, ticket
+
+
+def slow_name_server(
+    seconds: float, gone: threading.Event, asked: list[str]
+) -> Callable[[str, int], list[str]]:
+    """Answers every name with 127.0.0.1 after ``seconds``, or never (until ``gone``)."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        gone.wait(seconds)
+        return ["127.0.0.1"]  # where nothing listens on the port asked: refused at once
+
+    return resolve
+
+
+def test_a_name_server_that_never_answers_fails_the_attempt_at_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    gone, asked = threading.Event(), []
+    guard = EgressGuard(allowed_hosts={"store.example"}, resolver=slow_name_server(60, gone, asked))
+    adapter = emitting_adapter(tmp_path, egress=guard)
+    try:
+        register(adapter, destination="https://store.example:9/inbox")
+        emitted = adapter.emit(ticket())[0]
+        started = time.monotonic()
+        with adapter.delivery_worker(
+            timeout=Timeouts(connect=0.5, read=1, total=2),
+            schedule=RetrySchedule(delays=(3600,), jitter=0),
+        ) as worker:
+            stats = worker.run_once(max_rounds=1)
+        took = time.monotonic() - started
+        row = adapter.store.get_row(emitted.msg_id)
+        assert stats.retried == 1
+        assert row.state == "retry"
+        assert row.last_error == (
+            "cannot resolve the destination: store.example did not resolve within 0.5 s"
+        )
+        assert took < 3  # the resolver's own wait is 60 s
+    finally:
+        gone.set()
+        adapter.close()
+
+
+def test_many_new_destinations_resolve_side_by_side(tmp_path: Path) -> None:
+    # 48 names, each 0.5 s to resolve: a few at a time (the loop's default executor has
+    # min(32, cores + 4) threads, 6 here) would take 4 s before the last could go.
+    names = [f"store-{i}.example" for i in range(48)]
+    gone, asked = threading.Event(), []
+    guard = EgressGuard(allowed_hosts=set(names), resolver=slow_name_server(0.5, gone, asked))
+    adapter = emitting_adapter(tmp_path, egress=guard)
+    try:
+        for i, name in enumerate(names):
+            register(adapter, customer_ref=f"cust-dns{i:04d}", destination=f"https://{name}:9/")
+        adapter.emit_many([ticket(id=f"D-{i}", customer_ref=f"cust-dns{i:04d}") for i in range(48)])
+        started = time.monotonic()
+        with adapter.delivery_worker(
+            timeout=Timeouts(connect=2, read=1, total=3),
+            schedule=RetrySchedule(delays=(3600,), jitter=0),
+        ) as worker:
+            stats = worker.run_once(max_rounds=1)
+        took = time.monotonic() - started
+        assert stats.retried == 48
+        assert sorted(asked) == sorted(names)
+        # Every one resolved, then found nothing listening (not "did not resolve").
+        rows = adapter.store.rows(state="retry", limit=100)
+        assert len(rows) == 48
+        assert all((r.last_error or "").startswith("ConnectError") for r in rows), rows[0]
+        assert took < 3, took
+    finally:
+        gone.set()
+        adapter.close()
