@@ -378,3 +378,17 @@ def test_a_batch_with_nothing_due_reads_a_few_pages_however_many_rows_are_kept(
             top = plan[0]["Plan"]
             pages = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
             assert pages <= 5, (state, pages)
+
+
+def test_a_purge_batch_deletes_its_rows_by_id(kind: str, location: str, store: OutboxStore) -> None:
+    # Found by their ids, not by their state, whose index holds every such row: a batch
+    # among a million delivered rows took 164 ms on SQLite, against 3.5 ms among 10,000.
+    if kind != "sqlite":
+        pytest.skip("PostgreSQL's planner takes the primary key for = ANY(...) of a few ids")
+    with closing(sqlite3.connect(location)) as conn:
+        found = conn.execute(
+            f"EXPLAIN QUERY PLAN {queries('sqlite')['purge_rows']}", ("delivered", "[]")
+        ).fetchall()
+    plan = "\n".join(str(step[-1]) for step in found)
+    assert "(msg_id=?)" in plan, plan
+    assert "(state=?)" not in plan, plan
