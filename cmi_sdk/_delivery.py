@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import ipaddress
 import logging
 import math
@@ -68,6 +69,7 @@ import aiohttp
 import aiohttp.abc
 import httpx
 import yarl
+from aiohttp.client_proto import ResponseHandler
 
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
 from cmi_sdk._limits import RESERVED_DESCRIPTORS, open_files_limit
@@ -502,6 +504,25 @@ def _metered(response: aiohttp.ClientResponse) -> _Meter | None:
     return meter
 
 
+class _Handler(ResponseHandler):
+    """aiohttp's protocol of a connection, never reused once something came on it while
+    it was kept alive: an answer sent before the request is no answer to it. (A store that
+    sends a 200 on an idle connection would otherwise have the next document on it taken
+    for delivered without receiving it.) Only the pool asks a connection whether it is
+    connected, to reuse it or let it expire."""
+
+    def is_connected(self) -> bool:
+        return super().is_connected() and not self.should_close
+
+
+def _connector(**options: Any) -> aiohttp.TCPConnector:
+    """aiohttp's connector, its connections with the protocol above."""
+    connector = aiohttp.TCPConnector(**options)
+    handler: type[ResponseHandler] = _Handler
+    connector._factory = functools.partial(handler, loop=connector._loop)
+    return connector
+
+
 class _AiohttpSender:
     """One aiohttp session: a keep-alive pool keyed by origin, the pinned resolver, no
     cookies, no proxy from the environment, no redirects. A second one, alike but closing
@@ -518,7 +539,7 @@ class _AiohttpSender:
         ssl_context: ssl.SSLContext | None,
     ) -> None:
         def session(force_close: bool) -> aiohttp.ClientSession:
-            connector = aiohttp.TCPConnector(
+            connector = _connector(
                 limit=0,  # the engine bounds what is in flight
                 limit_per_host=per_destination,
                 resolver=_PinnedResolver(pins),
@@ -678,6 +699,8 @@ class _Run:
     sender: _Sender
     results: list[tuple[_Job, AttemptResult]] = field(default_factory=list)
     flushed: asyncio.Event = field(default_factory=asyncio.Event)
+    committing: bool = False
+    """The flusher is recording a batch taken from ``results``."""
     committed_since_claim: bool = False
     disable: list[tuple[str, str, float]] = field(default_factory=list)
     """Destinations that answered 410, to disable in the next commit."""
@@ -1127,8 +1150,9 @@ class DeliveryWorker:
             await asyncio.wait(run.tasks, timeout=self.timeouts.total + 1)
         for task in run.tasks:
             task.cancel()
-        # The last outcomes.
-        while run.results:
+        # The last outcomes, and the batch being recorded: cancelled mid-commit, the
+        # flusher would leave those rows leased, to be sent again once their lease ran out.
+        while run.results or run.committing:
             run.flushed.clear()
             run.wake.set()
             with contextlib.suppress(TimeoutError):
@@ -1406,7 +1430,8 @@ class DeliveryWorker:
                 self._keeping -= 1
         if origin.probing:
             origin.probing = False
-        if health is True and not close:
+        if result.status is not None and not close:
+            # Any answer, a 5xx too, leaves its connection kept alive.
             self._kept[origin.key] = time.monotonic()  # the newest, last in the order
         if health is True:
             if origin.probe_at is not None:
@@ -1593,6 +1618,7 @@ class DeliveryWorker:
                     continue
             batch, run.results = run.results, []
             disable, run.disable = run.disable, []
+            run.committing = True
             try:
                 await self._call(self._commit, disable, batch)
             except CMIError:
@@ -1607,6 +1633,7 @@ class DeliveryWorker:
                 if committed:
                     self._count(run, result)
             run.committed_since_claim = True
+            run.committing = False
             run.flushed.set()
             run.wake.set()
 
