@@ -516,8 +516,16 @@ class _Handler(ResponseHandler):
 
 
 def _connector(**options: Any) -> aiohttp.TCPConnector:
-    """aiohttp's connector, its connections with the protocol above."""
+    """aiohttp's connector, its connections with the protocol above (set where aiohttp
+    3.10 to 3.14 keep their protocol factory; a release that moves it fails the red-team
+    test of an unasked answer)."""
     connector = aiohttp.TCPConnector(**options)
+    if not isinstance(getattr(connector, "_factory", None), functools.partial):
+        log.warning(
+            "aiohttp %s keeps no protocol factory where expected: a connection that"
+            " received an answer nobody asked for may be reused",
+            aiohttp.__version__,
+        )
     handler: type[ResponseHandler] = _Handler
     connector._factory = functools.partial(handler, loop=connector._loop)
     return connector
@@ -1129,27 +1137,36 @@ class DeliveryWorker:
         else:
             await self._wait(run, stop, wait)
 
-    async def _wind_down(self, run: _Run, helpers: list[asyncio.Task[None]]) -> None:
-        # Rows not started yet go back at once: another worker may take them now.
+    async def _let_go_of_queued(self) -> None:
+        """Rows claimed but not started go back at once: another worker may take them."""
         waiting = [job for origin in self._origins.values() for job in origin.queue]
         for origin in self._origins.values():
             origin.queue.clear()
-        if waiting:
-            for job in waiting:
-                self._held.pop(job.row.msg_id, None)
-            try:
-                await self._call(
-                    self.store.heartbeat,
-                    owner=self.owner,
-                    msg_ids=[j.row.msg_id for j in waiting],
-                    lease_until=self._clock(),
-                )
-            except CMIError:
-                log.exception("letting claimed rows go failed; their leases will run out")
+        if not waiting:
+            return
+        for job in waiting:
+            self._held.pop(job.row.msg_id, None)
+        try:
+            await self._call(
+                self.store.heartbeat,
+                owner=self.owner,
+                msg_ids=[j.row.msg_id for j in waiting],
+                lease_until=self._clock(),
+            )
+        except CMIError:
+            log.exception("letting claimed rows go failed; their leases will run out")
+
+    async def _wind_down(self, run: _Run, helpers: list[asyncio.Task[None]]) -> None:
+        await self._let_go_of_queued()
         if run.tasks:
             await asyncio.wait(run.tasks, timeout=self.timeouts.total + 1)
-        for task in run.tasks:
+        overran = list(run.tasks)
+        for task in overran:
             task.cancel()
+        if overran:
+            # Their counts go down as they end: before the counts are reset below, not
+            # after (below zero, they would let a destination take more than its share).
+            await asyncio.wait(overran, timeout=5)
         # The last outcomes, and the batch being recorded: cancelled mid-commit, the
         # flusher would leave those rows leased, to be sent again once their lease ran out.
         while run.results or run.committing:

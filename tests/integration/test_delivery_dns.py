@@ -4,10 +4,13 @@ new destinations resolve side by side rather than a few at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from cmi_sdk import EgressGuard, RetrySchedule
 from cmi_sdk._delivery import Timeouts
@@ -82,4 +85,39 @@ def test_many_new_destinations_resolve_side_by_side(tmp_path: Path) -> None:
         assert took < 3, took
     finally:
         gone.set()
+        adapter.close()
+
+
+@pytest.mark.slow
+def test_a_stop_that_cuts_off_overrunning_sends_leaves_the_counts_at_zero(
+    tmp_path: Path,
+) -> None:
+    # A send still resolving when the stop's wait (the total timeout and a second) ends
+    # is cancelled; its count must go down before the worker resets the counts, or it
+    # goes below zero afterwards and lets that destination take more than its share.
+    gone, asked = threading.Event(), []
+    guard = EgressGuard(allowed_hosts={"store.example"}, resolver=slow_name_server(60, gone, asked))
+    adapter = emitting_adapter(tmp_path, egress=guard)
+    worker = adapter.delivery_worker(timeout=Timeouts(connect=10, read=1, total=0.2))
+    try:
+        register(adapter, destination="https://store.example:9/inbox")
+        adapter.emit(ticket())
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            running = asyncio.create_task(worker.deliver(stop=stop, poll_interval=0.05))
+            for _ in range(100):  # until the send is resolving, 5 s at most
+                if asked:
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await running
+
+        asyncio.run(main())
+        assert asked == ["store.example"]
+        assert worker._in_flight == 0
+        assert all(origin.in_flight == 0 for origin in worker._origins.values())
+    finally:
+        gone.set()
+        worker.close()
         adapter.close()
