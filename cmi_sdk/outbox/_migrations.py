@@ -23,7 +23,7 @@ from cmi_sdk.outbox._queries import Dialect, QueryFileError, sql_file
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrations", "pending", "statements"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """The number of the last migration: the version of the tables this SDK makes."""
 
 _FILE = re.compile(r"(\d{4})_([a-z][a-z0-9_]*)\.sql")

@@ -519,17 +519,18 @@ DELETE FROM {s}.offers AS o WHERE o.id = %s AND o.valid_until < %s AND NOT EXIST
 DELETE FROM {s}.acceptances WHERE offer_id = %s;
 
 -- name: purge_delivered_attempts
--- Forget attempts of delivered rows (kept for pulling) that finished before a time,
--- oldest first, a batch at a time.
-DELETE FROM {s}.attempts WHERE id IN (
-    SELECT a.id FROM {s}.attempts a WHERE a.finished_at < %s AND EXISTS (
-    SELECT 1 FROM {s}.outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered')
+-- Forget the attempts of delivered rows (kept for pulling) delivered before a time, the
+-- oldest deliveries first, a batch of documents at a time. Found by their delivering
+-- attempt (a partial index): the attempts of dead letters and of rows still retrying,
+-- however many and old, are never read.
+DELETE FROM {s}.attempts WHERE msg_id IN (
+    SELECT a.msg_id FROM {s}.attempts a WHERE a.outcome = 'delivered' AND a.finished_at < %s
     ORDER BY a.finished_at LIMIT %s);
 
 -- name: count_purgeable_attempts
--- How many attempts of delivered rows finished before a time.
-SELECT count(*) FROM {s}.attempts a WHERE a.finished_at < %s AND EXISTS (
-    SELECT 1 FROM {s}.outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered');
+-- How many attempts of delivered rows delivered before a time.
+SELECT count(*) FROM {s}.attempts WHERE msg_id IN (
+    SELECT d.msg_id FROM {s}.attempts d WHERE d.outcome = 'delivered' AND d.finished_at < %s);
 
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.

@@ -399,17 +399,18 @@ DELETE FROM cmi_offers AS o WHERE o.id = ? AND o.valid_until < ? AND NOT EXISTS 
 DELETE FROM cmi_acceptances WHERE offer_id = ?;
 
 -- name: purge_delivered_attempts
--- Forget attempts of delivered rows (kept for pulling) that finished before a time,
--- oldest first, a batch at a time.
-DELETE FROM cmi_attempts WHERE rowid IN (
-    SELECT a.rowid FROM cmi_attempts a WHERE a.finished_at < ? AND EXISTS (
-    SELECT 1 FROM cmi_outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered')
+-- Forget the attempts of delivered rows (kept for pulling) delivered before a time, the
+-- oldest deliveries first, a batch of documents at a time. Found by their delivering
+-- attempt (a partial index): the attempts of dead letters and of rows still retrying,
+-- however many and old, are never read.
+DELETE FROM cmi_attempts WHERE msg_id IN (
+    SELECT a.msg_id FROM cmi_attempts a WHERE a.outcome = 'delivered' AND a.finished_at < ?
     ORDER BY a.finished_at LIMIT ?);
 
 -- name: count_purgeable_attempts
--- How many attempts of delivered rows finished before a time.
-SELECT count(*) FROM cmi_attempts a WHERE a.finished_at < ? AND EXISTS (
-    SELECT 1 FROM cmi_outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered');
+-- How many attempts of delivered rows delivered before a time.
+SELECT count(*) FROM cmi_attempts WHERE msg_id IN (
+    SELECT d.msg_id FROM cmi_attempts d WHERE d.outcome = 'delivered' AND d.finished_at < ?);
 
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.
