@@ -74,7 +74,7 @@ from aiohttp.client_proto import ResponseHandler
 from cmi_sdk._exceptions import CMIError, ConfigurationError, DestinationNotAllowedError
 from cmi_sdk._limits import RESERVED_DESCRIPTORS, open_files_limit
 from cmi_sdk._models import SharingTerms, utc_at
-from cmi_sdk._retention import check_offer_windows, purge_windows
+from cmi_sdk._retention import check_offer_windows, check_windows, purge_windows
 from cmi_sdk._version import __version__ as _version
 from cmi_sdk.egress import EgressGuard, EgressResolutionError, PinnedDestination
 from cmi_sdk.outbox import (
@@ -815,6 +815,7 @@ class DeliveryWorker:
         if not 0 <= circuit_interval < math.inf:
             raise ConfigurationError("circuit_interval must be finite and >= 0")
         check_offer_windows(keep_offers, keep_acceptances)
+        check_windows(keep_delivered, keep_dead, keep_attempts)
         if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
             raise ConfigurationError("transport must be an httpx async transport")
         self.store = store

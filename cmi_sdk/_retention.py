@@ -19,6 +19,7 @@ __all__ = [
     "MIN_OFFER_WINDOW",
     "RETAINED",
     "check_offer_windows",
+    "check_windows",
     "purge_windows",
 ]
 
@@ -43,6 +44,16 @@ earlier, it was made for another offer that had the same id."""
 MIN_OFFER_WINDOW = 86400.0
 """The shortest an expired offer or a finished acceptance is kept (a day): far longer
 than :data:`ACCEPTANCE_SKEW` plus any clock's error."""
+
+
+def check_windows(*windows: float | None) -> None:
+    """Refuse a window that is no length: negative, or NaN (a NaN time reaches the store,
+    where PostgreSQL sorts it above every number and the purge deletes every row of its
+    kind). None keeps; infinity keeps too.
+
+    :raises ConfigurationError: one is."""
+    if any(w is not None and not w >= 0 for w in windows):
+        raise ConfigurationError("retention windows must be numbers of seconds, >= 0")
 
 
 def check_offer_windows(*windows: float | None) -> None:
@@ -76,7 +87,11 @@ def purge_windows(
     revocation itself). Each is also the time a document emitted again is stored
     afresh, so one window keeps that the same for all of them. Emission problems (each
     keeps its transaction, for the operator to emit again) go after the ``dead``
-    window."""
+    window.
+
+    :raises ConfigurationError: a window is negative or NaN (see :func:`check_windows`)."""
+
+    check_windows(delivered, dead, offers, acceptances, attempts)
 
     def before(window: float | None) -> float:
         return 0.0 if window is None else now - window

@@ -179,7 +179,7 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
     from cmi_sdk._retention import RETAINED, check_offer_windows, purge_windows  # noqa: PLC0415
     from cmi_sdk.outbox import RetentionStore  # noqa: PLC0415
 
-    if min(args.keep_days, args.keep_dead_days, args.keep_attempt_days) < 0:
+    if not all(d >= 0 for d in (args.keep_days, args.keep_dead_days, args.keep_attempt_days)):
         raise UsageError("--keep-days, --keep-dead-days and --keep-attempt-days must be >= 0")
     try:
         check_offer_windows(args.keep_offer_days * 86400, args.keep_acceptance_days * 86400)

@@ -11,6 +11,7 @@ its own way.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -62,6 +63,13 @@ from cmi_sdk.outbox._rows import (
 __all__ = ["Cursor", "Run", "SQLStore"]
 
 _T = TypeVar("_T")
+
+
+def _check_times(times: dict[str, object]) -> None:
+    """Refuse a purge time that is NaN: every comparison with it is false in SQLite, but
+    true in PostgreSQL for ``x < NaN``, which would delete every row of its kind."""
+    if any(isinstance(t, float) and math.isnan(t) for t in times.values()):
+        raise ValueError("a purge time is NaN: nothing was purged")
 
 
 class Cursor(Protocol):
@@ -357,7 +365,10 @@ class SQLStore:
         problems_before: float = 0.0,
         limit: int,
     ) -> dict[str, int]:
-        """Delete what is finished past its window, oldest first, a batch of each kind."""
+        """Delete what is finished past its window, oldest first, a batch of each kind.
+
+        :raises ValueError: a time is NaN (PostgreSQL sorts NaN above every number)."""
+        _check_times(locals())
         keep = (offers_before, acceptances_before)
         documents = {
             "delivered": delivered_before,
@@ -387,7 +398,7 @@ class SQLStore:
                     done["offers"] += 1
                     done["acceptances"] += run("purge_offer_acceptances", (offer_id,)).rowcount
             done["seen"] = run("purge_seen_batch", (seen_before, limit)).rowcount
-            purged = run("purge_delivered_attempts", (attempts_before, limit))
+            purged = run("purge_delivered_attempts", (attempts_before, delivered_before, limit))
             done["attempts"] = purged.rowcount
             done["problems"] = run("purge_problems", (problems_before, limit)).rowcount
             return done
@@ -408,7 +419,10 @@ class SQLStore:
         attempts_before: float = 0.0,
         problems_before: float = 0.0,
     ) -> dict[str, int]:
-        """How many finished rows :meth:`purge` would delete, of each kind."""
+        """How many finished rows :meth:`purge` would delete, of each kind.
+
+        :raises ValueError: a time is NaN."""
+        _check_times(locals())
 
         def count(name: str, *params: float) -> list[Any]:
             return list(self._fetch(f"counting {name[6:]} to purge", name, params)[0])
@@ -423,7 +437,9 @@ class SQLStore:
             "offers": int(offers),
             "acceptances": int(acceptances),
             "seen": int(count("count_purgeable_seen", seen_before)[0]),
-            "attempts": int(count("count_purgeable_attempts", attempts_before)[0]),
+            "attempts": int(
+                count("count_purgeable_attempts", attempts_before, delivered_before)[0]
+            ),
             "problems": int(count("count_purgeable_problems", problems_before)[0]),
         }
 

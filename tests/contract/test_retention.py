@@ -405,7 +405,8 @@ def test_the_attempts_of_dead_letters_are_never_read_by_a_purge_batch(
     if kind == "sqlite":
         with closing(sqlite3.connect(location)) as conn:
             found = conn.execute(
-                f"EXPLAIN QUERY PLAN {queries('sqlite')['purge_delivered_attempts']}", (NOW, 10)
+                f"EXPLAIN QUERY PLAN {queries('sqlite')['purge_delivered_attempts']}",
+                (NOW, 0.0, 10),
             ).fetchall()
         plan = "\n".join(str(step[-1]) for step in found)
         assert "cmi_attempts_delivered" in plan, plan
@@ -423,7 +424,9 @@ def test_the_attempts_of_dead_letters_are_never_read_by_a_purge_batch(
         )
         conn.execute(f'ANALYZE "{location}".attempts')
         # Nothing is due (no delivering attempt): the statement deletes nothing.
-        (plan,) = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {q}", (NOW, 10)).fetchone()
+        (plan,) = conn.execute(
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {q}", (NOW, 0.0, 10)
+        ).fetchone()
     top = plan[0]["Plan"]
     pages = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
     assert pages <= 5, pages

@@ -429,29 +429,37 @@ UPDATE {s}.outbox SET state = 'pending', attempts = 0, next_attempt_at = %s,
 WHERE state = 'dead' AND dead_at >= %s;
 
 -- name: purgeable_delivered
--- Delivered rows finished before a time, oldest first (the retention purge).
+-- Delivered rows finished before a time, oldest first (the retention purge). Each
+-- purgeable_* query locks what it finds until the purge commits, skipping rows another
+-- session holds: a row is deleted as it was found, never after a redrive, a send and a
+-- new death in between (purge_rows checks only the state); two purges take turns.
 SELECT msg_id FROM {s}.outbox WHERE state = 'delivered' AND delivered_at < %s
-ORDER BY delivered_at LIMIT %s;
+ORDER BY delivered_at LIMIT %s
+FOR UPDATE SKIP LOCKED;
 
 -- name: purgeable_dead
 -- Dead rows that died before a time, oldest first (the retention purge).
 SELECT msg_id FROM {s}.outbox WHERE state = 'dead' AND dead_at < %s
-ORDER BY dead_at LIMIT %s;
+ORDER BY dead_at LIMIT %s
+FOR UPDATE SKIP LOCKED;
 
 -- name: purgeable_pull
 -- Pull-only rows written before a time, oldest first (the retention purge).
 SELECT msg_id FROM {s}.outbox WHERE state = 'pull' AND created_at < %s
-ORDER BY created_at LIMIT %s;
+ORDER BY created_at LIMIT %s
+FOR UPDATE SKIP LOCKED;
 
 -- name: purgeable_merged
 -- Rows merged into a digest document before a time, oldest first (the retention purge).
 SELECT msg_id FROM {s}.outbox WHERE state = 'merged' AND ended_at < %s
-ORDER BY ended_at LIMIT %s;
+ORDER BY ended_at LIMIT %s
+FOR UPDATE SKIP LOCKED;
 
 -- name: purgeable_cancelled
 -- Rows cancelled before a time, oldest first (the retention purge).
 SELECT msg_id FROM {s}.outbox WHERE state = 'cancelled' AND ended_at < %s
-ORDER BY ended_at LIMIT %s;
+ORDER BY ended_at LIMIT %s
+FOR UPDATE SKIP LOCKED;
 
 -- name: count_purgeable_delivered
 -- How many delivered rows finished before a time.
@@ -522,15 +530,19 @@ DELETE FROM {s}.acceptances WHERE offer_id = %s;
 -- Forget the attempts of delivered rows (kept for pulling) delivered before a time, the
 -- oldest deliveries first, a batch of documents at a time. Found by their delivering
 -- attempt (a partial index): the attempts of dead letters and of rows still retrying,
--- however many and old, are never read.
+-- however many and old, are never read. Not those of rows the purge deletes (delivered
+-- before the second time): they go with their row, and count as it.
 DELETE FROM {s}.attempts WHERE msg_id IN (
     SELECT a.msg_id FROM {s}.attempts a WHERE a.outcome = 'delivered' AND a.finished_at < %s
+        AND a.finished_at >= %s
     ORDER BY a.finished_at LIMIT %s);
 
 -- name: count_purgeable_attempts
--- How many attempts of delivered rows delivered before a time.
+-- How many attempts of delivered rows delivered before a time, but not before the second
+-- (those go with their row).
 SELECT count(*) FROM {s}.attempts WHERE msg_id IN (
-    SELECT d.msg_id FROM {s}.attempts d WHERE d.outcome = 'delivered' AND d.finished_at < %s);
+    SELECT d.msg_id FROM {s}.attempts d WHERE d.outcome = 'delivered' AND d.finished_at < %s
+        AND d.finished_at >= %s);
 
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.

@@ -402,15 +402,19 @@ DELETE FROM cmi_acceptances WHERE offer_id = ?;
 -- Forget the attempts of delivered rows (kept for pulling) delivered before a time, the
 -- oldest deliveries first, a batch of documents at a time. Found by their delivering
 -- attempt (a partial index): the attempts of dead letters and of rows still retrying,
--- however many and old, are never read.
+-- however many and old, are never read. Not those of rows the purge deletes (delivered
+-- before the second time): they go with their row, and count as it.
 DELETE FROM cmi_attempts WHERE msg_id IN (
     SELECT a.msg_id FROM cmi_attempts a WHERE a.outcome = 'delivered' AND a.finished_at < ?
+        AND a.finished_at >= ?
     ORDER BY a.finished_at LIMIT ?);
 
 -- name: count_purgeable_attempts
--- How many attempts of delivered rows delivered before a time.
+-- How many attempts of delivered rows delivered before a time, but not before the second
+-- (those go with their row).
 SELECT count(*) FROM cmi_attempts WHERE msg_id IN (
-    SELECT d.msg_id FROM cmi_attempts d WHERE d.outcome = 'delivered' AND d.finished_at < ?);
+    SELECT d.msg_id FROM cmi_attempts d WHERE d.outcome = 'delivered' AND d.finished_at < ?
+        AND d.finished_at >= ?);
 
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.
