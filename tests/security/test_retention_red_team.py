@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from cmi_sdk import ConfigurationError, OutboxRowNotFoundError
+from cmi_sdk import ConfigurationError, OfferNotFoundError, OutboxRowNotFoundError
 from cmi_sdk._retention import purge_windows
-from cmi_sdk.outbox import EmissionProblem, OutboxStore, RetentionStore
+from cmi_sdk.outbox import EmissionProblem, OutboxStore, RetentionStore, StoredOffer
 from cmi_sdk.outbox.sqlite import SQLiteStore
-from tests.contract.rows import NOW, new_row, outcome, race, stored_offer
+from tests.contract.rows import NOW, claim, new_row, outcome, race, stored_offer
 from tests.support import CUSTOMER, emitting_adapter
 
 DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
@@ -395,3 +395,58 @@ def _wait_for_lock_or_end(schema: str, thread: threading.Thread) -> None:
             if found and found[0]:
                 return
             time.sleep(0.02)
+
+
+def test_two_purges_of_offers_at_once_fail_nothing_and_keep_a_booking_in_progress(
+    store: OutboxStore, other: OutboxStore
+) -> None:
+    # Offers of one request share their validity: two purges list them in the same
+    # order only if the ties are broken the same way. Each locks an offer's acceptances
+    # and then the offer; in two orders that is a deadlock, and a purge that fails.
+    # Meanwhile a third connection begins an acceptance of one of them: kept.
+    assert isinstance(store, RetentionStore)
+    assert isinstance(other, RetentionStore)
+    base = stored_offer()
+    offers = [
+        StoredOffer(
+            offer=base.offer.model_copy(update={"id": f"off-{n:03d}"}),
+            request=base.request,
+            xml=base.xml,
+            intermediary=base.intermediary,
+        )
+        for n in range(40)
+    ]
+    store.add_offers(offers)
+    until = base.offer.valid_until.timestamp()
+    for n, held in enumerate(offers[:20]):
+        acceptance = f"acc-{n:03d}"
+        assert store.begin_acceptance(claim(acceptance, held.offer.id, "p"), until - 50) is None
+        assert store.finish_acceptance(acceptance, "p", "refused", "{}", until - 40) is None
+    window = {"offers_before": until + 10, "acceptances_before": until}
+    counted = store.purgeable(**window)
+    assert (counted["offers"], counted["acceptances"]) == (40, 20)
+    totals = [0, 0]
+    late: list[object] = []
+
+    def run(n: int) -> None:
+        if n == 2:
+            try:  # the offer is purged first, or the acceptance begins first and keeps it
+                late.append(other.begin_acceptance(claim("acc-late", "off-039", "q"), until + 5))
+            except OfferNotFoundError:
+                late.append("purged")
+            return
+        mine = (store, other)[n]
+        assert isinstance(mine, RetentionStore)
+        for _ in range(40):
+            done = mine.purge(**window, limit=3)
+            totals[n] += done["offers"]
+            if not done["offers"]:
+                return
+
+    race(3, run)
+    booked = store.get_acceptance("acc-late")
+    assert sum(totals) == 40 - (booked is not None)
+    assert (booked is None) == (late == ["purged"])
+    if booked is not None:
+        assert store.get_offer("off-039").offer.id == "off-039"
+    assert store.get_acceptance("acc-000") is None
