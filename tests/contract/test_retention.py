@@ -430,3 +430,29 @@ def test_the_attempts_of_dead_letters_are_never_read_by_a_purge_batch(
     top = plan[0]["Plan"]
     pages = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
     assert pages <= 5, pages
+
+
+def test_expired_offers_are_walked_in_one_order_through_an_index(
+    kind: str, location: str, store: OutboxStore
+) -> None:
+    # Two purges lock the offers they found one after the other: in one order (their time,
+    # then their id), never in two that would deadlock on offers sharing their time.
+    statement = queries(kind)["purgeable_offers"]
+    assert "ORDER BY o.valid_until, o.id" in statement
+    if kind == "sqlite":
+        with closing(sqlite3.connect(location)) as conn:
+            found = conn.execute(f"EXPLAIN QUERY PLAN {statement}", (NOW, NOW, 10)).fetchall()
+        plan = "\n".join(str(step[-1]) for step in found)
+        assert "cmi_offers_expiry" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+        return
+    import psycopg
+
+    named = statement.replace("{s}", f'"{location}"')
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+            conn.execute(f"SET {setting} = off")
+        found = conn.execute(f"EXPLAIN {named}", (NOW, NOW, 10)).fetchall()
+    plan = "\n".join(str(line[0]) for line in found)
+    assert "offers_expiry" in plan, plan
+    assert "Sort" not in plan, plan

@@ -497,7 +497,7 @@ DELETE FROM {s}.attempts WHERE msg_id = ANY(%s);
 SELECT o.id FROM {s}.offers o WHERE o.valid_until < %s AND NOT EXISTS (
     SELECT 1 FROM {s}.acceptances a
     WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= %s))
-ORDER BY o.valid_until LIMIT %s;
+ORDER BY o.valid_until, o.id LIMIT %s;
 
 -- name: count_purgeable_offers
 -- How many offers the purge would delete, and how many acceptances with them.

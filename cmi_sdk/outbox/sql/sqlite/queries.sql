@@ -369,7 +369,7 @@ DELETE FROM cmi_attempts WHERE msg_id IN (SELECT value FROM json_each(?));
 SELECT o.id FROM cmi_offers o WHERE o.valid_until < ? AND NOT EXISTS (
     SELECT 1 FROM cmi_acceptances a
     WHERE a.offer_id = o.id AND (a.state = 'processing' OR a.updated_at >= ?))
-ORDER BY o.valid_until LIMIT ?;
+ORDER BY o.valid_until, o.id LIMIT ?;
 
 -- name: count_purgeable_offers
 -- How many offers the purge would delete, and how many acceptances with them.
