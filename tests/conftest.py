@@ -25,6 +25,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The stores' fixtures (kind, location, store, other), for every folder.
+pytest_plugins = ["tests.stores"]
+
 
 @pytest.fixture(scope="session")
 def default_adapter() -> Adapter:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,36 @@ def serve_app(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
     """Serve any ASGI app on a free loopback port; yield its base URL, ending in ``/``."""
     with serving(app, timeout=timeout) as url:
         yield url + "/"
+
+
+def accept_in_thread(
+    listener: socket.socket,
+    handle: Callable[[socket.socket], None],
+    *,
+    stopping: Callable[[], bool],
+    accepted: Callable[[], None] = lambda: None,
+    seconds: float = 60.0,
+) -> tuple[threading.Thread, list[threading.Thread]]:
+    """Accept connections on ``listener`` in a thread of its own, each ``handle``d in a
+    thread, until ``stopping()`` or for ``seconds`` at most; ``accepted`` is called as each
+    comes. Returns the acceptor and the list of handlers (which grows as they start)."""
+    listener.settimeout(0.05)
+    handlers: list[threading.Thread] = []
+
+    def serve() -> None:
+        deadline = time.monotonic() + seconds
+        while not stopping() and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted()
+            handler = threading.Thread(target=handle, args=(conn,), daemon=True)
+            handlers.append(handler)
+            handler.start()
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    return acceptor, handlers

@@ -20,10 +20,10 @@ from cmi_sdk.outbox._migrations import SCHEMA_VERSION, migrations, statements
 from cmi_sdk.outbox._queries import QueryFileError, parse, queries
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.webhooks import generate_secret
-from tests.contract.conftest import DSN
 from tests.contract.legacy import postgres_versions, sqlite_versions
 from tests.contract.rows import ACCOUNT, NOW, new_row, stored_offer
 from tests.fakes import Clock
+from tests.stores import DSN
 from tests.support import emitting_adapter, register
 
 DATA = Path(__file__).parent / "data"

@@ -12,8 +12,8 @@ from cmi_sdk import Adapter, OfferNotFoundError, OutboxRowNotFoundError
 from cmi_sdk._retention import RETAINED, purge_windows
 from cmi_sdk.outbox import EmissionProblem, OutboxStore, RetentionStore, StoredOffer
 from cmi_sdk.outbox._queries import queries
-from tests.contract.conftest import DSN
 from tests.contract.rows import ACCOUNT, NOW, claim, new_row, outcome, stored_offer
+from tests.stores import DSN
 from tests.support import CUSTOMER, register
 
 

@@ -13,8 +13,8 @@ from cmi_sdk import ConfigurationError
 from cmi_sdk.cli import main
 from cmi_sdk.outbox.ddl import schema_sql
 from cmi_sdk.outbox.sqlite import SQLiteStore
-from tests.contract.conftest import DSN
 from tests.contract.rows import new_row
+from tests.stores import DSN
 
 
 def test_sqlite_tables_made_from_the_printed_ddl_are_current(tmp_path: Path) -> None:

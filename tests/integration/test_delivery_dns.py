@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cmi_sdk import EgressGuard, RetrySchedule
-from cmi_sdk._delivery import Timeouts
+from cmi_sdk import Adapter, EgressGuard, RetrySchedule
+from cmi_sdk._delivery import DeliveryStats, Timeouts
 from tests.support import emitting_adapter, register, ticket
 
 
@@ -30,6 +30,18 @@ def slow_name_server(
     return resolve
 
 
+def attempt_once(adapter: Adapter, *, connect: float, total: float) -> tuple[DeliveryStats, float]:
+    """One claim, each document attempted once (a retry is an hour away); the stats and
+    the seconds it took."""
+    started = time.monotonic()
+    with adapter.delivery_worker(
+        timeout=Timeouts(connect=connect, read=1, total=total),
+        schedule=RetrySchedule(delays=(3600,), jitter=0),
+    ) as worker:
+        stats = worker.run_once(max_rounds=1)
+    return stats, time.monotonic() - started
+
+
 def test_a_name_server_that_never_answers_fails_the_attempt_at_the_connect_timeout(
     tmp_path: Path,
 ) -> None:
@@ -39,13 +51,7 @@ def test_a_name_server_that_never_answers_fails_the_attempt_at_the_connect_timeo
     try:
         register(adapter, destination="https://store.example:9/inbox")
         emitted = adapter.emit(ticket())[0]
-        started = time.monotonic()
-        with adapter.delivery_worker(
-            timeout=Timeouts(connect=0.5, read=1, total=2),
-            schedule=RetrySchedule(delays=(3600,), jitter=0),
-        ) as worker:
-            stats = worker.run_once(max_rounds=1)
-        took = time.monotonic() - started
+        stats, took = attempt_once(adapter, connect=0.5, total=2)
         row = adapter.store.get_row(emitted.msg_id)
         assert stats.retried == 1
         assert row.state == "retry"
@@ -69,13 +75,7 @@ def test_many_new_destinations_resolve_side_by_side(tmp_path: Path) -> None:
         for i, name in enumerate(names):
             register(adapter, customer_ref=f"cust-dns{i:04d}", destination=f"https://{name}:9/")
         adapter.emit_many([ticket(id=f"D-{i}", customer_ref=f"cust-dns{i:04d}") for i in range(48)])
-        started = time.monotonic()
-        with adapter.delivery_worker(
-            timeout=Timeouts(connect=2, read=1, total=3),
-            schedule=RetrySchedule(delays=(3600,), jitter=0),
-        ) as worker:
-            stats = worker.run_once(max_rounds=1)
-        took = time.monotonic() - started
+        stats, took = attempt_once(adapter, connect=2, total=3)
         assert stats.retried == 48
         assert sorted(asked) == sorted(names)
         # Every one resolved, then found nothing listening (not "did not resolve").

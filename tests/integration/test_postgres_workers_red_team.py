@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -31,9 +30,8 @@ import pytest
 
 from cmi_sdk import Adapter, RetrySchedule
 from cmi_sdk._delivery import DeliveryWorker, Timeouts
+from tests.stores import DSN, postgres_schema
 from tests.support import ROOT, emitting_adapter, register, ticket
-
-DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
 
 pytestmark = [
     pytest.mark.slow,
@@ -104,20 +102,29 @@ def receiving(rx: Receiver) -> Iterator[Receiver]:
 
 @pytest.fixture
 def schema() -> Iterator[str]:
-    name = f"cmi_workers_rt_{secrets.token_hex(5)}"
-    try:
+    with postgres_schema("cmi_workers_rt") as name:
         yield name
-    finally:
-        import psycopg
-
-        with psycopg.connect(DSN, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 def pg_adapter(tmp_path: Path, schema: str) -> Adapter:
     from cmi_sdk.outbox.postgres import PostgresStore
 
     return emitting_adapter(tmp_path, store=PostgresStore(DSN, schema=schema))
+
+
+@contextlib.contextmanager
+def fleet(emitter: Adapter, adapters: list[Adapter]) -> Iterator[list[Running]]:
+    """The workers appended to the yielded list are stopped on exit (if the test has not
+    stopped them), then every adapter is closed."""
+    running: list[Running] = []
+    try:
+        yield running
+    finally:
+        for run in running:
+            with contextlib.suppress(AssertionError):
+                run.stop()
+        for adapter in (emitter, *adapters):
+            close(adapter)
 
 
 def close(adapter: Adapter) -> None:
@@ -211,29 +218,21 @@ def test_three_workers_keep_the_lease_limit_and_send_each_document_once(
     rx = Receiver(delays={"/a": 0.01, "/b": 0.01, "/slow": slow})
     emitter = pg_adapter(tmp_path, schema)
     adapters = [pg_adapter(tmp_path, schema) for _ in range(3)]
-    running: list[Running] = []
-    try:
-        with receiving(rx):
-            msg_ids = emit_for(emitter, rx.url, {"/a": 130, "/b": 130, "/slow": count}, 8)
-            for adapter in adapters:
-                worker = adapter.delivery_worker(
-                    destination_lease_limit=limit,
-                    per_destination=8,
-                    concurrency=16,
-                    lease_seconds=lease,
-                    timeout=QUICK,
-                )
-                running.append(Running(worker))
-            finished = wait_until(lambda: delivered(emitter) == len(msg_ids), 60)
-            for run in running:
-                run.stop()
-            running.clear()
-    finally:
+    with fleet(emitter, adapters) as running, receiving(rx):
+        msg_ids = emit_for(emitter, rx.url, {"/a": 130, "/b": 130, "/slow": count}, 8)
+        for adapter in adapters:
+            worker = adapter.delivery_worker(
+                destination_lease_limit=limit,
+                per_destination=8,
+                concurrency=16,
+                lease_seconds=lease,
+                timeout=QUICK,
+            )
+            running.append(Running(worker))
+        finished = wait_until(lambda: delivered(emitter) == len(msg_ids), 60)
         for run in running:
-            with contextlib.suppress(AssertionError):
-                run.stop()
-        for adapter in (emitter, *adapters):
-            close(adapter)
+            run.stop()
+        running.clear()
     assert finished, emitter.store.status(time.time()).counts
     got = rx.ids()
     assert set(got) == set(msg_ids)
@@ -329,36 +328,28 @@ def test_one_workers_open_circuit_starves_no_other_destination(tmp_path: Path, s
     broken, healthy = Receiver(statuses={"/broken": 503}), Receiver()
     emitter = pg_adapter(tmp_path, schema)
     adapters = [pg_adapter(tmp_path, schema) for _ in range(2)]
-    running: list[Running] = []
-    try:
-        with receiving(broken), receiving(healthy):
-            emit_for(emitter, broken.url, {"/broken": 300}, 30)
-            for adapter in adapters:
-                worker = adapter.delivery_worker(
-                    destination_lease_limit=4,
-                    concurrency=8,
-                    lease_seconds=30,
-                    timeout=QUICK,
-                    circuit_threshold=3,
-                    circuit_interval=30,
-                    schedule=RetrySchedule(delays=(0.5,) * 20, jitter=0),
-                )
-                running.append(Running(worker))
-            assert wait_until(lambda: len(broken.ids()) >= 6, 20)
-            time.sleep(1.0)  # both circuits open, retries falling due every 0.5 s
-            later = emit_for(emitter, healthy.url, {"/ok": 40}, 4)
-            started = time.monotonic()
-            reached = wait_until(lambda: set(healthy.ids()) >= set(later), 20)
-            took = time.monotonic() - started
-            for run in running:
-                run.stop()
-            running.clear()
-    finally:
+    with fleet(emitter, adapters) as running, receiving(broken), receiving(healthy):
+        emit_for(emitter, broken.url, {"/broken": 300}, 30)
+        for adapter in adapters:
+            worker = adapter.delivery_worker(
+                destination_lease_limit=4,
+                concurrency=8,
+                lease_seconds=30,
+                timeout=QUICK,
+                circuit_threshold=3,
+                circuit_interval=30,
+                schedule=RetrySchedule(delays=(0.5,) * 20, jitter=0),
+            )
+            running.append(Running(worker))
+        assert wait_until(lambda: len(broken.ids()) >= 6, 20)
+        time.sleep(1.0)  # both circuits open, retries falling due every 0.5 s
+        later = emit_for(emitter, healthy.url, {"/ok": 40}, 4)
+        started = time.monotonic()
+        reached = wait_until(lambda: set(healthy.ids()) >= set(later), 20)
+        took = time.monotonic() - started
         for run in running:
-            with contextlib.suppress(AssertionError):
-                run.stop()
-        for adapter in (emitter, *adapters):
-            close(adapter)
+            run.stop()
+        running.clear()
     assert reached, f"{len(set(healthy.ids()))} of {len(later)} healthy documents in 20 s"
     assert took < 10, took
     # The broken store saw about one probe per worker per interval, not every retry.

@@ -28,7 +28,7 @@ import pytest
 
 from cmi_sdk import Adapter, RetrySchedule
 from cmi_sdk._delivery import Timeouts
-from tests.support import emitting_adapter, register, ticket
+from tests.support import accept_in_thread, emitting_adapter, register, ticket
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 QUICK = Timeouts(connect=1, read=1, total=2)
@@ -130,9 +130,7 @@ def stores() -> Iterator[Callable[..., Store]]:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((address, 0))
         listener.listen(64)
-        listener.settimeout(0.05)
         store.port = listener.getsockname()[1]
-        threads: list[threading.Thread] = []
 
         def handle(conn: socket.socket) -> None:
             store.tally.add(1)
@@ -157,22 +155,12 @@ def stores() -> Iterator[Callable[..., Store]]:
                 with store._lock:
                     store.open -= 1
 
-        def serve() -> None:
-            deadline = time.monotonic() + 60
-            while not store.stopping and time.monotonic() < deadline:
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                store.connections += 1
-                thread = threading.Thread(target=handle, args=(conn,), daemon=True)
-                threads.append(thread)
-                thread.start()
+        def accepted() -> None:
+            store.connections += 1
 
-        acceptor = threading.Thread(target=serve, daemon=True)
-        acceptor.start()
+        acceptor, threads = accept_in_thread(
+            listener, handle, stopping=lambda: store.stopping, accepted=accepted
+        )
         started.append((store, listener, [acceptor, *threads]))
         store._threads = threads  # type: ignore[attr-defined]
         return store
@@ -209,6 +197,16 @@ def emit(adapter: Adapter, customer: str, count: int, prefix: str) -> list[str]:
         adapter.emit(ticket(id=f"{prefix}-{i}", customer_ref=customer))[0].msg_id
         for i in range(count)
     ]
+
+
+def deliver_to(tmp_path: Path, store: Store, count: int, prefix: str) -> tuple[Adapter, list[str]]:
+    """``count`` documents to ``store``, one run of the worker: the adapter and their ids."""
+    adapter = emitting_adapter(tmp_path)
+    register(adapter, destination=store.url())
+    ids = emit(adapter, "cust-7f3a9c", count, prefix)
+    with adapter.delivery_worker(timeout=QUICK, schedule=LATER) as worker:
+        worker.run_once()
+    return adapter, ids
 
 
 def states(adapter: Adapter, msg_ids: list[str]) -> list[str]:
@@ -248,11 +246,7 @@ def test_an_answer_pipelined_after_the_answer_is_no_delivery_of_the_next_documen
         return True
 
     store = stores("127.0.0.2", twice)
-    adapter = emitting_adapter(tmp_path)
-    register(adapter, destination=store.url())
-    ids = emit(adapter, "cust-7f3a9c", 4, "PIPE")
-    with adapter.delivery_worker(timeout=QUICK, schedule=LATER) as worker:
-        worker.run_once()
+    adapter, ids = deliver_to(tmp_path, store, 4, "PIPE")
     for msg_id in ids:
         if adapter.store.get_row(msg_id).state == "delivered":
             assert msg_id in store.received
@@ -364,11 +358,7 @@ def test_informational_answers_then_a_200_are_a_delivery(
 ) -> None:
     early = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
     store = stores("127.0.0.2", answer(early + OK))
-    adapter = emitting_adapter(tmp_path)
-    register(adapter, destination=store.url())
-    ids = emit(adapter, "cust-7f3a9c", 2, "INFO")
-    with adapter.delivery_worker(timeout=QUICK, schedule=LATER) as worker:
-        worker.run_once()
+    adapter, ids = deliver_to(tmp_path, store, 2, "INFO")
     assert states(adapter, ids) == ["delivered", "delivered"]
     assert store.received == ids
 
@@ -572,11 +562,7 @@ def test_an_http_1_0_answer_closing_the_connection_is_a_delivery_and_the_next_ge
         return False
 
     store = stores("127.0.0.2", old)
-    adapter = emitting_adapter(tmp_path)
-    register(adapter, destination=store.url())
-    ids = emit(adapter, "cust-7f3a9c", 3, "H10")
-    with adapter.delivery_worker(timeout=QUICK, schedule=LATER) as worker:
-        worker.run_once()
+    adapter, ids = deliver_to(tmp_path, store, 3, "H10")
     assert states(adapter, ids) == ["delivered"] * 3
     assert store.received == ids
     assert store.connections == 3

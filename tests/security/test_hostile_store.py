@@ -23,7 +23,7 @@ import pytest
 
 from cmi_sdk import RetrySchedule
 from cmi_sdk._delivery import Timeouts, parse_retry_after
-from tests.support import emitting_adapter, register, ticket
+from tests.support import accept_in_thread, emitting_adapter, register, ticket
 
 Script = Callable[[socket.socket], None]
 
@@ -87,7 +87,6 @@ def raw_store() -> Iterator[Callable[[str, Script], RawStore]]:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((address, 0))
         listener.listen(16)
-        listener.settimeout(0.05)
         store.port = listener.getsockname()[1]
 
         def handle(conn: socket.socket) -> None:
@@ -95,22 +94,12 @@ def raw_store() -> Iterator[Callable[[str, Script], RawStore]]:
             with conn, contextlib.suppress(OSError):
                 store.script(conn)
 
-        def serve() -> None:
-            deadline = time.monotonic() + 60
-            while not store.stopping and time.monotonic() < deadline:
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                store.connections += 1
-                worker = threading.Thread(target=handle, args=(conn,), daemon=True)
-                store._threads.append(worker)
-                worker.start()
+        def accepted() -> None:
+            store.connections += 1
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
+        thread, store._threads = accept_in_thread(
+            listener, handle, stopping=lambda: store.stopping, accepted=accepted
+        )
         stores.append((store, listener, thread))
         return store
 

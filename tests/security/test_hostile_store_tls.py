@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from cmi_sdk import EgressGuard, RetrySchedule
 from cmi_sdk._delivery import Timeouts
 from cmi_sdk.egress import _IPAddress
-from tests.support import emitting_adapter, register, ticket
+from tests.support import accept_in_thread, emitting_adapter, register, ticket
 
 HOST = "store.example"
 STORE_ADDRESS = "127.0.0.2"
@@ -113,6 +113,7 @@ class Listeners:
 def listeners(tmp_path: Path) -> Iterator[Callable[[Certificate], Listeners]]:
     stop = threading.Event()
     threads: list[threading.Thread] = []
+    handling: list[list[threading.Thread]] = []
     sockets: list[socket.socket] = []
 
     def start(cert: Certificate, *, flood: bool = False) -> Listeners:
@@ -161,39 +162,29 @@ def listeners(tmp_path: Path) -> Iterator[Callable[[Certificate], Listeners]]:
                         return
                     tls.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-        def serve(listener: socket.socket, on_accept: Callable[[socket.socket], None]) -> None:
-            listener.listen(16)
-            listener.settimeout(0.05)
-            deadline = time.monotonic() + 60
-            while not stop.is_set() and time.monotonic() < deadline:
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                on_accept(conn)
-
-        def on_store(conn: socket.socket) -> None:
+        def accepted() -> None:
             store.connections += 1
-            worker = threading.Thread(target=answer, args=(conn,), daemon=True)
-            threads.append(worker)
-            worker.start()
 
-        def on_internal(conn: socket.socket) -> None:
+        def refuse(conn: socket.socket) -> None:
             counted[0] += 1
             conn.close()
 
-        for listener, on_accept in ((store_socket, on_store), (internal, on_internal)):
+        for listener, handle, seen in (
+            (store_socket, answer, accepted),
+            (internal, refuse, lambda: None),
+        ):
             sockets.append(listener)
-            thread = threading.Thread(target=serve, args=(listener, on_accept), daemon=True)
-            threads.append(thread)
-            thread.start()
+            listener.listen(16)
+            acceptor, handlers = accept_in_thread(
+                listener, handle, stopping=stop.is_set, accepted=seen
+            )
+            threads.append(acceptor)
+            handling.append(handlers)
         return Listeners(store, counted)
 
     yield start
     stop.set()
-    for thread in threads:
+    for thread in [*threads, *(h for handlers in handling for h in handlers)]:
         thread.join(5)
     for listener in sockets:
         listener.close()

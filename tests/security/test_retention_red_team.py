@@ -10,11 +10,8 @@ acceptance cannot book) is not repeated here. Every loop is bounded in count and
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,62 +22,10 @@ from cmi_sdk._retention import purge_windows
 from cmi_sdk.outbox import EmissionProblem, OutboxStore, RetentionStore, StoredOffer
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from tests.contract.rows import NOW, claim, new_row, outcome, race, stored_offer
+from tests.stores import DSN
 from tests.support import CUSTOMER, emitting_adapter
 
-DSN = os.environ.get("CMI_TEST_POSTGRES_DSN", "")
 DAY = 86400.0
-
-
-@pytest.fixture(params=("sqlite", "postgres"))
-def kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres" and not DSN:
-        pytest.skip("CMI_TEST_POSTGRES_DSN is not set")
-    return str(request.param)
-
-
-@pytest.fixture
-def location(kind: str, tmp_path: Path) -> Iterator[str]:
-    """A SQLite file, or a PostgreSQL schema of the test's own (dropped after)."""
-    if kind == "sqlite":
-        yield str(tmp_path / "cmi.db")
-        return
-    schema = f"cmi_purge_rt_{secrets.token_hex(5)}"
-    try:
-        yield schema
-    finally:
-        import psycopg
-
-        with psycopg.connect(DSN, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def open_store(kind: str, location: str) -> OutboxStore:
-    if kind == "sqlite":
-        opened = SQLiteStore(location)
-        opened.migrate()
-        return opened
-    from cmi_sdk.outbox.postgres import PostgresStore
-
-    return PostgresStore(DSN, schema=location)
-
-
-@pytest.fixture
-def store(kind: str, location: str) -> Iterator[OutboxStore]:
-    opened = open_store(kind, location)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
-@pytest.fixture
-def other(kind: str, location: str, store: OutboxStore) -> Iterator[OutboxStore]:
-    """A second store on the same tables: another process's."""
-    opened = open_store(kind, location)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def exists(store: OutboxStore, msg_id: str) -> bool:
