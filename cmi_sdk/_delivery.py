@@ -38,8 +38,13 @@ connection per origin. httpx's ``AsyncClient`` collapsed with many requests in f
 pool scans every connection per request, encode/httpx#3215); httpx over the
 ``httpx-aiohttp`` transport kept the rate but cost several times aiohttp's CPU per
 request; a session per origin cost as much CPU as one session, and more memory per store.
-aiohttp also lets the engine give the connector its own resolver, which is how addresses
-are pinned. An ``httpx`` transport can still be passed (``transport=``): tests use
+HTTP/2 (``bench/transports.py http2``: httpx's ``http2=True``, as aiohttp's client speaks
+HTTP/1.1 only) cost several times aiohttp's CPU per request, in clear text and over TLS,
+and ten streams per store on one connection were slower than ten HTTP/1.1 connections: with
+one document at a time per destination it has nothing to multiplex. The engine speaks
+HTTP/1.1, which a store that offers HTTP/2 still answers to a client that does not ask for
+it. aiohttp also lets the engine give the connector its own resolver, which is how
+addresses are pinned. An ``httpx`` transport can still be passed (``transport=``): tests use
 ``httpx.MockTransport`` to see exactly what is sent.
 """
 
