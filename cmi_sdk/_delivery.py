@@ -398,8 +398,8 @@ class _Sender(Protocol):
     async def post(
         self, url: str, body: bytes, headers: dict[str, str], *, close: bool = False
     ) -> _Answer:
-        """POST; with ``close``, ask the store to close the connection after its answer
-        (``Connection: close``, which RFC 9112 obliges it to honour), not keep it."""
+        """POST; with ``close``, the connection is closed after the answer, not kept
+        (and ``Connection: close`` tells the store so)."""
 
     async def close(self) -> None: ...
 
@@ -733,8 +733,9 @@ class DeliveryWorker:
     :param max_connections: the most connections open at once, in flight or kept alive
         for a destination's next document. By default, what the process's descriptor
         limit allows, less a reserve for the store and logs (``cmi deliver`` raises the
-        soft limit toward four times ``concurrency`` first). Past it, a destination's last
-        queued document closes its connection after the answer instead of keeping it.
+        soft limit toward four times ``concurrency`` first). Once those kept alive reach
+        their share (the bound less one a document in flight), a destination with none
+        kept opens a connection that is closed after its answer.
     :param per_destination: documents in flight at once to one destination (origin). One,
         the default, sends each destination's documents in order over one keep-alive
         connection.
