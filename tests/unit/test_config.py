@@ -164,6 +164,8 @@ def test_empty_optional_settings_in_the_environment_are_unset(tmp_path: Path) ->
         ("CMI_DELIVERY_CONCURRENCY", "four"),
         ("CMI_DELIVERY_CONCURRENCY", "2.5"),
         ("CMI_PER_DESTINATION", "-1"),
+        ("CMI_DELIVERY_CONNECTIONS", "0"),
+        ("CMI_DELIVERY_CONNECTIONS", "many"),
         ("CMI_ALLOW_LOOPBACK", "maybe"),
         ("CMI_ALLOW_PRIVATE", "2"),
         ("CMI_LEASE_SECONDS", "0"),
@@ -185,6 +187,7 @@ def test_a_bad_environment_value_names_the_setting(
     ("text", "setting"),
     [
         ("delivery_concurrency = 0\n", "delivery_concurrency"),
+        ("delivery_connections = -5\n", "delivery_connections"),
         ('allow_loopback = "maybe"\n', "allow_loopback"),
         ("retry_schedule = 5\n", "retry_schedule"),
         ("retry_schedule = [5, -1]\n", "retry_schedule"),
