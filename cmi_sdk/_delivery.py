@@ -117,7 +117,10 @@ DEFAULT_CONCURRENCY = 512
 ten times this a second (with 300 ms, over 1,700); a slot costs a socket and a few
 kilobytes."""
 KEEPALIVE_SECONDS = 30.0
-"""How long an idle connection to a destination is kept for its next document."""
+"""How long an idle connection to a destination is kept for its next document. aiohttp
+closes idle connections at a cleanup it runs once a period (its first instant rounded up
+to a second), so one may stay open for up to twice this and a second more: the engine
+counts it that long."""
 
 USER_AGENT = f"cmi-sdk/{_version}"
 DEFAULT_KEEP_DELIVERED = 30 * 86400.0
@@ -1234,9 +1237,9 @@ class DeliveryWorker:
         reached their bound: then a new connection is closed after its answer."""
         if self._kept_at_most == math.inf:
             return False
-        expired = time.monotonic() - KEEPALIVE_SECONDS
+        expired = time.monotonic() - (2 * KEEPALIVE_SECONDS + 1)
         kept = self._kept
-        while kept:  # the pool has closed those idle longer than the keep-alive
+        while kept:  # the pool has closed those idle longer than its cleanup lets live
             oldest = next(iter(kept))
             if kept[oldest] > expired:
                 break
