@@ -14,7 +14,7 @@ from cmi_sdk.outbox import EmissionProblem, OutboxStore, RetentionStore, StoredO
 from cmi_sdk.outbox._queries import queries
 from tests.contract.rows import ACCOUNT, NOW, claim, new_row, outcome, stored_offer
 from tests.stores import DSN
-from tests.support import CUSTOMER, register
+from tests.support import CUSTOMER, register, ticket
 
 
 def test_finished_rows_are_purged_after_their_window(store: OutboxStore) -> None:
@@ -456,3 +456,31 @@ def test_expired_offers_are_walked_in_one_order_through_an_index(
     plan = "\n".join(str(line[0]) for line in found)
     assert "offers_expiry" in plan, plan
     assert "Sort" not in plan, plan
+
+
+def test_a_row_cancelled_while_its_200_came_back_keeps_its_attempts(
+    store: OutboxStore, store_adapter: Adapter
+) -> None:
+    # Its terms revoked while the send was answered: the row stays cancelled, and its
+    # attempts (the record that it went out after all) stay as long as it does, not the
+    # delivered documents' seven days.
+    assert isinstance(store, RetentionStore)
+    terms = register(store_adapter, destination="https://store.example/inbox")
+    (row,) = store_adapter.emit(ticket())
+    store.claim(owner="w", now=NOW, lease_seconds=60, limit=10)
+    store_adapter.revoke_terms(terms.id)
+    store.complete([outcome(row.msg_id, "w", "delivered", finished_at=NOW + 1)])
+    assert store.get_row(row.msg_id).state == "cancelled"
+    assert [a.outcome for a in store.attempts(row.msg_id)] == ["delivered"]
+    later = NOW + 8 * 86400  # past the attempts' window, inside the documents'
+    windows = purge_windows(
+        later,
+        delivered=30 * 86400,
+        dead=90 * 86400,
+        offers=30 * 86400,
+        acceptances=30 * 86400,
+        attempts=7 * 86400,
+    )
+    assert store.purgeable(**windows)["attempts"] == 0
+    assert store.purge(**windows, limit=500)["attempts"] == 0
+    assert [a.outcome for a in store.attempts(row.msg_id)] == ["delivered"]

@@ -531,10 +531,12 @@ DELETE FROM {s}.acceptances WHERE offer_id = %s;
 -- oldest deliveries first, a batch of documents at a time. Found by their delivering
 -- attempt (a partial index): the attempts of dead letters and of rows still retrying,
 -- however many and old, are never read. Not those of rows the purge deletes (delivered
--- before the second time): they go with their row, and count as it.
+-- before the second time): they go with their row, and count as it. Only a delivered row's:
+-- a row cancelled while its 200 came back keeps that record for its own window.
 DELETE FROM {s}.attempts WHERE msg_id IN (
     SELECT a.msg_id FROM {s}.attempts a WHERE a.outcome = 'delivered' AND a.finished_at < %s
-        AND a.finished_at >= %s
+        AND a.finished_at >= %s AND EXISTS (
+        SELECT 1 FROM {s}.outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered')
     ORDER BY a.finished_at LIMIT %s);
 
 -- name: count_purgeable_attempts
@@ -542,7 +544,8 @@ DELETE FROM {s}.attempts WHERE msg_id IN (
 -- (those go with their row).
 SELECT count(*) FROM {s}.attempts WHERE msg_id IN (
     SELECT d.msg_id FROM {s}.attempts d WHERE d.outcome = 'delivered' AND d.finished_at < %s
-        AND d.finished_at >= %s);
+        AND d.finished_at >= %s AND EXISTS (
+        SELECT 1 FROM {s}.outbox o WHERE o.msg_id = d.msg_id AND o.state = 'delivered'));
 
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.

@@ -403,10 +403,12 @@ DELETE FROM cmi_acceptances WHERE offer_id = ?;
 -- oldest deliveries first, a batch of documents at a time. Found by their delivering
 -- attempt (a partial index): the attempts of dead letters and of rows still retrying,
 -- however many and old, are never read. Not those of rows the purge deletes (delivered
--- before the second time): they go with their row, and count as it.
+-- before the second time): they go with their row, and count as it. Only a delivered row's:
+-- a row cancelled while its 200 came back keeps that record for its own window.
 DELETE FROM cmi_attempts WHERE msg_id IN (
     SELECT a.msg_id FROM cmi_attempts a WHERE a.outcome = 'delivered' AND a.finished_at < ?
-        AND a.finished_at >= ?
+        AND a.finished_at >= ? AND EXISTS (
+        SELECT 1 FROM cmi_outbox o WHERE o.msg_id = a.msg_id AND o.state = 'delivered')
     ORDER BY a.finished_at LIMIT ?);
 
 -- name: count_purgeable_attempts
@@ -414,7 +416,8 @@ DELETE FROM cmi_attempts WHERE msg_id IN (
 -- (those go with their row).
 SELECT count(*) FROM cmi_attempts WHERE msg_id IN (
     SELECT d.msg_id FROM cmi_attempts d WHERE d.outcome = 'delivered' AND d.finished_at < ?
-        AND d.finished_at >= ?);
+        AND d.finished_at >= ? AND EXISTS (
+        SELECT 1 FROM cmi_outbox o WHERE o.msg_id = d.msg_id AND o.state = 'delivered'));
 
 -- name: purge_seen_batch
 -- Forget message ids whose time is up, oldest first, a batch at a time.
