@@ -140,7 +140,7 @@ pull window."""
 EGRESS_TTL = 30.0
 """Seconds a destination stays checked by the egress guard before it is resolved and
 checked again."""
-RESOLVER_THREADS = 32
+RESOLVER_THREADS = 64
 """Threads resolving destinations' host names at once (the system resolver blocks)."""
 PURGE_INTERVAL = 60.0  # seconds between two purge batches of a worker
 PURGE_BATCH = 500
@@ -690,6 +690,15 @@ class _Job:
 
 
 @dataclass
+class _Lookup:
+    """A destination's name being resolved: when its thread took it, and the answer."""
+
+    started: asyncio.Event
+    started_at: float = 0.0
+    answer: asyncio.Future[PinnedDestination] = field(init=False)
+
+
+@dataclass
 class _Origin:
     """One destination origin (scheme, host, port): its queue, its slots, its circuit."""
 
@@ -878,6 +887,8 @@ class DeliveryWorker:
         # unchecked address gets a connection.
         self.egress_ttl = EGRESS_TTL
         self._resolvers: ThreadPoolExecutor | None = None
+        self._lookups: dict[str, _Lookup] = {}
+        """Names being resolved, by destination: their documents share one lookup."""
         self._checked: dict[str, tuple[PinnedDestination, float]] = {}
         self._pins: dict[tuple[str, int], tuple[str, ...]] = {}
         self._signers: dict[str, WebhookSigner] = {}
@@ -1204,6 +1215,9 @@ class DeliveryWorker:
         self._in_flight = 0
         self._kept.clear()  # the session closed them
         self._keeping = 0
+        # A lookup still running belongs to this run's event loop; the next run, perhaps on
+        # another loop, starts its own.
+        self._lookups.clear()
         self.metrics.in_flight = 0
 
     def _size_connections(self) -> None:
@@ -1553,22 +1567,59 @@ class DeliveryWorker:
 
     async def _resolve(self, url: str) -> PinnedDestination:
         """:meth:`EgressGuard.pin` on the engine's resolver threads, within the connect
-        timeout. The system resolver blocks, for seconds when a name server is slow or
-        gone: on threads of their own (many, as each mostly waits), thousands of new
-        destinations resolve side by side, and a lookup that hangs frees its slot at the
-        timeout while its thread finishes alone."""
-        if self._resolvers is None:
-            self._resolvers = ThreadPoolExecutor(
-                RESOLVER_THREADS, thread_name_prefix="cmi-deliver-dns"
-            )
-        lookup = asyncio.get_running_loop().run_in_executor(self._resolvers, self.egress.pin, url)
+        timeout counted from when the lookup starts.
+
+        The system resolver blocks, for seconds when a name server is slow or gone: on
+        threads of their own (many, as each mostly waits), thousands of new destinations
+        resolve side by side, and a lookup that hangs fails its own attempt at the timeout
+        while its thread finishes alone. Time spent waiting for a free thread is not the
+        destination's fault and is not counted against it: destinations whose name
+        servers never answer cannot make another's lookup fail by keeping the threads
+        busy, only wait. One lookup a destination at a time: its documents share it.
+        """
+        lookup = self._lookups.get(url)
+        if lookup is None:
+            lookup = self._lookups[url] = self._start_lookup(url)
+        await lookup.started.wait()  # a free thread: bounded by the resolvers' own timeouts
+        left = self.timeouts.connect - (time.monotonic() - lookup.started_at)
         try:
-            return await asyncio.wait_for(lookup, self.timeouts.connect)
+            if left <= 0:
+                raise TimeoutError
+            # Shielded: one waiter's timeout must not cancel the lookup the others share.
+            return await asyncio.wait_for(asyncio.shield(lookup.answer), left)
         except TimeoutError:
             host = urlsplit(url).hostname or url
             raise EgressResolutionError(
                 f"{host} did not resolve within {self.timeouts.connect:g} s", url=url
             ) from None
+
+    def _start_lookup(self, url: str) -> _Lookup:
+        if self._resolvers is None:
+            self._resolvers = ThreadPoolExecutor(
+                RESOLVER_THREADS, thread_name_prefix="cmi-deliver-dns"
+            )
+        loop = asyncio.get_running_loop()
+        lookup = _Lookup(started=asyncio.Event())
+
+        def begun() -> None:
+            lookup.started_at = time.monotonic()
+            lookup.started.set()
+
+        def pin() -> PinnedDestination:
+            loop.call_soon_threadsafe(begun)
+            return self.egress.pin(url)
+
+        lookup.answer = loop.run_in_executor(self._resolvers, pin)
+
+        def ended(_answer: object) -> None:
+            if self._lookups.get(url) is lookup:
+                del self._lookups[url]
+            if not lookup.started.is_set():  # cancelled in the queue (the pool shut down)
+                lookup.started_at = time.monotonic()
+                lookup.started.set()
+
+        lookup.answer.add_done_callback(ended)
+        return lookup
 
     def _request_headers(self, row: OutboxRow, terms: SharingTerms) -> dict[str, str]:
         """The headers of a delivery request: the one place a header is added."""
