@@ -198,9 +198,10 @@ class RetrySchedule:
 class Timeouts:
     """The limits of one delivery attempt, in seconds.
 
-    :param connect: to open the connection (TCP and TLS).
+    :param connect: to open the connection (TCP and TLS); also the bound of the name
+        lookup before it, counted from when a resolver thread takes it.
     :param read: between two reads of the answer (a store that stops talking).
-    :param total: for the whole attempt, connection included.
+    :param total: for the request, connection included (the name lookup comes before).
     """
 
     connect: float = 5.0
