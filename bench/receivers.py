@@ -20,8 +20,10 @@ import argparse
 import asyncio
 import ipaddress
 import signal
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 ANSWER = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
 
@@ -80,12 +82,17 @@ class _Store(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(port: int, addresses: Sequence[str], delay: float, hang: set[str]) -> None:
+async def serve_stores(
+    port: int,
+    addresses: Sequence[str],
+    store: Callable[[str], asyncio.Protocol],
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Listen on ``port`` of each address, a connection served by ``store(address)``;
+    print ``ready`` once all listen, and serve until SIGTERM."""
     loop = asyncio.get_running_loop()
     servers = [
-        await loop.create_server(
-            lambda a=address: _Store(delay, a in hang), address, port, backlog=512
-        )
+        await loop.create_server(lambda a=address: store(a), address, port, backlog=512, ssl=tls)
         for address in addresses
     ]
     stop = asyncio.Event()
@@ -94,6 +101,21 @@ async def serve(port: int, addresses: Sequence[str], delay: float, hang: set[str
     await stop.wait()
     for server in servers:
         server.close()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed: the receiver's own CPU is not what is
+    measured."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+async def serve(port: int, addresses: Sequence[str], delay: float, hang: set[str]) -> None:
+    await serve_stores(port, addresses, lambda address: _Store(delay, address in hang))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,12 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     addresses = store_addresses(args.stores + args.hang)
     hang = set(addresses[args.stores :])
-    try:
-        import uvloop  # the receiver's own CPU is not what is measured
-    except ImportError:  # pragma: no cover
-        asyncio.run(serve(args.port, addresses, args.delay, hang))
-    else:
-        uvloop.run(serve(args.port, addresses, args.delay, hang))
+    run(serve(args.port, addresses, args.delay, hang))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import ssl
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-from receivers import _Store, store_addresses
+from receivers import _Store, run, serve_stores, store_addresses
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ANSWER_HEADERS = [(b":status", b"204"), (b"content-length", b"0")]
@@ -136,22 +135,6 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-async def serve(
-    port: int, addresses: Sequence[str], delay: float, tls: ssl.SSLContext | None
-) -> None:
-    loop = asyncio.get_running_loop()
-    servers = [
-        await loop.create_server(lambda: _Either(delay), address, port, backlog=512, ssl=tls)
-        for address in addresses
-    ]
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    for server in servers:
-        server.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
@@ -164,12 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--cert and --key go together")
     tls = server_context(args.cert, args.key) if args.cert else None
     addresses = store_addresses(args.stores)
-    try:
-        import uvloop  # the receiver's own CPU is not what is measured
-    except ImportError:  # pragma: no cover
-        asyncio.run(serve(args.port, addresses, args.delay, tls))
-    else:
-        uvloop.run(serve(args.port, addresses, args.delay, tls))
+    run(serve_stores(args.port, addresses, lambda _address: _Either(args.delay), tls))
     return 0
 
 
