@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from scale import workers
 from transports import receivers
 
 from cmi_sdk import Adapter, EgressGuard, TermsProposal, Transaction, load_model
@@ -341,35 +342,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def _workers(count: int, database_url: str, cwd: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
-    env |= {"CMI_DATABASE_URL": database_url, "CMI_ALLOW_LOOPBACK": "1", "PYTHONPATH": str(ROOT)}
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        started.extend(
-            subprocess.Popen(
-                [sys.executable, "-m", "cmi_sdk.cli", "deliver", "--poll", "0.2"],
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for _ in range(count)
-        )
-        yield started
-    finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-
-
 def bench_postgres(quick: bool) -> list[Figure]:
     import psycopg
 
@@ -388,7 +360,7 @@ def bench_postgres(quick: bool) -> list[Figure]:
             sql = f"SELECT count(*) FROM \"{schema}\".outbox WHERE state = 'delivered'"  # noqa: S608
             total = 0
             for n in (1, 2, 4):
-                with _workers(n, database_url, Path(tmp)) as procs:
+                with workers(n, database_url, Path(tmp), poll=0.2) as procs:
                     time.sleep(2.0)  # they start and wait for work
                     with psycopg.connect(DSN) as conn:
                         emit(adapter, customers, docs, f"P{n}", connection=conn)
@@ -434,6 +406,18 @@ def _queued(n: int, state: Any, now: float) -> Any:
     )
 
 
+def _claims(store: Any, now: float, name: str) -> Figure:
+    """Ten claims of 10 due rows: the median."""
+    took = []
+    for _ in range(10):
+        t = time.perf_counter()
+        got = store.claim(owner="bench", now=now, lease_seconds=60, limit=10)
+        took.append(time.perf_counter() - t)
+        assert len(got) == 10
+    took.sort()
+    return Figure(name, took[5] * 1e3, "ms (median)")
+
+
 def _purge_batches(store: Any, now: float, size: int, name: str) -> Figure:
     """A purge batch (500 delivered rows past their window, with their attempts) among
     ``size`` such rows: the median of up to five batches."""
@@ -469,17 +453,10 @@ def bench_claim(quick: bool) -> list[Figure]:
                     (now - 86400,),
                 )
             db.close()
-            took = []
-            for _ in range(10):
-                t = time.perf_counter()
-                got = store.claim(owner="bench", now=now, lease_seconds=60, limit=10)
-                took.append(time.perf_counter() - t)
-                assert len(got) == 10
+            claim = _claims(store, now, f"claim_10_with_{size}_finished_rows")
             purge = _purge_batches(store, now, size, "")
             store.close()
-        took.sort()
-        figures.append(Figure(f"claim_10_with_{size}_finished_rows", took[5] * 1e3, "ms (median)"))
-        figures.append(purge)
+        figures += [claim, purge]
     for size in sizes:
         figures += _claim_postgres(size)
     return figures
@@ -511,19 +488,12 @@ def _claim_postgres(size: int) -> list[Figure]:
             )
             conn.execute(f'ANALYZE "{schema}".outbox')
         store.insert([_queued(size + n, "pending", now) for n in range(100)])
-        took = []
-        for _ in range(10):
-            t = time.perf_counter()
-            got = store.claim(owner="bench", now=now, lease_seconds=60, limit=10)
-            took.append(time.perf_counter() - t)
-            assert len(got) == 10
+        claim = _claims(store, now, f"claim_10_with_{size}_finished_rows_postgres")
         purge = _purge_batches(store, now, size, "_postgres")
     finally:
         store.close()
         with psycopg.connect(DSN, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    took.sort()
-    claim = Figure(f"claim_10_with_{size}_finished_rows_postgres", took[5] * 1e3, "ms (median)")
     return [claim, purge]
 
 

@@ -194,13 +194,17 @@ def postgres_schema() -> Iterator[tuple[Any, str]]:
 
 
 @contextlib.contextmanager
-def workers(count: int, database_url: str, cwd: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+def workers(
+    count: int, database_url: str, cwd: Path, *, poll: float = 0.5
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` ``cmi deliver`` processes on ``database_url``, their output dropped;
+    terminated (then killed, if they do not end) on exit."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
     env.update(
         {"CMI_DATABASE_URL": database_url, "CMI_ALLOW_LOOPBACK": "1", "PYTHONPATH": str(ROOT)}
     )
     started: list[subprocess.Popen[bytes]] = []
-    command = [sys.executable, "-m", "cmi_sdk.cli", "deliver", "--poll", "0.5"]
+    command = [sys.executable, "-m", "cmi_sdk.cli", "deliver", "--poll", str(poll)]
     try:
         for _ in range(count):
             quiet = subprocess.DEVNULL
@@ -213,7 +217,7 @@ def workers(count: int, database_url: str, cwd: Path) -> Iterator[list[subproces
             process.terminate()
         for process in started:
             try:
-                process.wait(10)
+                process.wait(30)  # what is in flight finishes first
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
