@@ -25,17 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from receivers import free_port
 
 from cmi_sdk.webhooks import generate_secret
 
 SECRET = generate_secret()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
@@ -44,7 +38,7 @@ def server(
 ) -> Iterator[tuple[int, str, int]]:
     """Run the command on a free port; yield the port, its health route and its pid."""
     root = tempfile.mkdtemp(prefix="cmi-abuse-")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CMI_")}
     env["CMI_DATABASE_URL"] = f"sqlite:///{root}/cmi.db"
     env.update({f"CMI_{k.upper()}": v for k, v in settings.items()})

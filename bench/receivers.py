@@ -20,12 +20,21 @@ import argparse
 import asyncio
 import ipaddress
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 ANSWER = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (the receivers take it on every address)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def store_addresses(count: int) -> list[str]:

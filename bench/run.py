@@ -29,6 +29,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from lxml import etree
+from receivers import free_port
 
 from cmi_sdk import Adapter, FlightDetails, Money, Request, Transaction
 from cmi_sdk.mapping import xml_datetime
@@ -323,15 +324,6 @@ uvicorn.Server(config).run()
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_until_up(url: str, what: str) -> None:
     """POST to ``url`` until something answers (at most 15 s)."""
     import httpx
@@ -351,7 +343,7 @@ def wait_until_up(url: str, what: str) -> None:
 @contextlib.contextmanager
 def receiver_process() -> Iterator[tuple[str, int]]:
     """The bare 204 receiver in its own process, until the block ends: (URL, pid)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/inbox"
     process = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)])
     try:
@@ -658,7 +650,7 @@ def _http_rounds(
     """Serve ``folder`` with ``workers`` processes and load each of ``paths`` in
     alternating rounds: the best rate of each, with the least server CPU a request seen.
     Every path but ``/minimal`` is signed."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = os.environ | {
         "CMI_BENCH_DIR": str(folder),

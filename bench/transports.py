@@ -35,7 +35,6 @@ import functools
 import gc
 import importlib.util
 import ipaddress
-import socket
 import ssl
 import subprocess
 import sys
@@ -57,21 +56,13 @@ try:  # only for the HTTP/2 comparison: pip install 'httpx[http2]'
 except ImportError:  # pragma: no cover
     h2 = None
 
-from receivers import store_addresses
+from receivers import free_port, store_addresses
 
 HERE = Path(__file__).resolve().parent
 BODY = b"<ticket>" + b"x" * 1000 + b"</ticket>"
 HEADERS = {"content-type": "application/xml", "webhook-id": "msg_bench"}
 
 Post = Callable[[str], Awaitable[int]]
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.2 now (the receivers take it on every address)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.2", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
@@ -87,7 +78,7 @@ def receivers(
     """A receiver process on ``stores`` (+ ``hang``) loopback addresses; yields their URLs.
     ``port`` 0 picks a free one. ``http2``: the stores of :mod:`receivers_h2` (no ``hang``),
     over TLS with the certificate and key in the folder ``tls`` if given."""
-    port = port or free_port()
+    port = port or free_port("127.0.0.2")
     if http2:
         script = ["receivers_h2.py"]
         if tls is not None:
