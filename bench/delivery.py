@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from run import Figure
 from scale import workers
 from transports import receivers
 
@@ -63,23 +64,6 @@ DSN = (
     or os.environ.get("CMI_TEST_POSTGRES_DSN")
     or "postgresql://postgres@127.0.0.1:5432/test"
 )
-
-
-@dataclass(frozen=True)
-class Figure:
-    name: str
-    value: float
-    unit: str
-    target: float | None = None
-
-    @property
-    def met(self) -> bool:
-        return self.target is None or self.value >= self.target
-
-    def line(self) -> str:
-        shown = f"{self.value:.2f}" if abs(self.value) < 100 else f"{self.value:,.0f}"
-        goal = f" (target >= {self.target:g})" if self.target is not None else ""
-        return f"{self.name}: {shown} {self.unit}{goal}"
 
 
 # -- the firm and its customers --------------------------------------------------------------

@@ -49,7 +49,7 @@ class Figure:
         return self.target is None or self.value >= self.target
 
     def line(self) -> str:
-        shown = f"{self.value:.2f}" if self.value < 100 else f"{self.value:,.0f}"
+        shown = f"{self.value:.2f}" if abs(self.value) < 100 else f"{self.value:,.0f}"
         goal = f" (target >= {self.target:g})" if self.target is not None else ""
         return f"{self.name}: {shown} {self.unit}{goal}"
 
