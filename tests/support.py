@@ -5,15 +5,21 @@ store, the seed's ticket, registered terms, links, an app served on loopback. Th
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from cmi_sdk import (
     Adapter,
@@ -117,3 +123,45 @@ def accept_in_thread(
     acceptor = threading.Thread(target=serve, daemon=True)
     acceptor.start()
     return acceptor, handlers
+
+
+@dataclass
+class Certificate:
+    """A TLS server's certificate and key files."""
+
+    cert: Path
+    key: Path
+
+    def trusted(self) -> ssl.SSLContext:
+        """A client context that trusts this certificate alone, names verified."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+def certificate(folder: Path, name: str) -> Certificate:
+    """A self-signed certificate for the host ``name`` (its own authority), and its key,
+    written into ``folder``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    paths = Certificate(folder / f"{name}.pem", folder / f"{name}.key")
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths

@@ -10,10 +10,8 @@ counting every connection it is offered.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -23,14 +21,10 @@ from typing import Any
 
 import pytest
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from cmi_sdk import EgressGuard, RetrySchedule
 from cmi_sdk.egress import _IPAddress
-from tests.support import emitting_adapter, register, ticket
+from tests.support import Certificate, certificate, emitting_adapter, register, ticket
 
 HOST = "store.example"
 STORE_ADDRESS = "127.0.0.2"  # "public" to the guard below
@@ -59,52 +53,15 @@ class RebindingResolver:
 
 
 @dataclass
-class Tls:
-    cert: Path
-    key: Path
-    context: ssl.SSLContext
-    """A client context that trusts only the store's certificate."""
-
-
-def _certificate(folder: Path) -> Tls:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "store.pem", folder / "store.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(cafile=str(cert_path))
-    return Tls(cert_path, key_path, context)
-
-
-@dataclass
 class Seen:
     hosts: list[str]
     internal_connections: int = 0
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[tuple[int, Seen, Tls]]:
+def servers(tmp_path: Path) -> Iterator[tuple[int, Seen, Certificate]]:
     """The store (TLS, 127.0.0.2) and the internal listener (127.0.0.1) on one port."""
-    tls = _certificate(tmp_path)
+    tls = certificate(tmp_path, HOST)
     seen = Seen(hosts=[])
 
     async def store(scope: Any, receive: Any, send: Any) -> None:
@@ -164,7 +121,7 @@ def servers(tmp_path: Path) -> Iterator[tuple[int, Seen, Tls]]:
 
 
 def test_the_engine_connects_to_the_address_the_guard_checked(
-    tmp_path: Path, servers: tuple[int, Seen, Tls], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, servers: tuple[int, Seen, Certificate], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, seen, tls = servers
     resolver = RebindingResolver()
@@ -186,7 +143,7 @@ def test_the_engine_connects_to_the_address_the_guard_checked(
     assert terms.destination == f"https://store.example:{port}/inbox"
     first, second = (adapter.emit(ticket(id=f"DL-{i}"))[0] for i in range(2))
     with adapter.delivery_worker(
-        ssl_context=tls.context, schedule=RetrySchedule(delays=(3600,), jitter=0)
+        ssl_context=tls.trusted(), schedule=RetrySchedule(delays=(3600,), jitter=0)
     ) as worker:
         worker.egress_ttl = 0  # check before every document
         stats = worker.run_once(max_rounds=1)

@@ -8,7 +8,6 @@ Every server loop is bounded in count and time, and every listener stops with it
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import socket
 import ssl
@@ -19,15 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from cmi_sdk import EgressGuard, RetrySchedule
 from cmi_sdk._delivery import Timeouts
 from cmi_sdk.egress import _IPAddress
-from tests.support import accept_in_thread, emitting_adapter, register, ticket
+from tests.support import (
+    Certificate,
+    accept_in_thread,
+    certificate,
+    emitting_adapter,
+    register,
+    ticket,
+)
 
 HOST = "store.example"
 STORE_ADDRESS = "127.0.0.2"
@@ -49,44 +51,6 @@ def answering(*addresses: str) -> Callable[[str, int], list[str]]:
         return list(addresses)
 
     return resolver
-
-
-@dataclass
-class Certificate:
-    cert: Path
-    key: Path
-
-    def trusted(self) -> ssl.SSLContext:
-        """A client context that trusts this certificate alone, names verified."""
-        return ssl.create_default_context(cafile=str(self.cert))
-
-
-def certificate(folder: Path, name: str) -> Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    paths = Certificate(folder / f"{name}.pem", folder / f"{name}.key")
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
 
 
 @dataclass
