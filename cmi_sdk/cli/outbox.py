@@ -176,11 +176,20 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
     cancelled documents (``--keep-days``), dead letters and emission problems, expired
     offers with their finished acceptances, expired message ids (``--dry-run``: count
     them); the delivery worker does the same in small batches as it runs."""
-    from cmi_sdk._retention import RETAINED, check_offer_windows, purge_windows  # noqa: PLC0415
+    from cmi_sdk._retention import (  # noqa: PLC0415
+        RETAINED,
+        check_offer_windows,
+        check_windows,
+        purge_windows,
+    )
     from cmi_sdk.outbox import RetentionStore  # noqa: PLC0415
 
-    if not all(d >= 0 for d in (args.keep_days, args.keep_dead_days, args.keep_attempt_days)):
-        raise UsageError("--keep-days, --keep-dead-days and --keep-attempt-days must be >= 0")
+    try:
+        check_windows(args.keep_days, args.keep_dead_days, args.keep_attempt_days)
+    except ConfigurationError:
+        raise UsageError(
+            "--keep-days, --keep-dead-days and --keep-attempt-days must be >= 0"
+        ) from None
     try:
         check_offer_windows(args.keep_offer_days * 86400, args.keep_acceptance_days * 86400)
     except ConfigurationError:
