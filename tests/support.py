@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import os
 import socket
 import ssl
 import threading
@@ -90,6 +91,17 @@ def serve_app(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
     """Serve any ASGI app on a free loopback port; yield its base URL, ending in ``/``."""
     with serving(app, timeout=timeout) as url:
         yield url + "/"
+
+
+def cli_env(database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a ``cmi`` process a test starts: this one's without its own
+    ``CMI_`` settings and ``PYTHONPATH``, the store at ``database_url``, loopback
+    destinations allowed, this checkout importable, and ``settings`` as ``CMI_<NAME>``
+    (``lease_seconds="1"`` is ``CMI_LEASE_SECONDS=1``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
+    env |= {"CMI_DATABASE_URL": database_url, "CMI_ALLOW_LOOPBACK": "1", "PYTHONPATH": str(ROOT)}
+    env |= {f"CMI_{name.upper()}": value for name, value in settings.items()}
+    return env
 
 
 def accept_in_thread(

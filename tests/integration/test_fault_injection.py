@@ -51,7 +51,7 @@ from cmi_sdk.outbox import OutboxStore
 from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.receiver import CustomerStore, StoredDocument
 from cmi_sdk.webhooks import generate_secret
-from tests.support import ROOT, emitting_adapter, register, signer, ticket
+from tests.support import cli_env, emitting_adapter, register, signer, ticket
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -205,20 +205,14 @@ class Receiver:
 
 
 def worker_env(database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
-    env.update(
-        {
-            "CMI_DATABASE_URL": database_url,
-            "CMI_ALLOW_LOOPBACK": "1",
-            "CMI_LEASE_SECONDS": str(LEASE_SECONDS),
-            "CMI_RETRY_SCHEDULE": RETRY_SCHEDULE,
-            "CMI_HTTP_TIMEOUT": str(HTTP_TIMEOUT),
-            "CMI_DELIVERY_CONCURRENCY": "4",
-            "CMI_PER_DESTINATION": "4",
-            "PYTHONPATH": str(ROOT),
-        }
+    return cli_env(
+        database_url,
+        lease_seconds=str(LEASE_SECONDS),
+        retry_schedule=RETRY_SCHEDULE,
+        http_timeout=str(HTTP_TIMEOUT),
+        delivery_concurrency="4",
+        per_destination="4",
     )
-    return env
 
 
 class Fleet:

@@ -24,7 +24,7 @@ from cmi_sdk.outbox.sqlite import SQLiteStore
 from cmi_sdk.receiver import CustomerStore
 from cmi_sdk.signing import DocumentSigner, generate_development_keys
 from cmi_sdk.webhooks import generate_secret
-from tests.support import ROOT, register, serve_app
+from tests.support import ROOT, cli_env, register, serve_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -90,17 +90,12 @@ class Firm:
 def firm(tmp_path: Path) -> Firm:
     key, cert = generate_development_keys(tmp_path / "keys")
     db = tmp_path / "cmi.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
-    env.update(
-        {
-            "CMI_DATABASE_URL": f"sqlite:///{db}",
-            "CMI_ALLOW_LOOPBACK": "1",
-            "CMI_SIGNING_KEY": str(key),
-            "CMI_SIGNING_CERT": str(cert),
-            "CMI_LEASE_SECONDS": "1",
-            "CMI_RETRY_SCHEDULE": "0,0,0",
-            "PYTHONPATH": str(ROOT),
-        }
+    env = cli_env(
+        f"sqlite:///{db}",
+        signing_key=str(key),
+        signing_cert=str(cert),
+        lease_seconds="1",
+        retry_schedule="0,0,0",
     )
     signer = DocumentSigner.from_pem(key.read_bytes(), cert.read_bytes())
     adapter = Adapter(store=SQLiteStore(db), signer=signer, egress=EgressGuard(allow_loopback=True))

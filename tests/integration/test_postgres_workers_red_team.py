@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import pytest
 from cmi_sdk import Adapter, RetrySchedule
 from cmi_sdk._delivery import DeliveryWorker, Timeouts
 from tests.stores import DSN, postgres_schema
-from tests.support import ROOT, emitting_adapter, register, ticket
+from tests.support import cli_env, emitting_adapter, register, ticket
 
 pytestmark = [
     pytest.mark.slow,
@@ -245,18 +244,13 @@ def test_three_workers_keep_the_lease_limit_and_send_each_document_once(
 
 
 def worker_process(schema: str, cwd: Path, lease: float) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "PYTHONPATH"))}
     sep = "&" if "?" in DSN else "?"
-    env.update(
-        {
-            "CMI_DATABASE_URL": f"{DSN}{sep}schema={schema}",
-            "CMI_ALLOW_LOOPBACK": "1",
-            "CMI_LEASE_SECONDS": str(lease),
-            "CMI_HTTP_TIMEOUT": "10",
-            "CMI_DELIVERY_CONCURRENCY": "8",
-            "CMI_PER_DESTINATION": "8",
-            "PYTHONPATH": str(ROOT),
-        }
+    env = cli_env(
+        f"{DSN}{sep}schema={schema}",
+        lease_seconds=str(lease),
+        http_timeout="10",
+        delivery_concurrency="8",
+        per_destination="8",
     )
     return subprocess.Popen(
         [sys.executable, "-m", "cmi_sdk.cli", "deliver", "--poll", "0.1"],
